@@ -1,0 +1,335 @@
+//! Wire types of the coordinator's HTTPS API (`/v1`), the invite format, the binary framing used
+//! to move many chunks in one request, and the stable error codes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::entry::{Change, Entry};
+use crate::ids::{ChunkId, CommitId, DeviceId, Seq};
+use crate::path::SyncPath;
+
+/// Largest JSON request body the coordinator accepts.
+pub const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
+/// Largest chunk-batch upload body: enough to keep a fast link busy, small enough to buffer.
+pub const MAX_CHUNK_BATCH_BODY: usize = 16 * 1024 * 1024;
+/// Most changes in one commit.
+pub const MAX_COMMIT_CHANGES: usize = 10_000;
+/// Most chunk ids in one `chunks/missing` or `chunks/fetch` request.
+pub const MAX_CHUNK_IDS: usize = 16_384;
+/// Most entries in one page of changes, tree or history.
+pub const MAX_PAGE: usize = 5_000;
+/// Longest long-poll wait.
+pub const MAX_WAIT_SECS: u64 = 60;
+
+/// A user name: 1–32 of `a-z 0-9 _ -`, starting with a letter or digit.
+pub fn valid_user_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// A device name: 1–64 printable characters.
+pub fn valid_device_name(name: &str) -> bool {
+    (1..=64).contains(&name.chars().count()) && !name.chars().any(char::is_control)
+}
+
+/// Everything a device needs to enroll, as one line:
+/// `shoal://HOST:PORT/USER?secret=HEX&fp=HEX`. `fp` is the BLAKE3 of the coordinator's TLS
+/// certificate (DER), which devices pin instead of trusting a CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    pub addr: String,
+    pub user: String,
+    pub secret: String,
+    pub fingerprint: ChunkId,
+}
+
+/// Why an invite line did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid Shoal invite ({0}); expected shoal://HOST:PORT/USER?secret=...&fp=...")]
+pub struct InviteError(&'static str);
+
+impl fmt::Display for Invite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "shoal://{}/{}?secret={}&fp={}",
+            self.addr, self.user, self.secret, self.fingerprint
+        )
+    }
+}
+
+impl std::str::FromStr for Invite {
+    type Err = InviteError;
+    fn from_str(s: &str) -> Result<Self, InviteError> {
+        let rest = s
+            .trim()
+            .strip_prefix("shoal://")
+            .ok_or(InviteError("missing shoal:// prefix"))?;
+        let (addr, rest) = rest.split_once('/').ok_or(InviteError("missing user"))?;
+        let (user, query) = rest.split_once('?').ok_or(InviteError("missing secret"))?;
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(InviteError("address must be HOST:PORT"));
+        }
+        if !valid_user_name(user) {
+            return Err(InviteError("bad user name"));
+        }
+        let (mut secret, mut fp) = (None, None);
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some(("secret", v)) => secret = Some(v),
+                Some(("fp", v)) => fp = Some(v),
+                _ => return Err(InviteError("unknown field")),
+            }
+        }
+        let secret = secret.ok_or(InviteError("missing secret"))?;
+        if secret.len() != 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(InviteError("bad secret"));
+        }
+        let fingerprint = fp
+            .ok_or(InviteError("missing fp"))?
+            .parse()
+            .map_err(|_| InviteError("bad fp"))?;
+        Ok(Invite {
+            addr: addr.to_string(),
+            user: user.to_string(),
+            secret: secret.to_string(),
+            fingerprint,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub user: String,
+    pub secret: String,
+    pub device_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub device_id: DeviceId,
+    /// Bearer token for every later request. Shown once; stored hashed by the coordinator.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: DeviceId,
+    pub name: String,
+    pub enrolled_ms: u64,
+    pub last_seen_ms: u64,
+    /// Highest journal seq the device reports as applied.
+    pub cursor: Seq,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesResponse {
+    pub devices: Vec<DeviceInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkList {
+    pub chunks: Vec<ChunkId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissingResponse {
+    /// The requested chunks this user has not uploaded (in request order).
+    pub missing: Vec<ChunkId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadResponse {
+    pub stored: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    pub commit_id: CommitId,
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitResponse {
+    /// The new entries, in the order of the request's changes.
+    pub entries: Vec<Entry>,
+}
+
+/// One path whose `base` was not the head, in a `stale_base` refusal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conflict {
+    pub path: SyncPath,
+    pub head: Option<Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangesResponse {
+    /// Journal entries with `since < version <= next`, in order.
+    pub entries: Vec<Entry>,
+    /// The cursor to ask from next.
+    pub next: Seq,
+    /// The journal head when the page was read.
+    pub head: Seq,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TreeResponse {
+    /// The seq the tree was read at.
+    pub at: Seq,
+    /// Live (not deleted) heads, ordered by path, after the request's `after`.
+    pub entries: Vec<Entry>,
+    /// Set when there are more entries: ask again with `after` = this.
+    pub more_after: Option<SyncPath>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub path: SyncPath,
+    /// Every version of the path, oldest first.
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CursorRequest {
+    pub seq: Seq,
+}
+
+/// A push notification on the WebSocket subscription: the user's journal head moved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadNotice {
+    pub head: Seq,
+}
+
+/// Stable machine-readable error codes. Never reorder or rename: clients match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidJson,
+    BodyTooLarge,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    InvalidPath,
+    InvalidManifest,
+    UnknownChunk,
+    HashMismatch,
+    StaleBase,
+    InviteInvalid,
+    Conflict,
+    Internal,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+    /// For `stale_base`: each refused path with its current head.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Chunk batches (upload body, fetch response) are a sequence of frames:
+/// 32-byte id, 4-byte big-endian length, then the bytes.
+pub const FRAME_HEADER: usize = 32 + 4;
+
+/// Appends one frame to `out`.
+pub fn encode_frame(out: &mut Vec<u8>, id: &ChunkId, data: &[u8]) {
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Why a frame stream is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the chunk size limit")]
+    TooLarge(u32),
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// Splits the next frame off the front of `buf`, if it is complete. Lengths are bounded by
+/// `max_len` before anything is allocated.
+pub fn decode_frame(
+    buf: &[u8],
+    max_len: u32,
+) -> Result<Option<(ChunkId, &[u8], usize)>, FrameError> {
+    if buf.len() < FRAME_HEADER {
+        return Ok(None);
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&buf[..32]);
+    let len = u32::from_be_bytes([buf[32], buf[33], buf[34], buf[35]]);
+    if len > max_len {
+        return Err(FrameError::TooLarge(len));
+    }
+    let end = FRAME_HEADER + len as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    Ok(Some((ChunkId(id), &buf[FRAME_HEADER..end], end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invite_round_trip_and_rejects() {
+        let inv = Invite {
+            addr: "127.0.0.1:7443".into(),
+            user: "alice".into(),
+            secret: "0123456789abcdef0123456789abcdef".into(),
+            fingerprint: ChunkId::of(b"cert"),
+        };
+        let line = inv.to_string();
+        assert_eq!(line.parse::<Invite>().unwrap(), inv);
+        for bad in [
+            "",
+            "http://x:1/alice?secret=00&fp=00",
+            "shoal://x:1/Alice?secret=0123456789abcdef0123456789abcdef&fp=00",
+            "shoal://x/alice?secret=0123456789abcdef0123456789abcdef&fp=00",
+            &line.replace("secret=", "secrt="),
+            &line[..line.len() - 2],
+        ] {
+            assert!(bad.parse::<Invite>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn frames() {
+        let mut buf = Vec::new();
+        let a = b"hello".as_slice();
+        encode_frame(&mut buf, &ChunkId::of(a), a);
+        encode_frame(&mut buf, &ChunkId::of(b""), b"");
+        let (id, data, used) = decode_frame(&buf, 10).unwrap().unwrap();
+        assert_eq!((id, data), (ChunkId::of(a), a));
+        let (id, data, _) = decode_frame(&buf[used..], 10).unwrap().unwrap();
+        assert_eq!((id, data), (ChunkId::of(b""), b"".as_slice()));
+        assert_eq!(decode_frame(&buf[..used - 1], 10).unwrap(), None);
+        assert_eq!(decode_frame(&buf, 4), Err(FrameError::TooLarge(5)));
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_user_name("alice"));
+        assert!(valid_user_name("a-1_b"));
+        assert!(!valid_user_name(""));
+        assert!(!valid_user_name("-a"));
+        assert!(!valid_user_name("Alice"));
+        assert!(!valid_user_name(&"a".repeat(33)));
+        assert!(valid_device_name("Alice's laptop"));
+        assert!(!valid_device_name("bad\nname"));
+    }
+}

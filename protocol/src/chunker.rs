@@ -1,0 +1,276 @@
+//! Content-defined chunking (FastCDC v2020) with BLAKE3 per chunk and for the whole file, in one
+//! streaming pass. Every file is cut with the same pinned parameters so identical content dedups
+//! across files, versions and devices; `tests::snapshot` pins the cut points, because changing
+//! them silently breaks dedup.
+
+use std::io::{self, Read};
+
+use fastcdc::v2020::FastCDC;
+
+use crate::entry::{ChunkRef, Manifest};
+use crate::ids::ChunkId;
+
+/// FastCDC v2020 size bounds. fastcdc 5 requires even sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkParams {
+    pub min: usize,
+    pub avg: usize,
+    pub max: usize,
+}
+
+/// The one parameter set every Shoal chunk is cut with: 16 KiB / 64 KiB / 256 KiB.
+/// Chosen with `bench/chunk-params` (README, "Chunker parameters"): it keeps an edit's upload
+/// under ~200 KiB on average while holding per-chunk overhead (metadata, requests, index rows)
+/// to about 13k chunks per GiB. Changing it re-chunks every file: bump `CHUNKER_VERSION`.
+pub const CHUNK_PARAMS: ChunkParams = ChunkParams {
+    min: 16 * 1024,
+    avg: 64 * 1024,
+    max: 256 * 1024,
+};
+
+/// Names the chunker (algorithm, crate major version, parameters) in stored formats.
+pub const CHUNKER_VERSION: u32 = 1;
+
+/// Bytes read from the source at a time. Large enough to amortize reads and hold many maximal
+/// chunks; small enough that chunking a file of any size uses a few MiB of memory.
+const READ_BUF: usize = 4 * 1024 * 1024;
+
+/// Why chunking failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkerError {
+    #[error("reading the source failed: {0}")]
+    Read(#[from] io::Error),
+    #[error("the chunk callback failed: {0}")]
+    Callback(String),
+}
+
+/// A streaming chunker with fixed parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunker {
+    params: ChunkParams,
+}
+
+impl Default for Chunker {
+    fn default() -> Self {
+        Chunker {
+            params: CHUNK_PARAMS,
+        }
+    }
+}
+
+impl Chunker {
+    /// A chunker with other parameters, for benchmarks. Sizes must be even and ordered.
+    pub fn with_params(params: ChunkParams) -> Self {
+        assert!(
+            params.min % 2 == 0 && params.avg % 2 == 0 && params.max % 2 == 0,
+            "fastcdc v2020 needs even sizes"
+        );
+        assert!(params.min <= params.avg && params.avg <= params.max && params.max * 2 <= READ_BUF);
+        Chunker { params }
+    }
+
+    /// Chunks everything `src` yields and returns the manifest.
+    pub fn manifest(&self, src: impl Read) -> Result<Manifest, ChunkerError> {
+        self.chunk(src, |_, _, _| Ok(()))
+    }
+
+    /// Chunks everything `src` yields, calling `on_chunk(chunk, offset, bytes)` for each chunk in
+    /// order, and returns the manifest. Memory use is bounded by the read buffer, whatever the
+    /// size of the source. The whole-file hash runs on a second thread beside the cutting and
+    /// per-chunk hashing, so both cores work.
+    pub fn chunk<F>(&self, mut src: impl Read, mut on_chunk: F) -> Result<Manifest, ChunkerError>
+    where
+        F: FnMut(&ChunkRef, u64, &[u8]) -> Result<(), String>,
+    {
+        let p = self.params;
+        let mut buf = vec![0u8; READ_BUF];
+        let mut filled = 0usize; // bytes of `buf` holding data
+        let mut hashed = 0usize; // prefix of `buf` already fed to the whole-file hasher
+        let mut offset = 0u64; // file offset of buf[0]
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::new();
+        let mut eof = false;
+        while !eof {
+            while filled < buf.len() {
+                let n = match src.read(&mut buf[filled..]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                filled += n;
+            }
+            let data = &buf[..filled];
+            let fresh = &data[hashed..];
+            let (consumed, result) = std::thread::scope(|s| {
+                // Small reads are hashed inline: a thread costs more than it saves.
+                let h = if fresh.len() >= 1 << 20 {
+                    Some(s.spawn(|| {
+                        whole.update(fresh);
+                    }))
+                } else {
+                    whole.update(fresh);
+                    None
+                };
+                let mut consumed = 0usize;
+                let mut result = Ok(());
+                for c in FastCDC::new(data, p.min, p.avg, p.max) {
+                    if !eof && c.offset + c.length == data.len() {
+                        // The cut may only be the end of the buffer: re-cut with more data.
+                        break;
+                    }
+                    let bytes = &data[c.offset..c.offset + c.length];
+                    let chunk = ChunkRef {
+                        id: ChunkId::of(bytes),
+                        len: c.length as u32,
+                    };
+                    if let Err(e) = on_chunk(&chunk, offset + c.offset as u64, bytes) {
+                        result = Err(e);
+                        break;
+                    }
+                    chunks.push(chunk);
+                    consumed = c.offset + c.length;
+                }
+                if let Some(h) = h {
+                    h.join()
+                        .expect("the hashing thread only calls blake3, which does not panic");
+                }
+                (consumed, result)
+            });
+            result.map_err(ChunkerError::Callback)?;
+            buf.copy_within(consumed..filled, 0);
+            filled -= consumed;
+            hashed = filled;
+            offset += consumed as u64;
+        }
+        let size = chunks.iter().map(|c| u64::from(c.len)).sum();
+        Ok(Manifest {
+            size,
+            hash: whole.finalize().into(),
+            chunks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Deterministic pseudo-random bytes (xorshift64*), so tests need no RNG crate.
+    pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn check(data: &[u8]) -> (Manifest, Vec<Vec<u8>>) {
+        let mut pieces = Vec::new();
+        let m = Chunker::default()
+            .chunk(data, |c, off, b| {
+                assert_eq!(c.len as usize, b.len());
+                assert_eq!(ChunkId::of(b), c.id);
+                assert_eq!(off as usize, pieces.iter().map(Vec::len).sum::<usize>());
+                pieces.push(b.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(pieces.concat(), data, "chunks concatenate to the input");
+        assert_eq!(m.hash, ChunkId::of(data));
+        assert_eq!(m.size as usize, data.len());
+        assert!(m.is_consistent());
+        for (i, c) in m.chunks.iter().enumerate() {
+            assert!(c.len as usize <= CHUNK_PARAMS.max);
+            if i + 1 < m.chunks.len() {
+                assert!(
+                    c.len as usize >= CHUNK_PARAMS.min,
+                    "only the last chunk may be short"
+                );
+            }
+        }
+        (m, pieces)
+    }
+
+    #[test]
+    fn empty_file_has_no_chunks() {
+        let (m, _) = check(b"");
+        assert_eq!(m, Manifest::empty());
+    }
+
+    #[test]
+    fn streaming_equals_whole_buffer_chunking() {
+        // 11 MiB crosses several read buffers; compare with fastcdc over the whole slice.
+        let data = noise(7, 11 * 1024 * 1024 + 12345);
+        let (m, _) = check(&data);
+        let p = CHUNK_PARAMS;
+        let direct: Vec<u32> = FastCDC::new(&data, p.min, p.avg, p.max)
+            .map(|c| c.length as u32)
+            .collect();
+        assert_eq!(m.chunks.iter().map(|c| c.len).collect::<Vec<_>>(), direct);
+    }
+
+    /// Pins the cut points and ids. If this fails, the chunker changed and every stored file would
+    /// re-chunk: that needs a new `CHUNKER_VERSION`, not a new snapshot.
+    #[test]
+    fn snapshot() {
+        let data = noise(42, 1024 * 1024);
+        let (m, _) = check(&data);
+        let lens: Vec<u32> = m.chunks.iter().map(|c| c.len).collect();
+        assert_eq!(lens, SNAPSHOT_LENS, "cut points moved");
+        assert_eq!(m.chunks[0].id.to_string(), SNAPSHOT_FIRST_ID);
+        assert_eq!(m.hash.to_string(), SNAPSHOT_FILE_HASH);
+    }
+
+    const SNAPSHOT_LENS: &[u32] = &[
+        75408, 38902, 35231, 73905, 50484, 24278, 75794, 151960, 150696, 66923, 66671, 58737,
+        26970, 57467, 95150,
+    ];
+    const SNAPSHOT_FIRST_ID: &str =
+        "ec3b225c7377f84af09f52131a8ee82b18622cd1da973c4cb00d5bad48881ac5";
+    const SNAPSHOT_FILE_HASH: &str =
+        "734b6cf25993f7c0cffb11946df3bef03b9174a0962edd4531466f5e4a5f7940";
+
+    #[test]
+    fn callback_error_stops_chunking() {
+        let data = noise(1, 1 << 20);
+        let err = Chunker::default()
+            .chunk(&data[..], |_, _, _| Err("stop".into()))
+            .unwrap_err();
+        assert!(matches!(err, ChunkerError::Callback(ref s) if s == "stop"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn concatenation_and_bounds(seed in any::<u64>(), len in 0usize..1_500_000) {
+            check(&noise(seed, len));
+        }
+
+        /// An edit only changes chunks near it: inserting a few bytes in the middle of a file
+        /// leaves all but a few chunks shared with the old version.
+        #[test]
+        fn edit_is_local(seed in any::<u64>(), at in 0.0f64..1.0, ins in 1usize..2048) {
+            let old = noise(seed, 4 * 1024 * 1024);
+            let pos = (old.len() as f64 * at) as usize;
+            let mut new = old[..pos].to_vec();
+            new.extend_from_slice(&noise(seed ^ 1, ins));
+            new.extend_from_slice(&old[pos..]);
+            let (a, _) = check(&old);
+            let (b, _) = check(&new);
+            let old_ids: std::collections::HashSet<_> = a.chunks.iter().map(|c| c.id).collect();
+            let fresh: u64 = b.chunks.iter().filter(|c| !old_ids.contains(&c.id)).map(|c| u64::from(c.len)).sum();
+            prop_assert!(fresh <= 3 * CHUNK_PARAMS.max as u64, "{fresh} new bytes for a {ins}-byte insert");
+        }
+    }
+}

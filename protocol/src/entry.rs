@@ -1,0 +1,118 @@
+//! Manifests (what a file is made of), entries (one version of one path in the journal) and
+//! changes (what a device proposes in a commit).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ChunkId, DeviceId, Seq};
+use crate::path::SyncPath;
+
+/// One chunk of a file: its id and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub len: u32,
+}
+
+/// The content of a file: its chunks in order, total size and whole-file BLAKE3.
+/// An empty file has no chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub size: u64,
+    pub hash: ChunkId,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl Manifest {
+    /// The manifest of the empty file.
+    pub fn empty() -> Self {
+        Manifest {
+            size: 0,
+            hash: ChunkId::of(b""),
+            chunks: Vec::new(),
+        }
+    }
+
+    /// `true` if the chunk lengths add up to `size`, no chunk is empty or larger than the chunker's
+    /// maximum, and an empty file has the empty hash. Checked on every manifest from the network.
+    pub fn is_consistent(&self) -> bool {
+        let max = crate::chunker::CHUNK_PARAMS.max as u64;
+        let mut total = 0u64;
+        for c in &self.chunks {
+            if c.len == 0 || u64::from(c.len) > max {
+                return false;
+            }
+            total = total.saturating_add(u64::from(c.len));
+        }
+        total == self.size && (self.size > 0 || self.hash == ChunkId::of(b""))
+    }
+}
+
+/// What kind of object a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// A proposed new version of one path, sent in a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub path: SyncPath,
+    pub kind: EntryKind,
+    /// `Some` for files, `None` for directories and deletions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Manifest>,
+    #[serde(default)]
+    pub exec: bool,
+    /// Modification time, nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub mtime_ns: i64,
+    #[serde(default)]
+    pub deleted: bool,
+    /// The version this change replaces: the current head's `version`, or `None` when the path
+    /// has never existed. The coordinator refuses the commit when this is not the head.
+    pub base: Option<Seq>,
+}
+
+/// One committed version of one path: a row of the per-user journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: SyncPath,
+    pub kind: EntryKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Manifest>,
+    #[serde(default)]
+    pub exec: bool,
+    #[serde(default)]
+    pub mtime_ns: i64,
+    #[serde(default)]
+    pub deleted: bool,
+    /// The journal sequence number that created this version.
+    pub version: Seq,
+    /// The version this one replaced.
+    pub base: Option<Seq>,
+    pub device: DeviceId,
+    /// Commit time, milliseconds since the Unix epoch (coordinator clock).
+    pub time_ms: u64,
+}
+
+impl Entry {
+    pub fn size(&self) -> u64 {
+        self.manifest.as_ref().map_or(0, |m| m.size)
+    }
+
+    pub fn hash(&self) -> Option<ChunkId> {
+        self.manifest.as_ref().map(|m| m.hash)
+    }
+
+    /// `true` when the two versions hold the same thing (ignoring who made them and when).
+    pub fn same_content(&self, other: &Entry) -> bool {
+        self.deleted == other.deleted
+            && (self.deleted
+                || (self.kind == other.kind
+                    && self.hash() == other.hash()
+                    && self.exec == other.exec))
+    }
+}
