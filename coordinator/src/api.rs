@@ -1,0 +1,687 @@
+//! The `/v1` HTTPS API: routing, authentication and the handlers. Handlers validate everything
+//! from the network before touching the store; a refused request changes nothing.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use shoal_protocol::api::*;
+use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, EntryKind, Seq, SyncPath};
+
+use crate::error::{ApiError, ApiResult};
+use crate::store::{CommitOutcome, DeviceRec, UserId};
+use crate::{App, now_ms, random_hex};
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/chunks/missing", post(missing))
+        .route("/v1/chunks", post(upload_batch))
+        .route("/v1/chunks/fetch", post(fetch_batch))
+        .route("/v1/chunks/{id}", put(upload_one).get(download_one))
+        .route("/v1/commit", post(commit))
+        .route("/v1/changes", get(changes))
+        .route("/v1/subscribe", get(subscribe))
+        .route("/v1/tree", get(tree))
+        .route("/v1/history", get(history))
+        .route("/v1/cursor", post(cursor))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .with_state(app)
+}
+
+async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    app.metrics.requests.fetch_add(1, Relaxed);
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        app.metrics.errors.fetch_add(1, Relaxed);
+    }
+    resp
+}
+
+/// The authenticated device behind a request's bearer token.
+pub struct Auth {
+    pub device: DeviceRec,
+}
+
+impl Auth {
+    fn user(&self) -> UserId {
+        self.device.user
+    }
+}
+
+impl FromRequestParts<Arc<App>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let unauthorized = || {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or invalid device token; re-enroll the device",
+            )
+        };
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(unauthorized)?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(unauthorized)?;
+        let hash = *blake3::hash(token.trim().as_bytes()).as_bytes();
+        let device = app.store.device_by_token(&hash)?.ok_or_else(unauthorized)?;
+        if device.revoked {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "this device has been revoked",
+            ));
+        }
+        Ok(Auth { device })
+    }
+}
+
+/// A JSON body read with a size limit; malformed JSON is `invalid_json`, too big is
+/// `body_too_large`.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req, MAX_JSON_BODY).await?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidJson,
+                format!("malformed request body: {e}"),
+            )
+        })
+    }
+}
+
+async fn read_body(req: Request, limit: usize) -> ApiResult<Bytes> {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large(limit));
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| too_large(limit))
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::BodyTooLarge,
+        format!("request body exceeds {limit} bytes"),
+    )
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::bad(format!("bad query string: {e}")))
+}
+
+fn parse_path(s: &str) -> ApiResult<SyncPath> {
+    SyncPath::parse(s)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidPath, format!("invalid path {s:?}: {e}")))
+}
+
+fn chunk_id(p: Result<Path<String>, PathRejection>) -> ApiResult<ChunkId> {
+    let Path(s) = p.map_err(|e| ApiError::bad(e.to_string()))?;
+    s.parse()
+        .map_err(|e| ApiError::bad(format!("bad chunk id: {e}")))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(app.store.user_count()),
+    )
+}
+
+// ---- enrollment and devices ----
+
+async fn enroll(
+    State(app): State<Arc<App>>,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> ApiResult<Json<EnrollResponse>> {
+    if !valid_device_name(&req.device_name) {
+        return Err(ApiError::bad(
+            "device name must be 1-64 printable characters",
+        ));
+    }
+    let invalid = || {
+        ApiError::new(
+            ErrorCode::InviteInvalid,
+            "the invite is unknown, already used, or for another user; ask for a new one",
+        )
+    };
+    let user = app.store.user(&req.user)?.ok_or_else(invalid)?;
+    let secret_hash = *blake3::hash(req.secret.as_bytes()).as_bytes();
+    let token = random_hex(32);
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let now = now_ms();
+    let dev = DeviceRec {
+        id: DeviceId(id),
+        user: user.id,
+        name: req.device_name,
+        token_hash: *blake3::hash(token.as_bytes()).as_bytes(),
+        enrolled_ms: now,
+        last_seen_ms: now,
+        cursor: 0,
+        revoked: false,
+    };
+    if !app.store.enroll(&secret_hash, user.id, &dev)? {
+        return Err(invalid());
+    }
+    app.store.flush().await?;
+    tracing::info!(user = %user.name, device = %dev.id, name = %dev.name, "device enrolled");
+    Ok(Json(EnrollResponse {
+        device_id: dev.id,
+        token,
+    }))
+}
+
+fn device_info(d: &DeviceRec) -> DeviceInfo {
+    DeviceInfo {
+        id: d.id,
+        name: d.name.clone(),
+        enrolled_ms: d.enrolled_ms,
+        last_seen_ms: d.last_seen_ms,
+        cursor: d.cursor,
+        revoked: d.revoked,
+    }
+}
+
+async fn devices(State(app): State<Arc<App>>, auth: Auth) -> ApiResult<Json<DevicesResponse>> {
+    let devices = app
+        .store
+        .devices(auth.user())?
+        .iter()
+        .map(device_info)
+        .collect();
+    Ok(Json(DevicesResponse { devices }))
+}
+
+async fn revoke(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<DeviceInfo>> {
+    let Path(id) = id.map_err(|e| ApiError::bad(e.to_string()))?;
+    let id: DeviceId = id
+        .parse()
+        .map_err(|e| ApiError::bad(format!("bad device id: {e}")))?;
+    let not_found = || ApiError::new(ErrorCode::NotFound, "no such device");
+    let mut dev = app.store.device(&id)?.ok_or_else(not_found)?;
+    if dev.user != auth.user() {
+        return Err(not_found());
+    }
+    dev.revoked = true;
+    app.store.put_device(&dev)?;
+    app.store.flush().await?;
+    tracing::info!(device = %dev.id, "device revoked");
+    Ok(Json(device_info(&dev)))
+}
+
+async fn cursor(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    ApiJson(req): ApiJson<CursorRequest>,
+) -> ApiResult<Json<DeviceInfo>> {
+    let head = app.store.head_seq(auth.user())?;
+    if req.seq > head {
+        return Err(ApiError::bad(format!(
+            "cursor {} is past the journal head {head}",
+            req.seq
+        )));
+    }
+    let mut dev = auth.device;
+    dev.cursor = req.seq;
+    dev.last_seen_ms = now_ms();
+    app.store.put_device(&dev)?;
+    Ok(Json(device_info(&dev)))
+}
+
+// ---- chunks ----
+
+fn check_ids(ids: &[ChunkId]) -> ApiResult<()> {
+    if ids.len() > MAX_CHUNK_IDS {
+        return Err(ApiError::bad(format!(
+            "at most {MAX_CHUNK_IDS} chunk ids per request"
+        )));
+    }
+    Ok(())
+}
+
+async fn missing(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    ApiJson(req): ApiJson<ChunkList>,
+) -> ApiResult<Json<MissingResponse>> {
+    check_ids(&req.chunks)?;
+    let mut missing = Vec::new();
+    let mut seen = HashSet::new();
+    for id in req.chunks {
+        // Answered per user: whether another user stores a chunk is never revealed.
+        if seen.insert(id) && !app.store.user_has_chunk(auth.user(), &id)? {
+            missing.push(id);
+        }
+    }
+    Ok(Json(MissingResponse { missing }))
+}
+
+/// Verifies and stores chunks, then records them as this user's. The user gains a chunk only by
+/// sending its bytes, even when the store already holds them for someone else.
+async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) -> ApiResult<u64> {
+    let mut total = 0u64;
+    for (id, data) in &chunks {
+        if ChunkId::of(data) != *id {
+            return Err(ApiError::new(
+                ErrorCode::HashMismatch,
+                format!("chunk {id} does not match its BLAKE3 hash"),
+            ));
+        }
+        total += data.len() as u64;
+    }
+    let store = app.chunks.clone();
+    let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for (id, data) in &chunks {
+            store.put(id, data)?;
+        }
+        store.sync()
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    app.store.add_user_chunks(user, &ids)?;
+    app.store.flush().await?;
+    app.metrics.bytes_in.fetch_add(total, Relaxed);
+    Ok(total)
+}
+
+async fn upload_batch(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    req: Request,
+) -> ApiResult<Json<UploadResponse>> {
+    let body = read_body(req, MAX_CHUNK_BATCH_BODY).await?;
+    let mut chunks = Vec::new();
+    let mut rest = &body[..];
+    while !rest.is_empty() {
+        match decode_frame(rest, CHUNK_PARAMS.max as u32) {
+            Ok(Some((id, data, used))) => {
+                chunks.push((id, body.slice_ref(data)));
+                rest = &rest[used..];
+            }
+            Ok(None) => return Err(ApiError::bad("chunk batch ends inside a frame")),
+            Err(e) => return Err(ApiError::bad(format!("bad chunk batch: {e}"))),
+        }
+    }
+    let stored = store_chunks(&app, auth.user(), chunks).await?;
+    Ok(Json(UploadResponse { stored }))
+}
+
+async fn upload_one(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    id: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Json<UploadResponse>> {
+    let id = chunk_id(id)?;
+    let body = read_body(req, CHUNK_PARAMS.max).await?;
+    let stored = store_chunks(&app, auth.user(), vec![(id, body)]).await?;
+    Ok(Json(UploadResponse { stored }))
+}
+
+fn readable(app: &App, user: UserId, id: &ChunkId) -> ApiResult<()> {
+    // A hash is a name, never a permission: only chunks this user uploaded are served.
+    if !app.store.user_has_chunk(user, id)? {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("chunk {id} not found"),
+        ));
+    }
+    Ok(())
+}
+
+async fn download_one(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let id = chunk_id(id)?;
+    readable(&app, auth.user(), &id)?;
+    let store = app.chunks.clone();
+    let data = tokio::task::spawn_blocking(move || store.get(&id))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    app.metrics.bytes_out.fetch_add(data.len() as u64, Relaxed);
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+/// Streams the requested chunks as frames, in request order, one chunk in memory at a time.
+async fn fetch_batch(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    ApiJson(req): ApiJson<ChunkList>,
+) -> ApiResult<Response> {
+    check_ids(&req.chunks)?;
+    for id in &req.chunks {
+        readable(&app, auth.user(), id)?;
+    }
+    let app2 = app.clone();
+    let stream = futures::stream::iter(req.chunks).then(move |id| {
+        let app = app2.clone();
+        async move {
+            let store = app.chunks.clone();
+            let data = tokio::task::spawn_blocking(move || store.get(&id))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            app.metrics.bytes_out.fetch_add(data.len() as u64, Relaxed);
+            let mut frame = Vec::with_capacity(FRAME_HEADER + data.len());
+            encode_frame(&mut frame, &id, &data);
+            Ok::<_, std::io::Error>(Bytes::from(frame))
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+// ---- commits and the journal ----
+
+fn validate_change(c: &shoal_protocol::Change) -> ApiResult<()> {
+    let invalid = |m: &str| ApiError::new(ErrorCode::InvalidManifest, format!("{}: {m}", c.path));
+    match (c.kind, c.deleted, &c.manifest) {
+        (_, true, None) => Ok(()),
+        (_, true, Some(_)) => Err(invalid("a deletion carries no manifest")),
+        (EntryKind::Dir, false, None) => Ok(()),
+        (EntryKind::Dir, false, Some(_)) => Err(invalid("a directory carries no manifest")),
+        (EntryKind::File, false, Some(m)) if m.is_consistent() => Ok(()),
+        (EntryKind::File, false, Some(_)) => Err(invalid(
+            "chunk lengths do not add up to the size, or a chunk is out of bounds",
+        )),
+        (EntryKind::File, false, None) => Err(invalid("a file needs a manifest")),
+        (EntryKind::Symlink, false, _) => Err(ApiError::bad(format!(
+            "{}: symbolic links are not synced",
+            c.path
+        ))),
+    }
+}
+
+async fn commit(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    ApiJson(req): ApiJson<CommitRequest>,
+) -> ApiResult<Json<CommitResponse>> {
+    if req.changes.is_empty() || req.changes.len() > MAX_COMMIT_CHANGES {
+        return Err(ApiError::bad(format!(
+            "a commit holds 1 to {MAX_COMMIT_CHANGES} changes"
+        )));
+    }
+    let mut paths = HashSet::new();
+    for c in &req.changes {
+        validate_change(c)?;
+        if !paths.insert(&c.path) {
+            return Err(ApiError::bad(format!(
+                "{} appears twice in one commit",
+                c.path
+            )));
+        }
+    }
+    let user = auth.user();
+    let outcome = {
+        let _guard = app.commit_lock.lock().await;
+        apply_commit(&app, user, &auth.device, req)?
+    };
+    match outcome {
+        CommitOutcome::Replayed(resp) => Ok(Json(resp)),
+        CommitOutcome::Stale(conflicts) => Err(ApiError::stale(conflicts)),
+        CommitOutcome::Applied(resp) => {
+            app.store.flush().await?;
+            app.metrics.commits.fetch_add(1, Relaxed);
+            app.metrics
+                .entries
+                .fetch_add(resp.entries.len() as u64, Relaxed);
+            if let Some(last) = resp.entries.last() {
+                app.head_sender(user)?.send_replace(last.version);
+            }
+            Ok(Json(resp))
+        }
+    }
+}
+
+/// Checks bases and chunk ownership and appends the commit. Runs under the commit lock, so the
+/// heads it reads cannot move before the append.
+fn apply_commit(
+    app: &App,
+    user: UserId,
+    dev: &DeviceRec,
+    req: CommitRequest,
+) -> ApiResult<CommitOutcome> {
+    if let Some(resp) = app.store.commit_response(user, &req.commit_id)? {
+        return Ok(CommitOutcome::Replayed(resp));
+    }
+    let mut conflicts = Vec::new();
+    for c in &req.changes {
+        let head = app.store.head(user, &c.path)?;
+        if head.as_ref().map(|h| h.version) != c.base {
+            conflicts.push(Conflict {
+                path: c.path.clone(),
+                head,
+            });
+        } else if c.deleted && head.as_ref().is_none_or(|h| h.deleted) {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("{}: nothing to delete", c.path),
+            ));
+        }
+    }
+    if !conflicts.is_empty() {
+        return Ok(CommitOutcome::Stale(conflicts));
+    }
+    for c in &req.changes {
+        for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
+            if !app.store.user_has_chunk(user, &chunk.id)? {
+                return Err(ApiError::new(
+                    ErrorCode::UnknownChunk,
+                    format!(
+                        "{}: chunk {} was never uploaded by this user",
+                        c.path, chunk.id
+                    ),
+                ));
+            }
+        }
+    }
+    let mut seq = app.store.head_seq(user)?;
+    let time_ms = now_ms();
+    let entries: Vec<Entry> = req
+        .changes
+        .into_iter()
+        .map(|c| {
+            seq += 1;
+            Entry {
+                path: c.path,
+                kind: c.kind,
+                manifest: c.manifest,
+                exec: c.exec,
+                mtime_ns: c.mtime_ns,
+                deleted: c.deleted,
+                version: seq,
+                base: c.base,
+                device: dev.id,
+                time_ms,
+            }
+        })
+        .collect();
+    let resp = CommitResponse { entries };
+    app.store.append(user, &req.commit_id, &resp)?;
+    Ok(CommitOutcome::Applied(resp))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    #[serde(default)]
+    since: Seq,
+    limit: Option<usize>,
+    /// Seconds to wait for new entries when there are none (long-poll).
+    #[serde(default)]
+    wait: u64,
+}
+
+async fn changes(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    q: Result<Query<ChangesQuery>, QueryRejection>,
+) -> ApiResult<Json<ChangesResponse>> {
+    let q = query(q)?;
+    let user = auth.user();
+    let limit = q.limit.unwrap_or(1000).clamp(1, MAX_PAGE);
+    let mut rx = app.head_sender(user)?.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_WAIT_SECS));
+    loop {
+        let head = app.store.head_seq(user)?;
+        if head > q.since || tokio::time::Instant::now() >= deadline {
+            let entries = app.store.changes(user, q.since, limit)?;
+            let next = entries.last().map_or(q.since.min(head), |e| e.version);
+            return Ok(Json(ChangesResponse {
+                entries,
+                next,
+                head,
+            }));
+        }
+        rx.borrow_and_update();
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+    }
+}
+
+/// A WebSocket that sends `{"head": N}` now and whenever the user's journal head moves.
+async fn subscribe(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let rx = app.head_sender(auth.user())?.subscribe();
+    Ok(ws.on_upgrade(move |socket| push_heads(app, socket, rx)))
+}
+
+async fn push_heads(
+    app: Arc<App>,
+    mut socket: WebSocket,
+    mut rx: tokio::sync::watch::Receiver<Seq>,
+) {
+    app.metrics.subscribers.fetch_add(1, Relaxed);
+    let mut ping = tokio::time::interval(Duration::from_secs(20));
+    loop {
+        let head = *rx.borrow_and_update();
+        let text = serde_json::to_string(&HeadNotice { head }).unwrap_or_default();
+        if socket.send(Message::Text(text.into())).await.is_err() {
+            break;
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { break },
+            _ = ping.tick() => if socket.send(Message::Ping(Bytes::new())).await.is_err() { break },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    app.metrics.subscribers.fetch_sub(1, Relaxed);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TreeQuery {
+    at: Option<Seq>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn tree(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    q: Result<Query<TreeQuery>, QueryRejection>,
+) -> ApiResult<Json<TreeResponse>> {
+    let q = query(q)?;
+    let user = auth.user();
+    let head = app.store.head_seq(user)?;
+    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let after = q.after.as_deref().map(parse_path).transpose()?;
+    match q.at {
+        Some(at) if at < head => {
+            let all = app.store.tree_at(user, at)?;
+            let mut iter = all
+                .into_iter()
+                .filter(|e| after.as_ref().is_none_or(|a| e.path > *a));
+            let entries: Vec<Entry> = iter.by_ref().take(limit).collect();
+            let more_after = iter.next().and(entries.last().map(|e| e.path.clone()));
+            Ok(Json(TreeResponse {
+                at,
+                entries,
+                more_after,
+            }))
+        }
+        _ => {
+            let (entries, more) = app.store.tree_head(user, after.as_ref(), limit)?;
+            let more_after = if more {
+                entries.last().map(|e| e.path.clone())
+            } else {
+                None
+            };
+            Ok(Json(TreeResponse {
+                at: head,
+                entries,
+                more_after,
+            }))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    path: String,
+}
+
+async fn history(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> ApiResult<Json<HistoryResponse>> {
+    let path = parse_path(&query(q)?.path)?;
+    let entries = app.store.history(auth.user(), &path)?;
+    Ok(Json(HistoryResponse { path, entries }))
+}

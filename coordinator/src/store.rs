@@ -1,0 +1,421 @@
+//! The coordinator's metadata store: the only module that touches sled. Users, invites, devices,
+//! the per-user journal with its head and history indexes, commit ids for idempotency and the
+//! per-user set of uploaded chunks. Every value starts with a format-version byte.
+//!
+//! Layout (one sled tree, keys prefixed by a record type):
+//! `u/NAME` user · `h/UID` journal head · `i/HASH` invite · `d/DEV` device · `t/HASH` token →
+//! device · `j/UID SEQ` journal entry · `p/UID PATH` head seq of a path · `v/UID PATH \0 SEQ`
+//! history index · `c/UID CID` commit response · `k/UID CHUNK` chunk uploaded by the user.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use shoal_protocol::api::{CommitResponse, Conflict};
+use shoal_protocol::{ChunkId, CommitId, DeviceId, Entry, Seq, SyncPath};
+
+/// Format version of every stored value.
+const VALUE_VERSION: u8 = 1;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("metadata database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("stored record {key} is corrupt or from an unknown format version")]
+    Corrupt { key: String },
+    #[error("metadata database at {path} could not be opened: {source}")]
+    Open { path: String, source: sled::Error },
+}
+
+pub type UserId = u64;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRec {
+    pub id: UserId,
+    pub name: String,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InviteRec {
+    pub user: UserId,
+    pub created_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRec {
+    pub id: DeviceId,
+    pub user: UserId,
+    pub name: String,
+    pub token_hash: [u8; 32],
+    pub enrolled_ms: u64,
+    pub last_seen_ms: u64,
+    pub cursor: Seq,
+    pub revoked: bool,
+}
+
+/// The metadata store.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![VALUE_VERSION];
+    // Serializing our own in-memory records to a Vec cannot fail: no I/O, no unsupported types.
+    out.extend(postcard::to_stdvec(v).expect("postcard serializes store records"));
+    out
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&VALUE_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(key).into_owned(),
+            })
+        }
+        _ => Err(StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+        }),
+    }
+}
+
+fn key(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn history_key(user: UserId, path: &SyncPath, seq: Seq) -> Vec<u8> {
+    key(
+        b"v/",
+        &[
+            &user.to_be_bytes(),
+            path.as_str().as_bytes(),
+            &[0],
+            &seq.to_be_bytes(),
+        ],
+    )
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+/// What applying a commit produced.
+pub enum CommitOutcome {
+    Applied(CommitResponse),
+    /// A retry of an already-applied commit: the original response.
+    Replayed(CommitResponse),
+    Stale(Vec<Conflict>),
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        let meta = db.open_tree("meta")?;
+        Ok(Store { db, meta })
+    }
+
+    /// Makes everything written so far durable. Called before acknowledging anything.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.meta.get(k)? {
+            Some(v) => decode(k, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    // ---- users and invites ----
+
+    pub fn user(&self, name: &str) -> Result<Option<UserRec>, StoreError> {
+        self.get(&key(b"u/", &[name.as_bytes()]))
+    }
+
+    /// Creates a user; `Ok(None)` if the name is taken.
+    pub fn add_user(&self, name: &str, now_ms: u64) -> Result<Option<UserRec>, StoreError> {
+        let k = key(b"u/", &[name.as_bytes()]);
+        let rec = UserRec {
+            id: self.db.generate_id()? + 1,
+            name: name.to_string(),
+            created_ms: now_ms,
+        };
+        match self
+            .meta
+            .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(&rec)))?
+        {
+            Ok(()) => Ok(Some(rec)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub fn add_invite(&self, secret_hash: &[u8; 32], rec: &InviteRec) -> Result<(), StoreError> {
+        self.meta.insert(key(b"i/", &[secret_hash]), encode(rec))?;
+        Ok(())
+    }
+
+    /// Consumes an invite and stores the new device and its token, atomically: an invite enrolls
+    /// exactly one device.
+    pub fn enroll(
+        &self,
+        secret_hash: &[u8; 32],
+        user: UserId,
+        dev: &DeviceRec,
+    ) -> Result<bool, StoreError> {
+        let ik = key(b"i/", &[secret_hash]);
+        let Some(inv) = self.get::<InviteRec>(&ik)? else {
+            return Ok(false);
+        };
+        if inv.user != user {
+            return Ok(false);
+        }
+        let dk = key(b"d/", &[dev.id.as_bytes()]);
+        let tk = key(b"t/", &[&dev.token_hash]);
+        let res = self.meta.transaction(|t| {
+            if t.remove(ik.as_slice())?.is_none() {
+                return Ok(false);
+            }
+            t.insert(dk.as_slice(), encode(dev))?;
+            t.insert(tk.as_slice(), dev.id.as_bytes().to_vec())?;
+            Ok(true)
+        });
+        res.map_err(|e: sled::transaction::TransactionError<()>| match e {
+            sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+            sled::transaction::TransactionError::Abort(()) => {
+                unreachable!("the transaction never aborts")
+            }
+        })
+    }
+
+    // ---- devices ----
+
+    pub fn device_by_token(&self, token_hash: &[u8; 32]) -> Result<Option<DeviceRec>, StoreError> {
+        let Some(id) = self.meta.get(key(b"t/", &[token_hash]))? else {
+            return Ok(None);
+        };
+        self.get(&key(b"d/", &[&id]))
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRec>, StoreError> {
+        self.get(&key(b"d/", &[id.as_bytes()]))
+    }
+
+    pub fn put_device(&self, dev: &DeviceRec) -> Result<(), StoreError> {
+        self.meta
+            .insert(key(b"d/", &[dev.id.as_bytes()]), encode(dev))?;
+        Ok(())
+    }
+
+    pub fn devices(&self, user: UserId) -> Result<Vec<DeviceRec>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(b"d/") {
+            let (k, v) = kv?;
+            let d: DeviceRec = decode(&k, &v)?;
+            if d.user == user {
+                out.push(d);
+            }
+        }
+        out.sort_by_key(|d| d.enrolled_ms);
+        Ok(out)
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.meta.scan_prefix(b"u/").count()
+    }
+
+    // ---- chunks ----
+
+    pub fn user_has_chunk(&self, user: UserId, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self
+            .meta
+            .contains_key(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?)
+    }
+
+    pub fn add_user_chunks(&self, user: UserId, ids: &[ChunkId]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.insert(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]), &[][..]);
+        }
+        self.meta.apply_batch(batch)?;
+        Ok(())
+    }
+
+    // ---- journal ----
+
+    pub fn head_seq(&self, user: UserId) -> Result<Seq, StoreError> {
+        Ok(self
+            .meta
+            .get(key(b"h/", &[&user.to_be_bytes()]))?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0))
+    }
+
+    fn entry(&self, user: UserId, seq: Seq) -> Result<Option<Entry>, StoreError> {
+        self.get(&key(b"j/", &[&user.to_be_bytes(), &seq.to_be_bytes()]))
+    }
+
+    /// The current head of `path` (possibly a tombstone).
+    pub fn head(&self, user: UserId, path: &SyncPath) -> Result<Option<Entry>, StoreError> {
+        let Some(seq) = self
+            .meta
+            .get(key(b"p/", &[&user.to_be_bytes(), path.as_str().as_bytes()]))?
+        else {
+            return Ok(None);
+        };
+        let seq = be_u64(&seq).ok_or_else(|| StoreError::Corrupt {
+            key: format!("p/{path}"),
+        })?;
+        self.entry(user, seq)
+    }
+
+    pub fn commit_response(
+        &self,
+        user: UserId,
+        id: &CommitId,
+    ) -> Result<Option<CommitResponse>, StoreError> {
+        self.get(&key(b"c/", &[&user.to_be_bytes(), id.as_bytes()]))
+    }
+
+    /// Appends `entries` (already numbered `head+1..`, with bases checked by the caller under the
+    /// commit lock) to the journal, moves the heads and records the commit id, in one atomic batch.
+    pub fn append(
+        &self,
+        user: UserId,
+        id: &CommitId,
+        resp: &CommitResponse,
+    ) -> Result<(), StoreError> {
+        let u = user.to_be_bytes();
+        let mut batch = sled::Batch::default();
+        let mut last = None;
+        for e in &resp.entries {
+            let seq = e.version.to_be_bytes();
+            batch.insert(key(b"j/", &[&u, &seq]), encode(e));
+            batch.insert(key(b"p/", &[&u, e.path.as_str().as_bytes()]), &seq[..]);
+            batch.insert(history_key(user, &e.path, e.version), &[][..]);
+            last = Some(e.version);
+        }
+        if let Some(last) = last {
+            batch.insert(key(b"h/", &[&u]), &last.to_be_bytes()[..]);
+        }
+        batch.insert(key(b"c/", &[&u, id.as_bytes()]), encode(resp));
+        self.meta.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Journal entries with `since < seq`, at most `limit`.
+    pub fn changes(
+        &self,
+        user: UserId,
+        since: Seq,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let u = user.to_be_bytes();
+        let from = key(b"j/", &[&u, &since.saturating_add(1).to_be_bytes()]);
+        let to = key(b"j/", &[&u, &u64::MAX.to_be_bytes()]);
+        let mut out = Vec::new();
+        for kv in self.meta.range(from..=to).take(limit) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Every version of `path`, oldest first.
+    pub fn history(&self, user: UserId, path: &SyncPath) -> Result<Vec<Entry>, StoreError> {
+        let prefix = key(
+            b"v/",
+            &[&user.to_be_bytes(), path.as_str().as_bytes(), &[0]],
+        );
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt {
+                key: format!("v/{path}"),
+            })?;
+            if let Some(e) = self.entry(user, seq)? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Live heads ordered by path, strictly after `after`, as of the current head: at most
+    /// `limit`, plus whether more follow.
+    pub fn tree_head(
+        &self,
+        user: UserId,
+        after: Option<&SyncPath>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, bool), StoreError> {
+        let u = user.to_be_bytes();
+        let prefix = key(b"p/", &[&u]);
+        let start = match after {
+            Some(a) => {
+                let mut k = key(b"p/", &[&u, a.as_str().as_bytes()]);
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.meta.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let seq = be_u64(&v).ok_or_else(|| StoreError::Corrupt { key: "p/".into() })?;
+            let Some(e) = self.entry(user, seq)? else {
+                continue;
+            };
+            if e.deleted {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(e);
+        }
+        Ok((out, false))
+    }
+
+    /// Live entries as of journal seq `at`, ordered by path (reads the history index).
+    pub fn tree_at(&self, user: UserId, at: Seq) -> Result<Vec<Entry>, StoreError> {
+        let prefix = key(b"v/", &[&user.to_be_bytes()]);
+        let mut best: std::collections::BTreeMap<Vec<u8>, Seq> = Default::default();
+        for kv in self.meta.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let body = &k[prefix.len()..];
+            if body.len() < 9 {
+                return Err(StoreError::Corrupt { key: "v/".into() });
+            }
+            let (path, seq) = body.split_at(body.len() - 9);
+            let seq = be_u64(&seq[1..]).unwrap_or(0);
+            if seq <= at {
+                best.insert(path.to_vec(), seq);
+            }
+        }
+        let mut out = Vec::new();
+        for seq in best.into_values() {
+            if let Some(e) = self.entry(user, seq)?
+                && !e.deleted
+            {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+}
