@@ -55,6 +55,20 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
+struct BytesVisitor<const N: usize>;
+
+impl<'de, const N: usize> serde::de::Visitor<'de> for BytesVisitor<N> {
+    type Value = [u8; N];
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{N} bytes")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<[u8; N], E> {
+        v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+    }
+}
+
 macro_rules! hex_id {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*
@@ -93,15 +107,24 @@ macro_rules! hex_id {
         }
 
         impl Serialize for $name {
+            /// Hex in human-readable formats (JSON), raw bytes in binary ones (postcard).
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.to_hex())
+                if s.is_human_readable() {
+                    s.serialize_str(&self.to_hex())
+                } else {
+                    s.serialize_bytes(&self.0)
+                }
             }
         }
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                if d.is_human_readable() {
+                    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    d.deserialize_bytes(BytesVisitor::<$len>).map($name)
+                }
             }
         }
     };
@@ -161,5 +184,9 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<ChunkId>(&json).unwrap(), id);
         assert!(serde_json::from_str::<ChunkId>("\"zz\"").is_err());
+        let bin = postcard::to_stdvec(&id).unwrap();
+        assert_eq!(bin.len(), 33, "binary formats carry raw bytes");
+        assert_eq!(postcard::from_bytes::<ChunkId>(&bin).unwrap(), id);
+        assert!(postcard::from_bytes::<ChunkId>(&bin[..20]).is_err());
     }
 }

@@ -1,0 +1,441 @@
+//! The coordinator client: HTTPS with the server certificate pinned by fingerprint (no CA), bearer
+//! token auth, one method per API endpoint, chunk batches as frame streams, and the WebSocket
+//! push subscription. Errors say whether a retry can help.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shoal_protocol::api::*;
+use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, Seq, SyncPath};
+
+use crate::config::Config;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the coordinator at {addr}: {source}")]
+    Network {
+        addr: String,
+        source: reqwest::Error,
+    },
+    #[error("coordinator refused the request ({code:?}): {message}", code = .0.code, message = .0.message)]
+    Api(ErrorBody),
+    #[error("unexpected reply from the coordinator: {0}")]
+    Protocol(String),
+    #[error("subscription failed: {0}")]
+    Subscribe(String),
+}
+
+impl ClientError {
+    /// `true` when trying again later can succeed (the coordinator is down or busy).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Network { .. } | ClientError::Subscribe(_) => true,
+            ClientError::Api(b) => b.code == ErrorCode::Internal,
+            ClientError::Protocol(_) => false,
+        }
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api(b) => Some(b.code),
+            _ => None,
+        }
+    }
+}
+
+pub type ClientResult<T> = Result<T, ClientError>;
+
+/// A rustls verifier that accepts exactly one certificate, named by its BLAKE3 fingerprint, and
+/// still checks the handshake signatures made with it.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: ChunkId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if ChunkId::of(end_entity.as_ref()) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the coordinator's certificate does not match the pinned fingerprint".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn tls_config(fingerprint: ChunkId) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Pinned {
+        fingerprint,
+        provider: provider.clone(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// A connection to one coordinator as one device (or anonymous, for enrollment).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    addr: String,
+    base: String,
+    token: Option<String>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    /// A client without a token: only `enroll` works.
+    pub fn anonymous(addr: &str, fingerprint: ChunkId) -> anyhow::Result<Self> {
+        let tls = tls_config(fingerprint)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls.clone())
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Client {
+            http,
+            addr: addr.to_string(),
+            base: format!("https://{addr}"),
+            token: None,
+            tls: Arc::new(tls),
+        })
+    }
+
+    pub fn new(cfg: &Config) -> anyhow::Result<Self> {
+        let mut c = Self::anonymous(&cfg.server, cfg.fingerprint)?;
+        c.token = Some(cfg.token.clone());
+        Ok(c)
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    fn net(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Network {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> ClientResult<reqwest::Response> {
+        let resp = rb.send().await.map_err(|e| self.net(e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| self.net(e))?;
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(b) => Err(ClientError::Api(b)),
+            Err(_) => Err(ClientError::Protocol(format!(
+                "HTTP {status} without an error body"
+            ))),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> ClientResult<T> {
+        let resp = self.send(rb).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.net(e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("bad JSON: {e}")))
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> ClientResult<T> {
+        self.json(self.req(reqwest::Method::POST, path).json(body))
+            .await
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> ClientResult<T> {
+        self.json(self.req(reqwest::Method::GET, path).query(query))
+            .await
+    }
+
+    pub async fn enroll(&self, req: &EnrollRequest) -> ClientResult<EnrollResponse> {
+        self.post("/v1/enroll", req).await
+    }
+
+    pub async fn devices(&self) -> ClientResult<Vec<DeviceInfo>> {
+        Ok(self
+            .get::<DevicesResponse>("/v1/devices", &[])
+            .await?
+            .devices)
+    }
+
+    pub async fn revoke(&self, id: DeviceId) -> ClientResult<DeviceInfo> {
+        self.post(&format!("/v1/devices/{id}/revoke"), &serde_json::json!({}))
+            .await
+    }
+
+    /// The chunks among `ids` the coordinator still needs from this user.
+    pub async fn missing(&self, ids: &[ChunkId]) -> ClientResult<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        for part in ids.chunks(MAX_CHUNK_IDS) {
+            let r: MissingResponse = self
+                .post(
+                    "/v1/chunks/missing",
+                    &ChunkList {
+                        chunks: part.to_vec(),
+                    },
+                )
+                .await?;
+            out.extend(r.missing);
+        }
+        Ok(out)
+    }
+
+    /// Uploads a body of frames (see `shoal_protocol::api::encode_frame`).
+    pub async fn upload_frames(&self, body: Vec<u8>) -> ClientResult<u64> {
+        let r: UploadResponse = self
+            .json(self.req(reqwest::Method::POST, "/v1/chunks").body(body))
+            .await?;
+        Ok(r.stored)
+    }
+
+    /// Fetches `ids` from the coordinator, calling `each(id, bytes)` in order with bytes whose
+    /// BLAKE3 has been checked against the id.
+    pub async fn fetch<F>(&self, ids: &[ChunkId], mut each: F) -> ClientResult<()>
+    where
+        F: FnMut(ChunkId, &[u8]) -> Result<(), String>,
+    {
+        let resp = self
+            .send(
+                self.req(reqwest::Method::POST, "/v1/chunks/fetch")
+                    .json(&ChunkList {
+                        chunks: ids.to_vec(),
+                    }),
+            )
+            .await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut next = 0usize;
+        loop {
+            let mut used = 0;
+            while let Some((id, data, n)) = decode_frame(&buf[used..], CHUNK_PARAMS.max as u32)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            {
+                if ids.get(next) != Some(&id) || ChunkId::of(data) != id {
+                    return Err(ClientError::Protocol(format!(
+                        "coordinator sent wrong bytes for chunk {id}"
+                    )));
+                }
+                each(id, data).map_err(ClientError::Protocol)?;
+                next += 1;
+                used += n;
+            }
+            buf.drain(..used);
+            match stream.next().await {
+                Some(Ok(b)) => buf.extend_from_slice(&b),
+                Some(Err(e)) => return Err(self.net(e)),
+                None => break,
+            }
+        }
+        if next != ids.len() || !buf.is_empty() {
+            return Err(ClientError::Protocol(format!(
+                "chunk stream ended after {next} of {} chunks",
+                ids.len()
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn fetch_one(&self, id: ChunkId) -> ClientResult<Bytes> {
+        let resp = self
+            .send(self.req(reqwest::Method::GET, &format!("/v1/chunks/{id}")))
+            .await?;
+        let b = resp.bytes().await.map_err(|e| self.net(e))?;
+        if ChunkId::of(&b) != id {
+            return Err(ClientError::Protocol(format!(
+                "coordinator sent wrong bytes for chunk {id}"
+            )));
+        }
+        Ok(b)
+    }
+
+    pub async fn commit(&self, req: &CommitRequest) -> ClientResult<CommitResponse> {
+        self.post("/v1/commit", req).await
+    }
+
+    pub async fn changes(
+        &self,
+        since: Seq,
+        limit: usize,
+        wait: Duration,
+    ) -> ClientResult<ChangesResponse> {
+        let q = [
+            ("since", since.to_string()),
+            ("limit", limit.to_string()),
+            ("wait", wait.as_secs().to_string()),
+        ];
+        self.get("/v1/changes", &q).await
+    }
+
+    /// The live tree at `at` (default: head), all pages.
+    pub async fn tree(&self, at: Option<Seq>) -> ClientResult<(Seq, Vec<Entry>)> {
+        let mut out = Vec::new();
+        let mut after: Option<SyncPath> = None;
+        loop {
+            let mut q = Vec::new();
+            if let Some(at) = at {
+                q.push(("at", at.to_string()));
+            }
+            if let Some(a) = &after {
+                q.push(("after", a.to_string()));
+            }
+            let page: TreeResponse = self.get("/v1/tree", &q).await?;
+            out.extend(page.entries);
+            match page.more_after {
+                Some(a) => after = Some(a),
+                None => return Ok((page.at, out)),
+            }
+        }
+    }
+
+    pub async fn history(&self, path: &SyncPath) -> ClientResult<Vec<Entry>> {
+        Ok(self
+            .get::<HistoryResponse>("/v1/history", &[("path", path.to_string())])
+            .await?
+            .entries)
+    }
+
+    pub async fn report_cursor(&self, seq: Seq) -> ClientResult<()> {
+        let _: DeviceInfo = self.post("/v1/cursor", &CursorRequest { seq }).await?;
+        Ok(())
+    }
+
+    /// Opens the push subscription: a WebSocket that yields the journal head now and on every
+    /// change.
+    pub async fn subscribe(&self) -> ClientResult<Subscription> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let err = |e: &dyn std::fmt::Display| ClientError::Subscribe(e.to_string());
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&self.addr),
+        )
+        .await
+        .map_err(|e| err(&e))?
+        .map_err(|e| err(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map_or(self.addr.as_str(), |(h, _)| h);
+        let name =
+            ServerName::try_from(host.trim_matches(['[', ']']).to_string()).unwrap_or_else(|_| {
+                ServerName::try_from("shoal-coordinator").expect("a valid DNS name")
+            });
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| err(&e))?;
+        let mut req = format!("wss://{}/v1/subscribe", self.addr)
+            .into_client_request()
+            .map_err(|e| err(&e))?;
+        if let Some(t) = &self.token {
+            let v = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| ClientError::Subscribe("bad token".into()))?;
+            req.headers_mut().insert("authorization", v);
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, tls)
+            .await
+            .map_err(|e| err(&e))?;
+        Ok(Subscription { ws })
+    }
+}
+
+/// An open push subscription.
+pub struct Subscription {
+    ws: tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+}
+
+impl Subscription {
+    /// The next head notice; `None` when the connection closed.
+    pub async fn next_head(&mut self) -> Option<Seq> {
+        use tokio_tungstenite::tungstenite::Message;
+        while let Some(msg) = self.ws.next().await {
+            match msg {
+                Ok(Message::Text(t)) => {
+                    if let Ok(n) = serde_json::from_str::<HeadNotice>(&t) {
+                        return Some(n.head);
+                    }
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,297 @@
+//! Planner tests: table cases for each rule, and a property test that runs the planner against a
+//! model of one device and the coordinator until they agree, checking that no version is lost.
+
+use super::*;
+use proptest::prelude::*;
+use shoal_protocol::{DeviceId, Manifest};
+
+fn p(s: &str) -> SyncPath {
+    SyncPath::parse(s).unwrap()
+}
+
+fn h(n: u8) -> ChunkId {
+    ChunkId::of(&[n])
+}
+
+fn entry(path: &str, node: Option<Node>, version: Seq) -> Entry {
+    let manifest = node.and_then(|n| n.hash).map(|hash| Manifest {
+        size: 1,
+        hash,
+        chunks: vec![],
+    });
+    Entry {
+        path: p(path),
+        kind: node.map_or(EntryKind::File, |n| n.kind),
+        manifest,
+        exec: node.is_some_and(|n| n.exec),
+        mtime_ns: 0,
+        deleted: node.is_none(),
+        version,
+        base: None,
+        device: DeviceId([0; 16]),
+        time_ms: 0,
+    }
+}
+
+/// Plans for one path given (remote, local, synced) nodes.
+fn check(r: Option<Node>, l: Option<Node>, s: Option<Node>) -> Vec<Op> {
+    let mut remote = BTreeMap::new();
+    let mut local = BTreeMap::new();
+    let mut synced = BTreeMap::new();
+    if r.is_some() || s.is_some() {
+        remote.insert(p("f"), entry("f", r, 7));
+    }
+    if let Some(l) = l {
+        local.insert(p("f"), l);
+    }
+    if let Some(s) = s {
+        synced.insert(p("f"), entry("f", Some(s), 3));
+    }
+    plan(&Trees {
+        remote: &remote,
+        local: &local,
+        synced: &synced,
+        pending: &HashSet::new(),
+    })
+}
+
+#[test]
+fn rules() {
+    let (a, b, c) = (
+        Node::file(h(1), false),
+        Node::file(h(2), false),
+        Node::file(h(3), false),
+    );
+    assert_eq!(check(Some(a), Some(a), Some(a)), vec![]);
+    assert!(matches!(&check(Some(b), Some(a), Some(a))[..], [Op::Fetch(e)] if e.version == 7));
+    assert!(
+        matches!(&check(None, Some(a), Some(a))[..], [Op::Remove { expect, .. }] if *expect == a)
+    );
+    assert!(
+        matches!(&check(Some(a), Some(b), Some(a))[..], [Op::Upload { base: Some(7), local: Some(n), .. }] if *n == b)
+    );
+    assert!(matches!(
+        &check(Some(a), None, Some(a))[..],
+        [Op::Upload { local: None, .. }]
+    ));
+    assert!(matches!(
+        &check(Some(b), Some(b), Some(a))[..],
+        [Op::Adopt(_)]
+    ));
+    assert!(matches!(&check(None, None, Some(a))[..], [Op::Forget(_)]));
+    assert!(matches!(
+        &check(Some(b), Some(c), Some(a))[..],
+        [Op::ConflictCopy { .. }]
+    ));
+    // Edit beats delete, both ways.
+    assert!(matches!(
+        &check(None, Some(b), Some(a))[..],
+        [Op::Upload {
+            base: Some(7),
+            local: Some(_),
+            ..
+        }]
+    ));
+    assert!(matches!(&check(Some(b), None, Some(a))[..], [Op::Fetch(_)]));
+    // First sync of identical content moves nothing; of different content keeps both.
+    assert!(matches!(&check(Some(a), Some(a), None)[..], [Op::Adopt(_)]));
+    assert!(matches!(
+        &check(Some(a), Some(b), None)[..],
+        [Op::ConflictCopy { .. }]
+    ));
+    // An exec-bit change is a change.
+    let ax = Node::file(h(1), true);
+    assert!(matches!(
+        &check(Some(a), Some(ax), Some(a))[..],
+        [Op::Upload { .. }]
+    ));
+}
+
+#[test]
+fn pending_paths_wait() {
+    let a = Node::file(h(1), false);
+    let local = BTreeMap::from([(p("f"), a)]);
+    let pending = HashSet::from([p("f")]);
+    let ops = plan(&Trees {
+        remote: &BTreeMap::new(),
+        local: &local,
+        synced: &BTreeMap::new(),
+        pending: &pending,
+    });
+    assert_eq!(ops, vec![]);
+}
+
+#[test]
+fn remote_dir_removal_keeps_new_local_children() {
+    let d = Node::dir();
+    let a = Node::file(h(1), false);
+    let remote = BTreeMap::from([
+        (p("d"), entry("d", None, 9)),
+        (p("d/x"), entry("d/x", None, 10)),
+    ]);
+    let synced = BTreeMap::from([
+        (p("d"), entry("d", Some(d), 1)),
+        (p("d/x"), entry("d/x", Some(a), 2)),
+    ]);
+    let local = BTreeMap::from([
+        (p("d"), d),
+        (p("d/x"), a),
+        (p("d/new"), Node::file(h(5), false)),
+    ]);
+    let ops = plan(&Trees {
+        remote: &remote,
+        local: &local,
+        synced: &synced,
+        pending: &HashSet::new(),
+    });
+    assert!(
+        ops.contains(&Op::Upload {
+            path: p("d"),
+            local: Some(d),
+            base: Some(9)
+        }),
+        "{ops:?}"
+    );
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, Op::Remove { path, .. } if path.as_str() == "d/x"))
+    );
+    assert!(
+        ops.iter()
+            .any(|o| matches!(o, Op::Upload { path, .. } if path.as_str() == "d/new"))
+    );
+}
+
+/// One device and the coordinator, as maps; ops applied the way the executor does.
+#[derive(Debug, Clone, Default)]
+struct Model {
+    local: BTreeMap<SyncPath, Node>,
+    remote: BTreeMap<SyncPath, Entry>,
+    synced: BTreeMap<SyncPath, Entry>,
+    seq: Seq,
+}
+
+impl Model {
+    fn commit(&mut self, path: &SyncPath, node: Option<Node>) -> Entry {
+        self.seq += 1;
+        let e = entry(path.as_str(), node, self.seq);
+        self.remote.insert(path.clone(), e.clone());
+        e
+    }
+
+    fn round(&mut self) -> usize {
+        let ops = plan(&Trees {
+            remote: &self.remote,
+            local: &self.local,
+            synced: &self.synced,
+            pending: &HashSet::new(),
+        });
+        for op in &ops {
+            match op {
+                Op::Fetch(e) => {
+                    self.local.insert(e.path.clone(), Node::of(e).unwrap());
+                    self.synced.insert(e.path.clone(), e.clone());
+                }
+                Op::Adopt(e) => {
+                    self.synced.insert(e.path.clone(), e.clone());
+                }
+                Op::Remove { path, expect } => {
+                    assert_eq!(self.local.get(path), Some(expect));
+                    self.local.remove(path);
+                    self.synced.remove(path);
+                }
+                Op::Forget(path) => {
+                    self.synced.remove(path);
+                }
+                Op::ConflictCopy { path, remote } => {
+                    let mine = self.local.remove(path).unwrap();
+                    let copy = path
+                        .with_file_name(&format!("{} (conflicted copy)", path.file_name()))
+                        .unwrap();
+                    assert!(!self.local.contains_key(&copy));
+                    self.local.insert(copy, mine);
+                    self.local.insert(path.clone(), Node::of(remote).unwrap());
+                    self.synced.insert(path.clone(), remote.clone());
+                }
+                Op::Upload { path, local, base } => {
+                    assert_eq!(
+                        self.remote.get(path).map(|e| e.version),
+                        *base,
+                        "base is the head"
+                    );
+                    let e = self.commit(path, *local);
+                    match local {
+                        Some(_) => self.synced.insert(path.clone(), e),
+                        None => self.synced.remove(path),
+                    };
+                }
+            }
+        }
+        ops.len()
+    }
+
+    fn live_remote(&self) -> BTreeMap<SyncPath, Node> {
+        self.remote
+            .iter()
+            .filter_map(|(p, e)| Node::of(e).map(|n| (p.clone(), n)))
+            .collect()
+    }
+}
+
+/// An edit to one path: keep, delete, or set to content `n`.
+fn edit() -> impl Strategy<Value = Option<Option<u8>>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(None)),
+        (1u8..6).prop_map(|n| Some(Some(n)))
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn converges_without_losing_versions(
+        start in proptest::collection::vec(proptest::option::of(1u8..6), 4),
+        local_edits in proptest::collection::vec(edit(), 4),
+        remote_edits in proptest::collection::vec(edit(), 4),
+    ) {
+        let names = ["a", "b", "c/d", "e"];
+        let mut m = Model::default();
+        for (name, s) in names.iter().zip(&start) {
+            if let Some(n) = s {
+                let node = Node::file(h(*n), false);
+                let e = m.commit(&p(name), Some(node));
+                m.synced.insert(p(name), e);
+                m.local.insert(p(name), node);
+            }
+        }
+        let mut must_survive = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let path = p(name);
+            if let Some(edit) = local_edits[i] {
+                match edit {
+                    Some(n) => { m.local.insert(path.clone(), Node::file(h(n + 10), false)); must_survive.push(h(n + 10)); }
+                    None => { m.local.remove(&path); }
+                }
+            }
+            if let Some(edit) = remote_edits[i] {
+                let exists = m.remote.get(&path).is_some_and(|e| !e.deleted);
+                match edit {
+                    Some(n) => { m.commit(&path, Some(Node::file(h(n + 20), false))); must_survive.push(h(n + 20)); }
+                    None if exists => { m.commit(&path, None); }
+                    None => {}
+                }
+            }
+        }
+        for _ in 0..3 {
+            m.round();
+        }
+        prop_assert_eq!(m.round(), 0, "converged plans are empty");
+        prop_assert_eq!(&m.local, &m.live_remote(), "device equals the coordinator");
+        let present: HashSet<ChunkId> = m.local.values().filter_map(|n| n.hash).collect();
+        for hash in must_survive {
+            prop_assert!(present.contains(&hash), "an edited version was lost");
+        }
+    }
+}
