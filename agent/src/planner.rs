@@ -123,13 +123,7 @@ pub fn plan(t: &Trees<'_>) -> Vec<Op> {
             (false, false) => None,
             (true, false) => match (r, r_entry) {
                 (Some(_), Some(e)) => Some(Op::Fetch(e.clone())),
-                _ => match s {
-                    Some(expect) => Some(Op::Remove {
-                        path: path.clone(),
-                        expect,
-                    }),
-                    None => None,
-                },
+                _ => s.map(|expect| Op::Remove { path: path.clone(), expect }),
             },
             (false, true) => Some(Op::Upload {
                 path: path.clone(),

@@ -259,12 +259,12 @@ pub enum FrameError {
     Truncated,
 }
 
+/// A decoded frame: the chunk id, its bytes, and how many bytes of input the frame used.
+pub type Frame<'a> = (ChunkId, &'a [u8], usize);
+
 /// Splits the next frame off the front of `buf`, if it is complete. Lengths are bounded by
 /// `max_len` before anything is allocated.
-pub fn decode_frame(
-    buf: &[u8],
-    max_len: u32,
-) -> Result<Option<(ChunkId, &[u8], usize)>, FrameError> {
+pub fn decode_frame(buf: &[u8], max_len: u32) -> Result<Option<Frame<'_>>, FrameError> {
     if buf.len() < FRAME_HEADER {
         return Ok(None);
     }

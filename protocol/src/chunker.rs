@@ -62,7 +62,7 @@ impl Chunker {
     /// A chunker with other parameters, for benchmarks. Sizes must be even and ordered.
     pub fn with_params(params: ChunkParams) -> Self {
         assert!(
-            params.min % 2 == 0 && params.avg % 2 == 0 && params.max % 2 == 0,
+            params.min.is_multiple_of(2) && params.avg.is_multiple_of(2) && params.max.is_multiple_of(2),
             "fastcdc v2020 needs even sizes"
         );
         assert!(params.min <= params.avg && params.avg <= params.max && params.max * 2 <= READ_BUF);

@@ -62,7 +62,7 @@ pub struct Change {
     pub path: SyncPath,
     pub kind: EntryKind,
     /// `Some` for files, `None` for directories and deletions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub manifest: Option<Manifest>,
     #[serde(default)]
     pub exec: bool,
@@ -77,11 +77,14 @@ pub struct Change {
 }
 
 /// One committed version of one path: a row of the per-user journal.
+///
+/// Wire and stored types here never use `skip_serializing_if`: they are also stored with postcard,
+/// which is not self-describing and needs every field present.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub path: SyncPath,
     pub kind: EntryKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub manifest: Option<Manifest>,
     #[serde(default)]
     pub exec: bool,
@@ -114,5 +117,37 @@ impl Entry {
                 || (self.kind == other.kind
                     && self.hash() == other.hash()
                     && self.exec == other.exec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries are stored with postcard: every shape must round-trip, tombstones included.
+    #[test]
+    fn postcard_round_trip() {
+        let e = Entry {
+            path: SyncPath::parse("a/b").unwrap(),
+            kind: EntryKind::Dir,
+            manifest: None,
+            exec: false,
+            mtime_ns: -5,
+            deleted: true,
+            version: 9,
+            base: Some(3),
+            device: DeviceId([7; 16]),
+            time_ms: 1,
+        };
+        let bin = postcard::to_stdvec(&e).unwrap();
+        assert_eq!(postcard::from_bytes::<Entry>(&bin).unwrap(), e);
+        let with = Entry {
+            manifest: Some(Manifest::empty()),
+            kind: EntryKind::File,
+            deleted: false,
+            ..e
+        };
+        let bin = postcard::to_stdvec(&with).unwrap();
+        assert_eq!(postcard::from_bytes::<Entry>(&bin).unwrap(), with);
     }
 }

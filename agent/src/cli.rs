@@ -1,0 +1,462 @@
+//! The `shoal` subcommands. Each parses its arguments, loads the config from the home directory
+//! and calls into the engine, the daemon or the one-shot operations.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use shoal_protocol::Seq;
+use shoal_protocol::api::{EnrollRequest, Invite};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::config::{self, Config};
+use crate::daemon::{self, Status};
+use crate::engine::{self, Engine};
+use crate::oneshot::{self, EntryJson};
+use crate::progress::Progress;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Keep a folder identical on all your devices"
+)]
+pub struct Cli {
+    /// Where this device's config and state live (default: $SHOAL_HOME, else the platform data dir).
+    #[arg(long, global = true, env = "SHOAL_HOME")]
+    home: Option<PathBuf>,
+    /// No progress bars or summaries.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enroll this device with an invite and set up its sync folder.
+    Init {
+        /// The invite line printed by `shoal-coordinator user add` / `user invite`.
+        #[arg(long)]
+        invite: String,
+        /// The folder to keep in sync (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name for this device (default: the host name).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Watch the folder and keep it in sync until Ctrl-C or SIGTERM.
+    Run,
+    /// Reconcile both ways once, then exit (0 when in sync).
+    Sync {
+        /// Required: run one reconciliation instead of the daemon.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Is the folder in sync? Pending work and the last error.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List files on the coordinator (whole tree, or under PATH).
+    Ls {
+        path: Option<String>,
+        /// List the tree as of this journal sequence number.
+        #[arg(long)]
+        at: Option<Seq>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every version of a path.
+    History {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a file (the head, or --version N) to a local path.
+    Get {
+        remote: String,
+        local: PathBuf,
+        #[arg(long)]
+        version: Option<Seq>,
+    },
+    /// Upload a local file as the new version of a remote path.
+    Put { local: PathBuf, remote: String },
+    /// Make an old version the new head (history keeps everything).
+    Restore {
+        path: String,
+        #[arg(long)]
+        version: Seq,
+    },
+    /// This user's devices.
+    Devices {
+        #[arg(long)]
+        json: bool,
+        /// Revoke the device with this id (it can no longer sync).
+        #[arg(long)]
+        revoke: Option<String>,
+    },
+    /// Run a local coordinator and two synced folders, ./shoal-demo/{laptop,desktop}, until Ctrl-C.
+    Demo {
+        /// Where to put the demo (default ./shoal-demo).
+        #[arg(long, default_value = "shoal-demo")]
+        dir: PathBuf,
+    },
+}
+
+impl Cli {
+    /// Long-running commands log at info level by default.
+    pub fn wants_info_logs(&self) -> bool {
+        matches!(self.cmd, Cmd::Run | Cmd::Demo { .. })
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let home = config::resolve_home(cli.home.clone())?;
+    let quiet = cli.quiet || !std::io::stdout().is_terminal();
+    match cli.cmd {
+        Cmd::Init {
+            invite,
+            dir,
+            device,
+        } => init(&home, &invite, &dir, device).await,
+        Cmd::Run => {
+            let cfg = Config::load(&home)?;
+            let cancel = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(cancel.clone()));
+            daemon::run(&home, cfg, cancel).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sync { once } => {
+            if !once {
+                anyhow::bail!(
+                    "use `shoal sync --once` for one reconciliation, or `shoal run` to keep syncing"
+                );
+            }
+            sync_once(&home, quiet).await
+        }
+        Cmd::Status { json } => status(&home, json),
+        Cmd::Ls { path, at, json } => {
+            let client = Client::new(&Config::load(&home)?)?;
+            let prefix = path
+                .as_deref()
+                .filter(|p| !p.is_empty() && *p != "/")
+                .map(oneshot::parse_remote)
+                .transpose()?;
+            let entries = oneshot::ls(&client, prefix.as_ref(), at).await?;
+            if json {
+                let v: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in &entries {
+                    let kind = if e.kind == shoal_protocol::EntryKind::Dir {
+                        "dir "
+                    } else {
+                        "file"
+                    };
+                    println!("{kind} {:>12} v{:<6} {}", e.size(), e.version, e.path);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::History { path, json } => {
+            let client = Client::new(&Config::load(&home)?)?;
+            let path = oneshot::parse_remote(&path)?;
+            let entries = client.history(&path).await?;
+            if json {
+                let v: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if entries.is_empty() {
+                println!("{path}: no versions");
+            } else {
+                for e in &entries {
+                    let what = if e.deleted {
+                        "deleted".to_string()
+                    } else {
+                        format!("{} bytes", e.size())
+                    };
+                    let hash = e
+                        .hash()
+                        .map(|h| h.to_string()[..16].to_string())
+                        .unwrap_or_default();
+                    println!(
+                        "v{:<6} {:<16} {hash:16} device {} at {}",
+                        e.version,
+                        what,
+                        &e.device.to_string()[..8],
+                        fmt_time(e.time_ms)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Get {
+            remote,
+            local,
+            version,
+        } => {
+            let client = Client::new(&Config::load(&home)?)?;
+            let e = oneshot::get(
+                &client,
+                &oneshot::parse_remote(&remote)?,
+                version,
+                &local,
+                quiet,
+            )
+            .await?;
+            if !quiet {
+                println!(
+                    "{} v{} -> {} ({} bytes)",
+                    e.path,
+                    e.version,
+                    local.display(),
+                    e.size()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Put { local, remote } => {
+            let client = Client::new(&Config::load(&home)?)?;
+            let e = oneshot::put(&client, &local, &oneshot::parse_remote(&remote)?, quiet).await?;
+            if !quiet {
+                println!(
+                    "{} -> {} v{} ({} bytes)",
+                    local.display(),
+                    e.path,
+                    e.version,
+                    e.size()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore { path, version } => {
+            let client = Client::new(&Config::load(&home)?)?;
+            let e = oneshot::restore(&client, &oneshot::parse_remote(&path)?, version).await?;
+            if !quiet {
+                println!("restored {} v{version} as v{}", e.path, e.version);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Devices { json, revoke } => {
+            let cfg = Config::load(&home)?;
+            let client = Client::new(&cfg)?;
+            if let Some(id) = revoke {
+                let d = client
+                    .revoke(
+                        id.parse()
+                            .map_err(|e| anyhow::anyhow!("bad device id {id:?}: {e}"))?,
+                    )
+                    .await?;
+                println!("revoked {} ({})", d.name, d.id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let devices = client.devices().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                for d in &devices {
+                    let me = if d.id == cfg.device_id {
+                        " (this device)"
+                    } else {
+                        ""
+                    };
+                    let rev = if d.revoked { " [revoked]" } else { "" };
+                    println!(
+                        "{} {:<24} cursor {:<8} last seen {}{me}{rev}",
+                        d.id,
+                        d.name,
+                        d.cursor,
+                        fmt_time(d.last_seen_ms)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { dir } => {
+            crate::demo::run(&dir).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Enrolls a device: redeems the invite, creates the folder and its marker, writes the config.
+pub async fn init(
+    home: &Path,
+    invite: &str,
+    dir: &Path,
+    device: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    if Config::path(home).exists() {
+        anyhow::bail!(
+            "{} already holds a configured device; use another --home",
+            home.display()
+        );
+    }
+    let invite: Invite = invite.parse()?;
+    let device_name = device.unwrap_or_else(default_device_name);
+    let client = Client::anonymous(&invite.addr, invite.fingerprint)?;
+    let resp = client
+        .enroll(&EnrollRequest {
+            user: invite.user.clone(),
+            secret: invite.secret.clone(),
+            device_name: device_name.clone(),
+        })
+        .await?;
+    engine::init_root(dir)?;
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let cfg = Config {
+        server: invite.addr,
+        fingerprint: invite.fingerprint,
+        user: invite.user,
+        device_id: resp.device_id,
+        device_name,
+        token: resp.token,
+        root: Some(root.clone()),
+        rescan_interval: std::time::Duration::from_secs(600),
+        debounce: std::time::Duration::from_millis(50),
+    };
+    cfg.save(home)?;
+    println!(
+        "enrolled device {:?} ({}) for user {}",
+        cfg.device_name, cfg.device_id, cfg.user
+    );
+    println!("sync folder: {}", root.display());
+    println!("start syncing with: shoal run");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs cycles until the folder is in sync (or gives up after a bounded number).
+pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(home)?;
+    let mut engine = Engine::open(home, cfg)?;
+    let spinner = Progress::spinner("syncing", quiet);
+    let mut total = engine::CycleReport::default();
+    for _ in 0..20 {
+        let r = engine.cycle().await?;
+        total.bytes_uploaded += r.bytes_uploaded;
+        total.bytes_downloaded += r.bytes_downloaded;
+        total.fetched_files += r.fetched_files;
+        total.committed_changes += r.committed_changes;
+        total.conflicts += r.conflicts;
+        spinner.set_message(format!(
+            "syncing: {} up, {} down",
+            r.committed_changes, r.fetched_files
+        ));
+        if r.in_sync {
+            spinner.finish();
+            engine.store().flush().await?;
+            if !quiet {
+                println!(
+                    "in sync at {}: {} changes committed ({} bytes up), {} files fetched ({} bytes down), {} conflicts",
+                    r.cursor,
+                    total.committed_changes,
+                    total.bytes_uploaded,
+                    total.fetched_files,
+                    total.bytes_downloaded,
+                    total.conflicts
+                );
+            }
+            for s in &r.skipped {
+                eprintln!("skipped: {s}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(e) = r.errors.last() {
+            tracing::warn!(error = %e, "cycle reported an error");
+        }
+    }
+    spinner.finish();
+    engine.store().flush().await?;
+    eprintln!("not in sync after 20 rounds (files keep changing, or errors; see `shoal status`)");
+    Ok(ExitCode::from(2))
+}
+
+fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(home)?;
+    let mut st = Status::load(home).unwrap_or_default();
+    let running =
+        st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists();
+    if !running && st.state != "stopped" && !st.state.is_empty() {
+        st.state = "stopped".into();
+    }
+    if json {
+        let v = serde_json::json!({
+            "device": cfg.device_name,
+            "device_id": cfg.device_id,
+            "root": cfg.root,
+            "daemon_running": running,
+            "status": st,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("device:  {} ({})", cfg.device_name, cfg.device_id);
+        if let Some(r) = &cfg.root {
+            println!("folder:  {}", r.display());
+        }
+        println!(
+            "daemon:  {}",
+            if running {
+                "running"
+            } else {
+                "not running (start it with `shoal run`)"
+            }
+        );
+        let state = if st.state.is_empty() {
+            "never synced"
+        } else {
+            st.state.as_str()
+        };
+        println!(
+            "state:   {state}{}",
+            if st.in_sync { " (in sync)" } else { "" }
+        );
+        println!("cursor:  {}", st.cursor);
+        println!(
+            "pending: {} uploads, {} downloads",
+            st.pending_uploads, st.pending_downloads
+        );
+        if st.last_sync_ms > 0 {
+            println!("last in sync: {}", fmt_time(st.last_sync_ms));
+        }
+        if let Some(e) = &st.last_error {
+            println!("last error: {e}");
+        }
+        for s in &st.skipped {
+            println!("skipped: {s}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_device_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| shoal_protocol::api::valid_device_name(s))
+        .unwrap_or_else(|| "device".to_string())
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn fmt_time(ms: u64) -> String {
+    let (date, (h, m, s)) = engine::utc(ms / 1000);
+    format!("{date} {h:02}:{m:02}:{s:02} UTC")
+}
+
+async fn cancel_on_signal(cancel: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(_) => return,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    cancel.cancel();
+}

@@ -1,0 +1,240 @@
+//! `shoal run`: the long-lived loop. Watcher events (debounced, as hints) and push notices from
+//! the coordinator's subscription wake it; a periodic full rescan is the backstop; failures back
+//! off exponentially. After every cycle it writes `status.json` for `shoal status`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use serde::{Deserialize, Serialize};
+use shoal_protocol::Seq;
+use shoal_protocol::path::RESERVED_DIR;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::engine::{CycleReport, Engine};
+
+/// What `status.json` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// "in_sync", "syncing", "offline" or "error".
+    pub state: String,
+    pub in_sync: bool,
+    pub pid: u32,
+    pub cursor: Seq,
+    pub pending_uploads: usize,
+    pub pending_downloads: usize,
+    pub last_sync_ms: u64,
+    pub updated_ms: u64,
+    pub last_error: Option<String>,
+    pub skipped: Vec<String>,
+}
+
+impl Status {
+    pub fn path(home: &Path) -> PathBuf {
+        home.join("status.json")
+    }
+
+    pub fn load(home: &Path) -> Option<Status> {
+        serde_json::from_slice(&std::fs::read(Self::path(home)).ok()?).ok()
+    }
+
+    fn save(&self, home: &Path) {
+        let path = Self::path(home);
+        let tmp = path.with_extension("tmp");
+        if let Ok(b) = serde_json::to_vec_pretty(self)
+            && std::fs::write(&tmp, b).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why the loop woke up.
+#[derive(Debug)]
+enum Hint {
+    Local { rescan: bool },
+    Remote(Seq),
+}
+
+/// Runs until `cancel` fires.
+pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    let root = cfg.root()?.to_path_buf();
+    let debounce = cfg.debounce;
+    let rescan_every = cfg.rescan_interval;
+    let mut engine = Engine::open(home, cfg)?;
+    let (tx, mut rx) = mpsc::channel::<Hint>(256);
+    let _watcher = watch(&root, debounce, tx.clone())?;
+    let subscriber = tokio::spawn(subscribe(
+        engine.client().clone(),
+        tx.clone(),
+        cancel.clone(),
+    ));
+    let _abort = AbortOnDrop(subscriber);
+    let mut status = Status {
+        pid: std::process::id(),
+        ..Status::default()
+    };
+    let mut backoff = Duration::from_millis(250);
+    let mut next_rescan = tokio::time::Instant::now() + rescan_every;
+    tracing::info!(root = %root.display(), "syncing");
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let result = tokio::select! {
+            r = engine.cycle() => r,
+            _ = cancel.cancelled() => break,
+        };
+        let wait = match result {
+            Ok(report) => {
+                backoff = Duration::from_millis(250);
+                update_status(&mut status, &report);
+                if report.in_sync {
+                    next_rescan.saturating_duration_since(tokio::time::Instant::now())
+                } else {
+                    Duration::ZERO
+                }
+            }
+            Err(e) => {
+                let offline = e
+                    .downcast_ref::<crate::engine::EngineError>()
+                    .is_some_and(|e| matches!(e, crate::engine::EngineError::Offline(_)));
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "sync cycle failed");
+                status.state = if offline { "offline" } else { "error" }.into();
+                status.in_sync = false;
+                status.last_error = Some(format!("{e:#}"));
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                w
+            }
+        };
+        status.updated_ms = now_ms();
+        status.save(home);
+        if wait.is_zero() {
+            continue;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            h = rx.recv() => {
+                if let Some(Hint::Local { rescan: true }) = h {
+                    tracing::info!("watcher asked for a full rescan");
+                }
+                if let Some(Hint::Remote(head)) = h {
+                    tracing::debug!(head, "coordinator head moved");
+                }
+                // Coalesce whatever else arrived meanwhile into this one cycle.
+                while rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(wait) => {
+                if tokio::time::Instant::now() >= next_rescan {
+                    next_rescan = tokio::time::Instant::now() + rescan_every;
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    engine.store().flush().await?;
+    status.state = "stopped".into();
+    status.updated_ms = now_ms();
+    status.save(home);
+    Ok(())
+}
+
+fn update_status(s: &mut Status, r: &CycleReport) {
+    s.state = if r.in_sync { "in_sync" } else { "syncing" }.into();
+    s.in_sync = r.in_sync;
+    s.cursor = r.cursor;
+    s.pending_uploads = r.pending_uploads;
+    s.pending_downloads = r
+        .planned
+        .saturating_sub(r.fetched_files + r.committed_changes);
+    s.skipped = r.skipped.clone();
+    if r.in_sync {
+        s.last_sync_ms = now_ms();
+    }
+    s.last_error = r
+        .errors
+        .last()
+        .cloned()
+        .or(if r.in_sync { None } else { s.last_error.take() });
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the file watcher. Events under `.shoal/` (our own temp files) are dropped; a "rescan"
+/// flag from the OS (queue overflow) is passed on, never dropped.
+fn watch(
+    root: &Path,
+    debounce: Duration,
+    tx: mpsc::Sender<Hint>,
+) -> anyhow::Result<
+    notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+> {
+    let reserved = root.join(RESERVED_DIR);
+    let mut debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| match res {
+        Ok(events) => {
+            let rescan = events.iter().any(|e| e.need_rescan());
+            let relevant = events
+                .iter()
+                .any(|e| e.paths.iter().any(|p| !p.starts_with(&reserved)));
+            if rescan || relevant {
+                let _ = tx.try_send(Hint::Local { rescan });
+            }
+        }
+        Err(errors) => {
+            for e in errors {
+                tracing::warn!(error = %e, "watcher error; rescanning");
+            }
+            let _ = tx.try_send(Hint::Local { rescan: true });
+        }
+    })?;
+    debouncer.watch(root, RecursiveMode::Recursive)?;
+    Ok(debouncer)
+}
+
+/// Holds the push subscription open, reconnecting with backoff; forwards head moves as hints.
+async fn subscribe(
+    client: crate::client::Client,
+    tx: mpsc::Sender<Hint>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        match client.subscribe().await {
+            Ok(mut sub) => {
+                backoff = Duration::from_millis(250);
+                // The first notice after (re)connecting also wakes the loop: anything missed while
+                // disconnected is picked up from the cursor.
+                while let Some(head) = sub.next_head().await {
+                    if tx.send(Hint::Remote(head)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "subscription failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}

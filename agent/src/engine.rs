@@ -1,0 +1,813 @@
+//! One device's sync engine. A cycle pulls the journal from the durable cursor, sends the outbox,
+//! scans the disk, plans against the three trees, applies the plan (conflicted copies, fetches,
+//! removals) and turns local changes into outbox commits. The daemon and `sync --once` both run
+//! cycles; correctness never depends on a watcher event arriving.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use shoal_protocol::api::{CommitRequest, ErrorCode};
+use shoal_protocol::path::RESERVED_DIR;
+use shoal_protocol::{Change, ChunkId, CommitId, Entry, EntryKind, Seq, SyncPath};
+
+use crate::client::{Client, ClientError};
+use crate::config::Config;
+use crate::planner::{self, Node, Op};
+use crate::scan::{self, Ignore, Scan};
+use crate::store::{Batch, IndexRec, OutboxItem, Store};
+use crate::transfer::{self, AssembleOpts, LocalChunk, Sources, UploadError};
+
+/// Most changes in one outbox commit.
+const COMMIT_CHANGES: usize = 1000;
+/// Files up to this size are fetched together in groups; larger ones stream on their own.
+const SMALL_FILE: u64 = 1024 * 1024;
+/// Bytes fetched per group of small files.
+const GROUP_BYTES: u64 = 16 * 1024 * 1024;
+/// Files per group of small files.
+const GROUP_FILES: usize = 2000;
+
+/// Why the engine could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "the sync folder's marker {0} is missing: is the disk mounted? Nothing is synced until it \
+         is back (an unmounted folder must never look like everything was deleted)"
+    )]
+    MarkerMissing(PathBuf),
+    #[error(transparent)]
+    Offline(ClientError),
+}
+
+/// What one cycle did.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct CycleReport {
+    /// Nothing left to do: the folder equals the coordinator's tree as far as this device knows.
+    pub in_sync: bool,
+    pub cursor: Seq,
+    pub planned: usize,
+    pub fetched_files: usize,
+    pub committed_changes: usize,
+    pub conflicts: usize,
+    pub bytes_uploaded: u64,
+    pub bytes_downloaded: u64,
+    pub bytes_reused_locally: u64,
+    pub pending_uploads: usize,
+    pub unstable: usize,
+    pub skipped: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Running byte counters, shared with progress displays.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub uploaded: AtomicU64,
+    pub downloaded: AtomicU64,
+}
+
+pub struct Engine {
+    cfg: Config,
+    root: PathBuf,
+    tmp: PathBuf,
+    store: Store,
+    client: Client,
+    pub counters: Arc<Counters>,
+    reported_cursor: Seq,
+}
+
+/// Creates the `.shoal` marker (and temp dir) in a new sync root.
+pub fn init_root(root: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(root.join(RESERVED_DIR).join("tmp"))
+        .with_context(|| format!("creating the sync folder {}", root.display()))?;
+    Ok(())
+}
+
+impl Engine {
+    pub fn open(home: &Path, cfg: Config) -> anyhow::Result<Engine> {
+        let root = cfg.root()?.to_path_buf();
+        let store = Store::open(&home.join("db"))?;
+        let client = Client::new(&cfg)?;
+        let tmp = root.join(RESERVED_DIR).join("tmp");
+        let engine = Engine {
+            cfg,
+            root,
+            tmp,
+            store,
+            client,
+            counters: Arc::default(),
+            reported_cursor: 0,
+        };
+        engine.check_marker()?;
+        // Leftovers of an interrupted download were never visible under a real name: drop them.
+        if let Ok(rd) = std::fs::read_dir(&engine.tmp) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(engine)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn check_marker(&self) -> Result<(), EngineError> {
+        let marker = self.root.join(RESERVED_DIR);
+        if !marker.is_dir() {
+            return Err(EngineError::MarkerMissing(marker));
+        }
+        std::fs::create_dir_all(&self.tmp).map_err(|_| EngineError::MarkerMissing(marker))?;
+        Ok(())
+    }
+
+    /// Runs one reconciliation.
+    pub async fn cycle(&mut self) -> anyhow::Result<CycleReport> {
+        self.check_marker()?;
+        let mut report = CycleReport::default();
+        self.pull().await.map_err(EngineError::Offline)?;
+        let mut dirty = self.drain_outbox(&mut report).await?;
+
+        let ignore = Ignore::load(&self.root);
+        let index = self.store.index()?;
+        let root = self.root.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let s = scan::scan(&root, &ignore, &index);
+            (s, index, ignore)
+        })
+        .await
+        .context("scanner panicked")?;
+        let (scan, index, ignore) = scan;
+        self.save_index(&index, &scan)?;
+        report.unstable = scan.unstable;
+        report.skipped = scan.skipped.clone();
+
+        let keep = |p: &SyncPath, e: &Entry| !ignore.is_ignored(p, e.kind == EntryKind::Dir);
+        let remote: BTreeMap<SyncPath, Entry> = self
+            .store
+            .remote()?
+            .into_iter()
+            .filter(|(p, e)| keep(p, e))
+            .collect();
+        let synced: BTreeMap<SyncPath, Entry> = self
+            .store
+            .synced()?
+            .into_iter()
+            .filter(|(p, e)| keep(p, e))
+            .collect();
+        let local = scan.nodes();
+        let mut pending: HashSet<SyncPath> = HashSet::new();
+        for (_, item) in self.store.outbox()? {
+            pending.extend(item.changes.into_iter().map(|c| c.path));
+        }
+        for b in &scan.busy {
+            for tree in [&remote, &synced] {
+                pending.extend(
+                    tree.range(b.clone()..)
+                        .take_while(|(p, _)| p.starts_with(b))
+                        .map(|(p, _)| p.clone()),
+                );
+            }
+        }
+        let ops = planner::plan(&planner::Trees {
+            remote: &remote,
+            local: &local,
+            synced: &synced,
+            pending: &pending,
+        });
+        report.planned = ops.len();
+        if !ops.is_empty() {
+            tracing::debug!(ops = ops.len(), "applying plan");
+            dirty |= self.execute(ops, &scan, &mut report).await?;
+            dirty |= self.drain_outbox(&mut report).await?;
+        }
+        report.pending_uploads = self
+            .store
+            .outbox()?
+            .iter()
+            .map(|(_, i)| i.changes.len())
+            .sum();
+        report.cursor = self.store.cursor()?;
+        report.in_sync =
+            report.planned == 0 && !dirty && report.pending_uploads == 0 && scan.unstable == 0;
+        if report.cursor != self.reported_cursor
+            && self.client.report_cursor(report.cursor).await.is_ok()
+        {
+            self.reported_cursor = report.cursor;
+        }
+        Ok(report)
+    }
+
+    /// Reads the journal from the durable cursor into the remote tree, page by page.
+    async fn pull(&mut self) -> Result<(), ClientError> {
+        let mut cursor = self
+            .store
+            .cursor()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        loop {
+            let page = self
+                .client
+                .changes(cursor, 1000, std::time::Duration::ZERO)
+                .await?;
+            if page.entries.is_empty() {
+                return Ok(());
+            }
+            let mut batch = Batch::default();
+            for e in &page.entries {
+                batch.put_remote(e);
+            }
+            batch.set_cursor(page.next);
+            self.store
+                .apply(batch)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            cursor = page.next;
+            if cursor >= page.head {
+                return Ok(());
+            }
+        }
+    }
+
+    fn save_index(&self, old: &BTreeMap<SyncPath, IndexRec>, scan: &Scan) -> anyhow::Result<()> {
+        let mut batch = Batch::default();
+        for (p, rec) in &scan.tree {
+            if old.get(p) != Some(rec) {
+                batch.put_index(p, rec);
+            }
+        }
+        for p in old.keys() {
+            if !scan.tree.contains_key(p) && !scan.busy.iter().any(|b| p.starts_with(b)) {
+                batch.del_index(p);
+            }
+        }
+        self.store.apply(batch)
+    }
+
+    /// Applies a plan. Returns `true` when something was skipped or moved and another cycle is due.
+    async fn execute(
+        &mut self,
+        ops: Vec<Op>,
+        scan: &Scan,
+        report: &mut CycleReport,
+    ) -> anyhow::Result<bool> {
+        let mut dirty = false;
+        let mut expect: BTreeMap<SyncPath, Option<IndexRec>> = BTreeMap::new();
+        let (mut dirs, mut files, mut removes, mut changes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut batch = Batch::default();
+        for op in ops {
+            match op {
+                Op::ConflictCopy { path, remote } => {
+                    match self.move_aside(&path, scan.tree.get(&path)) {
+                        Ok(copy) => {
+                            tracing::info!(%path, copy = %copy, "conflict: kept the local version as a conflicted copy");
+                            report.conflicts += 1;
+                            batch.del_index(&path);
+                            expect.insert(path, None);
+                            if remote.kind == EntryKind::Dir {
+                                dirs.push(remote)
+                            } else {
+                                files.push(remote)
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%path, error = %e, "could not move a conflicting file aside; will retry");
+                        }
+                    }
+                    dirty = true;
+                }
+                Op::Fetch(e) => {
+                    expect.insert(e.path.clone(), scan.tree.get(&e.path).cloned());
+                    match e.kind {
+                        EntryKind::Dir => dirs.push(e),
+                        EntryKind::File => files.push(e),
+                        EntryKind::Symlink => {
+                            tracing::warn!(path = %e.path, "symbolic links are not synced")
+                        }
+                    }
+                }
+                Op::Adopt(e) => batch.put_synced(&e),
+                Op::Forget(p) => batch.del_synced(&p),
+                Op::Remove { path, .. } => removes.push(path),
+                Op::Upload { path, local, base } => {
+                    changes.push(self.change(&path, local, base, scan)?)
+                }
+            }
+        }
+        self.store.apply(batch)?;
+
+        dirs.sort_by_key(|e| e.path.depth());
+        let mut batch = Batch::default();
+        for e in dirs {
+            match ensure_dir(&self.root, &e.path) {
+                Ok(md) => {
+                    batch.put_index(&e.path, &scan::stat_rec(&md));
+                    batch.put_synced(&e);
+                }
+                Err(err) => {
+                    tracing::warn!(path = %e.path, error = %err, "cannot create directory");
+                    report.errors.push(format!("{}: {err:#}", e.path));
+                    dirty = true;
+                }
+            }
+        }
+        self.store.apply(batch)?;
+
+        if !files.is_empty() {
+            dirty |= self.fetch_files(files, scan, &expect, report).await?;
+        }
+
+        removes.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+        let mut batch = Batch::default();
+        for path in removes {
+            match remove_local(&self.root, &path, scan.tree.get(&path)) {
+                Ok(true) => {
+                    batch.del_synced(&path);
+                    batch.del_index(&path);
+                }
+                Ok(false) => dirty = true,
+                Err(err) => {
+                    tracing::warn!(%path, error = %err, "cannot remove");
+                    dirty = true;
+                }
+            }
+        }
+        self.store.apply(batch)?;
+
+        if !changes.is_empty() {
+            let mut batch = Batch::default();
+            for part in changes.chunks(COMMIT_CHANGES) {
+                let item = OutboxItem {
+                    commit_id: new_commit_id(),
+                    changes: part.to_vec(),
+                };
+                batch.put_outbox(self.store.next_outbox_id()?, &item);
+            }
+            self.store.apply(batch)?;
+            self.store.flush().await?;
+        }
+        Ok(dirty)
+    }
+
+    /// The change that commits the local state of `path`.
+    fn change(
+        &self,
+        path: &SyncPath,
+        local: Option<Node>,
+        base: Option<Seq>,
+        scan: &Scan,
+    ) -> anyhow::Result<Change> {
+        let rec = scan.tree.get(path);
+        Ok(match (local, rec) {
+            (Some(n), Some(rec)) if n.kind == EntryKind::File => Change {
+                path: path.clone(),
+                kind: EntryKind::File,
+                manifest: rec.manifest.clone(),
+                exec: n.exec,
+                mtime_ns: rec.mtime_ns,
+                deleted: false,
+                base,
+            },
+            (Some(_), rec) => Change {
+                path: path.clone(),
+                kind: EntryKind::Dir,
+                manifest: None,
+                exec: false,
+                mtime_ns: rec.map_or(0, |r| r.mtime_ns),
+                deleted: false,
+                base,
+            },
+            (None, _) => Change {
+                path: path.clone(),
+                kind: EntryKind::File,
+                manifest: None,
+                exec: false,
+                mtime_ns: 0,
+                deleted: true,
+                base,
+            },
+        })
+    }
+
+    /// Renames the local version of `path` to a conflicted-copy name next to it.
+    fn move_aside(&self, path: &SyncPath, scanned: Option<&IndexRec>) -> anyhow::Result<SyncPath> {
+        let local = path.to_local(&self.root);
+        let md = local.symlink_metadata()?;
+        if scanned.is_none_or(|r| !r.same_stat(&scan::stat_rec(&md))) {
+            anyhow::bail!("changed since the scan");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for n in 1..1000 {
+            let name = conflict_name(path.file_name(), &self.cfg.device_name, now, n);
+            let copy = path.with_file_name(&name)?;
+            let dest = copy.to_local(&self.root);
+            if dest.symlink_metadata().is_err() {
+                std::fs::rename(&local, &dest)?;
+                return Ok(copy);
+            }
+        }
+        anyhow::bail!("no free conflicted-copy name")
+    }
+
+    /// Fetches and installs files: small ones in groups (one fetch request, one sync for the
+    /// group), large ones streamed one by one.
+    async fn fetch_files(
+        &mut self,
+        mut files: Vec<Entry>,
+        scan: &Scan,
+        expect: &BTreeMap<SyncPath, Option<IndexRec>>,
+        report: &mut CycleReport,
+    ) -> anyhow::Result<bool> {
+        let mut dirty = false;
+        let mut sources = Sources::default();
+        for (p, rec) in &scan.tree {
+            if let Some(m) = &rec.manifest {
+                let file = p.to_local(&self.root);
+                for (offset, c) in transfer::offsets(m) {
+                    sources.local.entry(c.id).or_insert_with(|| LocalChunk {
+                        file: file.clone(),
+                        offset,
+                        len: c.len,
+                    });
+                }
+            }
+        }
+        files.sort_by_key(|e| e.size());
+        let split = files.partition_point(|e| e.size() <= SMALL_FILE);
+        let large = files.split_off(split);
+        let mut groups: Vec<Vec<Entry>> = Vec::new();
+        let mut bytes = 0;
+        for e in files {
+            if groups
+                .last()
+                .is_none_or(|g| g.len() >= GROUP_FILES || bytes + e.size() > GROUP_BYTES)
+            {
+                groups.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += e.size();
+            groups.last_mut().expect("a group was just pushed").push(e);
+        }
+        for g in large {
+            groups.push(vec![g]);
+        }
+        for group in groups {
+            let streamed = group.len() == 1 && group[0].size() > SMALL_FILE;
+            if !streamed {
+                let mut need: Vec<ChunkId> = Vec::new();
+                let mut seen = HashSet::new();
+                for e in &group {
+                    for c in e.manifest.iter().flat_map(|m| &m.chunks) {
+                        if !sources.has_local(&c.id) && seen.insert(c.id) {
+                            need.push(c.id);
+                        }
+                    }
+                }
+                for part in need.chunks(4096) {
+                    let fetched = &mut sources.fetched;
+                    self.client
+                        .fetch(part, |id, data| {
+                            fetched.insert(id, bytes::Bytes::copy_from_slice(data));
+                            Ok(())
+                        })
+                        .await
+                        .map_err(EngineError::Offline)?;
+                }
+            }
+            let mut ready = Vec::new();
+            for e in group {
+                let Some(m) = &e.manifest else { continue };
+                let tmp = self.tmp.join(format!("{}.part", crate::random_hex(8)));
+                let opts = AssembleOpts { exec: e.exec, mtime_ns: e.mtime_ns, fsync: streamed, progress: None };
+                match transfer::assemble(&self.client, &mut sources, m, &tmp, opts).await {
+                    Ok(st) => {
+                        report.bytes_downloaded += st.downloaded;
+                        report.bytes_reused_locally += st.local;
+                        self.counters
+                            .downloaded
+                            .fetch_add(st.downloaded, Ordering::Relaxed);
+                        ready.push((e, tmp));
+                    }
+                    Err(err) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        if let Some(ce) = err.downcast_ref::<ClientError>()
+                            && ce.is_retryable()
+                        {
+                            return Err(err);
+                        }
+                        tracing::warn!(path = %e.path, error = %err, "download failed");
+                        report.errors.push(format!("{}: {err:#}", e.path));
+                        dirty = true;
+                    }
+                }
+            }
+            sources.fetched.clear();
+            if !streamed {
+                sync_fs(&self.root)?;
+            }
+            let mut batch = Batch::default();
+            let mut parents = HashSet::new();
+            for (e, tmp) in ready {
+                let expected = expect.get(&e.path).cloned().flatten();
+                match install(&self.root, &e.path, &tmp, expected.as_ref()) {
+                    Ok(md) => {
+                        let mut rec = scan::stat_rec(&md);
+                        rec.manifest = e.manifest.clone();
+                        rec.hashed_ns = now_ns();
+                        batch.put_index(&e.path, &rec);
+                        batch.put_synced(&e);
+                        report.fetched_files += 1;
+                        parents.insert(e.path.to_local(&self.root).parent().map(Path::to_path_buf));
+                    }
+                    Err(err) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        tracing::info!(path = %e.path, reason = %err, "not installing a fetched file now");
+                        dirty = true;
+                    }
+                }
+            }
+            if streamed {
+                for dir in parents.into_iter().flatten() {
+                    if let Ok(d) = std::fs::File::open(&dir) {
+                        let _ = d.sync_all();
+                    }
+                }
+            } else {
+                sync_fs(&self.root)?;
+            }
+            self.store.apply(batch)?;
+        }
+        Ok(dirty)
+    }
+
+    /// Sends every outbox commit: uploads the chunks the coordinator is missing, then commits.
+    /// Returns `true` when an item was dropped (refused or its source changed) and the next cycle
+    /// must re-plan.
+    async fn drain_outbox(&mut self, report: &mut CycleReport) -> anyhow::Result<bool> {
+        let mut dirty = false;
+        for (id, item) in self.store.outbox()? {
+            let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
+                .changes
+                .iter()
+                .filter_map(|c| {
+                    c.manifest
+                        .as_ref()
+                        .map(|m| (c.path.to_local(&self.root), m.clone()))
+                })
+                .collect();
+            let mut ids: Vec<ChunkId> = files
+                .iter()
+                .flat_map(|(_, m)| m.chunks.iter().map(|c| c.id))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let missing: HashSet<ChunkId> = self
+                .client
+                .missing(&ids)
+                .await
+                .map_err(EngineError::Offline)?
+                .into_iter()
+                .collect();
+            match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded)
+                .await
+            {
+                Ok(n) => report.bytes_uploaded += n,
+                Err(UploadError::SourceChanged(p)) => {
+                    tracing::debug!(path = %p.display(), "file changed before upload; re-planning");
+                    self.drop_outbox(id)?;
+                    dirty = true;
+                    continue;
+                }
+                Err(UploadError::Client(e)) if e.is_retryable() => {
+                    return Err(EngineError::Offline(e).into());
+                }
+                Err(UploadError::Client(e)) => {
+                    report.errors.push(e.to_string());
+                    self.drop_outbox(id)?;
+                    dirty = true;
+                    continue;
+                }
+            }
+            let req = CommitRequest {
+                commit_id: item.commit_id,
+                changes: item.changes,
+            };
+            match self.client.commit(&req).await {
+                Ok(resp) => {
+                    let mut batch = Batch::default();
+                    batch.del_outbox(id);
+                    for e in &resp.entries {
+                        batch.put_remote(e);
+                        if e.deleted {
+                            batch.del_synced(&e.path);
+                        } else {
+                            batch.put_synced(e);
+                        }
+                    }
+                    self.store.apply(batch)?;
+                    self.store.flush().await?;
+                    report.committed_changes += resp.entries.len();
+                }
+                Err(e) if e.is_retryable() => return Err(EngineError::Offline(e).into()),
+                Err(e) => {
+                    if e.code() != Some(ErrorCode::StaleBase) {
+                        tracing::warn!(error = %e, "commit refused");
+                        report.errors.push(e.to_string());
+                    }
+                    self.drop_outbox(id)?;
+                    dirty = true;
+                    if e.code() == Some(ErrorCode::StaleBase) {
+                        self.pull().await.map_err(EngineError::Offline)?;
+                    }
+                }
+            }
+        }
+        Ok(dirty)
+    }
+
+    fn drop_outbox(&self, id: u64) -> anyhow::Result<()> {
+        let mut b = Batch::default();
+        b.del_outbox(id);
+        self.store.apply(b)
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn new_commit_id() -> CommitId {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    CommitId(b)
+}
+
+/// Flushes the file system holding `root` (data of every file written so far, and renames).
+fn sync_fs(root: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::open(root)?;
+    f.sync_all()?;
+    crate::syncfs(&f)?;
+    Ok(())
+}
+
+/// Creates the directories of `path` under `root`, refusing to pass through a symlink or a file.
+pub fn ensure_dir(root: &Path, path: &SyncPath) -> anyhow::Result<std::fs::Metadata> {
+    let mut cur = root.to_path_buf();
+    for comp in path.components() {
+        cur.push(comp);
+        match cur.symlink_metadata() {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => anyhow::bail!("{} exists and is not a directory", cur.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&cur).with_context(|| format!("creating {}", cur.display()))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(cur.symlink_metadata()?)
+}
+
+/// Renames a verified temp file over `path`, if the target still looks as it did when scanned
+/// (`expected`, or absent). Never writes through a symlinked directory.
+fn install(
+    root: &Path,
+    path: &SyncPath,
+    tmp: &Path,
+    expected: Option<&IndexRec>,
+) -> anyhow::Result<std::fs::Metadata> {
+    if let Some(parent) = path.parent() {
+        ensure_dir(root, &parent)?;
+    }
+    let target = path.to_local(root);
+    match (target.symlink_metadata(), expected) {
+        (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => {}
+        (Ok(md), Some(rec)) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => {}
+        _ => anyhow::bail!("the local file changed since the scan"),
+    }
+    std::fs::rename(tmp, &target)?;
+    Ok(target.symlink_metadata()?)
+}
+
+/// Removes the local `path` if it is unchanged since the scan. Directories go only when empty.
+fn remove_local(root: &Path, path: &SyncPath, scanned: Option<&IndexRec>) -> anyhow::Result<bool> {
+    let target = path.to_local(root);
+    let md = match target.symlink_metadata() {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e.into()),
+    };
+    if md.is_dir() {
+        return match std::fs::remove_dir(&target) {
+            Ok(()) => Ok(true),
+            Err(_) => Ok(false),
+        };
+    }
+    if scanned.is_none_or(|r| !r.same_stat(&scan::stat_rec(&md))) {
+        return Ok(false);
+    }
+    std::fs::remove_file(&target)?;
+    Ok(true)
+}
+
+/// `name (conflicted copy DEVICE YYYY-MM-DD HHMMSS).ext`, with ` N` before the `)` for n > 1.
+/// The time is UTC.
+pub fn conflict_name(name: &str, device: &str, unix_secs: u64, n: u32) -> String {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let device: String = device
+        .chars()
+        .filter(|c| !matches!(c, '/' | '\\' | '\0'))
+        .take(40)
+        .collect();
+    let suffix = if n > 1 {
+        format!(" {n}")
+    } else {
+        String::new()
+    };
+    let (date, (h, m, s)) = utc(unix_secs);
+    let stamp = format!("{date} {h:02}{m:02}{s:02}");
+    // Keep the result under the component limit by trimming the stem, never the marker.
+    let marker = format!(" (conflicted copy {device} {stamp}{suffix}){ext}");
+    let room = 255usize.saturating_sub(marker.len());
+    let mut cut = stem.len().min(room);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{marker}", &stem[..cut])
+}
+
+/// A Unix time as a UTC date (`YYYY-MM-DD`) and (hour, minute, second).
+pub fn utc(unix_secs: u64) -> (String, (u64, u64, u64)) {
+    let (y, mo, d) = civil_from_days((unix_secs / 86_400) as i64);
+    let s = unix_secs % 86_400;
+    (
+        format!("{y:04}-{mo:02}-{d:02}"),
+        (s / 3600, s / 60 % 60, s % 60),
+    )
+}
+
+/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names() {
+        // 2026-11-21 20:22:53 UTC
+        let t = 1_795_292_573;
+        assert_eq!(
+            conflict_name("report.pdf", "laptop", t, 1),
+            "report (conflicted copy laptop 2026-11-21 202253).pdf"
+        );
+        assert_eq!(
+            conflict_name(".bashrc", "d", t, 2),
+            ".bashrc (conflicted copy d 2026-11-21 202253 2)"
+        );
+        assert_eq!(
+            conflict_name("a.tar.gz", "d", 0, 1),
+            "a.tar (conflicted copy d 1970-01-01 000000).gz"
+        );
+        let long = conflict_name(&"é".repeat(120), "dev", t, 1);
+        assert!(long.len() <= 255 && SyncPath::parse(&long).is_ok());
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn ensure_dir_refuses_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        assert!(ensure_dir(dir.path(), &SyncPath::parse("link/x").unwrap()).is_err());
+        assert!(
+            ensure_dir(dir.path(), &SyncPath::parse("a/b").unwrap())
+                .unwrap()
+                .is_dir()
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+}

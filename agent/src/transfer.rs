@@ -1,0 +1,279 @@
+//! Moving chunk bytes: reading chunks back out of local files (for uploads, and as a download
+//! source that saves a transfer when another local file already holds the chunk), uploading
+//! missing chunks in framed batches, and assembling a file from its manifest into a temp file
+//! whose whole-file BLAKE3 is verified before anyone may rename it into place.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_protocol::api::encode_frame;
+use shoal_protocol::{ChunkId, ChunkRef, Manifest};
+
+use crate::client::{Client, ClientError};
+
+/// Bytes per upload request: large enough to amortize a round trip, small enough to hold a few
+/// in memory at once.
+const UPLOAD_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Upload requests in flight at once.
+const UPLOAD_PARALLEL: usize = 3;
+/// Chunks per fetch request when streaming a large file.
+const FETCH_WINDOW: usize = 128;
+
+/// Where a chunk sits in a local file.
+#[derive(Debug, Clone)]
+pub struct LocalChunk {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Chunk offsets of a manifest, in order.
+pub fn offsets(m: &Manifest) -> impl Iterator<Item = (u64, &ChunkRef)> {
+    m.chunks.iter().scan(0u64, |off, c| {
+        let at = *off;
+        *off += u64::from(c.len);
+        Some((at, c))
+    })
+}
+
+/// Reads `len` bytes at `offset` of `file` and returns them only if they hash to `id`.
+pub fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset).ok()?;
+    (ChunkId::of(&buf) == *id).then_some(buf)
+}
+
+/// Why an upload stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// A source file no longer holds the content its manifest names.
+    #[error("{0} changed since it was scanned")]
+    SourceChanged(PathBuf),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Uploads the chunks in `missing` that `files` (local path + manifest) hold, in framed batches
+/// with a few requests in flight. Returns the bytes sent.
+pub async fn upload_chunks(
+    client: &Client,
+    files: Vec<(PathBuf, Manifest)>,
+    missing: HashSet<ChunkId>,
+    sent_counter: &AtomicU64,
+) -> Result<u64, UploadError> {
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(UPLOAD_PARALLEL);
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), UploadError> {
+        let mut wanted = missing;
+        let mut body = Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000);
+        for (path, manifest) in &files {
+            if !manifest.chunks.iter().any(|c| wanted.contains(&c.id)) {
+                continue;
+            }
+            let f =
+                std::fs::File::open(path).map_err(|_| UploadError::SourceChanged(path.clone()))?;
+            for (off, c) in offsets(manifest) {
+                if !wanted.remove(&c.id) {
+                    continue;
+                }
+                let data = read_chunk(&f, off, c.len, &c.id)
+                    .ok_or_else(|| UploadError::SourceChanged(path.clone()))?;
+                encode_frame(&mut body, &c.id, &data);
+                if body.len() >= UPLOAD_BATCH_BYTES {
+                    let full = std::mem::replace(
+                        &mut body,
+                        Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000),
+                    );
+                    if tx.blocking_send(full).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if !body.is_empty() {
+            let _ = tx.blocking_send(body);
+        }
+        Ok(())
+    });
+    // Boxed so that dropping it on failure really drops the receiver and unblocks the reader.
+    let mut uploads = Box::pin(tokio_stream_from(rx)
+        .map(|body| async move {
+            let n = body.len() as u64;
+            client.upload_frames(body).await.map(|_| n)
+        })
+        .buffer_unordered(UPLOAD_PARALLEL));
+    let mut total = 0u64;
+    let mut failure = None;
+    while let Some(r) = uploads.next().await {
+        match r {
+            Ok(n) => {
+                total += n;
+                sent_counter.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    drop(uploads);
+    let read = reader
+        .await
+        .context("chunk reader panicked")
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    read?;
+    Ok(total)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Sources for assembling files: chunks other local files hold, and chunks already fetched.
+#[derive(Default)]
+pub struct Sources {
+    pub local: HashMap<ChunkId, LocalChunk>,
+    pub fetched: HashMap<ChunkId, Bytes>,
+    open: HashMap<PathBuf, std::fs::File>,
+    /// Chunks whose local copy turned out stale, so the origin is asked instead.
+    stale: HashSet<ChunkId>,
+}
+
+impl Sources {
+    pub fn has_local(&self, id: &ChunkId) -> bool {
+        self.fetched.contains_key(id) || (self.local.contains_key(id) && !self.stale.contains(id))
+    }
+
+    /// The chunk from a local source, verified, or `None`.
+    fn take_local(&mut self, c: &ChunkRef) -> Option<Vec<u8>> {
+        if let Some(b) = self.fetched.get(&c.id) {
+            return Some(b.to_vec());
+        }
+        if self.stale.contains(&c.id) {
+            return None;
+        }
+        let loc = self.local.get(&c.id)?.clone();
+        if !self.open.contains_key(&loc.file) {
+            if self.open.len() > 64 {
+                self.open.clear();
+            }
+            match std::fs::File::open(&loc.file) {
+                Ok(f) => {
+                    self.open.insert(loc.file.clone(), f);
+                }
+                Err(_) => {
+                    self.stale.insert(c.id);
+                    return None;
+                }
+            }
+        }
+        let f = self.open.get(&loc.file)?;
+        let data = read_chunk(f, loc.offset, loc.len, &c.id);
+        if data.is_none() {
+            self.stale.insert(c.id);
+        }
+        data
+    }
+}
+
+/// How to finish an assembled file.
+pub struct AssembleOpts<'a> {
+    pub exec: bool,
+    pub mtime_ns: i64,
+    /// Sync the file's data before returning (callers that sync a whole batch at once pass false).
+    pub fsync: bool,
+    /// Counts bytes written, for progress bars.
+    pub progress: Option<&'a AtomicU64>,
+}
+
+/// Totals of an assembly.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Assembled {
+    pub downloaded: u64,
+    pub local: u64,
+}
+
+/// Writes the file `manifest` describes to `tmp`: chunks from local sources where possible, the
+/// rest fetched from the coordinator in windows. Verifies the whole-file hash, sets the exec bit
+/// and mtime, and syncs the data when `fsync` is set. Never touches the destination.
+pub async fn assemble(
+    client: &Client,
+    sources: &mut Sources,
+    manifest: &Manifest,
+    tmp: &Path,
+    opts: AssembleOpts<'_>,
+) -> anyhow::Result<Assembled> {
+    let AssembleOpts { exec, mtime_ns, fsync, progress } = opts;
+    let tick = |n: usize| {
+        if let Some(p) = progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+    let mut f =
+        std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut stats = Assembled::default();
+    let mut i = 0;
+    let chunks = &manifest.chunks;
+    while i < chunks.len() {
+        if let Some(data) = sources.take_local(&chunks[i]) {
+            f.write_all(&data)?;
+            hasher.update(&data);
+            stats.local += data.len() as u64;
+            tick(data.len());
+            i += 1;
+            continue;
+        }
+        let mut ids = Vec::new();
+        let mut j = i;
+        while j < chunks.len()
+            && ids.len() < FETCH_WINDOW
+            && (j == i || !sources.has_local(&chunks[j].id))
+        {
+            ids.push(chunks[j].id);
+            j += 1;
+        }
+        client
+            .fetch(&ids, |_, data| {
+                f.write_all(data).map_err(|e| e.to_string())?;
+                hasher.update(data);
+                stats.downloaded += data.len() as u64;
+                tick(data.len());
+                Ok(())
+            })
+            .await?;
+        i = j;
+    }
+    if ChunkId::from(hasher.finalize()) != manifest.hash {
+        anyhow::bail!("assembled file does not match its manifest hash");
+    }
+    let mode = if exec { 0o755 } else { 0o644 };
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.set_modified(system_time(mtime_ns))?;
+    if fsync {
+        f.sync_all()?;
+    }
+    Ok(stats)
+}
+
+pub fn system_time(ns: i64) -> std::time::SystemTime {
+    let d = std::time::Duration::from_nanos(ns.unsigned_abs());
+    if ns >= 0 {
+        std::time::UNIX_EPOCH + d
+    } else {
+        std::time::UNIX_EPOCH - d
+    }
+}
