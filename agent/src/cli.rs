@@ -19,11 +19,7 @@ use crate::oneshot::{self, EntryJson};
 use crate::progress::Progress;
 
 #[derive(Parser)]
-#[command(
-    name = "shoal",
-    version,
-    about = "Keep a folder identical on all your devices"
-)]
+#[command(name = "shoal", version, about = "Keep a folder identical on all your devices")]
 pub struct Cli {
     /// Where this device's config and state live (default: $SHOAL_HOME, else the platform data dir).
     #[arg(long, global = true, env = "SHOAL_HOME")]
@@ -120,11 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = config::resolve_home(cli.home.clone())?;
     let quiet = cli.quiet || !std::io::stdout().is_terminal();
     match cli.cmd {
-        Cmd::Init {
-            invite,
-            dir,
-            device,
-        } => init(&home, &invite, &dir, device).await,
+        Cmd::Init { invite, dir, device } => init(&home, &invite, &dir, device).await,
         Cmd::Run => {
             let cfg = Config::load(&home)?;
             let cancel = CancellationToken::new();
@@ -134,31 +126,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Sync { once } => {
             if !once {
-                anyhow::bail!(
-                    "use `shoal sync --once` for one reconciliation, or `shoal run` to keep syncing"
-                );
+                anyhow::bail!("use `shoal sync --once` for one reconciliation, or `shoal run` to keep syncing");
             }
             sync_once(&home, quiet).await
         }
         Cmd::Status { json } => status(&home, json),
         Cmd::Ls { path, at, json } => {
             let client = Client::new(&Config::load(&home)?)?;
-            let prefix = path
-                .as_deref()
-                .filter(|p| !p.is_empty() && *p != "/")
-                .map(oneshot::parse_remote)
-                .transpose()?;
+            let prefix =
+                path.as_deref().filter(|p| !p.is_empty() && *p != "/").map(oneshot::parse_remote).transpose()?;
             let entries = oneshot::ls(&client, prefix.as_ref(), at).await?;
             if json {
                 let v: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in &entries {
-                    let kind = if e.kind == shoal_protocol::EntryKind::Dir {
-                        "dir "
-                    } else {
-                        "file"
-                    };
+                    let kind = if e.kind == shoal_protocol::EntryKind::Dir { "dir " } else { "file" };
                     println!("{kind} {:>12} v{:<6} {}", e.size(), e.version, e.path);
                 }
             }
@@ -175,15 +158,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{path}: no versions");
             } else {
                 for e in &entries {
-                    let what = if e.deleted {
-                        "deleted".to_string()
-                    } else {
-                        format!("{} bytes", e.size())
-                    };
-                    let hash = e
-                        .hash()
-                        .map(|h| h.to_string()[..16].to_string())
-                        .unwrap_or_default();
+                    let what = if e.deleted { "deleted".to_string() } else { format!("{} bytes", e.size()) };
+                    let hash = e.hash().map(|h| h.to_string()[..16].to_string()).unwrap_or_default();
                     println!(
                         "v{:<6} {:<16} {hash:16} device {} at {}",
                         e.version,
@@ -195,28 +171,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Get {
-            remote,
-            local,
-            version,
-        } => {
+        Cmd::Get { remote, local, version } => {
             let client = Client::new(&Config::load(&home)?)?;
-            let e = oneshot::get(
-                &client,
-                &oneshot::parse_remote(&remote)?,
-                version,
-                &local,
-                quiet,
-            )
-            .await?;
+            let e = oneshot::get(&client, &oneshot::parse_remote(&remote)?, version, &local, quiet).await?;
             if !quiet {
-                println!(
-                    "{} v{} -> {} ({} bytes)",
-                    e.path,
-                    e.version,
-                    local.display(),
-                    e.size()
-                );
+                println!("{} v{} -> {} ({} bytes)", e.path, e.version, local.display(), e.size());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -224,13 +183,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::new(&Config::load(&home)?)?;
             let e = oneshot::put(&client, &local, &oneshot::parse_remote(&remote)?, quiet).await?;
             if !quiet {
-                println!(
-                    "{} -> {} v{} ({} bytes)",
-                    local.display(),
-                    e.path,
-                    e.version,
-                    e.size()
-                );
+                println!("{} -> {} v{} ({} bytes)", local.display(), e.path, e.version, e.size());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -246,12 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = Config::load(&home)?;
             let client = Client::new(&cfg)?;
             if let Some(id) = revoke {
-                let d = client
-                    .revoke(
-                        id.parse()
-                            .map_err(|e| anyhow::anyhow!("bad device id {id:?}: {e}"))?,
-                    )
-                    .await?;
+                let d = client.revoke(id.parse().map_err(|e| anyhow::anyhow!("bad device id {id:?}: {e}"))?).await?;
                 println!("revoked {} ({})", d.name, d.id);
                 return Ok(ExitCode::SUCCESS);
             }
@@ -260,11 +208,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
                 for d in &devices {
-                    let me = if d.id == cfg.device_id {
-                        " (this device)"
-                    } else {
-                        ""
-                    };
+                    let me = if d.id == cfg.device_id { " (this device)" } else { "" };
                     let rev = if d.revoked { " [revoked]" } else { "" };
                     println!(
                         "{} {:<24} cursor {:<8} last seen {}{me}{rev}",
@@ -285,17 +229,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Enrolls a device: redeems the invite, creates the folder and its marker, writes the config.
-pub async fn init(
-    home: &Path,
-    invite: &str,
-    dir: &Path,
-    device: Option<String>,
-) -> anyhow::Result<ExitCode> {
+pub async fn init(home: &Path, invite: &str, dir: &Path, device: Option<String>) -> anyhow::Result<ExitCode> {
     if Config::path(home).exists() {
-        anyhow::bail!(
-            "{} already holds a configured device; use another --home",
-            home.display()
-        );
+        anyhow::bail!("{} already holds a configured device; use another --home", home.display());
     }
     let invite: Invite = invite.parse()?;
     let device_name = device.unwrap_or_else(default_device_name);
@@ -308,9 +244,7 @@ pub async fn init(
         })
         .await?;
     engine::init_root(dir)?;
-    let root = dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", dir.display()))?;
+    let root = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
     let cfg = Config {
         server: invite.addr,
         fingerprint: invite.fingerprint,
@@ -323,10 +257,7 @@ pub async fn init(
         debounce: std::time::Duration::from_millis(50),
     };
     cfg.save(home)?;
-    println!(
-        "enrolled device {:?} ({}) for user {}",
-        cfg.device_name, cfg.device_id, cfg.user
-    );
+    println!("enrolled device {:?} ({}) for user {}", cfg.device_name, cfg.device_id, cfg.user);
     println!("sync folder: {}", root.display());
     println!("start syncing with: shoal run");
     Ok(ExitCode::SUCCESS)
@@ -345,10 +276,7 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
         total.fetched_files += r.fetched_files;
         total.committed_changes += r.committed_changes;
         total.conflicts += r.conflicts;
-        spinner.set_message(format!(
-            "syncing: {} up, {} down",
-            r.committed_changes, r.fetched_files
-        ));
+        spinner.set_message(format!("syncing: {} up, {} down", r.committed_changes, r.fetched_files));
         if r.in_sync {
             spinner.finish();
             engine.store().flush().await?;
@@ -381,8 +309,7 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
 fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(home)?;
     let mut st = Status::load(home).unwrap_or_default();
-    let running =
-        st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists();
+    let running = st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists();
     if !running && st.state != "stopped" && !st.state.is_empty() {
         st.state = "stopped".into();
     }
@@ -400,28 +327,11 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
         if let Some(r) = &cfg.root {
             println!("folder:  {}", r.display());
         }
-        println!(
-            "daemon:  {}",
-            if running {
-                "running"
-            } else {
-                "not running (start it with `shoal run`)"
-            }
-        );
-        let state = if st.state.is_empty() {
-            "never synced"
-        } else {
-            st.state.as_str()
-        };
-        println!(
-            "state:   {state}{}",
-            if st.in_sync { " (in sync)" } else { "" }
-        );
+        println!("daemon:  {}", if running { "running" } else { "not running (start it with `shoal run`)" });
+        let state = if st.state.is_empty() { "never synced" } else { st.state.as_str() };
+        println!("state:   {state}{}", if st.in_sync { " (in sync)" } else { "" });
         println!("cursor:  {}", st.cursor);
-        println!(
-            "pending: {} uploads, {} downloads",
-            st.pending_uploads, st.pending_downloads
-        );
+        println!("pending: {} uploads, {} downloads", st.pending_uploads, st.pending_downloads);
         if st.last_sync_ms > 0 {
             println!("last in sync: {}", fmt_time(st.last_sync_ms));
         }

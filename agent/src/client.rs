@@ -22,10 +22,7 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the coordinator at {addr}: {source}")]
-    Network {
-        addr: String,
-        source: reqwest::Error,
-    },
+    Network { addr: String, source: reqwest::Error },
     #[error("coordinator refused the request ({code:?}): {message}", code = .0.code, message = .0.message)]
     Api(ErrorBody),
     #[error("unexpected reply from the coordinator: {0}")]
@@ -74,9 +71,7 @@ impl ServerCertVerifier for Pinned {
         if ChunkId::of(end_entity.as_ref()) == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(
-                "the coordinator's certificate does not match the pinned fingerprint".into(),
-            ))
+            Err(rustls::Error::General("the coordinator's certificate does not match the pinned fingerprint".into()))
         }
     }
 
@@ -86,12 +81,7 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -100,27 +90,17 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 fn tls_config(fingerprint: ChunkId) -> anyhow::Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(Pinned {
-        fingerprint,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(Pinned { fingerprint, provider: provider.clone() });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -150,13 +130,7 @@ impl Client {
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
-        Ok(Client {
-            http,
-            addr: addr.to_string(),
-            base: format!("https://{addr}"),
-            token: None,
-            tls: Arc::new(tls),
-        })
+        Ok(Client { http, addr: addr.to_string(), base: format!("https://{addr}"), token: None, tls: Arc::new(tls) })
     }
 
     pub fn new(cfg: &Config) -> anyhow::Result<Self> {
@@ -169,6 +143,17 @@ impl Client {
         &self.addr
     }
 
+    /// A raw authenticated request to `path` (for tools and tests that need the bare API).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.req(method, path)
+    }
+
+    /// The coordinator's Prometheus metrics text.
+    pub async fn metrics(&self) -> ClientResult<String> {
+        let resp = self.send(self.req(reqwest::Method::GET, "/metrics")).await?;
+        resp.text().await.map_err(|e| self.net(e))
+    }
+
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {
@@ -178,10 +163,7 @@ impl Client {
     }
 
     fn net(&self, source: reqwest::Error) -> ClientError {
-        ClientError::Network {
-            addr: self.addr.clone(),
-            source,
-        }
+        ClientError::Network { addr: self.addr.clone(), source }
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> ClientResult<reqwest::Response> {
@@ -193,9 +175,7 @@ impl Client {
         let body = resp.bytes().await.map_err(|e| self.net(e))?;
         match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(b) => Err(ClientError::Api(b)),
-            Err(_) => Err(ClientError::Protocol(format!(
-                "HTTP {status} without an error body"
-            ))),
+            Err(_) => Err(ClientError::Protocol(format!("HTTP {status} without an error body"))),
         }
     }
 
@@ -205,22 +185,12 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("bad JSON: {e}")))
     }
 
-    async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> ClientResult<T> {
-        self.json(self.req(reqwest::Method::POST, path).json(body))
-            .await
+    async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> ClientResult<T> {
+        self.json(self.req(reqwest::Method::POST, path).json(body)).await
     }
 
-    async fn get<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        query: &[(&str, String)],
-    ) -> ClientResult<T> {
-        self.json(self.req(reqwest::Method::GET, path).query(query))
-            .await
+    async fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> ClientResult<T> {
+        self.json(self.req(reqwest::Method::GET, path).query(query)).await
     }
 
     pub async fn enroll(&self, req: &EnrollRequest) -> ClientResult<EnrollResponse> {
@@ -228,29 +198,18 @@ impl Client {
     }
 
     pub async fn devices(&self) -> ClientResult<Vec<DeviceInfo>> {
-        Ok(self
-            .get::<DevicesResponse>("/v1/devices", &[])
-            .await?
-            .devices)
+        Ok(self.get::<DevicesResponse>("/v1/devices", &[]).await?.devices)
     }
 
     pub async fn revoke(&self, id: DeviceId) -> ClientResult<DeviceInfo> {
-        self.post(&format!("/v1/devices/{id}/revoke"), &serde_json::json!({}))
-            .await
+        self.post(&format!("/v1/devices/{id}/revoke"), &serde_json::json!({})).await
     }
 
     /// The chunks among `ids` the coordinator still needs from this user.
     pub async fn missing(&self, ids: &[ChunkId]) -> ClientResult<Vec<ChunkId>> {
         let mut out = Vec::new();
         for part in ids.chunks(MAX_CHUNK_IDS) {
-            let r: MissingResponse = self
-                .post(
-                    "/v1/chunks/missing",
-                    &ChunkList {
-                        chunks: part.to_vec(),
-                    },
-                )
-                .await?;
+            let r: MissingResponse = self.post("/v1/chunks/missing", &ChunkList { chunks: part.to_vec() }).await?;
             out.extend(r.missing);
         }
         Ok(out)
@@ -258,9 +217,7 @@ impl Client {
 
     /// Uploads a body of frames (see `shoal_protocol::api::encode_frame`).
     pub async fn upload_frames(&self, body: Vec<u8>) -> ClientResult<u64> {
-        let r: UploadResponse = self
-            .json(self.req(reqwest::Method::POST, "/v1/chunks").body(body))
-            .await?;
+        let r: UploadResponse = self.json(self.req(reqwest::Method::POST, "/v1/chunks").body(body)).await?;
         Ok(r.stored)
     }
 
@@ -271,25 +228,18 @@ impl Client {
         F: FnMut(ChunkId, &[u8]) -> Result<(), String>,
     {
         let resp = self
-            .send(
-                self.req(reqwest::Method::POST, "/v1/chunks/fetch")
-                    .json(&ChunkList {
-                        chunks: ids.to_vec(),
-                    }),
-            )
+            .send(self.req(reqwest::Method::POST, "/v1/chunks/fetch").json(&ChunkList { chunks: ids.to_vec() }))
             .await?;
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let mut next = 0usize;
         loop {
             let mut used = 0;
-            while let Some((id, data, n)) = decode_frame(&buf[used..], CHUNK_PARAMS.max as u32)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
+            while let Some((id, data, n)) =
+                decode_frame(&buf[used..], CHUNK_PARAMS.max as u32).map_err(|e| ClientError::Protocol(e.to_string()))?
             {
                 if ids.get(next) != Some(&id) || ChunkId::of(data) != id {
-                    return Err(ClientError::Protocol(format!(
-                        "coordinator sent wrong bytes for chunk {id}"
-                    )));
+                    return Err(ClientError::Protocol(format!("coordinator sent wrong bytes for chunk {id}")));
                 }
                 each(id, data).map_err(ClientError::Protocol)?;
                 next += 1;
@@ -303,23 +253,16 @@ impl Client {
             }
         }
         if next != ids.len() || !buf.is_empty() {
-            return Err(ClientError::Protocol(format!(
-                "chunk stream ended after {next} of {} chunks",
-                ids.len()
-            )));
+            return Err(ClientError::Protocol(format!("chunk stream ended after {next} of {} chunks", ids.len())));
         }
         Ok(())
     }
 
     pub async fn fetch_one(&self, id: ChunkId) -> ClientResult<Bytes> {
-        let resp = self
-            .send(self.req(reqwest::Method::GET, &format!("/v1/chunks/{id}")))
-            .await?;
+        let resp = self.send(self.req(reqwest::Method::GET, &format!("/v1/chunks/{id}"))).await?;
         let b = resp.bytes().await.map_err(|e| self.net(e))?;
         if ChunkId::of(&b) != id {
-            return Err(ClientError::Protocol(format!(
-                "coordinator sent wrong bytes for chunk {id}"
-            )));
+            return Err(ClientError::Protocol(format!("coordinator sent wrong bytes for chunk {id}")));
         }
         Ok(b)
     }
@@ -328,17 +271,8 @@ impl Client {
         self.post("/v1/commit", req).await
     }
 
-    pub async fn changes(
-        &self,
-        since: Seq,
-        limit: usize,
-        wait: Duration,
-    ) -> ClientResult<ChangesResponse> {
-        let q = [
-            ("since", since.to_string()),
-            ("limit", limit.to_string()),
-            ("wait", wait.as_secs().to_string()),
-        ];
+    pub async fn changes(&self, since: Seq, limit: usize, wait: Duration) -> ClientResult<ChangesResponse> {
+        let q = [("since", since.to_string()), ("limit", limit.to_string()), ("wait", wait.as_secs().to_string())];
         self.get("/v1/changes", &q).await
     }
 
@@ -364,10 +298,7 @@ impl Client {
     }
 
     pub async fn history(&self, path: &SyncPath) -> ClientResult<Vec<Entry>> {
-        Ok(self
-            .get::<HistoryResponse>("/v1/history", &[("path", path.to_string())])
-            .await?
-            .entries)
+        Ok(self.get::<HistoryResponse>("/v1/history", &[("path", path.to_string())]).await?.entries)
     }
 
     pub async fn report_cursor(&self, seq: Seq) -> ClientResult<()> {
@@ -380,38 +311,21 @@ impl Client {
     pub async fn subscribe(&self) -> ClientResult<Subscription> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let err = |e: &dyn std::fmt::Display| ClientError::Subscribe(e.to_string());
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(&self.addr),
-        )
-        .await
-        .map_err(|e| err(&e))?
-        .map_err(|e| err(&e))?;
-        let _ = tcp.set_nodelay(true);
-        let host = self
-            .addr
-            .rsplit_once(':')
-            .map_or(self.addr.as_str(), |(h, _)| h);
-        let name =
-            ServerName::try_from(host.trim_matches(['[', ']']).to_string()).unwrap_or_else(|_| {
-                ServerName::try_from("shoal-coordinator").expect("a valid DNS name")
-            });
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
+        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&self.addr))
             .await
+            .map_err(|e| err(&e))?
             .map_err(|e| err(&e))?;
-        let mut req = format!("wss://{}/v1/subscribe", self.addr)
-            .into_client_request()
-            .map_err(|e| err(&e))?;
+        let _ = tcp.set_nodelay(true);
+        let host = self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h);
+        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+            .unwrap_or_else(|_| ServerName::try_from("shoal-coordinator").expect("a valid DNS name"));
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| err(&e))?;
+        let mut req = format!("wss://{}/v1/subscribe", self.addr).into_client_request().map_err(|e| err(&e))?;
         if let Some(t) = &self.token {
-            let v = format!("Bearer {t}")
-                .parse()
-                .map_err(|_| ClientError::Subscribe("bad token".into()))?;
+            let v = format!("Bearer {t}").parse().map_err(|_| ClientError::Subscribe("bad token".into()))?;
             req.headers_mut().insert("authorization", v);
         }
-        let (ws, _) = tokio_tungstenite::client_async(req, tls)
-            .await
-            .map_err(|e| err(&e))?;
+        let (ws, _) = tokio_tungstenite::client_async(req, tls).await.map_err(|e| err(&e))?;
         Ok(Subscription { ws })
     }
 }

@@ -48,10 +48,7 @@ impl Config {
     pub fn load(home: &Path) -> anyhow::Result<Config> {
         let path = Self::path(home);
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "no device configured at {} (run `shoal init --invite ... --dir ...` first)",
-                path.display()
-            )
+            format!("no device configured at {} (run `shoal init --invite ... --dir ...` first)", path.display())
         })?;
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
@@ -62,12 +59,7 @@ impl Config {
         std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
         let path = Self::path(home);
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(toml::to_string_pretty(self)?.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
@@ -76,9 +68,7 @@ impl Config {
 
     /// The sync root, or an error saying how to get one.
     pub fn root(&self) -> anyhow::Result<&Path> {
-        self.root
-            .as_deref()
-            .context("this device has no sync folder; run `shoal init` with --dir")
+        self.root.as_deref().context("this device has no sync folder; run `shoal init` with --dir")
     }
 }
 
@@ -100,18 +90,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 30s, 10m"))?;
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 30s, 10m"))?;
     let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
         u => {
-            return Err(format!(
-                "bad duration unit {u:?} in {s:?}: use ms, s, m or h"
-            ));
+            return Err(format!("bad duration unit {u:?} in {s:?}: use ms, s, m or h"));
         }
     };
     Ok(d)

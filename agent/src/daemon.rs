@@ -53,9 +53,7 @@ impl Status {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why the loop woke up.
@@ -73,16 +71,9 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
     let _watcher = watch(&root, debounce, tx.clone())?;
-    let subscriber = tokio::spawn(subscribe(
-        engine.client().clone(),
-        tx.clone(),
-        cancel.clone(),
-    ));
+    let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
     let _abort = AbortOnDrop(subscriber);
-    let mut status = Status {
-        pid: std::process::id(),
-        ..Status::default()
-    };
+    let mut status = Status { pid: std::process::id(), ..Status::default() };
     let mut backoff = Duration::from_millis(250);
     let mut next_rescan = tokio::time::Instant::now() + rescan_every;
     tracing::info!(root = %root.display(), "syncing");
@@ -154,18 +145,12 @@ fn update_status(s: &mut Status, r: &CycleReport) {
     s.in_sync = r.in_sync;
     s.cursor = r.cursor;
     s.pending_uploads = r.pending_uploads;
-    s.pending_downloads = r
-        .planned
-        .saturating_sub(r.fetched_files + r.committed_changes);
+    s.pending_downloads = r.planned.saturating_sub(r.fetched_files + r.committed_changes);
     s.skipped = r.skipped.clone();
     if r.in_sync {
         s.last_sync_ms = now_ms();
     }
-    s.last_error = r
-        .errors
-        .last()
-        .cloned()
-        .or(if r.in_sync { None } else { s.last_error.take() });
+    s.last_error = r.errors.last().cloned().or(if r.in_sync { None } else { s.last_error.take() });
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -182,19 +167,13 @@ fn watch(
     root: &Path,
     debounce: Duration,
     tx: mpsc::Sender<Hint>,
-) -> anyhow::Result<
-    notify_debouncer_full::Debouncer<
-        notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-> {
+) -> anyhow::Result<notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>>
+{
     let reserved = root.join(RESERVED_DIR);
     let mut debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| match res {
         Ok(events) => {
             let rescan = events.iter().any(|e| e.need_rescan());
-            let relevant = events
-                .iter()
-                .any(|e| e.paths.iter().any(|p| !p.starts_with(&reserved)));
+            let relevant = events.iter().any(|e| e.paths.iter().any(|p| !p.starts_with(&reserved)));
             if rescan || relevant {
                 let _ = tx.try_send(Hint::Local { rescan });
             }
@@ -211,11 +190,7 @@ fn watch(
 }
 
 /// Holds the push subscription open, reconnecting with backoff; forwards head moves as hints.
-async fn subscribe(
-    client: crate::client::Client,
-    tx: mpsc::Sender<Hint>,
-    cancel: CancellationToken,
-) {
+async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(250);
     loop {
         if cancel.is_cancelled() {

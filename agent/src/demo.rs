@@ -17,12 +17,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         .and_then(|b| serde_json::from_slice::<shoal_coordinator::ServerInfo>(&b).ok())
         .and_then(|i| i.addr.parse().ok())
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let server = shoal_coordinator::start(shoal_coordinator::ServeOptions {
-        data,
-        listen,
-        public_addr: None,
-    })
-    .await?;
+    let server = shoal_coordinator::start(shoal_coordinator::ServeOptions { data, listen, public_addr: None }).await?;
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     for name in ["laptop", "desktop"] {
@@ -32,31 +27,15 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
                 Ok(i) => i,
                 Err(_) => server.invite("demo", false)?,
             };
-            crate::cli::init(
-                &home,
-                &invite.to_string(),
-                &dir.join(name),
-                Some(name.to_string()),
-            )
-            .await?;
+            crate::cli::init(&home, &invite.to_string(), &dir.join(name), Some(name.to_string())).await?;
         }
         let cfg = Config::load(&home)?;
         let cancel = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            crate::daemon::run(&home, cfg, cancel).await
-        }));
+        tasks.push(tokio::spawn(async move { crate::daemon::run(&home, cfg, cancel).await }));
     }
     println!();
-    println!(
-        "Shoal demo: coordinator on {} (data in {}/.state)",
-        server.addr,
-        dir.display()
-    );
-    println!(
-        "  {}/laptop and {}/desktop are kept identical.",
-        dir.display(),
-        dir.display()
-    );
+    println!("Shoal demo: coordinator on {} (data in {}/.state)", server.addr, dir.display());
+    println!("  {}/laptop and {}/desktop are kept identical.", dir.display(), dir.display());
     println!("  Drop, edit, rename or delete files in either; press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     cancel.cancel();

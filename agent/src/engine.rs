@@ -91,15 +91,7 @@ impl Engine {
         let store = Store::open(&home.join("db"))?;
         let client = Client::new(&cfg)?;
         let tmp = root.join(RESERVED_DIR).join("tmp");
-        let engine = Engine {
-            cfg,
-            root,
-            tmp,
-            store,
-            client,
-            counters: Arc::default(),
-            reported_cursor: 0,
-        };
+        let engine = Engine { cfg, root, tmp, store, client, counters: Arc::default(), reported_cursor: 0 };
         engine.check_marker()?;
         // Leftovers of an interrupted download were never visible under a real name: drop them.
         if let Ok(rd) = std::fs::read_dir(&engine.tmp) {
@@ -149,18 +141,8 @@ impl Engine {
         report.skipped = scan.skipped.clone();
 
         let keep = |p: &SyncPath, e: &Entry| !ignore.is_ignored(p, e.kind == EntryKind::Dir);
-        let remote: BTreeMap<SyncPath, Entry> = self
-            .store
-            .remote()?
-            .into_iter()
-            .filter(|(p, e)| keep(p, e))
-            .collect();
-        let synced: BTreeMap<SyncPath, Entry> = self
-            .store
-            .synced()?
-            .into_iter()
-            .filter(|(p, e)| keep(p, e))
-            .collect();
+        let remote: BTreeMap<SyncPath, Entry> = self.store.remote()?.into_iter().filter(|(p, e)| keep(p, e)).collect();
+        let synced: BTreeMap<SyncPath, Entry> = self.store.synced()?.into_iter().filter(|(p, e)| keep(p, e)).collect();
         let local = scan.nodes();
         let mut pending: HashSet<SyncPath> = HashSet::new();
         for (_, item) in self.store.outbox()? {
@@ -168,37 +150,20 @@ impl Engine {
         }
         for b in &scan.busy {
             for tree in [&remote, &synced] {
-                pending.extend(
-                    tree.range(b.clone()..)
-                        .take_while(|(p, _)| p.starts_with(b))
-                        .map(|(p, _)| p.clone()),
-                );
+                pending.extend(tree.range(b.clone()..).take_while(|(p, _)| p.starts_with(b)).map(|(p, _)| p.clone()));
             }
         }
-        let ops = planner::plan(&planner::Trees {
-            remote: &remote,
-            local: &local,
-            synced: &synced,
-            pending: &pending,
-        });
+        let ops = planner::plan(&planner::Trees { remote: &remote, local: &local, synced: &synced, pending: &pending });
         report.planned = ops.len();
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), "applying plan");
             dirty |= self.execute(ops, &scan, &mut report).await?;
             dirty |= self.drain_outbox(&mut report).await?;
         }
-        report.pending_uploads = self
-            .store
-            .outbox()?
-            .iter()
-            .map(|(_, i)| i.changes.len())
-            .sum();
+        report.pending_uploads = self.store.outbox()?.iter().map(|(_, i)| i.changes.len()).sum();
         report.cursor = self.store.cursor()?;
-        report.in_sync =
-            report.planned == 0 && !dirty && report.pending_uploads == 0 && scan.unstable == 0;
-        if report.cursor != self.reported_cursor
-            && self.client.report_cursor(report.cursor).await.is_ok()
-        {
+        report.in_sync = report.planned == 0 && !dirty && report.pending_uploads == 0 && scan.unstable == 0;
+        if report.cursor != self.reported_cursor && self.client.report_cursor(report.cursor).await.is_ok() {
             self.reported_cursor = report.cursor;
         }
         Ok(report)
@@ -206,15 +171,9 @@ impl Engine {
 
     /// Reads the journal from the durable cursor into the remote tree, page by page.
     async fn pull(&mut self) -> Result<(), ClientError> {
-        let mut cursor = self
-            .store
-            .cursor()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut cursor = self.store.cursor().map_err(|e| ClientError::Protocol(e.to_string()))?;
         loop {
-            let page = self
-                .client
-                .changes(cursor, 1000, std::time::Duration::ZERO)
-                .await?;
+            let page = self.client.changes(cursor, 1000, std::time::Duration::ZERO).await?;
             if page.entries.is_empty() {
                 return Ok(());
             }
@@ -223,9 +182,7 @@ impl Engine {
                 batch.put_remote(e);
             }
             batch.set_cursor(page.next);
-            self.store
-                .apply(batch)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            self.store.apply(batch).map_err(|e| ClientError::Protocol(e.to_string()))?;
             cursor = page.next;
             if cursor >= page.head {
                 return Ok(());
@@ -249,16 +206,11 @@ impl Engine {
     }
 
     /// Applies a plan. Returns `true` when something was skipped or moved and another cycle is due.
-    async fn execute(
-        &mut self,
-        ops: Vec<Op>,
-        scan: &Scan,
-        report: &mut CycleReport,
-    ) -> anyhow::Result<bool> {
+    async fn execute(&mut self, ops: Vec<Op>, scan: &Scan, report: &mut CycleReport) -> anyhow::Result<bool> {
         let mut dirty = false;
         let mut expect: BTreeMap<SyncPath, Option<IndexRec>> = BTreeMap::new();
-        let (mut dirs, mut files, mut removes, mut changes) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dirs, mut files, mut removes, mut changes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut replacements: Vec<Entry> = Vec::new();
         let mut batch = Batch::default();
         for op in ops {
             match op {
@@ -269,17 +221,18 @@ impl Engine {
                             report.conflicts += 1;
                             batch.del_index(&path);
                             expect.insert(path, None);
-                            if remote.kind == EntryKind::Dir {
-                                dirs.push(remote)
-                            } else {
-                                files.push(remote)
-                            }
+                            if remote.kind == EntryKind::Dir { dirs.push(remote) } else { files.push(remote) }
                         }
                         Err(e) => {
                             tracing::warn!(%path, error = %e, "could not move a conflicting file aside; will retry");
                         }
                     }
                     dirty = true;
+                }
+                Op::Fetch(e) if scan.tree.get(&e.path).is_some_and(|r| r.kind != e.kind) => {
+                    // A file becoming a directory or back: the old one goes first (after the
+                    // removals below have emptied a directory).
+                    replacements.push(e);
                 }
                 Op::Fetch(e) => {
                     expect.insert(e.path.clone(), scan.tree.get(&e.path).cloned());
@@ -294,9 +247,7 @@ impl Engine {
                 Op::Adopt(e) => batch.put_synced(&e),
                 Op::Forget(p) => batch.del_synced(&p),
                 Op::Remove { path, .. } => removes.push(path),
-                Op::Upload { path, local, base } => {
-                    changes.push(self.change(&path, local, base, scan)?)
-                }
+                Op::Upload { path, local, base } => changes.push(self.change(&path, local, base, scan)?),
             }
         }
         self.store.apply(batch)?;
@@ -339,13 +290,39 @@ impl Engine {
         }
         self.store.apply(batch)?;
 
+        if !replacements.is_empty() {
+            replacements.sort_by_key(|e| e.path.depth());
+            let mut files = Vec::new();
+            let mut batch = Batch::default();
+            for e in replacements {
+                if !matches!(remove_local(&self.root, &e.path, scan.tree.get(&e.path)), Ok(true)) {
+                    dirty = true;
+                    continue;
+                }
+                batch.del_index(&e.path);
+                expect.insert(e.path.clone(), None);
+                match e.kind {
+                    EntryKind::Dir => match ensure_dir(&self.root, &e.path) {
+                        Ok(md) => {
+                            batch.put_index(&e.path, &scan::stat_rec(&md));
+                            batch.put_synced(&e);
+                        }
+                        Err(_) => dirty = true,
+                    },
+                    EntryKind::File => files.push(e),
+                    EntryKind::Symlink => {}
+                }
+            }
+            self.store.apply(batch)?;
+            if !files.is_empty() {
+                dirty |= self.fetch_files(files, scan, &expect, report).await?;
+            }
+        }
+
         if !changes.is_empty() {
             let mut batch = Batch::default();
             for part in changes.chunks(COMMIT_CHANGES) {
-                let item = OutboxItem {
-                    commit_id: new_commit_id(),
-                    changes: part.to_vec(),
-                };
+                let item = OutboxItem { commit_id: new_commit_id(), changes: part.to_vec() };
                 batch.put_outbox(self.store.next_outbox_id()?, &item);
             }
             self.store.apply(batch)?;
@@ -355,13 +332,7 @@ impl Engine {
     }
 
     /// The change that commits the local state of `path`.
-    fn change(
-        &self,
-        path: &SyncPath,
-        local: Option<Node>,
-        base: Option<Seq>,
-        scan: &Scan,
-    ) -> anyhow::Result<Change> {
+    fn change(&self, path: &SyncPath, local: Option<Node>, base: Option<Seq>, scan: &Scan) -> anyhow::Result<Change> {
         let rec = scan.tree.get(path);
         Ok(match (local, rec) {
             (Some(n), Some(rec)) if n.kind == EntryKind::File => Change {
@@ -401,9 +372,7 @@ impl Engine {
         if scanned.is_none_or(|r| !r.same_stat(&scan::stat_rec(&md))) {
             anyhow::bail!("changed since the scan");
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         for n in 1..1000 {
             let name = conflict_name(path.file_name(), &self.cfg.device_name, now, n);
             let copy = path.with_file_name(&name)?;
@@ -431,11 +400,7 @@ impl Engine {
             if let Some(m) = &rec.manifest {
                 let file = p.to_local(&self.root);
                 for (offset, c) in transfer::offsets(m) {
-                    sources.local.entry(c.id).or_insert_with(|| LocalChunk {
-                        file: file.clone(),
-                        offset,
-                        len: c.len,
-                    });
+                    sources.local.entry(c.id).or_insert_with(|| LocalChunk { file: file.clone(), offset, len: c.len });
                 }
             }
         }
@@ -445,10 +410,7 @@ impl Engine {
         let mut groups: Vec<Vec<Entry>> = Vec::new();
         let mut bytes = 0;
         for e in files {
-            if groups
-                .last()
-                .is_none_or(|g| g.len() >= GROUP_FILES || bytes + e.size() > GROUP_BYTES)
-            {
+            if groups.last().is_none_or(|g| g.len() >= GROUP_FILES || bytes + e.size() > GROUP_BYTES) {
                 groups.push(Vec::new());
                 bytes = 0;
             }
@@ -490,9 +452,7 @@ impl Engine {
                     Ok(st) => {
                         report.bytes_downloaded += st.downloaded;
                         report.bytes_reused_locally += st.local;
-                        self.counters
-                            .downloaded
-                            .fetch_add(st.downloaded, Ordering::Relaxed);
+                        self.counters.downloaded.fetch_add(st.downloaded, Ordering::Relaxed);
                         ready.push((e, tmp));
                     }
                     Err(err) => {
@@ -556,28 +516,14 @@ impl Engine {
             let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
                 .changes
                 .iter()
-                .filter_map(|c| {
-                    c.manifest
-                        .as_ref()
-                        .map(|m| (c.path.to_local(&self.root), m.clone()))
-                })
+                .filter_map(|c| c.manifest.as_ref().map(|m| (c.path.to_local(&self.root), m.clone())))
                 .collect();
-            let mut ids: Vec<ChunkId> = files
-                .iter()
-                .flat_map(|(_, m)| m.chunks.iter().map(|c| c.id))
-                .collect();
+            let mut ids: Vec<ChunkId> = files.iter().flat_map(|(_, m)| m.chunks.iter().map(|c| c.id)).collect();
             ids.sort_unstable();
             ids.dedup();
-            let missing: HashSet<ChunkId> = self
-                .client
-                .missing(&ids)
-                .await
-                .map_err(EngineError::Offline)?
-                .into_iter()
-                .collect();
-            match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded)
-                .await
-            {
+            let missing: HashSet<ChunkId> =
+                self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
+            match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
                 Ok(n) => report.bytes_uploaded += n,
                 Err(UploadError::SourceChanged(p)) => {
                     tracing::debug!(path = %p.display(), "file changed before upload; re-planning");
@@ -595,10 +541,7 @@ impl Engine {
                     continue;
                 }
             }
-            let req = CommitRequest {
-                commit_id: item.commit_id,
-                changes: item.changes,
-            };
+            let req = CommitRequest { commit_id: item.commit_id, changes: item.changes };
             match self.client.commit(&req).await {
                 Ok(resp) => {
                     let mut batch = Batch::default();
@@ -640,9 +583,7 @@ impl Engine {
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 fn new_commit_id() -> CommitId {
@@ -678,12 +619,7 @@ pub fn ensure_dir(root: &Path, path: &SyncPath) -> anyhow::Result<std::fs::Metad
 
 /// Renames a verified temp file over `path`, if the target still looks as it did when scanned
 /// (`expected`, or absent). Never writes through a symlinked directory.
-fn install(
-    root: &Path,
-    path: &SyncPath,
-    tmp: &Path,
-    expected: Option<&IndexRec>,
-) -> anyhow::Result<std::fs::Metadata> {
+fn install(root: &Path, path: &SyncPath, tmp: &Path, expected: Option<&IndexRec>) -> anyhow::Result<std::fs::Metadata> {
     if let Some(parent) = path.parent() {
         ensure_dir(root, &parent)?;
     }
@@ -725,16 +661,8 @@ pub fn conflict_name(name: &str, device: &str, unix_secs: u64, n: u32) -> String
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    let device: String = device
-        .chars()
-        .filter(|c| !matches!(c, '/' | '\\' | '\0'))
-        .take(40)
-        .collect();
-    let suffix = if n > 1 {
-        format!(" {n}")
-    } else {
-        String::new()
-    };
+    let device: String = device.chars().filter(|c| !matches!(c, '/' | '\\' | '\0')).take(40).collect();
+    let suffix = if n > 1 { format!(" {n}") } else { String::new() };
     let (date, (h, m, s)) = utc(unix_secs);
     let stamp = format!("{date} {h:02}{m:02}{s:02}");
     // Keep the result under the component limit by trimming the stem, never the marker.
@@ -751,10 +679,7 @@ pub fn conflict_name(name: &str, device: &str, unix_secs: u64, n: u32) -> String
 pub fn utc(unix_secs: u64) -> (String, (u64, u64, u64)) {
     let (y, mo, d) = civil_from_days((unix_secs / 86_400) as i64);
     let s = unix_secs % 86_400;
-    (
-        format!("{y:04}-{mo:02}-{d:02}"),
-        (s / 3600, s / 60 % 60, s % 60),
-    )
+    (format!("{y:04}-{mo:02}-{d:02}"), (s / 3600, s / 60 % 60, s % 60))
 }
 
 /// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar.
@@ -783,14 +708,8 @@ mod tests {
             conflict_name("report.pdf", "laptop", t, 1),
             "report (conflicted copy laptop 2026-11-21 202253).pdf"
         );
-        assert_eq!(
-            conflict_name(".bashrc", "d", t, 2),
-            ".bashrc (conflicted copy d 2026-11-21 202253 2)"
-        );
-        assert_eq!(
-            conflict_name("a.tar.gz", "d", 0, 1),
-            "a.tar (conflicted copy d 1970-01-01 000000).gz"
-        );
+        assert_eq!(conflict_name(".bashrc", "d", t, 2), ".bashrc (conflicted copy d 2026-11-21 202253 2)");
+        assert_eq!(conflict_name("a.tar.gz", "d", 0, 1), "a.tar (conflicted copy d 1970-01-01 000000).gz");
         let long = conflict_name(&"é".repeat(120), "dev", t, 1);
         assert!(long.len() <= 255 && SyncPath::parse(&long).is_ok());
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
@@ -803,11 +722,7 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
         assert!(ensure_dir(dir.path(), &SyncPath::parse("link/x").unwrap()).is_err());
-        assert!(
-            ensure_dir(dir.path(), &SyncPath::parse("a/b").unwrap())
-                .unwrap()
-                .is_dir()
-        );
+        assert!(ensure_dir(dir.path(), &SyncPath::parse("a/b").unwrap()).unwrap().is_dir());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 }

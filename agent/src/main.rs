@@ -6,16 +6,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = shoal_agent::cli::Cli::parse();
-    let default_level = if cli.wants_info_logs() {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level = if cli.wants_info_logs() { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Runtime::new() {

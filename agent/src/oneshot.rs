@@ -54,34 +54,20 @@ pub fn parse_remote(s: &str) -> anyhow::Result<SyncPath> {
 }
 
 /// The live tree (at `at`, default head), limited to `prefix` and what lies under it.
-pub async fn ls(
-    client: &Client,
-    prefix: Option<&SyncPath>,
-    at: Option<Seq>,
-) -> anyhow::Result<Vec<Entry>> {
+pub async fn ls(client: &Client, prefix: Option<&SyncPath>, at: Option<Seq>) -> anyhow::Result<Vec<Entry>> {
     let (_, entries) = client.tree(at).await?;
-    Ok(entries
-        .into_iter()
-        .filter(|e| prefix.is_none_or(|p| e.path.starts_with(p)))
-        .collect())
+    Ok(entries.into_iter().filter(|e| prefix.is_none_or(|p| e.path.starts_with(p))).collect())
 }
 
 /// The version of `path` to read: `version`, or the head.
-async fn pick(
-    client: &Client,
-    path: &SyncPath,
-    version: Option<Seq>,
-) -> anyhow::Result<(Entry, Option<Entry>)> {
+async fn pick(client: &Client, path: &SyncPath, version: Option<Seq>) -> anyhow::Result<(Entry, Option<Entry>)> {
     let history = client.history(path).await?;
     let head = history.last().cloned();
     let entry = match version {
-        Some(v) => history
-            .into_iter()
-            .find(|e| e.version == v)
-            .with_context(|| format!("{path} has no version {v}"))?,
-        None => head
-            .clone()
-            .with_context(|| format!("{path} does not exist on the coordinator"))?,
+        Some(v) => {
+            history.into_iter().find(|e| e.version == v).with_context(|| format!("{path} has no version {v}"))?
+        }
+        None => head.clone().with_context(|| format!("{path} does not exist on the coordinator"))?,
     };
     Ok((entry, head))
 }
@@ -101,24 +87,16 @@ pub async fn get(
             entry.version
         );
     }
-    let manifest = entry
-        .manifest
-        .as_ref()
-        .with_context(|| format!("{path} is a directory"))?;
+    let manifest = entry.manifest.as_ref().with_context(|| format!("{path} is a directory"))?;
     let dir = match local.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let name = local
-        .file_name()
-        .context("the local path needs a file name")?
-        .to_string_lossy()
-        .into_owned();
+    let name = local.file_name().context("the local path needs a file name")?.to_string_lossy().into_owned();
     let tmp = dir.join(format!(".{name}.shoal-{}.part", crate::random_hex(4)));
     let (progress, counter) = progress::track(manifest.size, "downloading", quiet);
     let mut sources = Sources::default();
-    let opts =
-        AssembleOpts { exec: entry.exec, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter) };
+    let opts = AssembleOpts { exec: entry.exec, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter) };
     let result = transfer::assemble(client, &mut sources, manifest, &tmp, opts).await;
     progress.finish();
     if let Err(e) = result {
@@ -130,12 +108,7 @@ pub async fn get(
 }
 
 /// Uploads `local` as the new head of `path`.
-pub async fn put(
-    client: &Client,
-    local: &Path,
-    path: &SyncPath,
-    quiet: bool,
-) -> anyhow::Result<Entry> {
+pub async fn put(client: &Client, local: &Path, path: &SyncPath, quiet: bool) -> anyhow::Result<Entry> {
     let md = std::fs::metadata(local).with_context(|| format!("reading {}", local.display()))?;
     if !md.is_file() {
         anyhow::bail!("{} is not a regular file", local.display());
@@ -151,13 +124,7 @@ pub async fn put(
     let ids: Vec<ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
     let missing: HashSet<ChunkId> = client.missing(&ids).await?.into_iter().collect();
     let (progress, sent) = progress::track(manifest.size, "uploading", quiet);
-    transfer::upload_chunks(
-        client,
-        vec![(local.to_path_buf(), manifest.clone())],
-        missing,
-        &sent,
-    )
-    .await?;
+    transfer::upload_chunks(client, vec![(local.to_path_buf(), manifest.clone())], missing, &sent).await?;
     progress.finish();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let change = |base| Change {
@@ -200,10 +167,7 @@ async fn commit_over_head(
     getrandom::fill(&mut id)?;
     for _ in 0..5 {
         let head = client.history(path).await?.last().map(|e| e.version);
-        let req = CommitRequest {
-            commit_id: CommitId(id),
-            changes: vec![make(head)],
-        };
+        let req = CommitRequest { commit_id: CommitId(id), changes: vec![make(head)] };
         match client.commit(&req).await {
             Ok(mut r) => return r.entries.pop().context("empty commit response"),
             Err(ClientError::Api(b)) if b.code == ErrorCode::StaleBase => {

@@ -23,19 +23,11 @@ pub struct Node {
 
 impl Node {
     pub fn dir() -> Node {
-        Node {
-            kind: EntryKind::Dir,
-            hash: None,
-            exec: false,
-        }
+        Node { kind: EntryKind::Dir, hash: None, exec: false }
     }
 
     pub fn file(hash: ChunkId, exec: bool) -> Node {
-        Node {
-            kind: EntryKind::File,
-            hash: Some(hash),
-            exec,
-        }
+        Node { kind: EntryKind::File, hash: Some(hash), exec }
     }
 
     /// The node an entry describes, or `None` for a tombstone.
@@ -44,16 +36,8 @@ impl Node {
             return None;
         }
         Some(match e.kind {
-            EntryKind::File => Node {
-                kind: EntryKind::File,
-                hash: e.hash(),
-                exec: e.exec,
-            },
-            k => Node {
-                kind: k,
-                hash: None,
-                exec: false,
-            },
+            EntryKind::File => Node { kind: EntryKind::File, hash: e.hash(), exec: e.exec },
+            k => Node { kind: k, hash: None, exec: false },
         })
     }
 }
@@ -66,11 +50,7 @@ pub enum Op {
     /// Remove the local path, if it still holds `expect`.
     Remove { path: SyncPath, expect: Node },
     /// Commit the local state of `path` (`None`: a deletion) over `base`.
-    Upload {
-        path: SyncPath,
-        local: Option<Node>,
-        base: Option<Seq>,
-    },
+    Upload { path: SyncPath, local: Option<Node>, base: Option<Seq> },
     /// Local already equals the remote version: record it as synced.
     Adopt(Entry),
     /// Both sides deleted the path: drop it from the synced tree.
@@ -100,12 +80,7 @@ pub struct Trees<'a> {
 
 /// Plans one reconciliation. Ops come in path order; the executor orders them by kind.
 pub fn plan(t: &Trees<'_>) -> Vec<Op> {
-    let mut paths: Vec<&SyncPath> = t
-        .remote
-        .keys()
-        .chain(t.local.keys())
-        .chain(t.synced.keys())
-        .collect();
+    let mut paths: Vec<&SyncPath> = t.remote.keys().chain(t.local.keys()).chain(t.synced.keys()).collect();
     paths.sort();
     paths.dedup();
     let mut ops = Vec::new();
@@ -125,25 +100,14 @@ pub fn plan(t: &Trees<'_>) -> Vec<Op> {
                 (Some(_), Some(e)) => Some(Op::Fetch(e.clone())),
                 _ => s.map(|expect| Op::Remove { path: path.clone(), expect }),
             },
-            (false, true) => Some(Op::Upload {
-                path: path.clone(),
-                local: l,
-                base,
-            }),
+            (false, true) => Some(Op::Upload { path: path.clone(), local: l, base }),
             (true, true) => match (l, r, r_entry) {
                 (None, None, _) => Some(Op::Forget(path.clone())),
                 (Some(_), Some(_), Some(e)) if l == r => Some(Op::Adopt(e.clone())),
                 // Edit beats delete on either side.
-                (Some(_), None, _) => Some(Op::Upload {
-                    path: path.clone(),
-                    local: l,
-                    base,
-                }),
+                (Some(_), None, _) => Some(Op::Upload { path: path.clone(), local: l, base }),
                 (None, Some(_), Some(e)) => Some(Op::Fetch(e.clone())),
-                (Some(_), Some(_), Some(e)) => Some(Op::ConflictCopy {
-                    path: path.clone(),
-                    remote: e.clone(),
-                }),
+                (Some(_), Some(_), Some(e)) => Some(Op::ConflictCopy { path: path.clone(), remote: e.clone() }),
                 (_, Some(_), None) => None, // unreachable: a remote node comes from an entry
             },
         };
@@ -159,11 +123,7 @@ fn keep_dirs_with_new_children(ops: &mut [Op], t: &Trees<'_>) {
     let uploads: Vec<SyncPath> = ops
         .iter()
         .filter_map(|op| match op {
-            Op::Upload {
-                path,
-                local: Some(_),
-                ..
-            } => Some(path.clone()),
+            Op::Upload { path, local: Some(_), .. } => Some(path.clone()),
             _ => None,
         })
         .collect();
@@ -173,11 +133,7 @@ fn keep_dirs_with_new_children(ops: &mut [Op], t: &Trees<'_>) {
             && uploads.iter().any(|u| u != path && u.starts_with(path))
         {
             let base = t.remote.get(path).map(|e| e.version);
-            *op = Op::Upload {
-                path: path.clone(),
-                local: t.local.get(path).copied(),
-                base,
-            };
+            *op = Op::Upload { path: path.clone(), local: t.local.get(path).copied(), base };
         }
     }
 }

@@ -74,9 +74,7 @@ impl Ignore {
     }
 
     pub fn is_ignored(&self, path: &SyncPath, is_dir: bool) -> bool {
-        self.gi
-            .matched_path_or_any_parents(path.as_str(), is_dir)
-            .is_ignore()
+        self.gi.matched_path_or_any_parents(path.as_str(), is_dir).is_ignore()
     }
 }
 
@@ -98,37 +96,25 @@ pub struct Scan {
 impl Scan {
     /// The local tree as the planner sees it.
     pub fn nodes(&self) -> BTreeMap<SyncPath, Node> {
-        self.tree
-            .iter()
-            .filter_map(|(p, r)| node_of(r).map(|n| (p.clone(), n)))
-            .collect()
+        self.tree.iter().filter_map(|(p, r)| node_of(r).map(|n| (p.clone(), n))).collect()
     }
 }
 
 pub fn node_of(r: &IndexRec) -> Option<Node> {
     match r.kind {
         EntryKind::Dir => Some(Node::dir()),
-        EntryKind::File => r
-            .manifest
-            .as_ref()
-            .map(|m| Node::file(m.hash, r.mode & 0o111 != 0)),
+        EntryKind::File => r.manifest.as_ref().map(|m| Node::file(m.hash, r.mode & 0o111 != 0)),
         EntryKind::Symlink => None,
     }
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// The stat part of an index record.
 pub fn stat_rec(md: &std::fs::Metadata) -> IndexRec {
-    let kind = if md.is_dir() {
-        EntryKind::Dir
-    } else {
-        EntryKind::File
-    };
+    let kind = if md.is_dir() { EntryKind::Dir } else { EntryKind::File };
     IndexRec {
         kind,
         size: if md.is_dir() { 0 } else { md.len() },
@@ -163,8 +149,7 @@ pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>) 
                 continue;
             }
             let Some(name) = name.to_str() else {
-                out.skipped
-                    .push(format!("{}: name is not UTF-8", ent.path().display()));
+                out.skipped.push(format!("{}: name is not UTF-8", ent.path().display()));
                 continue;
             };
             let joined = match &dir_path {
@@ -174,8 +159,7 @@ pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>) 
             let path = match SyncPath::parse(&joined) {
                 Ok(p) if p.as_str() == joined => p,
                 Ok(_) => {
-                    out.skipped
-                        .push(format!("{joined}: name is not in Unicode NFC form"));
+                    out.skipped.push(format!("{joined}: name is not in Unicode NFC form"));
                     continue;
                 }
                 Err(e) => {
@@ -220,11 +204,7 @@ pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>) 
 }
 
 /// Chunks and hashes `files` on two threads.
-fn hash_files(
-    files: Vec<(SyncPath, PathBuf, IndexRec)>,
-    index: &BTreeMap<SyncPath, IndexRec>,
-    out: &mut Scan,
-) {
+fn hash_files(files: Vec<(SyncPath, PathBuf, IndexRec)>, index: &BTreeMap<SyncPath, IndexRec>, out: &mut Scan) {
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(files.len()));
     let workers = if files.len() > 1 { 2 } else { 1 };
@@ -237,10 +217,7 @@ fn hash_files(
                         break;
                     };
                     let r = hash_file(local, rec);
-                    results
-                        .lock()
-                        .expect("no panics while holding the results lock")
-                        .push((path.clone(), r));
+                    results.lock().expect("no panics while holding the results lock").push((path.clone(), r));
                 }
             });
         }
@@ -288,18 +265,11 @@ fn hash_file(path: &Path, before: &IndexRec) -> Result<IndexRec, HashError> {
         shoal_protocol::ChunkerError::Callback(_) => HashError::Unstable,
     })?;
     let after = stat_rec(&f.metadata().map_err(HashError::Io)?);
-    let at_path = path
-        .symlink_metadata()
-        .map(|m| stat_rec(&m))
-        .map_err(|_| HashError::Unstable)?;
+    let at_path = path.symlink_metadata().map(|m| stat_rec(&m)).map_err(|_| HashError::Unstable)?;
     if !after.same_stat(before) || !at_path.same_stat(before) || manifest.size != before.size {
         return Err(HashError::Unstable);
     }
-    Ok(IndexRec {
-        manifest: Some(manifest),
-        hashed_ns,
-        ..before.clone()
-    })
+    Ok(IndexRec { manifest: Some(manifest), hashed_ns, ..before.clone() })
 }
 
 #[cfg(test)]
@@ -325,19 +295,10 @@ mod tests {
         let s = check(root, &BTreeMap::new());
         let names: Vec<&str> = s.tree.keys().map(|p| p.as_str()).collect();
         assert_eq!(names, [".shoalignore", "a", "a/b", "a/b/f.txt", "empty"]);
-        assert!(
-            s.busy.contains(&SyncPath::parse("link").unwrap()),
-            "symlinks are left alone"
-        );
+        assert!(s.busy.contains(&SyncPath::parse("link").unwrap()), "symlinks are left alone");
         let f = &s.tree[&SyncPath::parse("a/b/f.txt").unwrap()];
-        assert_eq!(
-            f.manifest.as_ref().unwrap().hash,
-            shoal_protocol::ChunkId::of(b"hello")
-        );
-        assert_eq!(
-            s.tree[&SyncPath::parse("empty").unwrap()].manifest,
-            Some(shoal_protocol::Manifest::empty())
-        );
+        assert_eq!(f.manifest.as_ref().unwrap().hash, shoal_protocol::ChunkId::of(b"hello"));
+        assert_eq!(s.tree[&SyncPath::parse("empty").unwrap()].manifest, Some(shoal_protocol::Manifest::empty()));
         assert_eq!(s.hashed_bytes, 5 + 6);
 
         // A fresh index entry (mtime near the hash time) is hashed again; an old one is reused.
@@ -347,11 +308,7 @@ mod tests {
         for r in aged.values_mut().filter(|r| r.kind == EntryKind::File) {
             r.hashed_ns += 10 * MTIME_TICK_NS;
         }
-        assert_eq!(
-            check(root, &aged).hashed_bytes,
-            0,
-            "unchanged files are not re-read"
-        );
+        assert_eq!(check(root, &aged).hashed_bytes, 0, "unchanged files are not re-read");
         assert_eq!(check(root, &aged).tree, aged);
     }
 }

@@ -98,8 +98,7 @@ impl Batch {
         self.1 = true;
     }
     pub fn set_cursor(&mut self, seq: Seq) {
-        self.0
-            .insert(b"m/cursor".to_vec(), seq.to_be_bytes().to_vec());
+        self.0.insert(b"m/cursor".to_vec(), seq.to_be_bytes().to_vec());
         self.1 = true;
     }
     pub fn put_outbox(&mut self, id: u64, item: &OutboxItem) {
@@ -126,12 +125,7 @@ impl Store {
     /// of the disk and the coordinator, and the planner treats an empty merge base safely
     /// (differences become conflicted copies, never overwrites).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let open = || {
-            sled::Config::new()
-                .path(dir)
-                .flush_every_ms(Some(500))
-                .open()
-        };
+        let open = || sled::Config::new().path(dir).flush_every_ms(Some(500)).open();
         let db = match open() {
             Ok(db) => db,
             Err(sled::Error::Corruption { .. }) => {
@@ -141,12 +135,8 @@ impl Store {
                 open()?
             }
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "opening {} (is another shoal process using this home?)",
-                        dir.display()
-                    )
-                });
+                return Err(e)
+                    .with_context(|| format!("opening {} (is another shoal process using this home?)", dir.display()));
             }
         };
         let state = db.open_tree("state")?;
@@ -194,26 +184,17 @@ impl Store {
     }
 
     pub fn cursor(&self) -> anyhow::Result<Seq> {
-        Ok(self
-            .state
-            .get(b"m/cursor")?
-            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-            .map_or(0, u64::from_be_bytes))
+        Ok(self.state.get(b"m/cursor")?.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok()).map_or(0, u64::from_be_bytes))
     }
 
     pub fn outbox(&self) -> anyhow::Result<Vec<(u64, OutboxItem)>> {
         let mut out = Vec::new();
         for kv in self.state.scan_prefix(b"o/") {
             let (k, v) = kv?;
-            let id = <[u8; 8]>::try_from(&k[2..])
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let id = <[u8; 8]>::try_from(&k[2..]).map(u64::from_be_bytes).unwrap_or(0);
             match decode(&v) {
                 Some(item) => out.push((id, item)),
-                None => tracing::warn!(
-                    id,
-                    "dropping an unreadable outbox item; the next scan re-plans it"
-                ),
+                None => tracing::warn!(id, "dropping an unreadable outbox item; the next scan re-plans it"),
             }
         }
         Ok(out)

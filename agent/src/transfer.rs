@@ -78,20 +78,15 @@ pub async fn upload_chunks(
             if !manifest.chunks.iter().any(|c| wanted.contains(&c.id)) {
                 continue;
             }
-            let f =
-                std::fs::File::open(path).map_err(|_| UploadError::SourceChanged(path.clone()))?;
+            let f = std::fs::File::open(path).map_err(|_| UploadError::SourceChanged(path.clone()))?;
             for (off, c) in offsets(manifest) {
                 if !wanted.remove(&c.id) {
                     continue;
                 }
-                let data = read_chunk(&f, off, c.len, &c.id)
-                    .ok_or_else(|| UploadError::SourceChanged(path.clone()))?;
+                let data = read_chunk(&f, off, c.len, &c.id).ok_or_else(|| UploadError::SourceChanged(path.clone()))?;
                 encode_frame(&mut body, &c.id, &data);
                 if body.len() >= UPLOAD_BATCH_BYTES {
-                    let full = std::mem::replace(
-                        &mut body,
-                        Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000),
-                    );
+                    let full = std::mem::replace(&mut body, Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000));
                     if tx.blocking_send(full).is_err() {
                         return Ok(());
                     }
@@ -104,12 +99,14 @@ pub async fn upload_chunks(
         Ok(())
     });
     // Boxed so that dropping it on failure really drops the receiver and unblocks the reader.
-    let mut uploads = Box::pin(tokio_stream_from(rx)
-        .map(|body| async move {
-            let n = body.len() as u64;
-            client.upload_frames(body).await.map(|_| n)
-        })
-        .buffer_unordered(UPLOAD_PARALLEL));
+    let mut uploads = Box::pin(
+        tokio_stream_from(rx)
+            .map(|body| async move {
+                let n = body.len() as u64;
+                client.upload_frames(body).await.map(|_| n)
+            })
+            .buffer_unordered(UPLOAD_PARALLEL),
+    );
     let mut total = 0u64;
     let mut failure = None;
     while let Some(r) = uploads.next().await {
@@ -125,10 +122,7 @@ pub async fn upload_chunks(
         }
     }
     drop(uploads);
-    let read = reader
-        .await
-        .context("chunk reader panicked")
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let read = reader.await.context("chunk reader panicked").map_err(|e| ClientError::Protocol(e.to_string()))?;
     if let Some(e) = failure {
         return Err(e.into());
     }
@@ -136,9 +130,7 @@ pub async fn upload_chunks(
     Ok(total)
 }
 
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> {
+fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -222,8 +214,7 @@ pub async fn assemble(
             p.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
-    let mut f =
-        std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut hasher = blake3::Hasher::new();
     let mut stats = Assembled::default();
     let mut i = 0;
@@ -239,10 +230,7 @@ pub async fn assemble(
         }
         let mut ids = Vec::new();
         let mut j = i;
-        while j < chunks.len()
-            && ids.len() < FETCH_WINDOW
-            && (j == i || !sources.has_local(&chunks[j].id))
-        {
+        while j < chunks.len() && ids.len() < FETCH_WINDOW && (j == i || !sources.has_local(&chunks[j].id)) {
             ids.push(chunks[j].id);
             j += 1;
         }
@@ -271,9 +259,5 @@ pub async fn assemble(
 
 pub fn system_time(ns: i64) -> std::time::SystemTime {
     let d = std::time::Duration::from_nanos(ns.unsigned_abs());
-    if ns >= 0 {
-        std::time::UNIX_EPOCH + d
-    } else {
-        std::time::UNIX_EPOCH - d
-    }
+    if ns >= 0 { std::time::UNIX_EPOCH + d } else { std::time::UNIX_EPOCH - d }
 }

@@ -43,8 +43,7 @@ pub(crate) fn spawn(
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(data);
     let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("binding {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(tokio::spawn(async move {
         loop {
@@ -61,25 +60,14 @@ pub(crate) fn spawn(
                     return;
                 }
                 let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => {
-                        match crate::invite(&store, &req.user, req.create, &addr, fingerprint) {
-                            Ok(inv) => {
-                                let _ = store.flush().await;
-                                Reply {
-                                    invite: Some(inv.to_string()),
-                                    error: None,
-                                }
-                            }
-                            Err(e) => Reply {
-                                invite: None,
-                                error: Some(format!("{e:#}")),
-                            },
+                    Ok(req) => match crate::invite(&store, &req.user, req.create, &addr, fingerprint) {
+                        Ok(inv) => {
+                            let _ = store.flush().await;
+                            Reply { invite: Some(inv.to_string()), error: None }
                         }
-                    }
-                    Err(e) => Reply {
-                        invite: None,
-                        error: Some(format!("bad admin request: {e}")),
+                        Err(e) => Reply { invite: None, error: Some(format!("{e:#}")) },
                     },
+                    Err(e) => Reply { invite: None, error: Some(format!("bad admin request: {e}")) },
                 };
                 let mut out = serde_json::to_vec(&reply).unwrap_or_default();
                 out.push(b'\n');
@@ -95,16 +83,12 @@ pub async fn request_invite(data: &Path, user: &str, create: bool) -> anyhow::Re
     match tokio::net::UnixStream::connect(socket_path(data)).await {
         Ok(sock) => {
             let (rd, mut wr) = sock.into_split();
-            let mut req = serde_json::to_vec(&Request {
-                user: user.to_string(),
-                create,
-            })?;
+            let mut req = serde_json::to_vec(&Request { user: user.to_string(), create })?;
             req.push(b'\n');
             wr.write_all(&req).await?;
             let mut line = String::new();
             BufReader::new(rd).read_line(&mut line).await?;
-            let reply: Reply =
-                serde_json::from_str(&line).context("bad reply from the admin socket")?;
+            let reply: Reply = serde_json::from_str(&line).context("bad reply from the admin socket")?;
             match (reply.invite, reply.error) {
                 (Some(inv), _) => Ok(inv.parse()?),
                 (None, Some(e)) => anyhow::bail!(e),
@@ -117,9 +101,8 @@ pub async fn request_invite(data: &Path, user: &str, create: bool) -> anyhow::Re
                 .ok()
                 .and_then(|b| serde_json::from_slice::<crate::ServerInfo>(&b).ok())
                 .map_or_else(|| crate::DEFAULT_LISTEN.to_string(), |i| i.public_addr);
-            let store = Store::open(&data.join("meta")).context(
-                "the server is not answering on its admin socket and its database is locked",
-            )?;
+            let store = Store::open(&data.join("meta"))
+                .context("the server is not answering on its admin socket and its database is locked")?;
             let inv = crate::invite(&store, user, create, &addr, identity.fingerprint())?;
             store.flush().await?;
             Ok(inv)

@@ -72,28 +72,14 @@ impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
-        let unauthorized = || {
-            ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing or invalid device token; re-enroll the device",
-            )
-        };
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(unauthorized)?;
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(unauthorized)?;
+        let unauthorized =
+            || ApiError::new(ErrorCode::Unauthorized, "missing or invalid device token; re-enroll the device");
+        let value = parts.headers.get(header::AUTHORIZATION).ok_or_else(unauthorized)?;
+        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(unauthorized)?;
         let hash = *blake3::hash(token.trim().as_bytes()).as_bytes();
         let device = app.store.device_by_token(&hash)?.ok_or_else(unauthorized)?;
         if device.revoked {
-            return Err(ApiError::new(
-                ErrorCode::Unauthorized,
-                "this device has been revoked",
-            ));
+            return Err(ApiError::new(ErrorCode::Unauthorized, "this device has been revoked"));
         }
         Ok(Auth { device })
     }
@@ -109,68 +95,56 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let bytes = read_body(req, MAX_JSON_BODY).await?;
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
-            ApiError::new(
-                ErrorCode::InvalidJson,
-                format!("malformed request body: {e}"),
-            )
+            // SyncPath's deserializer prefixes its errors with "invalid path".
+            let code =
+                if e.to_string().starts_with("invalid path") { ErrorCode::InvalidPath } else { ErrorCode::InvalidJson };
+            ApiError::new(code, format!("malformed request body: {e}"))
         })
     }
 }
 
 async fn read_body(req: Request, limit: usize) -> ApiResult<Bytes> {
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared
         && len > limit as u64
     {
+        // Read and drop a moderately oversized body so an HTTP/1.1 client sees the 413 instead of
+        // a reset connection; anything larger is cut off at once.
+        if len <= 4 * limit as u64 {
+            let mut body = req.into_body().into_data_stream();
+            while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
+        }
         return Err(too_large(limit));
     }
-    axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| too_large(limit))
+    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| too_large(limit))
 }
 
 fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        ErrorCode::BodyTooLarge,
-        format!("request body exceeds {limit} bytes"),
-    )
+    ApiError::new(ErrorCode::BodyTooLarge, format!("request body exceeds {limit} bytes"))
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(t)| t)
-        .map_err(|e| ApiError::bad(format!("bad query string: {e}")))
+    q.map(|Query(t)| t).map_err(|e| ApiError::bad(format!("bad query string: {e}")))
 }
 
 fn parse_path(s: &str) -> ApiResult<SyncPath> {
-    SyncPath::parse(s)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidPath, format!("invalid path {s:?}: {e}")))
+    SyncPath::parse(s).map_err(|e| ApiError::new(ErrorCode::InvalidPath, format!("invalid path {s:?}: {e}")))
 }
 
 fn chunk_id(p: Result<Path<String>, PathRejection>) -> ApiResult<ChunkId> {
     let Path(s) = p.map_err(|e| ApiError::bad(e.to_string()))?;
-    s.parse()
-        .map_err(|e| ApiError::bad(format!("bad chunk id: {e}")))
+    s.parse().map_err(|e| ApiError::bad(format!("bad chunk id: {e}")))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(app.store.user_count()),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render(app.store.user_count()))
 }
 
 // ---- enrollment and devices ----
 
-async fn enroll(
-    State(app): State<Arc<App>>,
-    ApiJson(req): ApiJson<EnrollRequest>,
-) -> ApiResult<Json<EnrollResponse>> {
+async fn enroll(State(app): State<Arc<App>>, ApiJson(req): ApiJson<EnrollRequest>) -> ApiResult<Json<EnrollResponse>> {
     if !valid_device_name(&req.device_name) {
-        return Err(ApiError::bad(
-            "device name must be 1-64 printable characters",
-        ));
+        return Err(ApiError::bad("device name must be 1-64 printable characters"));
     }
     let invalid = || {
         ApiError::new(
@@ -199,10 +173,7 @@ async fn enroll(
     }
     app.store.flush().await?;
     tracing::info!(user = %user.name, device = %dev.id, name = %dev.name, "device enrolled");
-    Ok(Json(EnrollResponse {
-        device_id: dev.id,
-        token,
-    }))
+    Ok(Json(EnrollResponse { device_id: dev.id, token }))
 }
 
 fn device_info(d: &DeviceRec) -> DeviceInfo {
@@ -217,12 +188,7 @@ fn device_info(d: &DeviceRec) -> DeviceInfo {
 }
 
 async fn devices(State(app): State<Arc<App>>, auth: Auth) -> ApiResult<Json<DevicesResponse>> {
-    let devices = app
-        .store
-        .devices(auth.user())?
-        .iter()
-        .map(device_info)
-        .collect();
+    let devices = app.store.devices(auth.user())?.iter().map(device_info).collect();
     Ok(Json(DevicesResponse { devices }))
 }
 
@@ -232,9 +198,7 @@ async fn revoke(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<DeviceInfo>> {
     let Path(id) = id.map_err(|e| ApiError::bad(e.to_string()))?;
-    let id: DeviceId = id
-        .parse()
-        .map_err(|e| ApiError::bad(format!("bad device id: {e}")))?;
+    let id: DeviceId = id.parse().map_err(|e| ApiError::bad(format!("bad device id: {e}")))?;
     let not_found = || ApiError::new(ErrorCode::NotFound, "no such device");
     let mut dev = app.store.device(&id)?.ok_or_else(not_found)?;
     if dev.user != auth.user() {
@@ -254,10 +218,7 @@ async fn cursor(
 ) -> ApiResult<Json<DeviceInfo>> {
     let head = app.store.head_seq(auth.user())?;
     if req.seq > head {
-        return Err(ApiError::bad(format!(
-            "cursor {} is past the journal head {head}",
-            req.seq
-        )));
+        return Err(ApiError::bad(format!("cursor {} is past the journal head {head}", req.seq)));
     }
     let mut dev = auth.device;
     dev.cursor = req.seq;
@@ -270,9 +231,7 @@ async fn cursor(
 
 fn check_ids(ids: &[ChunkId]) -> ApiResult<()> {
     if ids.len() > MAX_CHUNK_IDS {
-        return Err(ApiError::bad(format!(
-            "at most {MAX_CHUNK_IDS} chunk ids per request"
-        )));
+        return Err(ApiError::bad(format!("at most {MAX_CHUNK_IDS} chunk ids per request")));
     }
     Ok(())
 }
@@ -300,10 +259,7 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
     let mut total = 0u64;
     for (id, data) in &chunks {
         if ChunkId::of(data) != *id {
-            return Err(ApiError::new(
-                ErrorCode::HashMismatch,
-                format!("chunk {id} does not match its BLAKE3 hash"),
-            ));
+            return Err(ApiError::new(ErrorCode::HashMismatch, format!("chunk {id} does not match its BLAKE3 hash")));
         }
         total += data.len() as u64;
     }
@@ -323,11 +279,7 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
     Ok(total)
 }
 
-async fn upload_batch(
-    State(app): State<Arc<App>>,
-    auth: Auth,
-    req: Request,
-) -> ApiResult<Json<UploadResponse>> {
+async fn upload_batch(State(app): State<Arc<App>>, auth: Auth, req: Request) -> ApiResult<Json<UploadResponse>> {
     let body = read_body(req, MAX_CHUNK_BATCH_BODY).await?;
     let mut chunks = Vec::new();
     let mut rest = &body[..];
@@ -360,10 +312,7 @@ async fn upload_one(
 fn readable(app: &App, user: UserId, id: &ChunkId) -> ApiResult<()> {
     // A hash is a name, never a permission: only chunks this user uploaded are served.
     if !app.store.user_has_chunk(user, id)? {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!("chunk {id} not found"),
-        ));
+        return Err(ApiError::new(ErrorCode::NotFound, format!("chunk {id} not found")));
     }
     Ok(())
 }
@@ -384,11 +333,7 @@ async fn download_one(
 }
 
 /// Streams the requested chunks as frames, in request order, one chunk in memory at a time.
-async fn fetch_batch(
-    State(app): State<Arc<App>>,
-    auth: Auth,
-    ApiJson(req): ApiJson<ChunkList>,
-) -> ApiResult<Response> {
+async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJson<ChunkList>) -> ApiResult<Response> {
     check_ids(&req.chunks)?;
     for id in &req.chunks {
         readable(&app, auth.user(), id)?;
@@ -407,11 +352,7 @@ async fn fetch_batch(
             Ok::<_, std::io::Error>(Bytes::from(frame))
         }
     });
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 
 // ---- commits and the journal ----
@@ -424,14 +365,11 @@ fn validate_change(c: &shoal_protocol::Change) -> ApiResult<()> {
         (EntryKind::Dir, false, None) => Ok(()),
         (EntryKind::Dir, false, Some(_)) => Err(invalid("a directory carries no manifest")),
         (EntryKind::File, false, Some(m)) if m.is_consistent() => Ok(()),
-        (EntryKind::File, false, Some(_)) => Err(invalid(
-            "chunk lengths do not add up to the size, or a chunk is out of bounds",
-        )),
+        (EntryKind::File, false, Some(_)) => {
+            Err(invalid("chunk lengths do not add up to the size, or a chunk is out of bounds"))
+        }
         (EntryKind::File, false, None) => Err(invalid("a file needs a manifest")),
-        (EntryKind::Symlink, false, _) => Err(ApiError::bad(format!(
-            "{}: symbolic links are not synced",
-            c.path
-        ))),
+        (EntryKind::Symlink, false, _) => Err(ApiError::bad(format!("{}: symbolic links are not synced", c.path))),
     }
 }
 
@@ -441,18 +379,13 @@ async fn commit(
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<CommitResponse>> {
     if req.changes.is_empty() || req.changes.len() > MAX_COMMIT_CHANGES {
-        return Err(ApiError::bad(format!(
-            "a commit holds 1 to {MAX_COMMIT_CHANGES} changes"
-        )));
+        return Err(ApiError::bad(format!("a commit holds 1 to {MAX_COMMIT_CHANGES} changes")));
     }
     let mut paths = HashSet::new();
     for c in &req.changes {
         validate_change(c)?;
         if !paths.insert(&c.path) {
-            return Err(ApiError::bad(format!(
-                "{} appears twice in one commit",
-                c.path
-            )));
+            return Err(ApiError::bad(format!("{} appears twice in one commit", c.path)));
         }
     }
     let user = auth.user();
@@ -466,9 +399,7 @@ async fn commit(
         CommitOutcome::Applied(resp) => {
             app.store.flush().await?;
             app.metrics.commits.fetch_add(1, Relaxed);
-            app.metrics
-                .entries
-                .fetch_add(resp.entries.len() as u64, Relaxed);
+            app.metrics.entries.fetch_add(resp.entries.len() as u64, Relaxed);
             if let Some(last) = resp.entries.last() {
                 app.head_sender(user)?.send_replace(last.version);
             }
@@ -479,12 +410,7 @@ async fn commit(
 
 /// Checks bases and chunk ownership and appends the commit. Runs under the commit lock, so the
 /// heads it reads cannot move before the append.
-fn apply_commit(
-    app: &App,
-    user: UserId,
-    dev: &DeviceRec,
-    req: CommitRequest,
-) -> ApiResult<CommitOutcome> {
+fn apply_commit(app: &App, user: UserId, dev: &DeviceRec, req: CommitRequest) -> ApiResult<CommitOutcome> {
     if let Some(resp) = app.store.commit_response(user, &req.commit_id)? {
         return Ok(CommitOutcome::Replayed(resp));
     }
@@ -492,15 +418,9 @@ fn apply_commit(
     for c in &req.changes {
         let head = app.store.head(user, &c.path)?;
         if head.as_ref().map(|h| h.version) != c.base {
-            conflicts.push(Conflict {
-                path: c.path.clone(),
-                head,
-            });
+            conflicts.push(Conflict { path: c.path.clone(), head });
         } else if c.deleted && head.as_ref().is_none_or(|h| h.deleted) {
-            return Err(ApiError::new(
-                ErrorCode::NotFound,
-                format!("{}: nothing to delete", c.path),
-            ));
+            return Err(ApiError::new(ErrorCode::NotFound, format!("{}: nothing to delete", c.path)));
         }
     }
     if !conflicts.is_empty() {
@@ -511,10 +431,7 @@ fn apply_commit(
             if !app.store.user_has_chunk(user, &chunk.id)? {
                 return Err(ApiError::new(
                     ErrorCode::UnknownChunk,
-                    format!(
-                        "{}: chunk {} was never uploaded by this user",
-                        c.path, chunk.id
-                    ),
+                    format!("{}: chunk {} was never uploaded by this user", c.path, chunk.id),
                 ));
             }
         }
@@ -571,37 +488,22 @@ async fn changes(
         if head > q.since || tokio::time::Instant::now() >= deadline {
             let entries = app.store.changes(user, q.since, limit)?;
             let next = entries.last().map_or(q.since.min(head), |e| e.version);
-            return Ok(Json(ChangesResponse {
-                entries,
-                next,
-                head,
-            }));
+            return Ok(Json(ChangesResponse { entries, next, head }));
         }
         rx.borrow_and_update();
-        if tokio::time::timeout_at(deadline, rx.changed())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
             continue;
         }
     }
 }
 
 /// A WebSocket that sends `{"head": N}` now and whenever the user's journal head moves.
-async fn subscribe(
-    State(app): State<Arc<App>>,
-    auth: Auth,
-    ws: WebSocketUpgrade,
-) -> ApiResult<Response> {
+async fn subscribe(State(app): State<Arc<App>>, auth: Auth, ws: WebSocketUpgrade) -> ApiResult<Response> {
     let rx = app.head_sender(auth.user())?.subscribe();
     Ok(ws.on_upgrade(move |socket| push_heads(app, socket, rx)))
 }
 
-async fn push_heads(
-    app: Arc<App>,
-    mut socket: WebSocket,
-    mut rx: tokio::sync::watch::Receiver<Seq>,
-) {
+async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::watch::Receiver<Seq>) {
     app.metrics.subscribers.fetch_add(1, Relaxed);
     let mut ping = tokio::time::interval(Duration::from_secs(20));
     loop {
@@ -643,29 +545,15 @@ async fn tree(
     match q.at {
         Some(at) if at < head => {
             let all = app.store.tree_at(user, at)?;
-            let mut iter = all
-                .into_iter()
-                .filter(|e| after.as_ref().is_none_or(|a| e.path > *a));
+            let mut iter = all.into_iter().filter(|e| after.as_ref().is_none_or(|a| e.path > *a));
             let entries: Vec<Entry> = iter.by_ref().take(limit).collect();
             let more_after = iter.next().and(entries.last().map(|e| e.path.clone()));
-            Ok(Json(TreeResponse {
-                at,
-                entries,
-                more_after,
-            }))
+            Ok(Json(TreeResponse { at, entries, more_after }))
         }
         _ => {
             let (entries, more) = app.store.tree_head(user, after.as_ref(), limit)?;
-            let more_after = if more {
-                entries.last().map(|e| e.path.clone())
-            } else {
-                None
-            };
-            Ok(Json(TreeResponse {
-                at: head,
-                entries,
-                more_after,
-            }))
+            let more_after = if more { entries.last().map(|e| e.path.clone()) } else { None };
+            Ok(Json(TreeResponse { at: head, entries, more_after }))
         }
     }
 }

@@ -22,10 +22,7 @@ impl ChunkStore {
         for e in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(e?.path());
         }
-        Ok(ChunkStore {
-            root: root.to_path_buf(),
-            tmp,
-        })
+        Ok(ChunkStore { root: root.to_path_buf(), tmp })
     }
 
     fn path(&self, id: &ChunkId) -> PathBuf {
@@ -90,9 +87,6 @@ mod tests {
         s.sync().unwrap();
         assert!(s.contains(&id));
         assert_eq!(s.get(&id).unwrap(), b"abc");
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 }

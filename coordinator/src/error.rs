@@ -14,20 +14,14 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError(ErrorBody {
-            code,
-            message: message.into(),
-            conflicts: Vec::new(),
-        })
+        ApiError(ErrorBody { code, message: message.into(), conflicts: Vec::new() })
     }
 
     pub fn stale(conflicts: Vec<Conflict>) -> Self {
         let n = conflicts.len();
         ApiError(ErrorBody {
             code: ErrorCode::StaleBase,
-            message: format!(
-                "{n} path(s) changed since the commit's base; re-plan against the returned heads"
-            ),
+            message: format!("{n} path(s) changed since the commit's base; re-plan against the returned heads"),
             conflicts,
         })
     }
@@ -63,19 +57,13 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "metadata store failure");
-        ApiError::new(
-            ErrorCode::Internal,
-            "the coordinator's metadata store failed; try again later",
-        )
+        ApiError::new(ErrorCode::Internal, "the coordinator's metadata store failed; try again later")
     }
 }
 
 impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> Self {
         tracing::error!(error = %e, "chunk store failure");
-        ApiError::new(
-            ErrorCode::Internal,
-            "the coordinator's chunk store failed; try again later",
-        )
+        ApiError::new(ErrorCode::Internal, "the coordinator's chunk store failed; try again later")
     }
 }

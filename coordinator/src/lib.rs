@@ -64,10 +64,7 @@ pub(crate) struct App {
 impl App {
     /// The channel that announces `user`'s journal head.
     pub fn head_sender(&self, user: UserId) -> Result<watch::Sender<Seq>, store::StoreError> {
-        let mut heads = self
-            .heads
-            .lock()
-            .expect("the heads map is never poisoned: no code panics under it");
+        let mut heads = self.heads.lock().expect("the heads map is never poisoned: no code panics under it");
         if let Some(tx) = heads.get(&user) {
             return Ok(tx.clone());
         }
@@ -90,13 +87,7 @@ pub struct Server {
 impl Server {
     /// Mints an invite for `user`, creating the user when `create` is set.
     pub fn invite(&self, user: &str, create: bool) -> anyhow::Result<Invite> {
-        invite(
-            &self.store,
-            user,
-            create,
-            &self.public_addr,
-            self.fingerprint,
-        )
+        invite(&self.store, user, create, &self.public_addr, self.fingerprint)
     }
 
     pub async fn shutdown(self) {
@@ -108,15 +99,13 @@ impl Server {
 
 /// Opens the data directory, binds, and serves until `shutdown`.
 pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
-    std::fs::create_dir_all(&opts.data)
-        .with_context(|| format!("creating {}", opts.data.display()))?;
+    std::fs::create_dir_all(&opts.data).with_context(|| format!("creating {}", opts.data.display()))?;
     let identity = tls::Identity::load_or_create(&opts.data)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
     let chunks = ChunkStore::open(&opts.data.join("chunks")).context("opening the chunk store")?;
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("binding {}", opts.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
     let addr = listener.local_addr()?;
     let public_addr = opts.public_addr.clone().unwrap_or_else(|| addr.to_string());
     let fingerprint = identity.fingerprint();
@@ -128,23 +117,10 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         heads: Mutex::new(HashMap::new()),
     });
     let cancel = CancellationToken::new();
-    let admin = admin::spawn(
-        &opts.data,
-        store.clone(),
-        public_addr.clone(),
-        fingerprint,
-        cancel.clone(),
-    )?;
-    let info = ServerInfo {
-        addr: addr.to_string(),
-        public_addr: public_addr.clone(),
-        fingerprint,
-        pid: std::process::id(),
-    };
-    write_atomic(
-        &opts.data.join("server.json"),
-        &serde_json::to_vec_pretty(&info)?,
-    )?;
+    let admin = admin::spawn(&opts.data, store.clone(), public_addr.clone(), fingerprint, cancel.clone())?;
+    let info =
+        ServerInfo { addr: addr.to_string(), public_addr: public_addr.clone(), fingerprint, pid: std::process::id() };
+    write_atomic(&opts.data.join("server.json"), &serde_json::to_vec_pretty(&info)?)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let router = api::router(app);
     let token = cancel.clone();
@@ -188,59 +164,29 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         admin.abort();
     });
     tracing::info!(%addr, %fingerprint, "coordinator listening");
-    Ok(Server {
-        addr,
-        fingerprint,
-        public_addr,
-        cancel,
-        task,
-        store,
-    })
+    Ok(Server { addr, fingerprint, public_addr, cancel, task, store })
 }
 
 /// Mints a one-time enrollment invite for `name`, creating the user when `create` is set.
-pub fn invite(
-    store: &Store,
-    name: &str,
-    create: bool,
-    addr: &str,
-    fingerprint: ChunkId,
-) -> anyhow::Result<Invite> {
+pub fn invite(store: &Store, name: &str, create: bool, addr: &str, fingerprint: ChunkId) -> anyhow::Result<Invite> {
     if !valid_user_name(name) {
-        anyhow::bail!(
-            "invalid user name {name:?}: use 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        );
+        anyhow::bail!("invalid user name {name:?}: use 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit");
     }
     let user = match (store.user(name)?, create) {
-        (Some(_), true) => anyhow::bail!(
-            "user {name:?} already exists; use `user invite {name}` to enroll another device"
-        ),
+        (Some(_), true) => {
+            anyhow::bail!("user {name:?} already exists; use `user invite {name}` to enroll another device")
+        }
         (Some(u), false) => u,
-        (None, true) => store
-            .add_user(name, now_ms())?
-            .context("user was created concurrently")?,
+        (None, true) => store.add_user(name, now_ms())?.context("user was created concurrently")?,
         (None, false) => anyhow::bail!("no user {name:?}; create it with `user add {name}`"),
     };
     let secret = random_hex(16);
-    store.add_invite(
-        blake3::hash(secret.as_bytes()).as_bytes(),
-        &InviteRec {
-            user: user.id,
-            created_ms: now_ms(),
-        },
-    )?;
-    Ok(Invite {
-        addr: addr.to_string(),
-        user: name.to_string(),
-        secret,
-        fingerprint,
-    })
+    store.add_invite(blake3::hash(secret.as_bytes()).as_bytes(), &InviteRec { user: user.id, created_ms: now_ms() })?;
+    Ok(Invite { addr: addr.to_string(), user: name.to_string(), secret, fingerprint })
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `n` random bytes as hex.
@@ -255,12 +201,7 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;

@@ -56,33 +56,19 @@ enum UserCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve {
-            data,
-            listen,
-            public_addr,
-        } => {
-            let server = shoal_coordinator::start(shoal_coordinator::ServeOptions {
-                data,
-                listen,
-                public_addr,
-            })
-            .await?;
+        Cmd::Serve { data, listen, public_addr } => {
+            let server =
+                shoal_coordinator::start(shoal_coordinator::ServeOptions { data, listen, public_addr }).await?;
             shutdown_signal().await;
             tracing::info!("shutting down");
             server.shutdown().await;
         }
-        Cmd::User {
-            cmd: UserCmd::Add { name, data },
-        } => print_invite(&data, &name, true).await?,
-        Cmd::User {
-            cmd: UserCmd::Invite { name, data },
-        } => print_invite(&data, &name, false).await?,
+        Cmd::User { cmd: UserCmd::Add { name, data } } => print_invite(&data, &name, true).await?,
+        Cmd::User { cmd: UserCmd::Invite { name, data } } => print_invite(&data, &name, false).await?,
     }
     Ok(())
 }

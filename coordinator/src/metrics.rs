@@ -21,30 +21,15 @@ impl Metrics {
         let mut put = |name: &str, kind: &str, help: &str, v: i64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        put(
-            "shoal_requests_total",
-            "counter",
-            "HTTP API requests served.",
-            self.requests.load(Relaxed) as i64,
-        );
+        put("shoal_requests_total", "counter", "HTTP API requests served.", self.requests.load(Relaxed) as i64);
         put(
             "shoal_request_errors_total",
             "counter",
             "API requests answered with an error.",
             self.errors.load(Relaxed) as i64,
         );
-        put(
-            "shoal_commits_total",
-            "counter",
-            "Commits applied.",
-            self.commits.load(Relaxed) as i64,
-        );
-        put(
-            "shoal_journal_entries_total",
-            "counter",
-            "Journal entries appended.",
-            self.entries.load(Relaxed) as i64,
-        );
+        put("shoal_commits_total", "counter", "Commits applied.", self.commits.load(Relaxed) as i64);
+        put("shoal_journal_entries_total", "counter", "Journal entries appended.", self.entries.load(Relaxed) as i64);
         put(
             "shoal_chunk_bytes_in_total",
             "counter",
@@ -57,18 +42,8 @@ impl Metrics {
             "Chunk bytes sent to devices.",
             self.bytes_out.load(Relaxed) as i64,
         );
-        put(
-            "shoal_connected_devices",
-            "gauge",
-            "Devices holding a push subscription.",
-            self.subscribers.load(Relaxed),
-        );
-        put(
-            "shoal_users",
-            "gauge",
-            "Users known to the coordinator.",
-            users as i64,
-        );
+        put("shoal_connected_devices", "gauge", "Devices holding a push subscription.", self.subscribers.load(Relaxed));
+        put("shoal_users", "gauge", "Users known to the coordinator.", users as i64);
         s
     }
 }

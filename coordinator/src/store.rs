@@ -70,14 +70,9 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
-        Some((&VALUE_VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|_| StoreError::Corrupt {
-                key: String::from_utf8_lossy(key).into_owned(),
-            })
-        }
-        _ => Err(StoreError::Corrupt {
-            key: String::from_utf8_lossy(key).into_owned(),
-        }),
+        Some((&VALUE_VERSION, rest)) => postcard::from_bytes(rest)
+            .map_err(|_| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned() }),
+        _ => Err(StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned() }),
     }
 }
 
@@ -90,15 +85,7 @@ fn key(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 }
 
 fn history_key(user: UserId, path: &SyncPath, seq: Seq) -> Vec<u8> {
-    key(
-        b"v/",
-        &[
-            &user.to_be_bytes(),
-            path.as_str().as_bytes(),
-            &[0],
-            &seq.to_be_bytes(),
-        ],
-    )
+    key(b"v/", &[&user.to_be_bytes(), path.as_str().as_bytes(), &[0], &seq.to_be_bytes()])
 }
 
 fn be_u64(b: &[u8]) -> Option<u64> {
@@ -119,10 +106,7 @@ impl Store {
             .path(dir)
             .flush_every_ms(Some(500))
             .open()
-            .map_err(|source| StoreError::Open {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
         Ok(Store { db, meta })
     }
@@ -149,15 +133,8 @@ impl Store {
     /// Creates a user; `Ok(None)` if the name is taken.
     pub fn add_user(&self, name: &str, now_ms: u64) -> Result<Option<UserRec>, StoreError> {
         let k = key(b"u/", &[name.as_bytes()]);
-        let rec = UserRec {
-            id: self.db.generate_id()? + 1,
-            name: name.to_string(),
-            created_ms: now_ms,
-        };
-        match self
-            .meta
-            .compare_and_swap(&k, None as Option<&[u8]>, Some(encode(&rec)))?
-        {
+        let rec = UserRec { id: self.db.generate_id()? + 1, name: name.to_string(), created_ms: now_ms };
+        match self.meta.compare_and_swap(&k, None as Option<&[u8]>, Some(encode(&rec)))? {
             Ok(()) => Ok(Some(rec)),
             Err(_) => Ok(None),
         }
@@ -170,12 +147,7 @@ impl Store {
 
     /// Consumes an invite and stores the new device and its token, atomically: an invite enrolls
     /// exactly one device.
-    pub fn enroll(
-        &self,
-        secret_hash: &[u8; 32],
-        user: UserId,
-        dev: &DeviceRec,
-    ) -> Result<bool, StoreError> {
+    pub fn enroll(&self, secret_hash: &[u8; 32], user: UserId, dev: &DeviceRec) -> Result<bool, StoreError> {
         let ik = key(b"i/", &[secret_hash]);
         let Some(inv) = self.get::<InviteRec>(&ik)? else {
             return Ok(false);
@@ -215,8 +187,7 @@ impl Store {
     }
 
     pub fn put_device(&self, dev: &DeviceRec) -> Result<(), StoreError> {
-        self.meta
-            .insert(key(b"d/", &[dev.id.as_bytes()]), encode(dev))?;
+        self.meta.insert(key(b"d/", &[dev.id.as_bytes()]), encode(dev))?;
         Ok(())
     }
 
@@ -240,9 +211,7 @@ impl Store {
     // ---- chunks ----
 
     pub fn user_has_chunk(&self, user: UserId, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self
-            .meta
-            .contains_key(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?)
+        Ok(self.meta.contains_key(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?)
     }
 
     pub fn add_user_chunks(&self, user: UserId, ids: &[ChunkId]) -> Result<(), StoreError> {
@@ -257,11 +226,7 @@ impl Store {
     // ---- journal ----
 
     pub fn head_seq(&self, user: UserId) -> Result<Seq, StoreError> {
-        Ok(self
-            .meta
-            .get(key(b"h/", &[&user.to_be_bytes()]))?
-            .and_then(|v| be_u64(&v))
-            .unwrap_or(0))
+        Ok(self.meta.get(key(b"h/", &[&user.to_be_bytes()]))?.and_then(|v| be_u64(&v)).unwrap_or(0))
     }
 
     fn entry(&self, user: UserId, seq: Seq) -> Result<Option<Entry>, StoreError> {
@@ -270,34 +235,20 @@ impl Store {
 
     /// The current head of `path` (possibly a tombstone).
     pub fn head(&self, user: UserId, path: &SyncPath) -> Result<Option<Entry>, StoreError> {
-        let Some(seq) = self
-            .meta
-            .get(key(b"p/", &[&user.to_be_bytes(), path.as_str().as_bytes()]))?
-        else {
+        let Some(seq) = self.meta.get(key(b"p/", &[&user.to_be_bytes(), path.as_str().as_bytes()]))? else {
             return Ok(None);
         };
-        let seq = be_u64(&seq).ok_or_else(|| StoreError::Corrupt {
-            key: format!("p/{path}"),
-        })?;
+        let seq = be_u64(&seq).ok_or_else(|| StoreError::Corrupt { key: format!("p/{path}") })?;
         self.entry(user, seq)
     }
 
-    pub fn commit_response(
-        &self,
-        user: UserId,
-        id: &CommitId,
-    ) -> Result<Option<CommitResponse>, StoreError> {
+    pub fn commit_response(&self, user: UserId, id: &CommitId) -> Result<Option<CommitResponse>, StoreError> {
         self.get(&key(b"c/", &[&user.to_be_bytes(), id.as_bytes()]))
     }
 
     /// Appends `entries` (already numbered `head+1..`, with bases checked by the caller under the
     /// commit lock) to the journal, moves the heads and records the commit id, in one atomic batch.
-    pub fn append(
-        &self,
-        user: UserId,
-        id: &CommitId,
-        resp: &CommitResponse,
-    ) -> Result<(), StoreError> {
+    pub fn append(&self, user: UserId, id: &CommitId, resp: &CommitResponse) -> Result<(), StoreError> {
         let u = user.to_be_bytes();
         let mut batch = sled::Batch::default();
         let mut last = None;
@@ -317,12 +268,7 @@ impl Store {
     }
 
     /// Journal entries with `since < seq`, at most `limit`.
-    pub fn changes(
-        &self,
-        user: UserId,
-        since: Seq,
-        limit: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
+    pub fn changes(&self, user: UserId, since: Seq, limit: usize) -> Result<Vec<Entry>, StoreError> {
         let u = user.to_be_bytes();
         let from = key(b"j/", &[&u, &since.saturating_add(1).to_be_bytes()]);
         let to = key(b"j/", &[&u, &u64::MAX.to_be_bytes()]);
@@ -336,16 +282,11 @@ impl Store {
 
     /// Every version of `path`, oldest first.
     pub fn history(&self, user: UserId, path: &SyncPath) -> Result<Vec<Entry>, StoreError> {
-        let prefix = key(
-            b"v/",
-            &[&user.to_be_bytes(), path.as_str().as_bytes(), &[0]],
-        );
+        let prefix = key(b"v/", &[&user.to_be_bytes(), path.as_str().as_bytes(), &[0]]);
         let mut out = Vec::new();
         for kv in self.meta.scan_prefix(&prefix) {
             let (k, _) = kv?;
-            let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt {
-                key: format!("v/{path}"),
-            })?;
+            let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: format!("v/{path}") })?;
             if let Some(e) = self.entry(user, seq)? {
                 out.push(e);
             }

@@ -21,31 +21,18 @@ impl Identity {
         let dir = data.join("tls");
         let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
         if cert_path.exists() && key_path.exists() {
-            let cert = std::fs::read(&cert_path)
-                .with_context(|| format!("reading {}", cert_path.display()))?;
-            let key = std::fs::read(&key_path)
-                .with_context(|| format!("reading {}", key_path.display()))?;
-            return Ok(Identity {
-                cert: CertificateDer::from(cert),
-                key: PrivatePkcs8KeyDer::from(key),
-            });
+            let cert = std::fs::read(&cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
+            let key = std::fs::read(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+            return Ok(Identity { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) });
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let names = vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "shoal-coordinator".to_string(),
-        ];
-        let ck =
-            rcgen::generate_simple_self_signed(names).context("generating the TLS certificate")?;
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "shoal-coordinator".to_string()];
+        let ck = rcgen::generate_simple_self_signed(names).context("generating the TLS certificate")?;
         let cert = ck.cert.der().to_vec();
         let key = ck.signing_key.serialize_der();
         crate::write_private(&key_path, &key)?;
         crate::write_private(&cert_path, &cert)?;
-        Ok(Identity {
-            cert: CertificateDer::from(cert),
-            key: PrivatePkcs8KeyDer::from(key),
-        })
+        Ok(Identity { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) })
     }
 
     /// The fingerprint devices pin: BLAKE3 of the certificate's DER.
@@ -58,10 +45,7 @@ impl Identity {
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(
-                vec![self.cert.clone()],
-                PrivateKeyDer::Pkcs8(self.key.clone_key()),
-            )?;
+            .with_single_cert(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }

@@ -25,9 +25,7 @@ pub const MAX_WAIT_SECS: u64 = 60;
 /// A user name: 1–32 of `a-z 0-9 _ -`, starting with a letter or digit.
 pub fn valid_user_name(name: &str) -> bool {
     (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
@@ -54,21 +52,14 @@ pub struct InviteError(&'static str);
 
 impl fmt::Display for Invite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "shoal://{}/{}?secret={}&fp={}",
-            self.addr, self.user, self.secret, self.fingerprint
-        )
+        write!(f, "shoal://{}/{}?secret={}&fp={}", self.addr, self.user, self.secret, self.fingerprint)
     }
 }
 
 impl std::str::FromStr for Invite {
     type Err = InviteError;
     fn from_str(s: &str) -> Result<Self, InviteError> {
-        let rest = s
-            .trim()
-            .strip_prefix("shoal://")
-            .ok_or(InviteError("missing shoal:// prefix"))?;
+        let rest = s.trim().strip_prefix("shoal://").ok_or(InviteError("missing shoal:// prefix"))?;
         let (addr, rest) = rest.split_once('/').ok_or(InviteError("missing user"))?;
         let (user, query) = rest.split_once('?').ok_or(InviteError("missing secret"))?;
         if addr.is_empty() || !addr.contains(':') {
@@ -89,16 +80,8 @@ impl std::str::FromStr for Invite {
         if secret.len() != 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(InviteError("bad secret"));
         }
-        let fingerprint = fp
-            .ok_or(InviteError("missing fp"))?
-            .parse()
-            .map_err(|_| InviteError("bad fp"))?;
-        Ok(Invite {
-            addr: addr.to_string(),
-            user: user.to_string(),
-            secret: secret.to_string(),
-            fingerprint,
-        })
+        let fingerprint = fp.ok_or(InviteError("missing fp"))?.parse().map_err(|_| InviteError("bad fp"))?;
+        Ok(Invite { addr: addr.to_string(), user: user.to_string(), secret: secret.to_string(), fingerprint })
     }
 }
 

@@ -22,11 +22,7 @@ pub struct ChunkParams {
 /// Chosen with `bench/chunk-params` (README, "Chunker parameters"): it keeps an edit's upload
 /// under ~200 KiB on average while holding per-chunk overhead (metadata, requests, index rows)
 /// to about 13k chunks per GiB. Changing it re-chunks every file: bump `CHUNKER_VERSION`.
-pub const CHUNK_PARAMS: ChunkParams = ChunkParams {
-    min: 16 * 1024,
-    avg: 64 * 1024,
-    max: 256 * 1024,
-};
+pub const CHUNK_PARAMS: ChunkParams = ChunkParams { min: 16 * 1024, avg: 64 * 1024, max: 256 * 1024 };
 
 /// Names the chunker (algorithm, crate major version, parameters) in stored formats.
 pub const CHUNKER_VERSION: u32 = 1;
@@ -52,9 +48,7 @@ pub struct Chunker {
 
 impl Default for Chunker {
     fn default() -> Self {
-        Chunker {
-            params: CHUNK_PARAMS,
-        }
+        Chunker { params: CHUNK_PARAMS }
     }
 }
 
@@ -123,10 +117,7 @@ impl Chunker {
                         break;
                     }
                     let bytes = &data[c.offset..c.offset + c.length];
-                    let chunk = ChunkRef {
-                        id: ChunkId::of(bytes),
-                        len: c.length as u32,
-                    };
+                    let chunk = ChunkRef { id: ChunkId::of(bytes), len: c.length as u32 };
                     if let Err(e) = on_chunk(&chunk, offset + c.offset as u64, bytes) {
                         result = Err(e);
                         break;
@@ -135,8 +126,7 @@ impl Chunker {
                     consumed = c.offset + c.length;
                 }
                 if let Some(h) = h {
-                    h.join()
-                        .expect("the hashing thread only calls blake3, which does not panic");
+                    h.join().expect("the hashing thread only calls blake3, which does not panic");
                 }
                 (consumed, result)
             });
@@ -147,11 +137,7 @@ impl Chunker {
             offset += consumed as u64;
         }
         let size = chunks.iter().map(|c| u64::from(c.len)).sum();
-        Ok(Manifest {
-            size,
-            hash: whole.finalize().into(),
-            chunks,
-        })
+        Ok(Manifest { size, hash: whole.finalize().into(), chunks })
     }
 }
 
@@ -192,10 +178,7 @@ mod tests {
         for (i, c) in m.chunks.iter().enumerate() {
             assert!(c.len as usize <= CHUNK_PARAMS.max);
             if i + 1 < m.chunks.len() {
-                assert!(
-                    c.len as usize >= CHUNK_PARAMS.min,
-                    "only the last chunk may be short"
-                );
+                assert!(c.len as usize >= CHUNK_PARAMS.min, "only the last chunk may be short");
             }
         }
         (m, pieces)
@@ -213,9 +196,7 @@ mod tests {
         let data = noise(7, 11 * 1024 * 1024 + 12345);
         let (m, _) = check(&data);
         let p = CHUNK_PARAMS;
-        let direct: Vec<u32> = FastCDC::new(&data, p.min, p.avg, p.max)
-            .map(|c| c.length as u32)
-            .collect();
+        let direct: Vec<u32> = FastCDC::new(&data, p.min, p.avg, p.max).map(|c| c.length as u32).collect();
         assert_eq!(m.chunks.iter().map(|c| c.len).collect::<Vec<_>>(), direct);
     }
 
@@ -231,21 +212,15 @@ mod tests {
         assert_eq!(m.hash.to_string(), SNAPSHOT_FILE_HASH);
     }
 
-    const SNAPSHOT_LENS: &[u32] = &[
-        75408, 38902, 35231, 73905, 50484, 24278, 75794, 151960, 150696, 66923, 66671, 58737,
-        26970, 57467, 95150,
-    ];
-    const SNAPSHOT_FIRST_ID: &str =
-        "ec3b225c7377f84af09f52131a8ee82b18622cd1da973c4cb00d5bad48881ac5";
-    const SNAPSHOT_FILE_HASH: &str =
-        "734b6cf25993f7c0cffb11946df3bef03b9174a0962edd4531466f5e4a5f7940";
+    const SNAPSHOT_LENS: &[u32] =
+        &[75408, 38902, 35231, 73905, 50484, 24278, 75794, 151960, 150696, 66923, 66671, 58737, 26970, 57467, 95150];
+    const SNAPSHOT_FIRST_ID: &str = "ec3b225c7377f84af09f52131a8ee82b18622cd1da973c4cb00d5bad48881ac5";
+    const SNAPSHOT_FILE_HASH: &str = "734b6cf25993f7c0cffb11946df3bef03b9174a0962edd4531466f5e4a5f7940";
 
     #[test]
     fn callback_error_stops_chunking() {
         let data = noise(1, 1 << 20);
-        let err = Chunker::default()
-            .chunk(&data[..], |_, _, _| Err("stop".into()))
-            .unwrap_err();
+        let err = Chunker::default().chunk(&data[..], |_, _, _| Err("stop".into())).unwrap_err();
         assert!(matches!(err, ChunkerError::Callback(ref s) if s == "stop"));
     }
 

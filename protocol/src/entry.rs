@@ -25,11 +25,7 @@ pub struct Manifest {
 impl Manifest {
     /// The manifest of the empty file.
     pub fn empty() -> Self {
-        Manifest {
-            size: 0,
-            hash: ChunkId::of(b""),
-            chunks: Vec::new(),
-        }
+        Manifest { size: 0, hash: ChunkId::of(b""), chunks: Vec::new() }
     }
 
     /// `true` if the chunk lengths add up to `size`, no chunk is empty or larger than the chunker's
@@ -113,10 +109,7 @@ impl Entry {
     /// `true` when the two versions hold the same thing (ignoring who made them and when).
     pub fn same_content(&self, other: &Entry) -> bool {
         self.deleted == other.deleted
-            && (self.deleted
-                || (self.kind == other.kind
-                    && self.hash() == other.hash()
-                    && self.exec == other.exec))
+            && (self.deleted || (self.kind == other.kind && self.hash() == other.hash() && self.exec == other.exec))
     }
 }
 
@@ -141,12 +134,7 @@ mod tests {
         };
         let bin = postcard::to_stdvec(&e).unwrap();
         assert_eq!(postcard::from_bytes::<Entry>(&bin).unwrap(), e);
-        let with = Entry {
-            manifest: Some(Manifest::empty()),
-            kind: EntryKind::File,
-            deleted: false,
-            ..e
-        };
+        let with = Entry { manifest: Some(Manifest::empty()), kind: EntryKind::File, deleted: false, ..e };
         let bin = postcard::to_stdvec(&with).unwrap();
         assert_eq!(postcard::from_bytes::<Entry>(&bin).unwrap(), with);
     }

@@ -21,10 +21,7 @@ pub enum HexError {
 
 fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], HexError> {
     if s.len() != N * 2 {
-        return Err(HexError::Length {
-            expected: N * 2,
-            got: s.len(),
-        });
+        return Err(HexError::Length { expected: N * 2, got: s.len() });
     }
     let mut out = [0u8; N];
     let bytes = s.as_bytes();
@@ -172,13 +169,7 @@ mod tests {
         let s = id.to_string();
         assert_eq!(s.len(), 64);
         assert_eq!(s.parse::<ChunkId>().unwrap(), id);
-        assert_eq!(
-            "abc".parse::<ChunkId>(),
-            Err(HexError::Length {
-                expected: 64,
-                got: 3
-            })
-        );
+        assert_eq!("abc".parse::<ChunkId>(), Err(HexError::Length { expected: 64, got: 3 }));
         let upper = s.to_uppercase();
         assert!(upper.parse::<ChunkId>().is_err(), "ids are lower-case only");
         let json = serde_json::to_string(&id).unwrap();

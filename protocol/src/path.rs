@@ -131,8 +131,7 @@ impl SyncPath {
 
     /// `true` if `self` is `other` or lies under it.
     pub fn starts_with(&self, other: &SyncPath) -> bool {
-        self.0 == other.0
-            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+        self.0 == other.0 || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
     }
 
     /// `self` with its last component replaced by `name`, validated again.
@@ -182,7 +181,8 @@ impl Serialize for SyncPath {
 impl<'de> Deserialize<'de> for SyncPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        SyncPath::parse(&s).map_err(serde::de::Error::custom)
+        // The "invalid path" prefix lets servers answer with the `invalid_path` error code.
+        SyncPath::parse(&s).map_err(|e| serde::de::Error::custom(format!("invalid path {s:?}: {e}")))
     }
 }
 
@@ -192,11 +192,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn check(s: &str, want: Result<&str, PathError>) {
-        assert_eq!(
-            SyncPath::parse(s).as_ref().map(|p| p.as_str()),
-            want.as_deref(),
-            "{s:?}"
-        );
+        assert_eq!(SyncPath::parse(s).as_ref().map(|p| p.as_str()), want.as_deref(), "{s:?}");
     }
 
     #[test]

@@ -14,11 +14,7 @@ fn h(n: u8) -> ChunkId {
 }
 
 fn entry(path: &str, node: Option<Node>, version: Seq) -> Entry {
-    let manifest = node.and_then(|n| n.hash).map(|hash| Manifest {
-        size: 1,
-        hash,
-        chunks: vec![],
-    });
+    let manifest = node.and_then(|n| n.hash).map(|hash| Manifest { size: 1, hash, chunks: vec![] });
     Entry {
         path: p(path),
         kind: node.map_or(EntryKind::File, |n| n.kind),
@@ -47,64 +43,31 @@ fn check(r: Option<Node>, l: Option<Node>, s: Option<Node>) -> Vec<Op> {
     if let Some(s) = s {
         synced.insert(p("f"), entry("f", Some(s), 3));
     }
-    plan(&Trees {
-        remote: &remote,
-        local: &local,
-        synced: &synced,
-        pending: &HashSet::new(),
-    })
+    plan(&Trees { remote: &remote, local: &local, synced: &synced, pending: &HashSet::new() })
 }
 
 #[test]
 fn rules() {
-    let (a, b, c) = (
-        Node::file(h(1), false),
-        Node::file(h(2), false),
-        Node::file(h(3), false),
-    );
+    let (a, b, c) = (Node::file(h(1), false), Node::file(h(2), false), Node::file(h(3), false));
     assert_eq!(check(Some(a), Some(a), Some(a)), vec![]);
     assert!(matches!(&check(Some(b), Some(a), Some(a))[..], [Op::Fetch(e)] if e.version == 7));
-    assert!(
-        matches!(&check(None, Some(a), Some(a))[..], [Op::Remove { expect, .. }] if *expect == a)
-    );
+    assert!(matches!(&check(None, Some(a), Some(a))[..], [Op::Remove { expect, .. }] if *expect == a));
     assert!(
         matches!(&check(Some(a), Some(b), Some(a))[..], [Op::Upload { base: Some(7), local: Some(n), .. }] if *n == b)
     );
-    assert!(matches!(
-        &check(Some(a), None, Some(a))[..],
-        [Op::Upload { local: None, .. }]
-    ));
-    assert!(matches!(
-        &check(Some(b), Some(b), Some(a))[..],
-        [Op::Adopt(_)]
-    ));
+    assert!(matches!(&check(Some(a), None, Some(a))[..], [Op::Upload { local: None, .. }]));
+    assert!(matches!(&check(Some(b), Some(b), Some(a))[..], [Op::Adopt(_)]));
     assert!(matches!(&check(None, None, Some(a))[..], [Op::Forget(_)]));
-    assert!(matches!(
-        &check(Some(b), Some(c), Some(a))[..],
-        [Op::ConflictCopy { .. }]
-    ));
+    assert!(matches!(&check(Some(b), Some(c), Some(a))[..], [Op::ConflictCopy { .. }]));
     // Edit beats delete, both ways.
-    assert!(matches!(
-        &check(None, Some(b), Some(a))[..],
-        [Op::Upload {
-            base: Some(7),
-            local: Some(_),
-            ..
-        }]
-    ));
+    assert!(matches!(&check(None, Some(b), Some(a))[..], [Op::Upload { base: Some(7), local: Some(_), .. }]));
     assert!(matches!(&check(Some(b), None, Some(a))[..], [Op::Fetch(_)]));
     // First sync of identical content moves nothing; of different content keeps both.
     assert!(matches!(&check(Some(a), Some(a), None)[..], [Op::Adopt(_)]));
-    assert!(matches!(
-        &check(Some(a), Some(b), None)[..],
-        [Op::ConflictCopy { .. }]
-    ));
+    assert!(matches!(&check(Some(a), Some(b), None)[..], [Op::ConflictCopy { .. }]));
     // An exec-bit change is a change.
     let ax = Node::file(h(1), true);
-    assert!(matches!(
-        &check(Some(a), Some(ax), Some(a))[..],
-        [Op::Upload { .. }]
-    ));
+    assert!(matches!(&check(Some(a), Some(ax), Some(a))[..], [Op::Upload { .. }]));
 }
 
 #[test]
@@ -112,12 +75,7 @@ fn pending_paths_wait() {
     let a = Node::file(h(1), false);
     let local = BTreeMap::from([(p("f"), a)]);
     let pending = HashSet::from([p("f")]);
-    let ops = plan(&Trees {
-        remote: &BTreeMap::new(),
-        local: &local,
-        synced: &BTreeMap::new(),
-        pending: &pending,
-    });
+    let ops = plan(&Trees { remote: &BTreeMap::new(), local: &local, synced: &BTreeMap::new(), pending: &pending });
     assert_eq!(ops, vec![]);
 }
 
@@ -125,41 +83,13 @@ fn pending_paths_wait() {
 fn remote_dir_removal_keeps_new_local_children() {
     let d = Node::dir();
     let a = Node::file(h(1), false);
-    let remote = BTreeMap::from([
-        (p("d"), entry("d", None, 9)),
-        (p("d/x"), entry("d/x", None, 10)),
-    ]);
-    let synced = BTreeMap::from([
-        (p("d"), entry("d", Some(d), 1)),
-        (p("d/x"), entry("d/x", Some(a), 2)),
-    ]);
-    let local = BTreeMap::from([
-        (p("d"), d),
-        (p("d/x"), a),
-        (p("d/new"), Node::file(h(5), false)),
-    ]);
-    let ops = plan(&Trees {
-        remote: &remote,
-        local: &local,
-        synced: &synced,
-        pending: &HashSet::new(),
-    });
-    assert!(
-        ops.contains(&Op::Upload {
-            path: p("d"),
-            local: Some(d),
-            base: Some(9)
-        }),
-        "{ops:?}"
-    );
-    assert!(
-        ops.iter()
-            .any(|o| matches!(o, Op::Remove { path, .. } if path.as_str() == "d/x"))
-    );
-    assert!(
-        ops.iter()
-            .any(|o| matches!(o, Op::Upload { path, .. } if path.as_str() == "d/new"))
-    );
+    let remote = BTreeMap::from([(p("d"), entry("d", None, 9)), (p("d/x"), entry("d/x", None, 10))]);
+    let synced = BTreeMap::from([(p("d"), entry("d", Some(d), 1)), (p("d/x"), entry("d/x", Some(a), 2))]);
+    let local = BTreeMap::from([(p("d"), d), (p("d/x"), a), (p("d/new"), Node::file(h(5), false))]);
+    let ops = plan(&Trees { remote: &remote, local: &local, synced: &synced, pending: &HashSet::new() });
+    assert!(ops.contains(&Op::Upload { path: p("d"), local: Some(d), base: Some(9) }), "{ops:?}");
+    assert!(ops.iter().any(|o| matches!(o, Op::Remove { path, .. } if path.as_str() == "d/x")));
+    assert!(ops.iter().any(|o| matches!(o, Op::Upload { path, .. } if path.as_str() == "d/new")));
 }
 
 /// One device and the coordinator, as maps; ops applied the way the executor does.
@@ -180,12 +110,8 @@ impl Model {
     }
 
     fn round(&mut self) -> usize {
-        let ops = plan(&Trees {
-            remote: &self.remote,
-            local: &self.local,
-            synced: &self.synced,
-            pending: &HashSet::new(),
-        });
+        let ops =
+            plan(&Trees { remote: &self.remote, local: &self.local, synced: &self.synced, pending: &HashSet::new() });
         for op in &ops {
             match op {
                 Op::Fetch(e) => {
@@ -205,20 +131,14 @@ impl Model {
                 }
                 Op::ConflictCopy { path, remote } => {
                     let mine = self.local.remove(path).unwrap();
-                    let copy = path
-                        .with_file_name(&format!("{} (conflicted copy)", path.file_name()))
-                        .unwrap();
+                    let copy = path.with_file_name(&format!("{} (conflicted copy)", path.file_name())).unwrap();
                     assert!(!self.local.contains_key(&copy));
                     self.local.insert(copy, mine);
                     self.local.insert(path.clone(), Node::of(remote).unwrap());
                     self.synced.insert(path.clone(), remote.clone());
                 }
                 Op::Upload { path, local, base } => {
-                    assert_eq!(
-                        self.remote.get(path).map(|e| e.version),
-                        *base,
-                        "base is the head"
-                    );
+                    assert_eq!(self.remote.get(path).map(|e| e.version), *base, "base is the head");
                     let e = self.commit(path, *local);
                     match local {
                         Some(_) => self.synced.insert(path.clone(), e),
@@ -231,20 +151,13 @@ impl Model {
     }
 
     fn live_remote(&self) -> BTreeMap<SyncPath, Node> {
-        self.remote
-            .iter()
-            .filter_map(|(p, e)| Node::of(e).map(|n| (p.clone(), n)))
-            .collect()
+        self.remote.iter().filter_map(|(p, e)| Node::of(e).map(|n| (p.clone(), n))).collect()
     }
 }
 
 /// An edit to one path: keep, delete, or set to content `n`.
 fn edit() -> impl Strategy<Value = Option<Option<u8>>> {
-    prop_oneof![
-        Just(None),
-        Just(Some(None)),
-        (1u8..6).prop_map(|n| Some(Some(n)))
-    ]
+    prop_oneof![Just(None), Just(Some(None)), (1u8..6).prop_map(|n| Some(Some(n)))]
 }
 
 proptest! {

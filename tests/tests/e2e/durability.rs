@@ -1,0 +1,104 @@
+//! Offline work, catching up from a durable cursor, coordinator restarts, and an agent killed
+//! with SIGKILL in the middle of a download.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[test]
+fn offline_device_catches_up_after_fifty_commits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "gus", "a");
+    let b = Device::enroll(tmp.path(), &coord, "gus", "b");
+    b.write("before.txt", b"b was here");
+    sync_all(&[&a, &b]);
+    // b is offline (not running) while a makes 50 commits.
+    for i in 0..50 {
+        a.write(&format!("log/{}.txt", i % 7), format!("entry {i}").as_bytes());
+        if i % 5 == 0 {
+            let _ = std::fs::remove_file(a.path(&format!("log/{}.txt", (i + 3) % 7)));
+        }
+        a.sync();
+    }
+    b.sync();
+    converge(&[&a, &b], Duration::from_secs(10));
+    let h = a.shoal(&["history", "log/0.txt", "--json"]);
+    let versions: Vec<serde_json::Value> = serde_json::from_slice(&h.stdout).unwrap();
+    assert!(versions.len() >= 7, "every version is kept: {}", versions.len());
+}
+
+#[test]
+fn agents_ride_out_a_coordinator_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut a = Device::enroll(tmp.path(), &coord, "hal", "a");
+    let mut b = Device::enroll(tmp.path(), &coord, "hal", "b");
+    a.start();
+    b.start();
+    for i in 0..40 {
+        a.write(&format!("batch1/{i}.txt"), &noise(i, 50_000));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    coord.restart(true);
+    for i in 0..40 {
+        b.write(&format!("batch2/{i}.txt"), &noise(100 + i, 50_000));
+    }
+    coord.restart(false);
+    let t = converge(&[&a, &b], SETTLE);
+    assert_eq!(t.keys().filter(|k| k.starts_with("batch")).count(), 82);
+    // While the coordinator is down, local work goes on and is sent when it returns.
+    coord.stop(false);
+    a.write("offline.txt", b"written while the coordinator was down");
+    std::thread::sleep(Duration::from_millis(500));
+    coord.restart(false);
+    let t = converge(&[&a, &b], SETTLE);
+    assert!(t.contains_key("offline.txt"));
+    a.stop(false);
+    b.stop(false);
+}
+
+#[test]
+fn sigkill_mid_download_leaves_no_partial_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "ivy", "a");
+    let mut b = Device::enroll(tmp.path(), &coord, "ivy", "b");
+    let big = noise(77, 200 * 1024 * 1024);
+    a.write("big.bin", &big);
+    a.sync();
+    b.start();
+    // Kill b as soon as a partial download exists in its temp dir.
+    let tmpdir = b.path(".shoal/tmp");
+    let seen = wait_for(Duration::from_secs(60), || {
+        let n = std::fs::read_dir(&tmpdir).ok()?.flatten().filter(|e| e.metadata().is_ok_and(|m| m.len() > 0)).count();
+        (n > 0).then_some(())
+    });
+    b.stop(true);
+    assert!(seen.is_some(), "the download never started");
+    match b.read("big.bin") {
+        None => {}
+        Some(data) => assert_eq!(file_hash(&data), file_hash(&big), "a visible file is never partial"),
+    }
+    b.start();
+    converge(&[&a, &b], SETTLE);
+    assert_eq!(std::fs::read_dir(&tmpdir).unwrap().count(), 0, "temp files are cleaned up");
+    b.stop(false);
+}
+
+#[test]
+fn missing_root_marker_stops_sync_and_deletes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "jay", "a");
+    let b = Device::enroll(tmp.path(), &coord, "jay", "b");
+    a.write("precious.txt", b"keep me");
+    sync_all(&[&a, &b]);
+    // Simulate an unmounted disk: the folder is empty, marker included.
+    std::fs::remove_dir_all(b.path("")).unwrap();
+    std::fs::create_dir_all(b.path("")).unwrap();
+    let out = b.shoal(&["sync", "--once"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("marker"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(a.remote_tree().contains_key("precious.txt"), "nothing was deleted");
+}

@@ -1,0 +1,346 @@
+//! Test harness: real `shoal-coordinator` and `shoal` processes in temp dirs on loopback, plus
+//! the oracle every test checks — all devices converge, by content hash, to the coordinator's
+//! tree.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Directory holding the binaries under test, built once per test run.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // target/<profile>/deps/e2e-<hash> → target/<profile>
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "shoal-agent", "-p", "shoal-coordinator", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the binaries");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A running coordinator.
+pub struct Coordinator {
+    pub data: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl Coordinator {
+    pub fn start(data: &Path) -> Coordinator {
+        Self::start_on(data, "127.0.0.1:0")
+    }
+
+    fn start_on(data: &Path, listen: &str) -> Coordinator {
+        let (child, addr) = spawn_coordinator(data, listen);
+        Coordinator { data: data.to_path_buf(), addr, child: Some(child) }
+    }
+
+    /// Stops the server (SIGTERM, or SIGKILL when `hard`) and starts it again on the same address.
+    pub fn restart(&mut self, hard: bool) {
+        self.stop(hard);
+        let (child, _) = spawn_coordinator(&self.data, &self.addr);
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self, hard: bool) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, if hard { "KILL" } else { "TERM" });
+            let _ = c.wait();
+        }
+    }
+
+    /// An unauthenticated client pinned to this coordinator's certificate.
+    pub fn client(&self) -> shoal_agent::client::Client {
+        let b = std::fs::read(self.data.join("server.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        let fp = v["fingerprint"].as_str().unwrap().parse().unwrap();
+        shoal_agent::client::Client::anonymous(&self.addr, fp).unwrap()
+    }
+
+    /// Reads a counter from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = block_on(self.client().metrics()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} missing from {text}"))
+    }
+
+    /// A one-time invite for `user` (created on first use).
+    pub fn invite(&self, user: &str) -> String {
+        let run = |sub: &str| {
+            Command::new(bin("shoal-coordinator")).args(["user", sub, user, "--data"]).arg(&self.data).output().unwrap()
+        };
+        let mut out = run("invite");
+        if !out.status.success() {
+            out = run("add");
+        }
+        assert!(out.status.success(), "user add failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().last().unwrap().trim().to_string()
+    }
+}
+
+/// Starts `shoal-coordinator serve` and waits until it has written its `server.json`.
+fn spawn_coordinator(data: &Path, listen: &str) -> (Child, String) {
+    let _ = std::fs::remove_file(data.join("server.json"));
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
+    let child = Command::new(bin("shoal-coordinator"))
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", listen])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawning shoal-coordinator");
+    let pid = child.id();
+    let info = wait_for(Duration::from_secs(30), || {
+        let b = std::fs::read(data.join("server.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+        (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
+    })
+    .expect("coordinator did not start");
+    (child, info["addr"].as_str().unwrap().to_string())
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+pub fn signal(c: &Child, sig: &str) {
+    let _ = Command::new("kill").args([&format!("-{sig}"), &c.id().to_string()]).status();
+}
+
+/// One enrolled device: its home, its sync folder and (maybe) its running daemon.
+pub struct Device {
+    pub name: String,
+    pub home: PathBuf,
+    pub root: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Device {
+    pub fn enroll(base: &Path, coord: &Coordinator, user: &str, name: &str) -> Device {
+        let home = base.join(format!("{name}-home"));
+        let root = base.join(name);
+        let invite = coord.invite(user);
+        let d = Device { name: name.to_string(), home, root, daemon: None };
+        let out = d.shoal(&["init", "--invite", &invite, "--dir", d.root.to_str().unwrap(), "--device", name]);
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        d
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin("shoal"));
+        c.arg("--home").arg(&self.home);
+        c
+    }
+
+    pub fn shoal(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("running shoal")
+    }
+
+    /// Runs `shoal sync --once` and asserts it reached "in sync".
+    pub fn sync(&self) {
+        let out = self.shoal(&["sync", "--once"]);
+        assert!(out.status.success(), "{}: sync --once failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.home.join("run.log")).unwrap();
+        let child = self.cmd().arg("run").env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.daemon = Some(child);
+    }
+
+    /// Stops the daemon (SIGTERM and wait, or SIGKILL when `hard`).
+    pub fn stop(&mut self, hard: bool) {
+        if let Some(mut c) = self.daemon.take() {
+            signal(&c, if hard { "KILL" } else { "TERM" });
+            let status = c.wait().unwrap();
+            if !hard {
+                assert!(status.success(), "{}: daemon did not exit cleanly: {status}", self.name);
+            }
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.path(rel)).ok()
+    }
+
+    /// The coordinator's live tree as this device sees it (`shoal ls --json`).
+    pub fn remote_tree(&self) -> Tree {
+        let out = self.shoal(&["ls", "--json"]);
+        assert!(out.status.success(), "ls failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        v.into_iter()
+            .map(|e| {
+                let node = match e["kind"].as_str() {
+                    Some("dir") => Node::Dir,
+                    _ => Node::File(e["hash"].as_str().unwrap().to_string(), e["exec"].as_bool().unwrap()),
+                };
+                (e["path"].as_str().unwrap().to_string(), node)
+            })
+            .collect()
+    }
+
+    pub fn local_tree(&self) -> Tree {
+        local_tree(&self.root)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// What a path holds, by content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    Dir,
+    /// BLAKE3 hex and exec bit.
+    File(String, bool),
+}
+
+pub type Tree = BTreeMap<String, Node>;
+
+/// The synced content of a folder (without `.shoal`), by content hash.
+pub fn local_tree(root: &Path) -> Tree {
+    fn walk(dir: &Path, prefix: &str, out: &mut Tree) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if prefix.is_empty() && name == ".shoal" {
+                continue;
+            }
+            let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+            let Ok(md) = e.path().symlink_metadata() else { continue };
+            if md.is_dir() {
+                out.insert(rel.clone(), Node::Dir);
+                walk(&e.path(), &rel, out);
+            } else if md.is_file() {
+                let Ok(data) = std::fs::read(e.path()) else { continue };
+                let exec = md.permissions().mode() & 0o111 != 0;
+                out.insert(rel, Node::File(blake3::hash(&data).to_hex().to_string(), exec));
+            }
+        }
+    }
+    let mut out = Tree::new();
+    walk(root, "", &mut out);
+    out
+}
+
+pub fn file_hash(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Runs a future to completion on a fresh runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// Polls `f` until it returns `Some`, or `None` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every device's folder equals the coordinator's tree, by content; returns it.
+pub fn converge(devices: &[&Device], timeout: Duration) -> Tree {
+    let mut last = String::new();
+    let done = wait_for(timeout, || {
+        let remote = devices[0].remote_tree();
+        for d in devices {
+            let local = d.local_tree();
+            if local != remote {
+                last = describe_diff(&d.name, &local, &remote);
+                return None;
+            }
+        }
+        Some(remote)
+    });
+    match done {
+        Some(t) => t,
+        None => panic!("devices did not converge within {timeout:?}: {last}"),
+    }
+}
+
+/// Runs `sync --once` on each device in turn until all agree with the coordinator.
+pub fn sync_all(devices: &[&Device]) -> Tree {
+    for _ in 0..2 {
+        for d in devices {
+            d.sync();
+        }
+    }
+    converge(devices, Duration::from_secs(5))
+}
+
+fn describe_diff(name: &str, local: &Tree, remote: &Tree) -> String {
+    let mut s = format!("{name} differs from the coordinator:");
+    for (p, n) in local {
+        match remote.get(p) {
+            None => s += &format!(" +{p}"),
+            Some(r) if r != n => s += &format!(" ~{p}"),
+            _ => {}
+        }
+    }
+    for p in remote.keys() {
+        if !local.contains_key(p) {
+            s += &format!(" -{p}");
+        }
+    }
+    s
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Seconds a convergence may take in these tests: generous, since CI machines are slow.
+pub const SETTLE: Duration = Duration::from_secs(60);

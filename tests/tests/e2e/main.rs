@@ -1,0 +1,9 @@
+//! End-to-end tests: real coordinator and agent processes on loopback. Every test ends by
+//! checking that all devices converge, by content hash, to the coordinator's tree.
+
+mod harness;
+
+mod bad_input;
+mod durability;
+mod history;
+mod sync;

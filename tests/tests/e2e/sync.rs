@@ -1,0 +1,170 @@
+//! Everyday sync between running daemons: creates, edits, deletes, renames, nested and empty
+//! directories, empty files, exec bits, many files, large files, conflicts, edit vs delete.
+
+use crate::harness::*;
+
+#[test]
+fn two_devices_follow_every_kind_of_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut a = Device::enroll(tmp.path(), &coord, "alice", "laptop");
+    let mut b = Device::enroll(tmp.path(), &coord, "alice", "desktop");
+    a.start();
+    b.start();
+
+    a.write("notes.txt", b"hello");
+    a.write("docs/deep/er/report.md", b"# report");
+    a.write("empty.txt", b"");
+    std::fs::create_dir_all(a.path("empty-dir/inner")).unwrap();
+    a.write("bin/tool.sh", b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(a.path("bin/tool.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let t = converge(&[&a, &b], SETTLE);
+    assert_eq!(t["bin/tool.sh"], Node::File(file_hash(b"#!/bin/sh\necho hi\n"), true), "exec bit synced");
+    assert_eq!(t["empty-dir/inner"], Node::Dir);
+    assert_eq!(b.read("empty.txt").unwrap(), b"");
+
+    // Edit on the other side, delete a file, delete a whole tree, rename a directory.
+    b.write("notes.txt", b"hello again");
+    std::fs::remove_file(b.path("empty.txt")).unwrap();
+    std::fs::remove_dir_all(b.path("empty-dir")).unwrap();
+    std::fs::rename(b.path("docs"), b.path("documents")).unwrap();
+    let t = converge(&[&a, &b], SETTLE);
+    assert_eq!(a.read("notes.txt").unwrap(), b"hello again");
+    assert!(!t.contains_key("empty.txt") && !t.contains_key("empty-dir") && !t.contains_key("docs"));
+    assert_eq!(a.read("documents/deep/er/report.md").unwrap(), b"# report");
+
+    // A file replaced by a directory of the same name, and back.
+    std::fs::remove_file(a.path("notes.txt")).unwrap();
+    a.write("notes.txt/inside", b"now a dir");
+    converge(&[&a, &b], SETTLE);
+    assert_eq!(b.read("notes.txt/inside").unwrap(), b"now a dir");
+
+    // The mtime of a synced file is preserved.
+    let ma = std::fs::metadata(a.path("documents/deep/er/report.md")).unwrap().modified().unwrap();
+    let mb = std::fs::metadata(b.path("documents/deep/er/report.md")).unwrap().modified().unwrap();
+    assert_eq!(ma, mb);
+    a.stop(false);
+    b.stop(false);
+}
+
+#[test]
+fn three_devices_converge_and_renames_move_no_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut devs: Vec<Device> =
+        ["one", "two", "three"].iter().map(|n| Device::enroll(tmp.path(), &coord, "bob", n)).collect();
+    for d in &mut devs {
+        d.start();
+    }
+    let big = noise(3, 3 * 1024 * 1024);
+    devs[0].write("media/video.bin", &big);
+    devs[1].write("b.txt", b"from two");
+    devs[2].write("c/d/e.txt", b"from three");
+    let refs: Vec<&Device> = devs.iter().collect();
+    converge(&refs, SETTLE);
+
+    let bytes_in = || coord.metric("shoal_chunk_bytes_in_total");
+    let before = bytes_in();
+    std::fs::rename(devs[1].path("media/video.bin"), devs[1].path("media/renamed.bin")).unwrap();
+    std::fs::rename(devs[2].path("c"), devs[2].path("moved-c")).unwrap();
+    let t = converge(&refs, SETTLE);
+    assert!(t.contains_key("media/renamed.bin") && t.contains_key("moved-c/d/e.txt"));
+    assert_eq!(bytes_in(), before, "a rename uploads no chunk bytes");
+    for d in &mut devs {
+        d.stop(false);
+    }
+}
+
+#[test]
+fn thousands_of_small_files_and_a_large_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut a = Device::enroll(tmp.path(), &coord, "carol", "a");
+    let mut b = Device::enroll(tmp.path(), &coord, "carol", "b");
+    a.start();
+    b.start();
+    for i in 0..2000 {
+        a.write(&format!("many/d{}/f{i}.txt", i % 20), format!("file number {i}").as_bytes());
+    }
+    let big = noise(9, 200 * 1024 * 1024);
+    a.write("large.bin", &big);
+    let t = converge(&[&a, &b], Duration::from_secs(180));
+    assert_eq!(t.len(), 2000 + 20 + 1 + 1);
+    assert_eq!(t["large.bin"], Node::File(file_hash(&big), false));
+    a.stop(false);
+    b.stop(false);
+}
+
+#[test]
+fn concurrent_offline_edits_keep_both_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "dave", "a");
+    let b = Device::enroll(tmp.path(), &coord, "dave", "b");
+    a.write("plan.txt", b"original");
+    sync_all(&[&a, &b]);
+
+    // Both devices edit while offline from each other, then sync.
+    a.write("plan.txt", b"edited on a");
+    b.write("plan.txt", b"edited on b, longer");
+    a.sync();
+    b.sync();
+    let t = sync_all(&[&a, &b]);
+    let copies: Vec<&String> = t.keys().filter(|k| k.starts_with("plan (conflicted copy b ")).collect();
+    assert_eq!(copies.len(), 1, "one conflicted copy: {t:?}");
+    assert!(copies[0].ends_with(").txt"));
+    assert_eq!(a.read("plan.txt").unwrap(), b"edited on a", "the first commit keeps the name");
+    assert_eq!(a.read(copies[0]).unwrap(), b"edited on b, longer", "the other version survives");
+}
+
+#[test]
+fn edit_beats_delete_on_either_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "erin", "a");
+    let b = Device::enroll(tmp.path(), &coord, "erin", "b");
+    a.write("x.txt", b"v1");
+    a.write("y.txt", b"v1");
+    sync_all(&[&a, &b]);
+
+    // x: deleted on a (synced first), edited on b. y: edited on a (first), deleted on b.
+    std::fs::remove_file(a.path("x.txt")).unwrap();
+    b.write("x.txt", b"b's edit");
+    a.write("y.txt", b"a's edit");
+    std::fs::remove_file(b.path("y.txt")).unwrap();
+    a.sync();
+    b.sync();
+    sync_all(&[&a, &b]);
+    assert_eq!(a.read("x.txt").unwrap(), b"b's edit");
+    assert_eq!(b.read("y.txt").unwrap(), b"a's edit");
+}
+
+#[test]
+fn ignored_and_junk_files_stay_local() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "fay", "a");
+    let b = Device::enroll(tmp.path(), &coord, "fay", "b");
+    a.write(".shoalignore", b"*.log\nbuild/\n");
+    a.write("keep.txt", b"k");
+    a.write("debug.log", b"noise");
+    a.write("build/out.o", b"obj");
+    a.write(".DS_Store", b"junk");
+    a.write("doc.txt.swp", b"swap");
+    a.sync();
+    b.sync();
+    let remote: Vec<String> = a.remote_tree().into_keys().collect();
+    assert_eq!(remote, [".shoalignore", "keep.txt"]);
+    assert_eq!(b.local_tree(), a.remote_tree());
+    // A rule added later hides an already-synced file from new syncing, without deleting it.
+    a.write(".shoalignore", b"*.log\nbuild/\nkeep.txt\n");
+    b.write("keep.txt", b"changed on b");
+    a.sync();
+    b.sync();
+    a.sync();
+    // b uploaded its edit before it saw the new rule; a ignores the path, so leaves its copy alone.
+    assert_eq!(a.read("keep.txt").unwrap(), b"k");
+    assert_eq!(a.remote_tree()["keep.txt"], Node::File(file_hash(b"changed on b"), false));
+}
+
+use std::time::Duration;
