@@ -160,6 +160,19 @@ impl Engine {
             dirty |= self.execute(ops, &scan, &mut report).await?;
             dirty |= self.drain_outbox(&mut report).await?;
         }
+        if report.planned > 0 || report.committed_changes > 0 {
+            tracing::info!(
+                planned = report.planned,
+                fetched = report.fetched_files,
+                committed = report.committed_changes,
+                bytes_up = report.bytes_uploaded,
+                bytes_down = report.bytes_downloaded,
+                bytes_reused = report.bytes_reused_locally,
+                hashed = scan.hashed_bytes,
+                conflicts = report.conflicts,
+                "sync cycle"
+            );
+        }
         report.pending_uploads = self.store.outbox()?.iter().map(|(_, i)| i.changes.len()).sum();
         report.cursor = self.store.cursor()?;
         report.in_sync = report.planned == 0 && !dirty && report.pending_uploads == 0 && scan.unstable == 0;

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use shoal_protocol::{Change, CommitId, Entry, EntryKind, Manifest, Seq, SyncPath};
 
 const VALUE_VERSION: u8 = 1;
+/// sled's page cache: the agent reads its trees in full once per cycle, so a small cache suffices.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What a local path looked like when it was last scanned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,7 +127,7 @@ impl Store {
     /// of the disk and the coordinator, and the planner treats an empty merge base safely
     /// (differences become conflicted copies, never overwrites).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let open = || sled::Config::new().path(dir).flush_every_ms(Some(500)).open();
+        let open = || sled::Config::new().path(dir).flush_every_ms(Some(500)).cache_capacity(CACHE_BYTES).open();
         let db = match open() {
             Ok(db) => db,
             Err(sled::Error::Corruption { .. }) => {

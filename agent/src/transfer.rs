@@ -19,11 +19,14 @@ use crate::client::{Client, ClientError};
 
 /// Bytes per upload request: large enough to amortize a round trip, small enough to hold a few
 /// in memory at once.
-const UPLOAD_BATCH_BYTES: usize = 8 * 1024 * 1024;
+const UPLOAD_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Upload requests in flight at once.
 const UPLOAD_PARALLEL: usize = 3;
-/// Chunks per fetch request when streaming a large file.
+/// Most chunks, and bytes, per fetch request when streaming a file.
 const FETCH_WINDOW: usize = 128;
+const FETCH_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+/// Fetch requests in flight ahead of the writer.
+const FETCH_AHEAD: usize = 3;
 
 /// Where a chunk sits in a local file.
 #[derive(Debug, Clone)]
@@ -214,37 +217,78 @@ pub async fn assemble(
             p.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
-    let mut f = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let f = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = Writer::new(f, fsync);
     let mut hasher = blake3::Hasher::new();
     let mut stats = Assembled::default();
-    let mut i = 0;
     let chunks = &manifest.chunks;
+
+    // Plan the file as chunks served locally and windows fetched from the coordinator; a few
+    // windows are fetched ahead while earlier ones are written.
+    enum Seg {
+        Local(usize),
+        Remote,
+    }
+    let mut segs = Vec::new();
+    let mut windows: Vec<Vec<ChunkId>> = Vec::new();
+    let mut i = 0;
     while i < chunks.len() {
-        if let Some(data) = sources.take_local(&chunks[i]) {
-            f.write_all(&data)?;
-            hasher.update(&data);
-            stats.local += data.len() as u64;
-            tick(data.len());
+        if sources.has_local(&chunks[i].id) {
+            segs.push(Seg::Local(i));
             i += 1;
             continue;
         }
-        let mut ids = Vec::new();
-        let mut j = i;
-        while j < chunks.len() && ids.len() < FETCH_WINDOW && (j == i || !sources.has_local(&chunks[j].id)) {
-            ids.push(chunks[j].id);
-            j += 1;
+        let (mut ids, mut bytes) = (Vec::new(), 0u64);
+        while i < chunks.len()
+            && ids.len() < FETCH_WINDOW
+            && bytes < FETCH_WINDOW_BYTES
+            && !sources.has_local(&chunks[i].id)
+        {
+            ids.push(chunks[i].id);
+            bytes += u64::from(chunks[i].len);
+            i += 1;
         }
-        client
-            .fetch(&ids, |_, data| {
-                f.write_all(data).map_err(|e| e.to_string())?;
-                hasher.update(data);
-                stats.downloaded += data.len() as u64;
-                tick(data.len());
-                Ok(())
-            })
-            .await?;
-        i = j;
+        windows.push(ids);
+        segs.push(Seg::Remote);
     }
+    let mut fetched = futures::stream::iter(windows)
+        .map(|ids| async move {
+            let mut got = Vec::with_capacity(ids.len());
+            client
+                .fetch(&ids, |_, data| {
+                    got.push(Bytes::copy_from_slice(data));
+                    Ok(())
+                })
+                .await
+                .map(|()| got)
+        })
+        .buffered(FETCH_AHEAD);
+    for seg in segs {
+        let datas = match seg {
+            Seg::Local(i) => match sources.take_local(&chunks[i]) {
+                Some(d) => {
+                    stats.local += d.len() as u64;
+                    vec![Bytes::from(d)]
+                }
+                None => {
+                    let d = client.fetch_one(chunks[i].id).await?;
+                    stats.downloaded += d.len() as u64;
+                    vec![d]
+                }
+            },
+            Seg::Remote => {
+                let got = fetched.next().await.context("chunk windows ran out")??;
+                stats.downloaded += got.iter().map(|d| d.len() as u64).sum::<u64>();
+                got
+            }
+        };
+        for d in datas {
+            out.write(&d)?;
+            hasher.update(&d);
+            tick(d.len());
+        }
+    }
+    let f = out.finish()?;
     if ChunkId::from(hasher.finalize()) != manifest.hash {
         anyhow::bail!("assembled file does not match its manifest hash");
     }
@@ -255,6 +299,47 @@ pub async fn assemble(
         f.sync_all()?;
     }
     Ok(stats)
+}
+
+/// Writes a file and, for files that will be synced, starts flushing it to disk every
+/// `WRITEBACK_EVERY` bytes on a helper thread, so the final sync waits for little.
+struct Writer {
+    f: std::fs::File,
+    background: bool,
+    since_flush: u64,
+    flushing: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Bytes written between background flushes of a large file.
+const WRITEBACK_EVERY: u64 = 64 * 1024 * 1024;
+
+impl Writer {
+    fn new(f: std::fs::File, background: bool) -> Self {
+        Writer { f, background, since_flush: 0, flushing: None }
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.f.write_all(data)?;
+        self.since_flush += data.len() as u64;
+        if self.background
+            && self.since_flush >= WRITEBACK_EVERY
+            && self.flushing.as_ref().is_none_or(|h| h.is_finished())
+        {
+            self.since_flush = 0;
+            let f = self.f.try_clone()?;
+            self.flushing = Some(std::thread::spawn(move || {
+                let _ = f.sync_data();
+            }));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<std::fs::File> {
+        if let Some(h) = self.flushing.take() {
+            let _ = h.join();
+        }
+        Ok(self.f)
+    }
 }
 
 pub fn system_time(ns: i64) -> std::time::SystemTime {

@@ -269,12 +269,14 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
         for (id, data) in &chunks {
             store.put(id, data)?;
         }
-        store.sync()
+        store.start_writeback();
+        Ok(())
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
+    // Uploads are provisional: the commit that first references a chunk checks it is on disk and
+    // syncs the store before anything is acknowledged as committed.
     app.store.add_user_chunks(user, &ids)?;
-    app.store.flush().await?;
     app.metrics.bytes_in.fetch_add(total, Relaxed);
     Ok(total)
 }
@@ -338,18 +340,24 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
     for id in &req.chunks {
         readable(&app, auth.user(), id)?;
     }
-    let app2 = app.clone();
-    let stream = futures::stream::iter(req.chunks).then(move |id| {
-        let app = app2.clone();
+    // Chunks are read a few at a time per blocking task: one task per chunk costs more than the read.
+    let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(16).map(<[ChunkId]>::to_vec).collect();
+    let stream = futures::stream::iter(groups).then(move |ids| {
+        let app = app.clone();
         async move {
             let store = app.chunks.clone();
-            let data = tokio::task::spawn_blocking(move || store.get(&id))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            app.metrics.bytes_out.fetch_add(data.len() as u64, Relaxed);
-            let mut frame = Vec::with_capacity(FRAME_HEADER + data.len());
-            encode_frame(&mut frame, &id, &data);
-            Ok::<_, std::io::Error>(Bytes::from(frame))
+            let frames = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                let mut out = Vec::new();
+                for id in &ids {
+                    let data = store.get(id)?;
+                    encode_frame(&mut out, id, &data);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+            app.metrics.bytes_out.fetch_add(frames.len() as u64, Relaxed);
+            Ok::<_, std::io::Error>(Bytes::from(frames))
         }
     });
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
@@ -389,6 +397,10 @@ async fn commit(
         }
     }
     let user = auth.user();
+    if app.chunks.needs_sync() {
+        let store = app.chunks.clone();
+        tokio::task::spawn_blocking(move || store.sync()).await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
     let outcome = {
         let _guard = app.commit_lock.lock().await;
         apply_commit(&app, user, &auth.device, req)?
@@ -428,7 +440,11 @@ fn apply_commit(app: &App, user: UserId, dev: &DeviceRec, req: CommitRequest) ->
     }
     for c in &req.changes {
         for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
-            if !app.store.user_has_chunk(user, &chunk.id)? {
+            let on_disk = || app.chunks.len(&chunk.id) == Some(u64::from(chunk.len));
+            if !app.store.user_has_chunk(user, &chunk.id)? || !on_disk() {
+                // A chunk lost before it was synced (a crash after its upload) is forgotten, so
+                // `chunks/missing` asks for it again.
+                app.store.forget_user_chunk(user, &chunk.id)?;
                 return Err(ApiError::new(
                     ErrorCode::UnknownChunk,
                     format!("{}: chunk {} was never uploaded by this user", c.path, chunk.id),

@@ -4,6 +4,8 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use shoal_protocol::ChunkId;
 
@@ -12,6 +14,11 @@ use shoal_protocol::ChunkId;
 pub struct ChunkStore {
     root: PathBuf,
     tmp: PathBuf,
+    /// Chunks written, and how many of those were covered by the last completed sync.
+    written: Arc<AtomicU64>,
+    synced: Arc<AtomicU64>,
+    /// A background writeback is running.
+    flushing: Arc<AtomicBool>,
 }
 
 impl ChunkStore {
@@ -22,7 +29,13 @@ impl ChunkStore {
         for e in std::fs::read_dir(&tmp)? {
             let _ = std::fs::remove_file(e?.path());
         }
-        Ok(ChunkStore { root: root.to_path_buf(), tmp })
+        Ok(ChunkStore {
+            root: root.to_path_buf(),
+            tmp,
+            written: Arc::default(),
+            synced: Arc::default(),
+            flushing: Arc::default(),
+        })
     }
 
     fn path(&self, id: &ChunkId) -> PathBuf {
@@ -34,8 +47,14 @@ impl ChunkStore {
         self.path(id).exists()
     }
 
-    /// Stores `data` under `id` (the caller has verified the hash). Does not sync: callers batch
-    /// writes and then call [`ChunkStore::sync`] once before acknowledging.
+    /// The stored length of `id`, if present.
+    pub fn len(&self, id: &ChunkId) -> Option<u64> {
+        std::fs::metadata(self.path(id)).ok().map(|m| m.len())
+    }
+
+    /// Stores `data` under `id` (the caller has verified the hash). Does not sync: a commit that
+    /// references the chunk calls [`ChunkStore::sync`] first, and [`ChunkStore::start_writeback`]
+    /// lets the disk catch up meanwhile.
     pub fn put(&self, id: &ChunkId, data: &[u8]) -> io::Result<()> {
         let dest = self.path(id);
         if dest.exists() {
@@ -56,14 +75,35 @@ impl ChunkStore {
             std::fs::create_dir_all(parent)?;
             std::fs::rename(&tmp, &dest)?;
         }
+        self.written.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Starts flushing written chunks to disk on a background thread, unless one is running, so
+    /// the sync a commit waits for has little left to do.
+    pub fn start_writeback(&self) {
+        if self.flushing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let store = self.clone();
+        std::thread::spawn(move || {
+            let _ = store.sync();
+            store.flushing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// `true` when chunks were written since the last completed sync.
+    pub fn needs_sync(&self) -> bool {
+        self.written.load(Ordering::SeqCst) > self.synced.load(Ordering::SeqCst)
     }
 
     /// Makes every chunk written so far durable: one `syncfs` for the file system holding the
     /// store, which costs far less than an fsync per chunk for a batch of thousands.
     pub fn sync(&self) -> io::Result<()> {
+        let covered = self.written.load(Ordering::SeqCst);
         let dir = std::fs::File::open(&self.root)?;
         rustix::fs::syncfs(&dir)?;
+        self.synced.fetch_max(covered, Ordering::SeqCst);
         Ok(())
     }
 
@@ -86,6 +126,8 @@ mod tests {
         s.put(&id, b"abc").unwrap();
         s.sync().unwrap();
         assert!(s.contains(&id));
+        assert_eq!(s.len(&id), Some(3));
+        assert!(!s.needs_sync());
         assert_eq!(s.get(&id).unwrap(), b"abc");
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use shoal_protocol::api::{CommitResponse, Conflict};
 use shoal_protocol::{ChunkId, CommitId, DeviceId, Entry, Seq, SyncPath};
 
+/// sled's page cache. Small: the hot data (heads, recent journal) is small, and an idle
+/// coordinator should stay lean.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Format version of every stored value.
 const VALUE_VERSION: u8 = 1;
 
@@ -105,6 +109,7 @@ impl Store {
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(Some(500))
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
@@ -212,6 +217,11 @@ impl Store {
 
     pub fn user_has_chunk(&self, user: UserId, id: &ChunkId) -> Result<bool, StoreError> {
         Ok(self.meta.contains_key(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?)
+    }
+
+    pub fn forget_user_chunk(&self, user: UserId, id: &ChunkId) -> Result<(), StoreError> {
+        self.meta.remove(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?;
+        Ok(())
     }
 
     pub fn add_user_chunks(&self, user: UserId, ids: &[ChunkId]) -> Result<(), StoreError> {

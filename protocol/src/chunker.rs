@@ -19,9 +19,9 @@ pub struct ChunkParams {
 }
 
 /// The one parameter set every Shoal chunk is cut with: 16 KiB / 64 KiB / 256 KiB.
-/// Chosen with `bench/chunk-params` (README, "Chunker parameters"): it keeps an edit's upload
-/// under ~200 KiB on average while holding per-chunk overhead (metadata, requests, index rows)
-/// to about 13k chunks per GiB. Changing it re-chunks every file: bump `CHUNKER_VERSION`.
+/// Chosen with `chunkbench params` (README, "Chunker parameters"): a small edit uploads ~90-160 KiB
+/// of new chunks on average while per-chunk overhead (metadata, requests, index rows) stays at
+/// about 13k chunks per GiB. Changing it re-chunks every file: bump `CHUNKER_VERSION`.
 pub const CHUNK_PARAMS: ChunkParams = ChunkParams { min: 16 * 1024, avg: 64 * 1024, max: 256 * 1024 };
 
 /// Names the chunker (algorithm, crate major version, parameters) in stored formats.
