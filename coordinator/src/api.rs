@@ -266,9 +266,11 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
     let store = app.chunks.clone();
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let t = std::time::Instant::now();
         for (id, data) in &chunks {
             store.put(id, data)?;
         }
+        tracing::debug!(chunks = chunks.len(), elapsed = ?t.elapsed(), "stored chunks");
         store.start_writeback();
         Ok(())
     })
@@ -397,10 +399,12 @@ async fn commit(
         }
     }
     let user = auth.user();
+    let t0 = std::time::Instant::now();
     if app.chunks.needs_sync() {
         let store = app.chunks.clone();
         tokio::task::spawn_blocking(move || store.sync()).await.map_err(|e| std::io::Error::other(e.to_string()))??;
     }
+    tracing::debug!(elapsed = ?t0.elapsed(), "commit: chunks synced");
     let outcome = {
         let _guard = app.commit_lock.lock().await;
         apply_commit(&app, user, &auth.device, req)?

@@ -50,12 +50,15 @@ fn delta(c: &Chunker, old: &[u8], new: &[u8]) -> u64 {
     c.manifest(new).unwrap().chunks.iter().filter(|c| !known.contains(&c.id)).map(|c| u64::from(c.len)).sum()
 }
 
+/// One position's edited versions: (offset, 1 KiB insert, 4 KiB overwrite, 10 KB delete).
+type Edits = (usize, Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// Average new-chunk bytes over edits at `TRIES` positions.
 const TRIES: usize = 16;
 
 fn params() {
     let base = noise(1, 64 << 20);
-    let edits: Vec<(usize, Vec<u8>, Vec<u8>, Vec<u8>)> = (0..TRIES)
+    let edits: Vec<Edits> = (0..TRIES)
         .map(|i| {
             let at = (base.len() - 20_000) / TRIES * i + 7919 * i;
             let mut insert = base[..at].to_vec();
