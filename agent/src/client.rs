@@ -225,27 +225,26 @@ impl Client {
     /// BLAKE3 has been checked against the id.
     pub async fn fetch<F>(&self, ids: &[ChunkId], mut each: F) -> ClientResult<()>
     where
-        F: FnMut(ChunkId, &[u8]) -> Result<(), String>,
+        F: FnMut(ChunkId, Bytes) -> Result<(), String>,
     {
         let resp = self
             .send(self.req(reqwest::Method::POST, "/v1/chunks/fetch").json(&ChunkList { chunks: ids.to_vec() }))
             .await?;
         let mut stream = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = bytes::BytesMut::new();
         let mut next = 0usize;
         loop {
-            let mut used = 0;
-            while let Some((id, data, n)) =
-                decode_frame(&buf[used..], CHUNK_PARAMS.max as u32).map_err(|e| ClientError::Protocol(e.to_string()))?
+            while let Some((id, _, n)) =
+                decode_frame(&buf, CHUNK_PARAMS.max as u32).map_err(|e| ClientError::Protocol(e.to_string()))?
             {
-                if ids.get(next) != Some(&id) || ChunkId::of(data) != id {
+                // Split the frame off without copying; the chunk is a view into it.
+                let data = buf.split_to(n).freeze().slice(FRAME_HEADER..);
+                if ids.get(next) != Some(&id) || ChunkId::of(&data) != id {
                     return Err(ClientError::Protocol(format!("coordinator sent wrong bytes for chunk {id}")));
                 }
                 each(id, data).map_err(ClientError::Protocol)?;
                 next += 1;
-                used += n;
             }
-            buf.drain(..used);
             match stream.next().await {
                 Some(Ok(b)) => buf.extend_from_slice(&b),
                 Some(Err(e)) => return Err(self.net(e)),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::RecursiveMode;
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::{Deserialize, Serialize};
 use shoal_protocol::Seq;
@@ -173,7 +174,11 @@ fn watch(
     let mut debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| match res {
         Ok(events) => {
             let rescan = events.iter().any(|e| e.need_rescan());
-            let relevant = events.iter().any(|e| e.paths.iter().any(|p| !p.starts_with(&reserved)));
+            // inotify reports opens too, including our own scanner's: only changes count.
+            let relevant = events.iter().any(|e| {
+                let change = !matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write));
+                change && e.paths.iter().any(|p| !p.starts_with(&reserved))
+            });
             if rescan || relevant {
                 let _ = tx.try_send(Hint::Local { rescan });
             }
@@ -201,7 +206,12 @@ async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel
                 backoff = Duration::from_millis(250);
                 // The first notice after (re)connecting also wakes the loop: anything missed while
                 // disconnected is picked up from the cursor.
+                let mut last = None;
                 while let Some(head) = sub.next_head().await {
+                    if last == Some(head) {
+                        continue;
+                    }
+                    last = Some(head);
                     if tx.send(Hint::Remote(head)).await.is_err() {
                         return;
                     }

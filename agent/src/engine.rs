@@ -126,6 +126,7 @@ impl Engine {
         self.pull().await.map_err(EngineError::Offline)?;
         let mut dirty = self.drain_outbox(&mut report).await?;
 
+        let started = std::time::Instant::now();
         let ignore = Ignore::load(&self.root);
         let index = self.store.index()?;
         let root = self.root.clone();
@@ -136,6 +137,7 @@ impl Engine {
         .await
         .context("scanner panicked")?;
         let (scan, index, ignore) = scan;
+        tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, files = scan.tree.len(), "scanned");
         self.save_index(&index, &scan)?;
         report.unstable = scan.unstable;
         report.skipped = scan.skipped.clone();
@@ -449,7 +451,7 @@ impl Engine {
                     let fetched = &mut sources.fetched;
                     self.client
                         .fetch(part, |id, data| {
-                            fetched.insert(id, bytes::Bytes::copy_from_slice(data));
+                            fetched.insert(id, data);
                             Ok(())
                         })
                         .await
@@ -526,6 +528,7 @@ impl Engine {
     async fn drain_outbox(&mut self, report: &mut CycleReport) -> anyhow::Result<bool> {
         let mut dirty = false;
         for (id, item) in self.store.outbox()? {
+            let started = std::time::Instant::now();
             let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
                 .changes
                 .iter()
@@ -554,6 +557,7 @@ impl Engine {
                     continue;
                 }
             }
+            tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
             let req = CommitRequest { commit_id: item.commit_id, changes: item.changes };
             match self.client.commit(&req).await {
                 Ok(resp) => {

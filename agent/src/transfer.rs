@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_protocol::api::encode_frame;
+use shoal_coordinator::direct::AlignedBuf;
 use shoal_protocol::{ChunkId, ChunkRef, Manifest};
 
 use crate::client::{Client, ClientError};
@@ -52,6 +52,21 @@ pub fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> 
     (ChunkId::of(&buf) == *id).then_some(buf)
 }
 
+/// Appends the frame of chunk `c`, read from `file` at `offset` straight into `body`; `false`
+/// (and `body` unchanged) when the file no longer holds those bytes.
+fn append_frame(body: &mut Vec<u8>, file: &std::fs::File, offset: u64, c: &ChunkRef) -> bool {
+    let start = body.len();
+    body.extend_from_slice(c.id.as_bytes());
+    body.extend_from_slice(&c.len.to_be_bytes());
+    let data_at = body.len();
+    body.resize(data_at + c.len as usize, 0);
+    if file.read_exact_at(&mut body[data_at..], offset).is_ok() && ChunkId::of(&body[data_at..]) == c.id {
+        return true;
+    }
+    body.truncate(start);
+    false
+}
+
 /// Why an upload stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -86,8 +101,9 @@ pub async fn upload_chunks(
                 if !wanted.remove(&c.id) {
                     continue;
                 }
-                let data = read_chunk(&f, off, c.len, &c.id).ok_or_else(|| UploadError::SourceChanged(path.clone()))?;
-                encode_frame(&mut body, &c.id, &data);
+                if !append_frame(&mut body, &f, off, c) {
+                    return Err(UploadError::SourceChanged(path.clone()));
+                }
                 if body.len() >= UPLOAD_BATCH_BYTES {
                     let full = std::mem::replace(&mut body, Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000));
                     if tx.blocking_send(full).is_err() {
@@ -194,6 +210,31 @@ pub struct AssembleOpts<'a> {
     pub progress: Option<&'a AtomicU64>,
 }
 
+/// A spawned task that is aborted if its handle is dropped before it finishes, so an abandoned
+/// assembly leaves no fetches running.
+struct AbortOnDrop<T>(Option<tokio::task::JoinHandle<T>>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let handle = self.0.as_mut().expect("polled after completion");
+        let out = std::pin::Pin::new(handle).poll(cx);
+        if out.is_ready() {
+            self.0 = None;
+        }
+        out
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
 /// Totals of an assembly.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Assembled {
@@ -217,9 +258,7 @@ pub async fn assemble(
             p.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
-    let f = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut out = Writer::new(f, fsync);
-    let mut hasher = blake3::Hasher::new();
+    let mut out = Writer::create(tmp, fsync).with_context(|| format!("creating {}", tmp.display()))?;
     let mut stats = Assembled::default();
     let chunks = &manifest.chunks;
 
@@ -251,16 +290,22 @@ pub async fn assemble(
         windows.push(ids);
         segs.push(Seg::Remote);
     }
+    // Each window is its own task, so decryption and verification of windows in flight use
+    // every core; `buffered` still hands them over in order.
     let mut fetched = futures::stream::iter(windows)
-        .map(|ids| async move {
-            let mut got = Vec::with_capacity(ids.len());
-            client
-                .fetch(&ids, |_, data| {
-                    got.push(Bytes::copy_from_slice(data));
-                    Ok(())
-                })
-                .await
-                .map(|()| got)
+        .map(|ids| {
+            let client = client.clone();
+            let task = tokio::spawn(async move {
+                let mut got = Vec::with_capacity(ids.len());
+                client
+                    .fetch(&ids, |_, data| {
+                        got.push(data);
+                        Ok(())
+                    })
+                    .await
+                    .map(|()| got)
+            });
+            AbortOnDrop(Some(task))
         })
         .buffered(FETCH_AHEAD);
     for seg in segs {
@@ -277,19 +322,18 @@ pub async fn assemble(
                 }
             },
             Seg::Remote => {
-                let got = fetched.next().await.context("chunk windows ran out")??;
+                let got = fetched.next().await.context("chunk windows ran out")?.context("fetch task failed")??;
                 stats.downloaded += got.iter().map(|d| d.len() as u64).sum::<u64>();
                 got
             }
         };
         for d in datas {
             out.write(&d)?;
-            hasher.update(&d);
             tick(d.len());
         }
     }
-    let f = out.finish()?;
-    if ChunkId::from(hasher.finalize()) != manifest.hash {
+    let (f, hash) = out.finish()?;
+    if hash != manifest.hash {
         anyhow::bail!("assembled file does not match its manifest hash");
     }
     let mode = if exec { 0o755 } else { 0o644 };
@@ -301,45 +345,139 @@ pub async fn assemble(
     Ok(stats)
 }
 
-/// Writes a file and, for files that will be synced, starts flushing it to disk every
-/// `WRITEBACK_EVERY` bytes on a helper thread, so the final sync waits for little.
-struct Writer {
-    f: std::fs::File,
-    background: bool,
-    since_flush: u64,
-    flushing: Option<std::thread::JoinHandle<()>>,
+/// Writes an assembled file. Large files (those synced on their own) go straight to the device
+/// with direct I/O where the file system allows it, skipping the page cache; otherwise the
+/// buffered file is flushed on a helper thread every `WRITEBACK_EVERY` bytes so the final sync
+/// waits for little.
+enum Writer {
+    Buffered {
+        f: std::fs::File,
+        hasher: Box<blake3::Hasher>,
+        background: bool,
+        since_flush: u64,
+        flushing: Option<std::thread::JoinHandle<()>>,
+    },
+    /// Full buffers go to a writer thread, so the device write overlaps the download.
+    Direct {
+        to_disk: Option<std::sync::mpsc::SyncSender<(AlignedBuf, u64, usize)>>,
+        spare: std::sync::mpsc::Receiver<AlignedBuf>,
+        buffers: usize,
+        cur: AlignedBuf,
+        flushed: u64,
+        len: u64,
+        worker: std::thread::JoinHandle<std::io::Result<(std::fs::File, ChunkId)>>,
+    },
 }
 
-/// Bytes written between background flushes of a large file.
+/// Staging buffers a direct-I/O file may use at once.
+const DIRECT_BUFFERS: usize = 3;
+
+/// Bytes written between background flushes of a large buffered file.
 const WRITEBACK_EVERY: u64 = 64 * 1024 * 1024;
+/// Staging buffer of a direct-I/O file.
+const DIRECT_STAGING: usize = 4 * 1024 * 1024;
 
 impl Writer {
-    fn new(f: std::fs::File, background: bool) -> Self {
-        Writer { f, background, since_flush: 0, flushing: None }
+    /// Creates `path`; `large` files are written directly or flushed in the background.
+    fn create(path: &Path, large: bool) -> std::io::Result<Writer> {
+        if large && let Some(f) = shoal_coordinator::direct::open_direct(path, true)? {
+            let (to_disk, from_writer) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64, usize)>(DIRECT_BUFFERS);
+            let (give_back, spare) = std::sync::mpsc::channel();
+            // The writer thread also computes the whole-file hash, off the download's thread.
+            let worker = std::thread::spawn(move || {
+                let mut hasher = blake3::Hasher::new();
+                for (mut buf, offset, valid) in from_writer {
+                    hasher.update(&buf.as_slice()[..valid]);
+                    f.write_all_at(buf.as_slice(), offset)?;
+                    buf.clear();
+                    let _ = give_back.send(buf);
+                }
+                Ok((f, hasher.finalize().into()))
+            });
+            return Ok(Writer::Direct {
+                to_disk: Some(to_disk),
+                spare,
+                buffers: 1,
+                cur: AlignedBuf::new(DIRECT_STAGING),
+                flushed: 0,
+                len: 0,
+                worker,
+            });
+        }
+        let f = std::fs::File::create(path)?;
+        Ok(Writer::Buffered { f, hasher: Box::default(), background: large, since_flush: 0, flushing: None })
     }
 
-    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.f.write_all(data)?;
-        self.since_flush += data.len() as u64;
-        if self.background
-            && self.since_flush >= WRITEBACK_EVERY
-            && self.flushing.as_ref().is_none_or(|h| h.is_finished())
-        {
-            self.since_flush = 0;
-            let f = self.f.try_clone()?;
-            self.flushing = Some(std::thread::spawn(move || {
-                let _ = f.sync_data();
-            }));
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Writer::Buffered { f, hasher, background, since_flush, flushing } => {
+                f.write_all(data)?;
+                hasher.update(data);
+                *since_flush += data.len() as u64;
+                if *background && *since_flush >= WRITEBACK_EVERY && flushing.as_ref().is_none_or(|h| h.is_finished()) {
+                    *since_flush = 0;
+                    let f = f.try_clone()?;
+                    *flushing = Some(std::thread::spawn(move || {
+                        let _ = f.sync_data();
+                    }));
+                }
+            }
+            Writer::Direct { to_disk, spare, buffers, cur, flushed, len, .. } => {
+                while !data.is_empty() {
+                    let n = cur.push(data);
+                    data = &data[n..];
+                    *len += n as u64;
+                    if cur.is_full() {
+                        let next = match spare.try_recv() {
+                            Ok(b) => b,
+                            Err(_) if *buffers < DIRECT_BUFFERS => {
+                                *buffers += 1;
+                                AlignedBuf::new(DIRECT_STAGING)
+                            }
+                            Err(_) => spare.recv().map_err(|_| writer_gone())?,
+                        };
+                        let full = std::mem::replace(cur, next);
+                        let (at, valid) = (*flushed, full.len());
+                        *flushed += full.len() as u64;
+                        to_disk
+                            .as_ref()
+                            .expect("open until finish")
+                            .send((full, at, valid))
+                            .map_err(|_| writer_gone())?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    fn finish(mut self) -> std::io::Result<std::fs::File> {
-        if let Some(h) = self.flushing.take() {
-            let _ = h.join();
+    /// Writes what is left and returns the file, at its exact length, and its BLAKE3.
+    fn finish(self) -> std::io::Result<(std::fs::File, ChunkId)> {
+        match self {
+            Writer::Buffered { f, hasher, flushing, .. } => {
+                if let Some(h) = flushing {
+                    let _ = h.join();
+                }
+                Ok((f, hasher.finalize().into()))
+            }
+            Writer::Direct { mut to_disk, mut cur, flushed, len, worker, .. } => {
+                let tx = to_disk.take().expect("open until finish");
+                if !cur.is_empty() {
+                    let valid = cur.len();
+                    cur.pad();
+                    tx.send((cur, flushed, valid)).map_err(|_| writer_gone())?;
+                }
+                drop(tx);
+                let (f, hash) = worker.join().map_err(|_| writer_gone())??;
+                f.set_len(len)?;
+                Ok((f, hash))
+            }
         }
-        Ok(self.f)
     }
+}
+
+fn writer_gone() -> std::io::Error {
+    std::io::Error::other("the file writer thread failed")
 }
 
 pub fn system_time(ns: i64) -> std::time::SystemTime {

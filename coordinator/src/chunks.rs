@@ -1,85 +1,198 @@
-//! The chunk store on local disk: `<data>/chunks/ab/cd/<id>`, written through a temp file and a
-//! rename so a reader never sees a partial chunk. The coordinator never interprets chunk bytes
-//! beyond checking that their BLAKE3 matches the name.
+//! The chunk store on local disk: append-only pack files under `<data>/chunks/`, each a sequence of
+//! frames (32-byte id, 4-byte length, bytes — the wire's batch format), with an index from chunk
+//! id to (pack, offset, length) in the metadata store. One file per chunk cost ~0.4 ms of file
+//! system work per chunk here (16k chunks per GiB); appending a batch is one write. The
+//! coordinator never interprets chunk bytes beyond checking that their BLAKE3 matches the id.
+//!
+//! Durability: appends are not synced one by one. A commit that references chunks calls
+//! [`ChunkStore::sync`] (fdatasync of every pack written since the last sync) before it is
+//! acknowledged, and [`ChunkStore::start_writeback`] lets the disk catch up meanwhile. A pack is
+//! never appended to across restarts, so a torn tail after a crash is never written over.
 
-use std::io::{self, Write};
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use shoal_protocol::ChunkId;
+use shoal_protocol::api::FRAME_HEADER;
 
-/// Content-addressed chunk files under one directory.
-#[derive(Debug, Clone)]
+use crate::direct::{self, AlignedBuf};
+use crate::store::{ChunkLoc, Store};
+
+/// A pack is closed and a new one started past this size.
+const PACK_BYTES: u64 = 512 * 1024 * 1024;
+/// Bytes staged in memory between writes to a pack.
+const STAGING_BYTES: usize = 4 * 1024 * 1024;
+/// Zeros for padding frames (at most two alignment blocks).
+static ZEROS: [u8; 2 * direct::ALIGN] = [0; 2 * direct::ALIGN];
+/// Open pack handles kept for reads.
+const OPEN_PACKS: usize = 64;
+
+struct Writer {
+    pack: u32,
+    file: Option<std::fs::File>,
+    /// The open pack takes direct writes (see `direct`): every write is aligned and padded.
+    direct: bool,
+    /// Staging buffer for appends, reused (allocated on first use).
+    buf: Option<AlignedBuf>,
+    len: u64,
+    /// Packs written since the last completed sync.
+    dirty: BTreeSet<u32>,
+    /// Appends so far, and how many of them the last completed sync covered.
+    appended: u64,
+    synced: u64,
+}
+
+/// Content-addressed chunks in pack files.
+#[derive(Clone)]
 pub struct ChunkStore {
-    root: PathBuf,
-    tmp: PathBuf,
-    /// Chunks written, and how many of those were covered by the last completed sync.
-    written: Arc<AtomicU64>,
-    synced: Arc<AtomicU64>,
-    /// A background writeback is running.
+    dir: PathBuf,
+    index: Store,
+    writer: Arc<Mutex<Writer>>,
+    readers: Arc<Mutex<HashMap<u32, Arc<std::fs::File>>>>,
     flushing: Arc<AtomicBool>,
+    /// One sync at a time: a caller that finds one running waits for it, then syncs what is left.
+    sync_lock: Arc<Mutex<()>>,
+}
+
+fn pack_path(dir: &Path, pack: u32) -> PathBuf {
+    dir.join(format!("{pack:08}.pack"))
 }
 
 impl ChunkStore {
-    pub fn open(root: &Path) -> io::Result<Self> {
-        let tmp = root.join("tmp");
-        std::fs::create_dir_all(&tmp)?;
-        // Leftovers of writes interrupted by a crash are garbage: they were never acknowledged.
-        for e in std::fs::read_dir(&tmp)? {
-            let _ = std::fs::remove_file(e?.path());
+    /// Opens the store in `dir`; new chunks go to a new pack after the highest existing one.
+    pub fn open(dir: &Path, index: Store) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut last = 0u32;
+        for e in std::fs::read_dir(dir)? {
+            let name = e?.file_name();
+            if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".pack")).and_then(|n| n.parse::<u32>().ok()) {
+                last = last.max(n);
+            }
         }
+        let writer = Writer {
+            pack: last + 1,
+            file: None,
+            direct: false,
+            buf: None,
+            len: 0,
+            dirty: BTreeSet::new(),
+            appended: 0,
+            synced: 0,
+        };
         Ok(ChunkStore {
-            root: root.to_path_buf(),
-            tmp,
-            written: Arc::default(),
-            synced: Arc::default(),
+            dir: dir.to_path_buf(),
+            index,
+            writer: Arc::new(Mutex::new(writer)),
+            readers: Arc::default(),
             flushing: Arc::default(),
+            sync_lock: Arc::default(),
         })
     }
 
-    fn path(&self, id: &ChunkId) -> PathBuf {
-        let hex = id.to_hex();
-        self.root.join(&hex[..2]).join(&hex[2..4]).join(hex)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.path(id).exists()
+    /// Where `id` is stored, if it is.
+    fn locate(&self, id: &ChunkId) -> io::Result<Option<ChunkLoc>> {
+        self.index.chunk_loc(id).map_err(io::Error::other)
     }
 
-    /// The stored length of `id`, if present.
+    /// The stored length of `id`, if its bytes are present in full.
     pub fn len(&self, id: &ChunkId) -> Option<u64> {
-        std::fs::metadata(self.path(id)).ok().map(|m| m.len())
+        let loc = self.locate(id).ok()??;
+        let pack_len = std::fs::metadata(pack_path(&self.dir, loc.pack)).ok()?.len();
+        (loc.offset + u64::from(loc.len) <= pack_len).then_some(u64::from(loc.len))
     }
 
-    /// Stores `data` under `id` (the caller has verified the hash). Does not sync: a commit that
-    /// references the chunk calls [`ChunkStore::sync`] first, and [`ChunkStore::start_writeback`]
-    /// lets the disk catch up meanwhile.
-    pub fn put(&self, id: &ChunkId, data: &[u8]) -> io::Result<()> {
-        let dest = self.path(id);
-        if dest.exists() {
+    /// Appends the chunks not stored yet (the caller has verified their hashes) and indexes them.
+    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> io::Result<()> {
+        let mut guard = self.lock();
+        let mut fresh: Vec<(ChunkId, &[u8])> = Vec::new();
+        for (id, data) in chunks {
+            if self.locate(id)?.is_none() && !fresh.iter().any(|(f, _)| f == id) {
+                fresh.push((*id, data));
+            }
+        }
+        if fresh.is_empty() {
             return Ok(());
         }
-        let mut name = [0u8; 8];
-        getrandom::fill(&mut name).map_err(io::Error::other)?;
-        let tmp = self.tmp.join(shoal_protocol::ids::to_hex(&name));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        drop(f);
-        let parent = dest.parent().expect("chunk paths have two parent levels");
-        if let Err(e) = std::fs::rename(&tmp, &dest) {
-            if e.kind() != io::ErrorKind::NotFound {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
+        let w = &mut *guard;
+        if w.file.is_none() || w.len >= PACK_BYTES {
+            if w.file.is_some() {
+                w.pack += 1;
             }
-            std::fs::create_dir_all(parent)?;
-            std::fs::rename(&tmp, &dest)?;
+            let path = pack_path(&self.dir, w.pack);
+            let (file, direct) = match direct::open_direct(&path, true)? {
+                Some(f) => (f, true),
+                None => (std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?, false),
+            };
+            w.file = Some(file);
+            w.direct = direct;
+            w.len = 0;
         }
-        self.written.fetch_add(1, Ordering::SeqCst);
+        let pack = w.pack;
+        let file = w.file.as_ref().expect("a pack is open");
+        let buf = w.buf.get_or_insert_with(|| AlignedBuf::new(STAGING_BYTES));
+        let mut out = Appender { file, buf, flushed: w.len, pos: w.len };
+        let mut locs = Vec::with_capacity(fresh.len());
+        for (id, data) in &fresh {
+            let mut header = [0u8; FRAME_HEADER];
+            header[..32].copy_from_slice(id.as_bytes());
+            header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            out.push(&header)?;
+            locs.push((*id, ChunkLoc { pack, offset: out.pos, len: data.len() as u32 }));
+            out.push(data)?;
+        }
+        if w.direct {
+            // Pad to the alignment with a frame of zero id, so the pack stays a frame sequence.
+            let rem = out.pos as usize % direct::ALIGN;
+            if rem != 0 {
+                let mut pad = direct::ALIGN - rem;
+                if pad < FRAME_HEADER {
+                    pad += direct::ALIGN;
+                }
+                let mut header = [0u8; FRAME_HEADER];
+                header[32..].copy_from_slice(&((pad - FRAME_HEADER) as u32).to_be_bytes());
+                out.push(&header)?;
+                out.push(&ZEROS[..pad - FRAME_HEADER])?;
+            }
+        }
+        out.flush()?;
+        w.len = out.pos;
+        w.dirty.insert(pack);
+        w.appended += 1;
+        self.index.put_chunk_locs(&locs).map_err(io::Error::other)
+    }
+
+    /// Makes every chunk appended so far durable.
+    pub fn sync(&self) -> io::Result<()> {
+        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, packs) = {
+            let w = self.lock();
+            (w.appended, w.dirty.clone())
+        };
+        if packs.is_empty() {
+            return Ok(());
+        }
+        for pack in &packs {
+            std::fs::File::open(pack_path(&self.dir, *pack))?.sync_data()?;
+        }
+        // The new packs' directory entries.
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        let mut w = self.lock();
+        w.synced = w.synced.max(generation);
+        if w.appended == generation {
+            w.dirty.clear();
+        }
         Ok(())
     }
 
-    /// Starts flushing written chunks to disk on a background thread, unless one is running, so
+    /// Starts flushing appended chunks to disk on a background thread, unless one is running, so
     /// the sync a commit waits for has little left to do.
     pub fn start_writeback(&self) {
         if self.flushing.swap(true, Ordering::SeqCst) {
@@ -87,28 +200,101 @@ impl ChunkStore {
         }
         let store = self.clone();
         std::thread::spawn(move || {
-            let _ = store.sync();
+            if let Err(e) = store.sync() {
+                tracing::warn!(error = %e, "background chunk writeback failed");
+            }
             store.flushing.store(false, Ordering::SeqCst);
         });
     }
 
-    /// `true` when chunks were written since the last completed sync.
+    /// `true` when chunks were appended since the last completed sync.
     pub fn needs_sync(&self) -> bool {
-        self.written.load(Ordering::SeqCst) > self.synced.load(Ordering::SeqCst)
-    }
-
-    /// Makes every chunk written so far durable: one `syncfs` for the file system holding the
-    /// store, which costs far less than an fsync per chunk for a batch of thousands.
-    pub fn sync(&self) -> io::Result<()> {
-        let covered = self.written.load(Ordering::SeqCst);
-        let dir = std::fs::File::open(&self.root)?;
-        rustix::fs::syncfs(&dir)?;
-        self.synced.fetch_max(covered, Ordering::SeqCst);
-        Ok(())
+        let w = self.lock();
+        w.appended > w.synced
     }
 
     pub fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
-        std::fs::read(self.path(id))
+        let loc = self.locate(id)?.ok_or_else(|| not_found(id))?;
+        let mut buf = vec![0u8; loc.len as usize];
+        self.reader(loc.pack)?.read_exact_at(&mut buf, loc.offset)?;
+        Ok(buf)
+    }
+
+    /// The frames (id, length, bytes) of `ids`, in order, as the fetch endpoint sends them. Packs
+    /// store exactly these frames, so each run of chunks stored back to back is one read.
+    pub fn read_frames(&self, ids: &[ChunkId]) -> io::Result<Vec<u8>> {
+        let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+        for id in ids {
+            let loc = self.locate(id)?.ok_or_else(|| not_found(id))?;
+            let (start, end) = (loc.offset - FRAME_HEADER as u64, loc.offset + u64::from(loc.len));
+            match runs.last_mut() {
+                Some((pack, _, run_end)) if *pack == loc.pack && *run_end == start => *run_end = end,
+                _ => runs.push((loc.pack, start, end)),
+            }
+        }
+        let total: u64 = runs.iter().map(|(_, s, e)| e - s).sum();
+        let mut out = vec![0u8; total as usize];
+        let mut at = 0usize;
+        for (pack, start, end) in runs {
+            let n = (end - start) as usize;
+            self.reader(pack)?.read_exact_at(&mut out[at..at + n], start)?;
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn reader(&self, pack: u32) -> io::Result<Arc<std::fs::File>> {
+        let file = {
+            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            match readers.get(&pack) {
+                Some(f) => f.clone(),
+                None => {
+                    if readers.len() >= OPEN_PACKS {
+                        readers.clear();
+                    }
+                    let f = Arc::new(std::fs::File::open(pack_path(&self.dir, pack))?);
+                    readers.insert(pack, f.clone());
+                    f
+                }
+            }
+        };
+        Ok(file)
+    }
+}
+
+fn not_found(id: &ChunkId) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("chunk {id}"))
+}
+
+/// Streams bytes into a pack through the staging buffer, writing whole buffers at aligned offsets.
+struct Appender<'a> {
+    file: &'a std::fs::File,
+    buf: &'a mut AlignedBuf,
+    /// Pack offset where the staged bytes go, and the logical end of what was pushed.
+    flushed: u64,
+    pos: u64,
+}
+
+impl Appender<'_> {
+    fn push(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = self.buf.push(data);
+            data = &data[n..];
+            self.pos += n as u64;
+            if self.buf.is_full() {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            direct::write_at(self.file, self.buf.as_slice(), self.flushed)?;
+            self.flushed += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
     }
 }
 
@@ -117,18 +303,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn put_get_idempotent() {
+    fn put_get_sync_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let s = ChunkStore::open(dir.path()).unwrap();
-        let id = ChunkId::of(b"abc");
-        assert!(!s.contains(&id));
-        s.put(&id, b"abc").unwrap();
-        s.put(&id, b"abc").unwrap();
+        let index = Store::open(&dir.path().join("meta")).unwrap();
+        let s = ChunkStore::open(&dir.path().join("chunks"), index.clone()).unwrap();
+        let (a, b) = (ChunkId::of(b"abc"), ChunkId::of(b"defg"));
+        assert_eq!(s.len(&a), None);
+        s.put_many(&[(a, b"abc"), (b, b"defg"), (a, b"abc")]).unwrap();
+        s.put_many(&[(a, b"abc")]).unwrap();
+        assert!(s.needs_sync());
         s.sync().unwrap();
-        assert!(s.contains(&id));
-        assert_eq!(s.len(&id), Some(3));
         assert!(!s.needs_sync());
-        assert_eq!(s.get(&id).unwrap(), b"abc");
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(s.get(&a).unwrap(), b"abc");
+        assert_eq!(s.get(&b).unwrap(), b"defg");
+        assert_eq!(s.len(&b), Some(4));
+        // Stored once, as frames (2 headers + 7 bytes), padded to the direct-I/O alignment.
+        let len = std::fs::metadata(pack_path(&dir.path().join("chunks"), 1)).unwrap().len();
+        assert!(len == 2 * 36 + 7 || len == direct::ALIGN as u64, "{len}");
+        // A larger batch spans several staging buffers.
+        let big: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 200_000]).collect();
+        let batch: Vec<(ChunkId, &[u8])> = big.iter().map(|d| (ChunkId::of(d), &d[..])).collect();
+        s.put_many(&batch).unwrap();
+        for (id, d) in &batch {
+            assert_eq!(&s.get(id).unwrap()[..], *d);
+        }
+        // Frames come back in request order, whatever the storage order.
+        let ids = [batch[3].0, batch[4].0, a, batch[0].0];
+        let frames = s.read_frames(&ids).unwrap();
+        let mut rest = &frames[..];
+        for id in ids {
+            let (got, data, used) = shoal_protocol::api::decode_frame(rest, u32::MAX).unwrap().unwrap();
+            assert_eq!((got, ChunkId::of(data)), (id, id));
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty());
+
+        // A restart writes to a new pack and still reads the old one.
+        let s = ChunkStore::open(&dir.path().join("chunks"), index).unwrap();
+        let c = ChunkId::of(b"x");
+        s.put_many(&[(c, b"x")]).unwrap();
+        assert_eq!(s.get(&c).unwrap(), b"x");
+        assert_eq!(s.get(&a).unwrap(), b"abc");
+        assert!(pack_path(&dir.path().join("chunks"), 2).exists());
+        assert!(s.get(&ChunkId::of(b"nope")).is_err());
+    }
+
+    #[test]
+    fn truncated_pack_reports_chunk_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Store::open(&dir.path().join("meta")).unwrap();
+        let s = ChunkStore::open(&dir.path().join("chunks"), index).unwrap();
+        let a = ChunkId::of(b"lost in a crash");
+        s.put_many(&[(a, b"lost in a crash")]).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(pack_path(&dir.path().join("chunks"), 1))
+            .unwrap()
+            .set_len(40)
+            .unwrap();
+        assert_eq!(s.len(&a), None);
     }
 }

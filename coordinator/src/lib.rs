@@ -5,6 +5,7 @@
 pub mod admin;
 mod api;
 pub mod chunks;
+pub mod direct;
 mod error;
 mod metrics;
 pub mod store;
@@ -103,7 +104,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     let identity = tls::Identity::load_or_create(&opts.data)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
-    let chunks = ChunkStore::open(&opts.data.join("chunks")).context("opening the chunk store")?;
+    let chunks = ChunkStore::open(&opts.data.join("chunks"), store.clone()).context("opening the chunk store")?;
     let listener =
         tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
     let addr = listener.local_addr()?;

@@ -96,6 +96,35 @@ fn be_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.try_into().ok()?))
 }
 
+/// Where a chunk's bytes are: pack number, byte offset and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pack: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl ChunkLoc {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![VALUE_VERSION];
+        v.extend_from_slice(&self.pack.to_be_bytes());
+        v.extend_from_slice(&self.offset.to_be_bytes());
+        v.extend_from_slice(&self.len.to_be_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<ChunkLoc> {
+        if b.len() != 17 || b[0] != VALUE_VERSION {
+            return None;
+        }
+        Some(ChunkLoc {
+            pack: u32::from_be_bytes(b[1..5].try_into().ok()?),
+            offset: u64::from_be_bytes(b[5..13].try_into().ok()?),
+            len: u32::from_be_bytes(b[13..17].try_into().ok()?),
+        })
+    }
+}
+
 /// What applying a commit produced.
 pub enum CommitOutcome {
     Applied(CommitResponse),
@@ -217,6 +246,24 @@ impl Store {
 
     pub fn user_has_chunk(&self, user: UserId, id: &ChunkId) -> Result<bool, StoreError> {
         Ok(self.meta.contains_key(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?)
+    }
+
+    /// Where the chunk store keeps `id`.
+    pub fn chunk_loc(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
+        let k = key(b"x/", &[id.as_bytes()]);
+        match self.meta.get(&k)? {
+            Some(v) => ChunkLoc::decode(&v).map(Some).ok_or(StoreError::Corrupt { key: format!("x/{id}") }),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_chunk_locs(&self, locs: &[(ChunkId, ChunkLoc)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (id, loc) in locs {
+            batch.insert(key(b"x/", &[id.as_bytes()]), loc.encode());
+        }
+        self.meta.apply_batch(batch)?;
+        Ok(())
     }
 
     pub fn forget_user_chunk(&self, user: UserId, id: &ChunkId) -> Result<(), StoreError> {
