@@ -130,12 +130,15 @@ impl Engine {
         let ignore = Ignore::load(&self.root);
         let index = self.store.index()?;
         let root = self.root.clone();
+        let (early_tx, early_rx) = tokio::sync::mpsc::channel(2);
+        let early = tokio::spawn(transfer::upload_early(self.client.clone(), early_rx, self.counters.clone()));
         let scan = tokio::task::spawn_blocking(move || {
-            let s = scan::scan(&root, &ignore, &index);
+            let s = scan::scan(&root, &ignore, &index, Some(&early_tx));
             (s, index, ignore)
         })
         .await
         .context("scanner panicked")?;
+        report.bytes_uploaded += early.await.unwrap_or(0);
         let (scan, index, ignore) = scan;
         tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, files = scan.tree.len(), "scanned");
         self.save_index(&index, &scan)?;

@@ -127,7 +127,17 @@ pub fn stat_rec(md: &std::fs::Metadata) -> IndexRec {
 }
 
 /// Walks `root` and returns the local tree, reusing `index` where stat data shows no change.
-pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>) -> Scan {
+/// Receives batches of chunk frames cut from large files while they are hashed, so their upload
+/// overlaps the hashing (see `Engine::cycle`). Sending is best effort: the commit path still
+/// uploads whatever the coordinator lacks.
+pub type EarlyChunks = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// Files at least this large send their chunks early.
+pub const EARLY_UPLOAD_MIN: u64 = 8 * 1024 * 1024;
+/// Bytes per early batch.
+const EARLY_BATCH: usize = 4 * 1024 * 1024;
+
+pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>, early: Option<&EarlyChunks>) -> Scan {
     let mut out = Scan::default();
     let mut to_hash: Vec<(SyncPath, PathBuf, IndexRec)> = Vec::new();
     let mut stack = vec![(root.to_path_buf(), None::<SyncPath>)];
@@ -199,12 +209,17 @@ pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>) 
             }
         }
     }
-    hash_files(to_hash, index, &mut out);
+    hash_files(to_hash, index, early, &mut out);
     out
 }
 
 /// Chunks and hashes `files` on two threads.
-fn hash_files(files: Vec<(SyncPath, PathBuf, IndexRec)>, index: &BTreeMap<SyncPath, IndexRec>, out: &mut Scan) {
+fn hash_files(
+    files: Vec<(SyncPath, PathBuf, IndexRec)>,
+    index: &BTreeMap<SyncPath, IndexRec>,
+    early: Option<&EarlyChunks>,
+    out: &mut Scan,
+) {
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(files.len()));
     let workers = if files.len() > 1 { 2 } else { 1 };
@@ -216,7 +231,7 @@ fn hash_files(files: Vec<(SyncPath, PathBuf, IndexRec)>, index: &BTreeMap<SyncPa
                     let Some((path, local, rec)) = files.get(i) else {
                         break;
                     };
-                    let r = hash_file(local, rec);
+                    let r = hash_file(local, rec, early.filter(|_| rec.size >= EARLY_UPLOAD_MIN));
                     results.lock().expect("no panics while holding the results lock").push((path.clone(), r));
                 }
             });
@@ -253,17 +268,31 @@ enum HashError {
 }
 
 /// Reads and hashes one file, checking before and after that nobody was writing it.
-fn hash_file(path: &Path, before: &IndexRec) -> Result<IndexRec, HashError> {
+fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Result<IndexRec, HashError> {
     let hashed_ns = now_ns();
     let f = std::fs::File::open(path).map_err(HashError::Io)?;
     let opened = stat_rec(&f.metadata().map_err(HashError::Io)?);
     if !opened.same_stat(before) {
         return Err(HashError::Unstable);
     }
-    let manifest = Chunker::default().manifest(&f).map_err(|e| match e {
-        shoal_protocol::ChunkerError::Read(e) => HashError::Io(e),
-        shoal_protocol::ChunkerError::Callback(_) => HashError::Unstable,
-    })?;
+    let mut batch = Vec::new();
+    let manifest = Chunker::default()
+        .chunk(&f, |c, _, bytes| {
+            if let Some(tx) = early {
+                shoal_protocol::api::encode_frame(&mut batch, &c.id, bytes);
+                if batch.len() >= EARLY_BATCH {
+                    let _ = tx.blocking_send(std::mem::take(&mut batch));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            shoal_protocol::ChunkerError::Read(e) => HashError::Io(e),
+            shoal_protocol::ChunkerError::Callback(_) => HashError::Unstable,
+        })?;
+    if let (Some(tx), false) = (early, batch.is_empty()) {
+        let _ = tx.blocking_send(batch);
+    }
     let after = stat_rec(&f.metadata().map_err(HashError::Io)?);
     let at_path = path.symlink_metadata().map(|m| stat_rec(&m)).map_err(|_| HashError::Unstable)?;
     if !after.same_stat(before) || !at_path.same_stat(before) || manifest.size != before.size {
@@ -277,7 +306,7 @@ mod tests {
     use super::*;
 
     fn check(root: &Path, index: &BTreeMap<SyncPath, IndexRec>) -> Scan {
-        scan(root, &Ignore::load(root), index)
+        scan(root, &Ignore::load(root), index, None)
     }
 
     #[test]

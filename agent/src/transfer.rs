@@ -153,6 +153,57 @@ fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) 
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// Uploads the chunk batches the scanner cuts from large files while it hashes them (two
+/// requests in flight), sending only what the coordinator lacks. Best effort: failures are left
+/// to the commit path, which uploads whatever is still missing. Returns the bytes sent.
+pub async fn upload_early(
+    client: Client,
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    counters: std::sync::Arc<crate::engine::Counters>,
+) -> u64 {
+    tokio_stream_from(rx)
+        .map(|body| {
+            let client = client.clone();
+            async move { send_missing_frames(&client, body).await.unwrap_or(0) }
+        })
+        .buffer_unordered(2)
+        .fold(0u64, |total, n| {
+            counters.uploaded.fetch_add(n, Ordering::Relaxed);
+            async move { total + n }
+        })
+        .await
+}
+
+/// Uploads the frames of `body` whose chunks the coordinator is missing.
+async fn send_missing_frames(client: &Client, body: Vec<u8>) -> Result<u64, ClientError> {
+    // (id, frame start, frame end) of each frame in `body`.
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Ok(Some((id, _, used))) = shoal_protocol::api::decode_frame(&body[at..], u32::MAX) {
+        frames.push((id, at, at + used));
+        at += used;
+    }
+    let ids: Vec<ChunkId> = frames.iter().map(|(id, _, _)| *id).collect();
+    let missing: HashSet<ChunkId> = client.missing(&ids).await?.into_iter().collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let out = if missing.len() == frames.len() {
+        body
+    } else {
+        let mut out = Vec::new();
+        for (id, start, end) in frames {
+            if missing.contains(&id) {
+                out.extend_from_slice(&body[start..end]);
+            }
+        }
+        out
+    };
+    let n = out.len() as u64;
+    client.upload_frames(out).await?;
+    Ok(n)
+}
+
 /// Sources for assembling files: chunks other local files hold, and chunks already fetched.
 #[derive(Default)]
 pub struct Sources {

@@ -342,18 +342,24 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
     // Chunks are read a few dozen at a time per blocking task: one task per chunk costs more than
     // the read, and runs stored back to back are read at once.
     let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(32).map(<[ChunkId]>::to_vec).collect();
-    let stream = futures::stream::iter(groups).then(move |ids| {
-        let app = app.clone();
-        async move {
-            let store = app.chunks.clone();
-            let n = ids.len();
-            let frames = tokio::task::spawn_blocking(move || store.read_frames(&ids))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
-            app.metrics.bytes_out.fetch_add((frames.len() - n * FRAME_HEADER) as u64, Relaxed);
-            Ok::<_, std::io::Error>(Bytes::from(frames))
-        }
-    });
+    let stream = futures::stream::iter(groups)
+        .then(move |ids| {
+            let app = app.clone();
+            async move {
+                let store = app.chunks.clone();
+                let n = ids.len();
+                let pieces = tokio::task::spawn_blocking(move || store.read_frames(&ids))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))??;
+                let bytes: usize = pieces.iter().map(Bytes::len).sum();
+                app.metrics.bytes_out.fetch_add((bytes - n * FRAME_HEADER) as u64, Relaxed);
+                Ok::<_, std::io::Error>(pieces)
+            }
+        })
+        .flat_map(|r| match r {
+            Ok(pieces) => futures::stream::iter(pieces.into_iter().map(Ok)).left_stream(),
+            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+        });
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use shoal_protocol::ChunkId;
 use shoal_protocol::api::FRAME_HEADER;
 
@@ -30,6 +31,9 @@ const STAGING_BYTES: usize = 4 * 1024 * 1024;
 static ZEROS: [u8; 2 * direct::ALIGN] = [0; 2 * direct::ALIGN];
 /// Open pack handles kept for reads.
 const OPEN_PACKS: usize = 64;
+
+/// An open pack for reads, and whether it does direct I/O.
+type PackReader = (Arc<std::fs::File>, bool);
 
 struct Writer {
     pack: u32,
@@ -52,7 +56,7 @@ pub struct ChunkStore {
     dir: PathBuf,
     index: Store,
     writer: Arc<Mutex<Writer>>,
-    readers: Arc<Mutex<HashMap<u32, Arc<std::fs::File>>>>,
+    readers: Arc<Mutex<HashMap<u32, PackReader>>>,
     flushing: Arc<AtomicBool>,
     /// One sync at a time: a caller that finds one running waits for it, then syncs what is left.
     sync_lock: Arc<Mutex<()>>,
@@ -207,6 +211,13 @@ impl ChunkStore {
         });
     }
 
+    /// Drops the staging buffer and cached read handles (they come back on the next use), so an
+    /// idle server holds no memory for them.
+    pub fn release_buffers(&self) {
+        self.lock().buf = None;
+        self.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// `true` when chunks were appended since the last completed sync.
     pub fn needs_sync(&self) -> bool {
         let w = self.lock();
@@ -215,14 +226,16 @@ impl ChunkStore {
 
     pub fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
         let loc = self.locate(id)?.ok_or_else(|| not_found(id))?;
-        let mut buf = vec![0u8; loc.len as usize];
-        self.reader(loc.pack)?.read_exact_at(&mut buf, loc.offset)?;
-        Ok(buf)
+        let frames = self.read_frames(std::slice::from_ref(id))?;
+        let frame: Vec<u8> = frames.iter().flat_map(|b| b.iter().copied()).collect();
+        debug_assert_eq!(frame.len(), FRAME_HEADER + loc.len as usize);
+        Ok(frame[FRAME_HEADER..].to_vec())
     }
 
-    /// The frames (id, length, bytes) of `ids`, in order, as the fetch endpoint sends them. Packs
-    /// store exactly these frames, so each run of chunks stored back to back is one read.
-    pub fn read_frames(&self, ids: &[ChunkId]) -> io::Result<Vec<u8>> {
+    /// The frames (id, length, bytes) of `ids`, in order, as the fetch endpoint sends them, in
+    /// one or more pieces. Packs store exactly these frames, so each run of chunks stored back to
+    /// back is one read; reads bypass the page cache where the file system allows.
+    pub fn read_frames(&self, ids: &[ChunkId]) -> io::Result<Vec<Bytes>> {
         let mut runs: Vec<(u32, u64, u64)> = Vec::new();
         for id in ids {
             let loc = self.locate(id)?.ok_or_else(|| not_found(id))?;
@@ -232,33 +245,41 @@ impl ChunkStore {
                 _ => runs.push((loc.pack, start, end)),
             }
         }
-        let total: u64 = runs.iter().map(|(_, s, e)| e - s).sum();
-        let mut out = vec![0u8; total as usize];
-        let mut at = 0usize;
+        let mut out = Vec::with_capacity(runs.len());
         for (pack, start, end) in runs {
-            let n = (end - start) as usize;
-            self.reader(pack)?.read_exact_at(&mut out[at..at + n], start)?;
-            at += n;
+            let (file, is_direct) = self.reader(pack)?;
+            if is_direct {
+                let align = direct::ALIGN as u64;
+                let from = start / align * align;
+                let to = end.div_ceil(align) * align;
+                let mut buf = AlignedBuf::new((to - from) as usize);
+                buf.fill_from(&file, from, (to - from) as usize)?;
+                out.push(buf.into_bytes((start - from) as usize..(end - from) as usize));
+            } else {
+                let mut buf = vec![0u8; (end - start) as usize];
+                file.read_exact_at(&mut buf, start)?;
+                out.push(Bytes::from(buf));
+            }
         }
         Ok(out)
     }
 
-    fn reader(&self, pack: u32) -> io::Result<Arc<std::fs::File>> {
-        let file = {
-            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-            match readers.get(&pack) {
-                Some(f) => f.clone(),
-                None => {
-                    if readers.len() >= OPEN_PACKS {
-                        readers.clear();
-                    }
-                    let f = Arc::new(std::fs::File::open(pack_path(&self.dir, pack))?);
-                    readers.insert(pack, f.clone());
-                    f
-                }
-            }
+    /// A read handle for `pack`, and whether it does direct I/O.
+    fn reader(&self, pack: u32) -> io::Result<PackReader> {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = readers.get(&pack) {
+            return Ok(r.clone());
+        }
+        if readers.len() >= OPEN_PACKS {
+            readers.clear();
+        }
+        let path = pack_path(&self.dir, pack);
+        let r = match direct::open_direct_read(&path)? {
+            Some(f) => (Arc::new(f), true),
+            None => (Arc::new(std::fs::File::open(&path)?), false),
         };
-        Ok(file)
+        readers.insert(pack, r.clone());
+        Ok(r)
     }
 }
 
@@ -329,7 +350,7 @@ mod tests {
         }
         // Frames come back in request order, whatever the storage order.
         let ids = [batch[3].0, batch[4].0, a, batch[0].0];
-        let frames = s.read_frames(&ids).unwrap();
+        let frames: Vec<u8> = s.read_frames(&ids).unwrap().concat();
         let mut rest = &frames[..];
         for id in ids {
             let (got, data, used) = shoal_protocol::api::decode_frame(rest, u32::MAX).unwrap().unwrap();

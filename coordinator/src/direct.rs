@@ -68,6 +68,31 @@ impl AlignedBuf {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Fills the buffer with `len` bytes (at most its capacity) read at `offset` of `f`.
+    pub fn fill_from(&mut self, f: &File, offset: u64, len: usize) -> io::Result<()> {
+        let len = len.min(self.cap);
+        f.read_exact_at(&mut self.raw[self.start..self.start + len], offset)?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// The bytes in `range` of the contents, without copying.
+    pub fn into_bytes(self, range: std::ops::Range<usize>) -> bytes::Bytes {
+        let start = self.start;
+        bytes::Bytes::from(self.raw).slice(start + range.start..start + range.end)
+    }
+}
+
+/// Opens `path` for direct reads, or `None` when the file system does not support direct I/O.
+pub fn open_direct_read(path: &Path) -> io::Result<Option<File>> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+    match o.open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Opens `path` for direct writes (created new if `create_new`), or `None` when the file system

@@ -10,6 +10,7 @@ mod error;
 mod metrics;
 pub mod store;
 pub mod tls;
+pub mod trim;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,7 +58,7 @@ pub struct ServerInfo {
 pub(crate) struct App {
     pub store: Store,
     pub chunks: ChunkStore,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub commit_lock: tokio::sync::Mutex<()>,
     heads: Mutex<HashMap<UserId, watch::Sender<Seq>>>,
 }
@@ -113,7 +114,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     let app = Arc::new(App {
         store: store.clone(),
         chunks,
-        metrics: Metrics::default(),
+        metrics: Arc::default(),
         commit_lock: tokio::sync::Mutex::new(()),
         heads: Mutex::new(HashMap::new()),
     });
@@ -123,6 +124,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         ServerInfo { addr: addr.to_string(), public_addr: public_addr.clone(), fingerprint, pid: std::process::id() };
     write_atomic(&opts.data.join("server.json"), &serde_json::to_vec_pretty(&info)?)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
+    let trimmer = trim::spawn(app.metrics.clone(), app.chunks.clone(), cancel.clone());
     let router = api::router(app);
     let token = cancel.clone();
     let task = tokio::spawn(async move {
@@ -163,6 +165,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         }
         conns.shutdown().await;
         admin.abort();
+        trimmer.abort();
     });
     tracing::info!(%addr, %fingerprint, "coordinator listening");
     Ok(Server { addr, fingerprint, public_addr, cancel, task, store })

@@ -55,6 +55,7 @@ enum UserCmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    shoal_coordinator::trim::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
