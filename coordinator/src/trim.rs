@@ -38,6 +38,7 @@ pub(crate) fn spawn(
                 trimmed = true;
                 chunks.release_buffers();
                 let _ = tokio::task::spawn_blocking(release_free_memory).await;
+                tracing::debug!("idle: released free memory");
             }
         }
     })

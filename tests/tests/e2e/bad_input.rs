@@ -124,4 +124,6 @@ fn every_bad_input_is_refused_without_changing_state() {
         check(call(b.request(Method::GET, "/v1/tree")).await, 401, "unauthorized");
     });
     assert!(alice.remote_tree().contains_key("secret.txt"));
+    alice.sync();
+    converge(&[&alice], std::time::Duration::from_secs(5));
 }

@@ -94,11 +94,17 @@ fn missing_root_marker_stops_sync_and_deletes_nothing() {
     let b = Device::enroll(tmp.path(), &coord, "jay", "b");
     a.write("precious.txt", b"keep me");
     sync_all(&[&a, &b]);
-    // Simulate an unmounted disk: the folder is empty, marker included.
-    std::fs::remove_dir_all(b.path("")).unwrap();
+    // Simulate an unmounted disk: the mount point is an empty folder, marker included.
+    let mounted = tmp.path().join("b-disk");
+    std::fs::rename(b.path(""), &mounted).unwrap();
     std::fs::create_dir_all(b.path("")).unwrap();
     let out = b.shoal(&["sync", "--once"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("marker"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(a.remote_tree().contains_key("precious.txt"), "nothing was deleted");
+    // Once the disk is back, syncing resumes as if nothing happened.
+    std::fs::remove_dir(b.path("")).unwrap();
+    std::fs::rename(&mounted, b.path("")).unwrap();
+    let t = sync_all(&[&a, &b]);
+    assert!(t.contains_key("precious.txt"));
 }
