@@ -7,6 +7,7 @@
 
 use std::time::Instant;
 
+use shoal_protocol::testdata::noise;
 use shoal_protocol::{ChunkParams, Chunker};
 
 fn main() {
@@ -29,19 +30,6 @@ fn throughput(path: &str) {
         assert_eq!(m.size, size);
     }
     println!("{:.2}", size as f64 / best / (1u64 << 30) as f64);
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// New chunk bytes needed to sync `new` when `old` is already stored.

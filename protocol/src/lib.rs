@@ -7,6 +7,7 @@ pub mod chunker;
 pub mod entry;
 pub mod ids;
 pub mod path;
+pub mod testdata;
 
 pub use chunker::{CHUNK_PARAMS, ChunkParams, Chunker, ChunkerError};
 pub use entry::{Change, ChunkRef, Entry, EntryKind, Manifest};
