@@ -236,13 +236,17 @@ pub async fn init(home: &Path, invite: &str, dir: &Path, device: Option<String>)
     let invite: Invite = invite.parse()?;
     let device_name = device.unwrap_or_else(default_device_name);
     let client = Client::anonymous(&invite.addr, invite.fingerprint)?;
+    // The device's own key never leaves it: the coordinator signs a request for it.
+    let (key, csr) = shoal_coordinator::ca::device_request()?;
     let resp = client
         .enroll(&EnrollRequest {
             user: invite.user.clone(),
             secret: invite.secret.clone(),
             device_name: device_name.clone(),
+            csr,
         })
         .await?;
+    config::save_identity(home, &key.serialize_pem(), &resp.cert, &resp.ca)?;
     engine::init_root(dir)?;
     let root = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
     let cfg = Config {

@@ -72,6 +72,25 @@ impl Config {
     }
 }
 
+/// Stores the device's TLS identity in its home: `device.key` (0600), `device.crt` (signed by the
+/// user's CA) and `user-ca.crt`. Devices of one user authenticate each other with these.
+pub fn save_identity(home: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(home.join("device.key"))?;
+    f.write_all(key_pem.as_bytes())?;
+    f.sync_all()?;
+    std::fs::write(home.join("device.crt"), cert_pem)?;
+    std::fs::write(home.join("user-ca.crt"), ca_pem)?;
+    Ok(())
+}
+
 /// Resolves the agent's home: `--home`, else `$SHOAL_HOME`, else the platform data directory.
 pub fn resolve_home(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(h) = flag {

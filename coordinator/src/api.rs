@@ -152,11 +152,23 @@ async fn enroll(State(app): State<Arc<App>>, ApiJson(req): ApiJson<EnrollRequest
             "the invite is unknown, already used, or for another user; ask for a new one",
         )
     };
+    if req.csr.len() > 16 * 1024 {
+        return Err(ApiError::bad("certificate request too large"));
+    }
     let user = app.store.user(&req.user)?.ok_or_else(invalid)?;
     let secret_hash = *blake3::hash(req.secret.as_bytes()).as_bytes();
     let token = random_hex(32);
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let ca = crate::ca::UserCa { cert: user.ca_cert.clone(), key: user.ca_key.clone() };
+    let cert = match crate::ca::sign_device(&ca, &req.csr, &DeviceId(id)) {
+        Ok(c) => c,
+        Err(crate::ca::CaError::BadRequest(e)) => return Err(ApiError::bad(format!("bad certificate request: {e}"))),
+        Err(e) => {
+            tracing::error!(error = %e, "signing a device certificate failed");
+            return Err(ApiError::new(ErrorCode::Internal, "could not sign the device certificate"));
+        }
+    };
     let now = now_ms();
     let dev = DeviceRec {
         id: DeviceId(id),
@@ -167,13 +179,19 @@ async fn enroll(State(app): State<Arc<App>>, ApiJson(req): ApiJson<EnrollRequest
         last_seen_ms: now,
         cursor: 0,
         revoked: false,
+        cert,
     };
     if !app.store.enroll(&secret_hash, user.id, &dev)? {
         return Err(invalid());
     }
     app.store.flush().await?;
     tracing::info!(user = %user.name, device = %dev.id, name = %dev.name, "device enrolled");
-    Ok(Json(EnrollResponse { device_id: dev.id, token }))
+    Ok(Json(EnrollResponse {
+        device_id: dev.id,
+        token,
+        cert: crate::ca::cert_pem(&dev.cert),
+        ca: crate::ca::cert_pem(&user.ca_cert),
+    }))
 }
 
 fn device_info(d: &DeviceRec) -> DeviceInfo {
@@ -184,6 +202,7 @@ fn device_info(d: &DeviceRec) -> DeviceInfo {
         last_seen_ms: d.last_seen_ms,
         cursor: d.cursor,
         revoked: d.revoked,
+        cert_fingerprint: ChunkId::of(&d.cert),
     }
 }
 

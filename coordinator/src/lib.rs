@@ -4,6 +4,7 @@
 
 pub mod admin;
 mod api;
+pub mod ca;
 pub mod chunks;
 pub mod direct;
 mod error;
@@ -181,7 +182,10 @@ pub fn invite(store: &Store, name: &str, create: bool, addr: &str, fingerprint: 
             anyhow::bail!("user {name:?} already exists; use `user invite {name}` to enroll another device")
         }
         (Some(u), false) => u,
-        (None, true) => store.add_user(name, now_ms())?.context("user was created concurrently")?,
+        (None, true) => {
+            let ca = ca::new_user_ca(name)?;
+            store.add_user(name, now_ms(), ca)?.context("user was created concurrently")?
+        }
         (None, false) => anyhow::bail!("no user {name:?}; create it with `user add {name}`"),
     };
     let secret = random_hex(16);

@@ -38,6 +38,9 @@ pub struct UserRec {
     pub id: UserId,
     pub name: String,
     pub created_ms: u64,
+    /// The user's CA certificate and private key (DER), which sign device certificates.
+    pub ca_cert: Vec<u8>,
+    pub ca_key: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +59,8 @@ pub struct DeviceRec {
     pub last_seen_ms: u64,
     pub cursor: Seq,
     pub revoked: bool,
+    /// The device certificate (DER) signed by the user's CA at enrollment.
+    pub cert: Vec<u8>,
 }
 
 /// The metadata store.
@@ -165,9 +170,15 @@ impl Store {
     }
 
     /// Creates a user; `Ok(None)` if the name is taken.
-    pub fn add_user(&self, name: &str, now_ms: u64) -> Result<Option<UserRec>, StoreError> {
+    pub fn add_user(&self, name: &str, now_ms: u64, ca: crate::ca::UserCa) -> Result<Option<UserRec>, StoreError> {
         let k = key(b"u/", &[name.as_bytes()]);
-        let rec = UserRec { id: self.db.generate_id()? + 1, name: name.to_string(), created_ms: now_ms };
+        let rec = UserRec {
+            id: self.db.generate_id()? + 1,
+            name: name.to_string(),
+            created_ms: now_ms,
+            ca_cert: ca.cert,
+            ca_key: ca.key,
+        };
         match self.meta.compare_and_swap(&k, None as Option<&[u8]>, Some(encode(&rec)))? {
             Ok(()) => Ok(Some(rec)),
             Err(_) => Ok(None),

@@ -91,6 +91,8 @@ pub struct EnrollRequest {
     pub user: String,
     pub secret: String,
     pub device_name: String,
+    /// PKCS#10 certificate request (PEM) for the device's own key; only its public key is used.
+    pub csr: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +100,10 @@ pub struct EnrollResponse {
     pub device_id: DeviceId,
     /// Bearer token for every later request. Shown once; stored hashed by the coordinator.
     pub token: String,
+    /// The device's certificate (PEM), signed by the user's CA, named `<device id>.device.shoal`.
+    pub cert: String,
+    /// The user's CA certificate (PEM): peers of this user chain to it.
+    pub ca: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +115,8 @@ pub struct DeviceInfo {
     /// Highest journal seq the device reports as applied.
     pub cursor: Seq,
     pub revoked: bool,
+    /// BLAKE3 of the device certificate (DER).
+    pub cert_fingerprint: ChunkId,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -109,10 +109,13 @@ fn every_bad_input_is_refused_without_changing_state() {
         check(call(a.request(Method::GET, "/v1/nope")).await, 404, "not_found");
         // A used invite cannot enroll again.
         let invite: shoal_protocol::api::Invite = coord.invite("alice").parse().unwrap();
-        let enroll = json!({"user": "alice", "secret": invite.secret, "device_name": "x"});
+        let (_, csr) = shoal_coordinator::ca::device_request().unwrap();
+        let garbage = json!({"user": "alice", "secret": invite.secret, "device_name": "x", "csr": "garbage"});
+        check(call(anon.request(Method::POST, "/v1/enroll").json(&garbage)).await, 400, "bad_request");
+        let enroll = json!({"user": "alice", "secret": invite.secret, "device_name": "x", "csr": csr});
         assert_eq!(call(anon.request(Method::POST, "/v1/enroll").json(&enroll)).await.0, 200);
         check(call(anon.request(Method::POST, "/v1/enroll").json(&enroll)).await, 403, "invite_invalid");
-        let wrong_user = json!({"user": "bob", "secret": coord.invite("alice").split("secret=").nth(1).unwrap()[..32].to_string(), "device_name": "x"});
+        let wrong_user = json!({"user": "bob", "secret": coord.invite("alice").split("secret=").nth(1).unwrap()[..32].to_string(), "device_name": "x", "csr": csr});
         check(call(anon.request(Method::POST, "/v1/enroll").json(&wrong_user)).await, 403, "invite_invalid");
 
         assert_eq!(head(&a).await, start, "no refused request changed the journal");

@@ -9,6 +9,16 @@ fn two_devices_follow_every_kind_of_change() {
     let coord = Coordinator::start(&tmp.path().join("coord"));
     let mut a = Device::enroll(tmp.path(), &coord, "alice", "laptop");
     let mut b = Device::enroll(tmp.path(), &coord, "alice", "desktop");
+    // Each device holds its own key and a certificate from the user's CA; the coordinator lists
+    // both devices with their certificate fingerprints.
+    for d in [&a, &b] {
+        assert!(std::fs::read_to_string(d.home.join("device.crt")).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(d.home.join("device.key").exists() && d.home.join("user-ca.crt").exists());
+    }
+    let out = a.shoal(&["devices", "--json"]);
+    let devices: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_ne!(devices[0]["cert_fingerprint"], devices[1]["cert_fingerprint"]);
     a.start();
     b.start();
 
