@@ -88,12 +88,19 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         };
         let wait = match result {
             Ok(report) => {
-                backoff = Duration::from_millis(250);
                 update_status(&mut status, &report);
                 if report.in_sync {
+                    backoff = Duration::from_millis(250);
                     next_rescan.saturating_duration_since(tokio::time::Instant::now())
-                } else {
+                } else if report.made_progress() {
+                    backoff = Duration::from_millis(250);
                     Duration::ZERO
+                } else {
+                    // Not in sync and nothing moved (a file still being written, a refusal that
+                    // repeats): try again, but back off instead of spinning.
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    w
                 }
             }
             Err(e) => {

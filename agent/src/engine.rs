@@ -23,6 +23,9 @@ use crate::transfer::{self, AssembleOpts, LocalChunk, Sources, UploadError};
 
 /// Most changes in one outbox commit.
 const COMMIT_CHANGES: usize = 1000;
+/// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
+/// coordinator's 64 MiB body limit).
+const COMMIT_CHUNKS: usize = 500_000;
 /// Files up to this size are fetched together in groups; larger ones stream on their own.
 const SMALL_FILE: u64 = 1024 * 1024;
 /// Bytes fetched per group of small files.
@@ -85,6 +88,13 @@ pub fn init_root(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl CycleReport {
+    /// `true` when the cycle moved anything: a fetch, a commit, a conflict resolved.
+    pub fn made_progress(&self) -> bool {
+        self.fetched_files + self.committed_changes + self.conflicts > 0
+    }
+}
+
 impl Engine {
     pub fn open(home: &Path, cfg: Config) -> anyhow::Result<Engine> {
         let root = cfg.root()?.to_path_buf();
@@ -138,6 +148,8 @@ impl Engine {
         })
         .await
         .context("scanner panicked")?;
+        let scan =
+            (scan.0.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?, scan.1, scan.2);
         report.bytes_uploaded += early.await.unwrap_or(0);
         let (scan, index, ignore) = scan;
         tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, files = scan.tree.len(), "scanned");
@@ -295,11 +307,17 @@ impl Engine {
         let mut batch = Batch::default();
         for path in removes {
             match remove_local(&self.root, &path, scan.tree.get(&path)) {
-                Ok(true) => {
+                Ok(Removal::Done) => {
                     batch.del_synced(&path);
                     batch.del_index(&path);
                 }
-                Ok(false) => dirty = true,
+                Ok(Removal::NotEmpty) => {
+                    // It still holds files this device keeps (ignored or new): the directory
+                    // stays, and is offered back to the coordinator as a local addition.
+                    batch.del_synced(&path);
+                    dirty = true;
+                }
+                Ok(Removal::Changed) => dirty = true,
                 Err(err) => {
                     tracing::warn!(%path, error = %err, "cannot remove");
                     dirty = true;
@@ -313,9 +331,19 @@ impl Engine {
             let mut files = Vec::new();
             let mut batch = Batch::default();
             for e in replacements {
-                if !matches!(remove_local(&self.root, &e.path, scan.tree.get(&e.path)), Ok(true)) {
+                let scanned = scan.tree.get(&e.path);
+                let removed = matches!(remove_local(&self.root, &e.path, scanned), Ok(Removal::Done));
+                // A directory that still holds local additions is kept, as a conflicted copy.
+                let moved = !removed
+                    && scanned.is_some_and(|r| r.kind == EntryKind::Dir)
+                    && self.move_aside(&e.path, scanned).is_ok();
+                if !removed && !moved {
                     dirty = true;
                     continue;
+                }
+                if moved {
+                    report.conflicts += 1;
+                    dirty = true;
                 }
                 batch.del_index(&e.path);
                 expect.insert(e.path.clone(), None);
@@ -339,8 +367,8 @@ impl Engine {
 
         if !changes.is_empty() {
             let mut batch = Batch::default();
-            for part in changes.chunks(COMMIT_CHANGES) {
-                let item = OutboxItem { commit_id: new_commit_id(), changes: part.to_vec() };
+            for part in split_commits(changes, report) {
+                let item = OutboxItem { commit_id: new_commit_id(), changes: part };
                 batch.put_outbox(self.store.next_outbox_id()?, &item);
             }
             self.store.apply(batch)?;
@@ -387,7 +415,14 @@ impl Engine {
     fn move_aside(&self, path: &SyncPath, scanned: Option<&IndexRec>) -> anyhow::Result<SyncPath> {
         let local = path.to_local(&self.root);
         let md = local.symlink_metadata()?;
-        if scanned.is_none_or(|r| !r.same_stat(&scan::stat_rec(&md))) {
+        // A file must be exactly as scanned; a directory's own stat changes with its entries,
+        // which are tracked one by one, so it only has to still be a directory.
+        let unchanged = match scanned {
+            Some(r) if r.kind == EntryKind::Dir => md.is_dir(),
+            Some(r) => r.same_stat(&scan::stat_rec(&md)),
+            None => false,
+        };
+        if !unchanged {
             anyhow::bail!("changed since the scan");
         }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -395,9 +430,10 @@ impl Engine {
             let name = conflict_name(path.file_name(), &self.cfg.device_name, now, n);
             let copy = path.with_file_name(&name)?;
             let dest = copy.to_local(&self.root);
-            if dest.symlink_metadata().is_err() {
-                std::fs::rename(&local, &dest)?;
-                return Ok(copy);
+            match rename_noreplace(&local, &dest) {
+                Ok(()) => return Ok(copy),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e.into()),
             }
         }
         anyhow::bail!("no free conflicted-copy name")
@@ -498,7 +534,9 @@ impl Engine {
                     Ok(md) => {
                         let mut rec = scan::stat_rec(&md);
                         rec.manifest = e.manifest.clone();
-                        rec.hashed_ns = now_ns();
+                        // We wrote and verified these bytes ourselves: the stat taken after the
+                        // rename describes them, so the index need not wait for times to settle.
+                        rec.hashed_ns = now_ns().max(rec.mtime_ns).max(rec.ctime_ns) + scan::SETTLE_NS;
                         batch.put_index(&e.path, &rec);
                         batch.put_synced(&e);
                         report.fetched_files += 1;
@@ -567,7 +605,11 @@ impl Engine {
                     let mut batch = Batch::default();
                     batch.del_outbox(id);
                     for e in &resp.entries {
-                        batch.put_remote(e);
+                        // A replayed commit's entries may be older than what the journal already
+                        // showed us: never move the remote tree backwards.
+                        if self.store.remote_entry(&e.path)?.is_none_or(|r| r.version < e.version) {
+                            batch.put_remote(e);
+                        }
                         if e.deleted {
                             batch.del_synced(&e.path);
                         } else {
@@ -600,6 +642,29 @@ impl Engine {
         b.del_outbox(id);
         self.store.apply(b)
     }
+}
+
+/// Groups changes into commits that stay well inside the coordinator's request limits: at most
+/// `COMMIT_CHANGES` changes and `COMMIT_CHUNKS` chunk references each (a chunk reference is ~90
+/// bytes of JSON). A single file with more chunks than that (over ~40 GiB) cannot be committed
+/// and is reported as skipped.
+fn split_commits(changes: Vec<Change>, report: &mut CycleReport) -> Vec<Vec<Change>> {
+    let mut out: Vec<Vec<Change>> = Vec::new();
+    let mut chunks = 0usize;
+    for c in changes {
+        let n = c.manifest.as_ref().map_or(0, |m| m.chunks.len());
+        if n > COMMIT_CHUNKS {
+            report.skipped.push(format!("{}: too large to sync ({n} chunks)", c.path));
+            continue;
+        }
+        if out.last().is_none_or(|p| p.len() >= COMMIT_CHANGES || chunks + n > COMMIT_CHUNKS) {
+            out.push(Vec::new());
+            chunks = 0;
+        }
+        chunks += n;
+        out.last_mut().expect("a commit was just started").push(c);
+    }
+    out
 }
 
 fn now_ns() -> i64 {
@@ -645,40 +710,73 @@ fn install(root: &Path, path: &SyncPath, tmp: &Path, expected: Option<&IndexRec>
     }
     let target = path.to_local(root);
     match (target.symlink_metadata(), expected) {
-        (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => {}
-        (Ok(md), Some(rec)) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => {}
+        // Nothing there: the rename must not replace a file created since this check.
+        (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => rename_noreplace(tmp, &target)
+            .map_err(|e| anyhow::anyhow!("the local file appeared since the scan ({e})"))?,
+        (Ok(md), Some(rec)) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => std::fs::rename(tmp, &target)?,
         _ => anyhow::bail!("the local file changed since the scan"),
     }
-    std::fs::rename(tmp, &target)?;
     Ok(target.symlink_metadata()?)
 }
 
+/// Renames `from` to `to` only if `to` does not exist (atomically: `RENAME_NOREPLACE`).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, rustix::fs::RenameFlags::NOREPLACE)
+        .map_err(std::io::Error::from)
+}
+
+/// What `remove_local` did.
+enum Removal {
+    Done,
+    /// A directory that still has entries: kept.
+    NotEmpty,
+    /// The file changed since the scan: kept, to be re-planned.
+    Changed,
+}
+
 /// Removes the local `path` if it is unchanged since the scan. Directories go only when empty.
-fn remove_local(root: &Path, path: &SyncPath, scanned: Option<&IndexRec>) -> anyhow::Result<bool> {
+fn remove_local(root: &Path, path: &SyncPath, scanned: Option<&IndexRec>) -> anyhow::Result<Removal> {
     let target = path.to_local(root);
     let md = match target.symlink_metadata() {
         Ok(md) => md,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Removal::Done),
         Err(e) => return Err(e.into()),
     };
     if md.is_dir() {
         return match std::fs::remove_dir(&target) {
-            Ok(()) => Ok(true),
-            Err(_) => Ok(false),
+            Ok(()) => Ok(Removal::Done),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                // Only OS metadata (.DS_Store and the like) left? It goes with the directory.
+                let entries: Vec<_> = std::fs::read_dir(&target)?.collect::<Result<_, _>>()?;
+                let junk_only = entries.iter().all(|e| {
+                    e.file_type().is_ok_and(|t| t.is_file()) && e.file_name().to_str().is_some_and(scan::is_os_junk)
+                });
+                if !junk_only {
+                    return Ok(Removal::NotEmpty);
+                }
+                for e in entries {
+                    std::fs::remove_file(e.path())?;
+                }
+                std::fs::remove_dir(&target)?;
+                Ok(Removal::Done)
+            }
+            Err(e) => Err(e.into()),
         };
     }
     if scanned.is_none_or(|r| !r.same_stat(&scan::stat_rec(&md))) {
-        return Ok(false);
+        return Ok(Removal::Changed);
     }
     std::fs::remove_file(&target)?;
-    Ok(true)
+    Ok(Removal::Done)
 }
 
 /// `name (conflicted copy DEVICE YYYY-MM-DD HHMMSS).ext`, with ` N` before the `)` for n > 1.
 /// The time is UTC.
 pub fn conflict_name(name: &str, device: &str, unix_secs: u64, n: u32) -> String {
     let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        // A long "extension" is not one (`v1.5 final report...`): keep it in the stem, which is
+        // what gets trimmed when the name is too long.
+        Some(i) if i > 0 && name.len() - i <= 16 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
     let device: String = device.chars().filter(|c| !matches!(c, '/' | '\\' | '\0')).take(40).collect();
@@ -732,6 +830,8 @@ mod tests {
         assert_eq!(conflict_name("a.tar.gz", "d", 0, 1), "a.tar (conflicted copy d 1970-01-01 000000).gz");
         let long = conflict_name(&"é".repeat(120), "dev", t, 1);
         assert!(long.len() <= 255 && SyncPath::parse(&long).is_ok());
+        let long_ext = conflict_name(&format!("v1.{}", "x".repeat(250)), "dev", t, 1);
+        assert!(long_ext.len() <= 255 && SyncPath::parse(&long_ext).is_ok(), "{long_ext}");
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }

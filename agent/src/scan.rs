@@ -46,6 +46,34 @@ pub const BUILTIN_IGNORES: &[&str] = &[
 /// How long after a read a file's mtime may still be written again without changing: a file
 /// whose mtime is this close to when it was hashed is hashed again on the next scan.
 const MTIME_TICK_NS: i64 = 50_000_000;
+/// Timestamps with no sub-second part suggest a coarse file system (FAT, some network mounts).
+const COARSE_MTIME_TICK_NS: i64 = 2_000_000_000;
+/// A `hashed_ns` this far past a file's times marks its index entry as settled.
+pub const SETTLE_NS: i64 = COARSE_MTIME_TICK_NS + 1;
+
+/// `true` when the cached hash of a file with this stat may be trusted: its times were already in
+/// the past, by more than the timestamp granularity, when it was read.
+fn settled(rec: &IndexRec) -> bool {
+    let tick = if rec.mtime_ns % 1_000_000_000 == 0 { COARSE_MTIME_TICK_NS } else { MTIME_TICK_NS };
+    rec.mtime_ns.max(rec.ctime_ns) + tick < rec.hashed_ns
+}
+
+/// OS metadata files that may be deleted along with a directory the user deleted elsewhere
+/// (the subset of `BUILTIN_IGNORES` that never holds user data).
+const OS_JUNK: &[&str] = &[".DS_Store", "._*", "Thumbs.db", "ehthumbs.db", "desktop.ini"];
+
+/// `true` for OS metadata files that can be removed with their directory.
+pub fn is_os_junk(name: &str) -> bool {
+    static JUNK: std::sync::OnceLock<Gitignore> = std::sync::OnceLock::new();
+    let gi = JUNK.get_or_init(|| {
+        let mut b = GitignoreBuilder::new("/");
+        for pat in OS_JUNK {
+            let _ = b.add_line(None, pat);
+        }
+        b.build().unwrap_or_else(|_| Gitignore::empty())
+    });
+    gi.matched(name, false).is_ignore()
+}
 
 /// Ignore rules of one sync root.
 pub struct Ignore {
@@ -119,6 +147,7 @@ pub fn stat_rec(md: &std::fs::Metadata) -> IndexRec {
         kind,
         size: if md.is_dir() { 0 } else { md.len() },
         mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
         inode: md.ino(),
         mode: md.permissions().mode() & 0o7777,
         manifest: None,
@@ -137,23 +166,37 @@ pub const EARLY_UPLOAD_MIN: u64 = 8 * 1024 * 1024;
 /// Bytes per early batch.
 const EARLY_BATCH: usize = 4 * 1024 * 1024;
 
-pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>, early: Option<&EarlyChunks>) -> Scan {
+/// Walks `root` and returns the local tree, reusing `index` where stat data shows no change. An
+/// unreadable root is an error: an empty scan of it would read as "everything was deleted".
+pub fn scan(
+    root: &Path,
+    ignore: &Ignore,
+    index: &BTreeMap<SyncPath, IndexRec>,
+    early: Option<&EarlyChunks>,
+) -> std::io::Result<Scan> {
     let mut out = Scan::default();
     let mut to_hash: Vec<(SyncPath, PathBuf, IndexRec)> = Vec::new();
     let mut stack = vec![(root.to_path_buf(), None::<SyncPath>)];
     while let Some((dir, dir_path)) = stack.pop() {
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) => {
+        let rd = match (std::fs::read_dir(&dir), &dir_path) {
+            (Ok(rd), _) => rd,
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(p)) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "cannot read directory; leaving it alone");
-                if let Some(p) = dir_path {
-                    out.busy.insert(p);
-                }
+                out.busy.insert(p.clone());
                 continue;
             }
         };
         for ent in rd {
-            let Ok(ent) = ent else { continue };
+            let ent = match (ent, &dir_path) {
+                (Ok(ent), _) => ent,
+                (Err(e), None) => return Err(e),
+                (Err(_), Some(p)) => {
+                    // A listing cut short: what was not listed is unknown, not deleted.
+                    out.busy.insert(p.clone());
+                    break;
+                }
+            };
             let name = ent.file_name();
             if dir_path.is_none() && name == RESERVED_DIR {
                 continue;
@@ -194,11 +237,7 @@ pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>, 
             } else if ft.is_file() {
                 let rec = stat_rec(&md);
                 match index.get(&path) {
-                    Some(old)
-                        if old.same_stat(&rec)
-                            && old.manifest.is_some()
-                            && old.mtime_ns + MTIME_TICK_NS < old.hashed_ns =>
-                    {
+                    Some(old) if old.same_stat(&rec) && old.manifest.is_some() && settled(old) => {
                         out.tree.insert(path, old.clone());
                     }
                     _ => to_hash.push((path, ent.path(), rec)),
@@ -210,7 +249,7 @@ pub fn scan(root: &Path, ignore: &Ignore, index: &BTreeMap<SyncPath, IndexRec>, 
         }
     }
     hash_files(to_hash, index, early, &mut out);
-    out
+    Ok(out)
 }
 
 /// Chunks and hashes `files` on two threads.
@@ -306,7 +345,14 @@ mod tests {
     use super::*;
 
     fn check(root: &Path, index: &BTreeMap<SyncPath, IndexRec>) -> Scan {
-        scan(root, &Ignore::load(root), index, None)
+        scan(root, &Ignore::load(root), index, None).unwrap()
+    }
+
+    #[test]
+    fn unreadable_root_is_an_error_not_an_empty_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("not-there");
+        assert!(scan(&gone, &Ignore::load(&gone), &BTreeMap::new(), None).is_err());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct IndexRec {
     pub kind: EntryKind,
     pub size: u64,
     pub mtime_ns: i64,
+    /// Changes on every write and cannot be set back by tools like `touch -r`.
+    pub ctime_ns: i64,
     pub inode: u64,
     pub mode: u32,
     /// `Some` for files.
@@ -30,11 +32,12 @@ pub struct IndexRec {
 }
 
 impl IndexRec {
-    /// `true` when `other` has the same size, mtime, inode and mode.
+    /// `true` when `other` has the same size, mtime, ctime, inode and mode.
     pub fn same_stat(&self, other: &IndexRec) -> bool {
         self.kind == other.kind
             && self.size == other.size
             && self.mtime_ns == other.mtime_ns
+            && self.ctime_ns == other.ctime_ns
             && self.inode == other.inode
             && self.mode == other.mode
     }
@@ -183,6 +186,11 @@ impl Store {
 
     pub fn remote(&self) -> anyhow::Result<BTreeMap<SyncPath, Entry>> {
         self.load(b"r/")
+    }
+
+    /// The remote head of one path, if known.
+    pub fn remote_entry(&self, path: &SyncPath) -> anyhow::Result<Option<Entry>> {
+        Ok(self.state.get(pkey(b"r/", path))?.and_then(|v| decode(&v)))
     }
 
     pub fn cursor(&self) -> anyhow::Result<Seq> {

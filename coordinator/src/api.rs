@@ -457,6 +457,7 @@ fn apply_commit(app: &App, user: UserId, dev: &DeviceRec, req: CommitRequest) ->
     if !conflicts.is_empty() {
         return Ok(CommitOutcome::Stale(conflicts));
     }
+    check_hierarchy(app, user, &req.changes)?;
     for c in &req.changes {
         for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
             let on_disk = || app.chunks.len(&chunk.id) == Some(u64::from(chunk.len));
@@ -495,6 +496,37 @@ fn apply_commit(app: &App, user: UserId, dev: &DeviceRec, req: CommitRequest) ->
     let resp = CommitResponse { entries };
     app.store.append(user, &req.commit_id, &resp)?;
     Ok(CommitOutcome::Applied(resp))
+}
+
+/// Keeps the tree a tree after the commit: nothing live under a file, and no file over a
+/// directory that still holds live entries. Refused with `conflict`; the device re-plans.
+fn check_hierarchy(app: &App, user: UserId, changes: &[shoal_protocol::Change]) -> ApiResult<()> {
+    let pending: std::collections::HashMap<&SyncPath, &shoal_protocol::Change> =
+        changes.iter().map(|c| (&c.path, c)).collect();
+    let live_file = |p: &SyncPath| -> ApiResult<bool> {
+        if let Some(c) = pending.get(p) {
+            return Ok(!c.deleted && c.kind == EntryKind::File);
+        }
+        Ok(app.store.head(user, p)?.is_some_and(|h| !h.deleted && h.kind == EntryKind::File))
+    };
+    let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
+    for c in changes.iter().filter(|c| !c.deleted) {
+        let mut parent = c.path.parent();
+        while let Some(p) = parent {
+            if live_file(&p)? {
+                return Err(conflict(format!("{}: {p} is a file", c.path)));
+            }
+            parent = p.parent();
+        }
+        if c.kind == EntryKind::File {
+            for e in app.store.live_under(user, &c.path)? {
+                if pending.get(&e.path).is_none_or(|pc| !pc.deleted) {
+                    return Err(conflict(format!("{}: the directory still holds {}", c.path, e.path)));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -118,7 +118,8 @@ impl ChunkStore {
         let mut guard = self.lock();
         let mut fresh: Vec<(ChunkId, &[u8])> = Vec::new();
         for (id, data) in chunks {
-            if self.locate(id)?.is_none() && !fresh.iter().any(|(f, _)| f == id) {
+            // An index entry whose bytes did not survive a crash counts as absent: store again.
+            if self.len(id) != Some(data.len() as u64) && !fresh.iter().any(|(f, _)| f == id) {
                 fresh.push((*id, data));
             }
         }
@@ -142,9 +143,35 @@ impl ChunkStore {
         let pack = w.pack;
         let file = w.file.as_ref().expect("a pack is open");
         let buf = w.buf.get_or_insert_with(|| AlignedBuf::new(STAGING_BYTES));
+        buf.clear();
         let mut out = Appender { file, buf, flushed: w.len, pos: w.len };
+        match Self::append(&mut out, &fresh, pack, w.direct) {
+            Ok(locs) => {
+                w.len = out.pos;
+                w.dirty.insert(pack);
+                w.appended += 1;
+                self.index.put_chunk_locs(&locs).map_err(io::Error::other)
+            }
+            Err(e) => {
+                // Whatever reached the pack is unindexed garbage; start a fresh pack so no later
+                // append lands at an offset this one left unknown.
+                if let Some(b) = w.buf.as_mut() {
+                    b.clear();
+                }
+                w.len = PACK_BYTES;
+                Err(e)
+            }
+        }
+    }
+
+    fn append(
+        out: &mut Appender<'_>,
+        fresh: &[(ChunkId, &[u8])],
+        pack: u32,
+        direct: bool,
+    ) -> io::Result<Vec<(ChunkId, ChunkLoc)>> {
         let mut locs = Vec::with_capacity(fresh.len());
-        for (id, data) in &fresh {
+        for (id, data) in fresh {
             let mut header = [0u8; FRAME_HEADER];
             header[..32].copy_from_slice(id.as_bytes());
             header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
@@ -152,7 +179,7 @@ impl ChunkStore {
             locs.push((*id, ChunkLoc { pack, offset: out.pos, len: data.len() as u32 }));
             out.push(data)?;
         }
-        if w.direct {
+        if direct {
             // Pad to the alignment with a frame of zero id, so the pack stays a frame sequence.
             let rem = out.pos as usize % direct::ALIGN;
             if rem != 0 {
@@ -167,10 +194,7 @@ impl ChunkStore {
             }
         }
         out.flush()?;
-        w.len = out.pos;
-        w.dirty.insert(pack);
-        w.appended += 1;
-        self.index.put_chunk_locs(&locs).map_err(io::Error::other)
+        Ok(locs)
     }
 
     /// Makes every chunk appended so far durable.

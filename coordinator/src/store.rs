@@ -362,6 +362,23 @@ impl Store {
         Ok(out)
     }
 
+    /// Live heads strictly under directory `dir`.
+    pub fn live_under(&self, user: UserId, dir: &SyncPath) -> Result<Vec<Entry>, StoreError> {
+        let mut prefix = key(b"p/", &[&user.to_be_bytes(), dir.as_str().as_bytes()]);
+        prefix.push(b'/');
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(&prefix) {
+            let (_, v) = kv?;
+            let seq = be_u64(&v).ok_or_else(|| StoreError::Corrupt { key: "p/".into() })?;
+            if let Some(e) = self.entry(user, seq)?
+                && !e.deleted
+            {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
     /// Live heads ordered by path, strictly after `after`, as of the current head: at most
     /// `limit`, plus whether more follow.
     pub fn tree_head(

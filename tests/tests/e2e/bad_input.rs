@@ -95,6 +95,9 @@ fn every_bad_input_is_refused_without_changing_state() {
         let got = call(a.request(Method::POST, "/v1/commit").json(&c)).await;
         assert_eq!(got.1["conflicts"][0]["head"]["version"], secret_entry.version, "{got:?}");
         check(got, 409, "stale_base");
+        // Nothing may live under a file.
+        let under = commit(json!([{"path": "secret.txt/inside", "kind": "dir", "base": null}]));
+        check(call(a.request(Method::POST, "/v1/commit").json(&under)).await, 409, "conflict");
         // Hash mismatch on upload.
         let mut frame = Vec::new();
         shoal_protocol::api::encode_frame(&mut frame, &unknown, b"other bytes");

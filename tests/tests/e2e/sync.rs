@@ -178,3 +178,45 @@ fn ignored_and_junk_files_stay_local() {
 }
 
 use std::time::Duration;
+
+#[test]
+fn deleted_directories_take_os_junk_but_keep_new_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "gil", "a");
+    let b = Device::enroll(tmp.path(), &coord, "gil", "b");
+    a.write("photos/one.jpg", b"1");
+    a.write("work/report.txt", b"r");
+    sync_all(&[&a, &b]);
+    // b's file browser left metadata in one folder; b added a new file in the other, offline.
+    b.write("photos/.DS_Store", b"finder junk");
+    b.write("work/new.txt", b"new on b");
+    std::fs::remove_dir_all(a.path("photos")).unwrap();
+    std::fs::remove_dir_all(a.path("work")).unwrap();
+    a.sync();
+    b.sync();
+    let t = sync_all(&[&a, &b]);
+    assert!(!b.path("photos").exists(), "the deleted folder went, with its OS junk");
+    assert_eq!(t.get("work/new.txt"), Some(&Node::File(file_hash(b"new on b"), false)), "new work survives");
+    assert!(!t.contains_key("work/report.txt"));
+}
+
+#[test]
+fn directory_replaced_by_a_file_while_another_device_adds_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "hank", "a");
+    let b = Device::enroll(tmp.path(), &coord, "hank", "b");
+    a.write("x/old.txt", b"old");
+    sync_all(&[&a, &b]);
+    std::fs::remove_dir_all(a.path("x")).unwrap();
+    a.write("x", b"now a file");
+    b.write("x/new.txt", b"added on b");
+    a.sync();
+    b.sync();
+    let t = sync_all(&[&a, &b]);
+    assert_eq!(t["x"], Node::File(file_hash(b"now a file"), false));
+    let kept: Vec<&String> =
+        t.keys().filter(|k| k.starts_with("x (conflicted copy b ") && k.ends_with("/new.txt")).collect();
+    assert_eq!(kept.len(), 1, "b's addition survives in a conflicted copy of the folder: {t:?}");
+}
