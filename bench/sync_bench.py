@@ -229,7 +229,7 @@ def main():
         row("1 KiB insert into 256 MiB: chunk bytes uploaded", "<= 512 KiB", f"{sent / 1024:.0f} KiB", sent <= 512 * 1024)
         row("1 KiB insert into 256 MiB: new version on B", "<= 2 s", f"{edit_s:.2f} s" if ok else "timeout", ok and edit_s <= 2)
 
-        time.sleep(6)  # idle: no requests for a few seconds
+        time.sleep(10)  # idle: no requests for ten seconds
         idle_end = rss_kib(c.coord.pid, "VmRSS")
         row("idle coordinator RSS (fresh / after the runs)", "<= 50 MiB",
             f"{idle_start / 1024:.0f} / {idle_end / 1024:.0f} MiB", max(idle_start, idle_end) <= 50 * 1024)

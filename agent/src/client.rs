@@ -128,7 +128,7 @@ impl Client {
             .tls_backend_preconfigured(tls.clone())
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()?;
         Ok(Client { http, addr: addr.to_string(), base: format!("https://{addr}"), token: None, tls: Arc::new(tls) })
     }

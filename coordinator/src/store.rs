@@ -15,7 +15,7 @@ use shoal_protocol::{ChunkId, CommitId, DeviceId, Entry, Seq, SyncPath};
 
 /// sled's page cache. Small: the hot data (heads, recent journal) is small, and an idle
 /// coordinator should stay lean.
-const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Format version of every stored value.
 const VALUE_VERSION: u8 = 1;

@@ -16,7 +16,11 @@ use crate::metrics::Metrics;
 /// How long without requests counts as idle.
 const IDLE: Duration = Duration::from_secs(2);
 
-/// Trims once after each burst of activity, when a whole `IDLE` period saw no requests.
+/// How many idle periods after a burst to keep trimming: memory held by connections that close
+/// a little later (clients drop idle keep-alive connections after a few seconds) is returned too.
+const TRIMS_PER_BURST: u32 = 5;
+
+/// Trims after each burst of activity, at each of the first `TRIMS_PER_BURST` idle periods.
 pub(crate) fn spawn(
     metrics: Arc<Metrics>,
     chunks: ChunkStore,
@@ -24,7 +28,7 @@ pub(crate) fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = metrics.requests.load(Relaxed);
-        let mut trimmed = true;
+        let mut trims_left = 0u32;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -33,9 +37,9 @@ pub(crate) fn spawn(
             let now = metrics.requests.load(Relaxed);
             if now != last {
                 last = now;
-                trimmed = false;
-            } else if !trimmed {
-                trimmed = true;
+                trims_left = TRIMS_PER_BURST;
+            } else if trims_left > 0 {
+                trims_left -= 1;
                 chunks.release_buffers();
                 let _ = tokio::task::spawn_blocking(release_free_memory).await;
                 tracing::debug!("idle: released free memory");
@@ -44,13 +48,16 @@ pub(crate) fn spawn(
     })
 }
 
-/// Keeps buffers up to 32 MiB in the heap (glibc's largest mmap threshold) and raises the trim
-/// threshold, so transfer buffers are reused warm. Call once at startup.
+/// Keeps buffers up to 32 MiB in the heap (glibc's largest mmap threshold), raises the trim
+/// threshold so transfer buffers are reused warm, and caps the number of arenas. Call once at
+/// startup.
 #[allow(unsafe_code)]
 pub fn tune_allocator() {
     // SAFETY: mallopt only sets allocator parameters; called at startup before heavy allocation.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        // One arena per core is plenty for these I/O-bound processes; more arenas only fragment.
+        libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024 * 1024);
     }
 }
