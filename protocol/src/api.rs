@@ -312,6 +312,20 @@ mod tests {
         assert_eq!(decode_frame(&buf, 4), Err(FrameError::TooLarge(5)));
     }
 
+    proptest::proptest! {
+        /// Decoders of network input never panic, and never return a frame over the size bound.
+        #[test]
+        fn decoders_are_total(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), max in 0u32..100) {
+            if let Ok(Some((_, data, used))) = decode_frame(&bytes, max) {
+                proptest::prop_assert!(data.len() as u32 <= max && used <= bytes.len());
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = text.parse::<Invite>();
+            let _ = serde_json::from_slice::<CommitRequest>(&bytes);
+            let _ = serde_json::from_slice::<ChangesResponse>(&bytes);
+        }
+    }
+
     #[test]
     fn names() {
         assert!(valid_user_name("alice"));
