@@ -56,6 +56,7 @@ pub struct OutboxItem {
 pub struct Store {
     db: sled::Db,
     state: sled::Tree,
+    dir: std::path::PathBuf,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -145,7 +146,7 @@ impl Store {
             }
         };
         let state = db.open_tree("state")?;
-        Ok(Store { db, state })
+        Ok(Store { db, state, dir: dir.to_path_buf() })
     }
 
     pub fn apply(&self, batch: Batch) -> anyhow::Result<()> {
@@ -155,9 +156,14 @@ impl Store {
         Ok(())
     }
 
-    /// Makes everything applied so far durable.
+    /// Makes everything applied so far durable. sled's own flush uses `sync_file_range` and
+    /// leaves large values (blob files) unsynced, so the file system holding the database is
+    /// synced too: a lost record could otherwise read as a remote deletion after a power cut.
     pub async fn flush(&self) -> anyhow::Result<()> {
         self.db.flush_async().await?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> { crate::syncfs(&std::fs::File::open(dir)?) })
+            .await??;
         Ok(())
     }
 

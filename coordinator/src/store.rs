@@ -68,6 +68,7 @@ pub struct DeviceRec {
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
+    dir: std::path::PathBuf,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -147,12 +148,22 @@ impl Store {
             .open()
             .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
-        Ok(Store { db, meta })
+        Ok(Store { db, meta, dir: dir.to_path_buf() })
     }
 
-    /// Makes everything written so far durable. Called before acknowledging anything.
+    /// Makes everything written so far durable. Called before acknowledging anything. sled's own
+    /// flush uses `sync_file_range` and writes large values to blob files without syncing them,
+    /// so the file system holding the store is synced as well.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            rustix::fs::syncfs(std::fs::File::open(dir)?)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Db(sled::Error::Io(std::io::Error::other(e.to_string()))))?
+        .map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
         Ok(())
     }
 
