@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod api;
 mod bad_input;
 mod durability;
 mod history;
