@@ -10,10 +10,8 @@ use crate::harness::*;
 
 #[test]
 fn long_poll_and_push_wake_up_on_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "ida", "a");
-    let mut b = Device::enroll(tmp.path(), &coord, "ida", "b");
+    let (_tmp, coord, devices) = world("ida", &["a", "b"]);
+    let [a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write("one.txt", b"1");
     a.sync();
     let client = Client::new(&Config::load(&b.home).unwrap()).unwrap();

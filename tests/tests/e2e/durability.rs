@@ -7,10 +7,8 @@ use crate::harness::*;
 
 #[test]
 fn offline_device_catches_up_after_fifty_commits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "gus", "a");
-    let b = Device::enroll(tmp.path(), &coord, "gus", "b");
+    let (_tmp, _coord, devices) = world("gus", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     b.write("before.txt", b"b was here");
     sync_all(&[&a, &b]);
     // b is offline (not running) while a makes 50 commits.
@@ -30,10 +28,8 @@ fn offline_device_catches_up_after_fifty_commits() {
 
 #[test]
 fn agents_ride_out_a_coordinator_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut coord = Coordinator::start(&tmp.path().join("coord"));
-    let mut a = Device::enroll(tmp.path(), &coord, "hal", "a");
-    let mut b = Device::enroll(tmp.path(), &coord, "hal", "b");
+    let (_tmp, mut coord, devices) = world("hal", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.start();
     b.start();
     for i in 0..40 {
@@ -60,10 +56,8 @@ fn agents_ride_out_a_coordinator_restart() {
 
 #[test]
 fn sigkill_mid_download_leaves_no_partial_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "ivy", "a");
-    let mut b = Device::enroll(tmp.path(), &coord, "ivy", "b");
+    let (_tmp, _coord, devices) = world("ivy", &["a", "b"]);
+    let [a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     let big = noise(77, 200 * 1024 * 1024);
     a.write("big.bin", &big);
     a.sync();
@@ -88,10 +82,8 @@ fn sigkill_mid_download_leaves_no_partial_file() {
 
 #[test]
 fn missing_root_marker_stops_sync_and_deletes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "jay", "a");
-    let b = Device::enroll(tmp.path(), &coord, "jay", "b");
+    let (tmp, _coord, devices) = world("jay", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write("precious.txt", b"keep me");
     sync_all(&[&a, &b]);
     // Simulate an unmounted disk: the mount point is an empty folder, marker included.

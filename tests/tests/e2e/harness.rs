@@ -129,6 +129,14 @@ pub fn signal(c: &Child, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &c.id().to_string()]).status();
 }
 
+/// A temp dir with a running coordinator and `names.len()` devices of one user.
+pub fn world(user: &str, names: &[&str]) -> (tempfile::TempDir, Coordinator, Vec<Device>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let devices = names.iter().map(|n| Device::enroll(tmp.path(), &coord, user, n)).collect();
+    (tmp, coord, devices)
+}
+
 /// One enrolled device: its home, its sync folder and (maybe) its running daemon.
 pub struct Device {
     pub name: String,

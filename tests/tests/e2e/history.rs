@@ -4,10 +4,8 @@ use crate::harness::*;
 
 #[test]
 fn history_get_and_restore_round_trip() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "kim", "a");
-    let b = Device::enroll(tmp.path(), &coord, "kim", "b");
+    let (tmp, _coord, devices) = world("kim", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     for v in ["one", "two", "three"] {
         a.write("doc.txt", v.as_bytes());
         a.sync();

@@ -5,10 +5,8 @@ use crate::harness::*;
 
 #[test]
 fn two_devices_follow_every_kind_of_change() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let mut a = Device::enroll(tmp.path(), &coord, "alice", "laptop");
-    let mut b = Device::enroll(tmp.path(), &coord, "alice", "desktop");
+    let (_tmp, _coord, devices) = world("alice", &["laptop", "desktop"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     // Each device holds its own key and a certificate from the user's CA; the coordinator lists
     // both devices with their certificate fingerprints.
     for d in [&a, &b] {
@@ -87,10 +85,8 @@ fn three_devices_converge_and_renames_move_no_bytes() {
 
 #[test]
 fn thousands_of_small_files_and_a_large_one() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let mut a = Device::enroll(tmp.path(), &coord, "carol", "a");
-    let mut b = Device::enroll(tmp.path(), &coord, "carol", "b");
+    let (_tmp, _coord, devices) = world("carol", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.start();
     b.start();
     for i in 0..2000 {
@@ -107,10 +103,8 @@ fn thousands_of_small_files_and_a_large_one() {
 
 #[test]
 fn concurrent_offline_edits_keep_both_versions() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "dave", "a");
-    let b = Device::enroll(tmp.path(), &coord, "dave", "b");
+    let (_tmp, _coord, devices) = world("dave", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write("plan.txt", b"original");
     sync_all(&[&a, &b]);
 
@@ -129,10 +123,8 @@ fn concurrent_offline_edits_keep_both_versions() {
 
 #[test]
 fn edit_beats_delete_on_either_side() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "erin", "a");
-    let b = Device::enroll(tmp.path(), &coord, "erin", "b");
+    let (_tmp, _coord, devices) = world("erin", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write("x.txt", b"v1");
     a.write("y.txt", b"v1");
     sync_all(&[&a, &b]);
@@ -151,10 +143,8 @@ fn edit_beats_delete_on_either_side() {
 
 #[test]
 fn ignored_and_junk_files_stay_local() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "fay", "a");
-    let b = Device::enroll(tmp.path(), &coord, "fay", "b");
+    let (_tmp, _coord, devices) = world("fay", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write(".shoalignore", b"*.log\nbuild/\n");
     a.write("keep.txt", b"k");
     a.write("debug.log", b"noise");
@@ -181,10 +171,8 @@ use std::time::Duration;
 
 #[test]
 fn deleted_directories_take_os_junk_but_keep_new_files() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "gil", "a");
-    let b = Device::enroll(tmp.path(), &coord, "gil", "b");
+    let (_tmp, _coord, devices) = world("gil", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write("photos/one.jpg", b"1");
     a.write("work/report.txt", b"r");
     sync_all(&[&a, &b]);
@@ -203,10 +191,8 @@ fn deleted_directories_take_os_junk_but_keep_new_files() {
 
 #[test]
 fn directory_replaced_by_a_file_while_another_device_adds_to_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let coord = Coordinator::start(&tmp.path().join("coord"));
-    let a = Device::enroll(tmp.path(), &coord, "hank", "a");
-    let b = Device::enroll(tmp.path(), &coord, "hank", "b");
+    let (_tmp, _coord, devices) = world("hank", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     a.write("x/old.txt", b"old");
     sync_all(&[&a, &b]);
     std::fs::remove_dir_all(a.path("x")).unwrap();
