@@ -142,16 +142,14 @@ impl Engine {
         let root = self.root.clone();
         let (early_tx, early_rx) = tokio::sync::mpsc::channel(2);
         let early = tokio::spawn(transfer::upload_early(self.client.clone(), early_rx, self.counters.clone()));
-        let scan = tokio::task::spawn_blocking(move || {
+        let (scanned, index, ignore) = tokio::task::spawn_blocking(move || {
             let s = scan::scan(&root, &ignore, &index, Some(&early_tx));
             (s, index, ignore)
         })
         .await
         .context("scanner panicked")?;
-        let scan =
-            (scan.0.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?, scan.1, scan.2);
         report.bytes_uploaded += early.await.unwrap_or(0);
-        let (scan, index, ignore) = scan;
+        let scan = scanned.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?;
         tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, files = scan.tree.len(), "scanned");
         self.save_index(&index, &scan)?;
         report.unstable = scan.unstable;
