@@ -148,12 +148,6 @@ impl Client {
         self.req(method, path)
     }
 
-    /// The coordinator's Prometheus metrics text.
-    pub async fn metrics(&self) -> ClientResult<String> {
-        let resp = self.send(self.req(reqwest::Method::GET, "/metrics")).await?;
-        resp.text().await.map_err(|e| self.net(e))
-    }
-
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, format!("{}{path}", self.base));
         match &self.token {
@@ -296,8 +290,22 @@ impl Client {
         }
     }
 
+    /// Every version of `path`, oldest first (read page by page).
     pub async fn history(&self, path: &SyncPath) -> ClientResult<Vec<Entry>> {
-        Ok(self.get::<HistoryResponse>("/v1/history", &[("path", path.to_string())]).await?.entries)
+        let mut out = Vec::new();
+        let mut after: Option<Seq> = None;
+        loop {
+            let mut q = vec![("path", path.to_string())];
+            if let Some(a) = after {
+                q.push(("after", a.to_string()));
+            }
+            let page: HistoryResponse = self.get("/v1/history", &q).await?;
+            out.extend(page.entries);
+            match page.more_after {
+                Some(a) => after = Some(a),
+                None => return Ok(out),
+            }
+        }
     }
 
     pub async fn report_cursor(&self, seq: Seq) -> ClientResult<()> {

@@ -17,7 +17,13 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         .and_then(|b| serde_json::from_slice::<shoal_coordinator::ServerInfo>(&b).ok())
         .and_then(|i| i.addr.parse().ok())
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-    let server = shoal_coordinator::start(shoal_coordinator::ServeOptions { data, listen, public_addr: None }).await?;
+    let server = shoal_coordinator::start(shoal_coordinator::ServeOptions {
+        data,
+        listen,
+        public_addr: None,
+        metrics_listen: None,
+    })
+    .await?;
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
     for name in ["laptop", "desktop"] {

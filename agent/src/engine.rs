@@ -21,8 +21,8 @@ use crate::scan::{self, Ignore, Scan};
 use crate::store::{Batch, IndexRec, OutboxItem, Store};
 use crate::transfer::{self, AssembleOpts, LocalChunk, Sources, UploadError};
 
-/// Most changes in one outbox commit.
-const COMMIT_CHANGES: usize = 1000;
+/// Most changes in one outbox commit: what the coordinator accepts.
+const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES;
 /// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
 /// coordinator's 64 MiB body limit).
 const COMMIT_CHUNKS: usize = 500_000;

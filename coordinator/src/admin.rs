@@ -1,57 +1,73 @@
 //! Local administration while the server runs: a Unix socket in the data directory (mode 0600, so
-//! only the operator's account can use it) that mints invites. sled allows one process per
-//! database, so `user add` talks to the running server here and opens the store itself only when
-//! no server is running.
+//! only the operator's account can use it) that mints invites and lists and revokes devices.
+//! sled allows one process per database, so the CLI talks to the running server here and opens
+//! the store itself only when no server is running.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::ChunkId;
-use shoal_protocol::api::Invite;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::App;
+use crate::store::{DeviceRec, Store};
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Request {
-    user: String,
-    create: bool,
+/// What the operator asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// A one-time invite for `user` (created first when `create`), valid for `expires_secs`.
+    Invite { user: String, create: bool, expires_secs: u64 },
+    /// The user's devices.
+    DeviceList { user: String },
+    /// Revoke one of the user's devices, by id or by (unique) name.
+    DeviceRevoke { user: String, device: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Reply {
-    invite: Option<String>,
+    output: Option<String>,
     error: Option<String>,
 }
 
 /// Longest request line the socket reads.
 const MAX_LINE: u64 = 4096;
 
-fn socket_path(data: &Path) -> std::path::PathBuf {
+fn socket_path(data: &Path) -> PathBuf {
     data.join("admin.sock")
 }
 
+/// Binds the admin socket and serves it until `cancel`. The socket is bound inside a fresh
+/// private directory, given mode 0600 there, and only then renamed into place, so it is never
+/// reachable with looser permissions, whatever the umask.
 pub(crate) fn spawn(
     data: &Path,
-    store: Store,
+    app: Arc<App>,
     addr: String,
     fingerprint: ChunkId,
     cancel: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use std::os::unix::fs::PermissionsExt;
     let path = socket_path(data);
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".admin-")
+        .tempdir_in(data)
+        .with_context(|| format!("creating a private directory in {}", data.display()))?;
+    std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o700))?;
+    let tmp = staging.path().join("admin.sock");
+    let listener = tokio::net::UnixListener::bind(&tmp).with_context(|| format!("binding {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("placing {}", path.display()))?;
     Ok(tokio::spawn(async move {
         loop {
             let sock = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
             };
-            let (store, addr) = (store.clone(), addr.clone());
+            let (app, addr) = (app.clone(), addr.clone());
             tokio::spawn(async move {
                 let (rd, mut wr) = sock.into_split();
                 let mut line = String::new();
@@ -60,14 +76,11 @@ pub(crate) fn spawn(
                     return;
                 }
                 let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => match crate::invite(&store, &req.user, req.create, &addr, fingerprint) {
-                        Ok(inv) => {
-                            let _ = store.flush().await;
-                            Reply { invite: Some(inv.to_string()), error: None }
-                        }
-                        Err(e) => Reply { invite: None, error: Some(format!("{e:#}")) },
+                    Ok(req) => match execute(&app.store, Some(&app), req, &addr, fingerprint).await {
+                        Ok(output) => Reply { output: Some(output), error: None },
+                        Err(e) => Reply { output: None, error: Some(format!("{e:#}")) },
                     },
-                    Err(e) => Reply { invite: None, error: Some(format!("bad admin request: {e}")) },
+                    Err(e) => Reply { output: None, error: Some(format!("bad admin request: {e}")) },
                 };
                 let mut out = serde_json::to_vec(&reply).unwrap_or_default();
                 out.push(b'\n');
@@ -77,20 +90,20 @@ pub(crate) fn spawn(
     }))
 }
 
-/// Mints an invite through the running server's admin socket, or directly in the data directory
-/// when no server is running.
-pub async fn request_invite(data: &Path, user: &str, create: bool) -> anyhow::Result<Invite> {
+/// Carries out `req` through the running server's admin socket, or directly in the data
+/// directory when no server is running. Returns what to print.
+pub async fn request(data: &Path, req: &Request) -> anyhow::Result<String> {
     match tokio::net::UnixStream::connect(socket_path(data)).await {
         Ok(sock) => {
             let (rd, mut wr) = sock.into_split();
-            let mut req = serde_json::to_vec(&Request { user: user.to_string(), create })?;
-            req.push(b'\n');
-            wr.write_all(&req).await?;
+            let mut line = serde_json::to_vec(req)?;
+            line.push(b'\n');
+            wr.write_all(&line).await?;
             let mut line = String::new();
             BufReader::new(rd).read_line(&mut line).await?;
             let reply: Reply = serde_json::from_str(&line).context("bad reply from the admin socket")?;
-            match (reply.invite, reply.error) {
-                (Some(inv), _) => Ok(inv.parse()?),
+            match (reply.output, reply.error) {
+                (Some(out), _) => Ok(out),
                 (None, Some(e)) => anyhow::bail!(e),
                 (None, None) => anyhow::bail!("empty reply from the admin socket"),
             }
@@ -103,9 +116,80 @@ pub async fn request_invite(data: &Path, user: &str, create: bool) -> anyhow::Re
                 .map_or_else(|| crate::DEFAULT_LISTEN.to_string(), |i| i.public_addr);
             let store = Store::open(&data.join("meta"))
                 .context("the server is not answering on its admin socket and its database is locked")?;
-            let inv = crate::invite(&store, user, create, &addr, identity.fingerprint())?;
-            store.flush().await?;
-            Ok(inv)
+            execute(&store, None, req.clone(), &addr, identity.fingerprint()).await
         }
     }
+}
+
+async fn execute(
+    store: &Store,
+    app: Option<&App>,
+    req: Request,
+    addr: &str,
+    fingerprint: ChunkId,
+) -> anyhow::Result<String> {
+    match req {
+        Request::Invite { user, create, expires_secs } => {
+            let ttl_ms = Duration::from_secs(expires_secs).as_millis().try_into().unwrap_or(u64::MAX);
+            let inv = crate::invite(store, &user, create, addr, fingerprint, ttl_ms)?;
+            store.flush().await?;
+            Ok(inv.to_string())
+        }
+        Request::DeviceList { user } => {
+            let u = store.user(&user)?.with_context(|| format!("no user {user:?}"))?;
+            Ok(render_devices(&store.devices(u.id)?))
+        }
+        Request::DeviceRevoke { user, device } => {
+            let u = store.user(&user)?.with_context(|| format!("no user {user:?}"))?;
+            let devices = store.devices(u.id)?;
+            let dev = find_device(&devices, &device)?;
+            let revoked = match app {
+                Some(app) => {
+                    crate::revoke_device(app, &dev.id, Some(u.id)).await.map_err(|e| anyhow::anyhow!(e.0.message))?
+                }
+                None => {
+                    let d = store.update_device(&dev.id, |d| {
+                        d.revoked = true;
+                        true
+                    })?;
+                    store.flush().await?;
+                    d
+                }
+            };
+            let d = revoked.with_context(|| format!("device {device:?} disappeared"))?;
+            Ok(format!("revoked device {} ({}) of user {user}", d.id, d.name))
+        }
+    }
+}
+
+/// The device named `which`: by id, or by a name only one of them has.
+fn find_device<'a>(devices: &'a [DeviceRec], which: &str) -> anyhow::Result<&'a DeviceRec> {
+    if let Some(d) = devices.iter().find(|d| d.id.to_string() == which) {
+        return Ok(d);
+    }
+    let named: Vec<&DeviceRec> = devices.iter().filter(|d| d.name == which).collect();
+    match named[..] {
+        [d] => Ok(d),
+        [] => anyhow::bail!("no device {which:?} for this user; `device list` shows them"),
+        _ => anyhow::bail!(
+            "{} devices are named {which:?}; name one by id: {}",
+            named.len(),
+            named.iter().map(|d| d.id.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+fn render_devices(devices: &[DeviceRec]) -> String {
+    let mut out = format!("{:<32}  {:<20}  {:>8}  {:<7}  last seen (UTC)", "id", "name", "cursor", "state");
+    for d in devices {
+        out.push_str(&format!(
+            "\n{:<32}  {:<20}  {:>8}  {:<7}  {}",
+            d.id,
+            d.name.escape_debug().to_string(),
+            d.cursor,
+            if d.revoked { "revoked" } else { "active" },
+            crate::utc(d.last_seen_ms)
+        ));
+    }
+    out
 }

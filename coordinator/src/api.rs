@@ -20,7 +20,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use shoal_protocol::api::*;
-use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, EntryKind, Seq, SyncPath};
+use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, Seq, SyncPath};
 
 use crate::error::{ApiError, ApiResult};
 use crate::store::{CommitOutcome, DeviceRec, UserId};
@@ -29,7 +29,6 @@ use crate::{App, now_ms, random_hex};
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
         .route("/v1/enroll", post(enroll))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{id}/revoke", post(revoke))
@@ -45,6 +44,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/cursor", post(cursor))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .with_state(app)
+}
+
+/// The routes of the separate metrics listener: `/metrics` and `/healthz`. Kept off the public
+/// listener because the counters describe every user's activity.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .with_state(app)
 }
 
@@ -85,22 +94,33 @@ impl FromRequestParts<Arc<App>> for Auth {
     }
 }
 
-/// A JSON body read with a size limit; malformed JSON is `invalid_json`, too big is
-/// `body_too_large`.
-pub struct ApiJson<T>(pub T);
+/// A JSON body read with a size limit (`LIMIT` bytes, checked against the declared length before
+/// anything is read); malformed JSON is `invalid_json`, too big is `body_too_large`.
+pub struct ApiJson<T, const LIMIT: usize = MAX_JSON_BODY>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+/// Bodies past this size are parsed on a blocking thread: a commit of thousands of long paths
+/// takes a while to parse and validate, and must not hold up the async threads meanwhile.
+const PARSE_INLINE_BYTES: usize = 64 * 1024;
+
+impl<T: DeserializeOwned + Send + 'static, S: Send + Sync, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
-        let bytes = read_body(req, MAX_JSON_BODY).await?;
-        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
-            // SyncPath's deserializer prefixes its errors with "invalid path".
-            let code =
-                if e.to_string().starts_with("invalid path") { ErrorCode::InvalidPath } else { ErrorCode::InvalidJson };
-            ApiError::new(code, format!("malformed request body: {e}"))
-        })
+        let bytes = read_body(req, LIMIT).await?;
+        if bytes.len() <= PARSE_INLINE_BYTES {
+            return parse_json(&bytes).map(ApiJson);
+        }
+        blocking(move || parse_json(&bytes)).await.map(ApiJson)
     }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        // SyncPath's deserializer prefixes its errors with "invalid path".
+        let code =
+            if e.to_string().starts_with("invalid path") { ErrorCode::InvalidPath } else { ErrorCode::InvalidJson };
+        ApiError::new(code, format!("malformed request body: {e}"))
+    })
 }
 
 async fn read_body(req: Request, limit: usize) -> ApiResult<Bytes> {
@@ -137,26 +157,44 @@ fn chunk_id(p: Result<Path<String>, PathRejection>) -> ApiResult<ChunkId> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render(app.store.user_count()))
+    let text = app.metrics.render(app.store.user_count(), app.chunks.corrupt_count());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
+
+/// Runs store work on a blocking thread, so a large read or commit never stalls the async
+/// threads that serve everyone else.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::from(std::io::Error::other(e.to_string())))?
+}
+
+/// Largest certificate request accepted at enrollment.
+const MAX_CSR_BYTES: usize = 8 * 1024;
 
 // ---- enrollment and devices ----
 
-async fn enroll(State(app): State<Arc<App>>, ApiJson(req): ApiJson<EnrollRequest>) -> ApiResult<Json<EnrollResponse>> {
+async fn enroll(
+    State(app): State<Arc<App>>,
+    ApiJson(req): ApiJson<EnrollRequest, MAX_UNAUTH_BODY>,
+) -> ApiResult<Json<EnrollResponse>> {
     if !valid_device_name(&req.device_name) {
         return Err(ApiError::bad("device name must be 1-64 printable characters"));
     }
+    if req.csr.len() > MAX_CSR_BYTES {
+        return Err(ApiError::bad("certificate request too large"));
+    }
+    // The invite is checked before anything that depends on the user, and every refusal reads the
+    // same, so the answer reveals neither which users nor which invites exist.
     let invalid = || {
         ApiError::new(
             ErrorCode::InviteInvalid,
-            "the invite is unknown, already used, or for another user; ask for a new one",
+            "the invite is unknown, already used, expired, or for another user; ask for a new one",
         )
     };
-    if req.csr.len() > 16 * 1024 {
-        return Err(ApiError::bad("certificate request too large"));
-    }
-    let user = app.store.user(&req.user)?.ok_or_else(invalid)?;
     let secret_hash = *blake3::hash(req.secret.as_bytes()).as_bytes();
+    let user = match app.store.invite(&secret_hash, now_ms())? {
+        Ok(user) if user.name == req.user => user,
+        Ok(_) | Err(_) => return Err(invalid()),
+    };
     let token = random_hex(32);
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -181,11 +219,11 @@ async fn enroll(State(app): State<Arc<App>>, ApiJson(req): ApiJson<EnrollRequest
         revoked: false,
         cert,
     };
-    if !app.store.enroll(&secret_hash, user.id, &dev)? {
+    if !app.store.enroll(&secret_hash, &dev)? {
         return Err(invalid());
     }
     app.store.flush().await?;
-    tracing::info!(user = %user.name, device = %dev.id, name = %dev.name, "device enrolled");
+    tracing::info!(user = %user.name, device = %dev.id, name = %dev.name.escape_debug(), "device enrolled");
     Ok(Json(EnrollResponse {
         device_id: dev.id,
         token,
@@ -218,15 +256,10 @@ async fn revoke(
 ) -> ApiResult<Json<DeviceInfo>> {
     let Path(id) = id.map_err(|e| ApiError::bad(e.to_string()))?;
     let id: DeviceId = id.parse().map_err(|e| ApiError::bad(format!("bad device id: {e}")))?;
-    let not_found = || ApiError::new(ErrorCode::NotFound, "no such device");
-    let mut dev = app.store.device(&id)?.ok_or_else(not_found)?;
-    if dev.user != auth.user() {
-        return Err(not_found());
-    }
-    dev.revoked = true;
-    app.store.put_device(&dev)?;
-    app.store.flush().await?;
-    tracing::info!(device = %dev.id, "device revoked");
+    let user = auth.user();
+    let dev = crate::revoke_device(&app, &id, Some(user))
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
     Ok(Json(device_info(&dev)))
 }
 
@@ -235,14 +268,22 @@ async fn cursor(
     auth: Auth,
     ApiJson(req): ApiJson<CursorRequest>,
 ) -> ApiResult<Json<DeviceInfo>> {
-    let head = app.store.head_seq(auth.user())?;
+    let head = *app.head_sender(auth.user())?.borrow();
     if req.seq > head {
         return Err(ApiError::bad(format!("cursor {} is past the journal head {head}", req.seq)));
     }
-    let mut dev = auth.device;
-    dev.cursor = req.seq;
-    dev.last_seen_ms = now_ms();
-    app.store.put_device(&dev)?;
+    let now = now_ms();
+    // Changes only this device's cursor and last-seen time, and only while it is not revoked: a
+    // request in flight during a revocation can never bring the device back.
+    let dev = app.store.update_device(&auth.device.id, |d| {
+        if d.revoked {
+            return false;
+        }
+        d.cursor = req.seq;
+        d.last_seen_ms = now;
+        true
+    })?;
+    let dev = dev.ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "this device has been revoked"))?;
     Ok(Json(device_info(&dev)))
 }
 
@@ -264,8 +305,9 @@ async fn missing(
     let mut missing = Vec::new();
     let mut seen = HashSet::new();
     for id in req.chunks {
-        // Answered per user: whether another user stores a chunk is never revealed.
-        if seen.insert(id) && !app.store.user_has_chunk(auth.user(), &id)? {
+        // Answered per user: whether another user stores a chunk is never revealed. A chunk the
+        // store lost or quarantined is missing again, so a device sends it anew.
+        if seen.insert(id) && !(app.store.user_has_chunk(auth.user(), &id)? && app.chunks.contains(&id)?) {
             missing.push(id);
         }
     }
@@ -352,7 +394,10 @@ async fn download_one(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
-/// Streams the requested chunks as frames, in request order, one chunk in memory at a time.
+/// Streams the requested chunks as frames, in request order, a group at a time. Every chunk is
+/// verified as it is read; at the first one that cannot be served intact the response ends with an
+/// error after the complete frames before it, so a client keeps what it got and asks again for
+/// the rest.
 async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJson<ChunkList>) -> ApiResult<Response> {
     check_ids(&req.chunks)?;
     for id in &req.chunks {
@@ -366,167 +411,90 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
             let app = app.clone();
             async move {
                 let store = app.chunks.clone();
-                let n = ids.len();
-                let pieces = tokio::task::spawn_blocking(move || store.read_frames(&ids))
+                let frames = tokio::task::spawn_blocking(move || store.read_frames(&ids))
                     .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))??;
-                let bytes: usize = pieces.iter().map(Bytes::len).sum();
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let bytes: usize = frames.pieces.iter().map(Bytes::len).sum();
+                let n = count_frames(&frames.pieces);
                 app.metrics.bytes_out.fetch_add((bytes - n * FRAME_HEADER) as u64, Relaxed);
-                Ok::<_, std::io::Error>(pieces)
+                Ok::<_, std::io::Error>(frames)
             }
         })
-        .flat_map(|r| match r {
-            Ok(pieces) => futures::stream::iter(pieces.into_iter().map(Ok)).left_stream(),
-            Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
-        });
+        .scan(false, |failed, r| {
+            // Nothing is sent after a failure: the frames that follow would be out of order.
+            if *failed {
+                return futures::future::ready(None);
+            }
+            let items: Vec<Result<Bytes, std::io::Error>> = match r {
+                Ok(frames) => {
+                    let mut items: Vec<_> = frames.pieces.into_iter().map(Ok).collect();
+                    if let Some(e) = frames.error {
+                        *failed = true;
+                        items.push(Err(e));
+                    }
+                    items
+                }
+                Err(e) => {
+                    *failed = true;
+                    vec![Err(e)]
+                }
+            };
+            futures::future::ready(Some(futures::stream::iter(items)))
+        })
+        .flatten();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
 }
 
-// ---- commits and the journal ----
-
-fn validate_change(c: &shoal_protocol::Change) -> ApiResult<()> {
-    let invalid = |m: &str| ApiError::new(ErrorCode::InvalidManifest, format!("{}: {m}", c.path));
-    match (c.kind, c.deleted, &c.manifest) {
-        (_, true, None) => Ok(()),
-        (_, true, Some(_)) => Err(invalid("a deletion carries no manifest")),
-        (EntryKind::Dir, false, None) => Ok(()),
-        (EntryKind::Dir, false, Some(_)) => Err(invalid("a directory carries no manifest")),
-        (EntryKind::File, false, Some(m)) if m.is_consistent() => Ok(()),
-        (EntryKind::File, false, Some(_)) => {
-            Err(invalid("chunk lengths do not add up to the size, or a chunk is out of bounds"))
+/// How many frames `pieces` (whole frames, back to back) hold, padding frames included.
+fn count_frames(pieces: &[Bytes]) -> usize {
+    let mut n = 0;
+    for piece in pieces {
+        let mut rest = &piece[..];
+        while let Ok(Some((_, _, used))) = decode_frame(rest, u32::MAX) {
+            n += 1;
+            rest = &rest[used..];
         }
-        (EntryKind::File, false, None) => Err(invalid("a file needs a manifest")),
-        (EntryKind::Symlink, false, _) => Err(ApiError::bad(format!("{}: symbolic links are not synced", c.path))),
     }
+    n
 }
+
+// ---- commits and the journal ----
 
 async fn commit(
     State(app): State<Arc<App>>,
     auth: Auth,
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<CommitResponse>> {
-    if req.changes.is_empty() || req.changes.len() > MAX_COMMIT_CHANGES {
-        return Err(ApiError::bad(format!("a commit holds 1 to {MAX_COMMIT_CHANGES} changes")));
-    }
-    let mut paths = HashSet::new();
-    for c in &req.changes {
-        validate_change(c)?;
-        if !paths.insert(&c.path) {
-            return Err(ApiError::bad(format!("{} appears twice in one commit", c.path)));
-        }
-    }
+    crate::commit::validate(&req)?;
     let user = auth.user();
     if app.chunks.needs_sync() {
         let store = app.chunks.clone();
         tokio::task::spawn_blocking(move || store.sync()).await.map_err(|e| std::io::Error::other(e.to_string()))??;
     }
-    let outcome = {
-        let _guard = app.commit_lock.lock().await;
-        apply_commit(&app, user, &auth.device, req)?
-    };
+    // One commit at a time per user, held until the append is durable: nobody reads an entry the
+    // writer has not been acknowledged (reads stop at the durable head this lock guards).
+    let lock = app.user_lock(user);
+    let _guard = lock.lock().await;
+    let heads = app.head_sender(user)?;
+    let (store, chunks, device) = (app.store.clone(), app.chunks.clone(), auth.device.id);
+    let outcome = blocking(move || crate::commit::apply(&store, &chunks, user, device, req, now_ms())).await?;
     match outcome {
-        CommitOutcome::Replayed(resp) => Ok(Json(resp)),
+        CommitOutcome::Replayed(resp) => {
+            // The original may have failed to flush; make sure before answering again.
+            app.store.flush().await?;
+            Ok(Json(resp))
+        }
         CommitOutcome::Stale(conflicts) => Err(ApiError::stale(conflicts)),
         CommitOutcome::Applied(resp) => {
             app.store.flush().await?;
             app.metrics.commits.fetch_add(1, Relaxed);
             app.metrics.entries.fetch_add(resp.entries.len() as u64, Relaxed);
             if let Some(last) = resp.entries.last() {
-                app.head_sender(user)?.send_replace(last.version);
+                heads.send_replace(last.version);
             }
             Ok(Json(resp))
         }
     }
-}
-
-/// Checks bases and chunk ownership and appends the commit. Runs under the commit lock, so the
-/// heads it reads cannot move before the append.
-fn apply_commit(app: &App, user: UserId, dev: &DeviceRec, req: CommitRequest) -> ApiResult<CommitOutcome> {
-    if let Some(resp) = app.store.commit_response(user, &req.commit_id)? {
-        return Ok(CommitOutcome::Replayed(resp));
-    }
-    let mut conflicts = Vec::new();
-    for c in &req.changes {
-        let head = app.store.head(user, &c.path)?;
-        if head.as_ref().map(|h| h.version) != c.base {
-            conflicts.push(Conflict { path: c.path.clone(), head });
-        } else if c.deleted && head.as_ref().is_none_or(|h| h.deleted) {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("{}: nothing to delete", c.path)));
-        }
-    }
-    if !conflicts.is_empty() {
-        return Ok(CommitOutcome::Stale(conflicts));
-    }
-    check_hierarchy(app, user, &req.changes)?;
-    for c in &req.changes {
-        for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
-            let on_disk = || app.chunks.len(&chunk.id) == Some(u64::from(chunk.len));
-            if !app.store.user_has_chunk(user, &chunk.id)? || !on_disk() {
-                // A chunk lost before it was synced (a crash after its upload) is forgotten, so
-                // `chunks/missing` asks for it again.
-                app.store.forget_user_chunk(user, &chunk.id)?;
-                return Err(ApiError::new(
-                    ErrorCode::UnknownChunk,
-                    format!("{}: chunk {} was never uploaded by this user", c.path, chunk.id),
-                ));
-            }
-        }
-    }
-    let mut seq = app.store.head_seq(user)?;
-    let time_ms = now_ms();
-    let entries: Vec<Entry> = req
-        .changes
-        .into_iter()
-        .map(|c| {
-            seq += 1;
-            Entry {
-                path: c.path,
-                kind: c.kind,
-                manifest: c.manifest,
-                exec: c.exec,
-                mtime_ns: c.mtime_ns,
-                deleted: c.deleted,
-                version: seq,
-                base: c.base,
-                device: dev.id,
-                time_ms,
-            }
-        })
-        .collect();
-    let resp = CommitResponse { entries };
-    app.store.append(user, &req.commit_id, &resp)?;
-    Ok(CommitOutcome::Applied(resp))
-}
-
-/// Keeps the tree a tree after the commit: nothing live under a file, and no file over a
-/// directory that still holds live entries. Refused with `conflict`; the device re-plans.
-fn check_hierarchy(app: &App, user: UserId, changes: &[shoal_protocol::Change]) -> ApiResult<()> {
-    let pending: std::collections::HashMap<&SyncPath, &shoal_protocol::Change> =
-        changes.iter().map(|c| (&c.path, c)).collect();
-    let live_file = |p: &SyncPath| -> ApiResult<bool> {
-        if let Some(c) = pending.get(p) {
-            return Ok(!c.deleted && c.kind == EntryKind::File);
-        }
-        Ok(app.store.head(user, p)?.is_some_and(|h| !h.deleted && h.kind == EntryKind::File))
-    };
-    let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
-    for c in changes.iter().filter(|c| !c.deleted) {
-        let mut parent = c.path.parent();
-        while let Some(p) = parent {
-            if live_file(&p)? {
-                return Err(conflict(format!("{}: {p} is a file", c.path)));
-            }
-            parent = p.parent();
-        }
-        if c.kind == EntryKind::File {
-            for e in app.store.live_under(user, &c.path)? {
-                if pending.get(&e.path).is_none_or(|pc| !pc.deleted) {
-                    return Err(conflict(format!("{}: the directory still holds {}", c.path, e.path)));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -549,35 +517,58 @@ async fn changes(
     let user = auth.user();
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_PAGE);
     let mut rx = app.head_sender(user)?.subscribe();
+    let mut revoked = app.revocations.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_WAIT_SECS));
     loop {
-        let head = app.store.head_seq(user)?;
+        // The durable head: entries past it are not served until their commit is acknowledged.
+        let head = *rx.borrow_and_update();
         if head > q.since || tokio::time::Instant::now() >= deadline {
-            let entries = app.store.changes(user, q.since, limit)?;
+            let store = app.store.clone();
+            let since = q.since;
+            let entries = blocking(move || Ok(store.changes(user, since, head, limit, MAX_PAGE_BYTES)?)).await?;
             let next = entries.last().map_or(q.since.min(head), |e| e.version);
             return Ok(Json(ChangesResponse { entries, next, head }));
         }
-        rx.borrow_and_update();
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-            continue;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = rx.changed() => {}
+            _ = revoked.changed() => ensure_not_revoked(&app, &auth.device.id)?,
         }
+    }
+}
+
+fn ensure_not_revoked(app: &App, id: &DeviceId) -> ApiResult<()> {
+    match app.store.device(id)? {
+        Some(d) if !d.revoked => Ok(()),
+        _ => Err(ApiError::new(ErrorCode::Unauthorized, "this device has been revoked")),
     }
 }
 
 /// Keep-alive pings on idle subscriptions, so dead peers and NAT timeouts are noticed.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
-/// A WebSocket that sends `{"head": N}` now and whenever the user's journal head moves.
+/// A WebSocket that sends `{"head": N}` now and whenever the user's durable journal head moves.
+/// Closed when the device is revoked.
 async fn subscribe(State(app): State<Arc<App>>, auth: Auth, ws: WebSocketUpgrade) -> ApiResult<Response> {
     let rx = app.head_sender(auth.user())?.subscribe();
-    Ok(ws.on_upgrade(move |socket| push_heads(app, socket, rx)))
+    let device = auth.device.id;
+    Ok(ws.on_upgrade(move |socket| push_heads(app, socket, rx, device)))
 }
 
-async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::watch::Receiver<Seq>) {
+async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::watch::Receiver<Seq>, device: DeviceId) {
     app.metrics.subscribers.fetch_add(1, Relaxed);
+    let mut revoked = app.revocations.subscribe();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut sent = None;
+    // A revocation between authentication and here is caught by this first check.
+    let mut check_revoked = true;
     loop {
+        if check_revoked && ensure_not_revoked(&app, &device).is_err() {
+            tracing::info!(%device, "closing the push subscription of a revoked device");
+            let _ = socket.send(Message::Close(None)).await;
+            break;
+        }
+        check_revoked = false;
         let head = *rx.borrow_and_update();
         if sent != Some(head) {
             let text = serde_json::to_string(&HeadNotice { head }).unwrap_or_default();
@@ -588,6 +579,7 @@ async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::w
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },
+            _ = revoked.changed() => check_revoked = true,
             _ = ping.tick() => if socket.send(Message::Ping(Bytes::new())).await.is_err() { break },
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
@@ -613,29 +605,36 @@ async fn tree(
 ) -> ApiResult<Json<TreeResponse>> {
     let q = query(q)?;
     let user = auth.user();
-    let head = app.store.head_seq(user)?;
     let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let after = q.after.as_deref().map(parse_path).transpose()?;
-    match q.at {
-        Some(at) if at < head => {
-            let all = app.store.tree_at(user, at)?;
+    // Read between commits, so the heads are all durable ones.
+    let lock = app.user_lock(user);
+    let _guard = lock.lock().await;
+    let head = *app.head_sender(user)?.borrow();
+    let store = app.store.clone();
+    blocking(move || {
+        // After a failed flush the stored heads can run ahead of the durable head; read as of it.
+        let at = q.at.unwrap_or(head).min(head);
+        if at < store.head_seq(user)? {
+            let all = store.tree_at(user, at)?;
             let mut iter = all.into_iter().filter(|e| after.as_ref().is_none_or(|a| e.path > *a));
             let entries: Vec<Entry> = iter.by_ref().take(limit).collect();
             let more_after = iter.next().and(entries.last().map(|e| e.path.clone()));
-            Ok(Json(TreeResponse { at, entries, more_after }))
+            return Ok(Json(TreeResponse { at, entries, more_after }));
         }
-        _ => {
-            let (entries, more) = app.store.tree_head(user, after.as_ref(), limit)?;
-            let more_after = if more { entries.last().map(|e| e.path.clone()) } else { None };
-            Ok(Json(TreeResponse { at: head, entries, more_after }))
-        }
-    }
+        let (entries, more) = store.tree_head(user, after.as_ref(), limit)?;
+        let more_after = if more { entries.last().map(|e| e.path.clone()) } else { None };
+        Ok(Json(TreeResponse { at: head, entries, more_after }))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HistoryQuery {
     path: String,
+    after: Option<Seq>,
+    limit: Option<usize>,
 }
 
 async fn history(
@@ -643,7 +642,20 @@ async fn history(
     auth: Auth,
     q: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<Json<HistoryResponse>> {
-    let path = parse_path(&query(q)?.path)?;
-    let entries = app.store.history(auth.user(), &path)?;
-    Ok(Json(HistoryResponse { path, entries }))
+    let q = query(q)?;
+    let path = parse_path(&q.path)?;
+    let user = auth.user();
+    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let head = *app.head_sender(user)?.borrow();
+    let store = app.store.clone();
+    blocking(move || {
+        let (mut entries, mut more) = store.history(user, &path, q.after, limit)?;
+        if entries.last().is_some_and(|e| e.version > head) {
+            entries.retain(|e| e.version <= head);
+            more = false;
+        }
+        let more_after = if more { entries.last().map(|e| e.version) } else { None };
+        Ok(Json(HistoryResponse { path, entries, more_after }))
+    })
+    .await
 }

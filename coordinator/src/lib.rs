@@ -6,8 +6,10 @@ pub mod admin;
 mod api;
 pub mod ca;
 pub mod chunks;
+mod commit;
 pub mod direct;
 mod error;
+pub mod listener;
 mod metrics;
 pub mod store;
 pub mod tls;
@@ -19,20 +21,22 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::{Invite, valid_user_name};
-use shoal_protocol::{ChunkId, Seq};
+use shoal_protocol::{ChunkId, DeviceId, Seq};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunks::ChunkStore;
+use crate::error::ApiResult;
 use crate::metrics::Metrics;
-use crate::store::{InviteRec, Store, UserId};
+use crate::store::{DeviceRec, InviteRec, Store, UserId};
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// Default address of the metrics listener (plain HTTP): loopback, since the counters describe
+/// every user's activity.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7444";
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Address devices should dial, written into invites. Defaults to the bound address.
     pub public_addr: Option<String>,
+    /// Address of the plain-HTTP listener for `/metrics` and `/healthz`; `None` serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What a running coordinator writes to `DATA/server.json` so that `user add` and scripts can
@@ -53,6 +59,9 @@ pub struct ServerInfo {
     pub public_addr: String,
     pub fingerprint: ChunkId,
     pub pid: u32,
+    /// Where `/metrics` is served (plain HTTP), if anywhere.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 /// Shared state of the API handlers.
@@ -60,12 +69,24 @@ pub(crate) struct App {
     pub store: Store,
     pub chunks: ChunkStore,
     pub metrics: Arc<Metrics>,
-    pub commit_lock: tokio::sync::Mutex<()>,
+    /// One commit at a time per user (see `api::commit`); users never wait for each other.
+    commit_locks: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each user's durable journal head: what `changes`, pushes and history serve up to.
     heads: Mutex<HashMap<UserId, watch::Sender<Seq>>>,
+    /// Bumped on every revocation, so open subscriptions and long-polls re-check their device.
+    pub revocations: watch::Sender<u64>,
 }
 
 impl App {
-    /// The channel that announces `user`'s journal head.
+    /// `user`'s commit lock.
+    pub fn user_lock(&self, user: UserId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.commit_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(user).or_default().clone()
+    }
+
+    /// The channel that announces `user`'s durable journal head. Made, from the store, before the
+    /// user's first commit since start appends anything (the commit handler asks for it first), so
+    /// its first value is durable too.
     pub fn head_sender(&self, user: UserId) -> Result<watch::Sender<Seq>, store::StoreError> {
         let mut heads = self.heads.lock().expect("the heads map is never poisoned: no code panics under it");
         if let Some(tx) = heads.get(&user) {
@@ -82,6 +103,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub fingerprint: ChunkId,
     pub public_addr: String,
+    pub metrics_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     store: Store,
@@ -90,7 +112,7 @@ pub struct Server {
 impl Server {
     /// Mints an invite for `user`, creating the user when `create` is set.
     pub fn invite(&self, user: &str, create: bool) -> anyhow::Result<Invite> {
-        invite(&self.store, user, create, &self.public_addr, self.fingerprint)
+        invite(&self.store, user, create, &self.public_addr, self.fingerprint, store::DEFAULT_INVITE_TTL_MS)
     }
 
     pub async fn shutdown(self) {
@@ -102,7 +124,7 @@ impl Server {
 
 /// Opens the data directory, binds, and serves until `shutdown`.
 pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
-    std::fs::create_dir_all(&opts.data).with_context(|| format!("creating {}", opts.data.display()))?;
+    prepare_data_dir(&opts.data)?;
     let identity = tls::Identity::load_or_create(&opts.data)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
@@ -110,70 +132,134 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     let listener =
         tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match opts.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the metrics listener {a} (choose another with --metrics-listen)"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
     let public_addr = opts.public_addr.clone().unwrap_or_else(|| addr.to_string());
     let fingerprint = identity.fingerprint();
     let app = Arc::new(App {
         store: store.clone(),
         chunks,
         metrics: Arc::default(),
-        commit_lock: tokio::sync::Mutex::new(()),
+        commit_locks: Mutex::new(HashMap::new()),
         heads: Mutex::new(HashMap::new()),
+        revocations: watch::Sender::new(0),
     });
     let cancel = CancellationToken::new();
-    let admin = admin::spawn(&opts.data, store.clone(), public_addr.clone(), fingerprint, cancel.clone())?;
-    let info =
-        ServerInfo { addr: addr.to_string(), public_addr: public_addr.clone(), fingerprint, pid: std::process::id() };
-    write_atomic(&opts.data.join("server.json"), &serde_json::to_vec_pretty(&info)?)?;
+    let admin = admin::spawn(&opts.data, app.clone(), public_addr.clone(), fingerprint, cancel.clone())?;
+    let info = ServerInfo {
+        addr: addr.to_string(),
+        public_addr: public_addr.clone(),
+        fingerprint,
+        pid: std::process::id(),
+        metrics_addr: metrics_addr.map(|a| a.to_string()),
+    };
+    write_private(&opts.data.join("server.json"), &serde_json::to_vec_pretty(&info)?)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let trimmer = trim::spawn(app.metrics.clone(), app.chunks.clone(), cancel.clone());
+    let max_connections = listener::connection_budget();
+    let metrics_task = metrics_listener
+        .map(|l| tokio::spawn(listener::serve_plain(l, api::metrics_router(app.clone()), cancel.clone())));
+    let metrics = app.metrics.clone();
     let router = api::router(app);
     let token = cancel.clone();
     let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let (sock, peer) = tokio::select! {
-                _ = token.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = sock.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let service = TowerToHyperService::new(router.clone());
-            let token = token.clone();
-            conns.spawn(async move {
-                let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(sock)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                tokio::select! {
-                    r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with an error") },
-                    _ = token.cancelled() => {}
-                }
-            });
-            while conns.try_join_next().is_some() {}
+        listener::serve(listener, acceptor, router, metrics, max_connections, token).await;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
         }
-        conns.shutdown().await;
         admin.abort();
         trimmer.abort();
     });
-    tracing::info!(%addr, %fingerprint, "coordinator listening");
-    Ok(Server { addr, fingerprint, public_addr, cancel, task, store })
+    tracing::info!(%addr, %fingerprint, max_connections, metrics = ?metrics_addr, "coordinator listening");
+    Ok(Server { addr, fingerprint, public_addr, metrics_addr, cancel, task, store })
 }
 
-/// Mints a one-time enrollment invite for `name`, creating the user when `create` is set.
-pub fn invite(store: &Store, name: &str, create: bool, addr: &str, fingerprint: ChunkId) -> anyhow::Result<Invite> {
+/// Revokes device `id` (only if it belongs to `owner`, when given): durable before returning,
+/// and every open subscription or long-poll of the device is ended. `None` if there is no such
+/// device (of that owner).
+pub(crate) async fn revoke_device(app: &App, id: &DeviceId, owner: Option<UserId>) -> ApiResult<Option<DeviceRec>> {
+    let dev = app.store.update_device(id, |d| {
+        if owner.is_some_and(|u| u != d.user) {
+            return false;
+        }
+        d.revoked = true;
+        true
+    })?;
+    if let Some(d) = &dev {
+        app.store.flush().await?;
+        app.revocations.send_modify(|g| *g += 1);
+        tracing::info!(device = %d.id, "device revoked");
+    }
+    Ok(dev)
+}
+
+/// Makes sure the data directory is private before anything is written to it: created 0700 when
+/// new; refused when group or others can write to it (anyone could then swap the database or the
+/// keys); a warning when they can read it. The directories the coordinator creates inside it are
+/// made 0700 whatever the umask.
+fn prepare_data_dir(data: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::metadata(data) {
+        Ok(md) => {
+            anyhow::ensure!(md.is_dir(), "{} is not a directory", data.display());
+            let mode = md.permissions().mode() & 0o777;
+            anyhow::ensure!(
+                mode & 0o022 == 0,
+                "the data directory {} is writable by other users (mode {mode:03o}); run `chmod 700 {}` and start again",
+                data.display(),
+                data.display()
+            );
+            if mode & 0o044 != 0 {
+                tracing::warn!(
+                    dir = %data.display(),
+                    mode = format!("{mode:03o}"),
+                    "the data directory is readable by other users; `chmod 700` it"
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data)
+                .with_context(|| format!("creating {}", data.display()))?;
+            std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", data.display())),
+    }
+    for sub in ["meta", "chunks", "tls"] {
+        let dir = data.join(sub);
+        match std::fs::metadata(&dir) {
+            Ok(md) if md.permissions().mode() & 0o077 == 0 => continue,
+            Ok(_) => tracing::info!(dir = %dir.display(), "making the directory private (0700)"),
+            Err(_) => std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?,
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Mints a one-time enrollment invite for `name`, valid for `ttl_ms`, creating the user when
+/// `create` is set.
+pub fn invite(
+    store: &Store,
+    name: &str,
+    create: bool,
+    addr: &str,
+    fingerprint: ChunkId,
+    ttl_ms: u64,
+) -> anyhow::Result<Invite> {
     if !valid_user_name(name) {
         anyhow::bail!("invalid user name {name:?}: use 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit");
     }
@@ -189,8 +275,26 @@ pub fn invite(store: &Store, name: &str, create: bool, addr: &str, fingerprint: 
         (None, false) => anyhow::bail!("no user {name:?}; create it with `user add {name}`"),
     };
     let secret = random_hex(16);
-    store.add_invite(blake3::hash(secret.as_bytes()).as_bytes(), &InviteRec { user: user.id, created_ms: now_ms() })?;
+    let now = now_ms();
+    let rec = InviteRec { user: user.id, created_ms: now, expires_ms: now.saturating_add(ttl_ms) };
+    store.add_invite(blake3::hash(secret.as_bytes()).as_bytes(), &rec)?;
     Ok(Invite { addr: addr.to_string(), user: name.to_string(), secret, fingerprint })
+}
+
+/// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SS`, UTC.
+pub(crate) fn utc(ms: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64) {
+        Ok(t) => format!(
+            "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.year(),
+            t.month() as u8,
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("@{ms}ms"),
+    }
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -212,13 +316,6 @@ pub(crate) fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }

@@ -1,9 +1,12 @@
-//! `shoal-coordinator`: serve the API, or administer users. Thin: parse, then call the library.
+//! `shoal-coordinator`: serve the API, or administer users and devices. Thin: parse, then call the
+//! library.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use shoal_coordinator::admin::{self, Request};
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +23,8 @@ struct Cli {
 enum Cmd {
     /// Run the server until Ctrl-C or SIGTERM.
     Serve {
-        /// Data directory (metadata, chunks, TLS identity).
+        /// Data directory (metadata, chunks, TLS identity). Created 0700; refused if other users
+        /// can write to it.
         #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
         data: PathBuf,
         /// Address to listen on (port 0 picks one; see DATA/server.json).
@@ -29,11 +33,20 @@ enum Cmd {
         /// Address devices should dial, written into invites (default: the bound address).
         #[arg(long)]
         public_addr: Option<String>,
+        /// Plain-HTTP address for `/metrics` (Prometheus) and `/healthz`, or `off`. Keep it on a
+        /// private network: the counters describe every user's activity.
+        #[arg(long, default_value = shoal_coordinator::DEFAULT_METRICS_LISTEN, value_parser = parse_listen)]
+        metrics_listen: Listen,
     },
     /// Manage users.
     User {
         #[command(subcommand)]
         cmd: UserCmd,
+    },
+    /// Manage a user's devices.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
     },
 }
 
@@ -44,42 +57,92 @@ enum UserCmd {
         name: String,
         #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
         data: PathBuf,
+        /// How long the invite stays valid ("7d", "12h", "30m").
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        expires: Duration,
     },
     /// Print a new one-time invite to enroll another device of an existing user.
     Invite {
         name: String,
         #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
         data: PathBuf,
+        /// How long the invite stays valid ("7d", "12h", "30m").
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        expires: Duration,
     },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// List a user's devices: id, name, journal cursor, state, last seen.
+    List {
+        user: String,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
+    /// Revoke a device (by id, or by name when only one device has it): its token stops working
+    /// at once and its open push subscription is closed.
+    Revoke {
+        user: String,
+        device: String,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Clone)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{e}: expected HOST:PORT or `off`"))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Everything the coordinator creates (database, packs, keys, sockets) is for its own account
+    // only, whatever umask it was started with.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     shoal_coordinator::trim::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve { data, listen, public_addr } => {
-            let server =
-                shoal_coordinator::start(shoal_coordinator::ServeOptions { data, listen, public_addr }).await?;
+        Cmd::Serve { data, listen, public_addr, metrics_listen } => {
+            let opts = shoal_coordinator::ServeOptions { data, listen, public_addr, metrics_listen: metrics_listen.0 };
+            let server = shoal_coordinator::start(opts).await?;
             shutdown_signal().await;
             tracing::info!("shutting down");
             server.shutdown().await;
         }
-        Cmd::User { cmd: UserCmd::Add { name, data } } => print_invite(&data, &name, true).await?,
-        Cmd::User { cmd: UserCmd::Invite { name, data } } => print_invite(&data, &name, false).await?,
+        Cmd::User { cmd: UserCmd::Add { name, data, expires } } => print_invite(&data, &name, true, expires).await?,
+        Cmd::User { cmd: UserCmd::Invite { name, data, expires } } => {
+            print_invite(&data, &name, false, expires).await?
+        }
+        Cmd::Device { cmd: DeviceCmd::List { user, data } } => {
+            println!("{}", admin::request(&data, &Request::DeviceList { user }).await?);
+        }
+        Cmd::Device { cmd: DeviceCmd::Revoke { user, device, data } } => {
+            println!("{}", admin::request(&data, &Request::DeviceRevoke { user, device }).await?);
+        }
     }
     Ok(())
 }
 
-async fn print_invite(data: &std::path::Path, name: &str, create: bool) -> anyhow::Result<()> {
-    let invite = shoal_coordinator::admin::request_invite(data, name, create).await?;
+async fn print_invite(data: &std::path::Path, name: &str, create: bool, expires: Duration) -> anyhow::Result<()> {
+    let req = Request::Invite { user: name.to_string(), create, expires_secs: expires.as_secs() };
+    let invite = admin::request(data, &req).await?;
     if create {
         println!("created user {name}");
     }
-    println!("enroll a device with: shoal init --invite '<invite>' --dir <folder>");
+    println!(
+        "enroll a device with: shoal init --invite '<invite>' --dir <folder> (valid for {})",
+        humantime::format_duration(expires)
+    );
     println!("{invite}");
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! Prometheus counters for `/metrics`: requests, commits, chunk bytes in and out, and connected
-//! devices (open subscriptions). Plain atomics rendered as the text exposition format.
+//! Prometheus counters for `/metrics`: requests, commits, chunk bytes in and out, connected
+//! devices (open subscriptions), refused connections and corrupt chunks. Plain atomics rendered as the text exposition format.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -13,10 +13,12 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub errors: AtomicU64,
     pub subscribers: AtomicI64,
+    /// Connections closed at once because a connection limit was reached.
+    pub refused_connections: AtomicU64,
 }
 
 impl Metrics {
-    pub fn render(&self, users: usize) -> String {
+    pub fn render(&self, users: usize, corrupt_chunks: u64) -> String {
         let mut s = String::new();
         let mut put = |name: &str, kind: &str, help: &str, v: i64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
@@ -42,8 +44,20 @@ impl Metrics {
             "Chunk bytes sent to devices.",
             self.bytes_out.load(Relaxed) as i64,
         );
+        put(
+            "shoal_connections_refused_total",
+            "counter",
+            "Connections closed at accept because a total or per-address limit was reached.",
+            self.refused_connections.load(Relaxed) as i64,
+        );
         put("shoal_connected_devices", "gauge", "Devices holding a push subscription.", self.subscribers.load(Relaxed));
         put("shoal_users", "gauge", "Users known to the coordinator.", users as i64);
+        put(
+            "shoal_chunks_corrupt_total",
+            "counter",
+            "Stored chunks that failed their BLAKE3 check when read (quarantined until uploaded again).",
+            corrupt_chunks as i64,
+        );
         s
     }
 }

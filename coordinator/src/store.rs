@@ -5,7 +5,9 @@
 //! Layout (one sled tree, keys prefixed by a record type):
 //! `u/NAME` user · `h/UID` journal head · `i/HASH` invite · `d/DEV` device · `t/HASH` token →
 //! device · `j/UID SEQ` journal entry · `p/UID PATH` head seq of a path · `v/UID PATH \0 SEQ`
-//! history index · `c/UID CID` commit response · `k/UID CHUNK` chunk uploaded by the user.
+//! history index · `c/UID CID` commit response · `k/UID CHUNK` chunk uploaded by the user ·
+//! `x/CHUNK` where the chunk store keeps a chunk · `q/CHUNK` a chunk whose stored bytes failed
+//! their hash check (kept for inspection, never served) · `n/pack` the next unused pack number.
 
 use std::path::Path;
 
@@ -47,6 +49,54 @@ pub struct UserRec {
 pub struct InviteRec {
     pub user: UserId,
     pub created_ms: u64,
+    /// After this instant the invite no longer enrolls anything.
+    pub expires_ms: u64,
+}
+
+/// Invites written before they carried an expiry (format version 1).
+#[derive(Deserialize)]
+struct InviteRecV1 {
+    user: UserId,
+    created_ms: u64,
+}
+
+/// Format version of invite records: 2 added `expires_ms`.
+const INVITE_VERSION: u8 = 2;
+
+/// How long an invite stored before invites carried an expiry stays valid, counted from its
+/// creation: the default expiry of new invites.
+pub const DEFAULT_INVITE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+impl InviteRec {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![INVITE_VERSION];
+        out.extend(postcard::to_stdvec(self).expect("postcard serializes store records"));
+        out
+    }
+
+    fn decode(key: &[u8], bytes: &[u8]) -> Result<InviteRec, StoreError> {
+        let corrupt = || StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned() };
+        match bytes.split_first() {
+            Some((&INVITE_VERSION, rest)) => postcard::from_bytes(rest).map_err(|_| corrupt()),
+            Some((&VALUE_VERSION, rest)) => {
+                let old: InviteRecV1 = postcard::from_bytes(rest).map_err(|_| corrupt())?;
+                Ok(InviteRec {
+                    user: old.user,
+                    created_ms: old.created_ms,
+                    expires_ms: old.created_ms.saturating_add(DEFAULT_INVITE_TTL_MS),
+                })
+            }
+            _ => Err(corrupt()),
+        }
+    }
+}
+
+/// Why an invite did not enroll a device. Every variant is answered the same way on the wire, so
+/// the API reveals neither which users exist nor which invites did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InviteRefusal {
+    Unknown,
+    Expired,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +217,14 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::flush`] for blocking threads.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        let dir = std::fs::File::open(&self.dir).map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
+        rustix::fs::syncfs(dir).map_err(|e| StoreError::Db(sled::Error::Io(e.into())))?;
+        Ok(())
+    }
+
     fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StoreError> {
         match self.meta.get(k)? {
             Some(v) => decode(k, &v).map(Some),
@@ -197,20 +255,41 @@ impl Store {
     }
 
     pub fn add_invite(&self, secret_hash: &[u8; 32], rec: &InviteRec) -> Result<(), StoreError> {
-        self.meta.insert(key(b"i/", &[secret_hash]), encode(rec))?;
+        self.meta.insert(key(b"i/", &[secret_hash]), rec.encode())?;
         Ok(())
     }
 
-    /// Consumes an invite and stores the new device and its token, atomically: an invite enrolls
-    /// exactly one device.
-    pub fn enroll(&self, secret_hash: &[u8; 32], user: UserId, dev: &DeviceRec) -> Result<bool, StoreError> {
+    /// The user an unused, unexpired invite enrolls into.
+    pub fn invite(&self, secret_hash: &[u8; 32], now_ms: u64) -> Result<Result<UserRec, InviteRefusal>, StoreError> {
         let ik = key(b"i/", &[secret_hash]);
-        let Some(inv) = self.get::<InviteRec>(&ik)? else {
-            return Ok(false);
+        let Some(v) = self.meta.get(&ik)? else {
+            return Ok(Err(InviteRefusal::Unknown));
         };
-        if inv.user != user {
-            return Ok(false);
+        let inv = InviteRec::decode(&ik, &v)?;
+        if now_ms >= inv.expires_ms {
+            return Ok(Err(InviteRefusal::Expired));
         }
+        match self.user_by_id(inv.user)? {
+            Some(u) => Ok(Ok(u)),
+            None => Ok(Err(InviteRefusal::Unknown)),
+        }
+    }
+
+    fn user_by_id(&self, id: UserId) -> Result<Option<UserRec>, StoreError> {
+        for kv in self.meta.scan_prefix(b"u/") {
+            let (k, v) = kv?;
+            let u: UserRec = decode(&k, &v)?;
+            if u.id == id {
+                return Ok(Some(u));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Consumes an invite and stores the new device and its token, atomically: an invite enrolls
+    /// exactly one device. `false` if the invite was used meanwhile.
+    pub fn enroll(&self, secret_hash: &[u8; 32], dev: &DeviceRec) -> Result<bool, StoreError> {
+        let ik = key(b"i/", &[secret_hash]);
         let dk = key(b"d/", &[dev.id.as_bytes()]);
         let tk = key(b"t/", &[&dev.token_hash]);
         let res = self.meta.transaction(|t| {
@@ -242,9 +321,30 @@ impl Store {
         self.get(&key(b"d/", &[id.as_bytes()]))
     }
 
-    pub fn put_device(&self, dev: &DeviceRec) -> Result<(), StoreError> {
-        self.meta.insert(key(b"d/", &[dev.id.as_bytes()]), encode(dev))?;
-        Ok(())
+    /// Changes one device record atomically (compare-and-swap): `change` edits a fresh copy and
+    /// says whether to store it; it may run more than once under contention. Concurrent updates
+    /// therefore never undo each other, and a revoked device stays revoked whatever `change` does.
+    /// Returns the stored record, or `None` when there is no such device or `change` declined.
+    pub fn update_device(
+        &self,
+        id: &DeviceId,
+        mut change: impl FnMut(&mut DeviceRec) -> bool,
+    ) -> Result<Option<DeviceRec>, StoreError> {
+        let k = key(b"d/", &[id.as_bytes()]);
+        loop {
+            let Some(old) = self.meta.get(&k)? else {
+                return Ok(None);
+            };
+            let mut dev: DeviceRec = decode(&k, &old)?;
+            let was_revoked = dev.revoked;
+            if !change(&mut dev) {
+                return Ok(None);
+            }
+            dev.revoked |= was_revoked;
+            if self.meta.compare_and_swap(&k, Some(&old), Some(encode(&dev)))?.is_ok() {
+                return Ok(Some(dev));
+            }
+        }
     }
 
     pub fn devices(&self, user: UserId) -> Result<Vec<DeviceRec>, StoreError> {
@@ -286,6 +386,51 @@ impl Store {
         }
         self.meta.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Stops serving `id` from its stored copy, which failed its hash check: the location moves to
+    /// `q/` (kept for inspection), so the chunk reads as absent and a correct upload stores it anew.
+    /// Only if the index still points at `loc` (a repair may have raced ahead).
+    pub fn quarantine_chunk(&self, id: &ChunkId, loc: ChunkLoc) -> Result<(), StoreError> {
+        let xk = key(b"x/", &[id.as_bytes()]);
+        if self.meta.compare_and_swap(&xk, Some(loc.encode()), None as Option<&[u8]>)?.is_ok() {
+            self.meta.insert(key(b"q/", &[id.as_bytes()]), loc.encode())?;
+        }
+        Ok(())
+    }
+
+    /// Every indexed chunk location, for the start-up check against the packs.
+    pub fn chunk_locs(&self) -> impl Iterator<Item = Result<(ChunkId, Option<ChunkLoc>), StoreError>> + '_ {
+        self.meta.scan_prefix(b"x/").map(|kv| {
+            let (k, v) = kv?;
+            let id = k[2..].try_into().map(ChunkId).map_err(|_| StoreError::Corrupt { key: "x/".into() })?;
+            Ok((id, ChunkLoc::decode(&v)))
+        })
+    }
+
+    /// Forgets where the given chunks were stored (their bytes are gone).
+    pub fn drop_chunk_locs(&self, ids: &[ChunkId]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(key(b"x/", &[id.as_bytes()]));
+        }
+        self.meta.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Reserves a pack number never handed out before, at least `at_least`, and makes the
+    /// reservation durable before returning, so a crash can never lead to the same number naming
+    /// two different packs (the index may still point into the first).
+    pub fn reserve_pack(&self, at_least: u32) -> Result<u32, StoreError> {
+        let k = b"n/pack";
+        let mut got = at_least;
+        self.meta.fetch_and_update(k, |old| {
+            let next = old.and_then(|v| v.try_into().ok()).map_or(0, u32::from_be_bytes);
+            got = next.max(at_least);
+            Some(got.saturating_add(1).to_be_bytes().to_vec())
+        })?;
+        self.flush_blocking()?;
+        Ok(got)
     }
 
     pub fn forget_user_chunk(&self, user: UserId, id: &ChunkId) -> Result<(), StoreError> {
@@ -346,31 +491,60 @@ impl Store {
         Ok(())
     }
 
-    /// Journal entries with `since < seq`, at most `limit`.
-    pub fn changes(&self, user: UserId, since: Seq, limit: usize) -> Result<Vec<Entry>, StoreError> {
+    /// Journal entries with `since < seq <= upto`: at most `limit` of them, and no more once their
+    /// stored size passes `max_bytes` (at least one entry, whatever its size).
+    pub fn changes(
+        &self,
+        user: UserId,
+        since: Seq,
+        upto: Seq,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
         let u = user.to_be_bytes();
+        if upto <= since {
+            return Ok(Vec::new());
+        }
         let from = key(b"j/", &[&u, &since.saturating_add(1).to_be_bytes()]);
-        let to = key(b"j/", &[&u, &u64::MAX.to_be_bytes()]);
+        let to = key(b"j/", &[&u, &upto.to_be_bytes()]);
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for kv in self.meta.range(from..=to).take(limit) {
             let (k, v) = kv?;
+            if !out.is_empty() && bytes + v.len() > max_bytes {
+                break;
+            }
+            bytes += v.len();
             out.push(decode(&k, &v)?);
         }
         Ok(out)
     }
 
-    /// Every version of `path`, oldest first.
-    pub fn history(&self, user: UserId, path: &SyncPath) -> Result<Vec<Entry>, StoreError> {
+    /// Versions of `path` after `after`, oldest first: at most `limit`, plus whether more follow.
+    pub fn history(
+        &self,
+        user: UserId,
+        path: &SyncPath,
+        after: Option<Seq>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, bool), StoreError> {
         let prefix = key(b"v/", &[&user.to_be_bytes(), path.as_str().as_bytes(), &[0]]);
+        let start = history_key(user, path, after.map_or(0, |a| a.saturating_add(1)));
         let mut out = Vec::new();
-        for kv in self.meta.scan_prefix(&prefix) {
+        for kv in self.meta.range(start..) {
             let (k, _) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
             let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: format!("v/{path}") })?;
             if let Some(e) = self.entry(user, seq)? {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
                 out.push(e);
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Live heads strictly under directory `dir`.

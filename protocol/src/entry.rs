@@ -28,13 +28,20 @@ impl Manifest {
         Manifest { size: 0, hash: ChunkId::of(b""), chunks: Vec::new() }
     }
 
-    /// `true` if the chunk lengths add up to `size`, no chunk is empty or larger than the chunker's
-    /// maximum, and an empty file has the empty hash. Checked on every manifest from the network.
+    /// `true` if the chunk lengths add up to `size`, every chunk is within the chunker's bounds
+    /// (no chunk empty or over the maximum; every chunk but the last at least the minimum, as
+    /// FastCDC cuts them), there are at most [`MAX_MANIFEST_CHUNKS`], and an empty file has the
+    /// empty hash. Checked on every manifest from the network.
     pub fn is_consistent(&self) -> bool {
-        let max = crate::chunker::CHUNK_PARAMS.max as u64;
+        let params = crate::chunker::CHUNK_PARAMS;
+        if self.chunks.len() > MAX_MANIFEST_CHUNKS {
+            return false;
+        }
         let mut total = 0u64;
-        for c in &self.chunks {
-            if c.len == 0 || u64::from(c.len) > max {
+        let last = self.chunks.len().saturating_sub(1);
+        for (i, c) in self.chunks.iter().enumerate() {
+            let len = c.len as usize;
+            if len == 0 || len > params.max || (i < last && len < params.min) {
                 return false;
             }
             total = total.saturating_add(u64::from(c.len));
@@ -42,6 +49,11 @@ impl Manifest {
         total == self.size && (self.size > 0 || self.hash == ChunkId::of(b""))
     }
 }
+
+/// Most chunks in one manifest: its JSON (~92 bytes per chunk) stays under ~46 MiB, inside one
+/// commit body (`api::MAX_JSON_BODY`), and it covers files of ~32 GiB at the chunker's 64 KiB
+/// average (8 GiB if every cut fell at the 16 KiB minimum).
+pub const MAX_MANIFEST_CHUNKS: usize = 1 << 19;
 
 /// What kind of object a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! `SyncPath`: the one type through which every path enters the system. A `SyncPath` is relative,
 //! `/`-separated, UTF-8 in NFC, has no empty, `.` or `..` components, no NUL, no backslash, no
-//! component longer than 255 bytes, is at most 4096 bytes long and never lies under the reserved
-//! `.shoal` directory. Parsing is total: bad input is a typed error, never a panic.
+//! component longer than 255 bytes, is at most 4096 bytes long and 256 components deep, and never
+//! lies under the reserved `.shoal` directory. Parsing is total: bad input is a typed error, never a panic.
 
 use std::fmt;
 
@@ -12,6 +12,9 @@ use unicode_normalization::UnicodeNormalization;
 pub const MAX_COMPONENT_BYTES: usize = 255;
 /// Longest allowed path, in bytes (PATH_MAX on Linux).
 pub const MAX_PATH_BYTES: usize = 4096;
+/// Most components in a path. Real trees stay far below it; without a bound a 4096-byte path can
+/// nest 2048 directories, and every check that walks a path's ancestors pays for each level.
+pub const MAX_DEPTH: usize = 256;
 /// The reserved top-level directory that holds the agent's marker and temp files.
 pub const RESERVED_DIR: &str = ".shoal";
 
@@ -34,6 +37,8 @@ pub enum PathError {
     ComponentTooLong,
     #[error("path is longer than {MAX_PATH_BYTES} bytes")]
     TooLong,
+    #[error("path is nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
     #[error("path lies under the reserved '.shoal' directory")]
     Reserved,
     #[error("path is not valid UTF-8")]
@@ -68,6 +73,9 @@ impl SyncPath {
             return Err(PathError::TooLong);
         }
         for (i, comp) in normalized.split('/').enumerate() {
+            if i == MAX_DEPTH {
+                return Err(PathError::TooDeep);
+            }
             if comp.is_empty() {
                 return Err(PathError::EmptyComponent);
             }

@@ -51,6 +51,9 @@ fn long_poll_and_push_wake_up_on_commits() {
     let health = block_on(async { anon.request(reqwest::Method::GET, "/healthz").send().await.unwrap().text().await });
     assert_eq!(health.unwrap().trim(), "ok");
     assert!(coord.metric("shoal_commits_total") >= 2);
+    // Metrics describe every user's activity: not served on the public listener.
+    let public = block_on(async { anon.request(reqwest::Method::GET, "/metrics").send().await.unwrap().status() });
+    assert_eq!(public, reqwest::StatusCode::NOT_FOUND);
     assert!(coord.metric("shoal_users") == 1);
 
     // `shoal status` reports a running, in-sync daemon.

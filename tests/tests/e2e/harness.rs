@@ -74,9 +74,21 @@ impl Coordinator {
         shoal_agent::client::Client::anonymous(&self.addr, fp).unwrap()
     }
 
+    /// The text of `/metrics`, from the coordinator's separate metrics listener.
+    pub fn metrics_text(&self) -> String {
+        let b = std::fs::read(self.data.join("server.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        let addr = v["metrics_addr"].as_str().expect("the test coordinator serves metrics").to_string();
+        block_on(async move {
+            let resp = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+            assert!(resp.status().is_success(), "metrics answered {}", resp.status());
+            resp.text().await.unwrap()
+        })
+    }
+
     /// Reads a counter from `/metrics`.
     pub fn metric(&self, name: &str) -> u64 {
-        let text = block_on(self.client().metrics()).unwrap();
+        let text = self.metrics_text();
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
             .unwrap_or_else(|| panic!("metric {name} missing from {text}"))
@@ -103,7 +115,7 @@ fn spawn_coordinator(data: &Path, listen: &str) -> (Child, String) {
     let child = Command::new(bin("shoal-coordinator"))
         .args(["serve", "--data"])
         .arg(data)
-        .args(["--listen", listen])
+        .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)

@@ -6,5 +6,6 @@ mod harness;
 mod api;
 mod bad_input;
 mod durability;
+mod hardening;
 mod history;
 mod sync;

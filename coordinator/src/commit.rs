@@ -1,0 +1,221 @@
+//! Commit rules: what makes a commit acceptable, and how an accepted one becomes journal entries.
+//! Synchronous and free of HTTP: the `/v1/commit` handler runs [`apply`] on a blocking thread
+//! under the user's commit lock, so the heads it reads cannot move before the append and a large
+//! commit never stalls the async threads or another user's commits.
+
+use std::collections::{HashMap, HashSet};
+
+use shoal_protocol::api::{CommitRequest, CommitResponse, Conflict, ErrorCode, MAX_COMMIT_CHANGES};
+use shoal_protocol::{Change, DeviceId, Entry, EntryKind, SyncPath};
+
+use crate::chunks::ChunkStore;
+use crate::error::{ApiError, ApiResult};
+use crate::store::{CommitOutcome, Store, UserId};
+
+/// Checks what can be checked without the store: size of the commit, each change's shape, and
+/// that no path appears twice.
+pub fn validate(req: &CommitRequest) -> ApiResult<()> {
+    if req.changes.is_empty() || req.changes.len() > MAX_COMMIT_CHANGES {
+        return Err(ApiError::bad(format!("a commit holds 1 to {MAX_COMMIT_CHANGES} changes")));
+    }
+    let mut paths = HashSet::new();
+    for c in &req.changes {
+        validate_change(c)?;
+        if !paths.insert(&c.path) {
+            return Err(ApiError::bad(format!("{} appears twice in one commit", c.path)));
+        }
+    }
+    Ok(())
+}
+
+fn validate_change(c: &Change) -> ApiResult<()> {
+    let invalid = |m: &str| ApiError::new(ErrorCode::InvalidManifest, format!("{}: {m}", c.path));
+    match (c.kind, c.deleted, &c.manifest) {
+        (_, true, None) => Ok(()),
+        (_, true, Some(_)) => Err(invalid("a deletion carries no manifest")),
+        (EntryKind::Dir, false, None) => Ok(()),
+        (EntryKind::Dir, false, Some(_)) => Err(invalid("a directory carries no manifest")),
+        (EntryKind::File, false, Some(m)) if m.is_consistent() => Ok(()),
+        (EntryKind::File, false, Some(_)) => Err(invalid(
+            "chunk lengths do not add up to the size, a chunk is out of the chunker's bounds, or there are too many chunks",
+        )),
+        (EntryKind::File, false, None) => Err(invalid("a file needs a manifest")),
+        (EntryKind::Symlink, false, _) => Err(ApiError::bad(format!("{}: symbolic links are not synced", c.path))),
+    }
+}
+
+/// Checks bases, the tree shape and chunk ownership, then appends the commit (already
+/// [`validate`]d). The caller holds the user's commit lock and makes the append durable before
+/// anyone sees it.
+pub fn apply(
+    store: &Store,
+    chunks: &ChunkStore,
+    user: UserId,
+    device: DeviceId,
+    req: CommitRequest,
+    time_ms: u64,
+) -> ApiResult<CommitOutcome> {
+    if let Some(resp) = store.commit_response(user, &req.commit_id)? {
+        return Ok(CommitOutcome::Replayed(resp));
+    }
+    let mut conflicts = Vec::new();
+    for c in &req.changes {
+        let head = store.head(user, &c.path)?;
+        if head.as_ref().map(|h| h.version) != c.base {
+            conflicts.push(Conflict { path: c.path.clone(), head });
+        } else if c.deleted && head.as_ref().is_none_or(|h| h.deleted) {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("{}: nothing to delete", c.path)));
+        }
+    }
+    if !conflicts.is_empty() {
+        return Ok(CommitOutcome::Stale(conflicts));
+    }
+    check_hierarchy(store, user, &req.changes)?;
+    for c in &req.changes {
+        for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
+            let on_disk = || chunks.len(&chunk.id) == Some(u64::from(chunk.len));
+            if !store.user_has_chunk(user, &chunk.id)? || !on_disk() {
+                // A chunk lost before it was synced (a crash after its upload) or quarantined as
+                // corrupt is forgotten, so `chunks/missing` asks for it again.
+                store.forget_user_chunk(user, &chunk.id)?;
+                return Err(ApiError::new(
+                    ErrorCode::UnknownChunk,
+                    format!("{}: chunk {} was never uploaded by this user", c.path, chunk.id),
+                ));
+            }
+        }
+    }
+    let mut seq = store.head_seq(user)?;
+    let entries: Vec<Entry> = req
+        .changes
+        .into_iter()
+        .map(|c| {
+            seq += 1;
+            Entry {
+                path: c.path,
+                kind: c.kind,
+                manifest: c.manifest,
+                exec: c.exec,
+                mtime_ns: c.mtime_ns,
+                deleted: c.deleted,
+                version: seq,
+                base: c.base,
+                device,
+                time_ms,
+            }
+        })
+        .collect();
+    let resp = CommitResponse { entries };
+    store.append(user, &req.commit_id, &resp)?;
+    Ok(CommitOutcome::Applied(resp))
+}
+
+/// Keeps the tree a tree after the commit: nothing live under a file, and no file over a
+/// directory that still holds live entries. Refused with `conflict`; the device re-plans.
+///
+/// Linear in the number of distinct ancestors: each ancestor is looked up once, and a walk up
+/// from a change stops at the first ancestor already known to have no live file at or above it.
+fn check_hierarchy(store: &Store, user: UserId, changes: &[Change]) -> ApiResult<()> {
+    let pending: HashMap<&SyncPath, &Change> = changes.iter().map(|c| (&c.path, c)).collect();
+    let live_file = |p: &SyncPath| -> ApiResult<bool> {
+        if let Some(c) = pending.get(p) {
+            return Ok(!c.deleted && c.kind == EntryKind::File);
+        }
+        Ok(store.head(user, p)?.is_some_and(|h| !h.deleted && h.kind == EntryKind::File))
+    };
+    let conflict = |m: String| ApiError::new(ErrorCode::Conflict, m);
+    // Directories known to be no live file, with no live file above them either.
+    let mut clear: HashSet<SyncPath> = HashSet::new();
+    for c in changes.iter().filter(|c| !c.deleted) {
+        let mut walked = Vec::new();
+        let mut parent = c.path.parent();
+        while let Some(p) = parent {
+            if clear.contains(&p) {
+                break;
+            }
+            if live_file(&p)? {
+                return Err(conflict(format!("{}: {p} is a file", c.path)));
+            }
+            parent = p.parent();
+            walked.push(p);
+        }
+        clear.extend(walked);
+        if c.kind == EntryKind::File {
+            for e in store.live_under(user, &c.path)? {
+                if pending.get(&e.path).is_none_or(|pc| !pc.deleted) {
+                    return Err(conflict(format!("{}: the directory still holds {}", c.path, e.path)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_protocol::{CommitId, Manifest};
+
+    use super::*;
+
+    fn dir(p: &str) -> Change {
+        Change {
+            path: SyncPath::parse(p).unwrap(),
+            kind: EntryKind::Dir,
+            manifest: None,
+            exec: false,
+            mtime_ns: 0,
+            deleted: false,
+            base: None,
+        }
+    }
+
+    fn empty_file(p: &str) -> Change {
+        Change { kind: EntryKind::File, manifest: Some(Manifest::empty()), ..dir(p) }
+    }
+
+    /// Applies `changes` as one commit and says whether it was applied (else the error code).
+    fn check(store: &Store, chunks: &ChunkStore, changes: Vec<Change>) -> Result<(), ErrorCode> {
+        let req = CommitRequest { commit_id: CommitId(rand_id()), changes };
+        validate(&req).map_err(|e| e.0.code)?;
+        match apply(store, chunks, 1, DeviceId([1; 16]), req, 0).map_err(|e| e.0.code)? {
+            CommitOutcome::Applied(_) => Ok(()),
+            CommitOutcome::Replayed(_) => panic!("fresh ids never replay"),
+            CommitOutcome::Stale(_) => Err(ErrorCode::StaleBase),
+        }
+    }
+
+    fn rand_id() -> [u8; 16] {
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn tree_stays_a_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        assert_eq!(check(&store, &chunks, vec![dir("a"), empty_file("a/f")]), Ok(()));
+        // Nothing under a file, in the same commit or against the stored tree.
+        assert_eq!(check(&store, &chunks, vec![dir("a/f/x")]), Err(ErrorCode::Conflict));
+        assert_eq!(check(&store, &chunks, vec![empty_file("b"), dir("b/c")]), Err(ErrorCode::Conflict));
+        // No file over a directory that still holds something.
+        assert_eq!(check(&store, &chunks, vec![Change { base: Some(1), ..empty_file("a") }]), Err(ErrorCode::Conflict));
+        // Deep chains are fine up to the depth bound, whatever the order of the changes.
+        let mut chain: Vec<Change> = (1..=200).map(|d| dir(&vec!["d"; d].join("/"))).collect();
+        chain.reverse();
+        assert_eq!(check(&store, &chunks, chain), Ok(()));
+    }
+
+    #[test]
+    fn manifests_must_be_chunked_as_the_chunker_cuts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let one = shoal_protocol::ChunkRef { id: shoal_protocol::ChunkId::of(b"x"), len: 1 };
+        // Many references to one tiny chunk: every chunk but the last must be at least the minimum.
+        let m = Manifest { size: 600_000, hash: shoal_protocol::ChunkId::of(b""), chunks: vec![one; 600_000] };
+        let c = Change { manifest: Some(m), ..empty_file("big") };
+        assert_eq!(check(&store, &chunks, vec![c]), Err(ErrorCode::InvalidManifest));
+    }
+}

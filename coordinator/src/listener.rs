@@ -1,0 +1,243 @@
+//! The accept loop of the public HTTPS listener, and the limits that keep one client from starving
+//! everyone else: a cap on open connections in total and per source address, a deadline for the
+//! TLS handshake and for each request's headers (which also closes idle keep-alive connections),
+//! and HTTP/2 keep-alive pings and stream limits. Connections over a cap are closed at once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Time a client has to complete the TLS handshake. A real device on a slow link needs a few
+/// round trips; ten seconds is generous and bounds what a silent connection holds.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a request's headers once the server waits for them, including
+/// between requests on a kept-alive connection: a device sends its headers at once (and closes its
+/// own idle connections after 4 s), while a client that dribbles half a request loses its slot.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most open connections in total (further capped by the file-descriptor limit). A device keeps
+/// two or three (API, push subscription, a parallel fetch), so this serves well over a thousand
+/// devices at once.
+pub const MAX_CONNECTIONS: usize = 8192;
+/// Most open connections from one source address: enough for a few dozen devices behind one NAT,
+/// few enough that one address cannot take a meaningful share of the total.
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 256;
+/// File descriptors kept free for everything that is not a client connection (packs, the
+/// database, logs).
+const FD_RESERVE: usize = 256;
+/// HTTP/2 pings on an otherwise quiet connection, and how long an answer may take before the
+/// connection is dropped: finds dead peers behind NATs.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// Most concurrent HTTP/2 streams per connection; a device's parallel fetches use a handful.
+const H2_MAX_STREAMS: u32 = 128;
+
+/// Raises the soft limit on open files to the hard limit and returns how many connections the
+/// server can therefore hold open at once.
+pub fn connection_budget() -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if let Some(hard) = lim.maximum
+        && lim.current.is_some_and(|cur| cur < hard)
+    {
+        lim.current = Some(hard);
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+        }
+        lim = getrlimit(Resource::Nofile);
+    }
+    let fds = lim.current.map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
+    MAX_CONNECTIONS.min(fds.saturating_sub(FD_RESERVE)).max(1)
+}
+
+/// Open connections, in total and per source address.
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_addr: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its slot back when dropped.
+struct Slot {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total -= 1;
+        if let Some(n) = c.per_addr.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_addr.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: Limits) -> Option<Slot> {
+    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+    let here = c.per_addr.get(&ip).copied().unwrap_or(0);
+    if c.total >= limits.total || here >= limits.per_addr {
+        return None;
+    }
+    c.total += 1;
+    c.per_addr.insert(ip, here + 1);
+    Some(Slot { counts: counts.clone(), ip })
+}
+
+/// Serves `router` over TLS on `listener` until `cancel`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: Router,
+    metrics: Arc<Metrics>,
+    max_total: usize,
+    cancel: CancellationToken,
+) {
+    let limits = Limits { total: max_total, per_addr: MAX_CONNECTIONS_PER_ADDR };
+    let on_refused = || {
+        metrics.refused_connections.fetch_add(1, Relaxed);
+    };
+    accept_loop(listener, limits, on_refused, cancel.clone(), |sock, peer| {
+        let _ = sock.set_nodelay(true);
+        serve_one(sock, peer, acceptor.clone(), TowerToHyperService::new(router.clone()), cancel.clone())
+    })
+    .await;
+}
+
+/// Connection caps of one listener.
+#[derive(Clone, Copy)]
+struct Limits {
+    total: usize,
+    per_addr: usize,
+}
+
+/// Accepts connections until `cancel`, closing at once those over `limits` (after calling
+/// `on_refused`) and running `handle` for the others; each holds its slot until it ends.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    on_refused: impl Fn(),
+    cancel: CancellationToken,
+    mut handle: F,
+) where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let counts: Arc<Mutex<Counts>> = Arc::default();
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for connections to close.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(slot) = admit(&counts, peer.ip(), limits) else {
+            on_refused();
+            tracing::debug!(%peer, "connection limit reached; closing");
+            continue;
+        };
+        let conn = handle(sock, peer);
+        conns.spawn(async move {
+            let _slot = slot;
+            conn.await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    conns.shutdown().await;
+}
+
+async fn serve_one(
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    service: TowerToHyperService<Router>,
+    cancel: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::select! {
+        r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with an error") },
+        _ = cancel.cancelled() => {}
+    }
+}
+
+/// Serves `router` over plain HTTP on `listener` until `cancel`: the metrics listener, which
+/// should only ever be reachable from the operator's own network.
+pub async fn serve_plain(listener: tokio::net::TcpListener, router: Router, cancel: CancellationToken) {
+    // A scraper needs one connection; a few dozen cover any number of them.
+    let limits = Limits { total: 64, per_addr: 64 };
+    accept_loop(
+        listener,
+        limits,
+        || {},
+        cancel.clone(),
+        |sock, _| {
+            let service = TowerToHyperService::new(router.clone());
+            let token = cancel.clone();
+            async move {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+                tokio::select! {
+                    _ = builder.serve_connection(TokioIo::new(sock), service) => {}
+                    _ = token.cancelled() => {}
+                }
+            }
+        },
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_capped_per_address_and_returned() {
+        let counts: Arc<Mutex<Counts>> = Arc::default();
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let limits = Limits { total: 5, per_addr: 3 };
+        let held: Vec<Slot> = (0..3).map(|_| admit(&counts, a, limits).unwrap()).collect();
+        assert!(admit(&counts, a, limits).is_none(), "per-address cap");
+        let other = admit(&counts, b, limits).expect("another address is not affected");
+        assert!(admit(&counts, b, Limits { total: 4, ..limits }).is_none(), "total cap");
+        drop(other);
+        drop(held);
+        let c = counts.lock().unwrap();
+        assert_eq!((c.total, c.per_addr.len()), (0, 0));
+    }
+}

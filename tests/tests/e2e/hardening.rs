@@ -1,0 +1,500 @@
+//! The coordinator attacked as an attacker or a careless operator would: revocation races, file
+//! permissions, connection floods, oversized unauthenticated bodies, unbounded responses, one user
+//! stalling others, corrupt chunks, crashes that lose a pack, and early visibility of commits.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use shoal_agent::client::Client;
+use shoal_agent::config::Config;
+use shoal_protocol::api::{CommitRequest, encode_frame};
+use shoal_protocol::{Change, ChunkId, ChunkRef, CommitId, EntryKind, Manifest, SyncPath};
+
+use crate::harness::*;
+
+fn client_of(d: &Device) -> Client {
+    Client::new(&Config::load(&d.home).unwrap()).unwrap()
+}
+
+fn random_commit_id() -> CommitId {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).unwrap();
+    CommitId(b)
+}
+
+fn dir_change(path: &str) -> Change {
+    Change {
+        path: SyncPath::parse(path).unwrap(),
+        kind: EntryKind::Dir,
+        manifest: None,
+        exec: false,
+        mtime_ns: 0,
+        deleted: false,
+        base: None,
+    }
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn revocation_is_never_undone_by_requests_in_flight() {
+    let names = ["keeper", "v1", "v2", "v3", "v4", "v5", "v6"];
+    let (_tmp, _coord, devices) = world("rita", &names);
+    let keeper = client_of(&devices[0]);
+    for victim in &devices[1..] {
+        let cfg = Config::load(&victim.home).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        // Eight threads keep reporting the victim's cursor while another device revokes it.
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cfg, stop) = (cfg.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let c = Client::new(&cfg).unwrap();
+                    block_on(async {
+                        while !stop.load(Ordering::Relaxed) {
+                            let _ = c.report_cursor(0).await;
+                        }
+                    })
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        block_on(keeper.revoke(cfg.device_id)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let c = Client::new(&cfg).unwrap();
+        let err = block_on(c.tree(None)).expect_err("a revoked device reads nothing");
+        assert_eq!(err.code(), Some(shoal_protocol::api::ErrorCode::Unauthorized), "{err}");
+        let list = block_on(keeper.devices()).unwrap();
+        assert!(list.iter().find(|d| d.id == cfg.device_id).unwrap().revoked, "{}: listed as not revoked", victim.name);
+    }
+}
+
+#[test]
+fn data_directory_is_private_whatever_the_umask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("coord");
+    // Started under umask 000, everything it creates is still for its own account only.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "umask 000; exec \"$0\" serve --data \"$1\" --listen 127.0.0.1:0 --metrics-listen off"])
+        .arg(bin("shoal-coordinator"))
+        .arg(&data)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(30), || data.join("server.json").exists().then_some(())).expect("coordinator started");
+    for sub in ["", "meta", "chunks", "tls"] {
+        assert_eq!(mode(&data.join(sub)), 0o700, "{sub}/");
+    }
+    for file in ["tls/key.der", "server.json", "admin.sock"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    signal(&child, "TERM");
+    child.wait().unwrap();
+
+    // A data directory other users can write to is refused, with a message saying what to do.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new(bin("shoal-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started on a world-writable data directory");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by other users") && err.contains("chmod 700"), "{err}");
+}
+
+/// A TLS client that accepts any certificate: enough to play a misbehaving client.
+mod raw_tls {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    pub fn connector() -> tokio_rustls::TlsConnector {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+#[test]
+fn half_open_connections_cannot_exhaust_the_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let addr: std::net::SocketAddr = coord.addr.parse().unwrap();
+    /// More than one address may hold (`MAX_CONNECTIONS_PER_ADDR`).
+    const FLOOD: usize = 300;
+    block_on(async {
+        let connector = raw_tls::connector();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..FLOOD {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            match tokio::time::timeout(Duration::from_secs(5), connector.connect(name.clone(), tcp)).await {
+                Ok(Ok(mut tls)) => {
+                    // Half a request, never finished.
+                    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+                    tls.flush().await.unwrap();
+                    held.push(tls);
+                }
+                _ => refused += 1,
+            }
+        }
+        assert!(held.len() <= shoal_coordinator::listener::MAX_CONNECTIONS_PER_ADDR, "{} held", held.len());
+        assert!(refused >= FLOOD - shoal_coordinator::listener::MAX_CONNECTIONS_PER_ADDR);
+
+        // Meanwhile a client from another address is served at once.
+        let other = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .local_address(Some("127.0.0.2".parse().unwrap()))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let resp = other.get(format!("https://{addr}/healthz")).send().await.expect("healthz answered");
+        assert_eq!(resp.text().await.unwrap().trim(), "ok");
+        assert!(started.elapsed() < Duration::from_secs(2), "healthz took {:?}", started.elapsed());
+
+        // The half-finished requests are closed once the header deadline passes.
+        let deadline = shoal_coordinator::listener::HEADER_READ_TIMEOUT + Duration::from_secs(5);
+        for mut tls in held {
+            let mut buf = [0u8; 256];
+            let r = tokio::time::timeout(deadline, tls.read(&mut buf)).await;
+            assert!(r.is_ok(), "a half-open connection stayed open past the header deadline");
+        }
+    });
+    assert!(coord.metric("shoal_connections_refused_total") >= (FLOOD - 256) as u64);
+}
+
+#[test]
+fn unauthenticated_bodies_and_responses_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let alice = Device::enroll(tmp.path(), &coord, "alice", "a");
+    let anon = coord.client();
+    block_on(async {
+        // A large enrollment body is refused before it is read, declared or chunked: a moderately
+        // large one with a 413, a huge one possibly by closing the connection mid-upload.
+        let resp = anon.request(Method::POST, "/v1/enroll").body(vec![b' '; 40 * 1024]).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 413);
+        let refused = |r: Result<reqwest::Response, reqwest::Error>| r.map_or(true, |r| r.status().as_u16() == 413);
+        let huge = anon.request(Method::POST, "/v1/enroll").body(vec![b' '; 8 * 1024 * 1024]).send().await;
+        assert!(refused(huge));
+        let stream = futures::stream::iter((0..128).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+        let chunked = anon.request(Method::POST, "/v1/enroll").body(reqwest::Body::wrap_stream(stream)).send().await;
+        assert!(refused(chunked));
+    });
+
+    // Enrollment answers the same whether or not the user exists (no user enumeration).
+    let invite: shoal_protocol::api::Invite = coord.invite("alice").parse().unwrap();
+    block_on(async {
+        let enroll = |user: &str, secret: &str| json!({"user": user, "secret": secret, "device_name": "x", "csr": "not a certificate request"});
+        let bogus = "0".repeat(32);
+        let mut answers = Vec::new();
+        for body in [enroll("alice", &bogus), enroll("nobody", &bogus)] {
+            let resp = anon.request(Method::POST, "/v1/enroll").json(&body).send().await.unwrap();
+            answers.push((resp.status().as_u16(), resp.json::<Value>().await.unwrap()));
+        }
+        assert_eq!(answers[0], answers[1]);
+        assert_eq!(answers[0].0, 403);
+        // With a valid invite, the bad certificate request is what is refused.
+        let resp =
+            anon.request(Method::POST, "/v1/enroll").json(&enroll("alice", &invite.secret)).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+    });
+
+    // Responses are paged by bytes: commits of large manifests (many references to one chunk,
+    // the way a file of repeated content dedups) come back one per page, not all at once.
+    let a = client_of(&alice);
+    let chunk = vec![7u8; shoal_protocol::CHUNK_PARAMS.min];
+    let id = ChunkId::of(&chunk);
+    let refs = 100_000;
+    block_on(async {
+        let mut frames = Vec::new();
+        encode_frame(&mut frames, &id, &chunk);
+        a.upload_frames(frames).await.unwrap();
+        let manifest = Manifest {
+            size: (refs * chunk.len()) as u64,
+            hash: ChunkId::of(b"whole file hash is not checked by the server"),
+            chunks: vec![ChunkRef { id, len: chunk.len() as u32 }; refs],
+        };
+        for i in 0..3 {
+            let change = Change {
+                kind: EntryKind::File,
+                manifest: Some(manifest.clone()),
+                ..dir_change(&format!("big{i}.bin"))
+            };
+            a.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change] }).await.unwrap();
+        }
+        let resp = a.request(Method::GET, "/v1/changes?since=0&limit=3").send().await.unwrap();
+        let body = resp.bytes().await.unwrap();
+        let page: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(page["entries"].as_array().unwrap().len(), 1, "one large entry per page");
+        assert!(body.len() < 16 * 1024 * 1024, "page of {} bytes", body.len());
+        // Three versions of one path, read two at a time.
+        let mut base = None;
+        for deleted in [false, true, false] {
+            let change = Change { deleted, base, ..dir_change("h") };
+            let resp = a.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change] }).await.unwrap();
+            base = Some(resp.entries[0].version);
+        }
+        let page: Value =
+            a.request(Method::GET, "/v1/history?path=h&limit=2").send().await.unwrap().json().await.unwrap();
+        assert_eq!(page["entries"].as_array().unwrap().len(), 2);
+        let after = page["more_after"].as_u64().expect("more versions follow");
+        let url = format!("/v1/history?path=h&limit=2&after={after}");
+        let page: Value = a.request(Method::GET, &url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+        assert!(page["more_after"].is_null());
+        // The client reads every page.
+        assert_eq!(a.history(&SyncPath::parse("h").unwrap()).await.unwrap().len(), 3);
+    });
+}
+
+#[test]
+fn one_users_huge_commit_does_not_stall_another_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let heavy = Device::enroll(tmp.path(), &coord, "heavy", "h");
+    let light = Device::enroll(tmp.path(), &coord, "light", "l");
+    let (h, l) = (client_of(&heavy), client_of(&light));
+    // A chain 240 directories deep, then the most directories one commit may hold at its bottom.
+    let chain: Vec<String> = (1..=240).map(|d| vec!["n"; d].join("/")).collect();
+    block_on(async {
+        let changes: Vec<Change> = chain.iter().map(|p| dir_change(p)).collect();
+        h.commit(&CommitRequest { commit_id: random_commit_id(), changes }).await.unwrap();
+    });
+    let bottom = chain.last().unwrap().clone();
+    let n = shoal_protocol::api::MAX_COMMIT_CHANGES;
+    let changes: Vec<Change> = (0..n).map(|i| dir_change(&format!("{bottom}/x{i}"))).collect();
+    let big = CommitRequest { commit_id: random_commit_id(), changes };
+    let done = Arc::new(AtomicBool::new(false));
+    let heavy_thread = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            block_on(h.commit(&big)).unwrap();
+            done.store(true, Ordering::Relaxed);
+            started.elapsed()
+        })
+    };
+    let mut worst = Duration::ZERO;
+    let mut n = 0;
+    block_on(async {
+        while !done.load(Ordering::Relaxed) || n < 3 {
+            let started = Instant::now();
+            let c = dir_change(&format!("l{n}"));
+            l.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![c] }).await.unwrap();
+            worst = worst.max(started.elapsed());
+            n += 1;
+        }
+    });
+    let heavy_took = heavy_thread.join().unwrap();
+    assert!(
+        worst < Duration::from_millis(1000),
+        "another user's commit took {worst:?} while the large commit ran ({heavy_took:?})"
+    );
+    // Paths deeper than the bound are refused outright.
+    let too_deep = vec!["n"; shoal_protocol::path::MAX_DEPTH + 1].join("/");
+    assert!(SyncPath::parse(&too_deep).is_err());
+}
+
+/// Flips one byte of chunk `id` in the coordinator's packs (found by scanning for its frame).
+fn corrupt_chunk(data: &std::path::Path, id: &ChunkId) {
+    use std::os::unix::fs::FileExt;
+    for e in std::fs::read_dir(data.join("chunks")).unwrap() {
+        let path = e.unwrap().path();
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path).unwrap().read_to_end(&mut bytes).unwrap();
+        if let Some(at) = bytes.windows(32).position(|w| w == id.as_bytes()) {
+            let pos = (at + 36) as u64;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&[bytes[at + 36] ^ 0xff], pos).unwrap();
+            f.sync_all().unwrap();
+            return;
+        }
+    }
+    panic!("chunk {id} not found in any pack");
+}
+
+#[test]
+fn a_corrupt_chunk_is_never_served_and_a_correct_upload_repairs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "carl", "a");
+    let victim = b"these bytes will rot on the server".to_vec();
+    a.write("victim.txt", &victim);
+    for i in 0..20 {
+        a.write(&format!("small/{i}.txt"), format!("file {i}").as_bytes());
+    }
+    a.sync();
+    let id = ChunkId::of(&victim);
+    corrupt_chunk(&coord.data, &id);
+
+    let ac = client_of(&a);
+    let err = block_on(ac.fetch_one(id)).expect_err("corrupt bytes are not served");
+    assert!(!err.to_string().is_empty());
+    assert!(coord.metric("shoal_chunks_corrupt_total") >= 1);
+    // Quarantined: the coordinator asks for it again.
+    assert_eq!(block_on(ac.missing(&[id])).unwrap(), vec![id]);
+
+    // A new device never gets wrong bytes on disk.
+    let b = Device::enroll(tmp.path(), &coord, "carl", "b");
+    let _ = b.shoal(&["sync", "--once"]);
+    assert!(b.read("victim.txt").is_none_or(|d| d == victim), "corrupt bytes reached the disk");
+
+    // A device that holds the content uploads it again (here: `put` of the same bytes), which
+    // repairs the store; then everyone converges.
+    let copy = tmp.path().join("victim-copy");
+    std::fs::write(&copy, &victim).unwrap();
+    let out = a.shoal(&["put", copy.to_str().unwrap(), "victim-again.txt"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(block_on(ac.fetch_one(id)).unwrap().as_ref(), &victim[..]);
+    let tree = sync_all(&[&a, &b]);
+    assert_eq!(b.read("victim.txt").unwrap(), victim);
+    assert_eq!(tree.len(), 23);
+}
+
+#[test]
+fn a_pack_lost_in_a_crash_never_lends_its_number_to_other_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "paula", "a");
+    let c = client_of(&a);
+    let (first, second) = (vec![1u8; 4000], vec![2u8; 4000]);
+    let (x, y) = (ChunkId::of(&first), ChunkId::of(&second));
+    let upload = |data: &[u8]| {
+        let mut frames = Vec::new();
+        encode_frame(&mut frames, &ChunkId::of(data), data);
+        block_on(c.upload_frames(frames)).unwrap();
+    };
+    upload(&first);
+    // Let sled's background flush persist the index entry, then crash and lose the newest pack.
+    std::thread::sleep(Duration::from_millis(1500));
+    coord.stop(true);
+    let newest = std::fs::read_dir(coord.data.join("chunks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .max()
+        .unwrap();
+    std::fs::remove_file(newest).unwrap();
+    coord.restart(false);
+    upload(&second);
+    let c = client_of(&a);
+    assert_eq!(block_on(c.missing(&[x, y])).unwrap(), vec![x], "the lost chunk is asked for again");
+    let change = Change {
+        kind: EntryKind::File,
+        manifest: Some(Manifest { size: 4000, hash: x, chunks: vec![ChunkRef { id: x, len: 4000 }] }),
+        ..dir_change("lost.bin")
+    };
+    let err = block_on(c.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change] }))
+        .expect_err("a commit naming the lost chunk is refused");
+    assert_eq!(err.code(), Some(shoal_protocol::api::ErrorCode::UnknownChunk));
+    assert!(block_on(c.fetch_one(x)).is_err(), "the lost chunk never reads as other bytes");
+    assert_eq!(block_on(c.fetch_one(y)).unwrap().as_ref(), &second[..]);
+}
+
+#[test]
+fn nobody_sees_an_entry_before_its_writer_is_acknowledged() {
+    let (tmp, _coord, devices) = world("vera", &["writer", "reader"]);
+    let (w, r) = (client_of(&devices[0]), client_of(&devices[1]));
+    // Dirty page cache on the coordinator's file system makes each commit's sync take a while,
+    // which widens the window in which an entry is stored but not yet durable.
+    let junk = tmp.path().join("junk");
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let reader = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            block_on(async {
+                let mut since = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let page = r.changes(since, 100, Duration::ZERO).await.unwrap();
+                    let now = Instant::now();
+                    for e in &page.entries {
+                        seen.lock().unwrap().push((e.version, now));
+                    }
+                    since = page.next;
+                }
+            })
+        })
+    };
+    let mut acked = Vec::new();
+    for i in 0..6 {
+        std::fs::write(&junk, vec![i as u8; 48 * 1024 * 1024]).unwrap();
+        let resp = block_on(
+            w.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![dir_change(&format!("d{i}"))] }),
+        )
+        .unwrap();
+        acked.push((resp.entries[0].version, Instant::now()));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    let seen = seen.lock().unwrap();
+    for (seq, ack) in acked {
+        let (_, when) = seen.iter().find(|(s, _)| *s == seq).expect("the reader saw every entry");
+        // The reader may hear of it a moment before the writer's acknowledgement arrives, never
+        // while the commit is still being made durable.
+        assert!(
+            *when + Duration::from_millis(20) >= ack,
+            "entry {seq} was served {:?} before its commit was acknowledged",
+            ack - *when
+        );
+    }
+}
