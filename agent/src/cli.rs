@@ -115,6 +115,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let home = config::resolve_home(cli.home.clone())?;
     let quiet = cli.quiet || !std::io::stdout().is_terminal();
+    if !matches!(cli.cmd, Cmd::Demo { .. })
+        && let Err(e) = config::secure_home(&home)
+    {
+        tracing::warn!(error = %format!("{e:#}"), "the agent's home may be readable by other users");
+    }
     match cli.cmd {
         Cmd::Init { invite, dir, device } => init(&home, &invite, &dir, device).await,
         Cmd::Run => {

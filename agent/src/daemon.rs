@@ -46,7 +46,7 @@ impl Status {
         let path = Self::path(home);
         let tmp = path.with_extension("tmp");
         if let Ok(b) = serde_json::to_vec_pretty(self)
-            && std::fs::write(&tmp, b).is_ok()
+            && crate::config::write_private(&tmp, &b, false).is_ok()
         {
             let _ = std::fs::rename(&tmp, &path);
         }

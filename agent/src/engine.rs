@@ -81,10 +81,13 @@ pub struct Engine {
     reported_cursor: Seq,
 }
 
-/// Creates the `.shoal` marker (and temp dir) in a new sync root.
+/// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
+/// temp dir holds downloads before they get their final name and mode.
 pub fn init_root(root: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(root.join(RESERVED_DIR).join("tmp"))
-        .with_context(|| format!("creating the sync folder {}", root.display()))?;
+    std::fs::create_dir_all(root).with_context(|| format!("creating the sync folder {}", root.display()))?;
+    let marker = root.join(RESERVED_DIR);
+    crate::config::create_private_dir(&marker)?;
+    crate::config::create_private_dir(&marker.join("tmp"))?;
     Ok(())
 }
 
@@ -103,6 +106,10 @@ impl Engine {
         let tmp = root.join(RESERVED_DIR).join("tmp");
         let engine = Engine { cfg, root, tmp, store, client, counters: Arc::default(), reported_cursor: 0 };
         engine.check_marker()?;
+        // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
+        if let Err(e) = crate::config::tighten_tree(&engine.root.join(RESERVED_DIR)) {
+            tracing::warn!(error = %e, "cannot restrict the sync folder's .shoal directory to its owner");
+        }
         // Leftovers of an interrupted download were never visible under a real name: drop them.
         if let Ok(rd) = std::fs::read_dir(&engine.tmp) {
             for e in rd.flatten() {
@@ -125,7 +132,7 @@ impl Engine {
         if !marker.is_dir() {
             return Err(EngineError::MarkerMissing(marker));
         }
-        std::fs::create_dir_all(&self.tmp).map_err(|_| EngineError::MarkerMissing(marker))?;
+        crate::config::create_private_dir(&self.tmp).map_err(|_| EngineError::MarkerMissing(marker))?;
         Ok(())
     }
 
