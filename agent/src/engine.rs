@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::{CommitRequest, ErrorCode};
-use shoal_protocol::path::RESERVED_DIR;
+use shoal_protocol::path::{Escaped, RESERVED_DIR};
 use shoal_protocol::{Change, ChunkId, CommitId, Entry, EntryKind, Seq, SyncPath};
 
 use crate::client::{Client, ClientError};
@@ -252,14 +252,14 @@ impl Engine {
                 Op::ConflictCopy { path, remote } => {
                     match self.move_aside(&path, scan.tree.get(&path)) {
                         Ok(copy) => {
-                            tracing::info!(%path, copy = %copy, "conflict: kept the local version as a conflicted copy");
+                            tracing::info!(path = %path.escaped(), copy = %copy.escaped(), "conflict: kept the local version as a conflicted copy");
                             report.conflicts += 1;
                             batch.del_index(&path);
                             expect.insert(path, None);
                             if remote.kind == EntryKind::Dir { dirs.push(remote) } else { files.push(remote) }
                         }
                         Err(e) => {
-                            tracing::warn!(%path, error = %e, "could not move a conflicting file aside; will retry");
+                            tracing::warn!(path = %path.escaped(), error = %Escaped(&format!("{e:#}")), "could not move a conflicting file aside; will retry");
                         }
                     }
                     dirty = true;
@@ -275,7 +275,7 @@ impl Engine {
                         EntryKind::Dir => dirs.push(e),
                         EntryKind::File => files.push(e),
                         EntryKind::Symlink => {
-                            tracing::warn!(path = %e.path, "symbolic links are not synced")
+                            tracing::warn!(path = %e.path.escaped(), "symbolic links are not synced")
                         }
                     }
                 }
@@ -296,7 +296,7 @@ impl Engine {
                     batch.put_synced(&e);
                 }
                 Err(err) => {
-                    tracing::warn!(path = %e.path, error = %err, "cannot create directory");
+                    tracing::warn!(path = %e.path.escaped(), error = %Escaped(&format!("{err:#}")), "cannot create directory");
                     report.errors.push(format!("{}: {err:#}", e.path));
                     dirty = true;
                 }
@@ -324,7 +324,7 @@ impl Engine {
                 }
                 Ok(Removal::Changed) => dirty = true,
                 Err(err) => {
-                    tracing::warn!(%path, error = %err, "cannot remove");
+                    tracing::warn!(path = %path.escaped(), error = %Escaped(&format!("{err:#}")), "cannot remove");
                     dirty = true;
                 }
             }
@@ -521,7 +521,7 @@ impl Engine {
                         {
                             return Err(err);
                         }
-                        tracing::warn!(path = %e.path, error = %err, "download failed");
+                        tracing::warn!(path = %e.path.escaped(), error = %Escaped(&format!("{err:#}")), "download failed");
                         report.errors.push(format!("{}: {err:#}", e.path));
                         dirty = true;
                     }
@@ -549,7 +549,7 @@ impl Engine {
                     }
                     Err(err) => {
                         let _ = std::fs::remove_file(&tmp);
-                        tracing::info!(path = %e.path, reason = %err, "not installing a fetched file now");
+                        tracing::info!(path = %e.path.escaped(), reason = %Escaped(&format!("{err:#}")), "not installing a fetched file now");
                         dirty = true;
                     }
                 }
@@ -588,7 +588,7 @@ impl Engine {
             match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
                 Ok(n) => report.bytes_uploaded += n,
                 Err(UploadError::SourceChanged(p)) => {
-                    tracing::debug!(path = %p.display(), "file changed before upload; re-planning");
+                    tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
                     self.drop_outbox(id)?;
                     dirty = true;
                     continue;
@@ -628,7 +628,7 @@ impl Engine {
                 Err(e) if e.is_retryable() => return Err(EngineError::Offline(e).into()),
                 Err(e) => {
                     if e.code() != Some(ErrorCode::StaleBase) {
-                        tracing::warn!(error = %e, "commit refused");
+                        tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
                         report.errors.push(e.to_string());
                     }
                     self.drop_outbox(id)?;

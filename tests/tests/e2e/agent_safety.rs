@@ -80,3 +80,58 @@ fn agent_home_is_private_whatever_the_umask() {
     assert_eq!(mode(&b.home.join("db")), 0o700);
     sync_all(&[&a, &b]);
 }
+
+/// The raw terminal control bytes in `out` (C0 controls other than newline and tab, DEL, and
+/// the UTF-8 encoded C1 controls).
+fn control_bytes(out: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(out);
+    text.chars().filter(|c| c.is_control() && !matches!(c, '\n' | '\t')).map(|c| format!("{c:?}")).collect()
+}
+
+#[test]
+fn control_characters_in_names_sync_but_never_reach_the_terminal() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_tmp, _coord, devices) = world("alice", &["laptop", "desktop"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    let name = "\x1b[31mred\x07 bell\rreturn.txt";
+    a.write(name, b"colourful");
+    // Names that cannot sync are listed in `shoal status`: one with a byte that is not UTF-8,
+    // one not in NFC, both with control characters.
+    let bad = std::ffi::OsStr::from_bytes(b"\x1b]0;title\x07\xff.txt");
+    std::fs::write(a.root.join(bad), b"x").unwrap();
+    a.write("e\u{301}\x1b[2J.txt", b"y");
+    a.start();
+    b.start();
+    wait_for(SETTLE, || b.read(name)).expect("the file with control characters in its name reached B");
+    assert_eq!(b.read(name).unwrap(), b"colourful");
+    // B holds exactly the coordinator's tree; A also holds the two names that cannot sync.
+    let t = converge(&[&b], SETTLE);
+    assert_eq!(t.len(), 1, "{t:?}");
+
+    // Human output escapes the control characters; --json keeps the exact name.
+    let ls = b.shoal(&["ls"]);
+    assert!(ls.status.success());
+    assert_eq!(control_bytes(&ls.stdout), Vec::<String>::new(), "raw control characters in `shoal ls`");
+    let shown = String::from_utf8(ls.stdout).unwrap();
+    assert!(shown.contains("\\u{1b}[31mred\\u{7} bell\\rreturn.txt"), "{shown}");
+    let json: Vec<serde_json::Value> = serde_json::from_slice(&b.shoal(&["ls", "--json"]).stdout).unwrap();
+    assert!(json.iter().any(|e| e["path"] == name));
+
+    let st = wait_for(SETTLE, || {
+        let out = a.shoal(&["status"]);
+        String::from_utf8_lossy(&out.stdout).contains("skipped").then_some(out)
+    })
+    .expect("the status lists skipped names");
+    assert_eq!(control_bytes(&st.stdout), Vec::<String>::new(), "raw control characters in `shoal status`");
+    let shown = String::from_utf8(st.stdout).unwrap();
+    assert!(shown.contains("\\u{1b}]0;title\\u{7}") && shown.contains("\\u{1b}[2J"), "{shown}");
+    let json: serde_json::Value = serde_json::from_slice(&a.shoal(&["status", "--json"]).stdout).unwrap();
+    let skipped = json["status"]["skipped"].as_array().unwrap();
+    assert!(skipped.iter().any(|s| s.as_str().unwrap().contains("e\u{301}\x1b[2J.txt")), "{skipped:?}");
+    a.stop(false);
+    b.stop(false);
+    for d in [&a, &b] {
+        let log = std::fs::read(d.home.join("run.log")).unwrap();
+        assert_eq!(control_bytes(&log), Vec::<String>::new(), "raw control characters in {}'s log", d.name);
+    }
+}
