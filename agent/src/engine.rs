@@ -506,7 +506,10 @@ impl Engine {
             for e in group {
                 let Some(m) = &e.manifest else { continue };
                 let tmp = self.tmp.join(format!("{}.part", crate::random_hex(8)));
-                let opts = AssembleOpts { exec: e.exec, mtime_ns: e.mtime_ns, fsync: streamed, progress: None };
+                // `install` replaces the file only if it still has the scanned stat, mode included.
+                let existing = expect.get(&e.path).and_then(|r| r.as_ref()).map(|r| r.mode);
+                let mode = transfer::file_mode(existing, e.exec, transfer::process_umask());
+                let opts = AssembleOpts { mode, mtime_ns: e.mtime_ns, fsync: streamed, progress: None };
                 match transfer::assemble(&self.client, &mut sources, m, &tmp, opts).await {
                     Ok(st) => {
                         report.bytes_downloaded += st.downloaded;

@@ -135,3 +135,44 @@ fn control_characters_in_names_sync_but_never_reach_the_terminal() {
         assert_eq!(control_bytes(&log), Vec::<String>::new(), "raw control characters in {}'s log", d.name);
     }
 }
+
+#[test]
+fn local_modes_survive_updates_and_new_files_follow_the_umask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut a = Device::enroll_with_umask(tmp.path(), &coord, "alice", "laptop", Some(0o022));
+    let mut b = Device::enroll_with_umask(tmp.path(), &coord, "alice", "desktop", Some(0o022));
+    a.write("secret.txt", b"v1");
+    chmod(&a.path("secret.txt"), 0o600);
+    a.write("tool.sh", b"#!/bin/sh\n");
+    chmod(&a.path("tool.sh"), 0o755);
+    a.start();
+    b.start();
+    converge(&[&a, &b], SETTLE);
+    // Only the exec bit syncs: a new file gets the receiving agent's umask defaults.
+    assert_eq!(mode(&b.path("secret.txt")), 0o644);
+    assert_eq!(mode(&b.path("tool.sh")), 0o755);
+
+    // B's own chmod survives A's edits; the exec bit still follows A.
+    chmod(&b.path("secret.txt"), 0o600);
+    chmod(&b.path("tool.sh"), 0o750);
+    a.write("secret.txt", b"v2, edited on the laptop");
+    a.write("tool.sh", b"#!/bin/sh\necho edited\n");
+    chmod(&a.path("tool.sh"), 0o644);
+    converge(&[&a, &b], SETTLE);
+    assert_eq!(b.read("secret.txt").unwrap(), b"v2, edited on the laptop");
+    assert_eq!(mode(&b.path("secret.txt")), 0o600, "a local chmod 600 survives an update");
+    assert_eq!(mode(&b.path("tool.sh")), 0o640, "the exec bit is cleared, the rest kept");
+    chmod(&a.path("tool.sh"), 0o755);
+    wait_for(SETTLE, || (mode(&b.path("tool.sh")) == 0o750).then_some(()))
+        .unwrap_or_else(|| panic!("exec bit not set again on B: {:o}", mode(&b.path("tool.sh"))));
+
+    // A device whose agent runs under umask 077 gets private new files.
+    let c = Device::enroll_with_umask(tmp.path(), &coord, "alice", "server", Some(0o077));
+    c.sync();
+    assert_eq!(mode(&c.path("secret.txt")), 0o600);
+    assert_eq!(mode(&c.path("tool.sh")), 0o700);
+    converge(&[&a, &b, &c], SETTLE);
+    a.stop(false);
+    b.stop(false);
+}
