@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use shoal_protocol::Seq;
 use shoal_protocol::api::{EnrollRequest, Invite};
+use shoal_protocol::path::Escaped;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
@@ -115,6 +116,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let home = config::resolve_home(cli.home.clone())?;
     let quiet = cli.quiet || !std::io::stdout().is_terminal();
+    if !matches!(cli.cmd, Cmd::Demo { .. })
+        && let Err(e) = config::secure_home(&home)
+    {
+        tracing::warn!(error = %format!("{e:#}"), "the agent's home may be readable by other users");
+    }
     match cli.cmd {
         Cmd::Init { invite, dir, device } => init(&home, &invite, &dir, device).await,
         Cmd::Run => {
@@ -142,7 +148,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 for e in &entries {
                     let kind = if e.kind == shoal_protocol::EntryKind::Dir { "dir " } else { "file" };
-                    println!("{kind} {:>12} v{:<6} {}", e.size(), e.version, e.path);
+                    println!("{kind} {:>12} v{:<6} {}", e.size(), e.version, e.path.escaped());
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -155,7 +161,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let v: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if entries.is_empty() {
-                println!("{path}: no versions");
+                println!("{}: no versions", path.escaped());
             } else {
                 for e in &entries {
                     let what = if e.deleted { "deleted".to_string() } else { format!("{} bytes", e.size()) };
@@ -175,7 +181,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::new(&Config::load(&home)?)?;
             let e = oneshot::get(&client, &oneshot::parse_remote(&remote)?, version, &local, quiet).await?;
             if !quiet {
-                println!("{} v{} -> {} ({} bytes)", e.path, e.version, local.display(), e.size());
+                println!(
+                    "{} v{} -> {} ({} bytes)",
+                    e.path.escaped(),
+                    e.version,
+                    Escaped(&local.display().to_string()),
+                    e.size()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -183,7 +195,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::new(&Config::load(&home)?)?;
             let e = oneshot::put(&client, &local, &oneshot::parse_remote(&remote)?, quiet).await?;
             if !quiet {
-                println!("{} -> {} v{} ({} bytes)", local.display(), e.path, e.version, e.size());
+                println!(
+                    "{} -> {} v{} ({} bytes)",
+                    Escaped(&local.display().to_string()),
+                    e.path.escaped(),
+                    e.version,
+                    e.size()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -191,7 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::new(&Config::load(&home)?)?;
             let e = oneshot::restore(&client, &oneshot::parse_remote(&path)?, version).await?;
             if !quiet {
-                println!("restored {} v{version} as v{}", e.path, e.version);
+                println!("restored {} v{version} as v{}", e.path.escaped(), e.version);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -296,12 +314,12 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
                 );
             }
             for s in &r.skipped {
-                eprintln!("skipped: {s}");
+                eprintln!("skipped: {}", Escaped(s));
             }
             return Ok(ExitCode::SUCCESS);
         }
         if let Some(e) = r.errors.last() {
-            tracing::warn!(error = %e, "cycle reported an error");
+            tracing::warn!(error = %Escaped(e), "cycle reported an error");
         }
     }
     spinner.finish();
@@ -329,7 +347,7 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         println!("device:  {} ({})", cfg.device_name, cfg.device_id);
         if let Some(r) = &cfg.root {
-            println!("folder:  {}", r.display());
+            println!("folder:  {}", Escaped(&r.display().to_string()));
         }
         println!("daemon:  {}", if running { "running" } else { "not running (start it with `shoal run`)" });
         let state = if st.state.is_empty() { "never synced" } else { st.state.as_str() };
@@ -339,11 +357,12 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
         if st.last_sync_ms > 0 {
             println!("last in sync: {}", fmt_time(st.last_sync_ms));
         }
+        // Errors and skipped entries name files, whose names may hold control characters.
         if let Some(e) = &st.last_error {
-            println!("last error: {e}");
+            println!("last error: {}", Escaped(e));
         }
         for s in &st.skipped {
-            println!("skipped: {s}");
+            println!("skipped: {}", Escaped(s));
         }
     }
     Ok(ExitCode::SUCCESS)

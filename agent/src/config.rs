@@ -54,14 +54,10 @@ impl Config {
     }
 
     pub fn save(&self, home: &Path) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+        create_private_dir(home)?;
         let path = Self::path(home);
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(toml::to_string_pretty(self)?.as_bytes())?;
-        f.sync_all()?;
+        write_private(&tmp, toml::to_string_pretty(self)?.as_bytes(), true)?;
         std::fs::rename(&tmp, &path)?;
         Ok(())
     }
@@ -75,19 +71,106 @@ impl Config {
 /// Stores the device's TLS identity in its home: `device.key` (0600), `device.crt` (signed by the
 /// user's CA) and `user-ca.crt`. Devices of one user authenticate each other with these.
 pub fn save_identity(home: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str) -> anyhow::Result<()> {
+    create_private_dir(home)?;
+    write_private(&home.join("device.key"), key_pem.as_bytes(), true)?;
+    write_private(&home.join("device.crt"), cert_pem.as_bytes(), false)?;
+    write_private(&home.join("user-ca.crt"), ca_pem.as_bytes(), false)?;
+    Ok(())
+}
+
+/// Mode of the agent's home and every directory in it (the database, the sync folder's
+/// `.shoal`): they hold every synced file's name and hash, the device's token and key, so only
+/// the owner may list or enter them, whatever the umask.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of the files the agent writes in its home, whatever the umask.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` (its parents as usual) mode 0700, or tightens it to 0700 if it exists.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(PRIVATE_DIR_MODE).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    // The umask can only narrow the mode given above; set it exactly all the same.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+        .with_context(|| format!("making {} private", dir.display()))
+}
+
+/// Writes `data` to `path` with mode 0600 (also when the file existed with a wider mode).
+pub fn write_private(path: &Path, data: &[u8], sync: bool) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(home.join("device.key"))?;
-    f.write_all(key_pem.as_bytes())?;
-    f.sync_all()?;
-    std::fs::write(home.join("device.crt"), cert_pem)?;
-    std::fs::write(home.join("user-ca.crt"), ca_pem)?;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE_MODE).open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    f.write_all(data)?;
+    if sync {
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The files the agent keeps directly in its home (besides the `db` directory).
+const HOME_FILES: [&str; 5] = ["config.toml", "device.key", "device.crt", "user-ca.crt", "status.json"];
+
+/// Removes group and other access from `path` and, for a directory, everything under it
+/// (symbolic links are left alone): directories become 0700, files keep only their owner bits.
+/// Returns how many entries were tightened. For the agent's own directories only.
+pub fn tighten_tree(path: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = path.symlink_metadata()?;
+    let mode = md.permissions().mode() & 0o7777;
+    let mut changed = 0;
+    if md.is_dir() {
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
+            changed += 1;
+        }
+        for e in std::fs::read_dir(path)? {
+            changed += tighten_tree(&e?.path())?;
+        }
+    } else if md.is_file() && mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+/// Makes an existing home private again: if it, its database or the files the agent keeps in
+/// it are open to group or others, they are tightened (the home is the agent's own directory)
+/// and a warning says so. Other entries a user put there are not touched; a missing home stays
+/// missing.
+pub fn secure_home(home: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(md) = home.symlink_metadata() else { return Ok(()) };
+    if !md.is_dir() {
+        return Ok(());
+    }
+    let fail = || format!("making the agent's home {} private", home.display());
+    let mut changed = 0;
+    if md.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE)).with_context(fail)?;
+        changed += 1;
+    }
+    for name in HOME_FILES.iter().chain(&["db"]) {
+        match tighten_tree(&home.join(name)) {
+            Ok(n) => changed += n,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(fail),
+        }
+    }
+    if changed > 0 {
+        tracing::warn!(
+            home = %home.display(),
+            entries = changed,
+            "the agent's home was open to other users; restricted it to its owner (directories 0700, files 0600)"
+        );
+    }
     Ok(())
 }
 

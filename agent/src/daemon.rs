@@ -46,7 +46,7 @@ impl Status {
         let path = Self::path(home);
         let tmp = path.with_extension("tmp");
         if let Ok(b) = serde_json::to_vec_pretty(self)
-            && std::fs::write(&tmp, b).is_ok()
+            && crate::config::write_private(&tmp, &b, false).is_ok()
         {
             let _ = std::fs::rename(&tmp, &path);
         }
@@ -107,7 +107,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
                 let offline = e
                     .downcast_ref::<crate::engine::EngineError>()
                     .is_some_and(|e| matches!(e, crate::engine::EngineError::Offline(_)));
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "sync cycle failed");
+                tracing::warn!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), retry_in = ?backoff, "sync cycle failed");
                 status.state = if offline { "offline" } else { "error" }.into();
                 status.in_sync = false;
                 status.last_error = Some(format!("{e:#}"));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::{CommitRequest, ErrorCode};
-use shoal_protocol::path::RESERVED_DIR;
+use shoal_protocol::path::{Escaped, RESERVED_DIR};
 use shoal_protocol::{Change, ChunkId, CommitId, Entry, EntryKind, Seq, SyncPath};
 
 use crate::client::{Client, ClientError};
@@ -81,10 +81,13 @@ pub struct Engine {
     reported_cursor: Seq,
 }
 
-/// Creates the `.shoal` marker (and temp dir) in a new sync root.
+/// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
+/// temp dir holds downloads before they get their final name and mode.
 pub fn init_root(root: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(root.join(RESERVED_DIR).join("tmp"))
-        .with_context(|| format!("creating the sync folder {}", root.display()))?;
+    std::fs::create_dir_all(root).with_context(|| format!("creating the sync folder {}", root.display()))?;
+    let marker = root.join(RESERVED_DIR);
+    crate::config::create_private_dir(&marker)?;
+    crate::config::create_private_dir(&marker.join("tmp"))?;
     Ok(())
 }
 
@@ -103,6 +106,10 @@ impl Engine {
         let tmp = root.join(RESERVED_DIR).join("tmp");
         let engine = Engine { cfg, root, tmp, store, client, counters: Arc::default(), reported_cursor: 0 };
         engine.check_marker()?;
+        // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
+        if let Err(e) = crate::config::tighten_tree(&engine.root.join(RESERVED_DIR)) {
+            tracing::warn!(error = %e, "cannot restrict the sync folder's .shoal directory to its owner");
+        }
         // Leftovers of an interrupted download were never visible under a real name: drop them.
         if let Ok(rd) = std::fs::read_dir(&engine.tmp) {
             for e in rd.flatten() {
@@ -125,7 +132,7 @@ impl Engine {
         if !marker.is_dir() {
             return Err(EngineError::MarkerMissing(marker));
         }
-        std::fs::create_dir_all(&self.tmp).map_err(|_| EngineError::MarkerMissing(marker))?;
+        crate::config::create_private_dir(&self.tmp).map_err(|_| EngineError::MarkerMissing(marker))?;
         Ok(())
     }
 
@@ -245,14 +252,14 @@ impl Engine {
                 Op::ConflictCopy { path, remote } => {
                     match self.move_aside(&path, scan.tree.get(&path)) {
                         Ok(copy) => {
-                            tracing::info!(%path, copy = %copy, "conflict: kept the local version as a conflicted copy");
+                            tracing::info!(path = %path.escaped(), copy = %copy.escaped(), "conflict: kept the local version as a conflicted copy");
                             report.conflicts += 1;
                             batch.del_index(&path);
                             expect.insert(path, None);
                             if remote.kind == EntryKind::Dir { dirs.push(remote) } else { files.push(remote) }
                         }
                         Err(e) => {
-                            tracing::warn!(%path, error = %e, "could not move a conflicting file aside; will retry");
+                            tracing::warn!(path = %path.escaped(), error = %Escaped(&format!("{e:#}")), "could not move a conflicting file aside; will retry");
                         }
                     }
                     dirty = true;
@@ -268,7 +275,7 @@ impl Engine {
                         EntryKind::Dir => dirs.push(e),
                         EntryKind::File => files.push(e),
                         EntryKind::Symlink => {
-                            tracing::warn!(path = %e.path, "symbolic links are not synced")
+                            tracing::warn!(path = %e.path.escaped(), "symbolic links are not synced")
                         }
                     }
                 }
@@ -289,7 +296,7 @@ impl Engine {
                     batch.put_synced(&e);
                 }
                 Err(err) => {
-                    tracing::warn!(path = %e.path, error = %err, "cannot create directory");
+                    tracing::warn!(path = %e.path.escaped(), error = %Escaped(&format!("{err:#}")), "cannot create directory");
                     report.errors.push(format!("{}: {err:#}", e.path));
                     dirty = true;
                 }
@@ -317,7 +324,7 @@ impl Engine {
                 }
                 Ok(Removal::Changed) => dirty = true,
                 Err(err) => {
-                    tracing::warn!(%path, error = %err, "cannot remove");
+                    tracing::warn!(path = %path.escaped(), error = %Escaped(&format!("{err:#}")), "cannot remove");
                     dirty = true;
                 }
             }
@@ -499,7 +506,10 @@ impl Engine {
             for e in group {
                 let Some(m) = &e.manifest else { continue };
                 let tmp = self.tmp.join(format!("{}.part", crate::random_hex(8)));
-                let opts = AssembleOpts { exec: e.exec, mtime_ns: e.mtime_ns, fsync: streamed, progress: None };
+                // `install` replaces the file only if it still has the scanned stat, mode included.
+                let existing = expect.get(&e.path).and_then(|r| r.as_ref()).map(|r| r.mode);
+                let mode = transfer::file_mode(existing, e.exec, transfer::process_umask());
+                let opts = AssembleOpts { mode, mtime_ns: e.mtime_ns, fsync: streamed, progress: None };
                 match transfer::assemble(&self.client, &mut sources, m, &tmp, opts).await {
                     Ok(st) => {
                         report.bytes_downloaded += st.downloaded;
@@ -514,7 +524,7 @@ impl Engine {
                         {
                             return Err(err);
                         }
-                        tracing::warn!(path = %e.path, error = %err, "download failed");
+                        tracing::warn!(path = %e.path.escaped(), error = %Escaped(&format!("{err:#}")), "download failed");
                         report.errors.push(format!("{}: {err:#}", e.path));
                         dirty = true;
                     }
@@ -542,7 +552,7 @@ impl Engine {
                     }
                     Err(err) => {
                         let _ = std::fs::remove_file(&tmp);
-                        tracing::info!(path = %e.path, reason = %err, "not installing a fetched file now");
+                        tracing::info!(path = %e.path.escaped(), reason = %Escaped(&format!("{err:#}")), "not installing a fetched file now");
                         dirty = true;
                     }
                 }
@@ -581,7 +591,7 @@ impl Engine {
             match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
                 Ok(n) => report.bytes_uploaded += n,
                 Err(UploadError::SourceChanged(p)) => {
-                    tracing::debug!(path = %p.display(), "file changed before upload; re-planning");
+                    tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
                     self.drop_outbox(id)?;
                     dirty = true;
                     continue;
@@ -621,7 +631,7 @@ impl Engine {
                 Err(e) if e.is_retryable() => return Err(EngineError::Offline(e).into()),
                 Err(e) => {
                     if e.code() != Some(ErrorCode::StaleBase) {
-                        tracing::warn!(error = %e, "commit refused");
+                        tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
                         report.errors.push(e.to_string());
                     }
                     self.drop_outbox(id)?;

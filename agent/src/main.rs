@@ -1,5 +1,6 @@
 //! `shoal`: the device agent's command line. Thin: parse, set up logging, call `cli::run`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -11,6 +12,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -22,7 +25,7 @@ fn main() -> ExitCode {
     match rt.block_on(shoal_agent::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shoal_protocol::path::Escaped(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

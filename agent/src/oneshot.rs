@@ -96,7 +96,13 @@ pub async fn get(
     let tmp = dir.join(format!(".{name}.shoal-{}.part", crate::random_hex(4)));
     let (progress, counter) = progress::track(manifest.size, "downloading", quiet);
     let mut sources = Sources::default();
-    let opts = AssembleOpts { exec: entry.exec, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter) };
+    // An existing file keeps its permission bits, as in a synced folder.
+    let existing = std::fs::metadata(local).ok().filter(|m| m.is_file()).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode()
+    });
+    let mode = transfer::file_mode(existing, entry.exec, transfer::process_umask());
+    let opts = AssembleOpts { mode, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter) };
     let result = transfer::assemble(client, &mut sources, manifest, &tmp, opts).await;
     progress.finish();
     if let Err(e) = result {

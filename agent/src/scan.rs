@@ -182,7 +182,7 @@ pub fn scan(
             (Ok(rd), _) => rd,
             (Err(e), None) => return Err(e),
             (Err(e), Some(p)) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot read directory; leaving it alone");
+                tracing::warn!(dir = %shoal_protocol::path::Escaped(&dir.display().to_string()), error = %e, "cannot read directory; leaving it alone");
                 out.busy.insert(p.clone());
                 continue;
             }
@@ -294,7 +294,7 @@ fn hash_files(
                 }
             }
             Err(HashError::Io(e)) => {
-                tracing::warn!(%path, error = %e, "cannot read file; leaving it alone");
+                tracing::warn!(path = %path.escaped(), error = %e, "cannot read file; leaving it alone");
                 out.busy.insert(path);
             }
         }

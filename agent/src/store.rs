@@ -131,6 +131,7 @@ impl Store {
     /// of the disk and the coordinator, and the planner treats an empty merge base safely
     /// (differences become conflicted copies, never overwrites).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        crate::config::create_private_dir(dir)?;
         let open = || sled::Config::new().path(dir).flush_every_ms(Some(500)).cache_capacity(CACHE_BYTES).open();
         let db = match open() {
             Ok(db) => db,
@@ -145,6 +146,11 @@ impl Store {
                     .with_context(|| format!("opening {} (is another shoal process using this home?)", dir.display()));
             }
         };
+        // sled creates its files with the process umask; the directory is 0700 already, and what
+        // sled made so far loses group and other access too.
+        if let Err(e) = crate::config::tighten_tree(dir) {
+            tracing::warn!(db = %dir.display(), error = %e, "cannot restrict the database's files to their owner");
+        }
         let state = db.open_tree("state")?;
         Ok(Store { db, state, dir: dir.to_path_buf() })
     }

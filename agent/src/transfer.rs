@@ -253,7 +253,8 @@ impl Sources {
 
 /// How to finish an assembled file.
 pub struct AssembleOpts<'a> {
-    pub exec: bool,
+    /// The file's permission bits; see `file_mode`.
+    pub mode: u32,
     pub mtime_ns: i64,
     /// Sync the file's data before returning (callers that sync a whole batch at once pass false).
     pub fsync: bool,
@@ -294,8 +295,8 @@ pub struct Assembled {
 }
 
 /// Writes the file `manifest` describes to `tmp`: chunks from local sources where possible, the
-/// rest fetched from the coordinator in windows. Verifies the whole-file hash, sets the exec bit
-/// and mtime, and syncs the data when `fsync` is set. Never touches the destination.
+/// rest fetched from the coordinator in windows. Verifies the whole-file hash, sets the mode and
+/// mtime, and syncs the data when `fsync` is set. Never touches the destination.
 pub async fn assemble(
     client: &Client,
     sources: &mut Sources,
@@ -303,7 +304,7 @@ pub async fn assemble(
     tmp: &Path,
     opts: AssembleOpts<'_>,
 ) -> anyhow::Result<Assembled> {
-    let AssembleOpts { exec, mtime_ns, fsync, progress } = opts;
+    let AssembleOpts { mode, mtime_ns, fsync, progress } = opts;
     let tick = |n: usize| {
         if let Some(p) = progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
@@ -387,7 +388,6 @@ pub async fn assemble(
     if hash != manifest.hash {
         anyhow::bail!("assembled file does not match its manifest hash");
     }
-    let mode = if exec { 0o755 } else { 0o644 };
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.set_modified(system_time(mtime_ns))?;
     if fsync {
@@ -431,7 +431,10 @@ const DIRECT_STAGING: usize = 4 * 1024 * 1024;
 impl Writer {
     /// Creates `path`; `large` files are written directly or flushed in the background.
     fn create(path: &Path, large: bool) -> std::io::Result<Writer> {
+        use std::os::unix::fs::OpenOptionsExt;
         if large && let Some(f) = shoal_coordinator::direct::open_direct(path, true)? {
+            // Private until it is complete and gets its final mode.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             let (to_disk, from_writer) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64, usize)>(DIRECT_BUFFERS);
             let (give_back, spare) = std::sync::mpsc::channel();
             // The writer thread also computes the whole-file hash, off the download's thread.
@@ -455,7 +458,7 @@ impl Writer {
                 worker,
             });
         }
-        let f = std::fs::File::create(path)?;
+        let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
         Ok(Writer::Buffered { f, hasher: Box::default(), background: large, since_flush: 0, flushing: None })
     }
 
@@ -527,6 +530,36 @@ impl Writer {
     }
 }
 
+/// The permission bits of a downloaded file. Only the exec bit syncs: replacing a file keeps its
+/// `existing` permission bits (so a local `chmod 600` survives updates) with the exec bits set
+/// where it is readable, or cleared; a new file gets the process umask's defaults, 0666 (0777
+/// when `exec`) without the `umask` bits. Never wider than the existing file, or the umask, allows.
+pub fn file_mode(existing: Option<u32>, exec: bool, umask: u32) -> u32 {
+    match existing {
+        Some(m) => {
+            let rw = m & 0o666;
+            if exec { rw | (rw & 0o444) >> 2 } else { rw }
+        }
+        None => (if exec { 0o777 } else { 0o666 }) & !umask,
+    }
+}
+
+/// The umask of this process, read once from `/proc/self/status` (setting it to read it back
+/// would race with threads creating files).
+pub fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok()))
+            })
+            // Linux older than 4.7 does not show it: assume the common default, which never
+            // opens a file to writes by others.
+            .unwrap_or(0o022)
+    })
+}
+
 fn writer_gone() -> std::io::Error {
     std::io::Error::other("the file writer thread failed")
 }
@@ -534,4 +567,28 @@ fn writer_gone() -> std::io::Error {
 pub fn system_time(ns: i64) -> std::time::SystemTime {
     let d = std::time::Duration::from_nanos(ns.unsigned_abs());
     if ns >= 0 { std::time::UNIX_EPOCH + d } else { std::time::UNIX_EPOCH - d }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes() {
+        let check = |existing, exec, umask, want: u32| {
+            let got = file_mode(existing, exec, umask);
+            assert_eq!(got, want, "{existing:?} exec={exec} umask={umask:o}: got {got:o}, want {want:o}");
+        };
+        check(None, false, 0o022, 0o644);
+        check(None, true, 0o022, 0o755);
+        check(None, false, 0o077, 0o600);
+        check(None, true, 0o077, 0o700);
+        check(None, true, 0o000, 0o777);
+        check(Some(0o600), false, 0o022, 0o600);
+        check(Some(0o600), true, 0o022, 0o700);
+        check(Some(0o755), false, 0o000, 0o644);
+        check(Some(0o640), true, 0o000, 0o750);
+        check(Some(0o4755), true, 0o022, 0o755);
+        assert_eq!(process_umask() & !0o777, 0);
+    }
 }

@@ -167,6 +167,32 @@ impl fmt::Display for SyncPath {
     }
 }
 
+impl SyncPath {
+    /// The path for human output (terminals, logs): control characters, which are legal in
+    /// names, are shown as escapes (`\x1b`, `\r`, `\u{9b}`) instead of being sent raw. Names
+    /// cannot hold a backslash, so an escape is never ambiguous. Machine output uses the path.
+    pub fn escaped(&self) -> Escaped<'_> {
+        Escaped(&self.0)
+    }
+}
+
+/// Text with its control characters escaped when displayed; see [`SyncPath::escaped`].
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for SyncPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.0)
@@ -201,6 +227,13 @@ mod tests {
 
     fn check(s: &str, want: Result<&str, PathError>) {
         assert_eq!(SyncPath::parse(s).as_ref().map(|p| p.as_str()), want.as_deref(), "{s:?}");
+    }
+
+    #[test]
+    fn escaped_shows_control_characters() {
+        let p = SyncPath::parse("a\x1b[31mred\x07/b\r\u{9b}é\t").unwrap();
+        assert_eq!(p.escaped().to_string(), "a\\u{1b}[31mred\\u{7}/b\\r\\u{9b}é\\t");
+        assert_eq!(SyncPath::parse("plain é").unwrap().escaped().to_string(), "plain é");
     }
 
     #[test]

@@ -154,22 +154,36 @@ pub struct Device {
     pub name: String,
     pub home: PathBuf,
     pub root: PathBuf,
+    /// The umask every `shoal` process of this device runs with (`None`: the test's own).
+    pub umask: Option<u32>,
     daemon: Option<Child>,
 }
 
 impl Device {
     pub fn enroll(base: &Path, coord: &Coordinator, user: &str, name: &str) -> Device {
+        Self::enroll_with_umask(base, coord, user, name, None)
+    }
+
+    /// Enrolls a device whose `shoal` processes (this `init` included) run under `umask`.
+    pub fn enroll_with_umask(base: &Path, coord: &Coordinator, user: &str, name: &str, umask: Option<u32>) -> Device {
         let home = base.join(format!("{name}-home"));
         let root = base.join(name);
         let invite = coord.invite(user);
-        let d = Device { name: name.to_string(), home, root, daemon: None };
+        let d = Device { name: name.to_string(), home, root, umask, daemon: None };
         let out = d.shoal(&["init", "--invite", &invite, "--dir", d.root.to_str().unwrap(), "--device", name]);
         assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
         d
     }
 
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(bin("shoal"));
+        let mut c = match self.umask {
+            Some(mask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!("umask {mask:03o} && exec \"$0\" \"$@\"")).arg(bin("shoal"));
+                c
+            }
+            None => Command::new(bin("shoal")),
+        };
         c.arg("--home").arg(&self.home);
         c
     }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod agent_safety;
 mod api;
 mod bad_input;
 mod durability;
