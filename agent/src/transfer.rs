@@ -16,6 +16,7 @@ use shoal_coordinator::direct::AlignedBuf;
 use shoal_protocol::{ChunkId, ChunkRef, Manifest};
 
 use crate::client::{Client, ClientError};
+use shoal_protocol::api::ErrorCode;
 
 /// Bytes per upload request: large enough to amortize a round trip, small enough to hold a few
 /// in memory at once.
@@ -204,6 +205,89 @@ async fn send_missing_frames(client: &Client, body: Vec<u8>) -> Result<u64, Clie
     Ok(n)
 }
 
+/// Fetches `ids` from the coordinator, calling `each` with every chunk that arrives verified, and
+/// returns the chunks it could not get, each with its error. A batch that breaks (a chunk with
+/// the wrong bytes, a response that ends early or with an error) keeps the frames verified
+/// before the break; the first chunk it did not deliver, the one it broke on, is asked for alone
+/// through the single-chunk endpoint, and the rest as a batch again. So one bad chunk costs two
+/// extra requests and fails only itself. `Err` only when the coordinator cannot be reached (or
+/// no longer accepts this device): then nothing more can be fetched this round.
+pub async fn fetch_verified(
+    client: &Client,
+    ids: &[ChunkId],
+    mut each: impl FnMut(ChunkId, Bytes),
+) -> Result<Vec<(ChunkId, ClientError)>, ClientError> {
+    let mut failed = Vec::new();
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let mut got = 0usize;
+        let batch = client
+            .fetch(rest, |id, data| {
+                each(id, data);
+                got += 1;
+                Ok(())
+            })
+            .await;
+        let err = match batch {
+            Ok(()) => break,
+            Err(e) if e.code() == Some(ErrorCode::Unauthorized) => return Err(e),
+            Err(e) => e,
+        };
+        rest = &rest[got.min(rest.len())..];
+        let Some((&suspect, tail)) = rest.split_first() else { break };
+        tracing::debug!(chunk = %suspect, error = %err, "chunk batch broke; fetching its next chunk alone");
+        match client.fetch_one(suspect).await {
+            Ok(data) => each(suspect, data),
+            Err(e) if ends_round(&e) => return Err(e),
+            Err(e) => failed.push((suspect, e)),
+        }
+        rest = tail;
+    }
+    Ok(failed)
+}
+
+/// `true` for errors that no other request would escape this round: the coordinator is
+/// unreachable, or no longer accepts this device.
+fn ends_round(e: &ClientError) -> bool {
+    matches!(e, ClientError::Network { .. }) || e.code() == Some(ErrorCode::Unauthorized)
+}
+
+/// Why a file could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// The coordinator could not be reached (or refused the device): retry the round later.
+    #[error(transparent)]
+    Offline(ClientError),
+    /// The coordinator could not deliver a chunk intact; other files are unaffected.
+    #[error("chunk {id} is unavailable from the coordinator: {source}")]
+    ChunkUnavailable { id: ChunkId, source: ClientError },
+    /// Writing the temp file failed: a full disk, most likely.
+    #[error("{}", disk_message(path, source))]
+    Disk { path: PathBuf, source: std::io::Error },
+    #[error("assembled file does not match its manifest hash")]
+    HashMismatch,
+}
+
+impl AssembleError {
+    /// `true` when the device's disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, AssembleError::Disk { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+}
+
+fn disk_message(path: &Path, e: &std::io::Error) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        format!("no space left on the file system holding {dir} (writing {}): {e}", path.display())
+    } else {
+        format!("writing {} failed: {e}", path.display())
+    }
+}
+
+fn disk(path: &Path) -> impl Fn(std::io::Error) -> AssembleError + '_ {
+    move |source| AssembleError::Disk { path: path.to_path_buf(), source }
+}
+
 /// Sources for assembling files: chunks other local files hold, and chunks already fetched.
 #[derive(Default)]
 pub struct Sources {
@@ -260,6 +344,9 @@ pub struct AssembleOpts<'a> {
     pub fsync: bool,
     /// Counts bytes written, for progress bars.
     pub progress: Option<&'a AtomicU64>,
+    /// `tmp` holds an earlier, interrupted attempt: keep the chunks at its start that still
+    /// verify and fetch only the rest (first checking that the disk has room for it).
+    pub resume: bool,
 }
 
 /// A spawned task that is aborted if its handle is dropped before it finishes, so an abandoned
@@ -292,6 +379,8 @@ impl<T> Drop for AbortOnDrop<T> {
 pub struct Assembled {
     pub downloaded: u64,
     pub local: u64,
+    /// Bytes kept from an interrupted attempt (also counted in `local`).
+    pub resumed: u64,
 }
 
 /// Writes the file `manifest` describes to `tmp`: chunks from local sources where possible, the
@@ -303,16 +392,25 @@ pub async fn assemble(
     manifest: &Manifest,
     tmp: &Path,
     opts: AssembleOpts<'_>,
-) -> anyhow::Result<Assembled> {
-    let AssembleOpts { mode, mtime_ns, fsync, progress } = opts;
+) -> Result<Assembled, AssembleError> {
+    let AssembleOpts { mode, mtime_ns, fsync, progress, resume } = opts;
     let tick = |n: usize| {
         if let Some(p) = progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
-    let mut out = Writer::create(tmp, fsync).with_context(|| format!("creating {}", tmp.display()))?;
     let mut stats = Assembled::default();
     let chunks = &manifest.chunks;
+    let (mut out, mut i) = match resume.then(|| Writer::resume(tmp, manifest)).transpose().map_err(disk(tmp))? {
+        Some((w, kept, bytes)) => {
+            stats.local += bytes;
+            stats.resumed += bytes;
+            tick(bytes as usize);
+            ensure_room(tmp, manifest.size - bytes).map_err(disk(tmp))?;
+            (w, kept)
+        }
+        None => (Writer::create(tmp, fsync).map_err(disk(tmp))?, 0),
+    };
 
     // Plan the file as chunks served locally and windows fetched from the coordinator; a few
     // windows are fetched ahead while earlier ones are written.
@@ -322,7 +420,6 @@ pub async fn assemble(
     }
     let mut segs = Vec::new();
     let mut windows: Vec<Vec<ChunkId>> = Vec::new();
-    let mut i = 0;
     while i < chunks.len() {
         if sources.has_local(&chunks[i].id) {
             segs.push(Seg::Local(i));
@@ -349,13 +446,13 @@ pub async fn assemble(
             let client = client.clone();
             let task = tokio::spawn(async move {
                 let mut got = Vec::with_capacity(ids.len());
-                client
-                    .fetch(&ids, |_, data| {
-                        got.push(data);
-                        Ok(())
-                    })
-                    .await
-                    .map(|()| got)
+                match fetch_verified(&client, &ids, |_, data| got.push(data)).await {
+                    Ok(failed) => match failed.into_iter().next() {
+                        None => Ok(got),
+                        Some((id, source)) => Err(AssembleError::ChunkUnavailable { id, source }),
+                    },
+                    Err(e) => Err(AssembleError::Offline(e)),
+                }
             });
             AbortOnDrop(Some(task))
         })
@@ -368,32 +465,55 @@ pub async fn assemble(
                     vec![Bytes::from(d)]
                 }
                 None => {
-                    let d = client.fetch_one(chunks[i].id).await?;
+                    let id = chunks[i].id;
+                    let d = match client.fetch_one(id).await {
+                        Ok(d) => d,
+                        Err(e) if ends_round(&e) => return Err(AssembleError::Offline(e)),
+                        Err(source) => return Err(AssembleError::ChunkUnavailable { id, source }),
+                    };
                     stats.downloaded += d.len() as u64;
                     vec![d]
                 }
             },
             Seg::Remote => {
-                let got = fetched.next().await.context("chunk windows ran out")?.context("fetch task failed")??;
+                let got = fetched
+                    .next()
+                    .await
+                    .ok_or_else(|| AssembleError::Offline(ClientError::Protocol("chunk windows ran out".into())))?
+                    .map_err(|e| AssembleError::Offline(ClientError::Protocol(format!("fetch task failed: {e}"))))??;
                 stats.downloaded += got.iter().map(|d| d.len() as u64).sum::<u64>();
                 got
             }
         };
         for d in datas {
-            out.write(&d)?;
+            out.write(&d).map_err(disk(tmp))?;
             tick(d.len());
         }
     }
-    let (f, hash) = out.finish()?;
+    let (f, hash) = out.finish().map_err(disk(tmp))?;
     if hash != manifest.hash {
-        anyhow::bail!("assembled file does not match its manifest hash");
+        return Err(AssembleError::HashMismatch);
     }
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.set_modified(system_time(mtime_ns))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(disk(tmp))?;
+    f.set_modified(system_time(mtime_ns)).map_err(disk(tmp))?;
     if fsync {
-        f.sync_all()?;
+        f.sync_all().map_err(disk(tmp))?;
     }
     Ok(stats)
+}
+
+/// Fails with "no space left" when the file system holding `path` has less than `need` bytes
+/// free for this user, so a retry on a disk that is still full fetches nothing.
+fn ensure_room(path: &Path, need: u64) -> std::io::Result<()> {
+    let st = rustix::fs::statvfs(path)?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("No space left on device: {need} more bytes needed, {free} free"),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes an assembled file. Large files (those synced on their own) go straight to the device
@@ -416,7 +536,8 @@ enum Writer {
         cur: AlignedBuf,
         flushed: u64,
         len: u64,
-        worker: std::thread::JoinHandle<std::io::Result<(std::fs::File, ChunkId)>>,
+        /// `None` once joined, after it failed.
+        worker: Option<std::thread::JoinHandle<std::io::Result<(std::fs::File, ChunkId)>>>,
     },
 }
 
@@ -455,11 +576,30 @@ impl Writer {
                 cur: AlignedBuf::new(DIRECT_STAGING),
                 flushed: 0,
                 len: 0,
-                worker,
+                worker: Some(worker),
             });
         }
         let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
         Ok(Writer::Buffered { f, hasher: Box::default(), background: large, since_flush: 0, flushing: None })
+    }
+
+    /// Reopens the interrupted attempt at `path` to continue it: keeps the leading chunks of
+    /// `manifest` that still verify, cuts the rest off, and returns the writer positioned after
+    /// them with how many chunks and bytes it kept.
+    fn resume(path: &Path, manifest: &Manifest) -> std::io::Result<(Writer, usize, u64)> {
+        use std::io::Seek;
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let mut hasher = Box::<blake3::Hasher>::default();
+        let (mut kept, mut at) = (0, 0u64);
+        for (off, c) in offsets(manifest) {
+            let Some(data) = read_chunk(&f, off, c.len, &c.id) else { break };
+            hasher.update(&data);
+            kept += 1;
+            at = off + u64::from(c.len);
+        }
+        f.set_len(at)?;
+        f.seek(std::io::SeekFrom::Start(at))?;
+        Ok((Writer::Buffered { f, hasher, background: true, since_flush: 0, flushing: None }, kept, at))
     }
 
     fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
@@ -476,7 +616,7 @@ impl Writer {
                     }));
                 }
             }
-            Writer::Direct { to_disk, spare, buffers, cur, flushed, len, .. } => {
+            Writer::Direct { to_disk, spare, buffers, cur, flushed, len, worker } => {
                 while !data.is_empty() {
                     let n = cur.push(data);
                     data = &data[n..];
@@ -488,7 +628,7 @@ impl Writer {
                                 *buffers += 1;
                                 AlignedBuf::new(DIRECT_STAGING)
                             }
-                            Err(_) => spare.recv().map_err(|_| writer_gone())?,
+                            Err(_) => spare.recv().map_err(|_| writer_failed(worker))?,
                         };
                         let full = std::mem::replace(cur, next);
                         let (at, valid) = (*flushed, full.len());
@@ -497,7 +637,7 @@ impl Writer {
                             .as_ref()
                             .expect("open until finish")
                             .send((full, at, valid))
-                            .map_err(|_| writer_gone())?;
+                            .map_err(|_| writer_failed(worker))?;
                     }
                 }
             }
@@ -514,15 +654,15 @@ impl Writer {
                 }
                 Ok((f, hasher.finalize().into()))
             }
-            Writer::Direct { mut to_disk, mut cur, flushed, len, worker, .. } => {
+            Writer::Direct { mut to_disk, mut cur, flushed, len, mut worker, .. } => {
                 let tx = to_disk.take().expect("open until finish");
                 if !cur.is_empty() {
                     let valid = cur.len();
                     cur.pad();
-                    tx.send((cur, flushed, valid)).map_err(|_| writer_gone())?;
+                    tx.send((cur, flushed, valid)).map_err(|_| writer_failed(&mut worker))?;
                 }
                 drop(tx);
-                let (f, hash) = worker.join().map_err(|_| writer_gone())??;
+                let (f, hash) = worker.take().ok_or_else(writer_gone)?.join().map_err(|_| writer_gone())??;
                 f.set_len(len)?;
                 Ok((f, hash))
             }
@@ -558,6 +698,16 @@ pub fn process_umask() -> u32 {
             // opens a file to writes by others.
             .unwrap_or(0o022)
     })
+}
+
+/// The error that stopped the writer thread (a full disk, say), which hung up on the writer.
+fn writer_failed(
+    worker: &mut Option<std::thread::JoinHandle<std::io::Result<(std::fs::File, ChunkId)>>>,
+) -> std::io::Error {
+    match worker.take().map(|w| w.join()) {
+        Some(Ok(Err(e))) => e,
+        _ => writer_gone(),
+    }
 }
 
 fn writer_gone() -> std::io::Error {
