@@ -3,10 +3,11 @@
 //! removals) and turns local changes into outbox commits. The daemon and `sync --once` both run
 //! cycles; correctness never depends on a watcher event arriving.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,7 @@ use crate::config::Config;
 use crate::planner::{self, Node, Op};
 use crate::scan::{self, Ignore, Scan};
 use crate::store::{Batch, IndexRec, OutboxItem, Store};
-use crate::transfer::{self, AssembleOpts, LocalChunk, Sources, UploadError};
+use crate::transfer::{self, AssembleError, AssembleOpts, LocalChunk, Sources, UploadError};
 
 /// Most changes in one outbox commit: what the coordinator accepts.
 const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES;
@@ -32,6 +33,14 @@ const SMALL_FILE: u64 = 1024 * 1024;
 const GROUP_BYTES: u64 = 16 * 1024 * 1024;
 /// Files per group of small files.
 const GROUP_FILES: usize = 2000;
+/// First wait before a failed download is tried again (doubled after each failure): long
+/// enough that a full disk or a bad chunk is not hammered, short enough that a quick fix is
+/// picked up at once.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+/// Longest wait between tries of a failing download: a freed disk or a repaired chunk is
+/// noticed within two minutes, and a file that keeps failing costs a request or two per two
+/// minutes.
+const RETRY_MAX: Duration = Duration::from_secs(120);
 
 /// Why the engine could not run.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +88,21 @@ pub struct Engine {
     client: Client,
     pub counters: Arc<Counters>,
     reported_cursor: Seq,
+    /// Downloads that failed, by path: tried again after a backoff, not on every cycle.
+    retries: HashMap<SyncPath, Retry>,
+}
+
+/// A download that failed: when to try it again, and what it keeps for that try.
+struct Retry {
+    /// The content being fetched; a newer version starts afresh.
+    hash: ChunkId,
+    not_before: Instant,
+    delay: Duration,
+    /// Why it failed, for the status.
+    error: String,
+    /// The interrupted temp file of a large file, whose verified start the next try keeps
+    /// instead of fetching it again. Kept in memory only: temp files are deleted at start.
+    partial: Option<PathBuf>,
 }
 
 /// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
@@ -104,7 +128,16 @@ impl Engine {
         let store = Store::open(&home.join("db"))?;
         let client = Client::new(&cfg)?;
         let tmp = root.join(RESERVED_DIR).join("tmp");
-        let engine = Engine { cfg, root, tmp, store, client, counters: Arc::default(), reported_cursor: 0 };
+        let engine = Engine {
+            cfg,
+            root,
+            tmp,
+            store,
+            client,
+            counters: Arc::default(),
+            reported_cursor: 0,
+            retries: HashMap::new(),
+        };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
         if let Err(e) = crate::config::tighten_tree(&engine.root.join(RESERVED_DIR)) {
@@ -177,6 +210,7 @@ impl Engine {
         }
         let ops = planner::plan(&planner::Trees { remote: &remote, local: &local, synced: &synced, pending: &pending });
         report.planned = ops.len();
+        self.forget_retries(&ops);
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), "applying plan");
             dirty |= self.execute(ops, &scan, &mut report).await?;
@@ -454,6 +488,16 @@ impl Engine {
         report: &mut CycleReport,
     ) -> anyhow::Result<bool> {
         let mut dirty = false;
+        let now = Instant::now();
+        files.retain(|e| match self.retries.get(&e.path) {
+            Some(r) if Some(r.hash) == e.hash() && r.not_before > now => {
+                let wait = r.not_before - now;
+                report.errors.push(format!("{}: {} (next try in {}s)", e.path, r.error, wait.as_secs() + 1));
+                dirty = true;
+                false
+            }
+            _ => true,
+        });
         let mut sources = Sources::default();
         for (p, rec) in &scan.tree {
             if let Some(m) = &rec.manifest {
@@ -481,6 +525,9 @@ impl Engine {
         }
         for group in groups {
             let streamed = group.len() == 1 && group[0].size() > SMALL_FILE;
+            // Chunks the coordinator could not deliver intact, with why: only the files that
+            // need them fail.
+            let mut unavailable: HashMap<ChunkId, String> = HashMap::new();
             if !streamed {
                 let mut need: Vec<ChunkId> = Vec::new();
                 let mut seen = HashSet::new();
@@ -493,39 +540,63 @@ impl Engine {
                 }
                 for part in need.chunks(4096) {
                     let fetched = &mut sources.fetched;
-                    self.client
-                        .fetch(part, |id, data| {
-                            fetched.insert(id, data);
-                            Ok(())
-                        })
-                        .await
-                        .map_err(EngineError::Offline)?;
+                    let failed = transfer::fetch_verified(&self.client, part, |id, data| {
+                        fetched.insert(id, data);
+                    })
+                    .await
+                    .map_err(EngineError::Offline)?;
+                    unavailable.extend(failed.into_iter().map(|(id, e)| (id, e.to_string())));
                 }
             }
             let mut ready = Vec::new();
             for e in group {
                 let Some(m) = &e.manifest else { continue };
-                let tmp = self.tmp.join(format!("{}.part", crate::random_hex(8)));
+                if let Some((id, why)) = m.chunks.iter().find_map(|c| unavailable.get_key_value(&c.id)) {
+                    let err = format!("chunk {id} is unavailable from the coordinator: {why}");
+                    self.download_failed(&e, err, None, report);
+                    dirty = true;
+                    continue;
+                }
+                // A large file interrupted earlier continues where its verified bytes end.
+                let partial =
+                    self.retries.get(&e.path).filter(|r| Some(r.hash) == e.hash()).and_then(|r| r.partial.clone());
+                let (tmp, resume) = match partial {
+                    Some(t) if streamed && t.exists() => (t, true),
+                    _ => (self.tmp.join(format!("{}.part", crate::random_hex(8))), false),
+                };
                 // `install` replaces the file only if it still has the scanned stat, mode included.
                 let existing = expect.get(&e.path).and_then(|r| r.as_ref()).map(|r| r.mode);
                 let mode = transfer::file_mode(existing, e.exec, transfer::process_umask());
-                let opts = AssembleOpts { mode, mtime_ns: e.mtime_ns, fsync: streamed, progress: None };
+                let opts = AssembleOpts { mode, mtime_ns: e.mtime_ns, fsync: streamed, progress: None, resume };
                 match transfer::assemble(&self.client, &mut sources, m, &tmp, opts).await {
                     Ok(st) => {
+                        if st.resumed > 0 {
+                            tracing::info!(path = %e.path.escaped(), kept = st.resumed, "resumed an interrupted download");
+                        }
                         report.bytes_downloaded += st.downloaded;
                         report.bytes_reused_locally += st.local;
                         self.counters.downloaded.fetch_add(st.downloaded, Ordering::Relaxed);
+                        self.retries.remove(&e.path);
                         ready.push((e, tmp));
                     }
-                    Err(err) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        if let Some(ce) = err.downcast_ref::<ClientError>()
-                            && ce.is_retryable()
-                        {
-                            return Err(err);
+                    Err(AssembleError::Offline(err)) => {
+                        // Worth keeping for the next round: it retries as soon as the coordinator
+                        // answers again.
+                        let kept = streamed.then(|| tmp.clone());
+                        if kept.is_none() {
+                            let _ = std::fs::remove_file(&tmp);
                         }
-                        tracing::warn!(path = %e.path.escaped(), error = %Escaped(&format!("{err:#}")), "download failed");
-                        report.errors.push(format!("{}: {err:#}", e.path));
+                        self.keep_partial(&e, kept);
+                        return Err(EngineError::Offline(err).into());
+                    }
+                    Err(err) => {
+                        // A verified start of a large file is kept (a full disk, a chunk missing
+                        // further on); a small one is fetched again, and frees its space now.
+                        let keep = streamed && !matches!(err, AssembleError::HashMismatch);
+                        if !keep {
+                            let _ = std::fs::remove_file(&tmp);
+                        }
+                        self.download_failed(&e, err.to_string(), keep.then_some(tmp), report);
                         dirty = true;
                     }
                 }
@@ -552,6 +623,7 @@ impl Engine {
                     }
                     Err(err) => {
                         let _ = std::fs::remove_file(&tmp);
+                        self.retries.remove(&e.path);
                         tracing::info!(path = %e.path.escaped(), reason = %Escaped(&format!("{err:#}")), "not installing a fetched file now");
                         dirty = true;
                     }
@@ -569,6 +641,56 @@ impl Engine {
             self.store.apply(batch)?;
         }
         Ok(dirty)
+    }
+
+    /// Records that fetching `e` failed: it is tried again after a delay that doubles with each
+    /// failure (`RETRY_FIRST` up to `RETRY_MAX`), continuing from `partial` if given.
+    fn download_failed(&mut self, e: &Entry, error: String, partial: Option<PathBuf>, report: &mut CycleReport) {
+        let Some(hash) = e.hash() else { return };
+        let prev = self.retries.remove(&e.path).filter(|r| r.hash == hash);
+        let delay = prev.as_ref().map_or(RETRY_FIRST, |r| (r.delay * 2).min(RETRY_MAX));
+        if let Some(old) = prev.and_then(|r| r.partial).filter(|old| Some(old) != partial.as_ref()) {
+            let _ = std::fs::remove_file(old);
+        }
+        tracing::warn!(
+            path = %e.path.escaped(),
+            error = %Escaped(&error),
+            retry_in = ?delay,
+            kept_bytes = partial.as_ref().and_then(|p| p.metadata().ok()).map_or(0, |m| m.len()),
+            "download failed"
+        );
+        report.errors.push(format!("{}: {error}", e.path));
+        self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now() + delay, delay, error, partial });
+    }
+
+    /// Keeps the interrupted temp file of `e` for the next try, without delaying it.
+    fn keep_partial(&mut self, e: &Entry, partial: Option<PathBuf>) {
+        let Some(hash) = e.hash() else { return };
+        let prev = self.retries.remove(&e.path).filter(|r| r.hash == hash);
+        if let Some(old) = prev.as_ref().and_then(|r| r.partial.as_ref()).filter(|old| Some(*old) != partial.as_ref()) {
+            let _ = std::fs::remove_file(old);
+        }
+        let (delay, error) = prev.map_or((Duration::ZERO, String::new()), |r| (r.delay, r.error));
+        self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now(), delay, error, partial });
+    }
+
+    /// Forgets failed downloads the plan no longer fetches (and deletes what they kept).
+    fn forget_retries(&mut self, ops: &[Op]) {
+        let fetching: HashSet<&SyncPath> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Fetch(e) => Some(&e.path),
+                Op::ConflictCopy { path, .. } => Some(path),
+                _ => None,
+            })
+            .collect();
+        self.retries.retain(|p, r| {
+            let keep = fetching.contains(p);
+            if !keep && let Some(t) = &r.partial {
+                let _ = std::fs::remove_file(t);
+            }
+            keep
+        });
     }
 
     /// Sends every outbox commit: uploads the chunks the coordinator is missing, then commits.

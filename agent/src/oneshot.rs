@@ -102,12 +102,12 @@ pub async fn get(
         m.permissions().mode()
     });
     let mode = transfer::file_mode(existing, entry.exec, transfer::process_umask());
-    let opts = AssembleOpts { mode, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter) };
+    let opts = AssembleOpts { mode, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter), resume: false };
     let result = transfer::assemble(client, &mut sources, manifest, &tmp, opts).await;
     progress.finish();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(e.into());
     }
     std::fs::rename(&tmp, local).with_context(|| format!("writing {}", local.display()))?;
     Ok(entry)

@@ -4,7 +4,6 @@
 //! whose whole-file BLAKE3 is verified before anyone may rename it into place.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,10 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_coordinator::direct::AlignedBuf;
+use shoal_protocol::api::ErrorCode;
 use shoal_protocol::{ChunkId, ChunkRef, Manifest};
 
 use crate::client::{Client, ClientError};
+use writer::Writer;
+
+mod writer;
 
 /// Bytes per upload request: large enough to amortize a round trip, small enough to hold a few
 /// in memory at once.
@@ -204,6 +206,89 @@ async fn send_missing_frames(client: &Client, body: Vec<u8>) -> Result<u64, Clie
     Ok(n)
 }
 
+/// Fetches `ids` from the coordinator, calling `each` with every chunk that arrives verified, and
+/// returns the chunks it could not get, each with its error. A batch that breaks (a chunk with
+/// the wrong bytes, a response that ends early or with an error) keeps the frames verified
+/// before the break; the first chunk it did not deliver, the one it broke on, is asked for alone
+/// through the single-chunk endpoint, and the rest as a batch again. So one bad chunk costs two
+/// extra requests and fails only itself. `Err` only when the coordinator cannot be reached (or
+/// no longer accepts this device): then nothing more can be fetched this round.
+pub async fn fetch_verified(
+    client: &Client,
+    ids: &[ChunkId],
+    mut each: impl FnMut(ChunkId, Bytes),
+) -> Result<Vec<(ChunkId, ClientError)>, ClientError> {
+    let mut failed = Vec::new();
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let mut got = 0usize;
+        let batch = client
+            .fetch(rest, |id, data| {
+                each(id, data);
+                got += 1;
+                Ok(())
+            })
+            .await;
+        let err = match batch {
+            Ok(()) => break,
+            Err(e) if e.code() == Some(ErrorCode::Unauthorized) => return Err(e),
+            Err(e) => e,
+        };
+        rest = &rest[got.min(rest.len())..];
+        let Some((&suspect, tail)) = rest.split_first() else { break };
+        tracing::debug!(chunk = %suspect, error = %err, "chunk batch broke; fetching its next chunk alone");
+        match client.fetch_one(suspect).await {
+            Ok(data) => each(suspect, data),
+            Err(e) if ends_round(&e) => return Err(e),
+            Err(e) => failed.push((suspect, e)),
+        }
+        rest = tail;
+    }
+    Ok(failed)
+}
+
+/// `true` for errors that no other request would escape this round: the coordinator is
+/// unreachable, or no longer accepts this device.
+fn ends_round(e: &ClientError) -> bool {
+    matches!(e, ClientError::Network { .. }) || e.code() == Some(ErrorCode::Unauthorized)
+}
+
+/// Why a file could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// The coordinator could not be reached (or refused the device): retry the round later.
+    #[error(transparent)]
+    Offline(ClientError),
+    /// The coordinator could not deliver a chunk intact; other files are unaffected.
+    #[error("chunk {id} is unavailable from the coordinator: {source}")]
+    ChunkUnavailable { id: ChunkId, source: ClientError },
+    /// Writing the temp file failed: a full disk, most likely.
+    #[error("{}", disk_message(path, source))]
+    Disk { path: PathBuf, source: std::io::Error },
+    #[error("assembled file does not match its manifest hash")]
+    HashMismatch,
+}
+
+impl AssembleError {
+    /// `true` when the device's disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, AssembleError::Disk { source, .. } if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+}
+
+fn disk_message(path: &Path, e: &std::io::Error) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        format!("no space left on the file system holding {dir} (writing {}): {e}", path.display())
+    } else {
+        format!("writing {} failed: {e}", path.display())
+    }
+}
+
+fn disk(path: &Path) -> impl Fn(std::io::Error) -> AssembleError + '_ {
+    move |source| AssembleError::Disk { path: path.to_path_buf(), source }
+}
+
 /// Sources for assembling files: chunks other local files hold, and chunks already fetched.
 #[derive(Default)]
 pub struct Sources {
@@ -260,6 +345,9 @@ pub struct AssembleOpts<'a> {
     pub fsync: bool,
     /// Counts bytes written, for progress bars.
     pub progress: Option<&'a AtomicU64>,
+    /// `tmp` holds an earlier, interrupted attempt: keep the chunks at its start that still
+    /// verify and fetch only the rest (first checking that the disk has room for it).
+    pub resume: bool,
 }
 
 /// A spawned task that is aborted if its handle is dropped before it finishes, so an abandoned
@@ -292,6 +380,8 @@ impl<T> Drop for AbortOnDrop<T> {
 pub struct Assembled {
     pub downloaded: u64,
     pub local: u64,
+    /// Bytes kept from an interrupted attempt (also counted in `local`).
+    pub resumed: u64,
 }
 
 /// Writes the file `manifest` describes to `tmp`: chunks from local sources where possible, the
@@ -303,16 +393,25 @@ pub async fn assemble(
     manifest: &Manifest,
     tmp: &Path,
     opts: AssembleOpts<'_>,
-) -> anyhow::Result<Assembled> {
-    let AssembleOpts { mode, mtime_ns, fsync, progress } = opts;
+) -> Result<Assembled, AssembleError> {
+    let AssembleOpts { mode, mtime_ns, fsync, progress, resume } = opts;
     let tick = |n: usize| {
         if let Some(p) = progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
-    let mut out = Writer::create(tmp, fsync).with_context(|| format!("creating {}", tmp.display()))?;
     let mut stats = Assembled::default();
     let chunks = &manifest.chunks;
+    let (mut out, mut i) = match resume.then(|| Writer::resume(tmp, manifest)).transpose().map_err(disk(tmp))? {
+        Some((w, kept, bytes)) => {
+            stats.local += bytes;
+            stats.resumed += bytes;
+            tick(bytes as usize);
+            ensure_room(tmp, manifest.size - bytes).map_err(disk(tmp))?;
+            (w, kept)
+        }
+        None => (Writer::create(tmp, fsync).map_err(disk(tmp))?, 0),
+    };
 
     // Plan the file as chunks served locally and windows fetched from the coordinator; a few
     // windows are fetched ahead while earlier ones are written.
@@ -322,7 +421,6 @@ pub async fn assemble(
     }
     let mut segs = Vec::new();
     let mut windows: Vec<Vec<ChunkId>> = Vec::new();
-    let mut i = 0;
     while i < chunks.len() {
         if sources.has_local(&chunks[i].id) {
             segs.push(Seg::Local(i));
@@ -349,13 +447,13 @@ pub async fn assemble(
             let client = client.clone();
             let task = tokio::spawn(async move {
                 let mut got = Vec::with_capacity(ids.len());
-                client
-                    .fetch(&ids, |_, data| {
-                        got.push(data);
-                        Ok(())
-                    })
-                    .await
-                    .map(|()| got)
+                match fetch_verified(&client, &ids, |_, data| got.push(data)).await {
+                    Ok(failed) => match failed.into_iter().next() {
+                        None => Ok(got),
+                        Some((id, source)) => Err(AssembleError::ChunkUnavailable { id, source }),
+                    },
+                    Err(e) => Err(AssembleError::Offline(e)),
+                }
             });
             AbortOnDrop(Some(task))
         })
@@ -368,166 +466,55 @@ pub async fn assemble(
                     vec![Bytes::from(d)]
                 }
                 None => {
-                    let d = client.fetch_one(chunks[i].id).await?;
+                    let id = chunks[i].id;
+                    let d = match client.fetch_one(id).await {
+                        Ok(d) => d,
+                        Err(e) if ends_round(&e) => return Err(AssembleError::Offline(e)),
+                        Err(source) => return Err(AssembleError::ChunkUnavailable { id, source }),
+                    };
                     stats.downloaded += d.len() as u64;
                     vec![d]
                 }
             },
             Seg::Remote => {
-                let got = fetched.next().await.context("chunk windows ran out")?.context("fetch task failed")??;
+                let got = fetched
+                    .next()
+                    .await
+                    .ok_or_else(|| AssembleError::Offline(ClientError::Protocol("chunk windows ran out".into())))?
+                    .map_err(|e| AssembleError::Offline(ClientError::Protocol(format!("fetch task failed: {e}"))))??;
                 stats.downloaded += got.iter().map(|d| d.len() as u64).sum::<u64>();
                 got
             }
         };
         for d in datas {
-            out.write(&d)?;
+            out.write(&d).map_err(disk(tmp))?;
             tick(d.len());
         }
     }
-    let (f, hash) = out.finish()?;
+    let (f, hash) = out.finish().map_err(disk(tmp))?;
     if hash != manifest.hash {
-        anyhow::bail!("assembled file does not match its manifest hash");
+        return Err(AssembleError::HashMismatch);
     }
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.set_modified(system_time(mtime_ns))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(disk(tmp))?;
+    f.set_modified(system_time(mtime_ns)).map_err(disk(tmp))?;
     if fsync {
-        f.sync_all()?;
+        f.sync_all().map_err(disk(tmp))?;
     }
     Ok(stats)
 }
 
-/// Writes an assembled file. Large files (those synced on their own) go straight to the device
-/// with direct I/O where the file system allows it, skipping the page cache; otherwise the
-/// buffered file is flushed on a helper thread every `WRITEBACK_EVERY` bytes so the final sync
-/// waits for little.
-enum Writer {
-    Buffered {
-        f: std::fs::File,
-        hasher: Box<blake3::Hasher>,
-        background: bool,
-        since_flush: u64,
-        flushing: Option<std::thread::JoinHandle<()>>,
-    },
-    /// Full buffers go to a writer thread, so the device write overlaps the download.
-    Direct {
-        to_disk: Option<std::sync::mpsc::SyncSender<(AlignedBuf, u64, usize)>>,
-        spare: std::sync::mpsc::Receiver<AlignedBuf>,
-        buffers: usize,
-        cur: AlignedBuf,
-        flushed: u64,
-        len: u64,
-        worker: std::thread::JoinHandle<std::io::Result<(std::fs::File, ChunkId)>>,
-    },
-}
-
-/// Staging buffers a direct-I/O file may use at once.
-const DIRECT_BUFFERS: usize = 3;
-
-/// Bytes written between background flushes of a large buffered file.
-const WRITEBACK_EVERY: u64 = 64 * 1024 * 1024;
-/// Staging buffer of a direct-I/O file.
-const DIRECT_STAGING: usize = 4 * 1024 * 1024;
-
-impl Writer {
-    /// Creates `path`; `large` files are written directly or flushed in the background.
-    fn create(path: &Path, large: bool) -> std::io::Result<Writer> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if large && let Some(f) = shoal_coordinator::direct::open_direct(path, true)? {
-            // Private until it is complete and gets its final mode.
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            let (to_disk, from_writer) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64, usize)>(DIRECT_BUFFERS);
-            let (give_back, spare) = std::sync::mpsc::channel();
-            // The writer thread also computes the whole-file hash, off the download's thread.
-            let worker = std::thread::spawn(move || {
-                let mut hasher = blake3::Hasher::new();
-                for (mut buf, offset, valid) in from_writer {
-                    hasher.update(&buf.as_slice()[..valid]);
-                    f.write_all_at(buf.as_slice(), offset)?;
-                    buf.clear();
-                    let _ = give_back.send(buf);
-                }
-                Ok((f, hasher.finalize().into()))
-            });
-            return Ok(Writer::Direct {
-                to_disk: Some(to_disk),
-                spare,
-                buffers: 1,
-                cur: AlignedBuf::new(DIRECT_STAGING),
-                flushed: 0,
-                len: 0,
-                worker,
-            });
-        }
-        let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-        Ok(Writer::Buffered { f, hasher: Box::default(), background: large, since_flush: 0, flushing: None })
+/// Fails with "no space left" when the file system holding `path` has less than `need` bytes
+/// free for this user, so a retry on a disk that is still full fetches nothing.
+fn ensure_room(path: &Path, need: u64) -> std::io::Result<()> {
+    let st = rustix::fs::statvfs(path)?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("No space left on device: {need} more bytes needed, {free} free"),
+        ));
     }
-
-    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        match self {
-            Writer::Buffered { f, hasher, background, since_flush, flushing } => {
-                f.write_all(data)?;
-                hasher.update(data);
-                *since_flush += data.len() as u64;
-                if *background && *since_flush >= WRITEBACK_EVERY && flushing.as_ref().is_none_or(|h| h.is_finished()) {
-                    *since_flush = 0;
-                    let f = f.try_clone()?;
-                    *flushing = Some(std::thread::spawn(move || {
-                        let _ = f.sync_data();
-                    }));
-                }
-            }
-            Writer::Direct { to_disk, spare, buffers, cur, flushed, len, .. } => {
-                while !data.is_empty() {
-                    let n = cur.push(data);
-                    data = &data[n..];
-                    *len += n as u64;
-                    if cur.is_full() {
-                        let next = match spare.try_recv() {
-                            Ok(b) => b,
-                            Err(_) if *buffers < DIRECT_BUFFERS => {
-                                *buffers += 1;
-                                AlignedBuf::new(DIRECT_STAGING)
-                            }
-                            Err(_) => spare.recv().map_err(|_| writer_gone())?,
-                        };
-                        let full = std::mem::replace(cur, next);
-                        let (at, valid) = (*flushed, full.len());
-                        *flushed += full.len() as u64;
-                        to_disk
-                            .as_ref()
-                            .expect("open until finish")
-                            .send((full, at, valid))
-                            .map_err(|_| writer_gone())?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes what is left and returns the file, at its exact length, and its BLAKE3.
-    fn finish(self) -> std::io::Result<(std::fs::File, ChunkId)> {
-        match self {
-            Writer::Buffered { f, hasher, flushing, .. } => {
-                if let Some(h) = flushing {
-                    let _ = h.join();
-                }
-                Ok((f, hasher.finalize().into()))
-            }
-            Writer::Direct { mut to_disk, mut cur, flushed, len, worker, .. } => {
-                let tx = to_disk.take().expect("open until finish");
-                if !cur.is_empty() {
-                    let valid = cur.len();
-                    cur.pad();
-                    tx.send((cur, flushed, valid)).map_err(|_| writer_gone())?;
-                }
-                drop(tx);
-                let (f, hash) = worker.join().map_err(|_| writer_gone())??;
-                f.set_len(len)?;
-                Ok((f, hash))
-            }
-        }
-    }
+    Ok(())
 }
 
 /// The permission bits of a downloaded file. Only the exec bit syncs: replacing a file keeps its
@@ -558,10 +545,6 @@ pub fn process_umask() -> u32 {
             // opens a file to writes by others.
             .unwrap_or(0o022)
     })
-}
-
-fn writer_gone() -> std::io::Error {
-    std::io::Error::other("the file writer thread failed")
 }
 
 pub fn system_time(ns: i64) -> std::time::SystemTime {

@@ -176,3 +176,147 @@ fn local_modes_survive_updates_and_new_files_follow_the_umask() {
     a.stop(false);
     b.stop(false);
 }
+
+/// A tmpfs mounted over a directory for the life of the guard (needs root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (run it as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "remount failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn status_json(d: &Device) -> serde_json::Value {
+    serde_json::from_slice(&d.shoal(&["status", "--json"]).stdout).unwrap()
+}
+
+fn last_error(d: &Device) -> String {
+    status_json(d)["status"]["last_error"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_full_disk_is_named_backed_off_and_resumed_without_refetching() {
+    const SIZE: usize = 40 * 1024 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "alice", "laptop");
+    // B's folder lives on a file system with room for about half of the file.
+    let disk = Tmpfs::mount(&tmp.path().join("desktop"), "24m");
+    let mut b = Device::enroll(tmp.path(), &coord, "alice", "desktop");
+    let big = noise(11, SIZE);
+    a.write("big.bin", &big);
+    a.sync();
+
+    let out = || coord.metric("shoal_chunk_bytes_out_total");
+    b.start();
+    let err = wait_for(SETTLE, || Some(last_error(&b)).filter(|e| e.contains("no space left")))
+        .unwrap_or_else(|| panic!("B's status does not name the full disk: {:?}", last_error(&b)));
+    assert!(err.contains("big.bin") && err.contains("desktop"), "{err}");
+    let human = String::from_utf8(b.shoal(&["status"]).stdout).unwrap();
+    assert!(human.contains("no space left"), "{human}");
+    assert!(b.read("big.bin").is_none());
+
+    // While the disk stays full, retries are spaced out and fetch nothing.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let full = out();
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    assert_eq!(out(), full, "bytes fetched again while the disk is still full");
+    let log = std::fs::read_to_string(b.home.join("run.log")).unwrap();
+    let tries = log.matches("download failed").count();
+    assert!((2..=4).contains(&tries), "{tries} tries in ~10 s: {log}");
+
+    // Room again: the download continues from the verified bytes it kept.
+    disk.resize("128m");
+    converge(&[&a, &b], SETTLE);
+    assert_eq!(b.read("big.bin").unwrap(), big);
+    let again = out() - full;
+    // A fresh download would fetch the whole file again; the kept part (~20 MiB) is not.
+    assert!(again < (SIZE as u64) * 3 / 4, "fetched {again} bytes after space was freed, for a {SIZE}-byte file");
+    b.stop(false);
+    drop(b);
+    drop(disk);
+}
+
+/// Flips a byte inside the stored bytes of chunk `id` (`len` bytes) in the coordinator's packs.
+fn corrupt_chunk(data: &Path, id: &[u8; 32], len: usize) {
+    use std::os::unix::fs::FileExt;
+    let mut header = id.to_vec();
+    header.extend_from_slice(&(len as u32).to_be_bytes());
+    let mut hits = 0;
+    for e in std::fs::read_dir(data.join("chunks")).unwrap().flatten() {
+        if e.path().extension().is_none_or(|x| x != "pack") {
+            continue;
+        }
+        let bytes = std::fs::read(e.path()).unwrap();
+        for (at, _) in bytes.windows(header.len()).enumerate().filter(|(_, w)| *w == header.as_slice()) {
+            let target = (at + header.len() + len / 2) as u64;
+            let f = std::fs::OpenOptions::new().write(true).open(e.path()).unwrap();
+            let byte = bytes[target as usize] ^ 0x5a;
+            f.write_all_at(&[byte], target).unwrap();
+            f.sync_all().unwrap();
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, 1, "chunk frame not found exactly once in the packs");
+}
+
+#[test]
+fn a_corrupt_chunk_fails_only_the_file_that_needs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut coord = Coordinator::start(&tmp.path().join("coord"));
+    let a = Device::enroll(tmp.path(), &coord, "alice", "laptop");
+    let small: Vec<(String, Vec<u8>)> =
+        (0..60).map(|i| (format!("notes/{i:02}.txt"), format!("small file number {i}\n").into_bytes())).collect();
+    for (p, d) in &small {
+        a.write(p, d);
+    }
+    let victim = b"the one chunk of this file is damaged on the coordinator's disk".repeat(20);
+    a.write("victim.txt", &victim);
+    a.sync();
+    // A small file is one chunk, named by the BLAKE3 of its bytes.
+    coord.stop(false);
+    corrupt_chunk(&coord.data, blake3::hash(&victim).as_bytes(), victim.len());
+    coord.restart(false);
+
+    let mut b = Device::enroll(tmp.path(), &coord, "alice", "desktop");
+    b.start();
+    wait_for(SETTLE, || small.iter().all(|(p, d)| b.read(p).as_ref() == Some(d)).then_some(()))
+        .unwrap_or_else(|| panic!("the intact files did not all arrive; B's last error: {}", last_error(&b)));
+    let err = wait_for(SETTLE, || Some(last_error(&b)).filter(|e| e.contains("victim.txt")))
+        .unwrap_or_else(|| panic!("B's status does not name the failed file: {:?}", last_error(&b)));
+    assert!(err.contains("unavailable"), "{err}");
+    let human = String::from_utf8(b.shoal(&["status"]).stdout).unwrap();
+    assert!(human.contains("victim.txt"), "{human}");
+    assert!(b.read("victim.txt").is_none(), "a file with a damaged chunk was installed");
+    assert_eq!(status_json(&b)["status"]["in_sync"], false);
+    let mut want = b.remote_tree();
+    want.remove("victim.txt");
+    assert_eq!(b.local_tree(), want, "B holds everything but the damaged file");
+    b.stop(false);
+}
