@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -85,12 +84,14 @@ class Cluster:
         self.base = base
         data = os.path.join(base, "coord")
         self.coord = subprocess.Popen(
-            [os.path.join(BIN, "shoal-coordinator"), "serve", "--data", data, "--listen", "127.0.0.1:0"],
+            [os.path.join(BIN, "shoal-coordinator"), "serve", "--data", data, "--listen", "127.0.0.1:0",
+             "--metrics-listen", "127.0.0.1:0"],
             stderr=open(os.path.join(base, "coord.log"), "w"),
         )
         info_path = os.path.join(data, "server.json")
         assert wait(lambda: os.path.exists(info_path) and json.load(open(info_path)).get("pid") == self.coord.pid, 30, 0.05)
-        self.addr = json.load(open(info_path))["addr"]
+        info = json.load(open(info_path))
+        self.addr, self.metrics_addr = info["addr"], info["metrics_addr"]
         self.agents = {}
         self.roots = {}
         for i, name in enumerate(["a", "b"]):
@@ -107,8 +108,7 @@ class Cluster:
         time.sleep(1.0)
 
     def metric(self, name):
-        ctx = ssl._create_unverified_context()  # loopback benchmark; agents pin the real fingerprint
-        text = urllib.request.urlopen(f"https://{self.addr}/metrics", context=ctx).read().decode()
+        text = urllib.request.urlopen(f"http://{self.metrics_addr}/metrics").read().decode()
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return int(line.split()[1])

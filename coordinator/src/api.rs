@@ -389,7 +389,14 @@ async fn download_one(
     let store = app.chunks.clone();
     let data = tokio::task::spawn_blocking(move || store.get(&id))
         .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData => ApiError::new(
+                ErrorCode::ChunkUnavailable,
+                format!("chunk {id} is not stored intact (lost or damaged); it is served again once a device uploads it again"),
+            ),
+            _ => ApiError::from(e),
+        })?;
     app.metrics.bytes_out.fetch_add(data.len() as u64, Relaxed);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }

@@ -232,6 +232,9 @@ pub enum ErrorCode {
     InviteInvalid,
     Conflict,
     Internal,
+    /// The coordinator knows the chunk but cannot serve it intact: its stored copy was lost in a
+    /// crash or failed its hash check. It is served again once a device uploads it again.
+    ChunkUnavailable,
 }
 
 /// The body of every error response.
