@@ -501,3 +501,75 @@ fn nobody_sees_an_entry_before_its_writer_is_acknowledged() {
         );
     }
 }
+
+#[test]
+fn revoking_a_device_ends_its_subscription_and_long_polls() {
+    let (_tmp, coord, devices) = world("sam", &["keeper", "lost"]);
+    let (keeper, lost) = (client_of(&devices[0]), client_of(&devices[1]));
+    let lost_id = Config::load(&devices[1].home).unwrap().device_id;
+    block_on(async {
+        let mut sub = lost.subscribe().await.unwrap();
+        assert!(sub.next_head().await.is_some(), "the subscription starts with the head");
+        let poll = lost.changes(0, 10, Duration::from_secs(30));
+        let revoke = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            keeper.revoke(lost_id).await.unwrap();
+        };
+        let started = Instant::now();
+        let (polled, ()) = tokio::join!(poll, revoke);
+        let err = polled.expect_err("a revoked device's long-poll ends");
+        assert_eq!(err.code(), Some(shoal_protocol::api::ErrorCode::Unauthorized), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "the long-poll ran on for {:?}", started.elapsed());
+        let closed = tokio::time::timeout(Duration::from_secs(10), sub.next_head()).await;
+        assert_eq!(closed.expect("the subscription was closed"), None);
+    });
+    // The operator's view: listed as revoked.
+    let out = std::process::Command::new(bin("shoal-coordinator"))
+        .args(["device", "list", "sam", "--data"])
+        .arg(&coord.data)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.lines().any(|l| l.contains(&lost_id.to_string()) && l.contains("revoked")), "{list}");
+}
+
+#[test]
+fn operators_revoke_devices_and_invites_expire() {
+    let (tmp, coord, devices) = world("olga", &["laptop", "phone"]);
+    let admin = |args: &[&str]| {
+        let out = std::process::Command::new(bin("shoal-coordinator"))
+            .args(args)
+            .arg("--data")
+            .arg(&coord.data)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // Revoke by name while the server runs: the device's token stops working at once.
+    let (ok, text) = admin(&["device", "revoke", "olga", "phone"]);
+    assert!(ok, "{text}");
+    let err = block_on(client_of(&devices[1]).tree(None)).expect_err("a revoked device reads nothing");
+    assert_eq!(err.code(), Some(shoal_protocol::api::ErrorCode::Unauthorized));
+    assert!(block_on(client_of(&devices[0]).tree(None)).is_ok(), "the other device is untouched");
+    let (ok, text) = admin(&["device", "revoke", "olga", "tablet"]);
+    assert!(!ok && text.contains("no device"), "{text}");
+
+    // An invite past its expiry enrolls nothing, and says so like any other refusal.
+    let (ok, text) = admin(&["user", "invite", "olga", "--expires", "1s"]);
+    assert!(ok, "{text}");
+    let invite = text.lines().find(|l| l.starts_with("shoal://")).unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = std::process::Command::new(bin("shoal"))
+        .arg("--home")
+        .arg(tmp.path().join("late-home"))
+        .args(["init", "--invite", &invite, "--dir"])
+        .arg(tmp.path().join("late"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an expired invite enrolled a device");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expired"), "{err}");
+}
