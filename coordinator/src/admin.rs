@@ -76,7 +76,7 @@ pub(crate) fn spawn(
                     return;
                 }
                 let reply = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => match execute(&app.store, Some(&app), req, &addr, fingerprint).await {
+                    Ok(req) => match execute(&app.store.clone(), Some(app), req, &addr, fingerprint).await {
                         Ok(output) => Reply { output: Some(output), error: None },
                         Err(e) => Reply { output: None, error: Some(format!("{e:#}")) },
                     },
@@ -123,7 +123,7 @@ pub async fn request(data: &Path, req: &Request) -> anyhow::Result<String> {
 
 async fn execute(
     store: &Store,
-    app: Option<&App>,
+    app: Option<Arc<App>>,
     req: Request,
     addr: &str,
     fingerprint: ChunkId,
@@ -145,7 +145,7 @@ async fn execute(
             let dev = find_device(&devices, &device)?;
             let revoked = match app {
                 Some(app) => {
-                    crate::revoke_device(app, &dev.id, Some(u.id)).await.map_err(|e| anyhow::anyhow!(e.0.message))?
+                    crate::revoke_device(app, dev.id, Some(u.id)).await.map_err(|e| anyhow::anyhow!(e.0.message))?
                 }
                 None => {
                     let d = store.update_device(&dev.id, |d| {

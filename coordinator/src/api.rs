@@ -257,7 +257,7 @@ async fn revoke(
     let Path(id) = id.map_err(|e| ApiError::bad(e.to_string()))?;
     let id: DeviceId = id.parse().map_err(|e| ApiError::bad(format!("bad device id: {e}")))?;
     let user = auth.user();
-    let dev = crate::revoke_device(&app, &id, Some(user))
+    let dev = crate::revoke_device(app, id, Some(user))
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
     Ok(Json(device_info(&dev)))
@@ -346,6 +346,9 @@ async fn upload_batch(State(app): State<Arc<App>>, auth: Auth, req: Request) -> 
     let mut chunks = Vec::new();
     let mut rest = &body[..];
     while !rest.is_empty() {
+        if chunks.len() == MAX_CHUNK_IDS {
+            return Err(ApiError::bad(format!("at most {MAX_CHUNK_IDS} chunks per batch")));
+        }
         match decode_frame(rest, CHUNK_PARAMS.max as u32) {
             Ok(Some((id, data, used))) => {
                 chunks.push((id, body.slice_ref(data)));
@@ -479,26 +482,34 @@ async fn commit(
         tokio::task::spawn_blocking(move || store.sync()).await.map_err(|e| std::io::Error::other(e.to_string()))??;
     }
     // One commit at a time per user, held until the append is durable: nobody reads an entry the
-    // writer has not been acknowledged (reads stop at the durable head this lock guards).
+    // writer has not been acknowledged (reads stop at the durable head this lock guards). The
+    // commit runs in a task of its own that owns the lock, so a client that goes away mid-commit
+    // never releases the lock while its commit is still being applied or flushed.
     let lock = app.user_lock(user);
-    let _guard = lock.lock().await;
-    let heads = app.head_sender(user)?;
-    let (store, chunks, device) = (app.store.clone(), app.chunks.clone(), auth.device.id);
-    let outcome = blocking(move || crate::commit::apply(&store, &chunks, user, device, req, now_ms())).await?;
-    match outcome {
-        CommitOutcome::Replayed(resp) => {
-            // The original may have failed to flush; make sure before answering again.
-            app.store.flush().await?;
-            Ok(Json(resp))
+    let device = auth.device.id;
+    let task = tokio::spawn({
+        let app = app.clone();
+        async move {
+            let _guard = lock.lock_owned().await;
+            let heads = app.head_sender(user)?;
+            let (store, chunks) = (app.store.clone(), app.chunks.clone());
+            let outcome = blocking(move || crate::commit::apply(&store, &chunks, user, device, req, now_ms())).await?;
+            if !matches!(outcome, CommitOutcome::Stale(_)) {
+                // A replay is flushed too: the original may have failed to flush. Whatever is
+                // stored is durable from here on, so the durable head is the stored head.
+                app.store.flush().await?;
+                heads.send_replace(app.store.head_seq(user)?);
+            }
+            Ok::<_, ApiError>(outcome)
         }
+    });
+    let outcome = task.await.map_err(|e| ApiError::from(std::io::Error::other(e.to_string())))??;
+    match outcome {
+        CommitOutcome::Replayed(resp) => Ok(Json(resp)),
         CommitOutcome::Stale(conflicts) => Err(ApiError::stale(conflicts)),
         CommitOutcome::Applied(resp) => {
-            app.store.flush().await?;
             app.metrics.commits.fetch_add(1, Relaxed);
             app.metrics.entries.fetch_add(resp.entries.len() as u64, Relaxed);
-            if let Some(last) = resp.entries.last() {
-                heads.send_replace(last.version);
-            }
             Ok(Json(resp))
         }
     }
@@ -525,6 +536,8 @@ async fn changes(
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_PAGE);
     let mut rx = app.head_sender(user)?.subscribe();
     let mut revoked = app.revocations.subscribe();
+    // A revocation between authentication and the subscription above is caught here.
+    ensure_not_revoked(&app, &auth.device.id)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_WAIT_SECS));
     loop {
         // The durable head: entries past it are not served until their commit is acknowledged.

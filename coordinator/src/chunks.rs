@@ -163,11 +163,18 @@ impl ChunkStore {
         self.index.chunk_loc(id).map_err(io::Error::other)
     }
 
-    /// The stored length of `id`, if its bytes are present in full.
-    pub fn len(&self, id: &ChunkId) -> Option<u64> {
-        let loc = self.locate(id).ok()??;
-        let pack_len = std::fs::metadata(pack_path(&self.dir, loc.pack)).ok()?.len();
-        (loc.offset + u64::from(loc.len) <= pack_len).then_some(u64::from(loc.len))
+    /// The stored length of `id`, if its bytes are present in full; `None` when it is not stored,
+    /// lost or quarantined. A failure to find out is an error, never "absent".
+    pub fn stored_len(&self, id: &ChunkId) -> io::Result<Option<u64>> {
+        let Some(loc) = self.locate(id)? else {
+            return Ok(None);
+        };
+        let pack_len = match std::fs::metadata(pack_path(&self.dir, loc.pack)) {
+            Ok(md) => md.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok((loc.offset + u64::from(loc.len) <= pack_len).then_some(u64::from(loc.len)))
     }
 
     /// Appends the chunks not stored yet (the caller has verified their hashes) and indexes them.
@@ -176,9 +183,10 @@ impl ChunkStore {
     pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> io::Result<()> {
         let mut guard = self.lock();
         let mut fresh: Vec<(ChunkId, &[u8])> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (id, data) in chunks {
             // An index entry whose bytes did not survive intact counts as absent: store again.
-            if fresh.iter().any(|(f, _)| f == id) || self.stored_intact(id, data.len())? {
+            if !seen.insert(*id) || self.stored_intact(id, data.len())? {
                 continue;
             }
             fresh.push((*id, data));
@@ -229,7 +237,7 @@ impl ChunkStore {
     /// `true` if `id` is stored in full with bytes that match its hash. A copy that fails the
     /// check is reported and quarantined.
     fn stored_intact(&self, id: &ChunkId, len: usize) -> io::Result<bool> {
-        if self.len(id) != Some(len as u64) {
+        if self.stored_len(id)? != Some(len as u64) {
             return Ok(false);
         }
         let frames = self.read_frames(std::slice::from_ref(id));
@@ -509,7 +517,7 @@ mod tests {
         let index = Store::open(&dir.path().join("meta")).unwrap();
         let s = ChunkStore::open(&dir.path().join("chunks"), index.clone()).unwrap();
         let (a, b) = (ChunkId::of(b"abc"), ChunkId::of(b"defg"));
-        assert_eq!(s.len(&a), None);
+        assert_eq!(s.stored_len(&a).unwrap(), None);
         s.put_many(&[(a, b"abc"), (b, b"defg"), (a, b"abc")]).unwrap();
         s.put_many(&[(a, b"abc")]).unwrap();
         assert!(s.needs_sync());
@@ -517,7 +525,7 @@ mod tests {
         assert!(!s.needs_sync());
         assert_eq!(s.get(&a).unwrap(), b"abc");
         assert_eq!(s.get(&b).unwrap(), b"defg");
-        assert_eq!(s.len(&b), Some(4));
+        assert_eq!(s.stored_len(&b).unwrap(), Some(4));
         // Stored once, as frames (2 headers + 7 bytes), padded to the direct-I/O alignment.
         let len = std::fs::metadata(pack_path(&dir.path().join("chunks"), 1)).unwrap().len();
         assert!(len == 2 * 36 + 7 || len == direct::ALIGN as u64, "{len}");
@@ -564,7 +572,7 @@ mod tests {
             .unwrap()
             .set_len(40)
             .unwrap();
-        assert_eq!(s.len(&a), None);
+        assert_eq!(s.stored_len(&a).unwrap(), None);
     }
 
     /// Flips one byte of `id`'s stored bytes in place.

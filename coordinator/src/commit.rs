@@ -71,19 +71,42 @@ pub fn apply(
         return Ok(CommitOutcome::Stale(conflicts));
     }
     check_hierarchy(store, user, &req.changes)?;
+    let mut checked = HashSet::new();
     for c in &req.changes {
         for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
-            let on_disk = || chunks.len(&chunk.id) == Some(u64::from(chunk.len));
-            if !store.user_has_chunk(user, &chunk.id)? || !on_disk() {
-                // A chunk lost before it was synced (a crash after its upload) or quarantined as
-                // corrupt is forgotten, so `chunks/missing` asks for it again.
-                store.forget_user_chunk(user, &chunk.id)?;
-                return Err(ApiError::new(
+            if !checked.insert(chunk.id) {
+                continue;
+            }
+            let unknown = || {
+                ApiError::new(
                     ErrorCode::UnknownChunk,
                     format!("{}: chunk {} was never uploaded by this user", c.path, chunk.id),
-                ));
+                )
+            };
+            if !store.user_has_chunk(user, &chunk.id)? {
+                return Err(unknown());
+            }
+            match chunks.stored_len(&chunk.id)? {
+                Some(len) if len == u64::from(chunk.len) => {}
+                Some(len) => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidManifest,
+                        format!("{}: chunk {} is {len} bytes, not {}", c.path, chunk.id, chunk.len),
+                    ));
+                }
+                None => {
+                    // Lost before it was synced (a crash after its upload) or quarantined as
+                    // corrupt: forgotten, so `chunks/missing` asks for it again.
+                    store.forget_user_chunk(user, &chunk.id)?;
+                    return Err(unknown());
+                }
             }
         }
+    }
+    // An upload since the handler's sync (another device's, or a repair) must be on disk before
+    // a commit that may name it is acknowledged.
+    if chunks.needs_sync() {
+        chunks.sync()?;
     }
     let mut seq = store.head_seq(user)?;
     let entries: Vec<Entry> = req

@@ -129,6 +129,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
     let chunks = ChunkStore::open(&opts.data.join("chunks"), store.clone()).context("opening the chunk store")?;
+    // After a crash of the process alone, the store may hold writes that never reached the disk;
+    // make them durable before any of them is served as such.
+    store.flush_blocking().context("flushing the metadata store")?;
     let listener =
         tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
     let addr = listener.local_addr()?;
@@ -183,21 +186,25 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
 
 /// Revokes device `id` (only if it belongs to `owner`, when given): durable before returning,
 /// and every open subscription or long-poll of the device is ended. `None` if there is no such
-/// device (of that owner).
-pub(crate) async fn revoke_device(app: &App, id: &DeviceId, owner: Option<UserId>) -> ApiResult<Option<DeviceRec>> {
-    let dev = app.store.update_device(id, |d| {
-        if owner.is_some_and(|u| u != d.user) {
-            return false;
+/// device (of that owner). Runs in a task of its own, so a caller that goes away midway cannot
+/// leave a revocation stored but not announced.
+pub(crate) async fn revoke_device(app: Arc<App>, id: DeviceId, owner: Option<UserId>) -> ApiResult<Option<DeviceRec>> {
+    let task = tokio::spawn(async move {
+        let dev = app.store.update_device(&id, |d| {
+            if owner.is_some_and(|u| u != d.user) {
+                return false;
+            }
+            d.revoked = true;
+            true
+        })?;
+        if let Some(d) = &dev {
+            app.store.flush().await?;
+            app.revocations.send_modify(|g| *g += 1);
+            tracing::info!(device = %d.id, "device revoked");
         }
-        d.revoked = true;
-        true
-    })?;
-    if let Some(d) = &dev {
-        app.store.flush().await?;
-        app.revocations.send_modify(|g| *g += 1);
-        tracing::info!(device = %d.id, "device revoked");
-    }
-    Ok(dev)
+        Ok(dev)
+    });
+    task.await.map_err(|e| error::ApiError::from(std::io::Error::other(e.to_string())))?
 }
 
 /// Makes sure the data directory is private before anything is written to it: created 0700 when

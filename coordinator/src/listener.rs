@@ -1,7 +1,8 @@
 //! The accept loop of the public HTTPS listener, and the limits that keep one client from starving
 //! everyone else: a cap on open connections in total and per source address, a deadline for the
-//! TLS handshake and for each request's headers (which also closes idle keep-alive connections),
-//! and HTTP/2 keep-alive pings and stream limits. Connections over a cap are closed at once.
+//! TLS handshake and for each request's headers (which also closes idle HTTP/1 keep-alive
+//! connections), a deadline on any connection that moves no byte at all (which also finds dead
+//! peers), and a limit on HTTP/2 streams. Connections over a cap are closed at once.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,9 +34,13 @@ pub const MAX_CONNECTIONS_PER_ADDR: usize = 256;
 /// File descriptors kept free for everything that is not a client connection (packs, the
 /// database, logs).
 const FD_RESERVE: usize = 256;
-/// HTTP/2 pings on an otherwise quiet connection, and how long an answer may take before the
-/// connection is dropped: finds dead peers behind NATs.
-const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// A connection on which nothing has been read or written for this long is closed, whatever state
+/// it is in (after TLS but before a request, an idle HTTP/2 connection, a stalled body). Longer
+/// than the longest quiet time of a real device: a long-poll waits up to 60 s, and a push
+/// subscription gets a ping every 20 s.
+pub const CONN_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a connection's idle time is checked.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
 /// Most concurrent HTTP/2 streams per connection; a device's parallel fetches use a handful.
 const H2_MAX_STREAMS: u32 = 128;
 
@@ -83,7 +88,20 @@ impl Drop for Slot {
     }
 }
 
+/// The address a connection is counted under: an IPv4 address (also when written IPv4-mapped), or
+/// an IPv6 /64, the block one host or network is usually given.
+fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: Limits) -> Option<Slot> {
+    let ip = addr_key(ip);
     let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
     let here = c.per_addr.get(&ip).copied().unwrap_or(0);
     if c.total >= limits.total || here >= limits.per_addr {
@@ -183,16 +201,93 @@ async fn serve_one(
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE)
-        .keep_alive_timeout(H2_KEEPALIVE)
-        .max_concurrent_streams(H2_MAX_STREAMS);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    // No HTTP/2 keep-alive pings: they would keep an idle connection "active" for ever. Dead and
+    // idle peers alike are closed by the idle deadline below.
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(H2_MAX_STREAMS);
+    let activity = Activity::default();
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(Watched { io: tls, activity: activity.clone() }), service);
     tokio::select! {
         r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with an error") },
+        () = activity.idle_for(CONN_IDLE_TIMEOUT) => tracing::debug!(%peer, "closing an idle connection"),
         _ = cancel.cancelled() => {}
+    }
+}
+
+/// When a connection last moved a byte.
+#[derive(Clone)]
+struct Activity(Arc<Mutex<tokio::time::Instant>>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity(Arc::new(Mutex::new(tokio::time::Instant::now())))
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    /// Returns once no byte has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() >= limit {
+                return;
+            }
+            tokio::time::sleep((last + limit).saturating_duration_since(tokio::time::Instant::now()).max(IDLE_CHECK))
+                .await;
+        }
+    }
+}
+
+/// A stream that records its activity.
+struct Watched<T> {
+    io: T,
+    activity: Activity,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -239,5 +334,13 @@ mod tests {
         drop(held);
         let c = counts.lock().unwrap();
         assert_eq!((c.total, c.per_addr.len()), (0, 0));
+    }
+
+    #[test]
+    fn ipv6_is_counted_per_64_and_mapped_ipv4_as_ipv4() {
+        let key = |s: &str| addr_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
     }
 }

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use shoal_protocol::api::{CommitResponse, Conflict};
+use shoal_protocol::api::{CommitResponse, Conflict, MAX_PAGE_BYTES};
 use shoal_protocol::{ChunkId, CommitId, DeviceId, Entry, Seq, SyncPath};
 
 /// sled's page cache. Small: the hot data (heads, recent journal) is small, and an idle
@@ -457,6 +457,15 @@ impl Store {
         self.get(&key(b"j/", &[&user.to_be_bytes(), &seq.to_be_bytes()]))
     }
 
+    /// A journal entry and its stored size, for pages bounded by bytes.
+    fn sized_entry(&self, user: UserId, seq: Seq) -> Result<Option<(Entry, usize)>, StoreError> {
+        let k = key(b"j/", &[&user.to_be_bytes(), &seq.to_be_bytes()]);
+        match self.meta.get(&k)? {
+            Some(v) => Ok(Some((decode(&k, &v)?, v.len()))),
+            None => Ok(None),
+        }
+    }
+
     /// The current head of `path` (possibly a tombstone).
     pub fn head(&self, user: UserId, path: &SyncPath) -> Result<Option<Entry>, StoreError> {
         let Some(seq) = self.meta.get(key(b"p/", &[&user.to_be_bytes(), path.as_str().as_bytes()]))? else {
@@ -520,7 +529,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Versions of `path` after `after`, oldest first: at most `limit`, plus whether more follow.
+    /// Versions of `path` after `after`, oldest first: at most `limit` (and no more once past
+    /// `MAX_PAGE_BYTES` stored, at least one), plus whether more follow.
     pub fn history(
         &self,
         user: UserId,
@@ -531,16 +541,18 @@ impl Store {
         let prefix = key(b"v/", &[&user.to_be_bytes(), path.as_str().as_bytes(), &[0]]);
         let start = history_key(user, path, after.map_or(0, |a| a.saturating_add(1)));
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for kv in self.meta.range(start..) {
             let (k, _) = kv?;
             if !k.starts_with(&prefix) {
                 break;
             }
             let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: format!("v/{path}") })?;
-            if let Some(e) = self.entry(user, seq)? {
-                if out.len() == limit {
+            if let Some((e, size)) = self.sized_entry(user, seq)? {
+                if out.len() == limit || (!out.is_empty() && bytes + size > MAX_PAGE_BYTES) {
                     return Ok((out, true));
                 }
+                bytes += size;
                 out.push(e);
             }
         }
@@ -565,7 +577,8 @@ impl Store {
     }
 
     /// Live heads ordered by path, strictly after `after`, as of the current head: at most
-    /// `limit`, plus whether more follow.
+    /// `limit` (and no more once past `MAX_PAGE_BYTES` stored, at least one), plus whether more
+    /// follow.
     pub fn tree_head(
         &self,
         user: UserId,
@@ -583,21 +596,23 @@ impl Store {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for kv in self.meta.range(start..) {
             let (k, v) = kv?;
             if !k.starts_with(&prefix) {
                 break;
             }
             let seq = be_u64(&v).ok_or_else(|| StoreError::Corrupt { key: "p/".into() })?;
-            let Some(e) = self.entry(user, seq)? else {
+            let Some((e, size)) = self.sized_entry(user, seq)? else {
                 continue;
             };
             if e.deleted {
                 continue;
             }
-            if out.len() == limit {
+            if out.len() == limit || (!out.is_empty() && bytes + size > MAX_PAGE_BYTES) {
                 return Ok((out, true));
             }
+            bytes += size;
             out.push(e);
         }
         Ok((out, false))

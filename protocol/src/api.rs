@@ -22,13 +22,15 @@ pub const MAX_COMMIT_CHANGES: usize = 1_000;
 pub const MAX_CHUNK_IDS: usize = 16_384;
 /// Most entries in one page of changes, tree or history.
 pub const MAX_PAGE: usize = 5_000;
-/// Stored (binary) bytes of entries past which a page of changes stops, whatever the count: about
+/// Stored (binary) bytes of entries past which a page of changes, tree or history stops, whatever
+/// the count: about
 /// 5 MiB of JSON (hex ids take ~2.7× their binary size), so a page of large manifests stays a few
 /// MiB instead of `MAX_PAGE` × the largest manifest. A page always holds at least one entry.
 pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Largest JSON body accepted before the request is authenticated (enrollment): a device name,
-/// an invite secret and a certificate request (an ECDSA one is ~500 bytes) fit with room to spare;
-/// anything bigger from an unknown party is refused before it is read.
+/// an invite secret and a certificate request (an ECDSA one is ~500 bytes) fit with room to spare.
+/// A larger declared body from an unknown party is refused without being kept (at most four times
+/// this much is read and dropped, so the client sees the 413).
 pub const MAX_UNAUTH_BODY: usize = 16 * 1024;
 /// Longest long-poll wait.
 pub const MAX_WAIT_SECS: u64 = 60;

@@ -65,8 +65,30 @@ fn revocation_is_never_undone_by_requests_in_flight() {
                 })
             })
             .collect();
+        // One more report whose token is checked before the revocation and whose body only
+        // arrives after it has returned: the widest a request in flight can straddle it.
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let straddler = {
+            let c = Client::new(&cfg).unwrap();
+            std::thread::spawn(move || {
+                block_on(async {
+                    let body = futures::stream::once(async move {
+                        let _ = held.await;
+                        Ok::<_, std::io::Error>(br#"{"seq":0}"#.to_vec())
+                    });
+                    let _ = c
+                        .request(Method::POST, "/v1/cursor")
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(reqwest::Body::wrap_stream(body))
+                        .send()
+                        .await;
+                })
+            })
+        };
         std::thread::sleep(Duration::from_millis(100));
         block_on(keeper.revoke(cfg.device_id)).unwrap();
+        let _ = release.send(());
+        straddler.join().unwrap();
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::Relaxed);
         for t in threads {
