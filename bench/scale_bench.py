@@ -1,0 +1,123 @@
+"""How the cost of one change grows with the size of the folder: for each folder size N (files of
+1 KiB, 100 per directory), the initial sync A→B, then the time a new 1 KiB file on A takes to be
+complete on B with N files present, the memory of both agents and the coordinator once in sync,
+and the CPU an idle agent uses. Prints one table row per size. Run through bench/scale."""
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sync_bench as sb  # noqa: E402  (the cluster, machine and helper functions)
+
+FILE = 1024
+PER_DIR = 100
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def count_files(root, top):
+    total = 0
+    for _, _, files in os.walk(os.path.join(root, top)):
+        total += len(files)
+    return total
+
+
+def measure(n, samples, base):
+    c = sb.Cluster(base)
+    a, b = c.roots["a"], c.roots["b"]
+    try:
+        # Initial sync: N files written on A (not timed), then timed from the last write until
+        # all are on B.
+        for i in range(n):
+            d = os.path.join(a, "tree", f"d{i // PER_DIR}")
+            if i % PER_DIR == 0:
+                os.makedirs(d)
+            with open(os.path.join(d, f"f{i}"), "wb") as f:
+                f.write(os.urandom(FILE))
+        t = time.monotonic()
+        ok = sb.wait(lambda: count_files(b, "tree") >= n, 3600, 0.2)
+        initial = time.monotonic() - t if ok else None
+        time.sleep(3)  # let both agents settle
+
+        # A new 1 KiB file with N present, `samples` times.
+        lat = []
+        os.makedirs(os.path.join(a, "new"))
+        for i in range(samples):
+            data = os.urandom(FILE)
+            dst = os.path.join(b, "new", f"{i}.bin")
+            with open(os.path.join(a, "new", f"{i}.bin"), "wb") as f:
+                f.write(data)
+            t = time.monotonic()
+
+            def arrived():
+                try:
+                    with open(dst, "rb") as f:
+                        return f.read() == data
+                except OSError:
+                    return False
+
+            if not sb.wait(arrived, 120, 0.002):
+                break
+            lat.append(time.monotonic() - t)
+            time.sleep(0.2)
+        lat.sort()
+
+        # Memory once in sync, and an idle agent's CPU over ten seconds.
+        time.sleep(3)
+        rss = {k: sb.rss_kib(p.pid, "VmRSS") / 1024 for k, p in c.agents.items()}
+        coord = sb.rss_kib(c.coord.pid, "VmRSS") / 1024
+        before = {k: cpu_seconds(p.pid) for k, p in c.agents.items()}
+        time.sleep(10)
+        idle = {k: (cpu_seconds(p.pid) - before[k]) / 10 * 100 for k, p in c.agents.items()}
+        return {
+            "initial": initial,
+            "median": statistics.median(lat) if lat else None,
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+            "samples": len(lat),
+            "rss": rss,
+            "coord": coord,
+            "idle": idle,
+        }
+    finally:
+        c.stop()
+
+
+def main():
+    sizes = [int(s) for s in sys.argv[1:] if s.isdigit()] or [10_000, 100_000]
+    samples = 20
+    rows = []
+    for n in sizes:
+        base = tempfile.mkdtemp(prefix="shoal-scale-", dir=os.environ.get("BENCH_DIR"))
+        try:
+            rows.append((n, measure(n, samples, base)))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def secs(v):
+        return "timeout" if v is None else f"{v:.2f} s"
+
+    def ms(v):
+        return "timeout" if v is None else f"{v * 1000:.0f} ms"
+
+    print(f"Machine: {sb.machine()}")
+    print(f"Build: release; loopback; files of {FILE} B, {PER_DIR} per directory; {samples} new files per size")
+    print()
+    print("| files | initial sync A→B | new 1 KiB file A→B, median / p99 | agent RSS A / B | coordinator RSS | idle agent CPU A / B |")
+    print("|---|---|---|---|---|---|")
+    for n, r in rows:
+        print(
+            f"| {n:,} | {secs(r['initial'])} | {ms(r['median'])} / {ms(r['p99'])} "
+            f"| {r['rss']['a']:.0f} / {r['rss']['b']:.0f} MiB | {r['coord']:.0f} MiB "
+            f"| {r['idle']['a']:.1f} / {r['idle']['b']:.1f} % |"
+        )
+
+
+if __name__ == "__main__":
+    main()
