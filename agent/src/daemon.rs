@@ -14,8 +14,12 @@ use shoal_protocol::path::RESERVED_DIR;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::config::Config;
 use crate::engine::{CycleReport, Engine};
+use crate::own::OwnWrites;
 
 /// What `status.json` holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,6 +35,10 @@ pub struct Status {
     pub updated_ms: u64,
     pub last_error: Option<String>,
     pub skipped: Vec<String>,
+    /// Watcher wake-ups since the daemon started: changes in the folder that were not the
+    /// agent's own writes (a debug counter; it stays put while the agent only applies others').
+    #[serde(default)]
+    pub watcher_hints: u64,
 }
 
 impl Status {
@@ -71,7 +79,8 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let rescan_every = cfg.rescan_interval;
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
-    let _watcher = watch(&root, debounce, tx.clone())?;
+    let hints = Arc::new(AtomicU64::new(0));
+    let _watcher = watch(&root, debounce, tx.clone(), engine.own_writes(), hints.clone())?;
     let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
     let _abort = AbortOnDrop(subscriber);
     let mut status = Status { pid: std::process::id(), ..Status::default() };
@@ -117,6 +126,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
             }
         };
         status.updated_ms = now_ms();
+        status.watcher_hints = hints.load(Ordering::Relaxed);
         status.save(home);
         if wait.is_zero() {
             continue;
@@ -169,12 +179,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Starts the file watcher. Events under `.shoal/` (our own temp files) are dropped; a "rescan"
-/// flag from the OS (queue overflow) is passed on, never dropped.
+/// Starts the file watcher. Events under `.shoal/` (our own temp files) and echoes of the agent's
+/// own writes are dropped; a "rescan" flag from the OS (queue overflow) is passed on, never
+/// dropped. Every hint sent is counted in `hints`.
 fn watch(
     root: &Path,
     debounce: Duration,
     tx: mpsc::Sender<Hint>,
+    own: OwnWrites,
+    hints: Arc<AtomicU64>,
 ) -> anyhow::Result<notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>>
 {
     let reserved = root.join(RESERVED_DIR);
@@ -184,9 +197,10 @@ fn watch(
             // inotify reports opens too, including our own scanner's: only changes count.
             let relevant = events.iter().any(|e| {
                 let change = !matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write));
-                change && e.paths.iter().any(|p| !p.starts_with(&reserved))
+                change && e.paths.iter().any(|p| !p.starts_with(&reserved) && !own.is_own(p))
             });
             if rescan || relevant {
+                hints.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.try_send(Hint::Local { rescan });
             }
         }
@@ -194,6 +208,7 @@ fn watch(
             for e in errors {
                 tracing::warn!(error = %e, "watcher error; rescanning");
             }
+            hints.fetch_add(1, Ordering::Relaxed);
             let _ = tx.try_send(Hint::Local { rescan: true });
         }
     })?;

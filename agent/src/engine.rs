@@ -17,6 +17,7 @@ use shoal_protocol::{Change, ChunkId, CommitId, Entry, EntryKind, Seq, SyncPath}
 
 use crate::client::{Client, ClientError};
 use crate::config::Config;
+use crate::own::OwnWrites;
 use crate::planner::{self, Node, Op};
 use crate::scan::{self, Ignore, Scan};
 use crate::store::{Batch, IndexRec, OutboxItem, Store};
@@ -90,6 +91,8 @@ pub struct Engine {
     reported_cursor: Seq,
     /// Downloads that failed, by path: tried again after a backoff, not on every cycle.
     retries: HashMap<SyncPath, Retry>,
+    /// What this engine just wrote, so the watcher does not take it for the user's work.
+    own: OwnWrites,
 }
 
 /// A download that failed: when to try it again, and what it keeps for that try.
@@ -137,6 +140,7 @@ impl Engine {
             counters: Arc::default(),
             reported_cursor: 0,
             retries: HashMap::new(),
+            own: OwnWrites::default(),
         };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
@@ -154,6 +158,20 @@ impl Engine {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The paths this engine writes, for the watcher to recognise their events.
+    pub fn own_writes(&self) -> OwnWrites {
+        self.own.clone()
+    }
+
+    /// Notes `path` and its parent directories as just written by this engine.
+    fn note_written(&self, path: &SyncPath) {
+        let mut p = Some(path.clone());
+        while let Some(cur) = p {
+            self.own.note(&cur.to_local(&self.root));
+            p = cur.parent();
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -326,6 +344,7 @@ impl Engine {
         for e in dirs {
             match ensure_dir(&self.root, &e.path) {
                 Ok(md) => {
+                    self.note_written(&e.path);
                     batch.put_index(&e.path, &scan::stat_rec(&md));
                     batch.put_synced(&e);
                 }
@@ -345,7 +364,9 @@ impl Engine {
         removes.sort_by_key(|p| std::cmp::Reverse(p.depth()));
         let mut batch = Batch::default();
         for path in removes {
-            match remove_local(&self.root, &path, scan.tree.get(&path)) {
+            let removal = remove_local(&self.root, &path, scan.tree.get(&path));
+            self.own.note(&path.to_local(&self.root));
+            match removal {
                 Ok(Removal::Done) => {
                     batch.del_synced(&path);
                     batch.del_index(&path);
@@ -372,6 +393,7 @@ impl Engine {
             for e in replacements {
                 let scanned = scan.tree.get(&e.path);
                 let removed = matches!(remove_local(&self.root, &e.path, scanned), Ok(Removal::Done));
+                self.own.note(&e.path.to_local(&self.root));
                 // A directory that still holds local additions is kept, as a conflicted copy.
                 let moved = !removed
                     && scanned.is_some_and(|r| r.kind == EntryKind::Dir)
@@ -389,6 +411,7 @@ impl Engine {
                 match e.kind {
                     EntryKind::Dir => match ensure_dir(&self.root, &e.path) {
                         Ok(md) => {
+                            self.note_written(&e.path);
                             batch.put_index(&e.path, &scan::stat_rec(&md));
                             batch.put_synced(&e);
                         }
@@ -470,7 +493,11 @@ impl Engine {
             let copy = path.with_file_name(&name)?;
             let dest = copy.to_local(&self.root);
             match rename_noreplace(&local, &dest) {
-                Ok(()) => return Ok(copy),
+                Ok(()) => {
+                    self.own.note(&local);
+                    self.own.note(&dest);
+                    return Ok(copy);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -611,6 +638,7 @@ impl Engine {
                 let expected = expect.get(&e.path).cloned().flatten();
                 match install(&self.root, &e.path, &tmp, expected.as_ref()) {
                     Ok(md) => {
+                        self.note_written(&e.path);
                         let mut rec = scan::stat_rec(&md);
                         rec.manifest = e.manifest.clone();
                         // We wrote and verified these bytes ourselves: the stat taken after the

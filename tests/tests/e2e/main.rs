@@ -9,4 +9,5 @@ mod bad_input;
 mod durability;
 mod hardening;
 mod history;
+mod large;
 mod sync;

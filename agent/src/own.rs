@@ -1,0 +1,128 @@
+//! The agent's own writes, remembered briefly so the watcher can tell them from the user's. After
+//! every install, conflicted copy, directory creation or removal the engine notes the path with
+//! its stat at that moment (or that it is absent); a watcher event for a path whose stat still
+//! matches is the echo of that write and is dropped. Any later change by someone else changes the
+//! ctime (or the inode, or presence), so it never matches. Correctness does not rest on this: a
+//! dropped event only skips a cycle that would have found nothing, and the periodic rescan is the
+//! backstop.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a noted write is remembered: far longer than the watcher's debounce and any delay in
+/// delivering its events, short enough that the map stays small.
+const REMEMBER: Duration = Duration::from_secs(60);
+/// Most paths remembered; past this the oldest are forgotten first (their events then cost one
+/// cycle each, as without this filter).
+const MAX_PATHS: usize = 200_000;
+
+/// What a path looked like right after the agent wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Absent,
+    /// A directory's times move with every entry written into it (each tracked on its own), so
+    /// only its identity and mode count.
+    Dir {
+        ino: u64,
+        mode: u32,
+    },
+    Present {
+        ino: u64,
+        size: u64,
+        mtime_ns: i64,
+        ctime_ns: i64,
+        mode: u32,
+    },
+}
+
+fn look(path: &Path) -> Option<Seen> {
+    match path.symlink_metadata() {
+        Ok(md) if md.is_dir() => Some(Seen::Dir { ino: md.ino(), mode: md.mode() }),
+        Ok(md) => Some(Seen::Present {
+            ino: md.ino(),
+            size: md.size(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            mode: md.mode(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Seen::Absent),
+        Err(_) => None,
+    }
+}
+
+/// Recently written paths; cheap to clone, shared by the engine and the watcher.
+#[derive(Clone, Default)]
+pub struct OwnWrites(Arc<Mutex<HashMap<PathBuf, (Seen, Instant)>>>);
+
+impl OwnWrites {
+    /// Notes that the agent just wrote (or removed) `path`.
+    pub fn note(&self, path: &Path) {
+        let Some(seen) = look(path) else { return };
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_PATHS {
+            let cutoff = Instant::now() - REMEMBER / 2;
+            map.retain(|_, (_, at)| *at > cutoff);
+            if map.len() >= MAX_PATHS {
+                map.clear();
+            }
+        }
+        map.insert(path.to_path_buf(), (seen, Instant::now()));
+    }
+
+    /// `true` if `path` is as the agent last left it, recently.
+    pub fn is_own(&self, path: &Path) -> bool {
+        let recorded = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(path) {
+                Some((_, at)) if at.elapsed() > REMEMBER => {
+                    map.remove(path);
+                    return false;
+                }
+                Some((seen, _)) => *seen,
+                None => return false,
+            }
+        };
+        look(path) == Some(recorded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_writes_match_until_someone_else_changes_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = OwnWrites::default();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"ours").unwrap();
+        assert!(!own.is_own(&f), "not noted yet");
+        own.note(&f);
+        assert!(own.is_own(&f));
+        // Someone else rewrites it: ctime moves, so it is no longer ours.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&f, b"user").unwrap();
+        assert!(!own.is_own(&f));
+        // Removals are noted as absence.
+        std::fs::remove_file(&f).unwrap();
+        own.note(&f);
+        assert!(own.is_own(&f));
+        std::fs::write(&f, b"back").unwrap();
+        assert!(!own.is_own(&f));
+        // A directory stays ours while entries come and go, not once its mode changes.
+        let d = dir.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        own.note(&d);
+        std::fs::write(d.join("x"), b"").unwrap();
+        assert!(own.is_own(&d));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(own.is_own(&d), "same mode again");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(!own.is_own(&d));
+    }
+}
