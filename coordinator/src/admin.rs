@@ -65,7 +65,14 @@ pub(crate) fn spawn(
         loop {
             let sock = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
             };
             let (app, addr) = (app.clone(), addr.clone());
             tokio::spawn(async move {

@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn print_invite(data: &std::path::Path, name: &str, create: bool, expires: Duration) -> anyhow::Result<()> {
+    anyhow::ensure!(expires >= Duration::from_secs(1), "--expires must be at least 1s");
     let req = Request::Invite { user: name.to_string(), create, expires_secs: expires.as_secs() };
     let invite = admin::request(data, &req).await?;
     if create {
