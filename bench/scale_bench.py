@@ -55,15 +55,7 @@ def measure(n, samples, base):
             with open(os.path.join(a, "new", f"{i}.bin"), "wb") as f:
                 f.write(data)
             t = time.monotonic()
-
-            def arrived():
-                try:
-                    with open(dst, "rb") as f:
-                        return f.read() == data
-                except OSError:
-                    return False
-
-            if not sb.wait(arrived, 120, 0.002):
+            if not sb.wait(lambda: sb.has_bytes(dst, data), 120, 0.002):
                 break
             lat.append(time.monotonic() - t)
             time.sleep(0.2)

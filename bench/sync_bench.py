@@ -70,6 +70,15 @@ def rss_kib(pid, field):
     return 0
 
 
+def has_bytes(path, data):
+    """True when the file at `path` holds exactly `data`."""
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
+
+
 def wait(pred, timeout, step=0.002):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -151,15 +160,7 @@ def main():
             with open(os.path.join(a, "lat", f"{i}.bin"), "wb") as f:
                 f.write(data)
             t = time.monotonic()
-
-            def arrived():
-                try:
-                    with open(dst, "rb") as f:
-                        return f.read() == data
-                except OSError:
-                    return False
-
-            assert wait(arrived, 30), "1 KiB file never arrived"
+            assert wait(lambda: has_bytes(dst, data), 30), "1 KiB file never arrived"
             lat.append(time.monotonic() - t)
             time.sleep(0.05)
         lat.sort()

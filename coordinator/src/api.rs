@@ -424,9 +424,7 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
                 let frames = tokio::task::spawn_blocking(move || store.read_frames(&ids))
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                let bytes: usize = frames.pieces.iter().map(Bytes::len).sum();
-                let n = count_frames(&frames.pieces);
-                app.metrics.bytes_out.fetch_add((bytes - n * FRAME_HEADER) as u64, Relaxed);
+                app.metrics.bytes_out.fetch_add(frames.chunk_bytes, Relaxed);
                 Ok::<_, std::io::Error>(frames)
             }
         })
@@ -453,19 +451,6 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
         })
         .flatten();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
-}
-
-/// How many frames `pieces` (whole frames, back to back) hold, padding frames included.
-fn count_frames(pieces: &[Bytes]) -> usize {
-    let mut n = 0;
-    for piece in pieces {
-        let mut rest = &piece[..];
-        while let Ok(Some((_, _, used))) = decode_frame(rest, u32::MAX) {
-            n += 1;
-            rest = &rest[used..];
-        }
-    }
-    n
 }
 
 // ---- commits and the journal ----

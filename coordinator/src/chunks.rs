@@ -84,6 +84,8 @@ fn corrupt_error(id: &ChunkId) -> io::Error {
 /// request, and why it stopped early, if it did.
 pub struct Frames {
     pub pieces: Vec<Bytes>,
+    /// Chunk bytes in `pieces`, frame headers not counted.
+    pub chunk_bytes: u64,
     pub error: Option<io::Error>,
 }
 
@@ -348,7 +350,7 @@ impl ChunkStore {
     /// checked against its id before it is returned; the read stops at the first chunk that is
     /// absent, unreadable or corrupt (a corrupt one is quarantined), keeping the frames before it.
     pub fn read_frames(&self, ids: &[ChunkId]) -> Frames {
-        let mut out = Frames { pieces: Vec::new(), error: None };
+        let mut out = Frames { pieces: Vec::new(), chunk_bytes: 0, error: None };
         let mut i = 0;
         while i < ids.len() {
             // The longest run of chunks stored back to back, starting at `ids[i]`.
@@ -384,8 +386,13 @@ impl ChunkStore {
                 }
             };
             match self.verify_run(&run, bytes) {
-                Ok(bytes) => out.pieces.push(bytes),
+                Ok(bytes) => {
+                    out.chunk_bytes += run.iter().map(|(_, loc)| u64::from(loc.len)).sum::<u64>();
+                    out.pieces.push(bytes);
+                }
                 Err((good, bad)) => {
+                    let before = run.iter().take_while(|(id, _)| *id != bad);
+                    out.chunk_bytes += before.map(|(_, loc)| u64::from(loc.len)).sum::<u64>();
                     if !good.is_empty() {
                         out.pieces.push(good);
                     }
@@ -599,6 +606,7 @@ mod tests {
         let frames = s.read_frames(&ids);
         let got: Vec<u8> = frames.pieces.concat();
         assert_eq!(got.len(), FRAME_HEADER + 5000);
+        assert_eq!(frames.chunk_bytes, 5000);
         assert_eq!(frames.error.unwrap().kind(), io::ErrorKind::InvalidData);
         assert_eq!(s.corrupt_count(), 1);
         // Quarantined: absent from now on, so devices are asked for it again.
