@@ -175,6 +175,11 @@ impl Device {
         d
     }
 
+    /// A device whose home and folder already exist, e.g. unpacked from a fixture.
+    pub fn existing(name: &str, home: PathBuf, root: PathBuf) -> Device {
+        Device { name: name.to_string(), home, root, umask: None, daemon: None }
+    }
+
     pub fn cmd(&self) -> Command {
         let mut c = match self.umask {
             Some(mask) => {

@@ -10,4 +10,5 @@ mod durability;
 mod hardening;
 mod history;
 mod large;
+mod migration;
 mod sync;
