@@ -291,8 +291,13 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
     let mut engine = Engine::open(home, cfg)?;
     let spinner = Progress::spinner("syncing", quiet);
     let mut total = engine::CycleReport::default();
-    for _ in 0..20 {
+    // Rounds that end with nothing queued yet not in sync; a full pass's steps do not count.
+    let mut rounds = 0;
+    while rounds < 20 {
         let r = engine.cycle().await?;
+        if !r.more_work {
+            rounds += 1;
+        }
         total.bytes_uploaded += r.bytes_uploaded;
         total.bytes_downloaded += r.bytes_downloaded;
         total.fetched_files += r.fetched_files;

@@ -9,13 +9,13 @@ use notify::RecursiveMode;
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::{Deserialize, Serialize};
-use shoal_protocol::Seq;
 use shoal_protocol::path::RESERVED_DIR;
+use shoal_protocol::{Seq, SyncPath};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::config::Config;
 use crate::engine::{CycleReport, Engine};
@@ -39,6 +39,18 @@ pub struct Status {
     /// agent's own writes (a debug counter; it stays put while the agent only applies others').
     #[serde(default)]
     pub watcher_hints: u64,
+    /// Stored path records the last cycle decoded, and the paths and directories it looked at
+    /// (debug counters: outside full passes they follow the change, not the folder's size).
+    #[serde(default)]
+    pub last_cycle_reads: u64,
+    #[serde(default)]
+    pub last_cycle_scope: usize,
+    /// Stored path records decoded since the daemon started.
+    #[serde(default)]
+    pub reads_total: u64,
+    /// A full pass over the folder is under way.
+    #[serde(default)]
+    pub full_pass: bool,
 }
 
 impl Status {
@@ -68,8 +80,27 @@ pub fn now_ms() -> u64 {
 /// Why the loop woke up.
 #[derive(Debug)]
 enum Hint {
-    Local { rescan: bool },
+    /// Paths that changed (or a request to look at everything).
+    Local {
+        rescan: bool,
+        paths: Vec<PathBuf>,
+    },
     Remote(Seq),
+}
+
+/// Passes a hint to the engine: changed paths become dirty; a rescan request starts a full pass.
+fn take_hint(engine: &mut Engine, root: &Path, hint: Hint) {
+    match hint {
+        Hint::Local { rescan, paths } => {
+            if rescan {
+                tracing::info!("watcher asked for a full rescan");
+                engine.start_full_pass();
+            }
+            // Names that cannot be synced are reported by the scans; events for them are noise.
+            engine.mark_dirty(paths.iter().filter_map(|p| SyncPath::from_relative(p.strip_prefix(root).ok()?).ok()));
+        }
+        Hint::Remote(head) => tracing::debug!(head, "coordinator head moved"),
+    }
 }
 
 /// Runs until `cancel` fires.
@@ -80,7 +111,9 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
     let hints = Arc::new(AtomicU64::new(0));
-    let _watcher = watch(&root, debounce, tx.clone(), engine.own_writes(), hints.clone())?;
+    // Set when a watcher hint could not be queued: its paths are lost, so a full pass runs.
+    let overflow = Arc::new(AtomicBool::new(false));
+    let _watcher = watch(&root, debounce, tx.clone(), engine.own_writes(), hints.clone(), overflow.clone())?;
     let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
     let _abort = AbortOnDrop(subscriber);
     let mut status = Status { pid: std::process::id(), ..Status::default() };
@@ -90,6 +123,17 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     loop {
         if cancel.is_cancelled() {
             break;
+        }
+        while let Ok(h) = rx.try_recv() {
+            take_hint(&mut engine, &root, h);
+        }
+        if overflow.swap(false, Ordering::Relaxed) {
+            tracing::info!("too many watcher events at once; rescanning");
+            engine.start_full_pass();
+        }
+        if tokio::time::Instant::now() >= next_rescan {
+            engine.start_full_pass();
+            next_rescan = tokio::time::Instant::now() + rescan_every;
         }
         let result = tokio::select! {
             r = engine.cycle() => r,
@@ -101,7 +145,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
                 if report.in_sync {
                     backoff = Duration::from_millis(250);
                     next_rescan.saturating_duration_since(tokio::time::Instant::now())
-                } else if report.made_progress() {
+                } else if report.made_progress() || report.more_work {
                     backoff = Duration::from_millis(250);
                     Duration::ZERO
                 } else {
@@ -127,6 +171,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         };
         status.updated_ms = now_ms();
         status.watcher_hints = hints.load(Ordering::Relaxed);
+        status.reads_total = engine.store().reads();
         status.save(home);
         if wait.is_zero() {
             continue;
@@ -134,20 +179,11 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         tokio::select! {
             _ = cancel.cancelled() => break,
             h = rx.recv() => {
-                if let Some(Hint::Local { rescan: true }) = h {
-                    tracing::info!("watcher asked for a full rescan");
-                }
-                if let Some(Hint::Remote(head)) = h {
-                    tracing::debug!(head, "coordinator head moved");
-                }
-                // Coalesce whatever else arrived meanwhile into this one cycle.
-                while rx.try_recv().is_ok() {}
-            }
-            _ = tokio::time::sleep(wait) => {
-                if tokio::time::Instant::now() >= next_rescan {
-                    next_rescan = tokio::time::Instant::now() + rescan_every;
+                if let Some(h) = h {
+                    take_hint(&mut engine, &root, h);
                 }
             }
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     tracing::info!("stopping");
@@ -165,6 +201,9 @@ fn update_status(s: &mut Status, r: &CycleReport) {
     s.pending_uploads = r.pending_uploads;
     s.pending_downloads = r.planned.saturating_sub(r.fetched_files + r.committed_changes);
     s.skipped = r.skipped.clone();
+    s.last_cycle_reads = r.reads;
+    s.last_cycle_scope = r.scope;
+    s.full_pass = r.more_work;
     if r.in_sync {
         s.last_sync_ms = now_ms();
     }
@@ -188,6 +227,7 @@ fn watch(
     tx: mpsc::Sender<Hint>,
     own: OwnWrites,
     hints: Arc<AtomicU64>,
+    overflow: Arc<AtomicBool>,
 ) -> anyhow::Result<notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>>
 {
     let reserved = root.join(RESERVED_DIR);
@@ -195,13 +235,18 @@ fn watch(
         Ok(events) => {
             let rescan = events.iter().any(|e| e.need_rescan());
             // inotify reports opens too, including our own scanner's: only changes count.
-            let relevant = events.iter().any(|e| {
-                let change = !matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write));
-                change && e.paths.iter().any(|p| !p.starts_with(&reserved) && !own.is_own(p))
-            });
-            if rescan || relevant {
+            let paths: Vec<PathBuf> = events
+                .iter()
+                .filter(|e| !matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)))
+                .flat_map(|e| e.paths.iter())
+                .filter(|p| !p.starts_with(&reserved) && !own.is_own(p))
+                .cloned()
+                .collect();
+            if rescan || !paths.is_empty() {
                 hints.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.try_send(Hint::Local { rescan });
+                if tx.try_send(Hint::Local { rescan, paths }).is_err() {
+                    overflow.store(true, Ordering::Relaxed);
+                }
             }
         }
         Err(errors) => {
@@ -209,7 +254,8 @@ fn watch(
                 tracing::warn!(error = %e, "watcher error; rescanning");
             }
             hints.fetch_add(1, Ordering::Relaxed);
-            let _ = tx.try_send(Hint::Local { rescan: true });
+            overflow.store(true, Ordering::Relaxed);
+            let _ = tx.try_send(Hint::Local { rescan: true, paths: Vec::new() });
         }
     })?;
     debouncer.watch(root, RecursiveMode::Recursive)?;

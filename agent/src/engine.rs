@@ -28,6 +28,10 @@ const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES;
 /// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
 /// coordinator's 64 MiB body limit).
 const COMMIT_CHUNKS: usize = 500_000;
+/// Most dirty paths one cycle looks at.
+const DIRTY_STEP: usize = 4096;
+/// Directories one cycle of a full pass visits.
+const FULL_STEP_DIRS: usize = 64;
 /// Files up to this size are fetched together in groups; larger ones stream on their own.
 const SMALL_FILE: u64 = 1024 * 1024;
 /// Bytes fetched per group of small files.
@@ -72,6 +76,13 @@ pub struct CycleReport {
     pub unstable: usize,
     pub skipped: Vec<String>,
     pub errors: Vec<String>,
+    /// Paths (and directories) the cycle looked at.
+    pub scope: usize,
+    /// Stored path records the cycle decoded (a debug counter: bounded by the change, not by the
+    /// folder, outside full passes).
+    pub reads: u64,
+    /// More queued work (dirty paths, a full pass) waits for the next cycle.
+    pub more_work: bool,
 }
 
 /// Running byte counters, shared with progress displays.
@@ -93,6 +104,14 @@ pub struct Engine {
     retries: HashMap<SyncPath, Retry>,
     /// What this engine just wrote, so the watcher does not take it for the user's work.
     own: OwnWrites,
+    /// Paths that may have changed (watcher events, journal entries), for the next cycles.
+    dirty: std::collections::BTreeSet<SyncPath>,
+    /// Paths whose last cycle left something to do again (a skipped install, a refused commit).
+    replan: std::collections::BTreeSet<SyncPath>,
+    /// Directories a running full pass still has to visit (`None`: the top level).
+    full: std::collections::VecDeque<Option<SyncPath>>,
+    /// Names that cannot be synced, as found by the scans since the last full pass started.
+    skipped: std::collections::BTreeSet<String>,
 }
 
 /// A download that failed: when to try it again, and what it keeps for that try.
@@ -141,6 +160,11 @@ impl Engine {
             reported_cursor: 0,
             retries: HashMap::new(),
             own: OwnWrites::default(),
+            dirty: Default::default(),
+            replan: Default::default(),
+            // Nothing may have been watched while the agent was stopped: start with a full pass.
+            full: [None].into(),
+            skipped: Default::default(),
         };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
@@ -187,35 +211,98 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs one reconciliation.
+    /// Notes paths that may have changed on disk (watcher events): the next cycles look at them
+    /// (and their parents). A change to the ignore rules starts a full pass.
+    pub fn mark_dirty(&mut self, paths: impl IntoIterator<Item = SyncPath>) {
+        for p in paths {
+            if p.as_str() == scan::IGNORE_FILE {
+                self.start_full_pass();
+            }
+            self.dirty.insert(p);
+        }
+    }
+
+    /// Starts a full pass over the folder (unless one is running): the backstop that finds what
+    /// no event reported. It runs a few directories per cycle, after the dirty paths, so events
+    /// keep being answered while it runs.
+    pub fn start_full_pass(&mut self) {
+        if self.full.is_empty() {
+            self.full.push_back(None);
+            self.skipped.clear();
+        }
+    }
+
+    /// `true` while dirty paths or a full pass are queued: the next cycle has work for sure.
+    pub fn has_work(&self) -> bool {
+        !self.dirty.is_empty() || !self.full.is_empty()
+    }
+
+    /// What the next cycle looks at: the dirty paths with their parents (up to `DIRTY_STEP`), the
+    /// paths to re-plan, and the next directories of a running full pass (which so advances
+    /// however busy the folder is, a bounded step at a time).
+    fn next_scope(&self) -> (Vec<scan::Item>, Vec<SyncPath>, usize) {
+        let mut items = std::collections::BTreeSet::new();
+        let taken: Vec<SyncPath> = self.dirty.iter().take(DIRTY_STEP).cloned().collect();
+        for p in taken.iter().chain(&self.replan) {
+            let mut cur = Some(p.clone());
+            while let Some(c) = cur {
+                cur = c.parent();
+                if !items.insert(scan::Item::Path(c)) {
+                    break;
+                }
+            }
+        }
+        let dirs = self.full.len().min(FULL_STEP_DIRS);
+        items.extend(self.full.iter().take(dirs).cloned().map(scan::Item::Dir));
+        (items.into_iter().collect(), taken, dirs)
+    }
+
+    /// Runs one reconciliation over the next part of the folder (see `next_scope`).
     pub async fn cycle(&mut self) -> anyhow::Result<CycleReport> {
         self.check_marker()?;
         let mut report = CycleReport::default();
+        let reads_before = self.store.reads();
         self.pull().await.map_err(EngineError::Offline)?;
         let mut dirty = self.drain_outbox(&mut report).await?;
 
         let started = std::time::Instant::now();
+        let (items, taken, dirs) = self.next_scope();
+        report.scope = items.len();
         let ignore = Ignore::load(&self.root);
-        let index = self.store.index()?;
         let root = self.root.clone();
+        let store = self.store.clone();
         let (early_tx, early_rx) = tokio::sync::mpsc::channel(2);
         let early = tokio::spawn(transfer::upload_early(self.client.clone(), early_rx, self.counters.clone()));
-        let (scanned, index, ignore) = tokio::task::spawn_blocking(move || {
-            let s = scan::scan(&root, &ignore, &index, Some(&early_tx));
-            (s, index, ignore)
+        let (gathered, ignore) = tokio::task::spawn_blocking(move || {
+            let g = scan::gather(&root, &ignore, &store, items, Some(&early_tx));
+            (g, ignore)
         })
         .await
         .context("scanner panicked")?;
         report.bytes_uploaded += early.await.unwrap_or(0);
-        let scan = scanned.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?;
-        tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, files = scan.tree.len(), "scanned");
-        self.save_index(&index, &scan)?;
+        let scan::Gathered { scan, stored, next_dirs } =
+            gathered.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?;
+        tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, paths = stored.len(), "scanned");
+        // The scope is read: what it covered leaves the queues (a failure above keeps them).
+        for p in &taken {
+            self.dirty.remove(p);
+        }
+        self.replan.clear();
+        self.full.drain(..dirs);
+        self.full.extend(next_dirs.into_iter().map(Some));
+        self.replan.extend(scan.recheck.iter().cloned());
+        self.save_index(&stored, &scan)?;
         report.unstable = scan.unstable;
-        report.skipped = scan.skipped.clone();
+        self.skipped.extend(scan.skipped.iter().cloned());
+        report.skipped = self.skipped.iter().cloned().collect();
 
         let keep = |p: &SyncPath, e: &Entry| !ignore.is_ignored(p, e.kind == EntryKind::Dir);
-        let remote: BTreeMap<SyncPath, Entry> = self.store.remote()?.into_iter().filter(|(p, e)| keep(p, e)).collect();
-        let synced: BTreeMap<SyncPath, Entry> = self.store.synced()?.into_iter().filter(|(p, e)| keep(p, e)).collect();
+        let mut remote: BTreeMap<SyncPath, Entry> = BTreeMap::new();
+        let mut synced: BTreeMap<SyncPath, Entry> = BTreeMap::new();
+        for (p, slot) in stored {
+            remote.extend(slot.remote.filter(|e| keep(&p, e)).map(|e| (p.clone(), e)));
+            synced.extend(slot.synced.filter(|e| keep(&p, e)).map(|e| (p.clone(), e)));
+        }
         let local = scan.nodes();
         let mut pending: HashSet<SyncPath> = HashSet::new();
         for (_, item) in self.store.outbox()? {
@@ -231,7 +318,13 @@ impl Engine {
         self.forget_retries(&ops);
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), "applying plan");
-            dirty |= self.execute(ops, &scan, &mut report).await?;
+            let paths: Vec<SyncPath> = ops.iter().map(|op| op.path().clone()).collect();
+            let again = self.execute(ops, &scan, &mut report).await?;
+            if again {
+                // Something was skipped or moved: look at these paths again next time.
+                self.replan.extend(paths);
+            }
+            dirty |= again;
             dirty |= self.drain_outbox(&mut report).await?;
         }
         if report.planned > 0 || report.committed_changes > 0 {
@@ -249,10 +342,17 @@ impl Engine {
         }
         report.pending_uploads = self.store.outbox()?.iter().map(|(_, i)| i.changes.len()).sum();
         report.cursor = self.store.cursor()?;
-        report.in_sync = report.planned == 0 && !dirty && report.pending_uploads == 0 && scan.unstable == 0;
+        report.more_work = self.has_work();
+        report.in_sync = report.planned == 0
+            && !dirty
+            && report.pending_uploads == 0
+            && scan.unstable == 0
+            && !report.more_work
+            && self.replan.is_empty();
         if report.cursor != self.reported_cursor && self.client.report_cursor(report.cursor).await.is_ok() {
             self.reported_cursor = report.cursor;
         }
+        report.reads = self.store.reads() - reads_before;
         Ok(report)
     }
 
@@ -268,6 +368,9 @@ impl Engine {
             for e in &page.entries {
                 batch.put_remote(e);
             }
+            // This device's own commits were recorded when they were acknowledged.
+            let own = self.cfg.device_id;
+            self.dirty.extend(page.entries.iter().filter(|e| e.device != own).map(|e| e.path.clone()));
             batch.set_cursor(page.next);
             self.store.apply(batch).map_err(|e| ClientError::Protocol(e.to_string()))?;
             cursor = page.next;
@@ -277,15 +380,17 @@ impl Engine {
         }
     }
 
-    fn save_index(&self, old: &BTreeMap<SyncPath, IndexRec>, scan: &Scan) -> anyhow::Result<()> {
+    /// Records the scanned state of the covered paths: changed records are written, and records
+    /// of covered paths no longer on disk (and not below an unreadable path) are dropped.
+    fn save_index(&self, stored: &BTreeMap<SyncPath, crate::store::Slot>, scan: &Scan) -> anyhow::Result<()> {
         let mut batch = Batch::default();
         for (p, rec) in &scan.tree {
-            if old.get(p) != Some(rec) {
+            if stored.get(p).and_then(|s| s.index.as_ref()) != Some(rec) {
                 batch.put_index(p, rec);
             }
         }
-        for p in old.keys() {
-            if !scan.tree.contains_key(p) && !scan.busy.iter().any(|b| p.starts_with(b)) {
+        for (p, slot) in stored {
+            if slot.index.is_some() && !scan.tree.contains_key(p) && !scan.busy.iter().any(|b| p.starts_with(b)) {
                 batch.del_index(p);
             }
         }
@@ -727,6 +832,7 @@ impl Engine {
     async fn drain_outbox(&mut self, report: &mut CycleReport) -> anyhow::Result<bool> {
         let mut dirty = false;
         for (id, item) in self.store.outbox()? {
+            let paths: Vec<SyncPath> = item.changes.iter().map(|c| c.path.clone()).collect();
             let started = std::time::Instant::now();
             let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
                 .changes
@@ -742,7 +848,7 @@ impl Engine {
                 Ok(n) => report.bytes_uploaded += n,
                 Err(UploadError::SourceChanged(p)) => {
                     tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
-                    self.drop_outbox(id)?;
+                    self.drop_outbox(id, paths)?;
                     dirty = true;
                     continue;
                 }
@@ -751,7 +857,7 @@ impl Engine {
                 }
                 Err(UploadError::Client(e)) => {
                     report.errors.push(e.to_string());
-                    self.drop_outbox(id)?;
+                    self.drop_outbox(id, paths)?;
                     dirty = true;
                     continue;
                 }
@@ -765,9 +871,7 @@ impl Engine {
                     for e in &resp.entries {
                         // A replayed commit's entries may be older than what the journal already
                         // showed us: never move the remote tree backwards.
-                        if self.store.remote_entry(&e.path)?.is_none_or(|r| r.version < e.version) {
-                            batch.put_remote(e);
-                        }
+                        batch.put_remote_if_newer(e);
                         if e.deleted {
                             batch.del_synced(&e.path);
                         } else {
@@ -784,7 +888,7 @@ impl Engine {
                         tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
                         report.errors.push(e.to_string());
                     }
-                    self.drop_outbox(id)?;
+                    self.drop_outbox(id, paths)?;
                     dirty = true;
                     if e.code() == Some(ErrorCode::StaleBase) {
                         self.pull().await.map_err(EngineError::Offline)?;
@@ -795,7 +899,9 @@ impl Engine {
         Ok(dirty)
     }
 
-    fn drop_outbox(&self, id: u64) -> anyhow::Result<()> {
+    /// Drops an outbox item whose commit cannot be sent as it is; its paths are planned again.
+    fn drop_outbox(&mut self, id: u64, paths: Vec<SyncPath>) -> anyhow::Result<()> {
+        self.replan.extend(paths);
         let mut b = Batch::default();
         b.del_outbox(id);
         self.store.apply(b)

@@ -15,7 +15,7 @@ use shoal_protocol::path::RESERVED_DIR;
 use shoal_protocol::{Chunker, EntryKind, SyncPath};
 
 use crate::planner::Node;
-use crate::store::IndexRec;
+use crate::store::{IndexRec, Slot, Store};
 
 /// Name of the per-root ignore file (gitignore syntax).
 pub const IGNORE_FILE: &str = ".shoalignore";
@@ -115,6 +115,8 @@ pub struct Scan {
     pub busy: HashSet<SyncPath>,
     /// Files that changed while being read; scan again soon.
     pub unstable: usize,
+    /// Those files' paths.
+    pub recheck: Vec<SyncPath>,
     /// Bytes chunked and hashed.
     pub hashed_bytes: u64,
     /// Names that cannot be synced (not UTF-8, too long, ...), for status.
@@ -155,7 +157,6 @@ pub fn stat_rec(md: &std::fs::Metadata) -> IndexRec {
     }
 }
 
-/// Walks `root` and returns the local tree, reusing `index` where stat data shows no change.
 /// Receives batches of chunk frames cut from large files while they are hashed, so their upload
 /// overlaps the hashing (see `Engine::cycle`). Sending is best effort: the commit path still
 /// uploads whatever the coordinator lacks.
@@ -166,23 +167,260 @@ pub const EARLY_UPLOAD_MIN: u64 = 8 * 1024 * 1024;
 /// Bytes per early batch.
 const EARLY_BATCH: usize = 4 * 1024 * 1024;
 
-/// Walks `root` and returns the local tree, reusing `index` where stat data shows no change. An
-/// unreadable root is an error: an empty scan of it would read as "everything was deleted".
-pub fn scan(
+/// A part of the folder a cycle looks at.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Item {
+    /// One path. A directory that appeared, vanished or changed kind on any side (disk, index,
+    /// synced, remote) is looked at with everything below it.
+    Path(SyncPath),
+    /// A directory's own entries (`None`: the top level). Subdirectories that are directories on
+    /// every side are returned in `Gathered::next_dirs` for a later visit; others are looked at
+    /// whole.
+    Dir(Option<SyncPath>),
+    /// A path and everything below it.
+    Tree(SyncPath),
+}
+
+/// What a cycle knows of the part of the folder it looks at.
+#[derive(Default)]
+pub struct Gathered {
+    /// The disk, with manifests for files.
+    pub scan: Scan,
+    /// The stored records of every path the scope covers, and of no other: a covered path
+    /// missing from `scan.tree` is gone from the disk.
+    pub stored: BTreeMap<SyncPath, Slot>,
+    /// Directories whose entries a full pass visits next.
+    pub next_dirs: Vec<SyncPath>,
+}
+
+/// `true` when `path` is a directory on some side (disk, index, synced, remote) but not on all:
+/// it appeared, vanished or changed kind, so what lies below it changed too.
+fn dir_changed(md: Option<&std::fs::Metadata>, slot: &Slot) -> bool {
+    let live_dir =
+        |e: &Option<shoal_protocol::Entry>| e.as_ref().is_some_and(|e| !e.deleted && e.kind == EntryKind::Dir);
+    let sides = [
+        md.is_some_and(|m| m.is_dir()),
+        slot.index.as_ref().is_some_and(|r| r.kind == EntryKind::Dir),
+        live_dir(&slot.synced),
+        live_dir(&slot.remote),
+    ];
+    sides.iter().any(|&d| d) && !sides.iter().all(|&d| d)
+}
+
+/// The state of one path on disk: `Ok(None)` when absent (or below something that is not a real
+/// directory), `Err` when it cannot be read.
+fn stat_under(
+    root: &Path,
+    path: &SyncPath,
+    real_dirs: &mut HashSet<SyncPath>,
+) -> std::io::Result<Option<std::fs::Metadata>> {
+    // Every parent must be a real directory: a path below a symlink is not in the folder.
+    let mut parents: Vec<SyncPath> = std::iter::successors(path.parent(), |p| p.parent()).collect();
+    parents.reverse();
+    for d in parents {
+        if real_dirs.contains(&d) {
+            continue;
+        }
+        match d.to_local(root).symlink_metadata() {
+            Ok(md) if md.is_dir() => {
+                real_dirs.insert(d);
+            }
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    match path.to_local(root).symlink_metadata() {
+        Ok(md) => Ok(Some(md)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The sync path of `name` inside `dir`, or why it cannot be synced.
+fn child_path(dir: Option<&SyncPath>, name: &std::ffi::OsStr, local: &Path) -> Result<SyncPath, String> {
+    let Some(name) = name.to_str() else {
+        return Err(format!("{}: name is not UTF-8", local.display()));
+    };
+    let joined = match dir {
+        Some(d) => format!("{d}/{name}"),
+        None => name.to_string(),
+    };
+    match SyncPath::parse(&joined) {
+        Ok(p) if p.as_str() == joined => Ok(p),
+        Ok(_) => Err(format!("{joined}: name is not in Unicode NFC form")),
+        Err(e) => Err(format!("{joined}: {e}")),
+    }
+}
+
+/// Looks at `items` on disk and in `store`: returns the local tree of what they cover (reusing
+/// stored manifests where stat data shows no change, hashing the rest on two threads) and the
+/// stored records of the same paths. Only the top level failing to list is an error: an empty
+/// scan of it would read as "everything was deleted".
+pub fn gather(
     root: &Path,
     ignore: &Ignore,
-    index: &BTreeMap<SyncPath, IndexRec>,
+    store: &Store,
+    items: impl IntoIterator<Item = Item>,
     early: Option<&EarlyChunks>,
-) -> std::io::Result<Scan> {
-    let mut out = Scan::default();
-    let mut to_hash: Vec<(SyncPath, PathBuf, IndexRec)> = Vec::new();
-    let mut stack = vec![(root.to_path_buf(), None::<SyncPath>)];
-    while let Some((dir, dir_path)) = stack.pop() {
-        let rd = match (std::fs::read_dir(&dir), &dir_path) {
+) -> anyhow::Result<Gathered> {
+    let mut g = Gathered::default();
+    let mut found: BTreeMap<SyncPath, std::fs::Metadata> = BTreeMap::new();
+    let mut trees: Vec<SyncPath> = Vec::new();
+    let mut real_dirs: HashSet<SyncPath> = HashSet::new();
+    let mut work: std::collections::VecDeque<Item> = items.into_iter().collect();
+    let under_tree = |trees: &[SyncPath], p: &SyncPath| trees.iter().any(|t| p.starts_with(t));
+    while let Some(item) = work.pop_front() {
+        match item {
+            Item::Path(p) => {
+                if under_tree(&trees, &p) || g.stored.contains_key(&p) || found.contains_key(&p) {
+                    continue;
+                }
+                let md = match stat_under(root, &p, &mut real_dirs) {
+                    Ok(md) => md,
+                    Err(_) => {
+                        g.scan.busy.insert(p);
+                        continue;
+                    }
+                };
+                if ignore.is_ignored(&p, md.as_ref().is_some_and(|m| m.is_dir())) {
+                    continue;
+                }
+                let slot = store.get(&p)?;
+                if dir_changed(md.as_ref(), &slot) {
+                    work.push_back(Item::Tree(p));
+                    continue;
+                }
+                if let Some(md) = md {
+                    found.insert(p.clone(), md);
+                }
+                g.stored.insert(p, slot);
+            }
+            Item::Tree(t) => {
+                if under_tree(&trees, &t) {
+                    continue;
+                }
+                let md = match stat_under(root, &t, &mut real_dirs) {
+                    Ok(md) => md,
+                    Err(_) => {
+                        g.scan.busy.insert(t);
+                        continue;
+                    }
+                };
+                if ignore.is_ignored(&t, md.as_ref().is_some_and(|m| m.is_dir())) {
+                    continue;
+                }
+                trees.push(t.clone());
+                g.stored.retain(|p, _| !p.starts_with(&t));
+                found.retain(|p, _| !p.starts_with(&t));
+                g.stored.insert(t.clone(), store.get(&t)?);
+                store.subtree(&t, |p, s| {
+                    g.stored.insert(p, s);
+                })?;
+                if let Some(md) = md {
+                    let is_dir = md.is_dir();
+                    found.insert(t.clone(), md);
+                    if is_dir {
+                        walk(root, Some(&t), ignore, &mut found, &mut g.scan, true)?;
+                    }
+                }
+            }
+            Item::Dir(d) => {
+                if d.as_ref().is_some_and(|d| under_tree(&trees, d)) {
+                    continue;
+                }
+                if let Some(d) = &d {
+                    let md = match stat_under(root, d, &mut real_dirs) {
+                        Ok(md) => md,
+                        Err(_) => {
+                            g.scan.busy.insert(d.clone());
+                            continue;
+                        }
+                    };
+                    if ignore.is_ignored(d, true) {
+                        continue;
+                    }
+                    let slot = store.get(d)?;
+                    if dir_changed(md.as_ref(), &slot) || md.is_none() {
+                        work.push_back(Item::Tree(d.clone()));
+                        continue;
+                    }
+                    found.extend(md.map(|md| (d.clone(), md)));
+                    g.stored.insert(d.clone(), slot);
+                }
+                let mut listed: BTreeMap<SyncPath, std::fs::Metadata> = BTreeMap::new();
+                walk(root, d.as_ref(), ignore, &mut listed, &mut g.scan, false)?;
+                let mut stored: BTreeMap<SyncPath, Slot> = BTreeMap::new();
+                store.children(d.as_ref(), |p, s| {
+                    stored.insert(p, s);
+                })?;
+                let names: std::collections::BTreeSet<SyncPath> = listed.keys().chain(stored.keys()).cloned().collect();
+                for c in names {
+                    let md = listed.remove(&c);
+                    let slot = stored.remove(&c).unwrap_or_default();
+                    if md.is_none() && (g.scan.busy.contains(&c) || d.as_ref().is_some_and(|d| g.scan.busy.contains(d)))
+                    {
+                        continue;
+                    }
+                    if dir_changed(md.as_ref(), &slot) {
+                        work.push_back(Item::Tree(c));
+                        continue;
+                    }
+                    if md.as_ref().is_some_and(|m| m.is_dir()) {
+                        g.next_dirs.push(c.clone());
+                    }
+                    found.extend(md.map(|md| (c.clone(), md)));
+                    g.stored.insert(c, slot);
+                }
+            }
+        }
+    }
+    let index: BTreeMap<SyncPath, IndexRec> =
+        g.stored.iter().filter_map(|(p, s)| s.index.clone().map(|r| (p.clone(), r))).collect();
+    let mut to_hash = Vec::new();
+    for (path, md) in found {
+        let ft = md.file_type();
+        if ft.is_dir() {
+            g.scan.tree.insert(path, stat_rec(&md));
+        } else if ft.is_file() {
+            let rec = stat_rec(&md);
+            match index.get(&path) {
+                Some(old) if old.same_stat(&rec) && old.manifest.is_some() && settled(old) => {
+                    g.scan.tree.insert(path, old.clone());
+                }
+                _ => {
+                    let local = path.to_local(root);
+                    to_hash.push((path, local, rec));
+                }
+            }
+        } else {
+            // Symlinks, sockets, devices: not synced, and never replaced.
+            g.scan.busy.insert(path);
+        }
+    }
+    hash_files(to_hash, &index, early, &mut g.scan);
+    Ok(g)
+}
+
+/// Lists the directory `dir` (`None`: the top level) into `found`, and everything below it when
+/// `deep`, skipping ignored paths and never following symlinks. Unreadable directories are
+/// marked busy; only the top level failing is an error.
+fn walk(
+    root: &Path,
+    dir: Option<&SyncPath>,
+    ignore: &Ignore,
+    found: &mut BTreeMap<SyncPath, std::fs::Metadata>,
+    out: &mut Scan,
+    deep: bool,
+) -> std::io::Result<()> {
+    let start = dir.map_or_else(|| root.to_path_buf(), |d| d.to_local(root));
+    let mut stack = vec![(start, dir.cloned())];
+    while let Some((local, dir_path)) = stack.pop() {
+        let rd = match (std::fs::read_dir(&local), &dir_path) {
             (Ok(rd), _) => rd,
             (Err(e), None) => return Err(e),
             (Err(e), Some(p)) => {
-                tracing::warn!(dir = %shoal_protocol::path::Escaped(&dir.display().to_string()), error = %e, "cannot read directory; leaving it alone");
+                tracing::warn!(dir = %shoal_protocol::path::Escaped(&local.display().to_string()), error = %e, "cannot read directory; leaving it alone");
                 out.busy.insert(p.clone());
                 continue;
             }
@@ -201,22 +439,10 @@ pub fn scan(
             if dir_path.is_none() && name == RESERVED_DIR {
                 continue;
             }
-            let Some(name) = name.to_str() else {
-                out.skipped.push(format!("{}: name is not UTF-8", ent.path().display()));
-                continue;
-            };
-            let joined = match &dir_path {
-                Some(d) => format!("{d}/{name}"),
-                None => name.to_string(),
-            };
-            let path = match SyncPath::parse(&joined) {
-                Ok(p) if p.as_str() == joined => p,
-                Ok(_) => {
-                    out.skipped.push(format!("{joined}: name is not in Unicode NFC form"));
-                    continue;
-                }
-                Err(e) => {
-                    out.skipped.push(format!("{joined}: {e}"));
+            let path = match child_path(dir_path.as_ref(), &name, &ent.path()) {
+                Ok(p) => p,
+                Err(skip) => {
+                    out.skipped.push(skip);
                     continue;
                 }
             };
@@ -227,29 +453,16 @@ pub fn scan(
                     continue;
                 }
             };
-            let ft = md.file_type();
-            if ignore.is_ignored(&path, ft.is_dir()) {
+            if ignore.is_ignored(&path, md.is_dir()) {
                 continue;
             }
-            if ft.is_dir() {
-                out.tree.insert(path.clone(), stat_rec(&md));
-                stack.push((ent.path(), Some(path)));
-            } else if ft.is_file() {
-                let rec = stat_rec(&md);
-                match index.get(&path) {
-                    Some(old) if old.same_stat(&rec) && old.manifest.is_some() && settled(old) => {
-                        out.tree.insert(path, old.clone());
-                    }
-                    _ => to_hash.push((path, ent.path(), rec)),
-                }
-            } else {
-                // Symlinks, sockets, devices: not synced, and never replaced.
-                out.busy.insert(path);
+            if deep && md.is_dir() {
+                stack.push((ent.path(), Some(path.clone())));
             }
+            found.insert(path, md);
         }
     }
-    hash_files(to_hash, index, early, &mut out);
-    Ok(out)
+    Ok(())
 }
 
 /// Chunks and hashes `files` on two threads.
@@ -284,6 +497,7 @@ fn hash_files(
             }
             Err(HashError::Unstable) => {
                 out.unstable += 1;
+                out.recheck.push(path.clone());
                 match index.get(&path) {
                     Some(old) if old.manifest.is_some() => {
                         out.tree.insert(path, old.clone());
@@ -343,22 +557,65 @@ fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Batch;
 
-    fn check(root: &Path, index: &BTreeMap<SyncPath, IndexRec>) -> Scan {
-        scan(root, &Ignore::load(root), index, None).unwrap()
+    /// A full pass: the top level, then every directory it finds, as the engine runs one.
+    fn full(root: &Path, store: &Store) -> Gathered {
+        let ignore = Ignore::load(root);
+        let mut all = Gathered::default();
+        let mut next = vec![Item::Dir(None)];
+        while !next.is_empty() {
+            let g = gather(root, &ignore, store, std::mem::take(&mut next), None).unwrap();
+            next = g.next_dirs.iter().cloned().map(|d| Item::Dir(Some(d))).collect();
+            all.scan.tree.extend(g.scan.tree);
+            all.scan.busy.extend(g.scan.busy);
+            all.scan.hashed_bytes += g.scan.hashed_bytes;
+            all.scan.skipped.extend(g.scan.skipped);
+            all.stored.extend(g.stored);
+        }
+        all
+    }
+
+    /// Records `tree` as scanned, synced and remote: the state of a folder in sync.
+    fn save(store: &Store, tree: &BTreeMap<SyncPath, IndexRec>) {
+        let mut b = Batch::default();
+        for (p, r) in tree {
+            b.put_index(p, r);
+            let e = shoal_protocol::Entry {
+                path: p.clone(),
+                kind: r.kind,
+                manifest: r.manifest.clone(),
+                exec: false,
+                mtime_ns: r.mtime_ns,
+                deleted: false,
+                version: 1,
+                base: None,
+                device: shoal_protocol::DeviceId([0; 16]),
+                time_ms: 0,
+            };
+            b.put_synced(&e);
+            b.put_remote(&e);
+        }
+        store.apply(b).unwrap();
+    }
+
+    fn p(s: &str) -> SyncPath {
+        SyncPath::parse(s).unwrap()
     }
 
     #[test]
     fn unreadable_root_is_an_error_not_an_empty_tree() {
         let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
         let gone = dir.path().join("not-there");
-        assert!(scan(&gone, &Ignore::load(&gone), &BTreeMap::new(), None).is_err());
+        assert!(gather(&gone, &Ignore::load(&gone), &store, [Item::Dir(None)], None).is_err());
     }
 
     #[test]
     fn scans_ignores_and_reuses_index() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
+        let root = &dir.path().join("root");
+        let store = Store::open(&dir.path().join("db")).unwrap();
         std::fs::create_dir_all(root.join(".shoal/tmp")).unwrap();
         std::fs::create_dir_all(root.join("a/b")).unwrap();
         std::fs::write(root.join("a/b/f.txt"), b"hello").unwrap();
@@ -367,23 +624,69 @@ mod tests {
         std::fs::write(root.join("notes.log"), b"x").unwrap();
         std::fs::write(root.join(IGNORE_FILE), b"*.log\n").unwrap();
         std::os::unix::fs::symlink("a", root.join("link")).unwrap();
-        let s = check(root, &BTreeMap::new());
+        let s = full(root, &store).scan;
         let names: Vec<&str> = s.tree.keys().map(|p| p.as_str()).collect();
         assert_eq!(names, [".shoalignore", "a", "a/b", "a/b/f.txt", "empty"]);
-        assert!(s.busy.contains(&SyncPath::parse("link").unwrap()), "symlinks are left alone");
-        let f = &s.tree[&SyncPath::parse("a/b/f.txt").unwrap()];
+        assert!(s.busy.contains(&p("link")), "symlinks are left alone");
+        let f = &s.tree[&p("a/b/f.txt")];
         assert_eq!(f.manifest.as_ref().unwrap().hash, shoal_protocol::ChunkId::of(b"hello"));
-        assert_eq!(s.tree[&SyncPath::parse("empty").unwrap()].manifest, Some(shoal_protocol::Manifest::empty()));
+        assert_eq!(s.tree[&p("empty")].manifest, Some(shoal_protocol::Manifest::empty()));
         assert_eq!(s.hashed_bytes, 5 + 6);
 
         // A fresh index entry (mtime near the hash time) is hashed again; an old one is reused.
-        let again = check(root, &s.tree);
+        save(&store, &s.tree);
+        let again = full(root, &store).scan;
         assert_eq!(again.hashed_bytes, 11, "racy entries are re-hashed");
         let mut aged = again.tree.clone();
         for r in aged.values_mut().filter(|r| r.kind == EntryKind::File) {
             r.hashed_ns += 10 * MTIME_TICK_NS;
         }
-        assert_eq!(check(root, &aged).hashed_bytes, 0, "unchanged files are not re-read");
-        assert_eq!(check(root, &aged).tree, aged);
+        save(&store, &aged);
+        assert_eq!(full(root, &store).scan.hashed_bytes, 0, "unchanged files are not re-read");
+        assert_eq!(full(root, &store).scan.tree, aged);
+    }
+
+    #[test]
+    fn scoped_gathers_cover_exactly_their_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = &dir.path().join("root");
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        for d in ["x/y", "x/z", "w"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in ["x/y/1", "x/y/2", "x/z/3", "w/4", "top"] {
+            std::fs::write(root.join(f), f.as_bytes()).unwrap();
+        }
+        save(&store, &full(root, &store).scan.tree);
+        let ignore = Ignore::load(root);
+        let gather_ = |items: Vec<Item>| gather(root, &ignore, &store, items, None).unwrap();
+
+        // One known file: just it.
+        let g = gather_(vec![Item::Path(p("x/y/1"))]);
+        assert_eq!(g.stored.keys().collect::<Vec<_>>(), [&p("x/y/1")]);
+        assert_eq!(g.scan.tree.keys().collect::<Vec<_>>(), [&p("x/y/1")]);
+
+        // A directory moved away: everything below it is covered, and gone from the disk.
+        std::fs::rename(root.join("x/y"), dir.path().join("moved")).unwrap();
+        let g = gather_(vec![Item::Path(p("x")), Item::Path(p("x/y"))]);
+        let covered: Vec<&str> = g.stored.keys().map(|p| p.as_str()).collect();
+        assert_eq!(covered, ["x", "x/y", "x/y/1", "x/y/2"]);
+        assert_eq!(g.scan.tree.keys().map(|p| p.as_str()).collect::<Vec<_>>(), ["x"]);
+
+        // A directory moved in: everything below it is found.
+        std::fs::rename(dir.path().join("moved"), root.join("w/in")).unwrap();
+        let g = gather_(vec![Item::Path(p("w")), Item::Path(p("w/in"))]);
+        let found: Vec<&str> = g.scan.tree.keys().map(|p| p.as_str()).collect();
+        assert_eq!(found, ["w", "w/in", "w/in/1", "w/in/2"]);
+
+        // A directory's entries: stable subdirectories come back for later.
+        let g = gather_(vec![Item::Dir(Some(p("x")))]);
+        assert_eq!(g.next_dirs, [p("x/z")]);
+        assert!(g.stored.contains_key(&p("x/y")), "the vanished directory is covered whole");
+
+        // A path below a symlinked directory is not in the folder.
+        std::os::unix::fs::symlink(root.join("x"), root.join("alias")).unwrap();
+        let g = gather_(vec![Item::Path(p("alias")), Item::Path(p("alias/z"))]);
+        assert!(g.scan.tree.is_empty() && g.scan.busy.contains(&p("alias")));
     }
 }

@@ -1,18 +1,48 @@
-//! The agent's internal database: the only module that touches sled. It holds the scan index
-//! (what each local file looked like when last hashed), the synced tree (the last state this
-//! device and the coordinator agreed on, the planner's merge base), the remote tree (journal heads
-//! seen so far), the outbox of commits not yet acknowledged, and the journal cursor. Every value
-//! starts with a format-version byte. All updates go through an atomic `Batch`.
+//! The agent's internal database: the only module that touches sled. For every path it holds
+//! three records side by side: the scan index (what the local file looked like when last
+//! hashed), the synced entry (the last state this device and the coordinator agreed on, the
+//! planner's merge base) and the remote entry (the journal head seen so far). Beside them: the
+//! outbox of commits not yet acknowledged and the journal cursor. All updates go through an
+//! atomic `Batch`; the engine is the store's only writer.
+//!
+//! Layout (layout 2). sled keeps roughly 700 bytes of RAM per key whatever its cache size, so
+//! paths are not keys: the records of one directory's entries live in *pages*, each holding up to
+//! [`PAGE_MAX_SLOTS`] consecutive names (or [`PAGE_MAX_BYTES`]), so a folder of N files costs
+//! about N / 128 keys.
+//! - `p/<dir>\0<first name>` → page: `[2]` + postcard `Vec<StoredSlot>` sorted by name. `<dir>` is
+//!   the parent directory's path (empty at the top); a page holds names from its key's name up to
+//!   the next page's. A page that grows past its limits splits in two; an empty page is removed.
+//!   A slot stores each distinct manifest once (index, synced and remote usually share one).
+//! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
+//! - `m/cursor` → journal cursor (u64 BE); `m/layout` → `[2]`.
+//!
+//! Layout 1 (one key per path and tree: `i/`, `s/`, `r/` + path → `[1]` + postcard record) is
+//! migrated on open, in atomic steps that can resume after a crash.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use shoal_protocol::{Change, CommitId, Entry, EntryKind, Manifest, Seq, SyncPath};
+use shoal_protocol::{Change, CommitId, DeviceId, Entry, EntryKind, Manifest, Seq, SyncPath};
 
-const VALUE_VERSION: u8 = 1;
-/// sled's page cache: the agent reads its trees in full once per cycle, so a small cache suffices.
+/// Format version of outbox items (and of layout-1 records).
+const RECORD_VERSION: u8 = 1;
+/// Format version of pages.
+const PAGE_VERSION: u8 = 2;
+/// The current layout, stored under `m/layout`.
+const LAYOUT: u8 = 2;
+/// Most slots in one page: a change rewrites one page, so pages stay small; a folder of a
+/// million files still needs only ~8,000 keys.
+pub const PAGE_MAX_SLOTS: usize = 256;
+/// Most encoded bytes in one page (a page with a single slot may exceed it: a file with a huge
+/// manifest).
+pub const PAGE_MAX_BYTES: usize = 64 * 1024;
+/// Layout-1 records moved per atomic migration step.
+const MIGRATE_STEP: usize = 20_000;
+/// sled's page cache: records are read per directory page, so a small cache suffices.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What a local path looked like when it was last scanned.
@@ -51,72 +81,232 @@ pub struct OutboxItem {
     pub changes: Vec<Change>,
 }
 
-/// The agent database.
-#[derive(Clone)]
-pub struct Store {
-    db: sled::Db,
-    state: sled::Tree,
-    dir: std::path::PathBuf,
+/// Everything the store knows of one path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub index: Option<IndexRec>,
+    pub synced: Option<Entry>,
+    pub remote: Option<Entry>,
+}
+
+impl Slot {
+    fn is_empty(&self) -> bool {
+        self.index.is_none() && self.synced.is_none() && self.remote.is_none()
+    }
+}
+
+/// An index record as stored in a page: its manifest is a position in the slot's manifests.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredIndex {
+    kind: EntryKind,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    inode: u64,
+    mode: u32,
+    manifest: Option<u32>,
+    hashed_ns: i64,
+}
+
+/// An entry as stored in a page: no path (the page and name give it), manifest by position.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredEntry {
+    kind: EntryKind,
+    manifest: Option<u32>,
+    exec: bool,
+    mtime_ns: i64,
+    deleted: bool,
+    version: Seq,
+    base: Option<Seq>,
+    device: DeviceId,
+    time_ms: u64,
+}
+
+/// One name's records in a page.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSlot {
+    name: String,
+    index: Option<StoredIndex>,
+    synced: Option<StoredEntry>,
+    remote: Option<StoredEntry>,
+    /// The distinct manifests the three records use.
+    manifests: Vec<Manifest>,
+}
+
+fn intern(manifests: &mut Vec<Manifest>, m: &Option<Manifest>) -> Option<u32> {
+    let m = m.as_ref()?;
+    let i = match manifests.iter().position(|x| x == m) {
+        Some(i) => i,
+        None => {
+            manifests.push(m.clone());
+            manifests.len() - 1
+        }
+    };
+    Some(i as u32)
+}
+
+impl StoredSlot {
+    fn new(name: &str, slot: &Slot) -> StoredSlot {
+        let mut manifests = Vec::new();
+        let mut entry = |e: &Option<Entry>| {
+            e.as_ref().map(|e| StoredEntry {
+                kind: e.kind,
+                manifest: intern(&mut manifests, &e.manifest),
+                exec: e.exec,
+                mtime_ns: e.mtime_ns,
+                deleted: e.deleted,
+                version: e.version,
+                base: e.base,
+                device: e.device,
+                time_ms: e.time_ms,
+            })
+        };
+        let synced = entry(&slot.synced);
+        let remote = entry(&slot.remote);
+        let index = slot.index.as_ref().map(|r| StoredIndex {
+            kind: r.kind,
+            size: r.size,
+            mtime_ns: r.mtime_ns,
+            ctime_ns: r.ctime_ns,
+            inode: r.inode,
+            mode: r.mode,
+            manifest: intern(&mut manifests, &r.manifest),
+            hashed_ns: r.hashed_ns,
+        });
+        StoredSlot { name: name.to_string(), index, synced, remote, manifests }
+    }
+
+    /// The slot, or `None` when a manifest position is out of range (a damaged page).
+    fn to_slot(&self, path: &SyncPath) -> Option<Slot> {
+        let manifest = |i: Option<u32>| -> Option<Option<Manifest>> {
+            match i {
+                None => Some(None),
+                Some(i) => self.manifests.get(i as usize).cloned().map(Some),
+            }
+        };
+        let entry = |e: &Option<StoredEntry>| -> Option<Option<Entry>> {
+            let Some(e) = e else { return Some(None) };
+            Some(Some(Entry {
+                path: path.clone(),
+                kind: e.kind,
+                manifest: manifest(e.manifest)?,
+                exec: e.exec,
+                mtime_ns: e.mtime_ns,
+                deleted: e.deleted,
+                version: e.version,
+                base: e.base,
+                device: e.device,
+                time_ms: e.time_ms,
+            }))
+        };
+        let index = match &self.index {
+            None => None,
+            Some(r) => Some(IndexRec {
+                kind: r.kind,
+                size: r.size,
+                mtime_ns: r.mtime_ns,
+                ctime_ns: r.ctime_ns,
+                inode: r.inode,
+                mode: r.mode,
+                manifest: manifest(r.manifest)?,
+                hashed_ns: r.hashed_ns,
+            }),
+        };
+        Some(Slot { index, synced: entry(&self.synced)?, remote: entry(&self.remote)? })
+    }
+}
+
+/// What a batch does to one field of a slot.
+#[derive(Debug, Clone, Default)]
+enum Set<T> {
+    #[default]
+    Keep,
+    To(Option<T>),
+}
+
+impl<T> Set<T> {
+    fn apply(self, field: &mut Option<T>) {
+        if let Set::To(v) = self {
+            *field = v;
+        }
+    }
+}
+
+/// The changes a batch makes to one path's slot.
+#[derive(Debug, Default)]
+struct Edit {
+    index: Set<IndexRec>,
+    synced: Set<Entry>,
+    remote: Set<Entry>,
+    /// Set the remote entry only if it is newer than the stored one.
+    remote_if_newer: Option<Entry>,
+}
+
+/// A set of updates applied atomically. Later updates of the same record win.
+#[derive(Default)]
+pub struct Batch {
+    slots: BTreeMap<SyncPath, Edit>,
+    raw: sled::Batch,
+    raw_used: bool,
+}
+
+impl Batch {
+    fn edit(&mut self, p: &SyncPath) -> &mut Edit {
+        self.slots.entry(p.clone()).or_default()
+    }
+    pub fn put_index(&mut self, p: &SyncPath, rec: &IndexRec) {
+        self.edit(p).index = Set::To(Some(rec.clone()));
+    }
+    pub fn del_index(&mut self, p: &SyncPath) {
+        self.edit(p).index = Set::To(None);
+    }
+    pub fn put_synced(&mut self, e: &Entry) {
+        self.edit(&e.path).synced = Set::To(Some(e.clone()));
+    }
+    pub fn del_synced(&mut self, p: &SyncPath) {
+        self.edit(p).synced = Set::To(None);
+    }
+    pub fn put_remote(&mut self, e: &Entry) {
+        let ed = self.edit(&e.path);
+        ed.remote = Set::To(Some(e.clone()));
+        ed.remote_if_newer = None;
+    }
+    /// Records `e` as the remote head unless a newer version is already known (a replayed
+    /// commit's entries may be older than what the journal already showed).
+    pub fn put_remote_if_newer(&mut self, e: &Entry) {
+        self.edit(&e.path).remote_if_newer = Some(e.clone());
+    }
+    pub fn set_cursor(&mut self, seq: Seq) {
+        self.raw.insert(b"m/cursor".to_vec(), seq.to_be_bytes().to_vec());
+        self.raw_used = true;
+    }
+    pub fn put_outbox(&mut self, id: u64, item: &OutboxItem) {
+        self.raw.insert(outbox_key(id), encode(item));
+        self.raw_used = true;
+    }
+    pub fn del_outbox(&mut self, id: u64) {
+        self.raw.remove(outbox_key(id));
+        self.raw_used = true;
+    }
+    fn raw_remove(&mut self, key: sled::IVec) {
+        self.raw.remove(key);
+        self.raw_used = true;
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty() && !self.raw_used
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![VALUE_VERSION];
+    let mut out = vec![RECORD_VERSION];
     out.extend(postcard::to_stdvec(v).expect("postcard serializes agent records"));
     out
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
     match bytes.split_first() {
-        Some((&VALUE_VERSION, rest)) => postcard::from_bytes(rest).ok(),
+        Some((&RECORD_VERSION, rest)) => postcard::from_bytes(rest).ok(),
         _ => None,
-    }
-}
-
-fn pkey(prefix: &[u8], path: &SyncPath) -> Vec<u8> {
-    let mut k = prefix.to_vec();
-    k.extend_from_slice(path.as_str().as_bytes());
-    k
-}
-
-/// A set of updates applied atomically.
-#[derive(Default)]
-pub struct Batch(sled::Batch, bool);
-
-impl Batch {
-    pub fn put_index(&mut self, p: &SyncPath, rec: &IndexRec) {
-        self.0.insert(pkey(b"i/", p), encode(rec));
-        self.1 = true;
-    }
-    pub fn del_index(&mut self, p: &SyncPath) {
-        self.0.remove(pkey(b"i/", p));
-        self.1 = true;
-    }
-    pub fn put_synced(&mut self, e: &Entry) {
-        self.0.insert(pkey(b"s/", &e.path), encode(e));
-        self.1 = true;
-    }
-    pub fn del_synced(&mut self, p: &SyncPath) {
-        self.0.remove(pkey(b"s/", p));
-        self.1 = true;
-    }
-    pub fn put_remote(&mut self, e: &Entry) {
-        self.0.insert(pkey(b"r/", &e.path), encode(e));
-        self.1 = true;
-    }
-    pub fn set_cursor(&mut self, seq: Seq) {
-        self.0.insert(b"m/cursor".to_vec(), seq.to_be_bytes().to_vec());
-        self.1 = true;
-    }
-    pub fn put_outbox(&mut self, id: u64, item: &OutboxItem) {
-        self.0.insert(outbox_key(id), encode(item));
-        self.1 = true;
-    }
-    pub fn del_outbox(&mut self, id: u64) {
-        self.0.remove(outbox_key(id));
-        self.1 = true;
-    }
-    pub fn is_empty(&self) -> bool {
-        !self.1
     }
 }
 
@@ -126,10 +316,88 @@ fn outbox_key(id: u64) -> Vec<u8> {
     k
 }
 
+/// `p/<dir>\0`: the start of a directory's page keys (`None`: the top level).
+fn dir_prefix(dir: Option<&SyncPath>) -> Vec<u8> {
+    let mut k = b"p/".to_vec();
+    if let Some(d) = dir {
+        k.extend_from_slice(d.as_str().as_bytes());
+    }
+    k.push(0);
+    k
+}
+
+/// The directory a page key belongs to.
+fn key_dir(key: &[u8]) -> Option<Option<SyncPath>> {
+    let rest = key.strip_prefix(b"p/")?;
+    let end = rest.iter().position(|&b| b == 0)?;
+    if end == 0 {
+        return Some(None);
+    }
+    SyncPath::parse(std::str::from_utf8(&rest[..end]).ok()?).ok().map(Some)
+}
+
+fn child(dir: Option<&SyncPath>, name: &str) -> Option<SyncPath> {
+    match dir {
+        Some(d) => SyncPath::parse(&format!("{d}/{name}")).ok(),
+        None => SyncPath::parse(name).ok(),
+    }
+}
+
+fn encode_page(slots: &[StoredSlot]) -> Vec<u8> {
+    let mut out = vec![PAGE_VERSION];
+    out.extend(postcard::to_stdvec(slots).expect("postcard serializes pages"));
+    out
+}
+
+fn decode_page(key: &[u8], bytes: &[u8]) -> Vec<StoredSlot> {
+    let page = match bytes.split_first() {
+        Some((&PAGE_VERSION, rest)) => postcard::from_bytes::<Vec<StoredSlot>>(rest).ok(),
+        _ => None,
+    };
+    page.unwrap_or_else(|| {
+        // Its paths read as unknown: files are hashed again, and a missing merge base turns
+        // differences into conflicted copies, never overwrites.
+        tracing::warn!(key = %String::from_utf8_lossy(key), "skipping an unreadable database page");
+        Vec::new()
+    })
+}
+
+/// The agent database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    state: sled::Tree,
+    dir: std::path::PathBuf,
+    /// Slots decoded so far (every slot of every page read), for the status's debug counters.
+    reads: Arc<AtomicU64>,
+}
+
+/// The three trees in full, for a full reconciliation.
+#[derive(Debug, Default)]
+pub struct Trees {
+    pub index: BTreeMap<SyncPath, IndexRec>,
+    pub synced: BTreeMap<SyncPath, Entry>,
+    pub remote: BTreeMap<SyncPath, Entry>,
+}
+
+impl Trees {
+    fn add(&mut self, path: SyncPath, slot: Slot) {
+        if let Some(r) = slot.index {
+            self.index.insert(path.clone(), r);
+        }
+        if let Some(e) = slot.synced {
+            self.synced.insert(path.clone(), e);
+        }
+        if let Some(e) = slot.remote {
+            self.remote.insert(path, e);
+        }
+    }
+}
+
 impl Store {
-    /// Opens the database. A database sled cannot read is moved aside and rebuilt: it is a cache
-    /// of the disk and the coordinator, and the planner treats an empty merge base safely
-    /// (differences become conflicted copies, never overwrites).
+    /// Opens the database, migrating an older layout. A database sled cannot read is moved aside
+    /// and rebuilt: it is a cache of the disk and the coordinator, and the planner treats an
+    /// empty merge base safely (differences become conflicted copies, never overwrites).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         crate::config::create_private_dir(dir)?;
         let open = || sled::Config::new().path(dir).flush_every_ms(Some(500)).cache_capacity(CACHE_BYTES).open();
@@ -152,14 +420,132 @@ impl Store {
             tracing::warn!(db = %dir.display(), error = %e, "cannot restrict the database's files to their owner");
         }
         let state = db.open_tree("state")?;
-        Ok(Store { db, state, dir: dir.to_path_buf() })
+        let store = Store { db, state, dir: dir.to_path_buf(), reads: Arc::default() };
+        store.migrate(MIGRATE_STEP)?;
+        Ok(store)
     }
 
-    pub fn apply(&self, batch: Batch) -> anyhow::Result<()> {
-        if !batch.is_empty() {
-            self.state.apply_batch(batch.0)?;
+    /// Moves layout-1 records (one key per path and tree) into pages, a step at a time: each
+    /// step removes the old keys in the same atomic batch that writes their pages, so an
+    /// interrupted migration resumes where it stopped.
+    fn migrate(&self, step: usize) -> anyhow::Result<()> {
+        match self.state.get(b"m/layout")?.as_deref() {
+            Some([LAYOUT]) => return Ok(()),
+            Some(other) => anyhow::bail!(
+                "the agent database in {} has layout {other:?}, which this version of shoal does not know \
+                 (was it written by a newer version?)",
+                self.dir.display()
+            ),
+            None => {}
+        }
+        let started = std::time::Instant::now();
+        let mut moved = 0usize;
+        loop {
+            let mut batch = Batch::default();
+            let mut n = 0;
+            for prefix in [&b"i/"[..], b"s/", b"r/"] {
+                for kv in self.state.scan_prefix(prefix).take(step - n) {
+                    let (k, v) = kv?;
+                    n += 1;
+                    let path = std::str::from_utf8(&k[2..]).ok().and_then(|s| SyncPath::parse(s).ok());
+                    match (prefix, path) {
+                        (b"i/", Some(p)) => match decode::<IndexRec>(&v) {
+                            Some(r) => batch.put_index(&p, &r),
+                            None => tracing::warn!(path = %p.escaped(), "dropping an unreadable index record"),
+                        },
+                        (_, Some(p)) => match decode::<Entry>(&v).filter(|e| e.path == p) {
+                            Some(e) if prefix == b"s/" => batch.put_synced(&e),
+                            Some(e) => batch.put_remote(&e),
+                            None => tracing::warn!(path = %p.escaped(), "dropping an unreadable database record"),
+                        },
+                        (_, None) => {
+                            tracing::warn!(key = %String::from_utf8_lossy(&k), "dropping a record with a bad path")
+                        }
+                    }
+                    batch.raw_remove(k);
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            self.apply(batch)?;
+            moved += n;
+        }
+        self.state.insert(b"m/layout", &[LAYOUT])?;
+        self.db.flush()?;
+        if moved > 0 {
+            tracing::info!(records = moved, elapsed = ?started.elapsed(), "migrated the agent database to layout 2");
         }
         Ok(())
+    }
+
+    /// Applies `batch` atomically: every page it touches is read, edited, split if it grew too
+    /// large, and written back in one sled batch.
+    pub fn apply(&self, batch: Batch) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let Batch { slots, raw: mut out, .. } = batch;
+        // Group the edits by the page that holds (or would hold) each path.
+        type Edits = Vec<(SyncPath, Edit)>;
+        let mut pages: BTreeMap<Vec<u8>, (Option<sled::IVec>, Edits)> = BTreeMap::new();
+        for (path, edit) in slots {
+            let (key, old) = self.page_of(&path)?;
+            pages.entry(key).or_insert_with(|| (old, Vec::new())).1.push((path, edit));
+        }
+        for (key, (old, edits)) in pages {
+            let mut page = old.map(|v| decode_page(&key, &v)).unwrap_or_default();
+            self.reads.fetch_add(page.len() as u64, Ordering::Relaxed);
+            let existed = !page.is_empty();
+            for (path, edit) in edits {
+                let name = path.file_name();
+                let at = page.binary_search_by(|s| s.name.as_str().cmp(name));
+                let mut slot = match at {
+                    Ok(i) => page[i].to_slot(&path).unwrap_or_default(),
+                    Err(_) => Slot::default(),
+                };
+                edit.index.apply(&mut slot.index);
+                edit.synced.apply(&mut slot.synced);
+                edit.remote.apply(&mut slot.remote);
+                if let Some(e) = edit.remote_if_newer
+                    && slot.remote.as_ref().is_none_or(|r| r.version < e.version)
+                {
+                    slot.remote = Some(e);
+                }
+                match (at, slot.is_empty()) {
+                    (Ok(i), true) => {
+                        page.remove(i);
+                    }
+                    (Ok(i), false) => page[i] = StoredSlot::new(name, &slot),
+                    (Err(i), false) => page.insert(i, StoredSlot::new(name, &slot)),
+                    (Err(_), true) => {}
+                }
+            }
+            if page.is_empty() {
+                if existed {
+                    out.remove(key);
+                }
+                continue;
+            }
+            let prefix_len = key.iter().position(|&b| b == 0).map_or(key.len(), |i| i + 1);
+            write_page(&mut out, &key[..prefix_len], key.clone(), &page);
+        }
+        self.state.apply_batch(out)?;
+        Ok(())
+    }
+
+    /// The key of the page that holds (or would hold) `path`, and its current value.
+    fn page_of(&self, path: &SyncPath) -> anyhow::Result<(Vec<u8>, Option<sled::IVec>)> {
+        let start = dir_prefix(path.parent().as_ref());
+        let mut probe = start.clone();
+        probe.extend_from_slice(path.file_name().as_bytes());
+        Ok(match self.state.range(start.clone()..=probe).next_back() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                (k.to_vec(), Some(v))
+            }
+            None => (start, None),
+        })
     }
 
     /// Makes everything applied so far durable. sled's own flush uses `sync_file_range` and
@@ -173,36 +559,60 @@ impl Store {
         Ok(())
     }
 
-    fn load<T: DeserializeOwned>(&self, prefix: &[u8]) -> anyhow::Result<BTreeMap<SyncPath, T>> {
-        let mut out = BTreeMap::new();
+    /// Slots decoded since the store was opened: every slot of every page read, by lookups,
+    /// scans and the read half of every update.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Everything known of `path`.
+    pub fn get(&self, path: &SyncPath) -> anyhow::Result<Slot> {
+        let (key, page) = self.page_of(path)?;
+        let Some(page) = page else { return Ok(Slot::default()) };
+        let page = decode_page(&key, &page);
+        self.reads.fetch_add(page.len() as u64, Ordering::Relaxed);
+        Ok(match page.binary_search_by(|s| s.name.as_str().cmp(path.file_name())) {
+            Ok(i) => page[i].to_slot(path).unwrap_or_default(),
+            Err(_) => Slot::default(),
+        })
+    }
+
+    /// Visits every slot in the pages whose keys start with `prefix`.
+    fn visit(&self, prefix: &[u8], mut f: impl FnMut(SyncPath, Slot)) -> anyhow::Result<()> {
         for kv in self.state.scan_prefix(prefix) {
             let (k, v) = kv?;
-            let (Ok(s), Some(val)) = (std::str::from_utf8(&k[prefix.len()..]), decode(&v)) else {
-                tracing::warn!(key = %String::from_utf8_lossy(&k), "skipping an unreadable database record");
-                continue;
-            };
-            if let Ok(p) = SyncPath::parse(s) {
-                out.insert(p, val);
+            let Some(dir) = key_dir(&k) else { continue };
+            for s in decode_page(&k, &v) {
+                self.reads.fetch_add(1, Ordering::Relaxed);
+                let Some(path) = child(dir.as_ref(), &s.name) else { continue };
+                match s.to_slot(&path) {
+                    Some(slot) => f(path, slot),
+                    None => tracing::warn!(path = %path.escaped(), "skipping an unreadable database record"),
+                }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
-    pub fn index(&self) -> anyhow::Result<BTreeMap<SyncPath, IndexRec>> {
-        self.load(b"i/")
+    /// The entries directly inside `dir` (`None`: the top level).
+    pub fn children(&self, dir: Option<&SyncPath>, f: impl FnMut(SyncPath, Slot)) -> anyhow::Result<()> {
+        self.visit(&dir_prefix(dir), f)
     }
 
-    pub fn synced(&self) -> anyhow::Result<BTreeMap<SyncPath, Entry>> {
-        self.load(b"s/")
+    /// Every entry below `dir` (not `dir` itself).
+    pub fn subtree(&self, dir: &SyncPath, mut f: impl FnMut(SyncPath, Slot)) -> anyhow::Result<()> {
+        self.visit(&dir_prefix(Some(dir)), &mut f)?;
+        let mut deeper = b"p/".to_vec();
+        deeper.extend_from_slice(dir.as_str().as_bytes());
+        deeper.push(b'/');
+        self.visit(&deeper, f)
     }
 
-    pub fn remote(&self) -> anyhow::Result<BTreeMap<SyncPath, Entry>> {
-        self.load(b"r/")
-    }
-
-    /// The remote head of one path, if known.
-    pub fn remote_entry(&self, path: &SyncPath) -> anyhow::Result<Option<Entry>> {
-        Ok(self.state.get(pkey(b"r/", path))?.and_then(|v| decode(&v)))
+    /// The three trees in full.
+    pub fn trees(&self) -> anyhow::Result<Trees> {
+        let mut t = Trees::default();
+        self.visit(b"p/", |p, s| t.add(p, s))?;
+        Ok(t)
     }
 
     pub fn cursor(&self) -> anyhow::Result<Seq> {
@@ -226,3 +636,21 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 }
+
+/// Writes `page` under `key`, split into halves while it is over the limits. Every half after
+/// the first is keyed by its first name under the directory's `prefix`.
+fn write_page(out: &mut sled::Batch, prefix: &[u8], key: Vec<u8>, page: &[StoredSlot]) {
+    let bytes = encode_page(page);
+    if page.len() > 1 && (page.len() > PAGE_MAX_SLOTS || bytes.len() > PAGE_MAX_BYTES) {
+        let (low, high) = page.split_at(page.len() / 2);
+        let mut high_key = prefix.to_vec();
+        high_key.extend_from_slice(high[0].name.as_bytes());
+        write_page(out, prefix, key, low);
+        write_page(out, prefix, high_key, high);
+    } else {
+        out.insert(key, bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests;

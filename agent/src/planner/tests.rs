@@ -208,3 +208,119 @@ proptest! {
         }
     }
 }
+
+/// Paths of the incremental-planning test: two nested directories and files in and around them.
+const UNIVERSE: [&str; 8] = ["a", "d", "d/x", "d/y", "d/e", "d/e/z", "d/new", "f"];
+const DIRS: [&str; 2] = ["d", "d/e"];
+
+/// A side's edit of one universe path: 0 keep, 1 delete (a directory: with everything below),
+/// 2.. set a file's content (ignored for directories and for paths below a deleted directory).
+fn side_edits() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(prop_oneof![3 => Just(0u8), 1 => Just(1u8), 2 => 2u8..6], UNIVERSE.len())
+}
+
+/// The scope an incremental cycle looks at for `changed` paths, by the rule `scan::gather`
+/// applies: each path with its parents, and the whole subtree of any path that is a directory
+/// on some side but not on all.
+fn scope(changed: &HashSet<SyncPath>, t: &Trees<'_>) -> HashSet<SyncPath> {
+    let mut s: HashSet<SyncPath> = HashSet::new();
+    for c in changed {
+        let mut cur = Some(c.clone());
+        while let Some(x) = cur {
+            cur = x.parent();
+            s.insert(x);
+        }
+    }
+    let is_dir = |e: Option<&Entry>| e.and_then(Node::of).is_some_and(|n| n.kind == EntryKind::Dir);
+    let all: Vec<SyncPath> = t.remote.keys().chain(t.local.keys()).chain(t.synced.keys()).cloned().collect();
+    for q in s.clone() {
+        let sides = [
+            t.local.get(&q).is_some_and(|n| n.kind == EntryKind::Dir),
+            is_dir(t.synced.get(&q)),
+            is_dir(t.remote.get(&q)),
+        ];
+        if sides.iter().any(|&d| d) && !sides.iter().all(|&d| d) {
+            s.extend(all.iter().filter(|p| p.starts_with(&q)).cloned());
+        }
+    }
+    s
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Planning only the paths that changed (with parents, and the subtrees of directories that
+    /// appeared or vanished on a side) gives exactly the plan of the whole folder.
+    #[test]
+    fn incremental_plan_equals_full_plan(
+        start in proptest::collection::vec(proptest::option::of(1u8..6), UNIVERSE.len()),
+        local_edits in side_edits(),
+        remote_edits in side_edits(),
+    ) {
+        // A folder in sync: the same nodes locally, remotely and as the merge base.
+        let mut m = Model::default();
+        for (name, s) in UNIVERSE.iter().zip(&start) {
+            let node = if DIRS.contains(name) { Some(Node::dir()) } else { s.map(|n| Node::file(h(n), false)) };
+            if let Some(node) = node {
+                let e = m.commit(&p(name), Some(node));
+                m.synced.insert(p(name), e);
+                m.local.insert(p(name), node);
+            }
+        }
+        // What an incremental cycle hears of: the watcher reports a removed directory by its own
+        // path only (as for `rm -r` or a move out of the folder); the journal lists every path.
+        let mut reported: HashSet<SyncPath> = HashSet::new();
+        for (i, name) in UNIVERSE.iter().enumerate() {
+            let path = p(name);
+            match local_edits[i] {
+                0 => {}
+                1 => {
+                    if m.local.contains_key(&path) {
+                        reported.insert(path.clone());
+                    }
+                    m.local.retain(|q, _| !q.starts_with(&path));
+                }
+                n if !DIRS.contains(name) && path.parent().is_none_or(|d| m.local.contains_key(&d)) => {
+                    m.local.insert(path.clone(), Node::file(h(n + 10), false));
+                    reported.insert(path);
+                }
+                _ => {}
+            }
+        }
+        let seq_before = m.seq;
+        for (i, name) in UNIVERSE.iter().enumerate() {
+            let path = p(name);
+            let live = |m: &Model, q: &SyncPath| m.remote.get(q).is_some_and(|e| !e.deleted);
+            match remote_edits[i] {
+                0 => {}
+                1 => {
+                    // Children first, as agents commit a directory's removal.
+                    let mut gone: Vec<SyncPath> = m.remote.keys().filter(|q| q.starts_with(&path)).cloned().collect();
+                    gone.retain(|q| live(&m, q));
+                    gone.sort_by_key(|q| std::cmp::Reverse(q.depth()));
+                    for q in gone {
+                        m.commit(&q, None);
+                    }
+                }
+                n if !DIRS.contains(name) && path.parent().is_none_or(|d| live(&m, &d)) => {
+                    m.commit(&path, Some(Node::file(h(n + 20), false)));
+                }
+                _ => {}
+            }
+        }
+        reported.extend(m.remote.values().filter(|e| e.version > seq_before).map(|e| e.path.clone()));
+        let changed = reported;
+        let pending = HashSet::new();
+        let full = Trees { remote: &m.remote, local: &m.local, synced: &m.synced, pending: &pending };
+        let s = scope(&changed, &full);
+        let remote: BTreeMap<_, _> = m.remote.iter().filter(|(q, _)| s.contains(*q)).map(|(q, e)| (q.clone(), e.clone())).collect();
+        let local: BTreeMap<_, _> = m.local.iter().filter(|(q, _)| s.contains(*q)).map(|(q, n)| (q.clone(), *n)).collect();
+        let synced: BTreeMap<_, _> = m.synced.iter().filter(|(q, _)| s.contains(*q)).map(|(q, e)| (q.clone(), e.clone())).collect();
+        let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending };
+        prop_assert_eq!(plan(&part), plan(&full), "scope {:?}", s);
+        // And an unchanged folder plans nothing at all.
+        if changed.is_empty() {
+            prop_assert!(plan(&full).is_empty());
+        }
+    }
+}

@@ -42,3 +42,68 @@ fn applying_other_devices_changes_does_not_wake_the_watcher() {
     converge(&[&a, &b], SETTLE);
     b.stop(false);
 }
+
+/// Files in the large-folder test: enough that reloading the trees would dwarf one change's work.
+const FILES: usize = 20_000;
+
+#[test]
+fn one_change_in_a_large_folder_reads_what_it_touches() {
+    let (_tmp, _coord, devices) = world("lars", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    for i in 0..FILES {
+        a.write(&format!("dir{:03}/file{i:05}.txt", i % 200), format!("content of file {i}").as_bytes());
+    }
+    a.start();
+    b.start();
+    let in_sync = |d: &Device| {
+        wait_for(Duration::from_secs(600), || (daemon_status(d)["in_sync"] == true).then_some(()))
+            .unwrap_or_else(|| panic!("{} never reached in sync", d.name))
+    };
+    in_sync(&a);
+    wait_for(Duration::from_secs(600), || (count_files(&b.root) == FILES).then_some(())).expect("B got every file");
+    in_sync(&b);
+    let reads = |d: &Device| daemon_status(d)["reads_total"].as_u64().unwrap();
+    let (a0, b0) = (reads(&a), reads(&b));
+    assert!(b0 >= FILES as u64, "the initial sync read every record at least once ({b0})");
+
+    // One new file, one edit, one removal: each converges, reading a bounded number of records.
+    a.write("dir007/new.txt", b"a new file in a large folder");
+    wait_for(SETTLE, || {
+        (b.read("dir007/new.txt").as_deref() == Some(&b"a new file in a large folder"[..])).then_some(())
+    })
+    .expect("the new file arrives");
+    b.write("dir100/file00100.txt", b"edited on b");
+    wait_for(SETTLE, || (a.read("dir100/file00100.txt").as_deref() == Some(&b"edited on b"[..])).then_some(()))
+        .expect("the edit arrives");
+    std::fs::remove_file(a.path("dir199/file19999.txt")).unwrap();
+    wait_for(SETTLE, || b.read("dir199/file19999.txt").is_none().then_some(())).expect("the removal arrives");
+    in_sync(&a);
+    in_sync(&b);
+    let (da, db) = (reads(&a) - a0, reads(&b) - b0);
+    // Each change touches a page of its directory (100 files) and the top level (200 entries) a
+    // few times; reloading the trees would read all 20,000 records on every cycle.
+    let bound = (FILES / 4) as u64;
+    eprintln!("records read for three changes: A {da}, B {db}");
+    assert!(da < bound && db < bound, "records read for three changes: A {da}, B {db} (bound {bound})");
+    let last = daemon_status(&b);
+    assert!(last["last_cycle_scope"].as_u64().unwrap() < 10, "last cycle's scope: {last}");
+    a.stop(false);
+    b.stop(false);
+    converge(&[&a, &b], SETTLE);
+}
+
+fn count_files(root: &std::path::Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() && e.file_name() != ".shoal" {
+                stack.push(e.path());
+            } else if t.is_file() {
+                n += 1;
+            }
+        }
+    }
+    n
+}

@@ -1,0 +1,251 @@
+use super::*;
+use proptest::prelude::*;
+use shoal_protocol::{ChunkId, ChunkRef};
+
+fn path(s: &str) -> SyncPath {
+    SyncPath::parse(s).unwrap()
+}
+
+fn manifest(seed: u8) -> Manifest {
+    Manifest { size: 10, hash: ChunkId::of(&[seed]), chunks: vec![ChunkRef { id: ChunkId::of(&[seed, 1]), len: 10 }] }
+}
+
+fn entry(p: &SyncPath, version: Seq, seed: u8) -> Entry {
+    Entry {
+        path: p.clone(),
+        kind: EntryKind::File,
+        manifest: Some(manifest(seed)),
+        exec: seed.is_multiple_of(2),
+        mtime_ns: 5,
+        deleted: seed.is_multiple_of(5),
+        version,
+        base: version.checked_sub(1),
+        device: DeviceId([seed; 16]),
+        time_ms: 7,
+    }
+}
+
+fn index(seed: u8) -> IndexRec {
+    IndexRec {
+        kind: EntryKind::File,
+        size: 10,
+        mtime_ns: i64::from(seed),
+        ctime_ns: 2,
+        inode: 3,
+        mode: 0o644,
+        manifest: Some(manifest(seed / 2)),
+        hashed_ns: 4,
+    }
+}
+
+/// One update of the model-based test: (which record, path number, value seed or delete).
+#[derive(Debug, Clone)]
+enum Op {
+    Index(usize, Option<u8>),
+    Synced(usize, Option<u8>),
+    Remote(usize, Option<u8>),
+    RemoteIfNewer(usize, u8, Seq),
+}
+
+/// Paths spread over a few directories, one of them large enough to need several pages.
+fn path_of(n: usize) -> SyncPath {
+    match n % 4 {
+        0 => path(&format!("big/f{n:04}")),
+        1 => path(&format!("f{n}")),
+        2 => path(&format!("big/sub/g{n}")),
+        _ => path(&format!("bigger/h{n}")),
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let n = 0usize..1600;
+    prop_oneof![
+        (n.clone(), proptest::option::weighted(0.8, any::<u8>())).prop_map(|(n, v)| Op::Index(n, v)),
+        (n.clone(), proptest::option::weighted(0.8, any::<u8>())).prop_map(|(n, v)| Op::Synced(n, v)),
+        (n.clone(), proptest::option::weighted(0.8, any::<u8>())).prop_map(|(n, v)| Op::Remote(n, v)),
+        (n, any::<u8>(), 0u64..20).prop_map(|(n, v, s)| Op::RemoteIfNewer(n, v, s)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Pages split and vanish as paths come and go; whatever the batches, the store reads back
+    /// exactly what a plain map of path → records holds, per path, per directory and in full.
+    #[test]
+    fn pages_behave_like_a_map(batches in proptest::collection::vec(proptest::collection::vec(op(), 1..400), 1..6)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut model: BTreeMap<SyncPath, Slot> = BTreeMap::new();
+        for ops in batches {
+            let mut b = Batch::default();
+            for op in ops {
+                let (n, m) = match &op {
+                    Op::Index(n, _) | Op::Synced(n, _) | Op::Remote(n, _) | Op::RemoteIfNewer(n, ..) => (*n, path_of(*n)),
+                };
+                let _ = n;
+                let slot = model.entry(m.clone()).or_default();
+                match op {
+                    Op::Index(_, Some(v)) => { b.put_index(&m, &index(v)); slot.index = Some(index(v)); }
+                    Op::Index(_, None) => { b.del_index(&m); slot.index = None; }
+                    Op::Synced(_, Some(v)) => { b.put_synced(&entry(&m, 1, v)); slot.synced = Some(entry(&m, 1, v)); }
+                    Op::Synced(_, None) => { b.del_synced(&m); slot.synced = None; }
+                    Op::Remote(_, Some(v)) => { b.put_remote(&entry(&m, 9, v)); slot.remote = Some(entry(&m, 9, v)); }
+                    Op::Remote(_, None) => { b.edit(&m).remote = Set::To(None); b.edit(&m).remote_if_newer = None; slot.remote = None; }
+                    Op::RemoteIfNewer(_, v, seq) => {
+                        b.put_remote_if_newer(&entry(&m, seq, v));
+                        // The model applies it at apply time, like the store: after this batch's
+                        // plain sets of the same path.
+                        let _ = slot;
+                    }
+                }
+            }
+            // Replay the conditional sets on the model in batch order, after plain sets.
+            for (p, e) in &b.slots {
+                if let Some(newer) = &e.remote_if_newer {
+                    let slot = model.entry(p.clone()).or_default();
+                    if slot.remote.as_ref().is_none_or(|r| r.version < newer.version) {
+                        slot.remote = Some(newer.clone());
+                    }
+                }
+            }
+            store.apply(b).unwrap();
+            model.retain(|_, s| !s.is_empty());
+        }
+        // In full.
+        let t = store.trees().unwrap();
+        let mut full: BTreeMap<SyncPath, Slot> = BTreeMap::new();
+        for (p, r) in t.index { full.entry(p).or_default().index = Some(r); }
+        for (p, e) in t.synced { full.entry(p).or_default().synced = Some(e); }
+        for (p, e) in t.remote { full.entry(p).or_default().remote = Some(e); }
+        prop_assert_eq!(&full, &model);
+        // Per path, including absent ones.
+        for n in 0..1600 {
+            let p = path_of(n);
+            prop_assert_eq!(store.get(&p).unwrap(), model.get(&p).cloned().unwrap_or_default());
+        }
+        // Per directory and subtree.
+        let mut top = BTreeMap::new();
+        store.children(None, |p, s| { top.insert(p, s); }).unwrap();
+        let want: BTreeMap<_, _> = model.iter().filter(|(p, _)| p.depth() == 1).map(|(p, s)| (p.clone(), s.clone())).collect();
+        prop_assert_eq!(top, want);
+        let mut big = BTreeMap::new();
+        store.subtree(&path("big"), |p, s| { big.insert(p, s); }).unwrap();
+        let want: BTreeMap<_, _> = model.iter().filter(|(p, _)| p.starts_with(&path("big")) && p.as_str() != "big").map(|(p, s)| (p.clone(), s.clone())).collect();
+        prop_assert_eq!(big, want);
+        // Pages respect their limits.
+        for kv in store.state.scan_prefix(b"p/") {
+            let (k, v) = kv.unwrap();
+            let page = decode_page(&k, &v);
+            prop_assert!(!page.is_empty() && page.len() <= PAGE_MAX_SLOTS);
+            prop_assert!(page.windows(2).all(|w| w[0].name < w[1].name));
+        }
+    }
+}
+
+#[test]
+fn a_large_directory_needs_few_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let mut b = Batch::default();
+    for i in 0..10_000 {
+        let p = path(&format!("d{}/file-{i:05}", i % 10));
+        b.put_index(&p, &index(2));
+        b.put_synced(&entry(&p, 3, 1));
+        b.put_remote(&entry(&p, 3, 1));
+    }
+    store.apply(b).unwrap();
+    let keys = store.state.scan_prefix(b"p/").count();
+    assert!(keys <= 10_000 / 100, "{keys} page keys for 10,000 paths");
+    // One shared manifest per slot, not three copies.
+    let (_, v) = store.state.scan_prefix(b"p/d3\0").next().unwrap().unwrap();
+    let page = decode_page(b"p/d3\0", &v);
+    assert!(page.iter().all(|s| s.manifests.len() == 1), "index and entries share a manifest");
+    let before = store.reads();
+    store.get(&path("d3/file-00013")).unwrap();
+    let read = store.reads() - before;
+    assert!(read <= PAGE_MAX_SLOTS as u64, "a lookup decodes one page, not the directory: {read}");
+}
+
+/// Writes records the way layout 1 stored them.
+fn write_layout1(state: &sled::Tree, index_recs: &[(SyncPath, IndexRec)], synced: &[Entry], remote: &[Entry]) {
+    for (p, r) in index_recs {
+        state.insert([&b"i/"[..], p.as_str().as_bytes()].concat(), encode(r)).unwrap();
+    }
+    for e in synced {
+        state.insert([&b"s/"[..], e.path.as_str().as_bytes()].concat(), encode(e)).unwrap();
+    }
+    for e in remote {
+        state.insert([&b"r/"[..], e.path.as_str().as_bytes()].concat(), encode(e)).unwrap();
+    }
+}
+
+#[test]
+fn layout1_migrates_in_resumable_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let paths: Vec<SyncPath> = (0..300).map(|i| path(&format!("dir{}/n{i}", i % 3))).collect();
+    let idx: Vec<(SyncPath, IndexRec)> = paths.iter().map(|p| (p.clone(), index(4))).collect();
+    let synced: Vec<Entry> = paths.iter().take(250).map(|p| entry(p, 2, 4)).collect();
+    let remote: Vec<Entry> = paths.iter().map(|p| entry(p, 3, 6)).collect();
+    let item = OutboxItem { commit_id: CommitId([9; 16]), changes: Vec::new() };
+    {
+        let raw = sled::open(&db).unwrap();
+        let state = raw.open_tree("state").unwrap();
+        write_layout1(&state, &idx, &synced, &remote);
+        state.insert(b"m/cursor", &42u64.to_be_bytes()).unwrap();
+        state.insert(outbox_key(5), encode(&item)).unwrap();
+        // An unreadable record is dropped, not fatal.
+        state.insert(b"s/dir0/broken", &[1, 0xff][..]).unwrap();
+        raw.flush().unwrap();
+    }
+    {
+        // A first start that stops after one small step (as if killed mid-migration).
+        let raw = sled::open(&db).unwrap();
+        let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
+        let mut b = Batch::default();
+        let first: Vec<_> = store.state.scan_prefix(b"i/").take(50).map(|kv| kv.unwrap()).collect();
+        for (k, v) in first {
+            let p = path(std::str::from_utf8(&k[2..]).unwrap());
+            b.put_index(&p, &decode::<IndexRec>(&v).unwrap());
+            b.raw_remove(k);
+        }
+        store.apply(b).unwrap();
+        store.db.flush().unwrap();
+    }
+    let store = Store::open(&db).unwrap();
+    let t = store.trees().unwrap();
+    assert_eq!(t.index, idx.into_iter().collect());
+    assert_eq!(t.synced, synced.into_iter().map(|e| (e.path.clone(), e)).collect());
+    assert_eq!(t.remote, remote.into_iter().map(|e| (e.path.clone(), e)).collect());
+    assert_eq!(store.cursor().unwrap(), 42);
+    assert_eq!(store.outbox().unwrap().len(), 1);
+    for prefix in [&b"i/"[..], b"s/", b"r/"] {
+        assert_eq!(store.state.scan_prefix(prefix).count(), 0, "old keys are gone");
+    }
+    assert_eq!(store.state.get(b"m/layout").unwrap().as_deref(), Some(&[LAYOUT][..]));
+    drop(store);
+    // Reopening does nothing more, and a layout from the future is refused.
+    let store = Store::open(&db).unwrap();
+    store.state.insert(b"m/layout", &[LAYOUT + 1]).unwrap();
+    drop(store);
+    let err = Store::open(&db).err().expect("an unknown layout is refused").to_string();
+    assert!(err.contains("newer version"), "{err}");
+}
+
+#[test]
+fn small_migration_steps_cover_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let paths: Vec<SyncPath> = (0..100).map(|i| path(&format!("x/y{i}"))).collect();
+    let remote: Vec<Entry> = paths.iter().map(|p| entry(p, 3, 6)).collect();
+    {
+        let raw = sled::open(&db).unwrap();
+        write_layout1(&raw.open_tree("state").unwrap(), &[], &[], &remote);
+        raw.flush().unwrap();
+    }
+    let raw = sled::open(&db).unwrap();
+    let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
+    store.migrate(7).unwrap();
+    assert_eq!(store.trees().unwrap().remote.len(), 100);
+}
