@@ -110,6 +110,8 @@ pub struct Engine {
     replan: std::collections::BTreeSet<SyncPath>,
     /// Directories a running full pass still has to visit (`None`: the top level).
     full: std::collections::VecDeque<Option<SyncPath>>,
+    /// Directories new on this disk whose entries are still to be looked at.
+    later: std::collections::VecDeque<SyncPath>,
     /// Names that cannot be synced, as found by the scans since the last full pass started.
     skipped: std::collections::BTreeSet<String>,
 }
@@ -164,6 +166,7 @@ impl Engine {
             replan: Default::default(),
             // Nothing may have been watched while the agent was stopped: start with a full pass.
             full: [None].into(),
+            later: Default::default(),
             skipped: Default::default(),
         };
         engine.check_marker()?;
@@ -232,15 +235,16 @@ impl Engine {
         }
     }
 
-    /// `true` while dirty paths or a full pass are queued: the next cycle has work for sure.
+    /// `true` while dirty paths, new directories or a full pass are queued: the next cycle has
+    /// work for sure.
     pub fn has_work(&self) -> bool {
-        !self.dirty.is_empty() || !self.full.is_empty()
+        !self.dirty.is_empty() || !self.full.is_empty() || !self.later.is_empty()
     }
 
     /// What the next cycle looks at: the dirty paths with their parents (up to `DIRTY_STEP`), the
-    /// paths to re-plan, and the next directories of a running full pass (which so advances
-    /// however busy the folder is, a bounded step at a time).
-    fn next_scope(&self) -> (Vec<scan::Item>, Vec<SyncPath>, usize) {
+    /// paths to re-plan, the next directories new on this disk, and the next directories of a
+    /// running full pass (which so advances however busy the folder is, a bounded step at a time).
+    fn next_scope(&self) -> (Vec<scan::Item>, Vec<SyncPath>, usize, usize) {
         let mut items = std::collections::BTreeSet::new();
         let taken: Vec<SyncPath> = self.dirty.iter().take(DIRTY_STEP).cloned().collect();
         for p in taken.iter().chain(&self.replan) {
@@ -254,7 +258,9 @@ impl Engine {
         }
         let dirs = self.full.len().min(FULL_STEP_DIRS);
         items.extend(self.full.iter().take(dirs).cloned().map(scan::Item::Dir));
-        (items.into_iter().collect(), taken, dirs)
+        let new_dirs = self.later.len().min(FULL_STEP_DIRS);
+        items.extend(self.later.iter().take(new_dirs).cloned().map(|d| scan::Item::Dir(Some(d))));
+        (items.into_iter().collect(), taken, dirs, new_dirs)
     }
 
     /// Runs one reconciliation over the next part of the folder (see `next_scope`).
@@ -266,7 +272,7 @@ impl Engine {
         let mut dirty = self.drain_outbox(&mut report).await?;
 
         let started = std::time::Instant::now();
-        let (items, taken, dirs) = self.next_scope();
+        let (items, taken, dirs, new_dirs) = self.next_scope();
         report.scope = items.len();
         let ignore = Ignore::load(&self.root);
         let root = self.root.clone();
@@ -280,7 +286,7 @@ impl Engine {
         .await
         .context("scanner panicked")?;
         report.bytes_uploaded += early.await.unwrap_or(0);
-        let scan::Gathered { scan, stored, next_dirs } =
+        let scan::Gathered { scan, stored, next_dirs, later } =
             gathered.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?;
         tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, paths = stored.len(), "scanned");
         // The scope is read: what it covered leaves the queues (a failure above keeps them).
@@ -290,6 +296,8 @@ impl Engine {
         self.replan.clear();
         self.full.drain(..dirs);
         self.full.extend(next_dirs.into_iter().map(Some));
+        self.later.drain(..new_dirs);
+        self.later.extend(later);
         self.replan.extend(scan.recheck.iter().cloned());
         self.save_index(&stored, &scan)?;
         report.unstable = scan.unstable;
@@ -368,11 +376,11 @@ impl Engine {
             for e in &page.entries {
                 batch.put_remote(e);
             }
-            // This device's own commits were recorded when they were acknowledged.
-            let own = self.cfg.device_id;
-            self.dirty.extend(page.entries.iter().filter(|e| e.device != own).map(|e| e.path.clone()));
             batch.set_cursor(page.next);
-            self.store.apply(batch).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            // Entries the synced tree already matches (this device's acknowledged commits) need
+            // no cycle; the rest do.
+            let unsynced = self.store.apply_unsynced(batch).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            self.dirty.extend(unsynced);
             cursor = page.next;
             if cursor >= page.head {
                 return Ok(());

@@ -170,12 +170,12 @@ const EARLY_BATCH: usize = 4 * 1024 * 1024;
 /// A part of the folder a cycle looks at.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Item {
-    /// One path. A directory that appeared, vanished or changed kind on any side (disk, index,
-    /// synced, remote) is looked at with everything below it.
+    /// One path. A directory removed from this disk (or replaced by a file), or removed remotely
+    /// while still here, is looked at with everything below it; a directory new on this disk has
+    /// its entries looked at by later cycles (`Gathered::later`).
     Path(SyncPath),
-    /// A directory's own entries (`None`: the top level). Subdirectories that are directories on
-    /// every side are returned in `Gathered::next_dirs` for a later visit; others are looked at
-    /// whole.
+    /// A directory's own entries (`None`: the top level), each as for `Path`. Subdirectories
+    /// that are directories on every side are returned in `Gathered::next_dirs` for a later visit.
     Dir(Option<SyncPath>),
     /// A path and everything below it.
     Tree(SyncPath),
@@ -191,20 +191,38 @@ pub struct Gathered {
     pub stored: BTreeMap<SyncPath, Slot>,
     /// Directories whose entries a full pass visits next.
     pub next_dirs: Vec<SyncPath>,
+    /// Directories new on this disk whose entries later cycles look at (see `Reach::Later`).
+    pub later: Vec<SyncPath>,
 }
 
-/// `true` when `path` is a directory on some side (disk, index, synced, remote) but not on all:
-/// it appeared, vanished or changed kind, so what lies below it changed too.
-fn dir_changed(md: Option<&std::fs::Metadata>, slot: &Slot) -> bool {
+/// How much of a path a cycle must look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The path alone.
+    Alone,
+    /// The path and its whole subtree at once: a directory removed (or replaced by a file) on
+    /// this disk, whose stored subtree must be planned with it, or a directory removed remotely
+    /// that is still here, whose local additions keep it alive.
+    Whole,
+    /// The path now and its entries in later cycles: a directory that is new on this disk (or
+    /// replaced a file). What lies below it is new too, so nothing there needs planning with it,
+    /// and a directory of a million new files is taken a bounded step at a time.
+    Later,
+}
+
+fn reach(md: Option<&std::fs::Metadata>, slot: &Slot) -> Reach {
     let live_dir =
         |e: &Option<shoal_protocol::Entry>| e.as_ref().is_some_and(|e| !e.deleted && e.kind == EntryKind::Dir);
-    let sides = [
-        md.is_some_and(|m| m.is_dir()),
-        slot.index.as_ref().is_some_and(|r| r.kind == EntryKind::Dir),
-        live_dir(&slot.synced),
-        live_dir(&slot.remote),
-    ];
-    sides.iter().any(|&d| d) && !sides.iter().all(|&d| d)
+    let disk = md.is_some_and(|m| m.is_dir());
+    let index = slot.index.as_ref().is_some_and(|r| r.kind == EntryKind::Dir);
+    let (synced, remote) = (live_dir(&slot.synced), live_dir(&slot.remote));
+    if (!disk && (index || synced)) || (disk && synced && !remote) {
+        Reach::Whole
+    } else if disk && !(index && synced && remote) {
+        Reach::Later
+    } else {
+        Reach::Alone
+    }
 }
 
 /// The state of one path on disk: `Ok(None)` when absent (or below something that is not a real
@@ -287,9 +305,13 @@ pub fn gather(
                     continue;
                 }
                 let slot = store.get(&p)?;
-                if dir_changed(md.as_ref(), &slot) {
-                    work.push_back(Item::Tree(p));
-                    continue;
+                match reach(md.as_ref(), &slot) {
+                    Reach::Whole => {
+                        work.push_back(Item::Tree(p));
+                        continue;
+                    }
+                    Reach::Later => g.later.push(p.clone()),
+                    Reach::Alone => {}
                 }
                 if let Some(md) = md {
                     found.insert(p.clone(), md);
@@ -341,7 +363,7 @@ pub fn gather(
                         continue;
                     }
                     let slot = store.get(d)?;
-                    if dir_changed(md.as_ref(), &slot) || md.is_none() {
+                    if reach(md.as_ref(), &slot) == Reach::Whole || !md.as_ref().is_some_and(|m| m.is_dir()) {
                         work.push_back(Item::Tree(d.clone()));
                         continue;
                     }
@@ -362,12 +384,14 @@ pub fn gather(
                     {
                         continue;
                     }
-                    if dir_changed(md.as_ref(), &slot) {
-                        work.push_back(Item::Tree(c));
-                        continue;
-                    }
-                    if md.as_ref().is_some_and(|m| m.is_dir()) {
-                        g.next_dirs.push(c.clone());
+                    match reach(md.as_ref(), &slot) {
+                        Reach::Whole => {
+                            work.push_back(Item::Tree(c));
+                            continue;
+                        }
+                        Reach::Later => g.later.push(c.clone()),
+                        Reach::Alone if md.as_ref().is_some_and(|m| m.is_dir()) => g.next_dirs.push(c.clone()),
+                        Reach::Alone => {}
                     }
                     found.extend(md.map(|md| (c.clone(), md)));
                     g.stored.insert(c, slot);
@@ -566,7 +590,7 @@ mod tests {
         let mut next = vec![Item::Dir(None)];
         while !next.is_empty() {
             let g = gather(root, &ignore, store, std::mem::take(&mut next), None).unwrap();
-            next = g.next_dirs.iter().cloned().map(|d| Item::Dir(Some(d))).collect();
+            next = g.next_dirs.iter().chain(&g.later).cloned().map(|d| Item::Dir(Some(d))).collect();
             all.scan.tree.extend(g.scan.tree);
             all.scan.busy.extend(g.scan.busy);
             all.scan.hashed_bytes += g.scan.hashed_bytes;
@@ -673,11 +697,15 @@ mod tests {
         assert_eq!(covered, ["x", "x/y", "x/y/1", "x/y/2"]);
         assert_eq!(g.scan.tree.keys().map(|p| p.as_str()).collect::<Vec<_>>(), ["x"]);
 
-        // A directory moved in: everything below it is found.
+        // A directory moved in: it now, its entries by a later visit.
         std::fs::rename(dir.path().join("moved"), root.join("w/in")).unwrap();
         let g = gather_(vec![Item::Path(p("w")), Item::Path(p("w/in"))]);
         let found: Vec<&str> = g.scan.tree.keys().map(|p| p.as_str()).collect();
-        assert_eq!(found, ["w", "w/in", "w/in/1", "w/in/2"]);
+        assert_eq!(found, ["w", "w/in"]);
+        assert_eq!(g.later, [p("w/in")]);
+        let g = gather_(vec![Item::Dir(Some(p("w/in")))]);
+        let found: Vec<&str> = g.scan.tree.keys().map(|p| p.as_str()).collect();
+        assert_eq!(found, ["w/in", "w/in/1", "w/in/2"]);
 
         // A directory's entries: stable subdirectories come back for later.
         let g = gather_(vec![Item::Dir(Some(p("x")))]);

@@ -482,8 +482,20 @@ impl Store {
     /// Applies `batch` atomically: every page it touches is read, edited, split if it grew too
     /// large, and written back in one sled batch.
     pub fn apply(&self, batch: Batch) -> anyhow::Result<()> {
+        self.apply_inner(batch).map(drop)
+    }
+
+    /// Applies `batch` and returns the paths it gave a remote entry that the synced tree does
+    /// not match yet (the journal entries this device still has to act on; its own acknowledged
+    /// commits are already matched).
+    pub fn apply_unsynced(&self, batch: Batch) -> anyhow::Result<Vec<SyncPath>> {
+        self.apply_inner(batch)
+    }
+
+    fn apply_inner(&self, batch: Batch) -> anyhow::Result<Vec<SyncPath>> {
+        let mut unsynced = Vec::new();
         if batch.is_empty() {
-            return Ok(());
+            return Ok(unsynced);
         }
         let Batch { slots, raw: mut out, .. } = batch;
         // Group the edits by the page that holds (or would hold) each path.
@@ -504,9 +516,20 @@ impl Store {
                     Ok(i) => page[i].to_slot(&path).unwrap_or_default(),
                     Err(_) => Slot::default(),
                 };
+                let remote_set = matches!(edit.remote, Set::To(Some(_)));
                 edit.index.apply(&mut slot.index);
                 edit.synced.apply(&mut slot.synced);
                 edit.remote.apply(&mut slot.remote);
+                if remote_set {
+                    let matched = match (&slot.remote, &slot.synced) {
+                        (Some(r), Some(s)) => r.version == s.version,
+                        (Some(r), None) => r.deleted,
+                        _ => false,
+                    };
+                    if !matched {
+                        unsynced.push(path.clone());
+                    }
+                }
                 if let Some(e) = edit.remote_if_newer
                     && slot.remote.as_ref().is_none_or(|r| r.version < e.version)
                 {
@@ -531,7 +554,7 @@ impl Store {
             write_page(&mut out, &key[..prefix_len], key.clone(), &page);
         }
         self.state.apply_batch(out)?;
-        Ok(())
+        Ok(unsynced)
     }
 
     /// The key of the page that holds (or would hold) `path`, and its current value.

@@ -220,9 +220,14 @@ fn side_edits() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// The scope an incremental cycle looks at for `changed` paths, by the rule `scan::gather`
-/// applies: each path with its parents, and the whole subtree of any path that is a directory
-/// on some side but not on all.
-fn scope(changed: &HashSet<SyncPath>, t: &Trees<'_>) -> HashSet<SyncPath> {
+/// applies (its `reach`): each path with its parents; the whole subtree of a directory removed
+/// from the disk (the index, the last scan, still has it) or removed remotely while still on
+/// disk; and, for a directory new on the disk, its entries in *later* cycles (returned apart).
+fn scope(
+    changed: &HashSet<SyncPath>,
+    index: &BTreeMap<SyncPath, Node>,
+    t: &Trees<'_>,
+) -> (HashSet<SyncPath>, HashSet<SyncPath>) {
     let mut s: HashSet<SyncPath> = HashSet::new();
     for c in changed {
         let mut cur = Some(c.clone());
@@ -233,17 +238,31 @@ fn scope(changed: &HashSet<SyncPath>, t: &Trees<'_>) -> HashSet<SyncPath> {
     }
     let is_dir = |e: Option<&Entry>| e.and_then(Node::of).is_some_and(|n| n.kind == EntryKind::Dir);
     let all: Vec<SyncPath> = t.remote.keys().chain(t.local.keys()).chain(t.synced.keys()).cloned().collect();
+    let mut later = HashSet::new();
     for q in s.clone() {
-        let sides = [
-            t.local.get(&q).is_some_and(|n| n.kind == EntryKind::Dir),
-            is_dir(t.synced.get(&q)),
-            is_dir(t.remote.get(&q)),
-        ];
-        if sides.iter().any(|&d| d) && !sides.iter().all(|&d| d) {
-            s.extend(all.iter().filter(|p| p.starts_with(&q)).cloned());
+        let disk = t.local.get(&q).is_some_and(|n| n.kind == EntryKind::Dir);
+        let idx = index.get(&q).is_some_and(|n| n.kind == EntryKind::Dir);
+        let (synced, remote) = (is_dir(t.synced.get(&q)), is_dir(t.remote.get(&q)));
+        let below = all.iter().filter(|p| p.starts_with(&q)).cloned();
+        if (!disk && (idx || synced)) || (disk && synced && !remote) {
+            s.extend(below);
+        } else if disk && !(idx && synced && remote) {
+            later.extend(below);
         }
     }
-    s
+    later.retain(|p| !s.contains(p));
+    (s, later)
+}
+
+type Restricted = (BTreeMap<SyncPath, Entry>, BTreeMap<SyncPath, Node>, BTreeMap<SyncPath, Entry>);
+
+/// The model's three trees, keeping only the paths in `keep`.
+fn restrict(m: &Model, keep: &HashSet<SyncPath>) -> Restricted {
+    (
+        m.remote.iter().filter(|(q, _)| keep.contains(*q)).map(|(q, e)| (q.clone(), e.clone())).collect(),
+        m.local.iter().filter(|(q, _)| keep.contains(*q)).map(|(q, n)| (q.clone(), *n)).collect(),
+        m.synced.iter().filter(|(q, _)| keep.contains(*q)).map(|(q, e)| (q.clone(), e.clone())).collect(),
+    )
 }
 
 proptest! {
@@ -270,6 +289,8 @@ proptest! {
         // What an incremental cycle hears of: the watcher reports a removed directory by its own
         // path only (as for `rm -r` or a move out of the folder); the journal lists every path.
         let mut reported: HashSet<SyncPath> = HashSet::new();
+        // The agent's index: the disk as last scanned, before the local edits.
+        let index = m.local.clone();
         for (i, name) in UNIVERSE.iter().enumerate() {
             let path = p(name);
             match local_edits[i] {
@@ -312,12 +333,18 @@ proptest! {
         let changed = reported;
         let pending = HashSet::new();
         let full = Trees { remote: &m.remote, local: &m.local, synced: &m.synced, pending: &pending };
-        let s = scope(&changed, &full);
-        let remote: BTreeMap<_, _> = m.remote.iter().filter(|(q, _)| s.contains(*q)).map(|(q, e)| (q.clone(), e.clone())).collect();
-        let local: BTreeMap<_, _> = m.local.iter().filter(|(q, _)| s.contains(*q)).map(|(q, n)| (q.clone(), *n)).collect();
-        let synced: BTreeMap<_, _> = m.synced.iter().filter(|(q, _)| s.contains(*q)).map(|(q, e)| (q.clone(), e.clone())).collect();
+        let full_plan = plan(&full);
+        let (now, later) = scope(&changed, &index, &full);
+        // This cycle: exactly the full plan's operations on the paths it looks at.
+        let (remote, local, synced) = restrict(&m, &now);
         let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending };
-        prop_assert_eq!(plan(&part), plan(&full), "scope {:?}", s);
+        let want: Vec<Op> = full_plan.iter().filter(|op| now.contains(op.path())).cloned().collect();
+        prop_assert_eq!(plan(&part), want, "scope {:?}", now);
+        // With the entries of new directories (later cycles), nothing in the full plan is missed.
+        let all: HashSet<SyncPath> = now.union(&later).cloned().collect();
+        let (remote, local, synced) = restrict(&m, &all);
+        let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending };
+        prop_assert_eq!(plan(&part), full_plan.clone(), "scope {:?} then {:?}", now, later);
         // And an unchanged folder plans nothing at all.
         if changed.is_empty() {
             prop_assert!(plan(&full).is_empty());
