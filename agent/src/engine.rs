@@ -256,9 +256,12 @@ impl Engine {
                 }
             }
         }
-        let dirs = self.full.len().min(FULL_STEP_DIRS);
+        // Background directories: a full step when nothing else waits, a small one beside
+        // fresh changes so they arrive without waiting for it.
+        let step = if taken.is_empty() && self.replan.is_empty() { FULL_STEP_DIRS } else { FULL_STEP_DIRS / 8 };
+        let dirs = self.full.len().min(step);
         items.extend(self.full.iter().take(dirs).cloned().map(scan::Item::Dir));
-        let new_dirs = self.later.len().min(FULL_STEP_DIRS);
+        let new_dirs = self.later.len().min(step);
         items.extend(self.later.iter().take(new_dirs).cloned().map(|d| scan::Item::Dir(Some(d))));
         (items.into_iter().collect(), taken, dirs, new_dirs)
     }
@@ -471,7 +474,7 @@ impl Engine {
         self.store.apply(batch)?;
 
         if !files.is_empty() {
-            dirty |= self.fetch_files(files, scan, &expect, report).await?;
+            dirty |= self.fetch_files(files, &expect, report).await?;
         }
 
         removes.sort_by_key(|p| std::cmp::Reverse(p.depth()));
@@ -536,7 +539,7 @@ impl Engine {
             }
             self.store.apply(batch)?;
             if !files.is_empty() {
-                dirty |= self.fetch_files(files, scan, &expect, report).await?;
+                dirty |= self.fetch_files(files, &expect, report).await?;
             }
         }
 
@@ -623,7 +626,6 @@ impl Engine {
     async fn fetch_files(
         &mut self,
         mut files: Vec<Entry>,
-        scan: &Scan,
         expect: &BTreeMap<SyncPath, Option<IndexRec>>,
         report: &mut CycleReport,
     ) -> anyhow::Result<bool> {
@@ -638,14 +640,13 @@ impl Engine {
             }
             _ => true,
         });
+        // Chunks the folder already holds, wherever they are (the chunk map, not this cycle's
+        // scope): renames, copies and edits reuse local bytes. Every read is verified, so a map
+        // entry a later write made stale only costs a fetch.
         let mut sources = Sources::default();
-        for (p, rec) in &scan.tree {
-            if let Some(m) = &rec.manifest {
-                let file = p.to_local(&self.root);
-                for (offset, c) in transfer::offsets(m) {
-                    sources.local.entry(c.id).or_insert_with(|| LocalChunk { file: file.clone(), offset, len: c.len });
-                }
-            }
+        let needed = files.iter().flat_map(|e| e.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| &c.id)));
+        for (id, l) in self.store.chunk_locations(needed)? {
+            sources.local.insert(id, LocalChunk { file: l.path.to_local(&self.root), offset: l.offset, len: l.len });
         }
         files.sort_by_key(|e| e.size());
         let split = files.partition_point(|e| e.size() <= SMALL_FILE);

@@ -15,7 +15,7 @@ use shoal_protocol::path::RESERVED_DIR;
 use shoal_protocol::{Chunker, EntryKind, SyncPath};
 
 use crate::planner::Node;
-use crate::store::{IndexRec, Slot, Store};
+use crate::store::{IndexRec, PageCache, Slot, Store};
 
 /// Name of the per-root ignore file (gitignore syntax).
 pub const IGNORE_FILE: &str = ".shoalignore";
@@ -288,6 +288,7 @@ pub fn gather(
     let mut real_dirs: HashSet<SyncPath> = HashSet::new();
     let mut work: std::collections::VecDeque<Item> = items.into_iter().collect();
     let under_tree = |trees: &[SyncPath], p: &SyncPath| trees.iter().any(|t| p.starts_with(t));
+    let mut pages = PageCache::default();
     while let Some(item) = work.pop_front() {
         match item {
             Item::Path(p) => {
@@ -304,7 +305,7 @@ pub fn gather(
                 if ignore.is_ignored(&p, md.as_ref().is_some_and(|m| m.is_dir())) {
                     continue;
                 }
-                let slot = store.get(&p)?;
+                let slot = store.get_cached(&p, &mut pages)?;
                 match reach(md.as_ref(), &slot) {
                     Reach::Whole => {
                         work.push_back(Item::Tree(p));
@@ -335,7 +336,7 @@ pub fn gather(
                 trees.push(t.clone());
                 g.stored.retain(|p, _| !p.starts_with(&t));
                 found.retain(|p, _| !p.starts_with(&t));
-                g.stored.insert(t.clone(), store.get(&t)?);
+                g.stored.insert(t.clone(), store.get_cached(&t, &mut pages)?);
                 store.subtree(&t, |p, s| {
                     g.stored.insert(p, s);
                 })?;
@@ -362,7 +363,7 @@ pub fn gather(
                     if ignore.is_ignored(d, true) {
                         continue;
                     }
-                    let slot = store.get(d)?;
+                    let slot = store.get_cached(d, &mut pages)?;
                     if reach(md.as_ref(), &slot) == Reach::Whole || !md.as_ref().is_some_and(|m| m.is_dir()) {
                         work.push_back(Item::Tree(d.clone()));
                         continue;

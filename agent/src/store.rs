@@ -13,6 +13,10 @@
 //!   the parent directory's path (empty at the top); a page holds names from its key's name up to
 //!   the next page's. A page that grows past its limits splits in two; an empty page is removed.
 //!   A slot stores each distinct manifest once (index, synced and remote usually share one).
+//! - `c/<bucket u16 BE>` → chunk map bucket: `[1]` + postcard `Vec<ChunkLoc>` sorted by (id,
+//!   path): where each chunk of each indexed file lies (first offset per file). The bucket is the
+//!   top 14 bits of the chunk id: at most 16,384 keys, ~60 locations each at a million chunks.
+//!   Kept in the same atomic batch as the index records it is derived from.
 //! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
 //! - `m/cursor` → journal cursor (u64 BE); `m/layout` → `[2]`.
 //!
@@ -26,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use shoal_protocol::{Change, CommitId, DeviceId, Entry, EntryKind, Manifest, Seq, SyncPath};
+use shoal_protocol::{Change, ChunkId, CommitId, DeviceId, Entry, EntryKind, Manifest, Seq, SyncPath};
 
 /// Format version of outbox items (and of layout-1 records).
 const RECORD_VERSION: u8 = 1;
@@ -362,6 +366,10 @@ fn decode_page(key: &[u8], bytes: &[u8]) -> Vec<StoredSlot> {
     })
 }
 
+/// Pages decoded by `Store::get_cached`, for one read-only pass (it does not see later writes).
+#[derive(Default)]
+pub struct PageCache(std::collections::HashMap<Vec<u8>, Vec<StoredSlot>>);
+
 /// The agent database.
 #[derive(Clone)]
 pub struct Store {
@@ -370,6 +378,36 @@ pub struct Store {
     dir: std::path::PathBuf,
     /// Slots decoded so far (every slot of every page read), for the status's debug counters.
     reads: Arc<AtomicU64>,
+}
+
+/// Where one chunk lies in a file of the folder (as last scanned or written by the agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkLoc {
+    pub id: ChunkId,
+    pub path: SyncPath,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The chunk map bucket of a chunk id: its top 14 bits.
+fn chunk_key(id: &ChunkId) -> [u8; 4] {
+    let b = (u16::from(id.0[0]) << 6) | (u16::from(id.0[1]) >> 2);
+    let [hi, lo] = b.to_be_bytes();
+    [b'c', b'/', hi, lo]
+}
+
+/// The chunk locations of a file's manifest: each chunk once, at its first offset.
+fn locations(path: &SyncPath, m: &Manifest) -> Vec<ChunkLoc> {
+    let mut seen = std::collections::HashSet::new();
+    let mut off = 0u64;
+    let mut out = Vec::new();
+    for c in &m.chunks {
+        if seen.insert(c.id) {
+            out.push(ChunkLoc { id: c.id, path: path.clone(), offset: off, len: c.len });
+        }
+        off += u64::from(c.len);
+    }
+    out
 }
 
 /// The three trees in full, for a full reconciliation.
@@ -499,6 +537,9 @@ impl Store {
         }
         let Batch { slots, raw: mut out, .. } = batch;
         // Group the edits by the page that holds (or would hold) each path.
+        // Chunk map changes, by bucket: locations to drop (chunk, path) and to add.
+        type ChunkEdits = (Vec<(ChunkId, SyncPath)>, Vec<ChunkLoc>);
+        let mut chunk_edits: BTreeMap<[u8; 4], ChunkEdits> = BTreeMap::new();
         type Edits = Vec<(SyncPath, Edit)>;
         let mut pages: BTreeMap<Vec<u8>, (Option<sled::IVec>, Edits)> = BTreeMap::new();
         for (path, edit) in slots {
@@ -517,7 +558,17 @@ impl Store {
                     Err(_) => Slot::default(),
                 };
                 let remote_set = matches!(edit.remote, Set::To(Some(_)));
+                let old_manifest = slot.index.as_ref().and_then(|r| r.manifest.clone());
                 edit.index.apply(&mut slot.index);
+                let new_manifest = slot.index.as_ref().and_then(|r| r.manifest.as_ref());
+                if old_manifest.as_ref() != new_manifest {
+                    for l in old_manifest.iter().flat_map(|m| locations(&path, m)) {
+                        chunk_edits.entry(chunk_key(&l.id)).or_default().0.push((l.id, l.path));
+                    }
+                    for l in new_manifest.iter().flat_map(|m| locations(&path, m)) {
+                        chunk_edits.entry(chunk_key(&l.id)).or_default().1.push(l);
+                    }
+                }
                 edit.synced.apply(&mut slot.synced);
                 edit.remote.apply(&mut slot.remote);
                 if remote_set {
@@ -553,8 +604,56 @@ impl Store {
             let prefix_len = key.iter().position(|&b| b == 0).map_or(key.len(), |i| i + 1);
             write_page(&mut out, &key[..prefix_len], key.clone(), &page);
         }
+        for (key, (drop, add)) in chunk_edits {
+            let mut bucket = self.chunk_bucket(&key)?;
+            let existed = !bucket.is_empty();
+            let drop: std::collections::HashSet<(ChunkId, SyncPath)> = drop.into_iter().collect();
+            bucket.retain(|l| !drop.contains(&(l.id, l.path.clone())));
+            for l in add {
+                match bucket.binary_search_by(|x| (&x.id, &x.path).cmp(&(&l.id, &l.path))) {
+                    Ok(i) => bucket[i] = l,
+                    Err(i) => bucket.insert(i, l),
+                }
+            }
+            if bucket.is_empty() {
+                if existed {
+                    out.remove(&key[..]);
+                }
+            } else {
+                out.insert(&key[..], encode(&bucket));
+            }
+        }
         self.state.apply_batch(out)?;
         Ok(unsynced)
+    }
+
+    /// The locations in one chunk map bucket (empty if none or unreadable: the map is only ever
+    /// a hint, every chunk read from a file is verified).
+    fn chunk_bucket(&self, key: &[u8; 4]) -> anyhow::Result<Vec<ChunkLoc>> {
+        Ok(self.state.get(key)?.and_then(|v| decode(&v)).unwrap_or_default())
+    }
+
+    /// Where the folder's files hold `ids`: one location per chunk found (the first by path).
+    /// Reads one bucket per distinct bucket of the ids, whatever the folder's size.
+    pub fn chunk_locations<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a ChunkId>,
+    ) -> anyhow::Result<std::collections::HashMap<ChunkId, ChunkLoc>> {
+        let mut by_bucket: BTreeMap<[u8; 4], Vec<ChunkId>> = BTreeMap::new();
+        for id in ids {
+            by_bucket.entry(chunk_key(id)).or_default().push(*id);
+        }
+        let mut out = std::collections::HashMap::new();
+        for (key, ids) in by_bucket {
+            let bucket = self.chunk_bucket(&key)?;
+            for id in ids {
+                let first = bucket.partition_point(|l| l.id < id);
+                if let Some(l) = bucket.get(first).filter(|l| l.id == id) {
+                    out.insert(id, l.clone());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The key of the page that holds (or would hold) `path`, and its current value.
@@ -590,10 +689,19 @@ impl Store {
 
     /// Everything known of `path`.
     pub fn get(&self, path: &SyncPath) -> anyhow::Result<Slot> {
+        self.get_cached(path, &mut PageCache::default())
+    }
+
+    /// Everything known of `path`, decoding its page only if `cache` does not hold it yet: many
+    /// lookups in one directory cost one page decode.
+    pub fn get_cached(&self, path: &SyncPath, cache: &mut PageCache) -> anyhow::Result<Slot> {
         let (key, page) = self.page_of(path)?;
         let Some(page) = page else { return Ok(Slot::default()) };
-        let page = decode_page(&key, &page);
-        self.reads.fetch_add(page.len() as u64, Ordering::Relaxed);
+        let page = cache.0.entry(key).or_insert_with_key(|key| {
+            let page = decode_page(key, &page);
+            self.reads.fetch_add(page.len() as u64, Ordering::Relaxed);
+            page
+        });
         Ok(match page.binary_search_by(|s| s.name.as_str().cmp(path.file_name())) {
             Ok(i) => page[i].to_slot(path).unwrap_or_default(),
             Err(_) => Slot::default(),

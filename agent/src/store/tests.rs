@@ -133,6 +133,30 @@ proptest! {
         store.subtree(&path("big"), |p, s| { big.insert(p, s); }).unwrap();
         let want: BTreeMap<_, _> = model.iter().filter(|(p, _)| p.starts_with(&path("big")) && p.as_str() != "big").map(|(p, s)| (p.clone(), s.clone())).collect();
         prop_assert_eq!(big, want);
+        // The chunk map holds exactly each indexed file's chunks, and lookups find them.
+        let mut want: std::collections::BTreeSet<(ChunkId, SyncPath)> = std::collections::BTreeSet::new();
+        for (p, slot) in &model {
+            for c in slot.index.iter().flat_map(|r| r.manifest.iter()).flat_map(|m| m.chunks.iter()) {
+                want.insert((c.id, p.clone()));
+            }
+        }
+        let mut have = std::collections::BTreeSet::new();
+        for kv in store.state.scan_prefix(b"c/") {
+            let (_, v) = kv.unwrap();
+            for l in decode::<Vec<ChunkLoc>>(&v).unwrap() {
+                have.insert((l.id, l.path));
+            }
+        }
+        prop_assert_eq!(&have, &want);
+        let probe: Vec<ChunkId> = (0..=255u8).map(|seed| ChunkId::of(&[seed, 1])).collect();
+        let found = store.chunk_locations(&probe).unwrap();
+        for id in &probe {
+            let holders: Vec<&SyncPath> = want.iter().filter(|(c, _)| c == id).map(|(_, p)| p).collect();
+            match found.get(id) {
+                Some(l) => prop_assert!(holders.contains(&&l.path) && l.offset == 0 && l.len == 10),
+                None => prop_assert!(holders.is_empty()),
+            }
+        }
         // Pages respect their limits.
         for kv in store.state.scan_prefix(b"p/") {
             let (k, v) = kv.unwrap();

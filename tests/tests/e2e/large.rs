@@ -107,3 +107,35 @@ fn count_files(root: &std::path::Path) -> usize {
     }
     n
 }
+
+#[test]
+fn a_copy_anywhere_in_the_folder_is_built_from_local_bytes() {
+    let (_tmp, coord, devices) = world("cora", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    let data = noise(11, 3 * 1024 * 1024 + 5);
+    a.write("photos/2025/big.raw", &data);
+    a.write("notes.txt", b"small");
+    sync_all(&[&a, &b]);
+    let served = coord.metric("shoal_chunk_bytes_out_total");
+
+    // A copy far from the original: B's cycle looks only at the new path, and finds the bytes
+    // through its chunk map.
+    std::fs::create_dir_all(a.path("backup/deep/er")).unwrap();
+    std::fs::copy(a.path("photos/2025/big.raw"), a.path("backup/deep/er/big copy.raw")).unwrap();
+    std::fs::copy(a.path("notes.txt"), a.path("backup/notes.txt")).unwrap();
+    sync_all(&[&a, &b]);
+    assert_eq!(b.read("backup/deep/er/big copy.raw").unwrap(), data);
+    assert_eq!(coord.metric("shoal_chunk_bytes_out_total"), served, "B fetched bytes it already had");
+
+    // A stale location (the original rewritten behind the agent's back) costs a fetch, never a
+    // wrong byte.
+    let other = noise(12, 3 * 1024 * 1024 + 5);
+    std::fs::write(b.path("photos/2025/big.raw"), &other).unwrap();
+    std::fs::write(b.path("backup/deep/er/big copy.raw"), &other).unwrap();
+    std::fs::copy(a.path("photos/2025/big.raw"), a.path("third.raw")).unwrap();
+    a.sync();
+    b.shoal(&["sync", "--once"]);
+    assert_eq!(b.read("third.raw").unwrap(), data);
+    assert!(coord.metric("shoal_chunk_bytes_out_total") > served, "the stale copy was not used");
+    sync_all(&[&a, &b]);
+}
