@@ -289,22 +289,25 @@ pub fn gather(
     let mut work: std::collections::VecDeque<Item> = items.into_iter().collect();
     let under_tree = |trees: &[SyncPath], p: &SyncPath| trees.iter().any(|t| p.starts_with(t));
     let mut pages = PageCache::default();
+    // A path's disk state (`Some(None)`: absent), or `None` when it is ignored or unreadable
+    // (then noted busy): such a path is not looked at.
+    let look = |p: &SyncPath, real_dirs: &mut HashSet<SyncPath>, busy: &mut HashSet<SyncPath>| {
+        let md = match stat_under(root, p, real_dirs) {
+            Ok(md) => md,
+            Err(_) => {
+                busy.insert(p.clone());
+                return None;
+            }
+        };
+        (!ignore.is_ignored(p, md.as_ref().is_some_and(|m| m.is_dir()))).then_some(md)
+    };
     while let Some(item) = work.pop_front() {
         match item {
             Item::Path(p) => {
                 if under_tree(&trees, &p) || g.stored.contains_key(&p) || found.contains_key(&p) {
                     continue;
                 }
-                let md = match stat_under(root, &p, &mut real_dirs) {
-                    Ok(md) => md,
-                    Err(_) => {
-                        g.scan.busy.insert(p);
-                        continue;
-                    }
-                };
-                if ignore.is_ignored(&p, md.as_ref().is_some_and(|m| m.is_dir())) {
-                    continue;
-                }
+                let Some(md) = look(&p, &mut real_dirs, &mut g.scan.busy) else { continue };
                 let slot = store.get_cached(&p, &mut pages)?;
                 match reach(md.as_ref(), &slot) {
                     Reach::Whole => {
@@ -323,16 +326,7 @@ pub fn gather(
                 if under_tree(&trees, &t) {
                     continue;
                 }
-                let md = match stat_under(root, &t, &mut real_dirs) {
-                    Ok(md) => md,
-                    Err(_) => {
-                        g.scan.busy.insert(t);
-                        continue;
-                    }
-                };
-                if ignore.is_ignored(&t, md.as_ref().is_some_and(|m| m.is_dir())) {
-                    continue;
-                }
+                let Some(md) = look(&t, &mut real_dirs, &mut g.scan.busy) else { continue };
                 trees.push(t.clone());
                 g.stored.retain(|p, _| !p.starts_with(&t));
                 found.retain(|p, _| !p.starts_with(&t));
@@ -353,16 +347,7 @@ pub fn gather(
                     continue;
                 }
                 if let Some(d) = &d {
-                    let md = match stat_under(root, d, &mut real_dirs) {
-                        Ok(md) => md,
-                        Err(_) => {
-                            g.scan.busy.insert(d.clone());
-                            continue;
-                        }
-                    };
-                    if ignore.is_ignored(d, true) {
-                        continue;
-                    }
+                    let Some(md) = look(d, &mut real_dirs, &mut g.scan.busy) else { continue };
                     let slot = store.get_cached(d, &mut pages)?;
                     if reach(md.as_ref(), &slot) == Reach::Whole || !md.as_ref().is_some_and(|m| m.is_dir()) {
                         work.push_back(Item::Tree(d.clone()));
@@ -555,7 +540,7 @@ fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Res
     }
     let mut batch = Vec::new();
     let manifest = Chunker::default()
-        .chunk(&f, |c, _, bytes| {
+        .chunk_sized(&f, before.size, |c, _, bytes| {
             if let Some(tx) = early {
                 shoal_protocol::api::encode_frame(&mut batch, &c.id, bytes);
                 if batch.len() >= EARLY_BATCH {

@@ -72,12 +72,24 @@ impl Chunker {
     /// order, and returns the manifest. Memory use is bounded by the read buffer, whatever the
     /// size of the source. The whole-file hash runs on a second thread beside the cutting and
     /// per-chunk hashing, so both cores work.
-    pub fn chunk<F>(&self, mut src: impl Read, mut on_chunk: F) -> Result<Manifest, ChunkerError>
+    pub fn chunk<F>(&self, src: impl Read, on_chunk: F) -> Result<Manifest, ChunkerError>
+    where
+        F: FnMut(&ChunkRef, u64, &[u8]) -> Result<(), String>,
+    {
+        self.chunk_sized(src, READ_BUF as u64, on_chunk)
+    }
+
+    /// [`Chunker::chunk`] for a source expected to hold about `size` bytes: the read buffer
+    /// starts just large enough for that (a 1 KiB file no longer costs a zeroed 4 MiB buffer)
+    /// and grows to the full size if the source turns out larger. The result is the same.
+    pub fn chunk_sized<F>(&self, mut src: impl Read, size: u64, mut on_chunk: F) -> Result<Manifest, ChunkerError>
     where
         F: FnMut(&ChunkRef, u64, &[u8]) -> Result<(), String>,
     {
         let p = self.params;
-        let mut buf = vec![0u8; READ_BUF];
+        // One byte more than expected, so the read that finds the end fits.
+        let start = usize::try_from(size.saturating_add(1)).unwrap_or(READ_BUF).clamp(1, READ_BUF);
+        let mut buf = vec![0u8; start];
         let mut filled = 0usize; // bytes of `buf` holding data
         let mut hashed = 0usize; // prefix of `buf` already fed to the whole-file hasher
         let mut offset = 0u64; // file offset of buf[0]
@@ -96,6 +108,10 @@ impl Chunker {
                     break;
                 }
                 filled += n;
+                if filled == buf.len() && buf.len() < READ_BUF {
+                    // Larger than expected: cutting needs the full buffer (`2 * max` at least).
+                    buf.resize(READ_BUF, 0);
+                }
             }
             let data = &buf[..filled];
             let fresh = &data[hashed..];
@@ -217,6 +233,18 @@ mod tests {
         #[test]
         fn concatenation_and_bounds(seed in any::<u64>(), len in 0usize..1_500_000) {
             check(&noise(seed, len));
+        }
+
+        /// The size hint only sizes the first read buffer: a wrong one (a file that grew or
+        /// shrank since its stat) gives the same manifest.
+        #[test]
+        fn size_hint_never_changes_the_result(seed in any::<u64>(), len in 0usize..9_000_000, hint in 0u64..10_000_000) {
+            let data = noise(seed, len);
+            let want = Chunker::default().manifest(&data[..]).unwrap();
+            let got = Chunker::default().chunk_sized(&data[..], hint, |_, _, _| Ok(())).unwrap();
+            prop_assert_eq!(got, want);
+            let exact = Chunker::default().chunk_sized(&data[..], len as u64, |_, _, _| Ok(())).unwrap();
+            prop_assert_eq!(exact, Chunker::default().manifest(&data[..]).unwrap());
         }
 
         /// An edit only changes chunks near it: inserting a few bytes in the middle of a file
