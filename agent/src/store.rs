@@ -399,15 +399,10 @@ fn chunk_key(id: &ChunkId) -> [u8; 4] {
 /// The chunk locations of a file's manifest: each chunk once, at its first offset.
 fn locations(path: &SyncPath, m: &Manifest) -> Vec<ChunkLoc> {
     let mut seen = std::collections::HashSet::new();
-    let mut off = 0u64;
-    let mut out = Vec::new();
-    for c in &m.chunks {
-        if seen.insert(c.id) {
-            out.push(ChunkLoc { id: c.id, path: path.clone(), offset: off, len: c.len });
-        }
-        off += u64::from(c.len);
-    }
-    out
+    crate::transfer::offsets(m)
+        .filter(|(_, c)| seen.insert(c.id))
+        .map(|(offset, c)| ChunkLoc { id: c.id, path: path.clone(), offset, len: c.len })
+        .collect()
 }
 
 /// The three trees in full, for a full reconciliation.
