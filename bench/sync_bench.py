@@ -109,6 +109,7 @@ class Cluster:
             home, root = os.path.join(base, name + "-home"), os.path.join(base, name)
             sh(os.path.join(BIN, "shoal"), "--home", home, "init", "--invite", invite, "--dir", root, "--device", name)
             self.roots[name] = root
+            self.started = getattr(self, "started", None) or time.monotonic()
             self.agents[name] = subprocess.Popen(
                 [os.path.join(BIN, "shoal"), "--home", home, "run"],
                 stderr=open(os.path.join(base, name + ".log"), "w"),
