@@ -51,6 +51,10 @@ pub struct Status {
     /// A full pass over the folder is under way.
     #[serde(default)]
     pub full_pass: bool,
+    /// Chunk bytes downloaded since the daemon started, by where they came from: other files
+    /// in this folder, LAN peers, relays, the origin.
+    #[serde(default)]
+    pub bytes_by_source: crate::transfer::BytesBySource,
 }
 
 impl Status {
@@ -115,7 +119,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let overflow = Arc::new(AtomicBool::new(false));
     let _watcher = watch(&root, debounce, tx.clone(), engine.own_writes(), hints.clone(), overflow.clone())?;
     let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
-    let _abort = AbortOnDrop(subscriber);
+    let _abort = tokio_util::task::AbortOnDropHandle::new(subscriber);
     let mut status = Status { pid: std::process::id(), ..Status::default() };
     let mut backoff = Duration::from_millis(250);
     let mut next_rescan = tokio::time::Instant::now() + rescan_every;
@@ -172,6 +176,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         status.updated_ms = now_ms();
         status.watcher_hints = hints.load(Ordering::Relaxed);
         status.reads_total = engine.store().reads();
+        status.bytes_by_source = engine.counters.by_source.snapshot();
         status.save(home);
         if wait.is_zero() {
             continue;
@@ -208,14 +213,6 @@ fn update_status(s: &mut Status, r: &CycleReport) {
         s.last_sync_ms = now_ms();
     }
     s.last_error = r.errors.last().cloned().or(if r.in_sync { None } else { s.last_error.take() });
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Starts the file watcher. Events under `.shoal/` (our own temp files) and echoes of the agent's

@@ -6,14 +6,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use shoal_protocol::api::{CommitRequest, ErrorCode};
 use shoal_protocol::path::{Escaped, RESERVED_DIR};
-use shoal_protocol::{Change, ChunkId, CommitId, Entry, EntryKind, Seq, SyncPath};
+use shoal_protocol::{Change, CommitId, Entry, EntryKind, Seq, SyncPath};
 
 use crate::client::{Client, ClientError};
 use crate::config::Config;
@@ -21,31 +19,20 @@ use crate::own::OwnWrites;
 use crate::planner::{self, Node, Op};
 use crate::scan::{self, Ignore, Scan};
 use crate::store::{Batch, IndexRec, OutboxItem, Store};
-use crate::transfer::{self, AssembleError, AssembleOpts, LocalChunk, Sources, UploadError};
+use crate::transfer;
 
-/// Most changes in one outbox commit: what the coordinator accepts.
-const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES;
-/// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
-/// coordinator's 64 MiB body limit).
-const COMMIT_CHUNKS: usize = 500_000;
+mod disk;
+mod download;
+mod upload;
+
+use disk::{Removal, ensure_dir, remove_local, rename_noreplace};
+use download::Retry;
+use upload::split_commits;
+
 /// Most dirty paths one cycle looks at.
 const DIRTY_STEP: usize = 4096;
 /// Directories one cycle of a full pass visits.
 const FULL_STEP_DIRS: usize = 64;
-/// Files up to this size are fetched together in groups; larger ones stream on their own.
-const SMALL_FILE: u64 = 1024 * 1024;
-/// Bytes fetched per group of small files.
-const GROUP_BYTES: u64 = 16 * 1024 * 1024;
-/// Files per group of small files.
-const GROUP_FILES: usize = 2000;
-/// First wait before a failed download is tried again (doubled after each failure): long
-/// enough that a full disk or a bad chunk is not hammered, short enough that a quick fix is
-/// picked up at once.
-const RETRY_FIRST: Duration = Duration::from_secs(2);
-/// Longest wait between tries of a failing download: a freed disk or a repaired chunk is
-/// noticed within two minutes, and a file that keeps failing costs a request or two per two
-/// minutes.
-const RETRY_MAX: Duration = Duration::from_secs(120);
 
 /// Why the engine could not run.
 #[derive(Debug, thiserror::Error)]
@@ -85,11 +72,13 @@ pub struct CycleReport {
     pub more_work: bool,
 }
 
-/// Running byte counters, shared with progress displays.
+/// Running byte counters, shared with progress displays and the status.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub uploaded: AtomicU64,
     pub downloaded: AtomicU64,
+    /// Chunk bytes downloads got, by source.
+    pub by_source: Arc<transfer::SourceCounts>,
 }
 
 pub struct Engine {
@@ -114,19 +103,6 @@ pub struct Engine {
     later: std::collections::VecDeque<SyncPath>,
     /// Names that cannot be synced, as found by the scans since the last full pass started.
     skipped: std::collections::BTreeSet<String>,
-}
-
-/// A download that failed: when to try it again, and what it keeps for that try.
-struct Retry {
-    /// The content being fetched; a newer version starts afresh.
-    hash: ChunkId,
-    not_before: Instant,
-    delay: Duration,
-    /// Why it failed, for the status.
-    error: String,
-    /// The interrupted temp file of a large file, whose verified start the next try keeps
-    /// instead of fetching it again. Kept in memory only: temp files are deleted at start.
-    partial: Option<PathBuf>,
 }
 
 /// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
@@ -620,324 +596,6 @@ impl Engine {
         }
         anyhow::bail!("no free conflicted-copy name")
     }
-
-    /// Fetches and installs files: small ones in groups (one fetch request, one sync for the
-    /// group), large ones streamed one by one.
-    async fn fetch_files(
-        &mut self,
-        mut files: Vec<Entry>,
-        expect: &BTreeMap<SyncPath, Option<IndexRec>>,
-        report: &mut CycleReport,
-    ) -> anyhow::Result<bool> {
-        let mut dirty = false;
-        let now = Instant::now();
-        files.retain(|e| match self.retries.get(&e.path) {
-            Some(r) if Some(r.hash) == e.hash() && r.not_before > now => {
-                let wait = r.not_before - now;
-                report.errors.push(format!("{}: {} (next try in {}s)", e.path, r.error, wait.as_secs() + 1));
-                dirty = true;
-                false
-            }
-            _ => true,
-        });
-        // Chunks the folder already holds, wherever they are (the chunk map, not this cycle's
-        // scope): renames, copies and edits reuse local bytes. Every read is verified, so a map
-        // entry a later write made stale only costs a fetch.
-        let mut sources = Sources::default();
-        let needed = files.iter().flat_map(|e| e.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| &c.id)));
-        for (id, l) in self.store.chunk_locations(needed)? {
-            sources.local.insert(id, LocalChunk { file: l.path.to_local(&self.root), offset: l.offset, len: l.len });
-        }
-        files.sort_by_key(|e| e.size());
-        let split = files.partition_point(|e| e.size() <= SMALL_FILE);
-        let large = files.split_off(split);
-        let mut groups: Vec<Vec<Entry>> = Vec::new();
-        let mut bytes = 0;
-        for e in files {
-            if groups.last().is_none_or(|g| g.len() >= GROUP_FILES || bytes + e.size() > GROUP_BYTES) {
-                groups.push(Vec::new());
-                bytes = 0;
-            }
-            bytes += e.size();
-            groups.last_mut().expect("a group was just pushed").push(e);
-        }
-        for g in large {
-            groups.push(vec![g]);
-        }
-        for group in groups {
-            let streamed = group.len() == 1 && group[0].size() > SMALL_FILE;
-            // Chunks the coordinator could not deliver intact, with why: only the files that
-            // need them fail.
-            let mut unavailable: HashMap<ChunkId, String> = HashMap::new();
-            if !streamed {
-                let mut need: Vec<ChunkId> = Vec::new();
-                let mut seen = HashSet::new();
-                for e in &group {
-                    for c in e.manifest.iter().flat_map(|m| &m.chunks) {
-                        if !sources.has_local(&c.id) && seen.insert(c.id) {
-                            need.push(c.id);
-                        }
-                    }
-                }
-                for part in need.chunks(4096) {
-                    let fetched = &mut sources.fetched;
-                    let failed = transfer::fetch_verified(&self.client, part, |id, data| {
-                        fetched.insert(id, data);
-                    })
-                    .await
-                    .map_err(EngineError::Offline)?;
-                    unavailable.extend(failed.into_iter().map(|(id, e)| (id, e.to_string())));
-                }
-            }
-            let mut ready = Vec::new();
-            for e in group {
-                let Some(m) = &e.manifest else { continue };
-                if let Some((id, why)) = m.chunks.iter().find_map(|c| unavailable.get_key_value(&c.id)) {
-                    let err = format!("chunk {id} is unavailable from the coordinator: {why}");
-                    self.download_failed(&e, err, None, report);
-                    dirty = true;
-                    continue;
-                }
-                // A large file interrupted earlier continues where its verified bytes end.
-                let partial =
-                    self.retries.get(&e.path).filter(|r| Some(r.hash) == e.hash()).and_then(|r| r.partial.clone());
-                let (tmp, resume) = match partial {
-                    Some(t) if streamed && t.exists() => (t, true),
-                    _ => (self.tmp.join(format!("{}.part", crate::random_hex(8))), false),
-                };
-                // `install` replaces the file only if it still has the scanned stat, mode included.
-                let existing = expect.get(&e.path).and_then(|r| r.as_ref()).map(|r| r.mode);
-                let mode = transfer::file_mode(existing, e.exec, transfer::process_umask());
-                let opts = AssembleOpts { mode, mtime_ns: e.mtime_ns, fsync: streamed, progress: None, resume };
-                match transfer::assemble(&self.client, &mut sources, m, &tmp, opts).await {
-                    Ok(st) => {
-                        if st.resumed > 0 {
-                            tracing::info!(path = %e.path.escaped(), kept = st.resumed, "resumed an interrupted download");
-                        }
-                        report.bytes_downloaded += st.downloaded;
-                        report.bytes_reused_locally += st.local;
-                        self.counters.downloaded.fetch_add(st.downloaded, Ordering::Relaxed);
-                        self.retries.remove(&e.path);
-                        ready.push((e, tmp));
-                    }
-                    Err(AssembleError::Offline(err)) => {
-                        // Worth keeping for the next round: it retries as soon as the coordinator
-                        // answers again.
-                        let kept = streamed.then(|| tmp.clone());
-                        if kept.is_none() {
-                            let _ = std::fs::remove_file(&tmp);
-                        }
-                        self.keep_partial(&e, kept);
-                        return Err(EngineError::Offline(err).into());
-                    }
-                    Err(err) => {
-                        // A verified start of a large file is kept (a full disk, a chunk missing
-                        // further on); a small one is fetched again, and frees its space now.
-                        let keep = streamed && !matches!(err, AssembleError::HashMismatch);
-                        if !keep {
-                            let _ = std::fs::remove_file(&tmp);
-                        }
-                        self.download_failed(&e, err.to_string(), keep.then_some(tmp), report);
-                        dirty = true;
-                    }
-                }
-            }
-            sources.fetched.clear();
-            if !streamed {
-                sync_fs(&self.root)?;
-            }
-            let mut batch = Batch::default();
-            let mut parents = HashSet::new();
-            for (e, tmp) in ready {
-                let expected = expect.get(&e.path).cloned().flatten();
-                match install(&self.root, &e.path, &tmp, expected.as_ref()) {
-                    Ok(md) => {
-                        self.note_written(&e.path);
-                        let mut rec = scan::stat_rec(&md);
-                        rec.manifest = e.manifest.clone();
-                        // We wrote and verified these bytes ourselves: the stat taken after the
-                        // rename describes them, so the index need not wait for times to settle.
-                        rec.hashed_ns = now_ns().max(rec.mtime_ns).max(rec.ctime_ns) + scan::SETTLE_NS;
-                        batch.put_index(&e.path, &rec);
-                        batch.put_synced(&e);
-                        report.fetched_files += 1;
-                        parents.insert(e.path.to_local(&self.root).parent().map(Path::to_path_buf));
-                    }
-                    Err(err) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        self.retries.remove(&e.path);
-                        tracing::info!(path = %e.path.escaped(), reason = %Escaped(&format!("{err:#}")), "not installing a fetched file now");
-                        dirty = true;
-                    }
-                }
-            }
-            if streamed {
-                for dir in parents.into_iter().flatten() {
-                    if let Ok(d) = std::fs::File::open(&dir) {
-                        let _ = d.sync_all();
-                    }
-                }
-            } else {
-                sync_fs(&self.root)?;
-            }
-            self.store.apply(batch)?;
-        }
-        Ok(dirty)
-    }
-
-    /// Records that fetching `e` failed: it is tried again after a delay that doubles with each
-    /// failure (`RETRY_FIRST` up to `RETRY_MAX`), continuing from `partial` if given.
-    fn download_failed(&mut self, e: &Entry, error: String, partial: Option<PathBuf>, report: &mut CycleReport) {
-        let Some(hash) = e.hash() else { return };
-        let prev = self.retries.remove(&e.path).filter(|r| r.hash == hash);
-        let delay = prev.as_ref().map_or(RETRY_FIRST, |r| (r.delay * 2).min(RETRY_MAX));
-        if let Some(old) = prev.and_then(|r| r.partial).filter(|old| Some(old) != partial.as_ref()) {
-            let _ = std::fs::remove_file(old);
-        }
-        tracing::warn!(
-            path = %e.path.escaped(),
-            error = %Escaped(&error),
-            retry_in = ?delay,
-            kept_bytes = partial.as_ref().and_then(|p| p.metadata().ok()).map_or(0, |m| m.len()),
-            "download failed"
-        );
-        report.errors.push(format!("{}: {error}", e.path));
-        self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now() + delay, delay, error, partial });
-    }
-
-    /// Keeps the interrupted temp file of `e` for the next try, without delaying it.
-    fn keep_partial(&mut self, e: &Entry, partial: Option<PathBuf>) {
-        let Some(hash) = e.hash() else { return };
-        let prev = self.retries.remove(&e.path).filter(|r| r.hash == hash);
-        if let Some(old) = prev.as_ref().and_then(|r| r.partial.as_ref()).filter(|old| Some(*old) != partial.as_ref()) {
-            let _ = std::fs::remove_file(old);
-        }
-        let (delay, error) = prev.map_or((Duration::ZERO, String::new()), |r| (r.delay, r.error));
-        self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now(), delay, error, partial });
-    }
-
-    /// Forgets failed downloads the plan no longer fetches (and deletes what they kept).
-    fn forget_retries(&mut self, ops: &[Op]) {
-        let fetching: HashSet<&SyncPath> = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Fetch(e) => Some(&e.path),
-                Op::ConflictCopy { path, .. } => Some(path),
-                _ => None,
-            })
-            .collect();
-        self.retries.retain(|p, r| {
-            let keep = fetching.contains(p);
-            if !keep && let Some(t) = &r.partial {
-                let _ = std::fs::remove_file(t);
-            }
-            keep
-        });
-    }
-
-    /// Sends every outbox commit: uploads the chunks the coordinator is missing, then commits.
-    /// Returns `true` when an item was dropped (refused or its source changed) and the next cycle
-    /// must re-plan.
-    async fn drain_outbox(&mut self, report: &mut CycleReport) -> anyhow::Result<bool> {
-        let mut dirty = false;
-        for (id, item) in self.store.outbox()? {
-            let paths: Vec<SyncPath> = item.changes.iter().map(|c| c.path.clone()).collect();
-            let started = std::time::Instant::now();
-            let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
-                .changes
-                .iter()
-                .filter_map(|c| c.manifest.as_ref().map(|m| (c.path.to_local(&self.root), m.clone())))
-                .collect();
-            let mut ids: Vec<ChunkId> = files.iter().flat_map(|(_, m)| m.chunks.iter().map(|c| c.id)).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            let missing: HashSet<ChunkId> =
-                self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
-            match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
-                Ok(n) => report.bytes_uploaded += n,
-                Err(UploadError::SourceChanged(p)) => {
-                    tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
-                    self.drop_outbox(id, paths)?;
-                    dirty = true;
-                    continue;
-                }
-                Err(UploadError::Client(e)) if e.is_retryable() => {
-                    return Err(EngineError::Offline(e).into());
-                }
-                Err(UploadError::Client(e)) => {
-                    report.errors.push(e.to_string());
-                    self.drop_outbox(id, paths)?;
-                    dirty = true;
-                    continue;
-                }
-            }
-            tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
-            let req = CommitRequest { commit_id: item.commit_id, changes: item.changes };
-            match self.client.commit(&req).await {
-                Ok(resp) => {
-                    let mut batch = Batch::default();
-                    batch.del_outbox(id);
-                    for e in &resp.entries {
-                        // A replayed commit's entries may be older than what the journal already
-                        // showed us: never move the remote tree backwards.
-                        batch.put_remote_if_newer(e);
-                        if e.deleted {
-                            batch.del_synced(&e.path);
-                        } else {
-                            batch.put_synced(e);
-                        }
-                    }
-                    self.store.apply(batch)?;
-                    self.store.flush().await?;
-                    report.committed_changes += resp.entries.len();
-                }
-                Err(e) if e.is_retryable() => return Err(EngineError::Offline(e).into()),
-                Err(e) => {
-                    if e.code() != Some(ErrorCode::StaleBase) {
-                        tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
-                        report.errors.push(e.to_string());
-                    }
-                    self.drop_outbox(id, paths)?;
-                    dirty = true;
-                    if e.code() == Some(ErrorCode::StaleBase) {
-                        self.pull().await.map_err(EngineError::Offline)?;
-                    }
-                }
-            }
-        }
-        Ok(dirty)
-    }
-
-    /// Drops an outbox item whose commit cannot be sent as it is; its paths are planned again.
-    fn drop_outbox(&mut self, id: u64, paths: Vec<SyncPath>) -> anyhow::Result<()> {
-        self.replan.extend(paths);
-        let mut b = Batch::default();
-        b.del_outbox(id);
-        self.store.apply(b)
-    }
-}
-
-/// Groups changes into commits that stay well inside the coordinator's request limits: at most
-/// `COMMIT_CHANGES` changes and `COMMIT_CHUNKS` chunk references each (a chunk reference is ~90
-/// bytes of JSON). A single file with more chunks than that (over ~40 GiB) cannot be committed
-/// and is reported as skipped.
-fn split_commits(changes: Vec<Change>, report: &mut CycleReport) -> Vec<Vec<Change>> {
-    let mut out: Vec<Vec<Change>> = Vec::new();
-    let mut chunks = 0usize;
-    for c in changes {
-        let n = c.manifest.as_ref().map_or(0, |m| m.chunks.len());
-        if n > COMMIT_CHUNKS {
-            report.skipped.push(format!("{}: too large to sync ({n} chunks)", c.path));
-            continue;
-        }
-        if out.last().is_none_or(|p| p.len() >= COMMIT_CHANGES || chunks + n > COMMIT_CHUNKS) {
-            out.push(Vec::new());
-            chunks = 0;
-        }
-        chunks += n;
-        out.last_mut().expect("a commit was just started").push(c);
-    }
-    out
 }
 
 fn now_ns() -> i64 {
@@ -948,99 +606,6 @@ fn new_commit_id() -> CommitId {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("the OS random source is available");
     CommitId(b)
-}
-
-/// Flushes the file system holding `root` (data of every file written so far, and renames).
-fn sync_fs(root: &Path) -> anyhow::Result<()> {
-    let f = std::fs::File::open(root)?;
-    f.sync_all()?;
-    crate::syncfs(&f)?;
-    Ok(())
-}
-
-/// Creates the directories of `path` under `root`, refusing to pass through a symlink or a file.
-pub fn ensure_dir(root: &Path, path: &SyncPath) -> anyhow::Result<std::fs::Metadata> {
-    let mut cur = root.to_path_buf();
-    for comp in path.components() {
-        cur.push(comp);
-        match cur.symlink_metadata() {
-            Ok(md) if md.is_dir() => {}
-            Ok(_) => anyhow::bail!("{} exists and is not a directory", cur.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&cur).with_context(|| format!("creating {}", cur.display()))?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(cur.symlink_metadata()?)
-}
-
-/// Renames a verified temp file over `path`, if the target still looks as it did when scanned
-/// (`expected`, or absent). Never writes through a symlinked directory.
-fn install(root: &Path, path: &SyncPath, tmp: &Path, expected: Option<&IndexRec>) -> anyhow::Result<std::fs::Metadata> {
-    if let Some(parent) = path.parent() {
-        ensure_dir(root, &parent)?;
-    }
-    let target = path.to_local(root);
-    match (target.symlink_metadata(), expected) {
-        // Nothing there: the rename must not replace a file created since this check.
-        (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => rename_noreplace(tmp, &target)
-            .map_err(|e| anyhow::anyhow!("the local file appeared since the scan ({e})"))?,
-        (Ok(md), Some(rec)) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => std::fs::rename(tmp, &target)?,
-        _ => anyhow::bail!("the local file changed since the scan"),
-    }
-    Ok(target.symlink_metadata()?)
-}
-
-/// Renames `from` to `to` only if `to` does not exist (atomically: `RENAME_NOREPLACE`).
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, rustix::fs::RenameFlags::NOREPLACE)
-        .map_err(std::io::Error::from)
-}
-
-/// What `remove_local` did.
-enum Removal {
-    Done,
-    /// A directory that still has entries: kept.
-    NotEmpty,
-    /// The file changed since the scan: kept, to be re-planned.
-    Changed,
-}
-
-/// Removes the local `path` if it is unchanged since the scan. Directories go only when empty.
-fn remove_local(root: &Path, path: &SyncPath, scanned: Option<&IndexRec>) -> anyhow::Result<Removal> {
-    let target = path.to_local(root);
-    let md = match target.symlink_metadata() {
-        Ok(md) => md,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Removal::Done),
-        Err(e) => return Err(e.into()),
-    };
-    if md.is_dir() {
-        return match std::fs::remove_dir(&target) {
-            Ok(()) => Ok(Removal::Done),
-            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
-                // Only OS metadata (.DS_Store and the like) left? It goes with the directory.
-                let entries: Vec<_> = std::fs::read_dir(&target)?.collect::<Result<_, _>>()?;
-                let junk_only = entries.iter().all(|e| {
-                    e.file_type().is_ok_and(|t| t.is_file()) && e.file_name().to_str().is_some_and(scan::is_os_junk)
-                });
-                if !junk_only {
-                    return Ok(Removal::NotEmpty);
-                }
-                for e in entries {
-                    std::fs::remove_file(e.path())?;
-                }
-                std::fs::remove_dir(&target)?;
-                Ok(Removal::Done)
-            }
-            Err(e) => Err(e.into()),
-        };
-    }
-    if scanned.is_none_or(|r| !r.same_stat(&scan::stat_rec(&md))) {
-        return Ok(Removal::Changed);
-    }
-    std::fs::remove_file(&target)?;
-    Ok(Removal::Done)
 }
 
 /// `name (conflicted copy DEVICE YYYY-MM-DD HHMMSS).ext`, with ` N` before the `)` for n > 1.
@@ -1107,15 +672,5 @@ mod tests {
         assert!(long_ext.len() <= 255 && SyncPath::parse(&long_ext).is_ok(), "{long_ext}");
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-    }
-
-    #[test]
-    fn ensure_dir_refuses_symlinks() {
-        let dir = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
-        assert!(ensure_dir(dir.path(), &SyncPath::parse("link/x").unwrap()).is_err());
-        assert!(ensure_dir(dir.path(), &SyncPath::parse("a/b").unwrap()).unwrap().is_dir());
-        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 }

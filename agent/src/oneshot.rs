@@ -12,7 +12,7 @@ use shoal_protocol::{Change, ChunkId, CommitId, Entry, EntryKind, Seq, SyncPath}
 
 use crate::client::{Client, ClientError};
 use crate::progress::{self, Progress};
-use crate::transfer::{self, AssembleOpts, Sources};
+use crate::transfer::{self, AssembleOpts, Fetcher};
 
 /// An entry as `--json` prints it.
 #[derive(Debug, Serialize)]
@@ -95,7 +95,7 @@ pub async fn get(
     let name = local.file_name().context("the local path needs a file name")?.to_string_lossy().into_owned();
     let tmp = dir.join(format!(".{name}.shoal-{}.part", crate::random_hex(4)));
     let (progress, counter) = progress::track(manifest.size, "downloading", quiet);
-    let mut sources = Sources::default();
+    let mut fetcher = Fetcher::new(client.clone(), Default::default());
     // An existing file keeps its permission bits, as in a synced folder.
     let existing = std::fs::metadata(local).ok().filter(|m| m.is_file()).map(|m| {
         use std::os::unix::fs::PermissionsExt;
@@ -103,7 +103,7 @@ pub async fn get(
     });
     let mode = transfer::file_mode(existing, entry.exec, transfer::process_umask());
     let opts = AssembleOpts { mode, mtime_ns: entry.mtime_ns, fsync: true, progress: Some(&counter), resume: false };
-    let result = transfer::assemble(client, &mut sources, manifest, &tmp, opts).await;
+    let result = transfer::assemble(&mut fetcher, manifest, &tmp, opts).await;
     progress.finish();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);

@@ -9,7 +9,8 @@ use std::path::Path;
 use shoal_coordinator::direct::AlignedBuf;
 use shoal_protocol::{ChunkId, Manifest};
 
-use super::{offsets, read_chunk};
+use super::offsets;
+use super::source::read_chunk;
 
 /// Writes an assembled file. Large files (those synced on their own) go straight to the device
 /// with direct I/O where the file system allows it, skipping the page cache; otherwise the

@@ -26,11 +26,29 @@ fn applying_other_devices_changes_does_not_wake_the_watcher() {
     a.write("big.bin", &noise(7, 3 * 1024 * 1024));
     a.sync();
     converge(&[&a, &b], SETTLE);
+    // Where B's bytes came from: all from the origin so far (no peers or relays here).
+    let by_source = |d: &Device| {
+        let s = &daemon_status(d)["bytes_by_source"];
+        ["local", "peer", "relay", "origin"].map(|k| s[k].as_u64().unwrap_or_else(|| panic!("no {k} count: {s}")))
+    };
+    let origin = wait_for(SETTLE, || match by_source(&b) {
+        [0, 0, 0, origin] if origin >= 3 * 1024 * 1024 => Some(origin),
+        _ => None,
+    })
+    .unwrap_or_else(|| panic!("bytes by source: {:?}", by_source(&b)));
     std::fs::remove_file(a.path("d0/f0.txt")).unwrap();
     std::fs::remove_dir_all(a.path("d5")).unwrap();
     std::fs::rename(a.path("d1/f1.txt"), a.path("d2/moved.txt")).unwrap();
+    std::fs::create_dir(a.path("copies")).unwrap();
+    std::fs::copy(a.path("big.bin"), a.path("copies/big.bin")).unwrap();
     a.sync();
     converge(&[&a, &b], SETTLE);
+    // The copy (and the moved file, unless its old copy went first) is built from B's own files.
+    wait_for(SETTLE, || {
+        let [local, peer, relay, now] = by_source(&b);
+        (local >= 3 * 1024 * 1024 && peer == 0 && relay == 0 && now - origin < 64 * 1024).then_some(())
+    })
+    .unwrap_or_else(|| panic!("bytes by source after a copy: {:?} (origin was {origin})", by_source(&b)));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(daemon_status(&b)["watcher_hints"], 0, "B's own writes woke its watcher");
 

@@ -1,0 +1,278 @@
+//! Where downloaded chunks come from. A `Fetcher` answers every chunk a download needs: from the
+//! device's own files first (through the chunk map), then from remote sources — today the
+//! origin, the coordinator's chunk store; LAN peers and relays slot in before it. Every chunk is
+//! checked against its BLAKE3 id in `verify`, whatever its source, before anyone may write it;
+//! failures are typed by source and say whether asking again later can help; delivered bytes are
+//! counted per source.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_protocol::api::ErrorCode;
+use shoal_protocol::{ChunkId, ChunkRef};
+
+use crate::client::{Client, ClientError};
+
+/// Files kept open at once for reading local chunks.
+const OPEN_FILES: usize = 64;
+
+/// A source of chunk bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// Another file in this device's folder.
+    Local,
+    /// Another device of the same user on the LAN.
+    Peer,
+    /// A regional cache.
+    Relay,
+    /// The coordinator's chunk store.
+    Origin,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Local => "local files",
+            Source::Peer => "peer",
+            Source::Relay => "relay",
+            Source::Origin => "coordinator",
+        })
+    }
+}
+
+/// Chunk bytes delivered for downloads, by source, since the agent started (`status --json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BytesBySource {
+    pub local: u64,
+    pub peer: u64,
+    pub relay: u64,
+    pub origin: u64,
+}
+
+/// Live counters behind `BytesBySource`, shared by every download of an agent.
+#[derive(Debug, Default)]
+pub struct SourceCounts([AtomicU64; 4]);
+
+impl SourceCounts {
+    pub fn add(&self, from: Source, n: u64) {
+        self.0[from as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> BytesBySource {
+        let [local, peer, relay, origin] = [0, 1, 2, 3].map(|i| self.0[i].load(Relaxed));
+        BytesBySource { local, peer, relay, origin }
+    }
+}
+
+/// Why a chunk could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The origin cannot be reached, or no longer accepts this device: nothing more can be
+    /// fetched this round; the whole round is tried again later.
+    #[error(transparent)]
+    Offline(ClientError),
+    /// `from` could not deliver the chunk intact. `retry`: asking the same source again later
+    /// may succeed (a server error, bytes that failed their check), as opposed to a refusal.
+    #[error("chunk {id} is unavailable from the {from}: {reason}")]
+    Unavailable { id: ChunkId, from: Source, retry: bool, reason: String },
+}
+
+impl FetchError {
+    fn from_origin(id: ChunkId, e: ClientError) -> FetchError {
+        if ends_round(&e) {
+            return FetchError::Offline(e);
+        }
+        let retry = e.is_retryable() || matches!(e, ClientError::Protocol(_));
+        FetchError::Unavailable { id, from: Source::Origin, retry, reason: e.to_string() }
+    }
+}
+
+/// `true` for errors that no other request would escape this round: the coordinator is
+/// unreachable, or no longer accepts this device.
+fn ends_round(e: &ClientError) -> bool {
+    matches!(e, ClientError::Network { .. }) || e.code() == Some(ErrorCode::Unauthorized)
+}
+
+/// The one place chunk bytes are checked: `data` is returned only if it hashes to `id`.
+pub fn verify(id: &ChunkId, data: Bytes, from: Source) -> Result<Bytes, FetchError> {
+    if ChunkId::of(&data) == *id {
+        Ok(data)
+    } else {
+        Err(FetchError::Unavailable { id: *id, from, retry: true, reason: "wrong bytes".into() })
+    }
+}
+
+/// Where a chunk sits in a local file.
+#[derive(Debug, Clone)]
+pub struct LocalChunk {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The origin as a chunk source: cheap to clone into the tasks that fetch windows ahead.
+#[derive(Clone)]
+pub struct Origin {
+    client: Client,
+    counts: Arc<SourceCounts>,
+}
+
+impl Origin {
+    /// Fetches `ids`, calling `each` with every chunk that arrives verified, and returns the
+    /// chunks it could not get, each with its error. A batch that breaks (a chunk with the wrong
+    /// bytes, a response that ends early or with an error) keeps the chunks delivered before the
+    /// break; the chunk it broke on is asked for alone, and the rest as a batch again. So one bad
+    /// chunk costs two extra requests and fails only itself. `Err` when the origin cannot be
+    /// reached or refuses the device: nothing more can be fetched this round.
+    pub async fn fetch(
+        &self,
+        ids: &[ChunkId],
+        mut each: impl FnMut(ChunkId, Bytes),
+    ) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
+        let mut failed = Vec::new();
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let mut got = 0usize;
+            let batch = self
+                .client
+                .fetch(rest, |id, data| {
+                    let data = verify(&id, data, Source::Origin).map_err(|e| e.to_string())?;
+                    self.counts.add(Source::Origin, data.len() as u64);
+                    each(id, data);
+                    got += 1;
+                    Ok(())
+                })
+                .await;
+            let err = match batch {
+                Ok(()) => break,
+                Err(e) if e.code() == Some(ErrorCode::Unauthorized) => return Err(e),
+                Err(e) => e,
+            };
+            rest = &rest[got.min(rest.len())..];
+            let Some((&suspect, tail)) = rest.split_first() else { break };
+            tracing::debug!(chunk = %suspect, error = %err, "chunk batch broke; fetching its next chunk alone");
+            match self.fetch_one(suspect).await {
+                Ok(data) => each(suspect, data),
+                Err(FetchError::Offline(e)) => return Err(e),
+                Err(e) => failed.push((suspect, e)),
+            }
+            rest = tail;
+        }
+        Ok(failed)
+    }
+
+    /// One chunk, verified.
+    pub async fn fetch_one(&self, id: ChunkId) -> Result<Bytes, FetchError> {
+        let data = self.client.fetch_one(id).await.map_err(|e| FetchError::from_origin(id, e))?;
+        let data = verify(&id, data, Source::Origin)?;
+        self.counts.add(Source::Origin, data.len() as u64);
+        Ok(data)
+    }
+}
+
+/// Answers the chunks of one round of downloads. Chunks held by local files are read (and
+/// verified) when a file needs them; remote chunks are fetched ahead, a group at a time, into a
+/// buffer (`prefetch`), or streamed in windows by `assemble` through `origin()`.
+pub struct Fetcher {
+    origin: Origin,
+    local: HashMap<ChunkId, LocalChunk>,
+    open: HashMap<PathBuf, std::fs::File>,
+    /// Chunks whose local copy turned out stale, so a remote source is asked instead.
+    stale: HashSet<ChunkId>,
+    fetched: HashMap<ChunkId, Bytes>,
+}
+
+impl Fetcher {
+    pub fn new(client: Client, counts: Arc<SourceCounts>) -> Fetcher {
+        Fetcher {
+            origin: Origin { client, counts },
+            local: HashMap::new(),
+            open: HashMap::new(),
+            stale: HashSet::new(),
+            fetched: HashMap::new(),
+        }
+    }
+
+    /// Notes that a local file holds chunk `id` (a hint: it is verified when read).
+    pub fn add_local(&mut self, id: ChunkId, at: LocalChunk) {
+        self.local.insert(id, at);
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin.clone()
+    }
+
+    /// `true` when the chunk can be had without a request: fetched already, or in a local file
+    /// not yet found stale.
+    pub fn is_ready(&self, id: &ChunkId) -> bool {
+        self.fetched.contains_key(id) || (self.local.contains_key(id) && !self.stale.contains(id))
+    }
+
+    /// Fetches the chunks of `ids` that are not ready into the buffer. Returns the chunks no
+    /// source could deliver; `Err` when the origin cannot be reached (see `Origin::fetch`).
+    pub async fn prefetch(&mut self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
+        let mut seen = HashSet::new();
+        let need: Vec<ChunkId> = ids.iter().filter(|id| !self.is_ready(id) && seen.insert(**id)).copied().collect();
+        let mut failed = Vec::new();
+        for part in need.chunks(4096) {
+            let fetched = &mut self.fetched;
+            failed.extend(
+                self.origin
+                    .fetch(part, |id, data| {
+                        fetched.insert(id, data);
+                    })
+                    .await?,
+            );
+        }
+        Ok(failed)
+    }
+
+    /// Drops the fetched buffer (between groups, to bound memory).
+    pub fn clear_fetched(&mut self) {
+        self.fetched.clear();
+    }
+
+    /// The chunk from the buffer or a local file, verified; `None` if neither has it intact.
+    /// The second value is the source it was read from now (`None` for the buffer, whose bytes
+    /// were counted when fetched).
+    pub fn take_ready(&mut self, c: &ChunkRef) -> Option<(Bytes, Option<Source>)> {
+        if let Some(b) = self.fetched.get(&c.id) {
+            return Some((b.clone(), None));
+        }
+        if self.stale.contains(&c.id) {
+            return None;
+        }
+        let data = self.read_local(c);
+        match &data {
+            Some(d) => self.origin.counts.add(Source::Local, d.len() as u64),
+            None => {
+                self.stale.insert(c.id);
+            }
+        }
+        data.map(|d| (d, Some(Source::Local)))
+    }
+
+    fn read_local(&mut self, c: &ChunkRef) -> Option<Bytes> {
+        let at = self.local.get(&c.id)?;
+        if !self.open.contains_key(&at.file) {
+            if self.open.len() >= OPEN_FILES {
+                self.open.clear();
+            }
+            let f = std::fs::File::open(&at.file).ok()?;
+            self.open.insert(at.file.clone(), f);
+        }
+        read_chunk(self.open.get(&at.file)?, at.offset, at.len, &c.id)
+    }
+}
+
+/// Reads `len` bytes at `offset` of `file` and returns them only if they hash to `id`.
+pub(super) fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> Option<Bytes> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset).ok()?;
+    verify(id, Bytes::from(buf), Source::Local).ok()
+}
