@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+pub use shoal_protocol::api::ServerInfo;
 use shoal_protocol::api::{Invite, valid_user_name};
 use shoal_protocol::{ChunkId, DeviceId, Seq};
 use shoal_sys::clock::now_ms;
@@ -50,19 +50,6 @@ pub struct ServeOptions {
     pub public_addr: Option<String>,
     /// Address of the plain-HTTP listener for `/metrics` and `/healthz`; `None` serves no metrics.
     pub metrics_listen: Option<SocketAddr>,
-}
-
-/// What a running coordinator writes to `DATA/server.json` so that `user add` and scripts can
-/// find it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServerInfo {
-    pub addr: String,
-    pub public_addr: String,
-    pub fingerprint: ChunkId,
-    pub pid: u32,
-    /// Where `/metrics` is served (plain HTTP), if anywhere.
-    #[serde(default)]
-    pub metrics_addr: Option<String>,
 }
 
 /// Shared state of the API handlers.
