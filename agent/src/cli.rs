@@ -255,7 +255,7 @@ pub async fn init(home: &Path, invite: &str, dir: &Path, device: Option<String>)
     let device_name = device.unwrap_or_else(default_device_name);
     let client = Client::anonymous(&invite.addr, invite.fingerprint)?;
     // The device's own key never leaves it: the coordinator signs a request for it.
-    let (key, csr) = shoal_coordinator::ca::device_request()?;
+    let (key, csr) = shoal_sys::identity::device_request()?;
     let resp = client
         .enroll(&EnrollRequest {
             user: invite.user.clone(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::{ChunkId, DeviceId};
+use shoal_sys::fs::{Durability, write_atomic};
 
 /// The agent's configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,10 +57,8 @@ impl Config {
     pub fn save(&self, home: &Path) -> anyhow::Result<()> {
         create_private_dir(home)?;
         let path = Self::path(home);
-        let tmp = path.with_extension("tmp");
-        write_private(&tmp, toml::to_string_pretty(self)?.as_bytes(), true)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        write_atomic(&path, toml::to_string_pretty(self)?.as_bytes(), Durability::Synced)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The sync root, or an error saying how to get one.
@@ -72,9 +71,11 @@ impl Config {
 /// user's CA) and `user-ca.crt`. Devices of one user authenticate each other with these.
 pub fn save_identity(home: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str) -> anyhow::Result<()> {
     create_private_dir(home)?;
-    write_private(&home.join("device.key"), key_pem.as_bytes(), true)?;
-    write_private(&home.join("device.crt"), cert_pem.as_bytes(), false)?;
-    write_private(&home.join("user-ca.crt"), ca_pem.as_bytes(), false)?;
+    for (name, pem) in [("device.key", key_pem), ("device.crt", cert_pem), ("user-ca.crt", ca_pem)] {
+        let path = home.join(name);
+        write_atomic(&path, pem.as_bytes(), Durability::Synced)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 
@@ -82,8 +83,6 @@ pub fn save_identity(home: &Path, key_pem: &str, cert_pem: &str, ca_pem: &str) -
 /// `.shoal`): they hold every synced file's name and hash, the device's token and key, so only
 /// the owner may list or enter them, whatever the umask.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
-/// Mode of the files the agent writes in its home, whatever the umask.
-pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Creates `dir` (its parents as usual) mode 0700, or tightens it to 0700 if it exists.
 pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -99,20 +98,6 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     // The umask can only narrow the mode given above; set it exactly all the same.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))
         .with_context(|| format!("making {} private", dir.display()))
-}
-
-/// Writes `data` to `path` with mode 0600 (also when the file existed with a wider mode).
-pub fn write_private(path: &Path, data: &[u8], sync: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE_MODE).open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-    f.write_all(data)?;
-    if sync {
-        f.sync_all()?;
-    }
-    Ok(())
 }
 
 /// The files the agent keeps directly in its home (besides the `db` directory).

@@ -11,6 +11,8 @@ use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::{Deserialize, Serialize};
 use shoal_protocol::path::RESERVED_DIR;
 use shoal_protocol::{Seq, SyncPath};
+use shoal_sys::clock::now_ms;
+use shoal_sys::fs::{Durability, write_atomic};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -66,19 +68,13 @@ impl Status {
         serde_json::from_slice(&std::fs::read(Self::path(home)).ok()?).ok()
     }
 
+    /// Best effort and not synced: the status is rewritten after every cycle, and a lost one
+    /// only shows an older state until the next.
     fn save(&self, home: &Path) {
-        let path = Self::path(home);
-        let tmp = path.with_extension("tmp");
-        if let Ok(b) = serde_json::to_vec_pretty(self)
-            && crate::config::write_private(&tmp, &b, false).is_ok()
-        {
-            let _ = std::fs::rename(&tmp, &path);
+        if let Ok(b) = serde_json::to_vec_pretty(self) {
+            let _ = write_atomic(&Self::path(home), &b, Durability::Unsynced);
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why the loop woke up.

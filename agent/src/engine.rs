@@ -598,10 +598,6 @@ impl Engine {
     }
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-}
-
 fn new_commit_id() -> CommitId {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("the OS random source is available");

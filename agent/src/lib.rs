@@ -16,13 +16,6 @@ pub mod scan;
 pub mod store;
 pub mod transfer;
 
-/// `n` random bytes as hex.
-pub(crate) fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    getrandom::fill(&mut b).expect("the OS random source is available");
-    shoal_protocol::ids::to_hex(&b)
-}
-
 /// Flushes the whole file system holding `f`: one call makes a batch of written files durable.
 pub(crate) fn syncfs(f: &std::fs::File) -> std::io::Result<()> {
     rustix::fs::syncfs(f)?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    shoal_coordinator::trim::tune_allocator();
+    shoal_sys::allocator::tune();
     let cli = shoal_agent::cli::Cli::parse();
     let default_level = if cli.wants_info_logs() { "info" } else { "warn" };
     tracing_subscriber::fmt()

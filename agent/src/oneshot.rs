@@ -93,7 +93,7 @@ pub async fn get(
         _ => std::path::PathBuf::from("."),
     };
     let name = local.file_name().context("the local path needs a file name")?.to_string_lossy().into_owned();
-    let tmp = dir.join(format!(".{name}.shoal-{}.part", crate::random_hex(4)));
+    let tmp = dir.join(format!(".{name}.shoal-{}.part", shoal_sys::random::hex(4)));
     let (progress, counter) = progress::track(manifest.size, "downloading", quiet);
     let mut fetcher = Fetcher::new(client.clone(), Default::default());
     // An existing file keeps its permission bits, as in a synced folder.

@@ -138,10 +138,6 @@ pub fn node_of(r: &IndexRec) -> Option<Node> {
     }
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
-}
-
 /// The stat part of an index record.
 pub fn stat_rec(md: &std::fs::Metadata) -> IndexRec {
     let kind = if md.is_dir() { EntryKind::Dir } else { EntryKind::File };
@@ -532,7 +528,7 @@ enum HashError {
 
 /// Reads and hashes one file, checking before and after that nobody was writing it.
 fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Result<IndexRec, HashError> {
-    let hashed_ns = now_ns();
+    let hashed_ns = shoal_sys::clock::now_ns();
     let f = std::fs::File::open(path).map_err(HashError::Io)?;
     let opened = stat_rec(&f.metadata().map_err(HashError::Io)?);
     if !opened.same_stat(before) {

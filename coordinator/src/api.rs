@@ -21,10 +21,11 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use shoal_protocol::api::*;
 use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, Seq, SyncPath};
+use shoal_sys::clock::now_ms;
 
+use crate::App;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{CommitOutcome, DeviceRec, UserId};
-use crate::{App, now_ms, random_hex};
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -195,7 +196,7 @@ async fn enroll(
         Ok(user) if user.name == req.user => user,
         Ok(_) | Err(_) => return Err(invalid()),
     };
-    let token = random_hex(32);
+    let token = shoal_sys::random::hex(32);
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
     let ca = crate::ca::UserCa { cert: user.ca_cert.clone(), key: user.ca_key.clone() };
@@ -227,8 +228,8 @@ async fn enroll(
     Ok(Json(EnrollResponse {
         device_id: dev.id,
         token,
-        cert: crate::ca::cert_pem(&dev.cert),
-        ca: crate::ca::cert_pem(&user.ca_cert),
+        cert: shoal_sys::identity::cert_pem(&dev.cert),
+        ca: shoal_sys::identity::cert_pem(&user.ca_cert),
     }))
 }
 

@@ -4,7 +4,8 @@
 //! does not chain to the same user's CA belongs to someone else.
 //!
 //! The request only contributes its public key: names, validity and usages come from here, so a
-//! device cannot ask for a CA certificate or another device's name.
+//! device cannot ask for a CA certificate or another device's name. Making the request, the
+//! device names and PEM are shared with the agent (`shoal_sys::identity`); signing is only here.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
@@ -12,6 +13,7 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 use shoal_protocol::DeviceId;
+use shoal_sys::identity::device_name;
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -26,11 +28,6 @@ pub enum CaError {
 pub struct UserCa {
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
-}
-
-/// The DNS name a device's certificate carries: `<device id>.device.shoal`.
-pub fn device_name(id: &DeviceId) -> String {
-    format!("{id}.device.shoal")
 }
 
 fn validity(params: &mut CertificateParams, years: i64) {
@@ -72,35 +69,12 @@ pub fn sign_device(ca: &UserCa, csr_pem: &str, device: &DeviceId) -> Result<Vec<
     Ok(csr.signed_by(&issuer).map_err(CaError::Internal)?.der().to_vec())
 }
 
-/// A new device key and its certificate request (PEM), as an agent makes them at enrollment.
-pub fn device_request() -> Result<(KeyPair, String), CaError> {
-    let key = KeyPair::generate().map_err(CaError::Internal)?;
-    let params = CertificateParams::new(vec!["shoal-device".to_string()]).map_err(CaError::Internal)?;
-    let csr = params.serialize_request(&key).map_err(CaError::Internal)?;
-    Ok((key, csr.pem().map_err(CaError::Internal)?))
-}
-
-/// PEM of a DER certificate.
-pub fn cert_pem(der: &[u8]) -> String {
-    pem_encode("CERTIFICATE", der)
-}
-
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use shoal_sys::identity::{cert_pem, device_request};
     use x509_parser::prelude::*;
+
+    use super::*;
 
     #[test]
     fn device_certificates_chain_to_their_users_ca_only() {

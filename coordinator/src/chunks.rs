@@ -28,8 +28,8 @@ use bytes::Bytes;
 use shoal_protocol::ChunkId;
 use shoal_protocol::api::FRAME_HEADER;
 
-use crate::direct::{self, AlignedBuf};
 use crate::store::{ChunkLoc, Store};
+use shoal_sys::direct::{self, AlignedBuf};
 
 /// A pack is closed and a new one started past this size.
 const PACK_BYTES: u64 = 512 * 1024 * 1024;

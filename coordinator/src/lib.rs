@@ -7,13 +7,12 @@ mod api;
 pub mod ca;
 pub mod chunks;
 mod commit;
-pub mod direct;
 mod error;
 pub mod listener;
 mod metrics;
 pub mod store;
 pub mod tls;
-pub mod trim;
+mod trim;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,9 +20,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+pub use shoal_protocol::api::ServerInfo;
 use shoal_protocol::api::{Invite, valid_user_name};
 use shoal_protocol::{ChunkId, DeviceId, Seq};
+use shoal_sys::clock::now_ms;
+use shoal_sys::fs::{Durability, write_atomic};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -49,19 +50,6 @@ pub struct ServeOptions {
     pub public_addr: Option<String>,
     /// Address of the plain-HTTP listener for `/metrics` and `/healthz`; `None` serves no metrics.
     pub metrics_listen: Option<SocketAddr>,
-}
-
-/// What a running coordinator writes to `DATA/server.json` so that `user add` and scripts can
-/// find it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServerInfo {
-    pub addr: String,
-    pub public_addr: String,
-    pub fingerprint: ChunkId,
-    pub pid: u32,
-    /// Where `/metrics` is served (plain HTTP), if anywhere.
-    #[serde(default)]
-    pub metrics_addr: Option<String>,
 }
 
 /// Shared state of the API handlers.
@@ -163,7 +151,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         pid: std::process::id(),
         metrics_addr: metrics_addr.map(|a| a.to_string()),
     };
-    write_private(&opts.data.join("server.json"), &serde_json::to_vec_pretty(&info)?)?;
+    let info_path = opts.data.join("server.json");
+    write_atomic(&info_path, &serde_json::to_vec_pretty(&info)?, Durability::Synced)
+        .with_context(|| format!("writing {}", info_path.display()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let trimmer = trim::spawn(app.metrics.clone(), app.chunks.clone(), cancel.clone());
     let max_connections = listener::connection_budget();
@@ -281,7 +271,7 @@ pub fn invite(
         }
         (None, false) => anyhow::bail!("no user {name:?}; create it with `user add {name}`"),
     };
-    let secret = random_hex(16);
+    let secret = shoal_sys::random::hex(16);
     let now = now_ms();
     let rec = InviteRec { user: user.id, created_ms: now, expires_ms: now.saturating_add(ttl_ms) };
     store.add_invite(blake3::hash(secret.as_bytes()).as_bytes(), &rec)?;
@@ -302,27 +292,4 @@ pub(crate) fn utc(ms: u64) -> String {
         ),
         Err(_) => format!("@{ms}ms"),
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// `n` random bytes as hex.
-pub(crate) fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    getrandom::fill(&mut b).expect("the OS random source is available");
-    shoal_protocol::ids::to_hex(&b)
-}
-
-/// Writes a file only the owner can read (keys, tokens).
-pub(crate) fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }

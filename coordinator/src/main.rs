@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
     // Everything the coordinator creates (database, packs, keys, sockets) is for its own account
     // only, whatever umask it was started with.
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
-    shoal_coordinator::trim::tune_allocator();
+    shoal_sys::allocator::tune();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use shoal_protocol::ChunkId;
+use shoal_sys::fs::{Durability, write_atomic};
 
 /// The server's certificate and key.
 pub struct Identity {
@@ -30,8 +31,9 @@ impl Identity {
         let ck = rcgen::generate_simple_self_signed(names).context("generating the TLS certificate")?;
         let cert = ck.cert.der().to_vec();
         let key = ck.signing_key.serialize_der();
-        crate::write_private(&key_path, &key)?;
-        crate::write_private(&cert_path, &cert)?;
+        for (path, bytes) in [(&key_path, &key), (&cert_path, &cert)] {
+            write_atomic(path, bytes, Durability::Synced).with_context(|| format!("writing {}", path.display()))?;
+        }
         Ok(Identity { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) })
     }
 

@@ -98,6 +98,19 @@ impl std::str::FromStr for Invite {
     }
 }
 
+/// What a running coordinator writes to `DATA/server.json` so that `user add`, `shoal demo` and
+/// scripts can find it: where it listens and which process it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub addr: String,
+    pub public_addr: String,
+    pub fingerprint: ChunkId,
+    pub pid: u32,
+    /// Where `/metrics` is served (plain HTTP), if anywhere.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {

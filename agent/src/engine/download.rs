@@ -13,7 +13,7 @@ use shoal_protocol::path::Escaped;
 use shoal_protocol::{ChunkId, Entry, SyncPath};
 
 use super::disk::{install, sync_fs};
-use super::{CycleReport, Engine, EngineError, now_ns};
+use super::{CycleReport, Engine, EngineError};
 use crate::planner::Op;
 use crate::scan;
 use crate::store::{Batch, IndexRec};
@@ -114,7 +114,7 @@ impl Engine {
                     self.retries.get(&e.path).filter(|r| Some(r.hash) == e.hash()).and_then(|r| r.partial.clone());
                 let (tmp, resume) = match partial {
                     Some(t) if streamed && t.exists() => (t, true),
-                    _ => (self.tmp.join(format!("{}.part", crate::random_hex(8))), false),
+                    _ => (self.tmp.join(format!("{}.part", shoal_sys::random::hex(8))), false),
                 };
                 // `install` replaces the file only if it still has the scanned stat, mode included.
                 let existing = expect.get(&e.path).and_then(|r| r.as_ref()).map(|r| r.mode);
@@ -168,7 +168,8 @@ impl Engine {
                         rec.manifest = e.manifest.clone();
                         // We wrote and verified these bytes ourselves: the stat taken after the
                         // rename describes them, so the index need not wait for times to settle.
-                        rec.hashed_ns = now_ns().max(rec.mtime_ns).max(rec.ctime_ns) + scan::SETTLE_NS;
+                        rec.hashed_ns =
+                            shoal_sys::clock::now_ns().max(rec.mtime_ns).max(rec.ctime_ns) + scan::SETTLE_NS;
                         batch.put_index(&e.path, &rec);
                         batch.put_synced(&e);
                         report.fetched_files += 1;

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 
-use shoal_coordinator::direct::AlignedBuf;
 use shoal_protocol::{ChunkId, Manifest};
+use shoal_sys::direct::AlignedBuf;
 
 use super::offsets;
 use super::source::read_chunk;
@@ -49,7 +49,7 @@ impl Writer {
     /// Creates `path`; `large` files are written directly or flushed in the background.
     pub(super) fn create(path: &Path, large: bool) -> std::io::Result<Writer> {
         use std::os::unix::fs::OpenOptionsExt;
-        if large && let Some(f) = shoal_coordinator::direct::open_direct(path, true)? {
+        if large && let Some(f) = shoal_sys::direct::open_direct(path, true)? {
             // Private until it is complete and gets its final mode.
             f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             let (to_disk, from_writer) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64, usize)>(DIRECT_BUFFERS);

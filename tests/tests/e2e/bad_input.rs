@@ -112,7 +112,7 @@ fn every_bad_input_is_refused_without_changing_state() {
         check(call(a.request(Method::GET, "/v1/nope")).await, 404, "not_found");
         // A used invite cannot enroll again.
         let invite: shoal_protocol::api::Invite = coord.invite("alice").parse().unwrap();
-        let (_, csr) = shoal_coordinator::ca::device_request().unwrap();
+        let (_, csr) = shoal_sys::identity::device_request().unwrap();
         let garbage = json!({"user": "alice", "secret": invite.secret, "device_name": "x", "csr": "garbage"});
         check(call(anon.request(Method::POST, "/v1/enroll").json(&garbage)).await, 400, "bad_request");
         let enroll = json!({"user": "alice", "secret": invite.secret, "device_name": "x", "csr": csr});

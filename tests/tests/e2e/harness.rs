@@ -22,6 +22,24 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "shoal-agent", "-p", "shoal-coordinator", "--bins"]);
+        // The variables cargo sets for a running test are not the outer build's: a build script
+        // that reruns when one changes (ring's watches CARGO_MANIFEST_DIR) would rebuild half the
+        // tree here, and again on the next `cargo test`.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            let set_for_tests = [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .contains(&k.as_ref())
+                || k.starts_with("CARGO_PKG_");
+            if set_for_tests {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if release {
             cmd.arg("--release");
         }

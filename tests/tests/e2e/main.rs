@@ -6,6 +6,7 @@ mod harness;
 mod agent_safety;
 mod api;
 mod bad_input;
+mod demo;
 mod durability;
 mod hardening;
 mod history;
