@@ -45,6 +45,9 @@ enum Cmd {
         /// A name for this device (default: the host name).
         #[arg(long)]
         device: Option<String>,
+        /// Make every connection from this local address (saved as `bind` in config.toml).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
     },
     /// Watch the folder and keep it in sync until Ctrl-C or SIGTERM.
     Run,
@@ -122,7 +125,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %format!("{e:#}"), "the agent's home may be readable by other users");
     }
     match cli.cmd {
-        Cmd::Init { invite, dir, device } => init(&home, &invite, &dir, device).await,
+        Cmd::Init { invite, dir, device, bind } => init(&home, &invite, &dir, device, bind).await,
         Cmd::Run => {
             let cfg = Config::load(&home)?;
             let cancel = CancellationToken::new();
@@ -247,13 +250,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Enrolls a device: redeems the invite, creates the folder and its marker, writes the config.
-pub async fn init(home: &Path, invite: &str, dir: &Path, device: Option<String>) -> anyhow::Result<ExitCode> {
+pub async fn init(
+    home: &Path,
+    invite: &str,
+    dir: &Path,
+    device: Option<String>,
+    bind: Option<std::net::IpAddr>,
+) -> anyhow::Result<ExitCode> {
     if Config::path(home).exists() {
         anyhow::bail!("{} already holds a configured device; use another --home", home.display());
     }
     let invite: Invite = invite.parse()?;
     let device_name = device.unwrap_or_else(default_device_name);
-    let client = Client::anonymous(&invite.addr, invite.fingerprint)?;
+    let client = Client::anonymous(&invite.addr, invite.fingerprint, crate::client::Dialer::new(bind))?;
     // The device's own key never leaves it: the coordinator signs a request for it.
     let (key, csr) = shoal_sys::identity::device_request()?;
     let resp = client
@@ -277,6 +286,7 @@ pub async fn init(home: &Path, invite: &str, dir: &Path, device: Option<String>)
         root: Some(root.clone()),
         rescan_interval: std::time::Duration::from_secs(600),
         debounce: std::time::Duration::from_millis(50),
+        bind,
     };
     cfg.save(home)?;
     println!("enrolled device {:?} ({}) for user {}", cfg.device_name, cfg.device_id, cfg.user);

@@ -2,6 +2,7 @@
 //! token auth, one method per API endpoint, chunk batches as frame streams, and the WebSocket
 //! push subscription. Errors say whether a retry can help.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,10 +111,69 @@ fn tls_config(fingerprint: ChunkId) -> anyhow::Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
+/// How long a TCP connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens the agent's outgoing connections — the HTTP client's and the push subscription's — from
+/// one local address when `bind` is set (config.toml), so a device can be given its own source
+/// address; otherwise the OS picks one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dialer {
+    bind: Option<IpAddr>,
+}
+
+impl Dialer {
+    pub fn new(bind: Option<IpAddr>) -> Self {
+        Dialer { bind }
+    }
+
+    fn http(&self, tls: rustls::ClientConfig) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(4))
+            .local_address(self.bind)
+            .build()
+    }
+
+    /// A TCP connection to `addr` (`HOST:PORT`), trying its addresses of the bind address's family.
+    pub async fn tcp(&self, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+        let mut last = None;
+        for to in tokio::net::lookup_host(addr).await? {
+            let sock = if to.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            if let Some(ip) = self.bind {
+                if ip.is_ipv4() != to.is_ipv4() {
+                    continue;
+                }
+                sock.bind(SocketAddr::new(ip, 0)).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot use {ip} as the local address (bind): {e}"))
+                })?;
+            }
+            match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(to)).await {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last =
+                        Some(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connecting to {to} timed out")))
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| match self.bind {
+            Some(ip) => std::io::Error::other(format!("{addr} has no address of the bind address {ip}'s family")),
+            None => std::io::Error::other(format!("{addr} resolves to no address")),
+        }))
+    }
+}
+
 /// A connection to one coordinator as one device (or anonymous, for enrollment).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    dialer: Dialer,
     addr: String,
     base: String,
     token: Option<String>,
@@ -122,19 +182,21 @@ pub struct Client {
 
 impl Client {
     /// A client without a token: only `enroll` works.
-    pub fn anonymous(addr: &str, fingerprint: ChunkId) -> anyhow::Result<Self> {
+    pub fn anonymous(addr: &str, fingerprint: ChunkId, dialer: Dialer) -> anyhow::Result<Self> {
         let tls = tls_config(fingerprint)?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls.clone())
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(4))
-            .build()?;
-        Ok(Client { http, addr: addr.to_string(), base: format!("https://{addr}"), token: None, tls: Arc::new(tls) })
+        let http = dialer.http(tls.clone())?;
+        Ok(Client {
+            http,
+            dialer,
+            addr: addr.to_string(),
+            base: format!("https://{addr}"),
+            token: None,
+            tls: Arc::new(tls),
+        })
     }
 
     pub fn new(cfg: &Config) -> anyhow::Result<Self> {
-        let mut c = Self::anonymous(&cfg.server, cfg.fingerprint)?;
+        let mut c = Self::anonymous(&cfg.server, cfg.fingerprint, Dialer::new(cfg.bind))?;
         c.token = Some(cfg.token.clone());
         Ok(c)
     }
@@ -316,11 +378,7 @@ impl Client {
     pub async fn subscribe(&self) -> ClientResult<Subscription> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let err = |e: &dyn std::fmt::Display| ClientError::Subscribe(e.to_string());
-        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&self.addr))
-            .await
-            .map_err(|e| err(&e))?
-            .map_err(|e| err(&e))?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = self.dialer.tcp(&self.addr).await.map_err(|e| err(&e))?;
         let host = self.addr.rsplit_once(':').map_or(self.addr.as_str(), |(h, _)| h);
         let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
             .unwrap_or_else(|_| ServerName::try_from("shoal-coordinator").expect("a valid DNS name"));

@@ -31,6 +31,10 @@ pub struct Config {
     /// Quiet time before watcher events trigger a scan. Default "50ms".
     #[serde(default = "default_debounce", with = "human_duration")]
     pub debounce: Duration,
+    /// Local address every outgoing connection is made from (an address of this machine).
+    /// Default: none, the OS picks.
+    #[serde(default)]
+    pub bind: Option<std::net::IpAddr>,
 }
 
 fn default_rescan() -> Duration {

@@ -58,7 +58,7 @@ async fn start(dir: &Path, coordinator: &mut Coordinator) -> anyhow::Result<Stri
         let home = dir.join(".state").join(name);
         if !Config::path(&home).exists() {
             let invite = coordinator.invite(USER).await?;
-            crate::cli::init(&home, &invite, &dir.join(name), Some(name.to_string())).await?;
+            crate::cli::init(&home, &invite, &dir.join(name), Some(name.to_string()), None).await?;
         }
     }
     Ok(info.addr)

@@ -89,7 +89,7 @@ impl Coordinator {
         let b = std::fs::read(self.data.join("server.json")).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         let fp = v["fingerprint"].as_str().unwrap().parse().unwrap();
-        shoal_agent::client::Client::anonymous(&self.addr, fp).unwrap()
+        shoal_agent::client::Client::anonymous(&self.addr, fp, Default::default()).unwrap()
     }
 
     /// The text of `/metrics`, from the coordinator's separate metrics listener.

@@ -12,4 +12,5 @@ mod hardening;
 mod history;
 mod large;
 mod migration;
+mod network;
 mod sync;

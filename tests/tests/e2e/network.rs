@@ -1,0 +1,59 @@
+//! The agent's connections: every one of them leaves from the configured local address.
+
+use shoal_agent::config::Config;
+
+use crate::harness::*;
+
+/// Established TCP connections from `local_ip` to port `port` on this machine (IPv4, from
+/// /proc/net/tcp, where an address is little-endian hex and a port big-endian hex).
+fn connections_from(local_ip: [u8; 4], port: u16) -> usize {
+    let want_ip = format!("{:08X}", u32::from_le_bytes(local_ip));
+    let want_port = format!("{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].starts_with(&want_ip) && f[2].ends_with(&format!(":{want_port}")) && f[3] == "01"
+        })
+        .count()
+}
+
+fn set_bind(d: &Device, bind: &str) {
+    let mut cfg = Config::load(&d.home).unwrap();
+    cfg.bind = Some(bind.parse().unwrap());
+    cfg.save(&d.home).unwrap();
+}
+
+#[test]
+fn every_connection_leaves_from_the_bind_address() {
+    let (_tmp, coord, devices) = world("bianca", &["a", "b"]);
+    let [a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    let port: u16 = coord.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+
+    // An address this machine does not have: the HTTP client cannot connect from it, so nothing
+    // syncs and the error says why (binding fails locally; no packet is sent).
+    set_bind(&b, "192.0.2.1");
+    a.write("x.txt", b"hello");
+    a.sync();
+    let out = b.shoal(&["sync", "--once"]);
+    assert!(!out.status.success(), "synced from an address the machine does not have");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bind") && err.contains("Cannot assign requested address"), "{err}");
+    assert!(b.read("x.txt").is_none());
+
+    // Another loopback address: the HTTP client and the push subscription both use it.
+    set_bind(&b, "127.0.0.2");
+    b.sync();
+    assert_eq!(b.read("x.txt").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(connections_from([127, 0, 0, 2], port), 0, "left-over connections from 127.0.0.2");
+    b.start();
+    wait_for(SETTLE, || (connections_from([127, 0, 0, 2], port) >= 1).then_some(()))
+        .expect("the daemon's subscription comes from 127.0.0.2");
+    a.write("y.txt", b"pushed");
+    a.sync();
+    wait_for(SETTLE, || (b.read("y.txt").as_deref() == Some(&b"pushed"[..])).then_some(())).expect("y.txt arrives");
+    b.stop(false);
+    converge(&[&a, &b], SETTLE);
+}
