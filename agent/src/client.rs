@@ -15,9 +15,10 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_protocol::api::*;
-use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, Seq, SyncPath};
+use shoal_protocol::{ChunkId, DeviceId, Entry, Seq, SyncPath};
 
 use crate::config::Config;
+use crate::frames::{FrameDecoder, FrameReadError};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -287,28 +288,29 @@ impl Client {
         let resp = self
             .send(self.req(reqwest::Method::POST, "/v1/chunks/fetch").json(&ChunkList { chunks: ids.to_vec() }))
             .await?;
-        let mut stream = resp.bytes_stream();
-        let mut buf = bytes::BytesMut::new();
+        let body = tokio_util::io::StreamReader::new(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)));
+        let mut frames = tokio_util::codec::FramedRead::new(body, FrameDecoder::default());
         let mut next = 0usize;
-        loop {
-            while let Some((id, _, n)) =
-                decode_frame(&buf, CHUNK_PARAMS.max as u32).map_err(|e| ClientError::Protocol(e.to_string()))?
-            {
-                // Split the frame off without copying; the chunk is a view into it.
-                let data = buf.split_to(n).freeze().slice(FRAME_HEADER..);
-                if ids.get(next) != Some(&id) {
-                    return Err(ClientError::Protocol(format!("coordinator sent chunk {id} out of order")));
+        while let Some(frame) = frames.next().await {
+            let (id, data) = match frame {
+                Ok(f) => f,
+                Err(FrameReadError::Io(e)) => {
+                    // The body's own error (a broken connection) is a network error.
+                    let msg = e.to_string();
+                    return Err(match e.into_inner().and_then(|e| e.downcast::<reqwest::Error>().ok()) {
+                        Some(e) => self.net(*e),
+                        None => ClientError::Protocol(format!("chunk stream failed: {msg}")),
+                    });
                 }
-                each(id, data).map_err(ClientError::Protocol)?;
-                next += 1;
+                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+            };
+            if ids.get(next) != Some(&id) {
+                return Err(ClientError::Protocol(format!("coordinator sent chunk {id} out of order")));
             }
-            match stream.next().await {
-                Some(Ok(b)) => buf.extend_from_slice(&b),
-                Some(Err(e)) => return Err(self.net(e)),
-                None => break,
-            }
+            each(id, data).map_err(ClientError::Protocol)?;
+            next += 1;
         }
-        if next != ids.len() || !buf.is_empty() {
+        if next != ids.len() {
             return Err(ClientError::Protocol(format!("chunk stream ended after {next} of {} chunks", ids.len())));
         }
         Ok(())

@@ -629,23 +629,8 @@ pub fn conflict_name(name: &str, device: &str, unix_secs: u64, n: u32) -> String
 
 /// A Unix time as a UTC date (`YYYY-MM-DD`) and (hour, minute, second).
 pub fn utc(unix_secs: u64) -> (String, (u64, u64, u64)) {
-    let (y, mo, d) = civil_from_days((unix_secs / 86_400) as i64);
-    let s = unix_secs % 86_400;
-    (format!("{y:04}-{mo:02}-{d:02}"), (s / 3600, s / 60 % 60, s % 60))
-}
-
-/// Days since 1970-01-01 to a (year, month, day) in the proleptic Gregorian calendar.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    let t = shoal_sys::clock::utc(unix_secs);
+    (shoal_sys::clock::ymd(&t), (t.hour().into(), t.minute().into(), t.second().into()))
 }
 
 #[cfg(test)]
@@ -666,7 +651,5 @@ mod tests {
         assert!(long.len() <= 255 && SyncPath::parse(&long).is_ok());
         let long_ext = conflict_name(&format!("v1.{}", "x".repeat(250)), "dev", t, 1);
         assert!(long_ext.len() <= 255 && SyncPath::parse(&long_ext).is_ok(), "{long_ext}");
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 }

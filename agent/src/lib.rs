@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
+pub mod frames;
 pub mod oneshot;
 pub mod own;
 pub mod planner;

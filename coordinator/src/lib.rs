@@ -280,16 +280,6 @@ pub fn invite(
 
 /// A Unix time in milliseconds as `YYYY-MM-DD HH:MM:SS`, UTC.
 pub(crate) fn utc(ms: u64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64) {
-        Ok(t) => format!(
-            "{}-{:02}-{:02} {:02}:{:02}:{:02}",
-            t.year(),
-            t.month() as u8,
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("@{ms}ms"),
-    }
+    let t = shoal_sys::clock::utc(ms / 1000);
+    format!("{} {:02}:{:02}:{:02}", shoal_sys::clock::ymd(&t), t.hour(), t.minute(), t.second())
 }
