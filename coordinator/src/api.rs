@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -59,10 +58,10 @@ pub fn metrics_router(app: Arc<App>) -> Router {
 }
 
 async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    app.metrics.requests.fetch_add(1, Relaxed);
+    app.metrics.requests.inc();
     let resp = next.run(req).await;
     if resp.status().is_client_error() || resp.status().is_server_error() {
-        app.metrics.errors.fetch_add(1, Relaxed);
+        app.metrics.errors.inc();
     }
     resp
 }
@@ -159,7 +158,7 @@ fn chunk_id(p: Result<Path<String>, PathRejection>) -> ApiResult<ChunkId> {
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let text = app.metrics.render(app.store.user_count(), app.chunks.corrupt_count());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 
 /// Runs store work on a blocking thread, so a large read or commit never stalls the async
@@ -338,7 +337,7 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
     // Uploads are provisional: the commit that first references a chunk checks it is on disk and
     // syncs the store before anything is acknowledged as committed.
     app.store.add_user_chunks(user, &ids)?;
-    app.metrics.bytes_in.fetch_add(total, Relaxed);
+    app.metrics.bytes_in.inc_by(total);
     Ok(total)
 }
 
@@ -401,7 +400,7 @@ async fn download_one(
             ),
             _ => ApiError::from(e),
         })?;
-    app.metrics.bytes_out.fetch_add(data.len() as u64, Relaxed);
+    app.metrics.bytes_out.inc_by(data.len() as u64);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
@@ -425,7 +424,7 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
                 let frames = tokio::task::spawn_blocking(move || store.read_frames(&ids))
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                app.metrics.bytes_out.fetch_add(frames.chunk_bytes, Relaxed);
+                app.metrics.bytes_out.inc_by(frames.chunk_bytes);
                 Ok::<_, std::io::Error>(frames)
             }
         })
@@ -462,6 +461,7 @@ async fn commit(
     ApiJson(req): ApiJson<CommitRequest>,
 ) -> ApiResult<Json<CommitResponse>> {
     crate::commit::validate(&req)?;
+    let started = std::time::Instant::now();
     let user = auth.user();
     if app.chunks.needs_sync() {
         let store = app.chunks.clone();
@@ -494,8 +494,9 @@ async fn commit(
         CommitOutcome::Replayed(resp) => Ok(Json(resp)),
         CommitOutcome::Stale(conflicts) => Err(ApiError::stale(conflicts)),
         CommitOutcome::Applied(resp) => {
-            app.metrics.commits.fetch_add(1, Relaxed);
-            app.metrics.entries.fetch_add(resp.entries.len() as u64, Relaxed);
+            app.metrics.commits.inc();
+            app.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            app.metrics.entries.inc_by(resp.entries.len() as u64);
             Ok(Json(resp))
         }
     }
@@ -562,7 +563,7 @@ async fn subscribe(State(app): State<Arc<App>>, auth: Auth, ws: WebSocketUpgrade
 }
 
 async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::watch::Receiver<Seq>, device: DeviceId) {
-    app.metrics.subscribers.fetch_add(1, Relaxed);
+    app.metrics.subscribers.inc();
     let mut revoked = app.revocations.subscribe();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut sent = None;
@@ -593,7 +594,7 @@ async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::w
             },
         }
     }
-    app.metrics.subscribers.fetch_sub(1, Relaxed);
+    app.metrics.subscribers.dec();
 }
 
 #[derive(Deserialize)]

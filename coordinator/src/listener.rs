@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,7 +122,7 @@ pub async fn serve(
 ) {
     let limits = Limits { total: max_total, per_addr: MAX_CONNECTIONS_PER_ADDR };
     let on_refused = || {
-        metrics.refused_connections.fetch_add(1, Relaxed);
+        metrics.refused_connections.inc();
     };
     accept_loop(listener, limits, on_refused, cancel.clone(), |sock, peer| {
         let _ = sock.set_nodelay(true);

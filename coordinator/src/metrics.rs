@@ -1,63 +1,119 @@
-//! Prometheus counters for `/metrics`: requests, commits, chunk bytes in and out, connected
-//! devices (open subscriptions), refused connections and corrupt chunks. Plain atomics rendered as the text exposition format.
+//! Prometheus metrics for `/metrics`, kept in a `prometheus-client` registry: requests, errors,
+//! commits and their latency, journal entries, chunk bytes in and out, connected devices (open
+//! subscriptions), refused connections, users and corrupt chunks. Rendered in the OpenMetrics
+//! text format.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
-#[derive(Default)]
 pub struct Metrics {
-    pub requests: AtomicU64,
-    pub commits: AtomicU64,
-    pub entries: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub errors: AtomicU64,
-    pub subscribers: AtomicI64,
+    pub requests: Counter,
+    pub errors: Counter,
+    pub commits: Counter,
+    /// Seconds from a commit's arrival to its durable answer.
+    pub commit_seconds: Histogram,
+    pub entries: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub subscribers: Gauge,
     /// Connections closed at once because a connection limit was reached.
-    pub refused_connections: AtomicU64,
+    pub refused_connections: Counter,
+    users: Gauge,
+    corrupt_chunks: Counter,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            requests: Counter::default(),
+            errors: Counter::default(),
+            commits: Counter::default(),
+            // 1 ms to ~16 s.
+            commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            entries: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            subscribers: Gauge::default(),
+            refused_connections: Counter::default(),
+            users: Gauge::default(),
+            corrupt_chunks: Counter::default(),
+            registry: Registry::default(),
+        };
+        let mut registry = Registry::default();
+        // Counters get their `_total` suffix from the registry.
+        registry.register("shoal_requests", "HTTP API requests served.", m.requests.clone());
+        registry.register("shoal_request_errors", "API requests answered with an error.", m.errors.clone());
+        registry.register("shoal_commits", "Commits applied.", m.commits.clone());
+        registry.register(
+            "shoal_commit_duration_seconds",
+            "Time from a commit's arrival to its durable answer.",
+            m.commit_seconds.clone(),
+        );
+        registry.register("shoal_journal_entries", "Journal entries appended.", m.entries.clone());
+        registry.register("shoal_chunk_bytes_in", "Chunk bytes received from devices.", m.bytes_in.clone());
+        registry.register("shoal_chunk_bytes_out", "Chunk bytes sent to devices.", m.bytes_out.clone());
+        registry.register(
+            "shoal_connections_refused",
+            "Connections closed at accept because a total or per-address limit was reached.",
+            m.refused_connections.clone(),
+        );
+        registry.register("shoal_connected_devices", "Devices holding a push subscription.", m.subscribers.clone());
+        registry.register("shoal_users", "Users known to the coordinator.", m.users.clone());
+        registry.register(
+            "shoal_chunks_corrupt",
+            "Stored chunks that failed their BLAKE3 check when read (quarantined until uploaded again).",
+            m.corrupt_chunks.clone(),
+        );
+        Metrics { registry, ..m }
+    }
 }
 
 impl Metrics {
+    /// The exposition text, with the values only known at scrape time brought up to date.
     pub fn render(&self, users: usize, corrupt_chunks: u64) -> String {
+        self.users.set(i64::try_from(users).unwrap_or(i64::MAX));
+        // The chunk store counts corrupt chunks itself; the counter catches up to it.
+        let seen = self.corrupt_chunks.get();
+        if corrupt_chunks > seen {
+            self.corrupt_chunks.inc_by(corrupt_chunks - seen);
+        }
         let mut s = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: i64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        put("shoal_requests_total", "counter", "HTTP API requests served.", self.requests.load(Relaxed) as i64);
-        put(
-            "shoal_request_errors_total",
-            "counter",
-            "API requests answered with an error.",
-            self.errors.load(Relaxed) as i64,
-        );
-        put("shoal_commits_total", "counter", "Commits applied.", self.commits.load(Relaxed) as i64);
-        put("shoal_journal_entries_total", "counter", "Journal entries appended.", self.entries.load(Relaxed) as i64);
-        put(
-            "shoal_chunk_bytes_in_total",
-            "counter",
-            "Chunk bytes received from devices.",
-            self.bytes_in.load(Relaxed) as i64,
-        );
-        put(
-            "shoal_chunk_bytes_out_total",
-            "counter",
-            "Chunk bytes sent to devices.",
-            self.bytes_out.load(Relaxed) as i64,
-        );
-        put(
-            "shoal_connections_refused_total",
-            "counter",
-            "Connections closed at accept because a total or per-address limit was reached.",
-            self.refused_connections.load(Relaxed) as i64,
-        );
-        put("shoal_connected_devices", "gauge", "Devices holding a push subscription.", self.subscribers.load(Relaxed));
-        put("shoal_users", "gauge", "Users known to the coordinator.", users as i64);
-        put(
-            "shoal_chunks_corrupt_total",
-            "counter",
-            "Stored chunks that failed their BLAKE3 check when read (quarantined until uploaded again).",
-            corrupt_chunks as i64,
-        );
+        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String cannot fail");
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_under_its_name() {
+        let m = Metrics::default();
+        m.requests.inc();
+        m.bytes_out.inc_by(4096);
+        m.subscribers.inc();
+        m.commit_seconds.observe(0.003);
+        let text = m.render(2, 1);
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+        };
+        assert_eq!(value("shoal_requests_total"), 1.0);
+        assert_eq!(value("shoal_chunk_bytes_out_total"), 4096.0);
+        assert_eq!(value("shoal_connected_devices"), 1.0);
+        assert_eq!(value("shoal_users"), 2.0);
+        assert_eq!(value("shoal_chunks_corrupt_total"), 1.0);
+        assert_eq!(value("shoal_commit_duration_seconds_count"), 1.0);
+        assert_eq!(
+            m.render(2, 1).matches("shoal_chunks_corrupt_total 1").count(),
+            1,
+            "corrupt count is not added twice"
+        );
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -3,7 +3,6 @@
 //! it drops the chunk store's spare buffers and gives free memory back to the OS.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -25,14 +24,14 @@ pub(crate) fn spawn(
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut last = metrics.requests.load(Relaxed);
+        let mut last = metrics.requests.get();
         let mut trims_left = 0u32;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(IDLE) => {}
             }
-            let now = metrics.requests.load(Relaxed);
+            let now = metrics.requests.get();
             if now != last {
                 last = now;
                 trims_left = TRIMS_PER_BURST;
