@@ -176,22 +176,13 @@ pub fn resolve_home(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(dirs.data_dir().to_path_buf())
 }
 
-/// Parses "250ms", "30s", "10m", "1h" (and bare seconds).
+/// Parses a duration as `humantime` does ("250ms", "30s", "10m", "1h 30m"), or bare seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}: expected e.g. 500ms, 30s, 10m"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        u => {
-            return Err(format!("bad duration unit {u:?} in {s:?}: use ms, s, m or h"));
-        }
-    };
-    Ok(d)
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?} ({e}): expected e.g. 500ms, 30s, 10m"))
 }
 
 mod human_duration {
@@ -200,7 +191,7 @@ mod human_duration {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", d.as_millis()))
+        s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -219,8 +210,14 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("600000ms"), Ok(Duration::from_secs(600)), "as older agents wrote it");
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        for d in [Duration::from_millis(50), Duration::from_secs(600), Duration::from_millis(1500)] {
+            assert_eq!(parse_duration(&humantime::format_duration(d).to_string()), Ok(d));
+        }
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
     let _abort = tokio_util::task::AbortOnDropHandle::new(subscriber);
     let mut status = Status { pid: std::process::id(), ..Status::default() };
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = retry_delays();
     let mut next_rescan = tokio::time::Instant::now() + rescan_every;
     tracing::info!(root = %root.display(), "syncing");
     loop {
@@ -143,29 +143,26 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
             Ok(report) => {
                 update_status(&mut status, &report);
                 if report.in_sync {
-                    backoff = Duration::from_millis(250);
+                    backoff = retry_delays();
                     next_rescan.saturating_duration_since(tokio::time::Instant::now())
                 } else if report.made_progress() || report.more_work {
-                    backoff = Duration::from_millis(250);
+                    backoff = retry_delays();
                     Duration::ZERO
                 } else {
                     // Not in sync and nothing moved (a file still being written, a refusal that
                     // repeats): try again, but back off instead of spinning.
-                    let w = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    w
+                    next_delay(&mut backoff)
                 }
             }
             Err(e) => {
                 let offline = e
                     .downcast_ref::<crate::engine::EngineError>()
                     .is_some_and(|e| matches!(e, crate::engine::EngineError::Offline(_)));
-                tracing::warn!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), retry_in = ?backoff, "sync cycle failed");
+                let w = next_delay(&mut backoff);
+                tracing::warn!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), retry_in = ?w, "sync cycle failed");
                 status.state = if offline { "offline" } else { "error" }.into();
                 status.in_sync = false;
                 status.last_error = Some(format!("{e:#}"));
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
                 w
             }
         };
@@ -257,14 +254,14 @@ fn watch(
 
 /// Holds the push subscription open, reconnecting with backoff; forwards head moves as hints.
 async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = retry_delays();
     loop {
         if cancel.is_cancelled() {
             return;
         }
         match client.subscribe().await {
             Ok(mut sub) => {
-                backoff = Duration::from_millis(250);
+                backoff = retry_delays();
                 // The first notice after (re)connecting also wakes the loop: anything missed while
                 // disconnected is picked up from the cursor.
                 let mut last = None;
@@ -280,7 +277,50 @@ async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel
             }
             Err(e) => tracing::debug!(error = %e, "subscription failed"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(next_delay(&mut backoff)).await;
+    }
+}
+
+/// Longest wait between failed attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Waits between failed attempts (a cycle that fails or makes no progress, a subscription that
+/// drops): a base delay from 250 ms doubling up to half of `RETRY_MAX`, plus a random part of up
+/// to the same again, so that devices that lost the coordinator together do not all come back
+/// at the same instant.
+fn retry_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(RETRY_MAX / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+fn next_delay(delays: &mut backon::ExponentialBackoff) -> Duration {
+    delays.next().unwrap_or(RETRY_MAX).min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_with_jitter_and_stay_bounded() {
+        let runs: Vec<Vec<Duration>> = (0..8)
+            .map(|_| {
+                let mut d = retry_delays();
+                (0..20).map(|_| next_delay(&mut d)).collect()
+            })
+            .collect();
+        for run in &runs {
+            assert!(run[0] >= Duration::from_millis(250) && run[0] < Duration::from_millis(500), "{run:?}");
+            assert!(run.iter().all(|d| *d <= RETRY_MAX), "{run:?}");
+            assert!(run[19] >= RETRY_MAX / 2, "reaches the top: {run:?}");
+        }
+        // Jitter: eight devices starting together do not all wait the same.
+        assert!(runs.iter().any(|r| r[5] != runs[0][5]), "{runs:?}");
     }
 }
