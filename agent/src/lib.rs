@@ -11,6 +11,7 @@ pub mod engine;
 pub mod frames;
 pub mod oneshot;
 pub mod own;
+pub mod peer;
 pub mod planner;
 pub mod progress;
 pub mod scan;
