@@ -105,7 +105,8 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The files the agent keeps directly in its home (besides the `db` directory).
-const HOME_FILES: [&str; 5] = ["config.toml", "device.key", "device.crt", "user-ca.crt", "status.json"];
+const HOME_FILES: [&str; 6] =
+    ["config.toml", "device.key", "device.crt", "user-ca.crt", "status.json", crate::peer::tls::ROSTER_FILE];
 
 /// Removes group and other access from `path` and, for a directory, everything under it
 /// (symbolic links are left alone): directories become 0700, files keep only their owner bits.

@@ -9,6 +9,7 @@ use notify::RecursiveMode;
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::{Deserialize, Serialize};
+use shoal_protocol::api::DeviceInfo;
 use shoal_protocol::path::RESERVED_DIR;
 use shoal_protocol::{Seq, SyncPath};
 use shoal_sys::clock::now_ms;
@@ -116,6 +117,16 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let _watcher = watch(&root, debounce, tx.clone(), engine.own_writes(), hints.clone(), overflow.clone())?;
     let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
     let _abort = tokio_util::task::AbortOnDropHandle::new(subscriber);
+    let roster = crate::peer::tls::Roster::load(home).unwrap_or_else(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "ignoring the saved device list; fetching it anew");
+        crate::peer::tls::Roster::default()
+    });
+    let _roster = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(refresh_roster(
+        engine.client().clone(),
+        roster,
+        home.to_path_buf(),
+        cancel.clone(),
+    )));
     let mut status = Status { pid: std::process::id(), ..Status::default() };
     let mut backoff = retry_delays();
     let mut next_rescan = tokio::time::Instant::now() + rescan_every;
@@ -278,6 +289,40 @@ async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel
             Err(e) => tracing::debug!(error = %e, "subscription failed"),
         }
         tokio::time::sleep(next_delay(&mut backoff)).await;
+    }
+}
+
+/// How often the user's device list is fetched while the coordinator is reachable: a revoked
+/// device is refused by this device's peers within this time.
+const ROSTER_REFRESH: Duration = Duration::from_secs(30);
+
+/// Keeps the roster (the user's devices, with revocations) current and saved for offline use.
+async fn refresh_roster(
+    client: crate::client::Client,
+    roster: crate::peer::tls::Roster,
+    home: PathBuf,
+    cancel: CancellationToken,
+) {
+    loop {
+        match client.devices().await {
+            Ok(devices) => {
+                let before = roster.devices();
+                roster.replace(devices);
+                let key =
+                    |v: &[DeviceInfo]| v.iter().map(|d| (d.id, d.revoked, d.cert_fingerprint)).collect::<Vec<_>>();
+                let fresh = !home.join(crate::peer::tls::ROSTER_FILE).exists();
+                if (fresh || key(&before) != key(&roster.devices()))
+                    && let Err(e) = roster.save(&home)
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "could not save the device list");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "device list not refreshed"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ROSTER_REFRESH) => {}
+        }
     }
 }
 

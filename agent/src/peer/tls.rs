@@ -105,11 +105,45 @@ pub enum Refusal {
 #[derive(Clone, Default)]
 pub struct Roster(Arc<RwLock<HashMap<ChunkId, DeviceInfo>>>);
 
+/// Where the roster is kept between runs, in the agent's home.
+pub const ROSTER_FILE: &str = "devices.json";
+
 impl Roster {
     /// Replaces the roster with the coordinator's current device list.
     pub fn replace(&self, devices: Vec<DeviceInfo>) {
         let map = devices.into_iter().map(|d| (d.cert_fingerprint, d)).collect();
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// The devices, sorted by id.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let mut v: Vec<DeviceInfo> = self.0.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        v.sort_by_key(|d| d.id.0);
+        v
+    }
+
+    /// The roster saved in `home` by an earlier run (empty if there is none): peers stay known
+    /// while the coordinator is unreachable. An unreadable file is an error, not an empty roster
+    /// that would silently refuse every peer.
+    pub fn load(home: &Path) -> anyhow::Result<Roster> {
+        let path = home.join(ROSTER_FILE);
+        let roster = Roster::default();
+        match std::fs::read(&path) {
+            Ok(b) => roster.replace(
+                serde_json::from_slice(&b).with_context(|| format!("{} is not a device list", path.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        Ok(roster)
+    }
+
+    /// Saves the roster in `home` (atomically; synced, so a revocation seen is never forgotten).
+    pub fn save(&self, home: &Path) -> anyhow::Result<()> {
+        let path = home.join(ROSTER_FILE);
+        let json = serde_json::to_vec_pretty(&self.devices())?;
+        shoal_sys::fs::write_atomic(&path, &json, shoal_sys::fs::Durability::Synced)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// The device a connection's peer certificate belongs to, if it may talk to this device.

@@ -1,5 +1,7 @@
 //! The agent's connections: every one of them leaves from the configured local address.
 
+use std::time::Duration;
+
 use shoal_agent::config::Config;
 
 use crate::harness::*;
@@ -54,6 +56,31 @@ fn every_connection_leaves_from_the_bind_address() {
     a.write("y.txt", b"pushed");
     a.sync();
     wait_for(SETTLE, || (b.read("y.txt").as_deref() == Some(&b"pushed"[..])).then_some(())).expect("y.txt arrives");
+    b.stop(false);
+    converge(&[&a, &b], SETTLE);
+}
+
+/// The daemon's saved copy of the user's device list (`devices.json` in its home).
+fn saved_roster(d: &Device) -> Vec<serde_json::Value> {
+    std::fs::read(d.home.join("devices.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+#[test]
+fn the_daemon_keeps_the_users_device_list_with_revocations() {
+    let (_tmp, _coord, devices) = world("rosa", &["a", "b", "c"]);
+    let [a, mut b, c] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    b.start();
+    wait_for(SETTLE, || (saved_roster(&b).len() == 3).then_some(())).expect("B saved the user's three devices");
+    assert!(saved_roster(&b).iter().all(|d| d["revoked"] == false));
+
+    // A revocation reaches B's saved list within a minute (the refresh runs every 30 s).
+    let c_id = Config::load(&c.home).unwrap().device_id.to_string();
+    let out = a.shoal(&["devices", "--revoke", &c_id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(65), || {
+        saved_roster(&b).iter().any(|d| d["id"] == c_id.as_str() && d["revoked"] == true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("B's device list after revoking C: {:?}", saved_roster(&b)));
     b.stop(false);
     converge(&[&a, &b], SETTLE);
 }
