@@ -258,6 +258,12 @@ impl Client {
         Ok(self.get::<DevicesResponse>("/v1/devices", &[]).await?.devices)
     }
 
+    /// Announces this device's peer endpoint addresses; the user's devices that seem to be on
+    /// the same network, with theirs.
+    pub async fn peers(&self, addrs: Vec<String>) -> ClientResult<Vec<PeerHint>> {
+        Ok(self.post::<_, PeersResponse>("/v1/peers", &PeersRequest { addrs }).await?.peers)
+    }
+
     pub async fn revoke(&self, id: DeviceId) -> ClientResult<DeviceInfo> {
         self.post(&format!("/v1/devices/{id}/revoke"), &serde_json::json!({})).await
     }

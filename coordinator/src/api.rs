@@ -42,6 +42,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/tree", get(tree))
         .route("/v1/history", get(history))
         .route("/v1/cursor", post(cursor))
+        .route("/v1/peers", post(peers))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
@@ -451,6 +452,50 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
         })
         .flatten();
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+}
+
+// ---- peer hints ----
+
+/// Records where the caller's peer endpoint listens and answers with the user's other devices
+/// that announced recently from the same address as this request. Only addresses are shared,
+/// only between one user's devices, and only with those that look to be on the same network.
+async fn peers(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    axum::extract::ConnectInfo(from): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    ApiJson(req): ApiJson<PeersRequest, MAX_UNAUTH_BODY>,
+) -> ApiResult<Json<PeersResponse>> {
+    if req.addrs.len() > MAX_PEER_ADDRS {
+        return Err(ApiError::bad(format!("at most {MAX_PEER_ADDRS} peer addresses")));
+    }
+    for a in &req.addrs {
+        match a.parse::<std::net::SocketAddr>() {
+            Ok(sa) if sa.port() != 0 => {}
+            _ => return Err(ApiError::bad(format!("bad peer address {a:?}: expected IP:PORT"))),
+        }
+    }
+    let observed = from.ip().to_canonical();
+    let (user, me) = (auth.user(), auth.device.id);
+    let ttl = Duration::from_secs(PEER_TTL_SECS);
+    let candidates: Vec<(DeviceId, Vec<String>)> = {
+        let mut presence = app.presence.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = presence.entry(user).or_default();
+        mine.retain(|_, p| p.at.elapsed() < ttl);
+        mine.insert(me, crate::Presence { observed, addrs: req.addrs, at: std::time::Instant::now() });
+        mine.iter()
+            .filter(|(id, p)| **id != me && p.observed == observed)
+            .map(|(id, p)| (*id, p.addrs.clone()))
+            .collect()
+    };
+    let mut peers = Vec::new();
+    for (id, addrs) in candidates {
+        // Revoked since it announced: not a peer.
+        if let Some(d) = app.store.device(&id)?.filter(|d| !d.revoked && d.user == user) {
+            peers.push(PeerHint { device: id, name: d.name, addrs, cert_fingerprint: ChunkId::of(&d.cert) });
+        }
+    }
+    peers.sort_by_key(|p| p.device.0);
+    Ok(Json(PeersResponse { peers }))
 }
 
 // ---- commits and the journal ----

@@ -63,6 +63,17 @@ pub(crate) struct App {
     heads: Mutex<HashMap<UserId, watch::Sender<Seq>>>,
     /// Bumped on every revocation, so open subscriptions and long-polls re-check their device.
     pub revocations: watch::Sender<u64>,
+    /// Where each user's devices said their peer endpoints listen, and the address they said it
+    /// from (in memory only: presence is not worth a disk write, and a restart forgets nothing
+    /// that the next announcement does not bring back).
+    pub presence: Mutex<HashMap<UserId, HashMap<DeviceId, Presence>>>,
+}
+
+/// A device's last announcement.
+pub(crate) struct Presence {
+    pub observed: std::net::IpAddr,
+    pub addrs: Vec<String>,
+    pub at: std::time::Instant,
 }
 
 impl App {
@@ -141,6 +152,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         commit_locks: Mutex::new(HashMap::new()),
         heads: Mutex::new(HashMap::new()),
         revocations: watch::Sender::new(0),
+        presence: Mutex::new(HashMap::new()),
     });
     let cancel = CancellationToken::new();
     let admin = admin::spawn(&opts.data, app.clone(), public_addr.clone(), fingerprint, cancel.clone())?;

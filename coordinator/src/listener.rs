@@ -126,7 +126,9 @@ pub async fn serve(
     };
     accept_loop(listener, limits, on_refused, cancel.clone(), |sock, peer| {
         let _ = sock.set_nodelay(true);
-        serve_one(sock, peer, acceptor.clone(), TowerToHyperService::new(router.clone()), cancel.clone())
+        // Handlers that need the client's address (peer hints) read it as `ConnectInfo`.
+        let router = router.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        serve_one(sock, peer, acceptor.clone(), TowerToHyperService::new(router), cancel.clone())
     })
     .await;
 }

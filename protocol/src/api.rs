@@ -145,6 +145,35 @@ pub struct DeviceInfo {
     pub cert_fingerprint: ChunkId,
 }
 
+/// Most peer endpoint addresses a device may announce.
+pub const MAX_PEER_ADDRS: usize = 8;
+
+/// `POST /v1/peers`: the addresses this device's peer endpoint listens on (`IP:PORT`, at most
+/// `MAX_PEER_ADDRS`). The answer lists the user's other devices that announced within the last
+/// `PEER_TTL_SECS` from the same public address as this request (the same LAN, most likely).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeersRequest {
+    pub addrs: Vec<String>,
+}
+
+/// How long an announcement counts: devices announce more often than this while running.
+pub const PEER_TTL_SECS: u64 = 90;
+
+/// One of the user's devices that may be reachable directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHint {
+    pub device: DeviceId,
+    pub name: String,
+    pub addrs: Vec<String>,
+    /// BLAKE3 of its certificate (DER): the peer must present exactly this one.
+    pub cert_fingerprint: ChunkId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeersResponse {
+    pub peers: Vec<PeerHint>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesResponse {
     pub devices: Vec<DeviceInfo>,

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use shoal_agent::client::Client;
 use shoal_agent::config::Config;
+use shoal_protocol::api::PeerHint;
 
 use crate::harness::*;
 
@@ -83,4 +85,50 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
     .unwrap_or_else(|| panic!("B's device list after revoking C: {:?}", saved_roster(&b)));
     b.stop(false);
     converge(&[&a, &b], SETTLE);
+}
+
+fn client(d: &Device) -> Client {
+    Client::new(&Config::load(&d.home).unwrap()).unwrap()
+}
+
+fn hinted(hints: &[PeerHint]) -> Vec<(String, Vec<String>)> {
+    hints.iter().map(|h| (h.name.clone(), h.addrs.clone())).collect()
+}
+
+#[test]
+fn coordinator_hints_name_the_users_devices_on_the_same_network() {
+    let (tmp, coord, devices) = world("hilda", &["a", "b", "far"]);
+    let [a, b, far] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    let stranger = Device::enroll(tmp.path(), &coord, "igor", "stranger");
+    set_bind(&far, "127.0.0.2");
+    block_on(async {
+        let (ca, cb, cfar, cstranger) = (client(&a), client(&b), client(&far), client(&stranger));
+        assert_eq!(ca.peers(vec!["127.0.0.1:4001".into()]).await.unwrap(), vec![], "nobody announced yet");
+        // B, from the same address, learns A's endpoint and certificate, and A then learns B's.
+        let hints = cb.peers(vec!["127.0.0.1:4002".into(), "[::1]:4002".into()]).await.unwrap();
+        assert_eq!(hinted(&hints), vec![("a".to_string(), vec!["127.0.0.1:4001".to_string()])]);
+        let a_info = ca.devices().await.unwrap().into_iter().find(|d| d.name == "a").unwrap();
+        assert_eq!(hints[0].cert_fingerprint, a_info.cert_fingerprint);
+        let hints = ca.peers(vec!["127.0.0.1:4001".into()]).await.unwrap();
+        assert_eq!(
+            hinted(&hints),
+            vec![("b".to_string(), vec!["127.0.0.1:4002".to_string(), "[::1]:4002".to_string()])]
+        );
+        // The same user from another address, and another user from the same one: nothing.
+        assert_eq!(cfar.peers(vec!["127.0.0.2:4003".into()]).await.unwrap(), vec![]);
+        assert_eq!(cstranger.peers(vec!["127.0.0.1:4004".into()]).await.unwrap(), vec![]);
+        assert_eq!(hinted(&ca.peers(vec![]).await.unwrap()).len(), 1, "far and the stranger are not A's hints");
+
+        // Bad announcements are refused and change nothing.
+        for bad in [vec!["nonsense".to_string()], vec!["127.0.0.1:0".into()], vec!["127.0.0.1:1".to_string(); 9]] {
+            assert!(cb.peers(bad).await.is_err());
+        }
+        assert_eq!(hinted(&ca.peers(vec![]).await.unwrap())[0].1, vec!["127.0.0.1:4002", "[::1]:4002"]);
+
+        // A revoked device is nobody's hint any more.
+        ca.revoke(Config::load(&b.home).unwrap().device_id).await.unwrap();
+        assert_eq!(ca.peers(vec![]).await.unwrap(), vec![]);
+    });
+    set_bind(&far, "127.0.0.1");
+    converge(&[&a, &far], SETTLE);
 }
