@@ -100,6 +100,12 @@ enum Cmd {
         #[arg(long)]
         revoke: Option<String>,
     },
+    /// The user's other devices this device's daemon is connected to directly: how each was
+    /// found, its address, round-trip time and bytes sent and received.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a local coordinator and two synced folders, ./shoal-demo/{laptop,desktop}, until Ctrl-C.
     Demo {
         /// Where to put the demo (default ./shoal-demo).
@@ -216,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Peers { json } => peers(&home, json),
         Cmd::Devices { json, revoke } => {
             let cfg = Config::load(&home)?;
             let client = Client::new(&cfg)?;
@@ -287,6 +294,7 @@ pub async fn init(
         rescan_interval: std::time::Duration::from_secs(600),
         debounce: std::time::Duration::from_millis(50),
         bind,
+        peer_listen: None,
     };
     cfg.save(home)?;
     println!("enrolled device {:?} ({}) for user {}", cfg.device_name, cfg.device_id, cfg.user);
@@ -341,6 +349,37 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
     engine.store().flush().await?;
     eprintln!("not in sync after 20 rounds (files keep changing, or errors; see `shoal status`)");
     Ok(ExitCode::from(2))
+}
+
+fn peers(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    Config::load(home)?;
+    let st = Status::load(home).unwrap_or_default();
+    let running = st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists();
+    let peers: Vec<crate::peer::node::PeerStatus> = match std::fs::read(home.join(crate::peer::node::PEERS_FILE)) {
+        Ok(b) if running => serde_json::from_slice(&b).context("peers.json is not a peer list")?,
+        _ => Vec::new(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+    } else if !running {
+        println!("the daemon is not running (shoal run): no peers");
+    } else if peers.is_empty() {
+        println!("no peers connected");
+    } else {
+        for p in &peers {
+            println!(
+                "{} ({})  found by {}  {}  rtt {:.1} ms  sent {} B  received {} B",
+                shoal_protocol::path::Escaped(&p.name),
+                p.device,
+                p.found,
+                p.addr,
+                p.rtt_ms,
+                p.bytes_sent,
+                p.bytes_received
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {

@@ -35,6 +35,19 @@ pub struct Config {
     /// Default: none, the OS picks.
     #[serde(default)]
     pub bind: Option<std::net::IpAddr>,
+    /// UDP address the peer endpoint listens on. Default: `bind` (or every interface), a port
+    /// the OS picks.
+    #[serde(default)]
+    pub peer_listen: Option<std::net::SocketAddr>,
+}
+
+impl Config {
+    /// Where the peer endpoint listens.
+    pub fn peer_listen(&self) -> std::net::SocketAddr {
+        self.peer_listen.unwrap_or_else(|| {
+            std::net::SocketAddr::new(self.bind.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()), 0)
+        })
+    }
 }
 
 fn default_rescan() -> Duration {
@@ -105,8 +118,15 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The files the agent keeps directly in its home (besides the `db` directory).
-const HOME_FILES: [&str; 6] =
-    ["config.toml", "device.key", "device.crt", "user-ca.crt", "status.json", crate::peer::tls::ROSTER_FILE];
+const HOME_FILES: [&str; 7] = [
+    "config.toml",
+    "device.key",
+    "device.crt",
+    "user-ca.crt",
+    "status.json",
+    crate::peer::tls::ROSTER_FILE,
+    crate::peer::node::PEERS_FILE,
+];
 
 /// Removes group and other access from `path` and, for a directory, everything under it
 /// (symbolic links are left alone): directories become 0700, files keep only their owner bits.

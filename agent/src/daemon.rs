@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::config::Config;
 use crate::engine::{CycleReport, Engine};
 use crate::own::OwnWrites;
+use crate::peer::node::PeerNode;
 
 /// What `status.json` holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -109,6 +110,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let root = cfg.root()?.to_path_buf();
     let debounce = cfg.debounce;
     let rescan_every = cfg.rescan_interval;
+    let (me, server, peer_listen) = (cfg.device_id, cfg.server.clone(), cfg.peer_listen());
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
     let hints = Arc::new(AtomicU64::new(0));
@@ -121,9 +123,17 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         tracing::warn!(error = %format!("{e:#}"), "ignoring the saved device list; fetching it anew");
         crate::peer::tls::Roster::default()
     });
+    // Without a usable identity or port the folder still syncs, through the coordinator only.
+    let node = crate::peer::tls::Identity::load(home)
+        .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home))
+        .inspect_err(
+            |e| tracing::warn!(error = %format!("{e:#}"), "no peer endpoint; syncing through the coordinator only"),
+        )
+        .ok();
     let _roster = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(refresh_roster(
         engine.client().clone(),
         roster,
+        node.clone().map(|n| (n, server)),
         home.to_path_buf(),
         cancel.clone(),
     )));
@@ -196,6 +206,9 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         }
     }
     tracing::info!("stopping");
+    if let Some(n) = &node {
+        n.close();
+    }
     engine.store().flush().await?;
     status.state = "stopped".into();
     status.updated_ms = now_ms();
@@ -296,10 +309,13 @@ async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel
 /// device is refused by this device's peers within this time.
 const ROSTER_REFRESH: Duration = Duration::from_secs(30);
 
-/// Keeps the roster (the user's devices, with revocations) current and saved for offline use.
+/// Keeps the roster (the user's devices, with revocations) current and saved for offline use;
+/// announces the peer endpoint (`node`, with the coordinator's address to route by) and greets
+/// the devices the coordinator hints at.
 async fn refresh_roster(
     client: crate::client::Client,
     roster: crate::peer::tls::Roster,
+    node: Option<(PeerNode, String)>,
     home: PathBuf,
     cancel: CancellationToken,
 ) {
@@ -319,11 +335,37 @@ async fn refresh_roster(
             }
             Err(e) => tracing::debug!(error = %e, "device list not refreshed"),
         }
+        if let Some((node, server)) = &node {
+            announce(&client, node, server).await;
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(ROSTER_REFRESH) => {}
         }
     }
+}
+
+/// Tells the coordinator where this device's peer endpoint listens and connects to the devices
+/// it names.
+async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str) {
+    let addrs = match node.local_addr().and_then(|l| crate::peer::node::announce_addr(l, server)) {
+        Ok(a) => vec![a.to_string()],
+        Err(e) => {
+            tracing::debug!(error = %e, "no peer address to announce");
+            Vec::new()
+        }
+    };
+    match client.peers(addrs).await {
+        Ok(hints) => {
+            for h in hints {
+                if let Err(e) = node.greet(&h).await {
+                    tracing::debug!(peer = %h.device, error = %format!("{e:#}"), "hinted peer not reached");
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "peer hints not fetched"),
+    }
+    node.save();
 }
 
 /// Longest wait between failed attempts.

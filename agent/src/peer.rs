@@ -1,5 +1,7 @@
 //! Talking to the user's other devices. Peers speak QUIC (quinn) with mutual TLS 1.3 under ALPN
 //! `shoal/peer/1`, each presenting the device certificate the coordinator signed with the user's
-//! CA. `tls` builds the endpoint configurations and decides who may talk to this device.
+//! CA. `tls` builds the endpoint configurations and decides who may talk to this device; `node` is
+//! the endpoint the daemon runs.
 
+pub mod node;
 pub mod tls;

@@ -174,6 +174,21 @@ pub struct PeersResponse {
     pub peers: Vec<PeerHint>,
 }
 
+/// Largest peer control message (JSON), read before anything is parsed.
+pub const MAX_PEER_MESSAGE: usize = 4096;
+
+/// The first message on a connection between two devices of one user (QUIC, ALPN
+/// `shoal/peer/1`): who is calling. The answer is `PeerWelcome`, or the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHello {
+    pub device: DeviceId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerWelcome {
+    pub device: DeviceId,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesResponse {
     pub devices: Vec<DeviceInfo>,

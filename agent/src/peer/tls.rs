@@ -64,7 +64,9 @@ impl Identity {
             .with_single_cert(vec![self.cert.clone()], self.key.clone_key())?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-        Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(transport());
+        Ok(cfg)
     }
 
     /// The endpoint configuration for reaching peers: the server must chain to the user's CA and
@@ -76,8 +78,19 @@ impl Identity {
             .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-        Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport());
+        Ok(cfg)
     }
+}
+
+/// Connections between peers stay open while both run (keep-alives well inside the idle
+/// timeout), and a peer that vanishes is noticed within the idle timeout.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    t.max_idle_timeout(Some(std::time::Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
+    Arc::new(t)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -113,6 +126,12 @@ impl Roster {
     pub fn replace(&self, devices: Vec<DeviceInfo>) {
         let map = devices.into_iter().map(|d| (d.cert_fingerprint, d)).collect();
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// The name of device `id`, if listed.
+    pub fn name(&self, id: &DeviceId) -> Option<String> {
+        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        map.values().find(|d| d.id == *id).map(|d| d.name.clone())
     }
 
     /// The devices, sorted by id.

@@ -132,3 +132,42 @@ fn coordinator_hints_name_the_users_devices_on_the_same_network() {
     set_bind(&far, "127.0.0.1");
     converge(&[&a, &far], SETTLE);
 }
+
+/// `shoal peers --json` of `d`.
+fn peers_of(d: &Device) -> Vec<serde_json::Value> {
+    let out = d.shoal(&["peers", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn devices_of_one_user_find_each_other_through_coordinator_hints() {
+    let (tmp, coord, devices) = world("petra", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    let mut stranger = Device::enroll(tmp.path(), &coord, "sven", "stranger");
+    stranger.start();
+    a.start();
+    b.start();
+    let started = std::time::Instant::now();
+    let find = |d: &Device, name: &str| wait_for(SETTLE, || peers_of(d).into_iter().find(|p| p["name"] == name));
+    let a_on_b = find(&b, "a").unwrap_or_else(|| panic!("B never connected to A: {:?}", peers_of(&b)));
+    let b_on_a = find(&a, "b").unwrap_or_else(|| panic!("A never saw B: {:?}", peers_of(&a)));
+    eprintln!("peers found {:?} after both agents started", started.elapsed());
+    // Whichever started second dialled the first from the coordinator's hint; the first saw it
+    // call in.
+    let mut how = [a_on_b["found"].as_str().unwrap(), b_on_a["found"].as_str().unwrap()];
+    how.sort();
+    assert_eq!(how, ["hint", "incoming"], "{a_on_b} {b_on_a}");
+    assert!(a_on_b["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{a_on_b}");
+    assert!(a_on_b["rtt_ms"].as_f64().unwrap() >= 0.0 && a_on_b["bytes_received"].as_u64().unwrap() > 0, "{a_on_b}");
+    // Another user's device, on the same machine, is nobody's peer.
+    assert!(peers_of(&a).iter().chain(&peers_of(&b)).all(|p| p["name"] != "stranger"));
+    assert!(peers_of(&stranger).is_empty());
+
+    // A leaves: B's list follows.
+    a.stop(false);
+    wait_for(SETTLE, || peers_of(&b).is_empty().then_some(())).unwrap_or_else(|| panic!("{:?}", peers_of(&b)));
+    b.stop(false);
+    stranger.stop(false);
+    converge(&[&a, &b], SETTLE);
+}

@@ -1,0 +1,216 @@
+//! This device's peer endpoint: one quinn endpoint that accepts the user's other devices and
+//! dials the ones the coordinator hints at. A connection starts with `PeerHello` → `PeerWelcome`;
+//! each side decides with `Roster::authorize` (the server on the hello, the client on the
+//! welcome), and a client also checks the server is the device it dialled. Connections are kept
+//! open (keep-alives), and the peers found are saved to `peers.json` for `shoal peers`: how each
+//! was found, its address and round-trip time.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use shoal_protocol::DeviceId;
+use shoal_protocol::api::{MAX_PEER_MESSAGE, PeerHello, PeerHint, PeerWelcome};
+
+use super::tls::{Identity, Roster, server_name};
+
+/// Where the peers found are listed, in the agent's home.
+pub const PEERS_FILE: &str = "peers.json";
+
+/// How long a connection attempt, or the hello exchange, may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A peer this device is connected to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub device: DeviceId,
+    pub name: String,
+    /// How it was found: `hint` (the coordinator named it) or `incoming` (it called).
+    pub found: String,
+    pub addr: String,
+    /// Round-trip time, as the connection measures it.
+    pub rtt_ms: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+struct Peer {
+    conn: quinn::Connection,
+    found: &'static str,
+    name: String,
+}
+
+/// The endpoint and the peers it is connected to. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerNode {
+    endpoint: quinn::Endpoint,
+    roster: Roster,
+    me: DeviceId,
+    peers: Arc<Mutex<BTreeMap<DeviceId, Peer>>>,
+    home: PathBuf,
+}
+
+impl PeerNode {
+    /// Listens on `listen` (UDP) and accepts the user's devices from then on.
+    pub fn start(
+        identity: &Identity,
+        listen: SocketAddr,
+        roster: Roster,
+        me: DeviceId,
+        home: &Path,
+    ) -> anyhow::Result<PeerNode> {
+        let mut endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
+            .with_context(|| format!("listening for peers on {listen} (choose another with peer_listen)"))?;
+        endpoint.set_default_client_config(identity.client_config()?);
+        let node = PeerNode { endpoint, roster, me, peers: Arc::default(), home: home.to_path_buf() };
+        tokio::spawn(node.clone().accept_loop());
+        Ok(node)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The peers connected now.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, p| p.conn.close_reason().is_none());
+        peers
+            .iter()
+            .map(|(id, p)| {
+                let stats = p.conn.stats();
+                PeerStatus {
+                    device: *id,
+                    name: p.name.clone(),
+                    found: p.found.to_string(),
+                    addr: p.conn.remote_address().to_string(),
+                    rtt_ms: p.conn.rtt().as_secs_f64() * 1000.0,
+                    bytes_sent: stats.udp_tx.bytes,
+                    bytes_received: stats.udp_rx.bytes,
+                }
+            })
+            .collect()
+    }
+
+    /// Writes `peers.json` (atomically; losing it costs nothing).
+    pub fn save(&self) {
+        let path = self.home.join(PEERS_FILE);
+        if let Ok(json) = serde_json::to_vec_pretty(&self.peers()) {
+            let _ = shoal_sys::fs::write_atomic(&path, &json, shoal_sys::fs::Durability::Unsynced);
+        }
+    }
+
+    fn connected(&self, id: &DeviceId) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(id).is_some_and(|p| p.conn.close_reason().is_none())
+    }
+
+    fn add(&self, id: DeviceId, conn: quinn::Connection, found: &'static str) {
+        let name = self.roster.name(&id).unwrap_or_default();
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Peer { conn: conn.clone(), found, name });
+        self.save();
+        // The list follows a peer that leaves (or is lost past the idle timeout).
+        let node = self.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            node.save();
+        });
+    }
+
+    /// Connects to a device the coordinator hinted at (its first address that answers) unless
+    /// already connected.
+    pub async fn greet(&self, hint: &PeerHint) -> anyhow::Result<()> {
+        if hint.device == self.me || self.connected(&hint.device) {
+            return Ok(());
+        }
+        let mut last = None;
+        for addr in &hint.addrs {
+            let Ok(addr) = addr.parse::<SocketAddr>() else { continue };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(addr, &hint.device)).await {
+                Ok(Ok(conn)) => {
+                    self.add(hint.device, conn, "hint");
+                    return Ok(());
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(anyhow::anyhow!("{addr} did not answer in time")),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no usable address")))
+    }
+
+    async fn dial(&self, addr: SocketAddr, device: &DeviceId) -> anyhow::Result<quinn::Connection> {
+        let conn = self.endpoint.connect(addr, &server_name(device))?.await?;
+        // The server must be exactly the certificate the coordinator lists for this device.
+        match self.roster.authorize(&conn) {
+            Ok(id) if id == *device => {}
+            Ok(_) | Err(_) => {
+                conn.close(1u32.into(), b"refused");
+                anyhow::bail!("{addr} is not the device the coordinator listed");
+            }
+        }
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&serde_json::to_vec(&PeerHello { device: self.me })?).await?;
+        send.finish()?;
+        let welcome: PeerWelcome = serde_json::from_slice(&recv.read_to_end(MAX_PEER_MESSAGE).await?)?;
+        anyhow::ensure!(welcome.device == *device, "{addr} answered as another device");
+        Ok(conn)
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let node = self.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, node.welcome(incoming)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %format!("{e:#}"), "peer refused"),
+                    Err(_) => tracing::debug!("peer handshake timed out"),
+                }
+            });
+        }
+    }
+
+    /// Answers a caller's hello if the roster lets it in; otherwise closes the connection
+    /// without a byte of application data.
+    async fn welcome(&self, incoming: quinn::Incoming) -> anyhow::Result<()> {
+        let conn = incoming.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let hello: Result<PeerHello, _> = serde_json::from_slice(&recv.read_to_end(MAX_PEER_MESSAGE).await?);
+        let id = match (hello, self.roster.authorize(&conn)) {
+            (Ok(h), Ok(id)) if h.device == id => id,
+            (_, refusal) => {
+                conn.close(1u32.into(), b"refused");
+                anyhow::bail!("refused {}: {refusal:?}", conn.remote_address());
+            }
+        };
+        send.write_all(&serde_json::to_vec(&PeerWelcome { device: self.me })?).await?;
+        send.finish()?;
+        self.add(id, conn, "incoming");
+        Ok(())
+    }
+
+    /// Closes every connection and the endpoint.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"stopping");
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.save();
+    }
+}
+
+/// The address to announce for an endpoint listening on `local`: itself, or, when it listens
+/// on every interface, the local address this machine uses to reach `server` (found by
+/// connecting a UDP socket, which sends nothing).
+pub fn announce_addr(local: SocketAddr, server: &str) -> std::io::Result<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return Ok(local);
+    }
+    let to = std::net::ToSocketAddrs::to_socket_addrs(server)?
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| std::io::Error::other(format!("{server} has no address to route peers by")))?;
+    let probe = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
+    probe.connect(to)?;
+    Ok(SocketAddr::new(probe.local_addr()?.ip(), local.port()))
+}
