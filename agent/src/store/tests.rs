@@ -214,7 +214,7 @@ fn layout1_migrates_in_resumable_steps() {
     let remote: Vec<Entry> = paths.iter().map(|p| entry(p, 3, 6)).collect();
     let item = OutboxItem { commit_id: CommitId([9; 16]), changes: Vec::new() };
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = open_waiting(|| sled::open(&db)).unwrap();
         let state = raw.open_tree("state").unwrap();
         write_layout1(&state, &idx, &synced, &remote);
         state.insert(b"m/cursor", &42u64.to_be_bytes()).unwrap();
@@ -225,7 +225,7 @@ fn layout1_migrates_in_resumable_steps() {
     }
     {
         // A first start that stops after one small step (as if killed mid-migration).
-        let raw = sled::open(&db).unwrap();
+        let raw = open_waiting(|| sled::open(&db)).unwrap();
         let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
         let mut b = Batch::default();
         let first: Vec<_> = store.state.scan_prefix(b"i/").take(50).map(|kv| kv.unwrap()).collect();
@@ -264,11 +264,11 @@ fn small_migration_steps_cover_everything() {
     let paths: Vec<SyncPath> = (0..100).map(|i| path(&format!("x/y{i}"))).collect();
     let remote: Vec<Entry> = paths.iter().map(|p| entry(p, 3, 6)).collect();
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = open_waiting(|| sled::open(&db)).unwrap();
         write_layout1(&raw.open_tree("state").unwrap(), &[], &[], &remote);
         raw.flush().unwrap();
     }
-    let raw = sled::open(&db).unwrap();
+    let raw = open_waiting(|| sled::open(&db)).unwrap();
     let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
     store.migrate(7).unwrap();
     assert_eq!(store.trees().unwrap().remote.len(), 100);
