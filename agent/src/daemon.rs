@@ -207,7 +207,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     }
     tracing::info!("stopping");
     if let Some(n) = &node {
-        n.close();
+        n.close().await;
     }
     engine.store().flush().await?;
     status.state = "stopped".into();
@@ -327,15 +327,19 @@ async fn refresh_roster(
                 let key =
                     |v: &[DeviceInfo]| v.iter().map(|d| (d.id, d.revoked, d.cert_fingerprint)).collect::<Vec<_>>();
                 let fresh = !home.join(crate::peer::tls::ROSTER_FILE).exists();
-                if (fresh || key(&before) != key(&roster.devices()))
-                    && let Err(e) = roster.save(&home)
-                {
-                    tracing::warn!(error = %format!("{e:#}"), "could not save the device list");
+                if fresh || key(&before) != key(&roster.devices()) {
+                    let (roster, home) = (roster.clone(), home.clone());
+                    match tokio::task::spawn_blocking(move || roster.save(&home)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "could not save the device list"),
+                        Err(e) => tracing::warn!(error = %e, "could not save the device list"),
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "device list not refreshed"),
         }
         if let Some((node, server)) = &node {
+            node.recheck();
             announce(&client, node, server).await;
         }
         tokio::select! {
@@ -348,7 +352,11 @@ async fn refresh_roster(
 /// Tells the coordinator where this device's peer endpoint listens and connects to the devices
 /// it names.
 async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str) {
-    let addrs = match node.local_addr().and_then(|l| crate::peer::node::announce_addr(l, server)) {
+    let addr = match node.local_addr() {
+        Ok(l) => crate::peer::node::announce_addr(l, server).await,
+        Err(e) => Err(e),
+    };
+    let addrs = match addr {
         Ok(a) => vec![a.to_string()],
         Err(e) => {
             tracing::debug!(error = %e, "no peer address to announce");
@@ -357,15 +365,19 @@ async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str)
     };
     match client.peers(addrs).await {
         Ok(hints) => {
+            // Each dial on its own: one unreachable device does not hold up the others, nor the
+            // next roster refresh.
             for h in hints {
-                if let Err(e) = node.greet(&h).await {
-                    tracing::debug!(peer = %h.device, error = %format!("{e:#}"), "hinted peer not reached");
-                }
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.greet(&h).await {
+                        tracing::debug!(peer = %h.device, error = %format!("{e:#}"), "hinted peer not reached");
+                    }
+                });
             }
         }
         Err(e) => tracing::debug!(error = %e, "peer hints not fetched"),
     }
-    node.save();
 }
 
 /// Longest wait between failed attempts.

@@ -23,6 +23,8 @@ pub const PEERS_FILE: &str = "peers.json";
 
 /// How long a connection attempt, or the hello exchange, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Incoming handshakes in progress at once.
+const MAX_HANDSHAKES: usize = 32;
 
 /// A peer this device is connected to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,9 +111,25 @@ impl PeerNode {
         peers.get(id).is_some_and(|p| p.conn.close_reason().is_none())
     }
 
+    /// Records a connection to `id`. Two devices that dial each other at once end up with two
+    /// connections; both keep the one the lower device id opened and close the other.
     fn add(&self, id: DeviceId, conn: quinn::Connection, found: &'static str) {
         let name = self.roster.name(&id).unwrap_or_default();
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Peer { conn: conn.clone(), found, name });
+        {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) =
+                peers.get(&id).filter(|p| p.conn.close_reason().is_none() && p.conn.stable_id() != conn.stable_id())
+            {
+                let opener = |found: &str| if found == "hint" { self.me } else { id };
+                let keep_old = opener(old.found).0 <= opener(found).0;
+                let loser = if keep_old { conn.clone() } else { old.conn.clone() };
+                loser.close(2u32.into(), b"duplicate");
+                if keep_old {
+                    return;
+                }
+            }
+            peers.insert(id, Peer { conn: conn.clone(), found, name });
+        }
         self.save();
         // The list follows a peer that leaves (or is lost past the idle timeout).
         let node = self.clone();
@@ -119,6 +137,20 @@ impl PeerNode {
             conn.closed().await;
             node.save();
         });
+    }
+
+    /// Closes connections to peers the roster no longer allows (revoked since they connected).
+    pub fn recheck(&self) {
+        let mut dropped = false;
+        for p in self.peers.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if p.conn.close_reason().is_none() && self.roster.authorize(&p.conn).is_err() {
+                p.conn.close(1u32.into(), b"refused");
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.save();
+        }
     }
 
     /// Connects to a device the coordinator hinted at (its first address that answers) unless
@@ -161,7 +193,13 @@ impl PeerNode {
     }
 
     async fn accept_loop(self) {
+        // Handshakes in progress at once; more callers are turned away at once.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         while let Some(incoming) = self.endpoint.accept().await {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                incoming.refuse();
+                continue;
+            };
             let node = self.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, node.welcome(incoming)).await {
@@ -169,6 +207,7 @@ impl PeerNode {
                     Ok(Err(e)) => tracing::debug!(error = %format!("{e:#}"), "peer refused"),
                     Err(_) => tracing::debug!("peer handshake timed out"),
                 }
+                drop(slot);
             });
         }
     }
@@ -192,25 +231,27 @@ impl PeerNode {
         Ok(())
     }
 
-    /// Closes every connection and the endpoint.
-    pub fn close(&self) {
+    /// Closes every connection and the endpoint, giving the close a moment to reach the peers.
+    pub async fn close(&self) {
         self.endpoint.close(0u32.into(), b"stopping");
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.save();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
 
 /// The address to announce for an endpoint listening on `local`: itself, or, when it listens
 /// on every interface, the local address this machine uses to reach `server` (found by
 /// connecting a UDP socket, which sends nothing).
-pub fn announce_addr(local: SocketAddr, server: &str) -> std::io::Result<SocketAddr> {
+pub async fn announce_addr(local: SocketAddr, server: &str) -> std::io::Result<SocketAddr> {
     if !local.ip().is_unspecified() {
         return Ok(local);
     }
-    let to = std::net::ToSocketAddrs::to_socket_addrs(server)?
+    let to = tokio::net::lookup_host(server)
+        .await?
         .find(|a| a.is_ipv4() == local.is_ipv4())
         .ok_or_else(|| std::io::Error::other(format!("{server} has no address to route peers by")))?;
-    let probe = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0))?;
-    probe.connect(to)?;
+    let probe = tokio::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await?;
+    probe.connect(to).await?;
     Ok(SocketAddr::new(probe.local_addr()?.ip(), local.port()))
 }

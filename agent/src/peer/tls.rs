@@ -85,9 +85,15 @@ impl Identity {
 }
 
 /// Connections between peers stay open while both run (keep-alives well inside the idle
-/// timeout), and a peer that vanishes is noticed within the idle timeout.
+/// timeout), a peer that vanishes is noticed within the idle timeout, and what one connection
+/// may make this device buffer is bounded.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    // Control messages only so far: a few small streams, bounded buffers per connection.
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((64u32 * 1024).into());
+    t.receive_window((256u32 * 1024).into());
     t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     t.max_idle_timeout(Some(std::time::Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
     Arc::new(t)

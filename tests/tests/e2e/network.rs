@@ -70,10 +70,12 @@ fn saved_roster(d: &Device) -> Vec<serde_json::Value> {
 #[test]
 fn the_daemon_keeps_the_users_device_list_with_revocations() {
     let (_tmp, _coord, devices) = world("rosa", &["a", "b", "c"]);
-    let [a, mut b, c] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    let [a, mut b, mut c] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    c.start();
     b.start();
     wait_for(SETTLE, || (saved_roster(&b).len() == 3).then_some(())).expect("B saved the user's three devices");
     assert!(saved_roster(&b).iter().all(|d| d["revoked"] == false));
+    wait_for(SETTLE, || peers_of(&b).iter().any(|p| p["name"] == "c").then_some(())).expect("B and C connect");
 
     // A revocation reaches B's saved list within a minute (the refresh runs every 30 s).
     let c_id = Config::load(&c.home).unwrap().device_id.to_string();
@@ -83,6 +85,10 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
         saved_roster(&b).iter().any(|d| d["id"] == c_id.as_str() && d["revoked"] == true).then_some(())
     })
     .unwrap_or_else(|| panic!("B's device list after revoking C: {:?}", saved_roster(&b)));
+    // The open connection to C goes with it.
+    wait_for(SETTLE, || peers_of(&b).iter().all(|p| p["name"] != "c").then_some(()))
+        .unwrap_or_else(|| panic!("B still connected to revoked C: {:?}", peers_of(&b)));
+    c.stop(false);
     b.stop(false);
     converge(&[&a, &b], SETTLE);
 }
