@@ -89,7 +89,7 @@ def wait(pred, timeout, step=0.002):
 
 
 class Cluster:
-    def __init__(self, base):
+    def __init__(self, base, settle=1.0):
         self.base = base
         data = os.path.join(base, "coord")
         self.coord = subprocess.Popen(
@@ -110,12 +110,13 @@ class Cluster:
             sh(os.path.join(BIN, "shoal"), "--home", home, "init", "--invite", invite, "--dir", root, "--device", name)
             self.roots[name] = root
             self.started = getattr(self, "started", None) or time.monotonic()
+            self.last_started = time.monotonic()
             self.agents[name] = subprocess.Popen(
                 [os.path.join(BIN, "shoal"), "--home", home, "run"],
                 stderr=open(os.path.join(base, name + ".log"), "w"),
                 env={**os.environ, "RUST_LOG": "warn"},
             )
-        time.sleep(1.0)
+        time.sleep(settle)
 
     def metric(self, name):
         text = urllib.request.urlopen(f"http://{self.metrics_addr}/metrics").read().decode()

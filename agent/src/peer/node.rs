@@ -255,3 +255,74 @@ pub async fn announce_addr(local: SocketAddr, server: &str) -> std::io::Result<S
     probe.connect(to).await?;
     Ok(SocketAddr::new(probe.local_addr()?.ip(), local.port()))
 }
+
+#[cfg(test)]
+mod tests {
+    use shoal_protocol::api::DeviceInfo;
+
+    use super::*;
+    use crate::peer::tls::tests::{device, user_ca};
+
+    fn hint(info: &DeviceInfo, at: &PeerNode) -> PeerHint {
+        PeerHint {
+            device: info.id,
+            name: info.name.clone(),
+            addrs: vec![at.local_addr().unwrap().to_string()],
+            cert_fingerprint: info.cert_fingerprint,
+        }
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn two_nodes_keep_one_connection_and_drop_a_revoked_peer() {
+        let ca = user_ca("alice");
+        let (ia, da) = device(Some(&ca), &ca, 365);
+        let (ib, db) = device(Some(&ca), &ca, 365);
+        let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ra, rb) = (Roster::default(), Roster::default());
+        ra.replace(vec![da.clone(), db.clone()]);
+        rb.replace(vec![da.clone(), db.clone()]);
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path()).unwrap();
+        let b = PeerNode::start(&ib, local, rb, db.id, home_b.path()).unwrap();
+
+        // Both dial at once: each side ends with one connection, and the same one (found by a
+        // hint on one side, incoming on the other).
+        let (to_b, to_a) = (hint(&db, &b), hint(&da, &a));
+        let (r1, r2) = tokio::join!(a.greet(&to_b), b.greet(&to_a));
+        r1.unwrap();
+        r2.unwrap();
+        until("one connection each", || a.peers().len() == 1 && b.peers().len() == 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (pa, pb) = (a.peers(), b.peers());
+        assert_eq!((pa.len(), pb.len()), (1, 1), "{pa:?} {pb:?}");
+        assert_eq!((pa[0].device, pb[0].device), (db.id, da.id));
+        let mut how = [pa[0].found.as_str(), pb[0].found.as_str()];
+        how.sort();
+        assert_eq!(how, ["hint", "incoming"], "{pa:?} {pb:?}");
+
+        // B is revoked: A's next check closes the connection, both lists empty, and B cannot
+        // come back.
+        let mut revoked = db.clone();
+        revoked.revoked = true;
+        ra.replace(vec![da.clone(), revoked]);
+        a.recheck();
+        until("the revoked peer is gone on both sides", || a.peers().is_empty() && b.peers().is_empty()).await;
+        assert!(b.greet(&hint(&da, &a)).await.is_err());
+        assert!(a.peers().is_empty());
+        let saved: Vec<PeerStatus> =
+            serde_json::from_slice(&std::fs::read(home_a.path().join(PEERS_FILE)).unwrap()).unwrap();
+        assert!(saved.is_empty(), "{saved:?}");
+        a.close().await;
+        b.close().await;
+    }
+}

@@ -192,4 +192,4 @@ impl Roster {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -15,12 +15,12 @@ use super::*;
 const DAY: Duration = Duration::from_secs(86_400);
 
 /// A user's CA: its certificate and key, both DER.
-struct Ca {
+pub(crate) struct Ca {
     cert: Vec<u8>,
     key: Vec<u8>,
 }
 
-fn user_ca(name: &str) -> Ca {
+pub(crate) fn user_ca(name: &str) -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -50,7 +50,7 @@ fn device_params(id: &DeviceId, valid: std::ops::Range<std::time::SystemTime>) -
 /// A device of `ca`'s user (valid from yesterday for `days`, which may be negative: expired),
 /// or self-signed when `ca` is `None`. Returns its identity (trusting `trust`'s CA) and its
 /// roster entry.
-fn device(ca: Option<&Ca>, trust: &Ca, days: i64) -> (Identity, DeviceInfo) {
+pub(crate) fn device(ca: Option<&Ca>, trust: &Ca, days: i64) -> (Identity, DeviceInfo) {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).unwrap();
     let id = DeviceId(id);
