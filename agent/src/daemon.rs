@@ -320,6 +320,7 @@ async fn refresh_roster(
     cancel: CancellationToken,
 ) {
     loop {
+        let refreshed = tokio::time::Instant::now();
         match client.devices().await {
             Ok(devices) => {
                 let before = roster.devices();
@@ -342,9 +343,12 @@ async fn refresh_roster(
             node.recheck();
             announce(&client, node, server).await;
         }
+        let unknown_caller = node.as_ref().map(|(n, _)| n.unknown_caller.clone()).unwrap_or_default();
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(ROSTER_REFRESH) => {}
+            // A caller the roster does not know yet: refresh now, but at most once a second.
+            _ = unknown_caller.notified() => tokio::time::sleep_until(refreshed + Duration::from_secs(1)).await,
         }
     }
 }
@@ -370,7 +374,7 @@ async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str)
             for h in hints {
                 let node = node.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = node.greet(&h).await {
+                    if let Err(e) = node.greet_retrying(&h).await {
                         tracing::debug!(peer = %h.device, error = %format!("{e:#}"), "hinted peer not reached");
                     }
                 });

@@ -54,6 +54,9 @@ pub struct PeerNode {
     me: DeviceId,
     peers: Arc<Mutex<BTreeMap<DeviceId, Peer>>>,
     home: PathBuf,
+    /// Signalled when a caller with a certificate of this user's CA is not in the roster: a
+    /// device enrolled since the last refresh, most likely, so the roster is fetched at once.
+    pub unknown_caller: Arc<tokio::sync::Notify>,
 }
 
 impl PeerNode {
@@ -68,7 +71,14 @@ impl PeerNode {
         let mut endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
             .with_context(|| format!("listening for peers on {listen} (choose another with peer_listen)"))?;
         endpoint.set_default_client_config(identity.client_config()?);
-        let node = PeerNode { endpoint, roster, me, peers: Arc::default(), home: home.to_path_buf() };
+        let node = PeerNode {
+            endpoint,
+            roster,
+            me,
+            peers: Arc::default(),
+            home: home.to_path_buf(),
+            unknown_caller: Arc::default(),
+        };
         tokio::spawn(node.clone().accept_loop());
         Ok(node)
     }
@@ -153,6 +163,21 @@ impl PeerNode {
         }
     }
 
+    /// `greet`, tried again after 0.5, 1 and 2 seconds if refused or unreachable: a device that
+    /// has just enrolled is refused until the other side's roster lists it, which its refusal
+    /// itself sets off.
+    pub async fn greet_retrying(&self, hint: &PeerHint) -> anyhow::Result<()> {
+        let mut result = self.greet(hint).await;
+        for wait_ms in [500, 1000, 2000] {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            result = self.greet(hint).await;
+        }
+        result
+    }
+
     /// Connects to a device the coordinator hinted at (its first address that answers) unless
     /// already connected.
     pub async fn greet(&self, hint: &PeerHint) -> anyhow::Result<()> {
@@ -222,6 +247,9 @@ impl PeerNode {
             (Ok(h), Ok(id)) if h.device == id => id,
             (_, refusal) => {
                 conn.close(1u32.into(), b"refused");
+                if refusal == Err(super::tls::Refusal::UnknownCertificate) {
+                    self.unknown_caller.notify_one();
+                }
                 anyhow::bail!("refused {}: {refusal:?}", conn.remote_address());
             }
         };
