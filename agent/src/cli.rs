@@ -351,10 +351,15 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(2))
 }
 
+/// Whether the daemon that wrote `st` is still running.
+fn daemon_running(st: &Status) -> bool {
+    st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists()
+}
+
 fn peers(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Config::load(home)?;
     let st = Status::load(home).unwrap_or_default();
-    let running = st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists();
+    let running = daemon_running(&st);
     let peers: Vec<crate::peer::node::PeerStatus> = match std::fs::read(home.join(crate::peer::node::PEERS_FILE)) {
         Ok(b) if running => serde_json::from_slice(&b).context("peers.json is not a peer list")?,
         _ => Vec::new(),
@@ -385,7 +390,7 @@ fn peers(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
 fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(home)?;
     let mut st = Status::load(home).unwrap_or_default();
-    let running = st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists();
+    let running = daemon_running(&st);
     if !running && st.state != "stopped" && !st.state.is_empty() {
         st.state = "stopped".into();
     }

@@ -9,10 +9,6 @@ use shoal_agent::config::Config;
 
 use crate::harness::*;
 
-fn client_of(d: &Device) -> Client {
-    Client::new(&Config::load(&d.home).unwrap()).unwrap()
-}
-
 /// Sends a request and returns (status, JSON body).
 async fn call(rb: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = rb.send().await.expect("request sent");

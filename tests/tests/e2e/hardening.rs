@@ -17,10 +17,6 @@ use shoal_protocol::{Change, ChunkId, ChunkRef, CommitId, EntryKind, Manifest, S
 
 use crate::harness::*;
 
-fn client_of(d: &Device) -> Client {
-    Client::new(&Config::load(&d.home).unwrap()).unwrap()
-}
-
 fn random_commit_id() -> CommitId {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).unwrap();

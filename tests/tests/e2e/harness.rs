@@ -321,6 +321,11 @@ pub fn file_hash(data: &[u8]) -> String {
 }
 
 /// Runs a future to completion on a fresh runtime.
+/// An API client acting as device `d`.
+pub fn client_of(d: &Device) -> shoal_agent::client::Client {
+    shoal_agent::client::Client::new(&shoal_agent::config::Config::load(&d.home).unwrap()).unwrap()
+}
+
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use shoal_agent::client::Client;
 use shoal_agent::config::Config;
 use shoal_protocol::api::PeerHint;
 
@@ -93,10 +92,6 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
     converge(&[&a, &b], SETTLE);
 }
 
-fn client(d: &Device) -> Client {
-    Client::new(&Config::load(&d.home).unwrap()).unwrap()
-}
-
 fn hinted(hints: &[PeerHint]) -> Vec<(String, Vec<String>)> {
     hints.iter().map(|h| (h.name.clone(), h.addrs.clone())).collect()
 }
@@ -108,7 +103,7 @@ fn coordinator_hints_name_the_users_devices_on_the_same_network() {
     let stranger = Device::enroll(tmp.path(), &coord, "igor", "stranger");
     set_bind(&far, "127.0.0.2");
     block_on(async {
-        let (ca, cb, cfar, cstranger) = (client(&a), client(&b), client(&far), client(&stranger));
+        let (ca, cb, cfar, cstranger) = (client_of(&a), client_of(&b), client_of(&far), client_of(&stranger));
         assert_eq!(ca.peers(vec!["127.0.0.1:4001".into()]).await.unwrap(), vec![], "nobody announced yet");
         // B, from the same address, learns A's endpoint and certificate, and A then learns B's.
         let hints = cb.peers(vec!["127.0.0.1:4002".into(), "[::1]:4002".into()]).await.unwrap();
