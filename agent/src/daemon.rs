@@ -124,12 +124,16 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         crate::peer::tls::Roster::default()
     });
     // Without a usable identity or port the folder still syncs, through the coordinator only.
+    let chunks = crate::peer::serve::ChunkServer::new(engine.store().clone(), root.clone());
     let node = crate::peer::tls::Identity::load(home)
-        .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home))
+        .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home, chunks))
         .inspect_err(
             |e| tracing::warn!(error = %format!("{e:#}"), "no peer endpoint; syncing through the coordinator only"),
         )
         .ok();
+    if let Some(n) = &node {
+        engine.set_peers(n.clone());
+    }
     let _roster = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(refresh_roster(
         engine.client().clone(),
         roster,

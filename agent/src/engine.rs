@@ -103,6 +103,8 @@ pub struct Engine {
     later: std::collections::VecDeque<SyncPath>,
     /// Names that cannot be synced, as found by the scans since the last full pass started.
     skipped: std::collections::BTreeSet<String>,
+    /// The user's devices on the LAN, asked for chunks before the origin.
+    peers: Option<crate::peer::node::PeerNode>,
 }
 
 /// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
@@ -144,6 +146,7 @@ impl Engine {
             full: [None].into(),
             later: Default::default(),
             skipped: Default::default(),
+            peers: None,
         };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
@@ -175,6 +178,16 @@ impl Engine {
             self.own.note(&cur.to_local(&self.root));
             p = cur.parent();
         }
+    }
+
+    /// Asks `node`'s peers for chunks before the origin from now on.
+    pub fn set_peers(&mut self, node: crate::peer::node::PeerNode) {
+        self.peers = Some(node);
+    }
+
+    /// The folder this engine syncs.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn store(&self) -> &Store {

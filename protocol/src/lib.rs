@@ -7,6 +7,7 @@ pub mod chunker;
 pub mod entry;
 pub mod ids;
 pub mod path;
+pub mod peer;
 pub mod testdata;
 
 pub use chunker::{CHUNK_PARAMS, ChunkParams, Chunker, ChunkerError};

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use shoal_protocol::DeviceId;
 use shoal_protocol::api::{MAX_PEER_MESSAGE, PeerHello, PeerHint, PeerWelcome};
 
+use super::serve::ChunkServer;
 use super::tls::{Identity, Roster, server_name};
 
 /// Where the peers found are listed, in the agent's home.
@@ -54,19 +55,23 @@ pub struct PeerNode {
     me: DeviceId,
     peers: Arc<Mutex<BTreeMap<DeviceId, Peer>>>,
     home: PathBuf,
+    /// Answers the chunk requests of every connected peer.
+    chunks: ChunkServer,
     /// Signalled when a caller with a certificate of this user's CA is not in the roster: a
     /// device enrolled since the last refresh, most likely, so the roster is fetched at once.
     pub unknown_caller: Arc<tokio::sync::Notify>,
 }
 
 impl PeerNode {
-    /// Listens on `listen` (UDP) and accepts the user's devices from then on.
+    /// Listens on `listen` (UDP) and accepts the user's devices from then on; every connected
+    /// peer may ask for the chunks `chunks` serves.
     pub fn start(
         identity: &Identity,
         listen: SocketAddr,
         roster: Roster,
         me: DeviceId,
         home: &Path,
+        chunks: ChunkServer,
     ) -> anyhow::Result<PeerNode> {
         let mut endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
             .with_context(|| format!("listening for peers on {listen} (choose another with peer_listen)"))?;
@@ -77,6 +82,7 @@ impl PeerNode {
             me,
             peers: Arc::default(),
             home: home.to_path_buf(),
+            chunks,
             unknown_caller: Arc::default(),
         };
         tokio::spawn(node.clone().accept_loop());
@@ -116,6 +122,20 @@ impl PeerNode {
         }
     }
 
+    /// The open connections, by device.
+    pub fn connections(&self) -> Vec<(DeviceId, quinn::Connection)> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.iter().filter(|(_, p)| p.conn.close_reason().is_none()).map(|(id, p)| (*id, p.conn.clone())).collect()
+    }
+
+    /// A peer as logs name it: its device name and id.
+    pub fn describe(&self, id: &DeviceId) -> String {
+        match self.roster.name(id) {
+            Some(name) => format!("{name} ({id})"),
+            None => id.to_string(),
+        }
+    }
+
     fn connected(&self, id: &DeviceId) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.get(id).is_some_and(|p| p.conn.close_reason().is_none())
@@ -141,6 +161,7 @@ impl PeerNode {
             peers.insert(id, Peer { conn: conn.clone(), found, name });
         }
         self.save();
+        tokio::spawn(self.chunks.clone().serve(conn.clone()));
         // The list follows a peer that leaves (or is lost past the idle timeout).
         let node = self.clone();
         tokio::spawn(async move {
@@ -320,8 +341,9 @@ mod tests {
         ra.replace(vec![da.clone(), db.clone()]);
         rb.replace(vec![da.clone(), db.clone()]);
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path()).unwrap();
-        let b = PeerNode::start(&ib, local, rb, db.id, home_b.path()).unwrap();
+        let served = |home: &Path| ChunkServer::new(crate::store::Store::open(&home.join("db")).unwrap(), home.into());
+        let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path())).unwrap();
+        let b = PeerNode::start(&ib, local, rb, db.id, home_b.path(), served(home_b.path())).unwrap();
 
         // Both dial at once: each side ends with one connection, and the same one (found by a
         // hint on one side, incoming on the other).
@@ -350,6 +372,64 @@ mod tests {
         let saved: Vec<PeerStatus> =
             serde_json::from_slice(&std::fs::read(home_a.path().join(PEERS_FILE)).unwrap()).unwrap();
         assert!(saved.is_empty(), "{saved:?}");
+        a.close().await;
+        b.close().await;
+    }
+
+    /// A connected peer answers `have` from its chunk map and `get` with the chunks it can read
+    /// intact now: a chunk whose file changed since it was indexed is skipped, not sent.
+    #[tokio::test]
+    async fn a_peer_serves_indexed_chunks_and_skips_changed_ones() {
+        let ca = user_ca("alice");
+        let (ia, da) = device(Some(&ca), &ca, 365);
+        let (ib, db) = device(Some(&ca), &ca, 365);
+        let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let roster = Roster::default();
+        roster.replace(vec![da.clone(), db.clone()]);
+        // A's folder holds one indexed file of several chunks.
+        let root = home_a.path().join("folder");
+        std::fs::create_dir(&root).unwrap();
+        let data = shoal_protocol::testdata::noise(7, 600_000);
+        let file = root.join("f");
+        std::fs::write(&file, &data).unwrap();
+        let manifest = shoal_protocol::Chunker::default().manifest(&data[..]).unwrap();
+        assert!(manifest.chunks.len() > 2, "{manifest:?}");
+        let store = crate::store::Store::open(&home_a.path().join("db")).unwrap();
+        let mut rec = crate::scan::stat_rec(&std::fs::metadata(&file).unwrap());
+        rec.manifest = Some(manifest.clone());
+        let mut batch = crate::store::Batch::default();
+        batch.put_index(&shoal_protocol::SyncPath::parse("f").unwrap(), &rec);
+        store.apply(batch).unwrap();
+
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let a =
+            PeerNode::start(&ia, local, roster.clone(), da.id, home_a.path(), ChunkServer::new(store, root)).unwrap();
+        let b_store = crate::store::Store::open(&home_b.path().join("db")).unwrap();
+        let b_root = home_b.path().to_path_buf();
+        let b = PeerNode::start(&ib, local, roster, db.id, home_b.path(), ChunkServer::new(b_store, b_root)).unwrap();
+        b.greet(&hint(&da, &a)).await.unwrap();
+        let conns = b.connections();
+        assert_eq!(conns.len(), 1);
+        let conn = &conns[0].1;
+
+        let mut ids: Vec<shoal_protocol::ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
+        let unknown = shoal_protocol::ChunkId::of(b"not in any file");
+        ids.push(unknown);
+        let have = crate::peer::fetch::have(conn, &ids).await.unwrap();
+        assert_eq!(have, ids.iter().map(|id| *id != unknown).collect::<Vec<_>>());
+
+        let mut got = Vec::new();
+        crate::peer::fetch::get(conn, &ids, |id, d| got.push((id, d))).await.unwrap();
+        assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids[..ids.len() - 1]);
+        assert_eq!(got.iter().flat_map(|(_, d)| d.iter().copied()).collect::<Vec<u8>>(), data);
+
+        // The first chunk's bytes change on disk (the index not yet updated): it is skipped.
+        let mut changed = data.clone();
+        changed[0] ^= 1;
+        std::fs::write(&file, &changed).unwrap();
+        let mut got = Vec::new();
+        crate::peer::fetch::get(conn, &ids, |id, _| got.push(id)).await.unwrap();
+        assert_eq!(got, ids[1..ids.len() - 1]);
         a.close().await;
         b.close().await;
     }

@@ -86,18 +86,25 @@ impl Identity {
 
 /// Connections between peers stay open while both run (keep-alives well inside the idle
 /// timeout), a peer that vanishes is noticed within the idle timeout, and what one connection
-/// may make this device buffer is bounded.
+/// may make this device buffer is bounded: per peer, at most `PEER_STREAMS` requests at once
+/// and `PEER_WINDOW` bytes unread (and as much queued to send).
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // Control messages only so far: a few small streams, bounded buffers per connection.
-    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_bidi_streams(PEER_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((64u32 * 1024).into());
-    t.receive_window((256u32 * 1024).into());
+    t.stream_receive_window((PEER_WINDOW / 4).into());
+    t.receive_window(PEER_WINDOW.into());
+    t.send_window(u64::from(PEER_WINDOW));
     t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     t.max_idle_timeout(Some(std::time::Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
     Arc::new(t)
 }
+
+/// Requests one peer may have open at once on a connection (each a bidirectional stream).
+pub const PEER_STREAMS: u32 = 4;
+/// Bytes one connection may have in flight each way: enough for LAN speed at a few milliseconds
+/// of round trip, little enough that a dozen peers cost tens of MiB at most.
+pub const PEER_WINDOW: u32 = 4 * 1024 * 1024;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -2,6 +2,7 @@
 //! manifest order into a temp file whose whole-file BLAKE3 is verified before anyone may rename
 //! it into place.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,7 +91,7 @@ pub struct Assembled {
 }
 
 /// Writes the file `manifest` describes to `tmp`: chunks the fetcher has ready (fetched ahead, or
-/// in local files) where possible, the rest fetched from the origin in windows. Verifies the whole-file hash, sets the mode and
+/// in local files) where possible, the rest fetched from peers or the origin in windows. Verifies the whole-file hash, sets the mode and
 /// mtime, and syncs the data when `fsync` is set. Never touches the destination.
 pub async fn assemble(
     fetcher: &mut Fetcher,
@@ -117,7 +118,7 @@ pub async fn assemble(
         None => (Writer::create(tmp, fsync).map_err(disk(tmp))?, 0),
     };
 
-    // Plan the file as chunks the fetcher has ready and windows fetched from the origin; a few
+    // Plan the file as chunks the fetcher has ready and windows fetched from remote sources; a few
     // windows are fetched ahead while earlier ones are written.
     enum Seg {
         Ready(usize),
@@ -145,18 +146,30 @@ pub async fn assemble(
         segs.push(Seg::Remote);
     }
     // Each window is its own task, so verification of windows in flight uses every core;
-    // `buffered` still hands them over in order.
-    let origin = fetcher.origin();
+    // `buffered` still hands them over in order. Sources deliver a window's chunks in any order,
+    // each distinct chunk once; they are put back in manifest order here.
+    let remote = fetcher.remote();
     let mut fetched = futures::stream::iter(windows)
         .map(|ids| {
-            let origin = origin.clone();
+            let remote = remote.clone();
             AbortOnDropHandle::new(tokio::spawn(async move {
-                let mut got = Vec::with_capacity(ids.len());
-                let failed = origin.fetch(&ids, |_, data| got.push(data)).await.map_err(AssembleError::Offline)?;
-                match failed.into_iter().next() {
-                    None => Ok(got),
-                    Some((_, e)) => Err(AssembleError::from(e)),
+                let mut got = HashMap::with_capacity(ids.len());
+                let failed = remote
+                    .fetch(&ids, |id, data| {
+                        got.insert(id, data);
+                    })
+                    .await
+                    .map_err(AssembleError::Offline)?;
+                if let Some((_, e)) = failed.into_iter().next() {
+                    return Err(AssembleError::from(e));
                 }
+                ids.iter()
+                    .map(|id| {
+                        got.get(id).cloned().ok_or_else(|| {
+                            AssembleError::Offline(ClientError::Protocol(format!("chunk {id} was not delivered")))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
             }))
         })
         .buffered(FETCH_AHEAD);
@@ -173,7 +186,7 @@ pub async fn assemble(
                 }
                 None => {
                     // A local copy that went stale since the chunk map was read.
-                    let d = origin.fetch_one(chunks[i].id).await?;
+                    let d = remote.fetch_one(chunks[i].id).await?;
                     stats.downloaded += d.len() as u64;
                     vec![d]
                 }

@@ -1,6 +1,7 @@
 //! Where downloaded chunks come from. A `Fetcher` answers every chunk a download needs: from the
-//! device's own files first (through the chunk map), then from remote sources — today the
-//! origin, the coordinator's chunk store; LAN peers and relays slot in before it. Every chunk is
+//! device's own files first (through the chunk map), then from remote sources (`Remote`): the
+//! user's other devices on the LAN that have the chunk, then the origin, the coordinator's chunk
+//! store (relays will slot in between). Every chunk is
 //! checked against its BLAKE3 id in `verify`, whatever its source, before anyone may write it;
 //! failures are typed by source and say whether asking again later can help; delivered bytes are
 //! counted per source.
@@ -8,15 +9,21 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::ErrorCode;
-use shoal_protocol::{ChunkId, ChunkRef};
+use shoal_protocol::{ChunkId, ChunkRef, DeviceId};
 
 use crate::client::{Client, ClientError};
+use crate::peer::fetch as peer;
+use crate::peer::node::PeerNode;
+
+/// Times the chunks peers should have are asked for again, from the peers still in good
+/// standing, after a peer failed or skipped some, before the origin is asked.
+const PEER_ROUNDS: usize = 2;
 
 /// Files kept open at once for reading local chunks.
 const OPEN_FILES: usize = 64;
@@ -175,11 +182,125 @@ impl Origin {
     }
 }
 
+/// The remote sources for one round of downloads: connected peers, then the origin. Cheap to
+/// clone into the tasks that fetch windows ahead; clones share which peers have failed.
+#[derive(Clone)]
+pub struct Remote {
+    origin: Origin,
+    peers: Option<PeerNode>,
+    /// Peers that failed this round (bad bytes or frames, a stall, a broken connection): not
+    /// asked again until the next round.
+    dropped: Arc<Mutex<HashSet<DeviceId>>>,
+}
+
+impl Remote {
+    /// Fetches `ids` (each distinct chunk once, in no particular order), calling `each` with
+    /// every chunk that arrives verified: what the peers have from them, spread across them, the
+    /// rest from the origin. Returns the chunks no source could deliver, each with its error;
+    /// `Err` when the origin had to be asked and cannot be reached or refuses the device.
+    pub async fn fetch(
+        &self,
+        ids: &[ChunkId],
+        mut each: impl FnMut(ChunkId, Bytes),
+    ) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
+        let rest = match &self.peers {
+            Some(node) => self.ask_peers(node, ids, &mut each).await,
+            None => {
+                let mut seen = HashSet::new();
+                ids.iter().filter(|id| seen.insert(**id)).copied().collect()
+            }
+        };
+        if rest.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.origin.fetch(&rest, each).await
+    }
+
+    /// One chunk, verified, from a peer or the origin.
+    pub async fn fetch_one(&self, id: ChunkId) -> Result<Bytes, FetchError> {
+        let mut got = None;
+        let failed = self.fetch(&[id], |_, d| got = Some(d)).await.map_err(FetchError::Offline)?;
+        match (got, failed.into_iter().next()) {
+            (Some(d), _) => Ok(d),
+            (None, Some((_, e))) => Err(e),
+            (None, None) => Err(FetchError::Unavailable {
+                id,
+                from: Source::Origin,
+                retry: true,
+                reason: "no source delivered it".into(),
+            }),
+        }
+    }
+
+    fn usable_peers(&self, node: &PeerNode) -> Vec<(DeviceId, quinn::Connection)> {
+        let dropped = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+        node.connections().into_iter().filter(|(d, _)| !dropped.contains(d)).collect()
+    }
+
+    fn drop_peer(&self, node: &PeerNode, device: DeviceId, why: &peer::PeerFetchError) {
+        tracing::warn!(peer = %node.describe(&device), reason = %why, "not asking this peer again this round");
+        self.dropped.lock().unwrap_or_else(|p| p.into_inner()).insert(device);
+    }
+
+    /// Fetches what the connected peers have of `ids`: each peer says which it holds, each chunk
+    /// is asked of the holder with the least asked of it so far, all peers at once. Returns the
+    /// chunks (distinct, in the order of `ids`) that no peer delivered.
+    async fn ask_peers(&self, node: &PeerNode, ids: &[ChunkId], each: &mut impl FnMut(ChunkId, Bytes)) -> Vec<ChunkId> {
+        let mut seen = HashSet::new();
+        let mut want: Vec<ChunkId> = ids.iter().filter(|id| seen.insert(**id)).copied().collect();
+        let mut unheld = HashSet::new();
+        for _ in 0..PEER_ROUNDS {
+            let peers = self.usable_peers(node);
+            if peers.is_empty() || want.is_empty() {
+                break;
+            }
+            let haves = futures::future::join_all(peers.iter().map(|(_, c)| peer::have(c, &want))).await;
+            let mut plan: Vec<Vec<ChunkId>> = vec![Vec::new(); peers.len()];
+            let mut holders: Vec<Vec<usize>> = vec![Vec::new(); want.len()];
+            for (p, h) in haves.into_iter().enumerate() {
+                match h {
+                    Ok(bits) => bits.iter().enumerate().filter(|(_, b)| **b).for_each(|(i, _)| holders[i].push(p)),
+                    Err(e) => self.drop_peer(node, peers[p].0, &e),
+                }
+            }
+            for (i, id) in want.iter().enumerate() {
+                match holders[i].iter().min_by_key(|p| plan[**p].len()) {
+                    Some(&p) => plan[p].push(*id),
+                    None => {
+                        unheld.insert(*id);
+                    }
+                }
+            }
+            let gets =
+                plan.iter().zip(&peers).filter(|(ids, _)| !ids.is_empty()).map(|(ids, (device, conn))| async move {
+                    let mut got = Vec::with_capacity(ids.len());
+                    let r = peer::get(conn, ids, |id, d| got.push((id, d))).await;
+                    (*device, got, r)
+                });
+            let mut delivered = HashSet::new();
+            for (device, got, r) in futures::future::join_all(gets).await {
+                if let Err(e) = r {
+                    self.drop_peer(node, device, &e);
+                }
+                for (id, d) in got {
+                    self.origin.counts.add(Source::Peer, d.len() as u64);
+                    delivered.insert(id);
+                    each(id, d);
+                }
+            }
+            want.retain(|id| !delivered.contains(id) && !unheld.contains(id));
+        }
+        let left: HashSet<ChunkId> = want.into_iter().chain(unheld).collect();
+        let mut done = HashSet::new();
+        ids.iter().filter(|id| left.contains(*id) && done.insert(**id)).copied().collect()
+    }
+}
+
 /// Answers the chunks of one round of downloads. Chunks held by local files are read (and
 /// verified) when a file needs them; remote chunks are fetched ahead, a group at a time, into a
-/// buffer (`prefetch`), or streamed in windows by `assemble` through `origin()`.
+/// buffer (`prefetch`), or streamed in windows by `assemble` through `remote()`.
 pub struct Fetcher {
-    origin: Origin,
+    remote: Remote,
     local: HashMap<ChunkId, LocalChunk>,
     open: HashMap<PathBuf, std::fs::File>,
     /// Chunks whose local copy turned out stale, so a remote source is asked instead.
@@ -188,9 +309,10 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(client: Client, counts: Arc<SourceCounts>) -> Fetcher {
+    /// A fetcher for one round of downloads, asking `peers` (if any) before the origin.
+    pub fn new(client: Client, counts: Arc<SourceCounts>, peers: Option<PeerNode>) -> Fetcher {
         Fetcher {
-            origin: Origin { client, counts },
+            remote: Remote { origin: Origin { client, counts }, peers, dropped: Arc::default() },
             local: HashMap::new(),
             open: HashMap::new(),
             stale: HashSet::new(),
@@ -203,8 +325,8 @@ impl Fetcher {
         self.local.insert(id, at);
     }
 
-    pub fn origin(&self) -> Origin {
-        self.origin.clone()
+    pub fn remote(&self) -> Remote {
+        self.remote.clone()
     }
 
     /// `true` when the chunk can be had without a request: fetched already, or in a local file
@@ -222,7 +344,7 @@ impl Fetcher {
         for part in need.chunks(4096) {
             let fetched = &mut self.fetched;
             failed.extend(
-                self.origin
+                self.remote
                     .fetch(part, |id, data| {
                         fetched.insert(id, data);
                     })
@@ -249,7 +371,7 @@ impl Fetcher {
         }
         let data = self.read_local(c);
         match &data {
-            Some(d) => self.origin.counts.add(Source::Local, d.len() as u64),
+            Some(d) => self.remote.origin.counts.add(Source::Local, d.len() as u64),
             None => {
                 self.stale.insert(c.id);
             }
@@ -271,7 +393,7 @@ impl Fetcher {
 }
 
 /// Reads `len` bytes at `offset` of `file` and returns them only if they hash to `id`.
-pub(super) fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> Option<Bytes> {
+pub fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> Option<Bytes> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset).ok()?;
     verify(id, Bytes::from(buf), Source::Local).ok()

@@ -22,6 +22,8 @@ pub fn bin_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "shoal-agent", "-p", "shoal-coordinator", "--bins"]);
+        // The agent's test-only switches (a peer serving bad bytes), as the tests' own build has.
+        cmd.args(["--features", "shoal-agent/test-faults"]);
         // The variables cargo sets for a running test are not the outer build's: a build script
         // that reruns when one changes (ring's watches CARGO_MANIFEST_DIR) would rebuild half the
         // tree here, and again on the next `cargo test`.
@@ -222,10 +224,21 @@ impl Device {
     }
 
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// Starts the daemon with extra environment variables (the agent's test switches).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.daemon.is_none());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.home.join("run.log")).unwrap();
-        let child = self.cmd().arg("run").env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        self.daemon = Some(child);
+        let mut cmd = self.cmd();
+        cmd.arg("run").env("RUST_LOG", "info").envs(env.iter().copied()).stdout(Stdio::null()).stderr(log);
+        self.daemon = Some(cmd.spawn().unwrap());
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("run.log")).unwrap_or_default()
     }
 
     /// Stops the daemon (SIGTERM and wait, or SIGKILL when `hard`).
@@ -329,6 +342,38 @@ pub fn client_of(d: &Device) -> shoal_agent::client::Client {
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// The running daemon's status (`shoal status --json`).
+pub fn daemon_status(d: &Device) -> serde_json::Value {
+    let out = d.shoal(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["status"].clone()
+}
+
+/// The daemon's downloaded chunk bytes by source: `[local, peer, relay, origin]`.
+pub fn by_source(d: &Device) -> [u64; 4] {
+    let s = &daemon_status(d)["bytes_by_source"];
+    ["local", "peer", "relay", "origin"].map(|k| s[k].as_u64().unwrap_or_else(|| panic!("no {k} count: {s}")))
+}
+
+/// `shoal peers --json` of `d`.
+pub fn peers_of(d: &Device) -> Vec<serde_json::Value> {
+    let out = d.shoal(&["peers", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until each device is connected to every other one as a peer.
+pub fn wait_for_peers(devices: &[&Device]) {
+    for d in devices {
+        let others: Vec<&str> = devices.iter().filter(|o| o.name != d.name).map(|o| o.name.as_str()).collect();
+        wait_for(SETTLE, || {
+            let names: Vec<String> = peers_of(d).iter().filter_map(|p| p["name"].as_str().map(String::from)).collect();
+            others.iter().all(|o| names.iter().any(|n| n == o)).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{} is not connected to {others:?}: {:?}", d.name, peers_of(d)));
+    }
 }
 
 /// Polls `f` until it returns `Some`, or `None` after `timeout`.

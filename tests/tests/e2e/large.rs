@@ -5,12 +5,6 @@ use std::time::Duration;
 use crate::harness::*;
 
 /// `shoal status --json`'s daemon status of `d`.
-fn daemon_status(d: &Device) -> serde_json::Value {
-    let out = d.shoal(&["status", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["status"].clone()
-}
-
 #[test]
 fn applying_other_devices_changes_does_not_wake_the_watcher() {
     let (_tmp, _coord, devices) = world("wendy", &["a", "b"]);
@@ -27,10 +21,6 @@ fn applying_other_devices_changes_does_not_wake_the_watcher() {
     a.sync();
     converge(&[&a, &b], SETTLE);
     // Where B's bytes came from: all from the origin so far (no peers or relays here).
-    let by_source = |d: &Device| {
-        let s = &daemon_status(d)["bytes_by_source"];
-        ["local", "peer", "relay", "origin"].map(|k| s[k].as_u64().unwrap_or_else(|| panic!("no {k} count: {s}")))
-    };
     let origin = wait_for(SETTLE, || match by_source(&b) {
         [0, 0, 0, origin] if origin >= 3 * 1024 * 1024 => Some(origin),
         _ => None,

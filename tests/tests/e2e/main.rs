@@ -13,4 +13,5 @@ mod history;
 mod large;
 mod migration;
 mod network;
+mod peers;
 mod sync;

@@ -134,13 +134,6 @@ fn coordinator_hints_name_the_users_devices_on_the_same_network() {
     converge(&[&a, &far], SETTLE);
 }
 
-/// `shoal peers --json` of `d`.
-fn peers_of(d: &Device) -> Vec<serde_json::Value> {
-    let out = d.shoal(&["peers", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn devices_of_one_user_find_each_other_through_coordinator_hints() {
     let (tmp, coord, devices) = world("petra", &["a", "b"]);

@@ -1,0 +1,94 @@
+//! Asking a peer for chunks (`shoal_protocol::peer`), one request per stream. Whatever a peer
+//! sends is checked here before anyone sees it: frames must name requested chunks in request
+//! order, each at most the largest chunk, each verified against its id; a peer that falls
+//! silent for `STALL_TIMEOUT` mid-answer has failed. A failure names what went wrong, and the
+//! caller stops asking that peer.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use shoal_protocol::ChunkId;
+use shoal_protocol::peer::{MAX_PEER_IDS, PeerRequest, bitmap_get, bitmap_len};
+use tokio_util::codec::FramedRead;
+
+use crate::frames::FrameDecoder;
+use crate::transfer::{Source, verify};
+
+/// Longest a peer may go without delivering the next part of an answer.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a peer's answer was not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerFetchError {
+    #[error("the connection failed: {0}")]
+    Connection(String),
+    #[error("no answer for {}s", STALL_TIMEOUT.as_secs())]
+    Stalled,
+    #[error("bad answer: {0}")]
+    Bad(String),
+}
+
+async fn in_time<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, PeerFetchError> {
+    match tokio::time::timeout(STALL_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(PeerFetchError::Connection(e.to_string())),
+        Err(_) => Err(PeerFetchError::Stalled),
+    }
+}
+
+async fn request(
+    conn: &quinn::Connection,
+    req: &PeerRequest,
+) -> Result<(quinn::SendStream, quinn::RecvStream), PeerFetchError> {
+    let (mut send, recv) = in_time(conn.open_bi()).await?;
+    in_time(send.write_all(&req.encode())).await?;
+    send.finish().map_err(|e| PeerFetchError::Connection(e.to_string()))?;
+    Ok((send, recv))
+}
+
+/// Which of `ids` the peer says it can serve.
+pub async fn have(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<bool>, PeerFetchError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for part in ids.chunks(MAX_PEER_IDS) {
+        let (_send, mut recv) = request(conn, &PeerRequest::Have(part.to_vec())).await?;
+        let want = bitmap_len(part.len());
+        let map = in_time(recv.read_to_end(want)).await?;
+        if map.len() != want {
+            return Err(PeerFetchError::Bad(format!("{} bytes of bitmap for {} chunks", map.len(), part.len())));
+        }
+        out.extend((0..part.len()).map(|i| bitmap_get(&map, i)));
+    }
+    Ok(out)
+}
+
+/// Fetches `ids` from the peer, calling `each` with every chunk that arrives verified. A peer may
+/// skip chunks it can no longer serve; `Ok` then just means the answer was well formed.
+pub async fn get(
+    conn: &quinn::Connection,
+    ids: &[ChunkId],
+    mut each: impl FnMut(ChunkId, Bytes),
+) -> Result<(), PeerFetchError> {
+    for part in ids.chunks(MAX_PEER_IDS) {
+        let (_send, recv) = request(conn, &PeerRequest::Get(part.to_vec())).await?;
+        let mut frames = FramedRead::new(recv, FrameDecoder::default());
+        let mut next = 0usize;
+        loop {
+            let frame = match tokio::time::timeout(STALL_TIMEOUT, frames.next()).await {
+                Err(_) => return Err(PeerFetchError::Stalled),
+                Ok(None) => break,
+                Ok(Some(f)) => f.map_err(|e| PeerFetchError::Bad(e.to_string()))?,
+            };
+            let (id, data) = frame;
+            let Some(at) = part[next..].iter().position(|x| *x == id) else {
+                return Err(PeerFetchError::Bad(format!("chunk {id} was not asked for here")));
+            };
+            let data = verify(&id, data, Source::Peer).map_err(|e| PeerFetchError::Bad(e.to_string()))?;
+            each(id, data);
+            next += at + 1;
+        }
+    }
+    Ok(())
+}

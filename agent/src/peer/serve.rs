@@ -1,0 +1,177 @@
+//! Answering a peer's chunk requests (`shoal_protocol::peer`). Chunks are served from this
+//! device's own files, found through the chunk map, and every chunk is read and hashed again just
+//! before it is sent: a file changed since it was indexed is never served as the old chunk, it
+//! is skipped (the peer asks another source). Only connections the roster admitted get here.
+//!
+//! Per peer, the transport bounds the requests open at once (`PEER_STREAMS`) and the bytes in
+//! flight (`PEER_WINDOW`); each request reads at most `READ_AHEAD` chunks ahead of the network.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_protocol::ChunkId;
+use shoal_protocol::api::FRAME_HEADER;
+use shoal_protocol::peer::{MAX_PEER_REQUEST, PeerRequest, encode_bitmap};
+
+use crate::store::Store;
+use crate::transfer::read_chunk;
+
+/// How long a peer may take to send its whole request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Chunks read from disk ahead of the network, per request.
+const READ_AHEAD: usize = 4;
+/// Files kept open per request.
+const OPEN_FILES: usize = 16;
+
+/// What this device can serve to its peers. Cheap to clone.
+#[derive(Clone)]
+pub struct ChunkServer {
+    store: Store,
+    root: PathBuf,
+}
+
+impl ChunkServer {
+    pub fn new(store: Store, root: PathBuf) -> ChunkServer {
+        ChunkServer { store, root }
+    }
+
+    /// Answers the requests a peer opens on `conn` until the connection closes.
+    pub async fn serve(self, conn: quinn::Connection) {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.answer(send, recv).await {
+                    tracing::debug!(error = %format!("{e:#}"), "peer request failed");
+                }
+            });
+        }
+    }
+
+    async fn answer(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+        let req = match tokio::time::timeout(REQUEST_TIMEOUT, recv.read_to_end(MAX_PEER_REQUEST)).await {
+            Ok(Ok(b)) => PeerRequest::decode(&b),
+            Ok(Err(e)) => anyhow::bail!("reading the request: {e}"),
+            Err(_) => anyhow::bail!("request not sent in time"),
+        };
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = send.reset(1u32.into());
+                anyhow::bail!("bad request: {e}");
+            }
+        };
+        match req {
+            PeerRequest::Have(ids) => {
+                let server = self.clone();
+                let map = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+                    let held = server.store.chunk_locations(&ids)?;
+                    Ok(encode_bitmap(ids.iter().map(|id| held.contains_key(id))))
+                })
+                .await??;
+                send.write_all(&map).await?;
+            }
+            PeerRequest::Get(ids) => self.send_chunks(&mut send, ids).await?,
+        }
+        send.finish()?;
+        // Lets the last bytes reach the peer before the stream is dropped.
+        let _ = send.stopped().await;
+        Ok(())
+    }
+
+    /// Streams the frames of the chunks of `ids` this device can read intact now, in order.
+    async fn send_chunks(&self, send: &mut quinn::SendStream, ids: Vec<ChunkId>) -> anyhow::Result<()> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, Bytes)>(READ_AHEAD);
+        let server = self.clone();
+        let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let locs = server.store.chunk_locations(&ids)?;
+            let mut open: HashMap<PathBuf, std::fs::File> = HashMap::new();
+            for id in ids {
+                let Some(at) = locs.get(&id) else { continue };
+                let path = at.path.to_local(&server.root);
+                if !open.contains_key(&path) {
+                    if open.len() >= OPEN_FILES {
+                        open.clear();
+                    }
+                    let Ok(f) = std::fs::File::open(&path) else { continue };
+                    open.insert(path.clone(), f);
+                }
+                let Some(data) = read_chunk(&open[&path], at.offset, at.len, &id) else { continue };
+                if tx.blocking_send((id, data)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        #[cfg(feature = "test-faults")]
+        let fault = faults::current();
+        while let Some((id, data)) = rx.recv().await {
+            let mut header = [0u8; FRAME_HEADER];
+            header[..32].copy_from_slice(id.as_bytes());
+            header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            #[cfg(feature = "test-faults")]
+            if let Some(f) = fault {
+                return faults::misbehave(f, send, &header, &data).await;
+            }
+            send.write_all(&header).await?;
+            send.write_all(&data).await?;
+        }
+        reader.await??;
+        Ok(())
+    }
+}
+
+/// Test-only ways for a device to serve bad bytes, chosen by `SHOAL_TEST_PEER_FAULT`
+/// (`corrupt`, `truncate`, `endless` or `stall`). Compiled only with the `test-faults` feature,
+/// which the end-to-end tests enable.
+#[cfg(feature = "test-faults")]
+mod faults {
+    #[derive(Debug, Clone, Copy)]
+    pub enum Fault {
+        /// Every chunk with one byte flipped.
+        Corrupt,
+        /// The first frame cut off halfway, then the stream ends.
+        Truncate,
+        /// Bytes forever.
+        Endless,
+        /// The first frame's header, then nothing, with the stream held open.
+        Stall,
+    }
+
+    pub fn current() -> Option<Fault> {
+        match std::env::var("SHOAL_TEST_PEER_FAULT").ok()?.as_str() {
+            "corrupt" => Some(Fault::Corrupt),
+            "truncate" => Some(Fault::Truncate),
+            "endless" => Some(Fault::Endless),
+            "stall" => Some(Fault::Stall),
+            _ => None,
+        }
+    }
+
+    pub async fn misbehave(f: Fault, send: &mut quinn::SendStream, header: &[u8], data: &[u8]) -> anyhow::Result<()> {
+        match f {
+            Fault::Corrupt => {
+                let mut bad = data.to_vec();
+                if let Some(b) = bad.first_mut() {
+                    *b ^= 0xff;
+                }
+                send.write_all(header).await?;
+                send.write_all(&bad).await?;
+            }
+            Fault::Truncate => {
+                send.write_all(header).await?;
+                send.write_all(&data[..data.len() / 2]).await?;
+            }
+            Fault::Endless => loop {
+                send.write_all(header).await?;
+                send.write_all(data).await?;
+            },
+            Fault::Stall => {
+                send.write_all(header).await?;
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        }
+        Ok(())
+    }
+}
