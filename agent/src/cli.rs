@@ -166,8 +166,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = Client::new(&Config::load(&home)?)?;
             let path = oneshot::parse_remote(&path)?;
             let entries = client.history(&path).await?;
+            let pending = client.pending_of(&path).await?.versions;
             if json {
-                let v: Vec<EntryJson> = entries.iter().map(EntryJson::from).collect();
+                let v: Vec<EntryJson> = entries
+                    .iter()
+                    .map(|e| EntryJson { state: oneshot::version_state(e.version, &pending), ..EntryJson::from(e) })
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if entries.is_empty() {
                 println!("{}: no versions", path.escaped());
@@ -175,8 +179,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for e in &entries {
                     let what = if e.deleted { "deleted".to_string() } else { format!("{} bytes", e.size()) };
                     let hash = e.hash().map(|h| h.to_string()[..16].to_string()).unwrap_or_default();
+                    let state = match oneshot::version_state(e.version, &pending) {
+                        "durable" => "",
+                        "pending" => "  pending: not yet backed up, on the devices only",
+                        _ => "  withdrawn: never backed up, its author no longer has it",
+                    };
                     println!(
-                        "v{:<6} {:<16} {hash:16} device {} at {}",
+                        "v{:<6} {:<16} {hash:16} device {} at {}{state}",
                         e.version,
                         what,
                         &e.device.to_string()[..8],
@@ -295,6 +304,9 @@ pub async fn init(
         debounce: std::time::Duration::from_millis(50),
         bind,
         peer_listen: None,
+        upload_limit: None,
+        download_limit: None,
+        lan_limit: None,
     };
     cfg.save(home)?;
     println!("enrolled device {:?} ({}) for user {}", cfg.device_name, cfg.device_id, cfg.user);
@@ -356,14 +368,19 @@ fn daemon_running(st: &Status) -> bool {
     st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists()
 }
 
+/// The peers the running daemon is connected to (none if it is not running).
+fn connected_peers(home: &Path, running: bool) -> anyhow::Result<Vec<crate::peer::node::PeerStatus>> {
+    match std::fs::read(home.join(crate::peer::node::PEERS_FILE)) {
+        Ok(b) if running => serde_json::from_slice(&b).context("peers.json is not a peer list"),
+        _ => Ok(Vec::new()),
+    }
+}
+
 fn peers(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Config::load(home)?;
     let st = Status::load(home).unwrap_or_default();
     let running = daemon_running(&st);
-    let peers: Vec<crate::peer::node::PeerStatus> = match std::fs::read(home.join(crate::peer::node::PEERS_FILE)) {
-        Ok(b) if running => serde_json::from_slice(&b).context("peers.json is not a peer list")?,
-        _ => Vec::new(),
-    };
+    let peers = connected_peers(home, running)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&peers)?);
     } else if !running {
@@ -401,6 +418,7 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "root": cfg.root,
             "daemon_running": running,
             "status": st,
+            "peers": connected_peers(home, running)?,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -413,6 +431,16 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("state:   {state}{}", if st.in_sync { " (in sync)" } else { "" });
         println!("cursor:  {}", st.cursor);
         println!("pending: {} uploads, {} downloads", st.pending_uploads, st.pending_downloads);
+        // Versions the devices hold but the coordinator does not yet: not backed up.
+        for v in st.pending_versions.iter().filter(|_| running) {
+            let whose = if v.device == cfg.device_id { "this device" } else { "another device" };
+            let state = if v.withdrawn {
+                "withdrawn: its author no longer has it".to_string()
+            } else {
+                format!("not yet backed up ({} chunks to upload from {whose})", v.missing_chunks)
+            };
+            println!("version: {} v{} {state}", v.path.escaped(), v.version);
+        }
         if st.last_sync_ms > 0 {
             println!("last in sync: {}", fmt_time(st.last_sync_ms));
         }

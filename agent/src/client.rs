@@ -19,6 +19,7 @@ use shoal_protocol::{ChunkId, DeviceId, Entry, Seq, SyncPath};
 
 use crate::config::Config;
 use crate::frames::{FrameDecoder, FrameReadError};
+use crate::limit::Limiter;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,9 @@ impl Dialer {
 }
 
 /// A connection to one coordinator as one device (or anonymous, for enrollment).
+/// Pieces a rate-limited upload body is sent in.
+const LIMITED_PIECE: usize = 64 * 1024;
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -179,6 +183,9 @@ pub struct Client {
     base: String,
     token: Option<String>,
     tls: Arc<rustls::ClientConfig>,
+    /// `upload_limit` and `download_limit`: chunk bytes to and from the coordinator.
+    up: Limiter,
+    down: Limiter,
 }
 
 impl Client {
@@ -193,12 +200,16 @@ impl Client {
             base: format!("https://{addr}"),
             token: None,
             tls: Arc::new(tls),
+            up: Limiter::default(),
+            down: Limiter::default(),
         })
     }
 
     pub fn new(cfg: &Config) -> anyhow::Result<Self> {
         let mut c = Self::anonymous(&cfg.server, cfg.fingerprint, Dialer::new(cfg.bind))?;
         c.token = Some(cfg.token.clone());
+        c.up = Limiter::new(cfg.upload_limit);
+        c.down = Limiter::new(cfg.download_limit);
         Ok(c)
     }
 
@@ -264,6 +275,22 @@ impl Client {
         Ok(self.post::<_, PeersResponse>("/v1/peers", &PeersRequest { addrs }).await?.peers)
     }
 
+    /// The user's pending versions (committed before the origin had their chunks), oldest first
+    /// (`more`: there are others past the page).
+    pub async fn pending(&self) -> ClientResult<PendingResponse> {
+        self.get("/v1/pending", &[]).await
+    }
+
+    /// The pending versions of one path.
+    pub async fn pending_of(&self, path: &SyncPath) -> ClientResult<PendingResponse> {
+        self.get("/v1/pending", &[("path", path.to_string())]).await
+    }
+
+    /// Tells the coordinator this device can no longer supply these pending versions of its own.
+    pub async fn withdraw(&self, versions: Vec<Seq>) -> ClientResult<Vec<PendingVersion>> {
+        Ok(self.post::<_, PendingResponse>("/v1/pending/withdraw", &WithdrawRequest { versions }).await?.versions)
+    }
+
     pub async fn revoke(&self, id: DeviceId) -> ClientResult<DeviceInfo> {
         self.post(&format!("/v1/devices/{id}/revoke"), &serde_json::json!({})).await
     }
@@ -280,6 +307,23 @@ impl Client {
 
     /// Uploads a body of frames (see `shoal_protocol::api::encode_frame`).
     pub async fn upload_frames(&self, body: Vec<u8>) -> ClientResult<u64> {
+        let body = if self.up.is_limited() {
+            // Sent in pieces, each when the upload limit allows it.
+            let up = self.up.clone();
+            let body = Bytes::from(body);
+            let pieces = (0..body.len())
+                .step_by(LIMITED_PIECE)
+                .map(move |at| body.slice(at..(at + LIMITED_PIECE).min(body.len())));
+            reqwest::Body::wrap_stream(futures::stream::iter(pieces).then(move |p| {
+                let up = up.clone();
+                async move {
+                    up.take(p.len()).await;
+                    Ok::<_, std::io::Error>(p)
+                }
+            }))
+        } else {
+            reqwest::Body::from(body)
+        };
         let r: UploadResponse = self.json(self.req(reqwest::Method::POST, "/v1/chunks").body(body)).await?;
         Ok(r.stored)
     }
@@ -313,6 +357,7 @@ impl Client {
             if ids.get(next) != Some(&id) {
                 return Err(ClientError::Protocol(format!("coordinator sent chunk {id} out of order")));
             }
+            self.down.take(data.len()).await;
             each(id, data).map_err(ClientError::Protocol)?;
             next += 1;
         }
@@ -325,7 +370,9 @@ impl Client {
     /// One chunk's bytes, unchecked (see `fetch`).
     pub async fn fetch_one(&self, id: ChunkId) -> ClientResult<Bytes> {
         let resp = self.send(self.req(reqwest::Method::GET, &format!("/v1/chunks/{id}"))).await?;
-        resp.bytes().await.map_err(|e| self.net(e))
+        let data = resp.bytes().await.map_err(|e| self.net(e))?;
+        self.down.take(data.len()).await;
+        Ok(data)
     }
 
     pub async fn commit(&self, req: &CommitRequest) -> ClientResult<CommitResponse> {

@@ -39,6 +39,16 @@ pub struct Config {
     /// the OS picks.
     #[serde(default)]
     pub peer_listen: Option<std::net::SocketAddr>,
+    /// Most bytes per second sent to the coordinator (and relays). Default: no limit.
+    #[serde(default)]
+    pub upload_limit: Option<crate::limit::Rate>,
+    /// Most bytes per second received from the coordinator (and relays). Default: no limit.
+    #[serde(default)]
+    pub download_limit: Option<crate::limit::Rate>,
+    /// Most bytes per second sent, and received, between this device and its LAN peers.
+    /// Default: no limit.
+    #[serde(default)]
+    pub lan_limit: Option<crate::limit::Rate>,
 }
 
 impl Config {

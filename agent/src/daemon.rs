@@ -59,6 +59,12 @@ pub struct Status {
     /// in this folder, LAN peers, relays, the origin.
     #[serde(default)]
     pub bytes_by_source: crate::transfer::BytesBySource,
+    /// The user's versions not yet backed up (committed before the origin had their chunks), as
+    /// last seen by this daemon; and how many of this device's own it still has to upload.
+    #[serde(default)]
+    pub pending_versions: Vec<shoal_protocol::api::PendingVersion>,
+    #[serde(default)]
+    pub owed_uploads: usize,
 }
 
 impl Status {
@@ -110,7 +116,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let root = cfg.root()?.to_path_buf();
     let debounce = cfg.debounce;
     let rescan_every = cfg.rescan_interval;
-    let (me, server, peer_listen) = (cfg.device_id, cfg.server.clone(), cfg.peer_listen());
+    let (me, server, peer_listen, lan_limit) = (cfg.device_id, cfg.server.clone(), cfg.peer_listen(), cfg.lan_limit);
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
     let hints = Arc::new(AtomicU64::new(0));
@@ -124,9 +130,10 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         crate::peer::tls::Roster::default()
     });
     // Without a usable identity or port the folder still syncs, through the coordinator only.
-    let chunks = crate::peer::serve::ChunkServer::new(engine.store().clone(), root.clone());
+    let lan = crate::limit::Limiter::new(lan_limit);
+    let chunks = crate::peer::serve::ChunkServer::new(engine.store().clone(), root.clone(), lan.clone());
     let node = crate::peer::tls::Identity::load(home)
-        .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home, chunks))
+        .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home, chunks, lan))
         .inspect_err(
             |e| tracing::warn!(error = %format!("{e:#}"), "no peer endpoint; syncing through the coordinator only"),
         )
@@ -169,7 +176,8 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
                 update_status(&mut status, &report);
                 if report.in_sync {
                     backoff = retry_delays();
-                    next_rescan.saturating_duration_since(tokio::time::Instant::now())
+                    let idle = next_rescan.saturating_duration_since(tokio::time::Instant::now());
+                    report.recheck.map_or(idle, |r| r.min(idle))
                 } else if report.made_progress() || report.more_work {
                     backoff = retry_delays();
                     Duration::ZERO
@@ -230,6 +238,10 @@ fn update_status(s: &mut Status, r: &CycleReport) {
     s.last_cycle_reads = r.reads;
     s.last_cycle_scope = r.scope;
     s.full_pass = r.more_work;
+    s.owed_uploads = r.owed_uploads;
+    if let Some(p) = &r.pending_versions {
+        s.pending_versions = p.clone();
+    }
     if r.in_sync {
         s.last_sync_ms = now_ms();
     }

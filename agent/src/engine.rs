@@ -23,6 +23,7 @@ use crate::transfer;
 
 mod disk;
 mod download;
+mod pending;
 mod upload;
 
 use disk::{Removal, ensure_dir, remove_local, rename_noreplace};
@@ -70,6 +71,13 @@ pub struct CycleReport {
     pub reads: u64,
     /// More queued work (dirty paths, a full pass) waits for the next cycle.
     pub more_work: bool,
+    /// Run a cycle again within this time even if nothing happens (this device holds another
+    /// device's pending version, and may have to upload it).
+    pub recheck: Option<std::time::Duration>,
+    /// The user's pending versions, if this cycle looked.
+    pub pending_versions: Option<Vec<shoal_protocol::api::PendingVersion>>,
+    /// Uploads this device still owes for its own pending versions.
+    pub owed_uploads: usize,
 }
 
 /// Running byte counters, shared with progress displays and the status.
@@ -105,6 +113,11 @@ pub struct Engine {
     skipped: std::collections::BTreeSet<String>,
     /// The user's devices on the LAN, asked for chunks before the origin.
     peers: Option<crate::peer::node::PeerNode>,
+    /// When the pending versions were last looked at, and whether there were any.
+    pending_checked: Option<std::time::Instant>,
+    watch_pending: bool,
+    /// The pending versions listed last time (path, version).
+    seen_pending: HashSet<(SyncPath, Seq)>,
 }
 
 /// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
@@ -147,6 +160,9 @@ impl Engine {
             later: Default::default(),
             skipped: Default::default(),
             peers: None,
+            pending_checked: None,
+            watch_pending: false,
+            seen_pending: HashSet::new(),
         };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
@@ -270,9 +286,13 @@ impl Engine {
         let root = self.root.clone();
         let store = self.store.clone();
         let (early_tx, early_rx) = tokio::sync::mpsc::channel(2);
+        // Large files' chunks go up while they are hashed, unless a peer may take them first: then
+        // the commit goes before the upload (see `engine/upload.rs`), and a slow uplink must not
+        // hold up the hashing.
+        let early_on = self.peers.as_ref().is_none_or(|p| p.connections().is_empty());
         let early = tokio::spawn(transfer::upload_early(self.client.clone(), early_rx, self.counters.clone()));
         let (gathered, ignore) = tokio::task::spawn_blocking(move || {
-            let g = scan::gather(&root, &ignore, &store, items, Some(&early_tx));
+            let g = scan::gather(&root, &ignore, &store, items, early_on.then_some(&early_tx));
             (g, ignore)
         })
         .await
@@ -319,6 +339,7 @@ impl Engine {
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), "applying plan");
             let paths: Vec<SyncPath> = ops.iter().map(|op| op.path().clone()).collect();
+            self.secure_pending(&ops, &synced, &mut report).await?;
             let again = self.execute(ops, &scan, &mut report).await?;
             if again {
                 // Something was skipped or moved: look at these paths again next time.
@@ -340,7 +361,13 @@ impl Engine {
                 "sync cycle"
             );
         }
+        // Uploads owed for pending versions go last: the cycle's own work is done first.
+        self.pay_owed(&mut report).await?;
+        if self.peers.is_some() {
+            self.help_pending(&mut report).await?;
+        }
         report.pending_uploads = self.store.outbox()?.iter().map(|(_, i)| i.changes.len()).sum();
+        report.owed_uploads = self.store.owed()?.len();
         report.cursor = self.store.cursor()?;
         report.more_work = self.has_work();
         report.in_sync = report.planned == 0

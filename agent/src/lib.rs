@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod frames;
+pub mod limit;
 pub mod oneshot;
 pub mod own;
 pub mod peer;

@@ -29,6 +29,18 @@ pub struct EntryJson {
     /// Commit time, milliseconds since the Unix epoch.
     pub time: u64,
     pub mtime_ns: i64,
+    /// `durable` (the origin has every chunk), `pending` (not yet: only devices hold it) or
+    /// `withdrawn` (pending, and its author can no longer supply it).
+    pub state: &'static str,
+}
+
+/// What the coordinator says of a version's chunks: `durable`, `pending` or `withdrawn`.
+pub fn version_state(version: Seq, pending: &[shoal_protocol::api::PendingVersion]) -> &'static str {
+    match pending.iter().find(|p| p.version == version) {
+        None => "durable",
+        Some(p) if p.withdrawn => "withdrawn",
+        Some(_) => "pending",
+    }
 }
 
 impl From<&Entry> for EntryJson {
@@ -45,6 +57,7 @@ impl From<&Entry> for EntryJson {
             device: e.device.to_string(),
             time: e.time_ms,
             mtime_ns: e.mtime_ns,
+            state: "durable",
         }
     }
 }
@@ -173,7 +186,7 @@ async fn commit_over_head(
     getrandom::fill(&mut id)?;
     for _ in 0..5 {
         let head = client.history(path).await?.last().map(|e| e.version);
-        let req = CommitRequest { commit_id: CommitId(id), changes: vec![make(head)] };
+        let req = CommitRequest { commit_id: CommitId(id), changes: vec![make(head)], pending_ok: false };
         match client.commit(&req).await {
             Ok(mut r) => return r.entries.pop().context("empty commit response"),
             Err(ClientError::Api(b)) if b.code == ErrorCode::StaleBase => {

@@ -18,6 +18,8 @@
 //!   top 14 bits of the chunk id: at most 16,384 keys, ~60 locations each at a million chunks.
 //!   Kept in the same atomic batch as the index records it is derived from.
 //! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
+//! - `u/<version u64 BE>` → `[1]` + postcard `Owed`: a version this device committed before the
+//!   origin had its chunks (pending), whose upload it still owes.
 //! - `m/cursor` → journal cursor (u64 BE); `m/layout` → `[2]`.
 //!
 //! Layout 1 (one key per path and tree: `i/`, `s/`, `r/` + path → `[1]` + postcard record) is
@@ -79,6 +81,12 @@ impl IndexRec {
 
 /// A commit waiting to be sent. Durable before anything is sent; removed in the same batch that
 /// records its acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Owed {
+    pub path: SyncPath,
+    pub manifest: Manifest,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutboxItem {
     pub commit_id: CommitId,
@@ -288,6 +296,14 @@ impl Batch {
         self.raw.insert(outbox_key(id), encode(item));
         self.raw_used = true;
     }
+    pub fn put_owed(&mut self, version: Seq, owed: &Owed) {
+        self.raw.insert(owed_key(version), encode(owed));
+        self.raw_used = true;
+    }
+    pub fn del_owed(&mut self, version: Seq) {
+        self.raw.remove(owed_key(version));
+        self.raw_used = true;
+    }
     pub fn del_outbox(&mut self, id: u64) {
         self.raw.remove(outbox_key(id));
         self.raw_used = true;
@@ -312,6 +328,12 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
         Some((&RECORD_VERSION, rest)) => postcard::from_bytes(rest).ok(),
         _ => None,
     }
+}
+
+fn owed_key(version: Seq) -> Vec<u8> {
+    let mut k = b"u/".to_vec();
+    k.extend_from_slice(&version.to_be_bytes());
+    k
 }
 
 fn outbox_key(id: u64) -> Vec<u8> {
@@ -773,6 +795,20 @@ impl Store {
             match decode(&v) {
                 Some(item) => out.push((id, item)),
                 None => tracing::warn!(id, "dropping an unreadable outbox item; the next scan re-plans it"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The uploads this device owes for its pending versions, oldest first.
+    pub fn owed(&self) -> anyhow::Result<Vec<(Seq, Owed)>> {
+        let mut out = Vec::new();
+        for kv in self.state.scan_prefix(b"u/") {
+            let (k, v) = kv?;
+            let version = <[u8; 8]>::try_from(&k[2..]).map(u64::from_be_bytes).unwrap_or(0);
+            match decode(&v) {
+                Some(o) => out.push((version, o)),
+                None => tracing::warn!(version, "dropping an unreadable owed upload"),
             }
         }
         Ok(out)

@@ -43,6 +43,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/cursor", post(cursor))
         .route("/v1/peers", post(peers))
+        .route("/v1/pending", get(pending))
+        .route("/v1/pending/withdraw", post(withdraw))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
@@ -158,7 +160,16 @@ fn chunk_id(p: Result<Path<String>, PathRejection>) -> ApiResult<ChunkId> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let text = app.metrics.render(app.store.user_count(), app.chunks.corrupt_count());
+    let (pending_versions, oldest) = app.store.pending_stats().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "pending versions not counted");
+        (0, None)
+    });
+    let text = app.metrics.render(crate::metrics::Scraped {
+        users: app.store.user_count(),
+        corrupt_chunks: app.chunks.corrupt_count(),
+        pending_versions,
+        pending_oldest_seconds: oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),
+    });
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }
 
@@ -339,7 +350,96 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
     // syncs the store before anything is acknowledged as committed.
     app.store.add_user_chunks(user, &ids)?;
     app.metrics.bytes_in.inc_by(total);
+    settle_pending(app, user, ids).await?;
     Ok(total)
+}
+
+/// Counts newly stored chunks off the user's pending versions; a version with nothing left to
+/// wait for becomes durable — only after the chunks are synced, under the user's commit lock (so
+/// no commit records a wait for a chunk that has just arrived) and flushed before the upload is
+/// answered.
+async fn settle_pending(app: &App, user: UserId, ids: Vec<ChunkId>) -> ApiResult<()> {
+    let lock = app.user_lock(user);
+    let _guard = lock.lock().await;
+    let (store, chunks) = (app.store.clone(), app.chunks.clone());
+    let durable = blocking(move || {
+        if !store.has_pending(user)? {
+            return Ok(Vec::new());
+        }
+        if chunks.needs_sync() {
+            chunks.sync()?;
+        }
+        Ok(store.chunks_arrived(user, &ids)?)
+    })
+    .await?;
+    if !durable.is_empty() {
+        app.store.flush().await?;
+        tracing::info!(user, versions = ?durable, "pending versions are durable");
+    }
+    Ok(())
+}
+
+/// The user's pending versions.
+#[derive(Deserialize)]
+struct PendingQuery {
+    /// Only this path's pending versions.
+    path: Option<String>,
+}
+
+/// The user's pending versions (or one path's), oldest first, a page at most.
+async fn pending(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    q: Result<Query<PendingQuery>, QueryRejection>,
+) -> ApiResult<Json<PendingResponse>> {
+    let path = query(q)?.path.map(|p| parse_path(&p)).transpose()?;
+    list_pending(&app, &auth, path).await
+}
+
+async fn list_pending(app: &App, auth: &Auth, path: Option<SyncPath>) -> ApiResult<Json<PendingResponse>> {
+    let user = auth.user();
+    let store = app.store.clone();
+    let recs = blocking(move || Ok(store.pending(user)?)).await?;
+    let head = *app.head_sender(user)?.borrow();
+    let online = app.online.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let visible = recs.into_iter().filter(|(seq, r)| *seq <= head && path.as_ref().is_none_or(|p| *p == r.path));
+    let mut versions: Vec<PendingVersion> = visible
+        .map(|(version, r)| PendingVersion {
+            path: r.path,
+            version,
+            device: r.device,
+            since_ms: r.since_ms,
+            missing_chunks: r.missing,
+            withdrawn: r.withdrawn,
+            author_online: online.get(&r.device).is_some_and(|n| *n > 0),
+        })
+        .collect();
+    let more = versions.len() > MAX_PAGE;
+    versions.truncate(MAX_PAGE);
+    Ok(Json(PendingResponse { versions, more }))
+}
+
+/// The author's pending versions it can no longer supply.
+async fn withdraw(
+    State(app): State<Arc<App>>,
+    auth: Auth,
+    ApiJson(req): ApiJson<WithdrawRequest>,
+) -> ApiResult<Json<PendingResponse>> {
+    if req.versions.len() > MAX_PAGE {
+        return Err(ApiError::bad(format!("at most {MAX_PAGE} versions at once")));
+    }
+    let (user, device) = (auth.user(), auth.device.id);
+    {
+        let lock = app.user_lock(user);
+        let _guard = lock.lock().await;
+        let store = app.store.clone();
+        let n = blocking(move || Ok(store.withdraw(user, device, &req.versions)?)).await?;
+        if n > 0 {
+            app.store.flush().await?;
+            tracing::info!(user, %device, versions = n, "pending versions withdrawn by their author");
+        }
+    }
+    list_pending(&app, &auth, None).await
 }
 
 async fn upload_batch(State(app): State<Arc<App>>, auth: Auth, req: Request) -> ApiResult<Json<UploadResponse>> {
@@ -609,6 +709,7 @@ async fn subscribe(State(app): State<Arc<App>>, auth: Auth, ws: WebSocketUpgrade
 
 async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::watch::Receiver<Seq>, device: DeviceId) {
     app.metrics.subscribers.inc();
+    *app.online.lock().unwrap_or_else(|p| p.into_inner()).entry(device).or_default() += 1;
     let mut revoked = app.revocations.subscribe();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut sent = None;
@@ -640,6 +741,13 @@ async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::w
         }
     }
     app.metrics.subscribers.dec();
+    let mut online = app.online.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = online.get_mut(&device) {
+        *n -= 1;
+        if *n == 0 {
+            online.remove(&device);
+        }
+    }
 }
 
 #[derive(Deserialize)]

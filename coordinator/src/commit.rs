@@ -10,7 +10,7 @@ use shoal_protocol::{Change, DeviceId, Entry, EntryKind, SyncPath};
 
 use crate::chunks::ChunkStore;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{CommitOutcome, Store, UserId};
+use crate::store::{CommitOutcome, NewPending, PendingRec, Store, UserId};
 
 /// Checks what can be checked without the store: size of the commit, each change's shape, and
 /// that no path appears twice.
@@ -71,35 +71,32 @@ pub fn apply(
         return Ok(CommitOutcome::Stale(conflicts));
     }
     check_hierarchy(store, user, &req.changes)?;
-    let mut checked = HashSet::new();
-    for c in &req.changes {
+    // Which chunks the origin holds for this user, each looked up once; per change, the distinct
+    // chunks it lacks (the version is pending until they arrive, if the device allows that).
+    let mut held: HashMap<shoal_protocol::ChunkId, bool> = HashMap::new();
+    let mut waits: Vec<Vec<shoal_protocol::ChunkId>> = vec![Vec::new(); req.changes.len()];
+    for (i, c) in req.changes.iter().enumerate() {
+        let mut lacking = HashSet::new();
         for chunk in c.manifest.iter().flat_map(|m| &m.chunks) {
-            if !checked.insert(chunk.id) {
+            let present = match held.get(&chunk.id) {
+                Some(p) => *p,
+                None => {
+                    let p = origin_holds(store, chunks, user, &c.path, chunk)?;
+                    held.insert(chunk.id, p);
+                    p
+                }
+            };
+            if present {
                 continue;
             }
-            let unknown = || {
-                ApiError::new(
+            if !req.pending_ok {
+                return Err(ApiError::new(
                     ErrorCode::UnknownChunk,
                     format!("{}: chunk {} was never uploaded by this user", c.path, chunk.id),
-                )
-            };
-            if !store.user_has_chunk(user, &chunk.id)? {
-                return Err(unknown());
+                ));
             }
-            match chunks.stored_len(&chunk.id)? {
-                Some(len) if len == u64::from(chunk.len) => {}
-                Some(len) => {
-                    return Err(ApiError::new(
-                        ErrorCode::InvalidManifest,
-                        format!("{}: chunk {} is {len} bytes, not {}", c.path, chunk.id, chunk.len),
-                    ));
-                }
-                None => {
-                    // Lost before it was synced (a crash after its upload) or quarantined as
-                    // corrupt: forgotten, so `chunks/missing` asks for it again.
-                    store.forget_user_chunk(user, &chunk.id)?;
-                    return Err(unknown());
-                }
+            if lacking.insert(chunk.id) {
+                waits[i].push(chunk.id);
             }
         }
     }
@@ -128,9 +125,50 @@ pub fn apply(
             }
         })
         .collect();
+    let pending: Vec<NewPending> = entries
+        .iter()
+        .zip(waits)
+        .filter(|(_, w)| !w.is_empty())
+        .map(|(e, w)| {
+            let rec = PendingRec {
+                path: e.path.clone(),
+                device,
+                since_ms: time_ms,
+                missing: w.len() as u64,
+                withdrawn: false,
+            };
+            (e.version, rec, w)
+        })
+        .collect();
     let resp = CommitResponse { entries };
-    store.append(user, &req.commit_id, &resp)?;
+    store.append(user, &req.commit_id, &resp, &pending)?;
     Ok(CommitOutcome::Applied(resp))
+}
+
+/// `true` if the origin stores `chunk` for the user, in full. A chunk of another length under the
+/// same id is refused; one lost before it was synced (a crash after its upload) or quarantined as
+/// corrupt is forgotten, so `chunks/missing` asks for it again.
+fn origin_holds(
+    store: &Store,
+    chunks: &ChunkStore,
+    user: UserId,
+    path: &SyncPath,
+    chunk: &shoal_protocol::ChunkRef,
+) -> ApiResult<bool> {
+    if !store.user_has_chunk(user, &chunk.id)? {
+        return Ok(false);
+    }
+    match chunks.stored_len(&chunk.id)? {
+        Some(len) if len == u64::from(chunk.len) => Ok(true),
+        Some(len) => Err(ApiError::new(
+            ErrorCode::InvalidManifest,
+            format!("{path}: chunk {} is {len} bytes, not {}", chunk.id, chunk.len),
+        )),
+        None => {
+            store.forget_user_chunk(user, &chunk.id)?;
+            Ok(false)
+        }
+    }
 }
 
 /// Keeps the tree a tree after the commit: nothing live under a file, and no file over a
@@ -198,7 +236,7 @@ mod tests {
 
     /// Applies `changes` as one commit and says whether it was applied (else the error code).
     fn check(store: &Store, chunks: &ChunkStore, changes: Vec<Change>) -> Result<(), ErrorCode> {
-        let req = CommitRequest { commit_id: CommitId(rand_id()), changes };
+        let req = CommitRequest { commit_id: CommitId(rand_id()), changes, pending_ok: false };
         validate(&req).map_err(|e| e.0.code)?;
         match apply(store, chunks, 1, DeviceId([1; 16]), req, 0).map_err(|e| e.0.code)? {
             CommitOutcome::Applied(_) => Ok(()),
@@ -240,5 +278,55 @@ mod tests {
         let m = Manifest { size: 600_000, hash: shoal_protocol::ChunkId::of(b""), chunks: vec![one; 600_000] };
         let c = Change { manifest: Some(m), ..empty_file("big") };
         assert_eq!(check(&store, &chunks, vec![c]), Err(ErrorCode::InvalidManifest));
+    }
+
+    /// A commit naming chunks the origin lacks is refused unless the device allows pending
+    /// versions; then the version waits for exactly its missing chunks and becomes durable when
+    /// the last arrives. Another user's copy of a chunk does not count.
+    #[test]
+    fn versions_wait_for_their_missing_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let data = shoal_protocol::testdata::noise(5, 300_000);
+        let manifest = shoal_protocol::Chunker::default().manifest(&data[..]).unwrap();
+        let ids: Vec<shoal_protocol::ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
+        assert!(ids.len() >= 3, "{manifest:?}");
+        let bytes = |i: usize| {
+            let start: u64 = manifest.chunks[..i].iter().map(|c| u64::from(c.len)).sum();
+            &data[start as usize..start as usize + manifest.chunks[i].len as usize]
+        };
+        // The first chunk is stored, but by another user (2); the second by this user (1).
+        chunks.put_many(&[(ids[0], bytes(0)), (ids[1], bytes(1))]).unwrap();
+        chunks.sync().unwrap();
+        store.add_user_chunks(2, &ids[..1]).unwrap();
+        store.add_user_chunks(1, &ids[1..2]).unwrap();
+        let file = Change { manifest: Some(manifest.clone()), ..empty_file("f") };
+        assert_eq!(check(&store, &chunks, vec![file.clone()]), Err(ErrorCode::UnknownChunk));
+        assert!(store.pending(1).unwrap().is_empty());
+
+        let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
+        let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 77).unwrap() else {
+            panic!("not applied")
+        };
+        let version = resp.entries[0].version;
+        let pending = store.pending(1).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].0, version);
+        assert_eq!((pending[0].1.missing, pending[0].1.since_ms), (ids.len() as u64 - 1, 77));
+        assert!(store.pending(2).unwrap().is_empty(), "pending versions are per user");
+
+        // Only the author may withdraw it.
+        assert_eq!(store.withdraw(1, DeviceId([9; 16]), &[version]).unwrap(), 0);
+        assert_eq!(store.withdraw(1, DeviceId([1; 16]), &[version]).unwrap(), 1);
+        assert!(store.pending(1).unwrap()[0].1.withdrawn);
+
+        // Chunks arrive (one twice, one the version does not need): counted off once each.
+        let stranger = shoal_protocol::ChunkId::of(b"unrelated");
+        assert_eq!(store.chunks_arrived(1, &[ids[0], ids[0], stranger]).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.pending(1).unwrap()[0].1.missing, ids.len() as u64 - 2);
+        assert_eq!(store.chunks_arrived(1, &ids[2..]).unwrap(), vec![version]);
+        assert!(store.pending(1).unwrap().is_empty());
+        assert_eq!(store.pending_stats().unwrap(), (0, None));
     }
 }

@@ -67,6 +67,8 @@ pub(crate) struct App {
     /// from (in memory only: presence is not worth a disk write, and a restart forgets nothing
     /// that the next announcement does not bring back).
     pub presence: Mutex<HashMap<UserId, HashMap<DeviceId, Presence>>>,
+    /// Devices holding a push subscription now, with how many: "online" for pending versions.
+    pub online: Mutex<HashMap<DeviceId, u32>>,
 }
 
 /// A device's last announcement.
@@ -153,6 +155,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         heads: Mutex::new(HashMap::new()),
         revocations: watch::Sender::new(0),
         presence: Mutex::new(HashMap::new()),
+        online: Mutex::new(HashMap::new()),
     });
     let cancel = CancellationToken::new();
     let admin = admin::spawn(&opts.data, app.clone(), public_addr.clone(), fingerprint, cancel.clone())?;

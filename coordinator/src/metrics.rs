@@ -22,7 +22,19 @@ pub struct Metrics {
     pub refused_connections: Counter,
     users: Gauge,
     corrupt_chunks: Counter,
+    pending_versions: Gauge,
+    pending_oldest_seconds: Gauge,
     registry: Registry,
+}
+
+/// Values only known at scrape time.
+pub struct Scraped {
+    pub users: usize,
+    pub corrupt_chunks: u64,
+    /// Pending versions of all users.
+    pub pending_versions: u64,
+    /// Age of the oldest pending version, in seconds (0 when there is none).
+    pub pending_oldest_seconds: u64,
 }
 
 impl Default for Metrics {
@@ -40,6 +52,8 @@ impl Default for Metrics {
             refused_connections: Counter::default(),
             users: Gauge::default(),
             corrupt_chunks: Counter::default(),
+            pending_versions: Gauge::default(),
+            pending_oldest_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -67,14 +81,27 @@ impl Default for Metrics {
             "Stored chunks that failed their BLAKE3 check when read (quarantined until uploaded again).",
             m.corrupt_chunks.clone(),
         );
+        registry.register(
+            "shoal_pending_versions",
+            "Versions committed whose chunks the origin does not have yet (not backed up).",
+            m.pending_versions.clone(),
+        );
+        registry.register(
+            "shoal_pending_oldest_age_seconds",
+            "Age of the oldest pending version (0 when there is none).",
+            m.pending_oldest_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
     /// The exposition text, with the values only known at scrape time brought up to date.
-    pub fn render(&self, users: usize, corrupt_chunks: u64) -> String {
+    pub fn render(&self, now: Scraped) -> String {
+        let Scraped { users, corrupt_chunks, pending_versions, pending_oldest_seconds } = now;
         self.users.set(i64::try_from(users).unwrap_or(i64::MAX));
+        self.pending_versions.set(i64::try_from(pending_versions).unwrap_or(i64::MAX));
+        self.pending_oldest_seconds.set(i64::try_from(pending_oldest_seconds).unwrap_or(i64::MAX));
         // The chunk store counts corrupt chunks itself; the counter catches up to it.
         let seen = self.corrupt_chunks.get();
         if corrupt_chunks > seen {
@@ -97,7 +124,8 @@ mod tests {
         m.bytes_out.inc_by(4096);
         m.subscribers.inc();
         m.commit_seconds.observe(0.003);
-        let text = m.render(2, 1);
+        let scraped = || Scraped { users: 2, corrupt_chunks: 1, pending_versions: 3, pending_oldest_seconds: 40 };
+        let text = m.render(scraped());
         let value = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
@@ -109,8 +137,10 @@ mod tests {
         assert_eq!(value("shoal_users"), 2.0);
         assert_eq!(value("shoal_chunks_corrupt_total"), 1.0);
         assert_eq!(value("shoal_commit_duration_seconds_count"), 1.0);
+        assert_eq!(value("shoal_pending_versions"), 3.0);
+        assert_eq!(value("shoal_pending_oldest_age_seconds"), 40.0);
         assert_eq!(
-            m.render(2, 1).matches("shoal_chunks_corrupt_total 1").count(),
+            m.render(scraped()).matches("shoal_chunks_corrupt_total 1").count(),
             1,
             "corrupt count is not added twice"
         );

@@ -7,7 +7,9 @@
 //! device · `j/UID SEQ` journal entry · `p/UID PATH` head seq of a path · `v/UID PATH \0 SEQ`
 //! history index · `c/UID CID` commit response · `k/UID CHUNK` chunk uploaded by the user ·
 //! `x/CHUNK` where the chunk store keeps a chunk · `q/CHUNK` a chunk whose stored bytes failed
-//! their hash check (kept for inspection, never served) · `n/pack` the next unused pack number.
+//! their hash check (kept for inspection, never served) · `n/pack` the next unused pack number ·
+//! `w/UID SEQ` a pending version (committed before the origin had all its chunks) · `m/UID CHUNK
+//! SEQ` a chunk a pending version still waits for.
 
 use std::path::Path;
 
@@ -34,6 +36,20 @@ pub enum StoreError {
 }
 
 pub type UserId = u64;
+
+/// A version committed before the origin had all its chunks (see `api::PendingVersion`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRec {
+    pub path: SyncPath,
+    pub device: DeviceId,
+    pub since_ms: u64,
+    /// Distinct chunks still missing; the record goes when this reaches zero.
+    pub missing: u64,
+    pub withdrawn: bool,
+}
+
+/// A pending version as appended with its commit: the record and the chunks it waits for.
+pub type NewPending = (Seq, PendingRec, Vec<ChunkId>);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRec {
@@ -447,6 +463,92 @@ impl Store {
         Ok(())
     }
 
+    // ---- pending versions ----
+
+    /// The user's pending versions, oldest first.
+    pub fn pending(&self, user: UserId) -> Result<Vec<(Seq, PendingRec)>, StoreError> {
+        let prefix = key(b"w/", &[&user.to_be_bytes()]);
+        self.meta
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: "w/".into() })?;
+                Ok((seq, decode(&k, &v)?))
+            })
+            .collect()
+    }
+
+    /// Pending versions of every user, and the oldest one's commit time (for `/metrics`).
+    pub fn pending_stats(&self) -> Result<(u64, Option<u64>), StoreError> {
+        let mut n = 0;
+        let mut oldest: Option<u64> = None;
+        for kv in self.meta.scan_prefix(b"w/") {
+            let (k, v) = kv?;
+            let rec: PendingRec = decode(&k, &v)?;
+            n += 1;
+            oldest = Some(oldest.map_or(rec.since_ms, |o| o.min(rec.since_ms)));
+        }
+        Ok((n, oldest))
+    }
+
+    /// `true` if the user has a pending version.
+    pub fn has_pending(&self, user: UserId) -> Result<bool, StoreError> {
+        Ok(self.meta.scan_prefix(key(b"w/", &[&user.to_be_bytes()])).next().transpose()?.is_some())
+    }
+
+    /// Records that the origin now stores `ids` for the user (stored and synced: the caller makes
+    /// sure): each pending version waiting for one counts it off, and versions left waiting for
+    /// nothing become durable (their records go). Returns those versions. The caller holds the
+    /// user's commit lock, so no commit can record a wait for a chunk between the upload and this.
+    pub fn chunks_arrived(&self, user: UserId, ids: &[ChunkId]) -> Result<Vec<Seq>, StoreError> {
+        if !self.has_pending(user)? {
+            return Ok(Vec::new());
+        }
+        let u = user.to_be_bytes();
+        let mut batch = sled::Batch::default();
+        let mut counted: std::collections::BTreeMap<Seq, u64> = Default::default();
+        let mut seen = std::collections::HashSet::new();
+        for id in ids.iter().filter(|id| seen.insert(**id)) {
+            let prefix = key(b"m/", &[&u, id.as_bytes()]);
+            for kv in self.meta.scan_prefix(&prefix) {
+                let (k, _) = kv?;
+                let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: "m/".into() })?;
+                batch.remove(k);
+                *counted.entry(seq).or_default() += 1;
+            }
+        }
+        let mut durable = Vec::new();
+        for (seq, n) in counted {
+            let wk = key(b"w/", &[&u, &seq.to_be_bytes()]);
+            let Some(mut rec) = self.get::<PendingRec>(&wk)? else { continue };
+            rec.missing = rec.missing.saturating_sub(n);
+            if rec.missing == 0 {
+                batch.remove(wk);
+                durable.push(seq);
+            } else {
+                batch.insert(wk, encode(&rec));
+            }
+        }
+        self.meta.apply_batch(batch)?;
+        Ok(durable)
+    }
+
+    /// Marks the given pending versions, if `device` committed them, as withdrawn. Returns how
+    /// many were marked.
+    pub fn withdraw(&self, user: UserId, device: DeviceId, versions: &[Seq]) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for seq in versions {
+            let wk = key(b"w/", &[&user.to_be_bytes(), &seq.to_be_bytes()]);
+            let Some(mut rec) = self.get::<PendingRec>(&wk)? else { continue };
+            if rec.device == device && !rec.withdrawn {
+                rec.withdrawn = true;
+                self.meta.insert(wk, encode(&rec))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     // ---- journal ----
 
     pub fn head_seq(&self, user: UserId) -> Result<Seq, StoreError> {
@@ -481,9 +583,24 @@ impl Store {
 
     /// Appends `entries` (already numbered `head+1..`, with bases checked by the caller under the
     /// commit lock) to the journal, moves the heads and records the commit id, in one atomic batch.
-    pub fn append(&self, user: UserId, id: &CommitId, resp: &CommitResponse) -> Result<(), StoreError> {
+    /// Versions of the commit whose chunks the origin still lacks are recorded as pending in the
+    /// same batch.
+    pub fn append(
+        &self,
+        user: UserId,
+        id: &CommitId,
+        resp: &CommitResponse,
+        pending: &[NewPending],
+    ) -> Result<(), StoreError> {
         let u = user.to_be_bytes();
         let mut batch = sled::Batch::default();
+        for (seq, rec, chunks) in pending {
+            let seq = seq.to_be_bytes();
+            batch.insert(key(b"w/", &[&u, &seq]), encode(rec));
+            for c in chunks {
+                batch.insert(key(b"m/", &[&u, c.as_bytes(), &seq]), &[][..]);
+            }
+        }
         let mut last = None;
         for e in &resp.entries {
             let seq = e.version.to_be_bytes();

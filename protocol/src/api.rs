@@ -216,6 +216,46 @@ pub struct UploadResponse {
 pub struct CommitRequest {
     pub commit_id: CommitId,
     pub changes: Vec<Change>,
+    /// Commit even if the origin lacks chunks the changes name: those versions are *pending*
+    /// until the chunks are uploaded (see `PendingVersion`). Without it such a commit is refused
+    /// with `unknown_chunk`.
+    #[serde(default)]
+    pub pending_ok: bool,
+}
+
+/// `GET /v1/pending`: the user's versions committed before the origin had all their chunks.
+/// Other devices see them at once and may fetch them from a device that has them (a LAN peer);
+/// a version is *durable* — and leaves this list — once the origin has every chunk. A pending
+/// version never counts as backed up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingVersion {
+    pub path: SyncPath,
+    pub version: Seq,
+    /// The device that committed it.
+    pub device: DeviceId,
+    pub since_ms: u64,
+    /// Distinct chunks the origin still lacks.
+    pub missing_chunks: u64,
+    /// Its author reported it can no longer supply the chunks (the file changed before they were
+    /// uploaded). It stays listed, and becomes durable if another device that holds it uploads.
+    pub withdrawn: bool,
+    /// The author is connected to the coordinator now.
+    pub author_online: bool,
+}
+
+/// The oldest `MAX_PAGE` pending versions; `more` when there are others.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PendingResponse {
+    pub versions: Vec<PendingVersion>,
+    #[serde(default)]
+    pub more: bool,
+}
+
+/// `POST /v1/pending/withdraw`: the author's pending versions it can no longer supply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WithdrawRequest {
+    pub versions: Vec<Seq>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -217,6 +217,15 @@ impl Engine {
         self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now() + delay, delay, error, partial });
     }
 
+    /// Lets a failed download of `path` be tried again in the next cycle (queued for it).
+    /// Returns `false` if none is waiting.
+    pub(super) fn retry_now(&mut self, path: &SyncPath) -> bool {
+        let Some(r) = self.retries.get_mut(path) else { return false };
+        r.not_before = Instant::now();
+        self.replan.insert(path.clone());
+        true
+    }
+
     /// Keeps the interrupted temp file of `e` for the next try, without delaying it.
     fn keep_partial(&mut self, e: &Entry, partial: Option<PathBuf>) {
         let Some(hash) = e.hash() else { return };

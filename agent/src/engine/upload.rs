@@ -1,19 +1,28 @@
-//! Sending local changes: each outbox commit's missing chunks are uploaded, then the commit; the
+//! Sending local changes. Each outbox commit's missing chunks are uploaded, then the commit; the
 //! coordinator's answer moves the synced and remote trees in the same batch that drops it.
+//!
+//! Peer-first: while a LAN peer is connected, a commit whose chunks the origin lacks is sent
+//! *first*, as pending (`pending_ok`), so the other devices see it at once and fetch it from
+//! this one; the upload it owes is recorded (`Owed`) in the batch that drops the outbox item and
+//! is sent afterwards (`pay_owed`), making the version durable. An owed upload whose file
+//! changed before its chunks left is withdrawn at the coordinator: a device that fetched it can
+//! still upload it, and if none did, history shows it withdrawn rather than promised.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 
 use shoal_protocol::api::{CommitRequest, ErrorCode};
 use shoal_protocol::path::Escaped;
-use shoal_protocol::{Change, ChunkId, SyncPath};
+use shoal_protocol::{Change, ChunkId, Seq, SyncPath};
 
 use super::{CycleReport, Engine, EngineError};
-use crate::store::Batch;
+use crate::store::{Batch, Owed};
 use crate::transfer::{self, UploadError};
 
 /// Most changes in one outbox commit: what the coordinator accepts.
 const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES;
+/// Most chunk references paid in one batch of owed uploads.
+const OWED_CHUNKS: usize = 100_000;
 /// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
 /// coordinator's 64 MiB body limit).
 const COMMIT_CHUNKS: usize = 500_000;
@@ -37,7 +46,14 @@ impl Engine {
             ids.dedup();
             let missing: HashSet<ChunkId> =
                 self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
-            match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
+            // Peer-first only when someone can fetch the version from here before the origin has it.
+            let peer_first = !missing.is_empty() && self.peers.as_ref().is_some_and(|p| !p.connections().is_empty());
+            let upload = if peer_first {
+                Ok(0)
+            } else {
+                transfer::upload_chunks(&self.client, files, missing.clone(), &self.counters.uploaded).await
+            };
+            match upload {
                 Ok(n) => report.bytes_uploaded += n,
                 Err(UploadError::SourceChanged(p)) => {
                     tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
@@ -56,12 +72,18 @@ impl Engine {
                 }
             }
             tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
-            let req = CommitRequest { commit_id: item.commit_id, changes: item.changes };
+            let req = CommitRequest { commit_id: item.commit_id, changes: item.changes, pending_ok: peer_first };
             match self.client.commit(&req).await {
                 Ok(resp) => {
                     let mut batch = Batch::default();
                     batch.del_outbox(id);
                     for e in &resp.entries {
+                        if peer_first
+                            && let Some(m) =
+                                e.manifest.as_ref().filter(|m| m.chunks.iter().any(|c| missing.contains(&c.id)))
+                        {
+                            batch.put_owed(e.version, &Owed { path: e.path.clone(), manifest: m.clone() });
+                        }
                         // A replayed commit's entries may be older than what the journal already
                         // showed us: never move the remote tree backwards.
                         batch.put_remote_if_newer(e);
@@ -90,6 +112,94 @@ impl Engine {
             }
         }
         Ok(dirty)
+    }
+
+    /// Uploads what this device owes for its pending versions (see the module doc), oldest
+    /// first, many versions per batch: one `missing` question and one stream of upload requests
+    /// for up to `OWED_CHUNKS` chunk references. A version whose file changed is withdrawn and
+    /// the rest of its batch sent again; an upload the coordinator refuses stays owed (reported,
+    /// tried again next cycle).
+    pub(super) async fn pay_owed(&mut self, report: &mut CycleReport) -> anyhow::Result<()> {
+        let mut owed = self.store.owed()?;
+        // A path's file holds at most its newest owed version: older ones of the same path are
+        // already lost here (withdrawn; a device that fetched one may still upload it).
+        let mut newest: std::collections::HashMap<SyncPath, Seq> = std::collections::HashMap::new();
+        for (v, o) in &owed {
+            let n = newest.entry(o.path.clone()).or_insert(*v);
+            *n = (*n).max(*v);
+        }
+        let (keep, superseded): (Vec<_>, Vec<_>) = owed.into_iter().partition(|(v, o)| newest[&o.path] == *v);
+        owed = keep;
+        if !superseded.is_empty() {
+            let mut b = Batch::default();
+            for (version, o) in &superseded {
+                self.withdraw(*version, o).await?;
+                b.del_owed(*version);
+            }
+            self.store.apply(b)?;
+        }
+        while !owed.is_empty() {
+            let mut refs = 0usize;
+            let take = owed
+                .iter()
+                .position(|(_, o)| {
+                    refs += o.manifest.chunks.len();
+                    refs > OWED_CHUNKS
+                })
+                .unwrap_or(owed.len())
+                .max(1);
+            let mut group: Vec<(Seq, Owed)> = owed.drain(..take).collect();
+            let mut ids: Vec<ChunkId> =
+                group.iter().flat_map(|(_, o)| o.manifest.chunks.iter().map(|c| c.id)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let mut paid = Batch::default();
+            while !group.is_empty() {
+                let missing: HashSet<ChunkId> =
+                    self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
+                let files = group.iter().map(|(_, o)| (o.path.to_local(&self.root), o.manifest.clone())).collect();
+                match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
+                    Ok(n) => {
+                        report.bytes_uploaded += n;
+                        tracing::info!(versions = group.len(), bytes = n, "pending versions uploaded");
+                        for (version, _) in &group {
+                            paid.del_owed(*version);
+                        }
+                        break;
+                    }
+                    Err(UploadError::Client(e)) if e.is_retryable() => return Err(EngineError::Offline(e).into()),
+                    Err(UploadError::Client(e)) => {
+                        report.errors.push(format!("uploading pending versions failed: {e}"));
+                        break;
+                    }
+                    Err(UploadError::SourceChanged(file)) => {
+                        let (gone, kept): (Vec<_>, Vec<_>) =
+                            group.into_iter().partition(|(_, o)| o.path.to_local(&self.root) == file);
+                        if gone.is_empty() {
+                            anyhow::bail!("{} changed during an upload it was not part of", file.display());
+                        }
+                        for (version, o) in &gone {
+                            self.withdraw(*version, o).await?;
+                            paid.del_owed(*version);
+                        }
+                        group = kept;
+                    }
+                }
+            }
+            self.store.apply(paid)?;
+            self.store.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn withdraw(&self, version: Seq, owed: &Owed) -> anyhow::Result<()> {
+        tracing::warn!(
+            path = %owed.path.escaped(),
+            version,
+            "the file changed before this pending version of it was uploaded; withdrawing it (a device that fetched it may still upload it)"
+        );
+        self.client.withdraw(vec![version]).await.map_err(EngineError::Offline)?;
+        Ok(())
     }
 
     /// Drops an outbox item whose commit cannot be sent as it is; its paths are planned again.

@@ -13,6 +13,7 @@ use shoal_protocol::peer::{MAX_PEER_IDS, PeerRequest, bitmap_get, bitmap_len};
 use tokio_util::codec::FramedRead;
 
 use crate::frames::FrameDecoder;
+use crate::limit::Limiter;
 use crate::transfer::{Source, verify};
 
 /// Longest a peer may go without delivering the next part of an answer.
@@ -69,6 +70,7 @@ pub async fn have(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<bool>
 pub async fn get(
     conn: &quinn::Connection,
     ids: &[ChunkId],
+    lan: &Limiter,
     mut each: impl FnMut(ChunkId, Bytes),
 ) -> Result<(), PeerFetchError> {
     for part in ids.chunks(MAX_PEER_IDS) {
@@ -86,6 +88,7 @@ pub async fn get(
                 return Err(PeerFetchError::Bad(format!("chunk {id} was not asked for here")));
             };
             let data = verify(&id, data, Source::Peer).map_err(|e| PeerFetchError::Bad(e.to_string()))?;
+            lan.take(data.len()).await;
             each(id, data);
             next += at + 1;
         }

@@ -57,6 +57,8 @@ pub struct PeerNode {
     home: PathBuf,
     /// Answers the chunk requests of every connected peer.
     chunks: ChunkServer,
+    /// `lan_limit`: what this device receives from peers (what it sends waits in `chunks`).
+    lan: crate::limit::Limiter,
     /// Signalled when a caller with a certificate of this user's CA is not in the roster: a
     /// device enrolled since the last refresh, most likely, so the roster is fetched at once.
     pub unknown_caller: Arc<tokio::sync::Notify>,
@@ -72,6 +74,7 @@ impl PeerNode {
         me: DeviceId,
         home: &Path,
         chunks: ChunkServer,
+        lan: crate::limit::Limiter,
     ) -> anyhow::Result<PeerNode> {
         let mut endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
             .with_context(|| format!("listening for peers on {listen} (choose another with peer_listen)"))?;
@@ -83,6 +86,7 @@ impl PeerNode {
             peers: Arc::default(),
             home: home.to_path_buf(),
             chunks,
+            lan,
             unknown_caller: Arc::default(),
         };
         tokio::spawn(node.clone().accept_loop());
@@ -126,6 +130,11 @@ impl PeerNode {
     pub fn connections(&self) -> Vec<(DeviceId, quinn::Connection)> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers.iter().filter(|(_, p)| p.conn.close_reason().is_none()).map(|(id, p)| (*id, p.conn.clone())).collect()
+    }
+
+    /// The limit on bytes received from peers.
+    pub fn lan_limit(&self) -> &crate::limit::Limiter {
+        &self.lan
     }
 
     /// A peer as logs name it: its device name and id.
@@ -321,6 +330,10 @@ mod tests {
         }
     }
 
+    fn free() -> crate::limit::Limiter {
+        crate::limit::Limiter::default()
+    }
+
     async fn until(what: &str, f: impl Fn() -> bool) {
         for _ in 0..500 {
             if f() {
@@ -341,9 +354,10 @@ mod tests {
         ra.replace(vec![da.clone(), db.clone()]);
         rb.replace(vec![da.clone(), db.clone()]);
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let served = |home: &Path| ChunkServer::new(crate::store::Store::open(&home.join("db")).unwrap(), home.into());
-        let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path())).unwrap();
-        let b = PeerNode::start(&ib, local, rb, db.id, home_b.path(), served(home_b.path())).unwrap();
+        let served =
+            |home: &Path| ChunkServer::new(crate::store::Store::open(&home.join("db")).unwrap(), home.into(), free());
+        let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path()), free()).unwrap();
+        let b = PeerNode::start(&ib, local, rb, db.id, home_b.path(), served(home_b.path()), free()).unwrap();
 
         // Both dial at once: each side ends with one connection, and the same one (found by a
         // hint on one side, incoming on the other).
@@ -402,11 +416,28 @@ mod tests {
         store.apply(batch).unwrap();
 
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let a =
-            PeerNode::start(&ia, local, roster.clone(), da.id, home_a.path(), ChunkServer::new(store, root)).unwrap();
+        let a = PeerNode::start(
+            &ia,
+            local,
+            roster.clone(),
+            da.id,
+            home_a.path(),
+            ChunkServer::new(store, root, free()),
+            free(),
+        )
+        .unwrap();
         let b_store = crate::store::Store::open(&home_b.path().join("db")).unwrap();
         let b_root = home_b.path().to_path_buf();
-        let b = PeerNode::start(&ib, local, roster, db.id, home_b.path(), ChunkServer::new(b_store, b_root)).unwrap();
+        let b = PeerNode::start(
+            &ib,
+            local,
+            roster,
+            db.id,
+            home_b.path(),
+            ChunkServer::new(b_store, b_root, free()),
+            free(),
+        )
+        .unwrap();
         b.greet(&hint(&da, &a)).await.unwrap();
         let conns = b.connections();
         assert_eq!(conns.len(), 1);
@@ -419,7 +450,7 @@ mod tests {
         assert_eq!(have, ids.iter().map(|id| *id != unknown).collect::<Vec<_>>());
 
         let mut got = Vec::new();
-        crate::peer::fetch::get(conn, &ids, |id, d| got.push((id, d))).await.unwrap();
+        crate::peer::fetch::get(conn, &ids, &free(), |id, d| got.push((id, d))).await.unwrap();
         assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids[..ids.len() - 1]);
         assert_eq!(got.iter().flat_map(|(_, d)| d.iter().copied()).collect::<Vec<u8>>(), data);
 
@@ -428,7 +459,7 @@ mod tests {
         changed[0] ^= 1;
         std::fs::write(&file, &changed).unwrap();
         let mut got = Vec::new();
-        crate::peer::fetch::get(conn, &ids, |id, _| got.push(id)).await.unwrap();
+        crate::peer::fetch::get(conn, &ids, &free(), |id, _| got.push(id)).await.unwrap();
         assert_eq!(got, ids[1..ids.len() - 1]);
         a.close().await;
         b.close().await;

@@ -15,6 +15,7 @@ use shoal_protocol::ChunkId;
 use shoal_protocol::api::FRAME_HEADER;
 use shoal_protocol::peer::{MAX_PEER_REQUEST, PeerRequest, encode_bitmap};
 
+use crate::limit::Limiter;
 use crate::store::Store;
 use crate::transfer::read_chunk;
 
@@ -30,11 +31,13 @@ const OPEN_FILES: usize = 16;
 pub struct ChunkServer {
     store: Store,
     root: PathBuf,
+    /// `lan_limit`, shared with what this device fetches from peers.
+    lan: Limiter,
 }
 
 impl ChunkServer {
-    pub fn new(store: Store, root: PathBuf) -> ChunkServer {
-        ChunkServer { store, root }
+    pub fn new(store: Store, root: PathBuf, lan: Limiter) -> ChunkServer {
+        ChunkServer { store, root, lan }
     }
 
     /// Answers the requests a peer opens on `conn` until the connection closes.
@@ -114,6 +117,7 @@ impl ChunkServer {
             if let Some(f) = fault {
                 return faults::misbehave(f, send, &header, &data).await;
             }
+            self.lan.take(FRAME_HEADER + data.len()).await;
             send.write_all(&header).await?;
             send.write_all(&data).await?;
         }

@@ -274,7 +274,7 @@ impl Remote {
             let gets =
                 plan.iter().zip(&peers).filter(|(ids, _)| !ids.is_empty()).map(|(ids, (device, conn))| async move {
                     let mut got = Vec::with_capacity(ids.len());
-                    let r = peer::get(conn, ids, |id, d| got.push((id, d))).await;
+                    let r = peer::get(conn, ids, node.lan_limit(), |id, d| got.push((id, d))).await;
                     (*device, got, r)
                 });
             let mut delivered = HashSet::new();

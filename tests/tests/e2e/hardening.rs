@@ -296,7 +296,9 @@ fn unauthenticated_bodies_and_responses_are_bounded() {
                 manifest: Some(manifest.clone()),
                 ..dir_change(&format!("big{i}.bin"))
             };
-            a.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change] }).await.unwrap();
+            a.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change], pending_ok: false })
+                .await
+                .unwrap();
         }
         let resp = a.request(Method::GET, "/v1/changes?since=0&limit=3").send().await.unwrap();
         let body = resp.bytes().await.unwrap();
@@ -307,7 +309,10 @@ fn unauthenticated_bodies_and_responses_are_bounded() {
         let mut base = None;
         for deleted in [false, true, false] {
             let change = Change { deleted, base, ..dir_change("h") };
-            let resp = a.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change] }).await.unwrap();
+            let resp = a
+                .commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change], pending_ok: false })
+                .await
+                .unwrap();
             base = Some(resp.entries[0].version);
         }
         let page: Value =
@@ -334,12 +339,12 @@ fn one_users_huge_commit_does_not_stall_another_user() {
     let chain: Vec<String> = (1..=240).map(|d| vec!["n"; d].join("/")).collect();
     block_on(async {
         let changes: Vec<Change> = chain.iter().map(|p| dir_change(p)).collect();
-        h.commit(&CommitRequest { commit_id: random_commit_id(), changes }).await.unwrap();
+        h.commit(&CommitRequest { commit_id: random_commit_id(), changes, pending_ok: false }).await.unwrap();
     });
     let bottom = chain.last().unwrap().clone();
     let n = shoal_protocol::api::MAX_COMMIT_CHANGES;
     let changes: Vec<Change> = (0..n).map(|i| dir_change(&format!("{bottom}/x{i}"))).collect();
-    let big = CommitRequest { commit_id: random_commit_id(), changes };
+    let big = CommitRequest { commit_id: random_commit_id(), changes, pending_ok: false };
     let done = Arc::new(AtomicBool::new(false));
     let heavy_thread = {
         let done = done.clone();
@@ -356,7 +361,9 @@ fn one_users_huge_commit_does_not_stall_another_user() {
         while !done.load(Ordering::Relaxed) || n < 3 {
             let started = Instant::now();
             let c = dir_change(&format!("l{n}"));
-            l.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![c] }).await.unwrap();
+            l.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![c], pending_ok: false })
+                .await
+                .unwrap();
             worst = worst.max(started.elapsed());
             n += 1;
         }
@@ -463,8 +470,9 @@ fn a_pack_lost_in_a_crash_never_lends_its_number_to_other_bytes() {
         manifest: Some(Manifest { size: 4000, hash: x, chunks: vec![ChunkRef { id: x, len: 4000 }] }),
         ..dir_change("lost.bin")
     };
-    let err = block_on(c.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change] }))
-        .expect_err("a commit naming the lost chunk is refused");
+    let err =
+        block_on(c.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![change], pending_ok: false }))
+            .expect_err("a commit naming the lost chunk is refused");
     assert_eq!(err.code(), Some(shoal_protocol::api::ErrorCode::UnknownChunk));
     assert!(block_on(c.fetch_one(x)).is_err(), "the lost chunk never reads as other bytes");
     assert_eq!(block_on(c.fetch_one(y)).unwrap().as_ref(), &second[..]);
@@ -498,9 +506,11 @@ fn nobody_sees_an_entry_before_its_writer_is_acknowledged() {
     let mut acked = Vec::new();
     for i in 0..6 {
         std::fs::write(&junk, vec![i as u8; 96 * 1024 * 1024]).unwrap();
-        let resp = block_on(
-            w.commit(&CommitRequest { commit_id: random_commit_id(), changes: vec![dir_change(&format!("d{i}"))] }),
-        )
+        let resp = block_on(w.commit(&CommitRequest {
+            commit_id: random_commit_id(),
+            changes: vec![dir_change(&format!("d{i}"))],
+            pending_ok: false,
+        }))
         .unwrap();
         acked.push((resp.entries[0].version, Instant::now()));
     }

@@ -65,3 +65,166 @@ fn a_peer_serving_bad_bytes_is_dropped_and_the_file_still_arrives_intact() {
     let tmp = b.path(".shoal/tmp");
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "left in {}", tmp.display());
 }
+
+/// Sets `upload_limit` in a device's config.toml.
+fn limit_upload(d: &Device, rate: &str) {
+    let mut cfg = shoal_agent::config::Config::load(&d.home).unwrap();
+    cfg.upload_limit = Some(shoal_agent::limit::Rate::parse(rate).unwrap());
+    cfg.save(&d.home).unwrap();
+}
+
+/// The user's pending versions, as the coordinator lists them.
+fn pending_of(d: &Device) -> Vec<shoal_protocol::api::PendingVersion> {
+    let c = client_of(d);
+    block_on(async { c.pending().await.unwrap().versions })
+}
+
+#[test]
+fn a_new_version_reaches_a_peer_before_the_origin_and_becomes_durable_after() {
+    let (_tmp, coord, devices) = world("rosa", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // 24 MiB through a 2 MiB/s uplink: twelve seconds of upload.
+    limit_upload(&a, "2MiB");
+    a.start();
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    let data = noise(51, 24 * 1024 * 1024);
+    a.write("slow.bin", &data);
+    wait_for(SETTLE, || (b.read("slow.bin").as_deref() == Some(&data[..])).then_some(()))
+        .expect("B never got the file");
+    // B has all of it while the origin still lacks some: the version is pending.
+    let pending = pending_of(&b);
+    assert!(
+        pending.iter().any(|v| v.path.as_str() == "slow.bin" && !v.withdrawn && v.missing_chunks > 0),
+        "not pending when B had it: {pending:?}"
+    );
+    assert!(coord.metric("shoal_pending_versions") >= 1);
+    let [_, peer, _, origin] = by_source(&b);
+    assert!(peer >= data.len() as u64 && origin == 0, "B's bytes: peer {peer}, origin {origin}");
+    // A's upload finishes: durable.
+    wait_for(SETTLE, || pending_of(&a).is_empty().then_some(())).unwrap_or_else(|| panic!("{:?}", pending_of(&a)));
+    assert_eq!(coord.metric("shoal_pending_versions"), 0);
+    converge(&[&a, &b], SETTLE);
+    a.stop(false);
+    b.stop(false);
+}
+
+#[test]
+fn a_pending_version_becomes_durable_through_the_peer_when_its_author_dies() {
+    let (tmp, coord, devices) = world("sara", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // So slow the upload cannot finish before A is killed.
+    limit_upload(&a, "256KiB");
+    a.start();
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    let data = noise(52, 12 * 1024 * 1024);
+    a.write("orphan.bin", &data);
+    wait_for(SETTLE, || (b.read("orphan.bin").as_deref() == Some(&data[..])).then_some(()))
+        .expect("B never got the file");
+    assert!(!pending_of(&b).is_empty(), "the version was durable before A was killed");
+    a.stop(true);
+    // B notices A is gone and uploads the version itself.
+    wait_for(SETTLE, || pending_of(&b).is_empty().then_some(()))
+        .unwrap_or_else(|| panic!("still pending: {:?}\n{}", pending_of(&b), b.log()));
+    // A third device, with no peers at all, gets it from the origin.
+    b.stop(false);
+    let c = Device::enroll(tmp.path(), &coord, "sara", "c");
+    c.sync();
+    assert_eq!(c.read("orphan.bin").as_deref(), Some(&data[..]));
+}
+
+/// `shoal history PATH --json` of `d`: each version with its state.
+fn history_states(d: &Device, path: &str) -> Vec<(u64, String)> {
+    let out = d.shoal(&["history", path, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter().map(|e| (e["version"].as_u64().unwrap(), e["state"].as_str().unwrap().to_string())).collect()
+}
+
+/// A's peer endpoint answers but never sends a chunk (B cannot fetch from it), and its uplink is
+/// slow: its new versions stay pending for a while and no other device holds them.
+fn stalling_author(a: &mut Device, b: &mut Device) {
+    limit_upload(a, "256KiB");
+    a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "stall")]);
+    b.start();
+    wait_for_peers(&[a, b]);
+}
+
+#[test]
+fn sync_once_returns_when_this_devices_versions_are_durable() {
+    let (_tmp, _coord, devices) = world("tove", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    stalling_author(&mut a, &mut b);
+    let data = noise(61, 1024 * 1024);
+    a.write("f.bin", &data);
+    wait_for(SETTLE, || pending_of(&a).iter().any(|v| v.path.as_str() == "f.bin").then_some(()))
+        .expect("the version never showed as pending");
+    // Stopped mid-upload: the upload is still owed, and `sync --once` pays it before returning.
+    a.stop(false);
+    a.sync();
+    assert_eq!(pending_of(&a), vec![], "sync --once returned with a version of its own pending");
+    converge(&[&a, &b], SETTLE);
+    b.stop(false);
+}
+
+#[test]
+fn a_version_its_author_lost_before_uploading_is_withdrawn_not_promised() {
+    let (_tmp, _coord, devices) = world("ulla", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    stalling_author(&mut a, &mut b);
+    a.write("f.bin", &noise(62, 2 * 1024 * 1024));
+    let v1 = wait_for(SETTLE, || pending_of(&a).into_iter().find(|v| v.path.as_str() == "f.bin"))
+        .expect("the version never showed as pending")
+        .version;
+    // The author stops before the upload is done, and the file changes while it is stopped:
+    // nobody holds v1 any more.
+    a.stop(false);
+    let v2 = noise(63, 2 * 1024 * 1024);
+    a.write("f.bin", &v2);
+    a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "stall")]);
+    wait_for(SETTLE, || (history_states(&b, "f.bin").contains(&(v1, "withdrawn".into()))).then_some(()))
+        .unwrap_or_else(|| panic!("v1 not withdrawn: {:?}\n{}", history_states(&b, "f.bin"), a.log()));
+    // The new content arrives everywhere and becomes durable; v1 stays withdrawn.
+    wait_for(SETTLE, || (b.read("f.bin").as_deref() == Some(&v2[..])).then_some(()))
+        .unwrap_or_else(|| panic!("B never got v2\nA:\n{}\nB:\n{}", a.log(), b.log()));
+    converge(&[&a, &b], SETTLE);
+    assert_eq!(b.read("f.bin"), Some(v2));
+    wait_for(SETTLE, || {
+        let h = history_states(&b, "f.bin");
+        (h.len() == 2 && h[1].1 == "durable").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{:?}", history_states(&b, "f.bin")));
+    assert_eq!(history_states(&b, "f.bin")[0], (v1, "withdrawn".to_string()));
+    a.stop(false);
+    b.stop(false);
+}
+
+#[test]
+fn a_version_another_device_holds_is_kept_when_its_author_loses_it() {
+    let (tmp, _coord, devices) = world("vera", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    limit_upload(&a, "256KiB");
+    a.start();
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    let v1 = noise(64, 6 * 1024 * 1024);
+    a.write("f.bin", &v1);
+    wait_for(SETTLE, || (b.read("f.bin").as_deref() == Some(&v1[..])).then_some(())).expect("B never got v1");
+    assert!(!pending_of(&b).is_empty(), "v1 was durable already");
+    // A loses v1 before uploading it; B holds it and uploads it, so v1 is kept.
+    a.stop(false);
+    a.write("f.bin", &noise(65, 6 * 1024 * 1024));
+    a.start();
+    converge(&[&a, &b], SETTLE);
+    wait_for(SETTLE, || pending_of(&b).is_empty().then_some(()))
+        .unwrap_or_else(|| panic!("{:?}\n{}", pending_of(&b), b.log()));
+    let states = history_states(&b, "f.bin");
+    assert!(states.iter().all(|(_, s)| s == "durable"), "{states:?}");
+    let out = tmp.path().join("v1.bin");
+    let got = b.shoal(&["get", "f.bin", out.to_str().unwrap(), "--version", &states[0].0.to_string()]);
+    assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), v1);
+    a.stop(false);
+    b.stop(false);
+}
