@@ -89,7 +89,7 @@ def wait(pred, timeout, step=0.002):
 
 
 class Cluster:
-    def __init__(self, base, settle=1.0):
+    def __init__(self, base, settle=1.0, configure=None):
         self.base = base
         data = os.path.join(base, "coord")
         self.coord = subprocess.Popen(
@@ -103,18 +103,22 @@ class Cluster:
         self.addr, self.metrics_addr = info["addr"], info["metrics_addr"]
         self.agents = {}
         self.roots = {}
+        self.homes = {}
         for i, name in enumerate(["a", "b"]):
             sub = "add" if i == 0 else "invite"
             invite = sh(os.path.join(BIN, "shoal-coordinator"), "user", sub, "bench", "--data", data).strip().splitlines()[-1]
             home, root = os.path.join(base, name + "-home"), os.path.join(base, name)
             sh(os.path.join(BIN, "shoal"), "--home", home, "init", "--invite", invite, "--dir", root, "--device", name)
+            if configure:
+                configure(name, home)
             self.roots[name] = root
+            self.homes[name] = home
             self.started = getattr(self, "started", None) or time.monotonic()
             self.last_started = time.monotonic()
             self.agents[name] = subprocess.Popen(
                 [os.path.join(BIN, "shoal"), "--home", home, "run"],
                 stderr=open(os.path.join(base, name + ".log"), "w"),
-                env={**os.environ, "RUST_LOG": "warn"},
+                env={**os.environ, "RUST_LOG": os.environ.get("SHOAL_BENCH_LOG", "warn")},
             )
         time.sleep(settle)
 

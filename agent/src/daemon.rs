@@ -204,6 +204,10 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         status.reads_total = engine.store().reads();
         status.bytes_by_source = engine.counters.by_source.snapshot();
         status.save(home);
+        // The peer list's counters (round-trip time, bytes) follow the status.
+        if let Some(n) = &node {
+            n.save();
+        }
         if wait.is_zero() {
             continue;
         }
@@ -357,6 +361,7 @@ async fn refresh_roster(
         }
         if let Some((node, server)) = &node {
             node.recheck();
+            node.save();
             announce(&client, node, server).await;
         }
         let unknown_caller = node.as_ref().map(|(n, _)| n.unknown_caller.clone()).unwrap_or_default();

@@ -12,7 +12,7 @@ mod upload;
 mod writer;
 
 pub use assemble::{AssembleError, AssembleOpts, Assembled, assemble};
-pub use source::{BytesBySource, FetchError, Fetcher, LocalChunk, Remote, Source, SourceCounts, read_chunk, verify};
+pub use source::{BytesBySource, FetchError, Fetcher, LocalChunk, Remote, Source, SourceCounts, verify};
 pub use upload::{UploadError, upload_chunks, upload_early};
 
 /// Chunk offsets of a manifest, in order.

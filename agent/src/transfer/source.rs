@@ -393,7 +393,7 @@ impl Fetcher {
 }
 
 /// Reads `len` bytes at `offset` of `file` and returns them only if they hash to `id`.
-pub fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> Option<Bytes> {
+pub(super) fn read_chunk(file: &std::fs::File, offset: u64, len: u32, id: &ChunkId) -> Option<Bytes> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset).ok()?;
     verify(id, Bytes::from(buf), Source::Local).ok()
