@@ -304,6 +304,7 @@ pub async fn init(
         debounce: std::time::Duration::from_millis(50),
         bind,
         peer_listen: None,
+        mdns: true,
         upload_limit: None,
         download_limit: None,
         lan_limit: None,

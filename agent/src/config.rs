@@ -39,6 +39,10 @@ pub struct Config {
     /// the OS picks.
     #[serde(default)]
     pub peer_listen: Option<std::net::SocketAddr>,
+    /// Announce this device on the LAN and look for the user's other devices there (mDNS), besides
+    /// the coordinator's hints. Default: on.
+    #[serde(default = "default_true")]
+    pub mdns: bool,
     /// Most bytes per second sent to the coordinator (and relays). Default: no limit.
     #[serde(default)]
     pub upload_limit: Option<crate::limit::Rate>,
@@ -58,6 +62,10 @@ impl Config {
             std::net::SocketAddr::new(self.bind.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()), 0)
         })
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_rescan() -> Duration {

@@ -116,7 +116,8 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let root = cfg.root()?.to_path_buf();
     let debounce = cfg.debounce;
     let rescan_every = cfg.rescan_interval;
-    let (me, server, peer_listen, lan_limit) = (cfg.device_id, cfg.server.clone(), cfg.peer_listen(), cfg.lan_limit);
+    let (me, server, peer_listen, lan_limit, mdns) =
+        (cfg.device_id, cfg.server.clone(), cfg.peer_listen(), cfg.lan_limit, cfg.mdns);
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
     let hints = Arc::new(AtomicU64::new(0));
@@ -141,6 +142,19 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     if let Some(n) = &node {
         engine.set_peers(n.clone());
     }
+    // LAN discovery beside the coordinator's hints (nothing found on a loopback-only machine).
+    let _mdns = match (&node, mdns) {
+        (Some(n), true) => {
+            let (n, roster) = (n.clone(), roster.clone());
+            let local = n.local_addr()?;
+            Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                if let Err(e) = crate::peer::mdns::run(n, roster, me, local).await {
+                    tracing::warn!(error = %format!("{e:#}"), "no LAN discovery (mDNS); devices are found through the coordinator only");
+                }
+            })))
+        }
+        _ => None,
+    };
     let _roster = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(refresh_roster(
         engine.client().clone(),
         roster,

@@ -116,6 +116,8 @@ pub struct Engine {
     /// When the pending versions were last looked at, and whether there were any.
     pending_checked: Option<std::time::Instant>,
     watch_pending: bool,
+    /// Files moved since the last look: a version may have become pending or durable.
+    pending_stale: bool,
     /// The pending versions listed last time (path, version).
     seen_pending: HashSet<(SyncPath, Seq)>,
 }
@@ -162,6 +164,7 @@ impl Engine {
             peers: None,
             pending_checked: None,
             watch_pending: false,
+            pending_stale: false,
             seen_pending: HashSet::new(),
         };
         engine.check_marker()?;

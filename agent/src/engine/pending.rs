@@ -58,15 +58,22 @@ impl Engine {
     }
 
     /// Uploads the pending versions of other devices that this device holds unchanged and whose
-    /// author cannot upload them. Runs after a cycle that fetched files, else at most every
-    /// `PENDING_RECHECK`; sets `report.recheck` while this device holds a pending version.
+    /// author cannot upload them. Looks (one request) at most every `PENDING_RECHECK`, and only
+    /// while something is pending or a cycle moved files since the last look; sets
+    /// `report.recheck` so the next look happens even if the folder stays quiet.
     pub(super) async fn help_pending(&mut self, report: &mut CycleReport) -> anyhow::Result<()> {
-        let fresh = report.fetched_files > 0 || report.committed_changes > 0 || report.bytes_uploaded > 0;
-        if !fresh && self.pending_checked.is_some_and(|t| t.elapsed() < PENDING_RECHECK) {
-            report.recheck = self.watch_pending.then_some(PENDING_RECHECK);
+        self.pending_stale |= report.fetched_files > 0 || report.committed_changes > 0 || report.bytes_uploaded > 0;
+        if !self.watch_pending && !self.pending_stale && self.pending_checked.is_some() {
+            return Ok(());
+        }
+        if let Some(wait) =
+            self.pending_checked.and_then(|t| PENDING_RECHECK.checked_sub(t.elapsed())).filter(|w| !w.is_zero())
+        {
+            report.recheck = Some(wait);
             return Ok(());
         }
         self.pending_checked = Some(Instant::now());
+        self.pending_stale = false;
         let me = self.cfg.device_id;
         let pending = self.fetch_pending().await?.versions;
         // A download that failed because nobody could supply a pending version is tried again

@@ -22,6 +22,11 @@ use super::tls::{Identity, Roster, server_name};
 /// Where the peers found are listed, in the agent's home.
 pub const PEERS_FILE: &str = "peers.json";
 
+/// How a peer was found: named by the coordinator, seen on the LAN by mDNS, or it called.
+pub const HINT: &str = "hint";
+pub const MDNS: &str = "mdns";
+pub const INCOMING: &str = "incoming";
+
 /// How long a connection attempt, or the hello exchange, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Incoming handshakes in progress at once.
@@ -32,7 +37,8 @@ const MAX_HANDSHAKES: usize = 32;
 pub struct PeerStatus {
     pub device: DeviceId,
     pub name: String,
-    /// How it was found: `hint` (the coordinator named it) or `incoming` (it called).
+    /// How it was found: `hint` (the coordinator named it), `mdns` (seen on the LAN) or
+    /// `incoming` (it called).
     pub found: String,
     pub addr: String,
     /// Round-trip time, as the connection measures it.
@@ -163,7 +169,7 @@ impl PeerNode {
             if let Some(old) =
                 peers.get(&id).filter(|p| p.conn.close_reason().is_none() && p.conn.stable_id() != conn.stable_id())
             {
-                let opener = |found: &str| if found == "hint" { self.me } else { id };
+                let opener = |found: &str| if found == INCOMING { id } else { self.me };
                 let keep_old = opener(old.found).0 <= opener(found).0;
                 let loser = if keep_old { conn.clone() } else { old.conn.clone() };
                 loser.close(2u32.into(), b"duplicate");
@@ -215,15 +221,21 @@ impl PeerNode {
     /// Connects to a device the coordinator hinted at (its first address that answers) unless
     /// already connected.
     pub async fn greet(&self, hint: &PeerHint) -> anyhow::Result<()> {
-        if hint.device == self.me || self.connected(&hint.device) {
+        let addrs: Vec<SocketAddr> = hint.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        self.greet_at(hint.device, &addrs, HINT).await
+    }
+
+    /// Connects to `device` at the first of `addrs` that answers, unless already connected;
+    /// `found` says how the addresses were learnt (`hint`, `mdns`).
+    pub async fn greet_at(&self, device: DeviceId, addrs: &[SocketAddr], found: &'static str) -> anyhow::Result<()> {
+        if device == self.me || self.connected(&device) {
             return Ok(());
         }
         let mut last = None;
-        for addr in &hint.addrs {
-            let Ok(addr) = addr.parse::<SocketAddr>() else { continue };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(addr, &hint.device)).await {
+        for &addr in addrs {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(addr, &device)).await {
                 Ok(Ok(conn)) => {
-                    self.add(hint.device, conn, "hint");
+                    self.add(device, conn, found);
                     return Ok(());
                 }
                 Ok(Err(e)) => last = Some(e),
@@ -289,7 +301,7 @@ impl PeerNode {
         };
         send.write_all(&serde_json::to_vec(&PeerWelcome { device: self.me })?).await?;
         send.finish()?;
-        self.add(id, conn, "incoming");
+        self.add(id, conn, INCOMING);
         Ok(())
     }
 

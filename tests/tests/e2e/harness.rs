@@ -60,6 +60,7 @@ pub struct Coordinator {
     pub data: PathBuf,
     pub addr: String,
     child: Option<Child>,
+    netns: Option<String>,
 }
 
 impl Coordinator {
@@ -68,14 +69,19 @@ impl Coordinator {
     }
 
     fn start_on(data: &Path, listen: &str) -> Coordinator {
-        let (child, addr) = spawn_coordinator(data, listen);
-        Coordinator { data: data.to_path_buf(), addr, child: Some(child) }
+        Self::start_in(data, listen, None)
+    }
+
+    /// A coordinator listening on `listen`, inside network namespace `netns` if given.
+    pub fn start_in(data: &Path, listen: &str, netns: Option<&str>) -> Coordinator {
+        let (child, addr) = spawn_coordinator(data, listen, netns);
+        Coordinator { data: data.to_path_buf(), addr, child: Some(child), netns: netns.map(String::from) }
     }
 
     /// Stops the server (SIGTERM, or SIGKILL when `hard`) and starts it again on the same address.
     pub fn restart(&mut self, hard: bool) {
         self.stop(hard);
-        let (child, _) = spawn_coordinator(&self.data, &self.addr);
+        let (child, _) = spawn_coordinator(&self.data, &self.addr, self.netns.as_deref());
         self.child = Some(child);
     }
 
@@ -129,10 +135,23 @@ impl Coordinator {
 }
 
 /// Starts `shoal-coordinator serve` and waits until it has written its `server.json`.
-fn spawn_coordinator(data: &Path, listen: &str) -> (Child, String) {
+/// `program`, run inside network namespace `netns` if given (`ip netns exec` execs it, so the
+/// child's pid is the program's).
+pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn spawn_coordinator(data: &Path, listen: &str, netns: Option<&str>) -> (Child, String) {
     let _ = std::fs::remove_file(data.join("server.json"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
-    let child = Command::new(bin("shoal-coordinator"))
+    let child = command_in(netns, &bin("shoal-coordinator"))
         .args(["serve", "--data"])
         .arg(data)
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
@@ -176,6 +195,8 @@ pub struct Device {
     pub root: PathBuf,
     /// The umask every `shoal` process of this device runs with (`None`: the test's own).
     pub umask: Option<u32>,
+    /// The network namespace every `shoal` process of this device runs in (`None`: the test's).
+    pub netns: Option<String>,
     daemon: Option<Child>,
 }
 
@@ -188,16 +209,31 @@ impl Device {
     pub fn enroll_with_umask(base: &Path, coord: &Coordinator, user: &str, name: &str, umask: Option<u32>) -> Device {
         let home = base.join(format!("{name}-home"));
         let root = base.join(name);
+        let d = Device { name: name.to_string(), home, root, umask, netns: None, daemon: None };
+        d.init(coord, user);
+        d
+    }
+
+    /// Enrolls a device whose `shoal` processes run in network namespace `netns`.
+    pub fn enroll_in(base: &Path, coord: &Coordinator, user: &str, name: &str, netns: &str) -> Device {
+        let home = base.join(format!("{name}-home"));
+        let root = base.join(name);
+        let d = Device { name: name.to_string(), home, root, umask: None, netns: Some(netns.into()), daemon: None };
+        d.init(coord, user);
+        d
+    }
+
+    fn init(&self, coord: &Coordinator, user: &str) {
+        let d = self;
+        let name = d.name.as_str();
         let invite = coord.invite(user);
-        let d = Device { name: name.to_string(), home, root, umask, daemon: None };
         let out = d.shoal(&["init", "--invite", &invite, "--dir", d.root.to_str().unwrap(), "--device", name]);
         assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
-        d
     }
 
     /// A device whose home and folder already exist, e.g. unpacked from a fixture.
     pub fn existing(name: &str, home: PathBuf, root: PathBuf) -> Device {
-        Device { name: name.to_string(), home, root, umask: None, daemon: None }
+        Device { name: name.to_string(), home, root, umask: None, netns: None, daemon: None }
     }
 
     pub fn cmd(&self) -> Command {
@@ -207,7 +243,7 @@ impl Device {
                 c.arg("-c").arg(format!("umask {mask:03o} && exec \"$0\" \"$@\"")).arg(bin("shoal"));
                 c
             }
-            None => Command::new(bin("shoal")),
+            None => command_in(self.netns.as_deref(), &bin("shoal")),
         };
         c.arg("--home").arg(&self.home);
         c

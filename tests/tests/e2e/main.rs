@@ -10,6 +10,7 @@ mod demo;
 mod durability;
 mod hardening;
 mod history;
+mod lan;
 mod large;
 mod migration;
 mod network;
