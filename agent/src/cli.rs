@@ -304,6 +304,7 @@ pub async fn init(
         debounce: std::time::Duration::from_millis(50),
         bind,
         peer_listen: None,
+        lan_sync: true,
         mdns: true,
         upload_limit: None,
         download_limit: None,

@@ -39,6 +39,11 @@ pub struct Config {
     /// the OS picks.
     #[serde(default)]
     pub peer_listen: Option<std::net::SocketAddr>,
+    /// Exchange file contents directly with the user's other devices on the LAN (the peer
+    /// endpoint, coordinator hints, mDNS). Off: everything goes through the coordinator.
+    /// Default: on.
+    #[serde(default = "default_true")]
+    pub lan_sync: bool,
     /// Announce this device on the LAN and look for the user's other devices there (mDNS), besides
     /// the coordinator's hints. Default: on.
     #[serde(default = "default_true")]

@@ -116,8 +116,8 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     let root = cfg.root()?.to_path_buf();
     let debounce = cfg.debounce;
     let rescan_every = cfg.rescan_interval;
-    let (me, server, peer_listen, lan_limit, mdns) =
-        (cfg.device_id, cfg.server.clone(), cfg.peer_listen(), cfg.lan_limit, cfg.mdns);
+    let (me, server, peer_listen, lan_limit, mdns, lan_sync) =
+        (cfg.device_id, cfg.server.clone(), cfg.peer_listen(), cfg.lan_limit, cfg.mdns, cfg.lan_sync);
     let mut engine = Engine::open(home, cfg)?;
     let (tx, mut rx) = mpsc::channel::<Hint>(256);
     let hints = Arc::new(AtomicU64::new(0));
@@ -133,12 +133,16 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     // Without a usable identity or port the folder still syncs, through the coordinator only.
     let lan = crate::limit::Limiter::new(lan_limit);
     let chunks = crate::peer::serve::ChunkServer::new(engine.store().clone(), root.clone(), lan.clone());
-    let node = crate::peer::tls::Identity::load(home)
-        .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home, chunks, lan))
-        .inspect_err(
-            |e| tracing::warn!(error = %format!("{e:#}"), "no peer endpoint; syncing through the coordinator only"),
-        )
-        .ok();
+    let node = lan_sync
+        .then(|| {
+            crate::peer::tls::Identity::load(home)
+                .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home, chunks, lan))
+                .inspect_err(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "no peer endpoint; syncing through the coordinator only")
+                })
+                .ok()
+        })
+        .flatten();
     if let Some(n) = &node {
         engine.set_peers(n.clone());
     }

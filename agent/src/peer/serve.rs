@@ -93,6 +93,9 @@ impl ChunkServer {
             let locs = server.store.chunk_locations(&ids)?;
             // Each file opened once per request, and only if it is as indexed (else `None`).
             let mut open: HashMap<PathBuf, Option<std::fs::File>> = HashMap::new();
+            // Index pages decoded once per request: a request for many small files of one
+            // directory reads its page once.
+            let mut pages = crate::store::PageCache::default();
             for id in ids {
                 let Some(at) = locs.get(&id) else { continue };
                 let path = at.path.to_local(&server.root);
@@ -100,7 +103,7 @@ impl ChunkServer {
                     if open.len() >= OPEN_FILES {
                         open.clear();
                     }
-                    let f = server.open_unchanged(&at.path, &path);
+                    let f = server.open_unchanged(&at.path, &path, &mut pages);
                     open.insert(path.clone(), f);
                 }
                 let Some(Some(f)) = open.get(&path) else { continue };
@@ -134,8 +137,13 @@ impl ChunkServer {
 impl ChunkServer {
     /// The file at `local`, open, if it still has the stat its index record (for `path`) was
     /// taken with.
-    fn open_unchanged(&self, path: &shoal_protocol::SyncPath, local: &std::path::Path) -> Option<std::fs::File> {
-        let rec = self.store.get(path).ok()?.index?;
+    fn open_unchanged(
+        &self,
+        path: &shoal_protocol::SyncPath,
+        local: &std::path::Path,
+        pages: &mut crate::store::PageCache,
+    ) -> Option<std::fs::File> {
+        let rec = self.store.get_cached(path, pages).ok()?.index?;
         let f = std::fs::File::open(local).ok()?;
         let now = crate::scan::stat_rec(&f.metadata().ok()?);
         now.same_stat(&rec).then_some(f)
