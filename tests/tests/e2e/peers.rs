@@ -113,16 +113,26 @@ fn a_new_version_reaches_a_peer_before_the_origin_and_becomes_durable_after() {
 fn a_pending_version_becomes_durable_through_the_peer_when_its_author_dies() {
     let (tmp, coord, devices) = world("sara", &["a", "b"]);
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
-    // So slow the upload cannot finish before A is killed.
-    limit_upload(&a, "256KiB");
+    // 200 MiB through a 2 MiB/s uplink: a hundred seconds of upload.
+    limit_upload(&a, "2MiB");
     a.start();
     b.start();
     wait_for_peers(&[&a, &b]);
-    let data = noise(52, 12 * 1024 * 1024);
+    let data = noise(52, 200 * 1024 * 1024);
+    let started = std::time::Instant::now();
     a.write("orphan.bin", &data);
     wait_for(SETTLE, || (b.read("orphan.bin").as_deref() == Some(&data[..])).then_some(()))
         .expect("B never got the file");
-    assert!(!pending_of(&b).is_empty(), "the version was durable before A was killed");
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(50), "B took {took:?}, half the upload's time or more");
+    let pending = pending_of(&b);
+    assert!(!pending.is_empty(), "the version was durable before A was killed");
+    // The coordinator serves none of a pending version's missing chunks: no hash is a
+    // permission, and it does not have them.
+    let (_, tree) = block_on(client_of(&b).tree(None)).unwrap();
+    let m = tree.iter().find(|e| e.path.as_str() == "orphan.bin").and_then(|e| e.manifest.clone()).unwrap();
+    let refused = m.chunks.iter().filter(|c| block_on(client_of(&b).fetch_one(c.id)).is_err()).count();
+    assert!(refused as u64 >= pending[0].missing_chunks, "{refused} refused, {} missing", pending[0].missing_chunks);
     a.stop(true);
     // B notices A is gone and uploads the version itself.
     wait_for(SETTLE, || pending_of(&b).is_empty().then_some(()))
@@ -227,4 +237,26 @@ fn a_version_another_device_holds_is_kept_when_its_author_loses_it() {
     assert_eq!(std::fs::read(&out).unwrap(), v1);
     a.stop(false);
     b.stop(false);
+}
+
+#[test]
+fn a_download_limit_holds_origin_downloads_to_its_rate() {
+    let (_tmp, _coord, devices) = world("yuki", &["a", "b"]);
+    let [a, b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // Through the coordinator only, and B downloads at most 1 MiB/s.
+    for d in [&a, &b] {
+        let mut cfg = shoal_agent::config::Config::load(&d.home).unwrap();
+        cfg.lan_sync = false;
+        cfg.download_limit = (d.name == "b").then(|| shoal_agent::limit::Rate::parse("1MiB").unwrap());
+        cfg.save(&d.home).unwrap();
+    }
+    let data = noise(91, 3 * 1024 * 1024);
+    a.write("limited.bin", &data);
+    a.sync();
+    let started = std::time::Instant::now();
+    b.sync();
+    let took = started.elapsed();
+    assert_eq!(b.read("limited.bin").as_deref(), Some(&data[..]));
+    // The first tenth of a second's worth passes at once; the rest at 1 MiB/s.
+    assert!(took >= std::time::Duration::from_millis(2500), "3 MiB at 1 MiB/s took {took:?}");
 }
