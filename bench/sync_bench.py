@@ -109,6 +109,12 @@ class Cluster:
             invite = sh(os.path.join(BIN, "shoal-coordinator"), "user", sub, "bench", "--data", data).strip().splitlines()[-1]
             home, root = os.path.join(base, name + "-home"), os.path.join(base, name)
             sh(os.path.join(BIN, "shoal"), "--home", home, "init", "--invite", invite, "--dir", root, "--device", name)
+            # Loopback only: no mDNS announcements on the machine's other interfaces.
+            config = os.path.join(home, "config.toml")
+            with open(config) as f:
+                text = f.read()
+            with open(config, "w") as f:
+                f.write(text.replace("mdns = true", "mdns = false"))
             if configure:
                 configure(name, home)
             self.roots[name] = root

@@ -75,7 +75,10 @@ async fn run_devices(
     let mut tasks = Vec::new();
     for name in DEVICES {
         let home = dir.join(".state").join(name);
-        let cfg = Config::load(&home)?;
+        let mut cfg = Config::load(&home)?;
+        // Both devices are on this machine: the coordinator introduces them, and nothing is
+        // announced on the machine's network.
+        cfg.mdns = false;
         let cancel = cancel.clone();
         tasks.push(tokio::spawn(async move { crate::daemon::run(&home, cfg, cancel).await }));
     }

@@ -113,6 +113,8 @@ pub struct Engine {
     skipped: std::collections::BTreeSet<String>,
     /// The user's devices on the LAN, asked for chunks before the origin.
     peers: Option<crate::peer::node::PeerNode>,
+    /// Downloads in progress, whose verified chunks peers may take.
+    partials: transfer::Partials,
     /// When the pending versions were last looked at, and whether there were any.
     pending_checked: Option<std::time::Instant>,
     watch_pending: bool,
@@ -162,6 +164,7 @@ impl Engine {
             later: Default::default(),
             skipped: Default::default(),
             peers: None,
+            partials: Default::default(),
             pending_checked: None,
             watch_pending: false,
             pending_stale: false,
@@ -202,6 +205,11 @@ impl Engine {
     /// Asks `node`'s peers for chunks before the origin from now on.
     pub fn set_peers(&mut self, node: crate::peer::node::PeerNode) {
         self.peers = Some(node);
+    }
+
+    /// The downloads in progress (for the chunk server).
+    pub fn partials(&self) -> transfer::Partials {
+        self.partials.clone()
     }
 
     /// The folder this engine syncs.

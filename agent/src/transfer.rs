@@ -7,11 +7,13 @@
 use shoal_protocol::{ChunkRef, Manifest};
 
 mod assemble;
+mod partial;
 mod source;
 mod upload;
 mod writer;
 
 pub use assemble::{AssembleError, AssembleOpts, Assembled, assemble};
+pub use partial::{PartialGuard, Partials};
 pub use source::{BytesBySource, FetchError, Fetcher, LocalChunk, Remote, Source, SourceCounts, verify};
 pub use upload::{UploadError, upload_chunks, upload_early};
 

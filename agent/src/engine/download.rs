@@ -70,7 +70,12 @@ impl Engine {
         // Chunks the folder already holds, wherever they are (the chunk map, not this cycle's
         // scope): renames, copies and edits reuse local bytes. Every read is verified, so a map
         // entry a later write made stale only costs a fetch.
-        let mut fetcher = Fetcher::new(self.client.clone(), self.counters.by_source.clone(), self.peers.clone());
+        let mut fetcher = Fetcher::new(
+            self.client.clone(),
+            self.counters.by_source.clone(),
+            self.peers.clone(),
+            self.partials.clone(),
+        );
         let needed = files.iter().flat_map(|e| e.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| &c.id)));
         for (id, l) in self.store.chunk_locations(needed)? {
             fetcher.add_local(id, LocalChunk { file: l.path.to_local(&self.root), offset: l.offset, len: l.len });

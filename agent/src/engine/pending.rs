@@ -88,25 +88,19 @@ impl Engine {
         self.watch_pending = !pending.is_empty();
         report.recheck = self.watch_pending.then_some(PENDING_RECHECK);
         report.pending_versions = Some(pending.clone());
-        for v in pending {
+        // Only another device's version whose author cannot upload it is this device's business.
+        for v in pending.into_iter().filter(|v| v.device != me && (v.withdrawn || !v.author_online)) {
             let slot = self.store.get(&v.path)?;
             let Some(e) = slot.synced.filter(|e| e.version == v.version) else { continue };
             // The local file is still exactly that version (as last scanned).
             if slot.index.as_ref().and_then(|r| r.manifest.as_ref()).map(|m| m.hash) != e.hash() {
                 continue;
             }
-            if v.device == me {
-                continue;
-            }
-            if v.withdrawn || !v.author_online {
-                tracing::info!(path = %v.path.escaped(), version = v.version, "uploading another device's pending version");
-                match self.upload_held(&e, report).await {
-                    Ok(()) | Err(UploadError::SourceChanged(_)) => {}
-                    Err(UploadError::Client(err)) if err.is_retryable() => {
-                        return Err(EngineError::Offline(err).into());
-                    }
-                    Err(UploadError::Client(err)) => report.errors.push(format!("{}: {err}", v.path)),
-                }
+            tracing::info!(path = %v.path.escaped(), version = v.version, "uploading another device's pending version");
+            match self.upload_held(&e, report).await {
+                Ok(()) | Err(UploadError::SourceChanged(_)) => {}
+                Err(UploadError::Client(err)) if err.is_retryable() => return Err(EngineError::Offline(err).into()),
+                Err(UploadError::Client(err)) => report.errors.push(format!("{}: {err}", v.path)),
             }
         }
         Ok(())

@@ -370,8 +370,14 @@ mod tests {
         ra.replace(vec![da.clone(), db.clone()]);
         rb.replace(vec![da.clone(), db.clone()]);
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let served =
-            |home: &Path| ChunkServer::new(crate::store::Store::open(&home.join("db")).unwrap(), home.into(), free());
+        let served = |home: &Path| {
+            ChunkServer::new(
+                crate::store::Store::open(&home.join("db")).unwrap(),
+                home.into(),
+                free(),
+                Default::default(),
+            )
+        };
         let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path()), free()).unwrap();
         let b = PeerNode::start(&ib, local, rb, db.id, home_b.path(), served(home_b.path()), free()).unwrap();
 
@@ -432,16 +438,9 @@ mod tests {
         store.apply(batch).unwrap();
 
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let a = PeerNode::start(
-            &ia,
-            local,
-            roster.clone(),
-            da.id,
-            home_a.path(),
-            ChunkServer::new(store, root, free()),
-            free(),
-        )
-        .unwrap();
+        let partials = crate::transfer::Partials::default();
+        let served = ChunkServer::new(store, root, free(), partials.clone());
+        let a = PeerNode::start(&ia, local, roster.clone(), da.id, home_a.path(), served, free()).unwrap();
         let b_store = crate::store::Store::open(&home_b.path().join("db")).unwrap();
         let b_root = home_b.path().to_path_buf();
         let b = PeerNode::start(
@@ -450,7 +449,7 @@ mod tests {
             roster,
             db.id,
             home_b.path(),
-            ChunkServer::new(b_store, b_root, free()),
+            ChunkServer::new(b_store, b_root, free(), Default::default()),
             free(),
         )
         .unwrap();
@@ -478,6 +477,25 @@ mod tests {
         let mut got = Vec::new();
         crate::peer::fetch::get(conn, &ids, &free(), |id, _| got.push(id)).await.unwrap();
         assert_eq!(got, Vec::<shoal_protocol::ChunkId>::new());
+
+        // A download in progress on A: its written chunks are served from the temp file.
+        let other = shoal_protocol::testdata::noise(8, 300_000);
+        let m2 = shoal_protocol::Chunker::default().manifest(&other[..]).unwrap();
+        let tmp = home_a.path().join("download.part");
+        let first = m2.chunks[0].len as usize;
+        std::fs::write(&tmp, &other[..first]).unwrap();
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(first as u64));
+        let guard = partials.start(&tmp, written);
+        guard.add(m2.chunks[0].id, 0, m2.chunks[0].len);
+        guard.add(m2.chunks[1].id, first as u64, m2.chunks[1].len);
+        let ids2: Vec<shoal_protocol::ChunkId> = m2.chunks[..2].iter().map(|c| c.id).collect();
+        assert_eq!(crate::peer::fetch::have(conn, &ids2).await.unwrap(), vec![true, false], "only what is written");
+        let mut got = Vec::new();
+        crate::peer::fetch::get(conn, &ids2, &free(), |_, d| got.push(d)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0][..], &other[..first]);
+        drop(guard);
+        assert_eq!(crate::peer::fetch::have(conn, &ids2).await.unwrap(), vec![false, false]);
         a.close().await;
         b.close().await;
     }

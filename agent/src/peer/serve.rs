@@ -4,7 +4,8 @@
 //! changed since it was hashed is not served at all, and the peer asks another source for those
 //! chunks. (The receiver verifies every chunk anyway; the check keeps a changed file from costing
 //! the peer a round. Hashing each chunk again here cost a third of this device's CPU per
-//! transfer.) Only connections the roster admitted get here.
+//! transfer.) Chunks of downloads still in progress are served from their temp files
+//! (`transfer::Partials`), once written. Only connections the roster admitted get here.
 //!
 //! Per peer, the transport bounds the requests open at once (`PEER_STREAMS`) and the bytes in
 //! flight (`PEER_WINDOW`); each request reads at most `READ_AHEAD` chunks ahead of the network.
@@ -20,6 +21,7 @@ use shoal_protocol::peer::{MAX_PEER_REQUEST, PeerRequest, encode_bitmap};
 
 use crate::limit::Limiter;
 use crate::store::Store;
+use crate::transfer::Partials;
 
 /// How long a peer may take to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,13 +35,15 @@ const OPEN_FILES: usize = 16;
 pub struct ChunkServer {
     store: Store,
     root: PathBuf,
+    /// Chunks of downloads in progress.
+    partials: Partials,
     /// `lan_limit`, shared with what this device fetches from peers.
     lan: Limiter,
 }
 
 impl ChunkServer {
-    pub fn new(store: Store, root: PathBuf, lan: Limiter) -> ChunkServer {
-        ChunkServer { store, root, lan }
+    pub fn new(store: Store, root: PathBuf, lan: Limiter, partials: Partials) -> ChunkServer {
+        ChunkServer { store, root, lan, partials }
     }
 
     /// Answers the requests a peer opens on `conn` until the connection closes.
@@ -72,7 +76,7 @@ impl ChunkServer {
                 let server = self.clone();
                 let map = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
                     let held = server.store.chunk_locations(&ids)?;
-                    Ok(encode_bitmap(ids.iter().map(|id| held.contains_key(id))))
+                    Ok(encode_bitmap(ids.iter().map(|id| held.contains_key(id) || server.partials.find(id).is_some())))
                 })
                 .await??;
                 send.write_all(&map).await?;
@@ -97,7 +101,16 @@ impl ChunkServer {
             // directory reads its page once.
             let mut pages = crate::store::PageCache::default();
             for id in ids {
-                let Some(at) = locs.get(&id) else { continue };
+                let Some(at) = locs.get(&id) else {
+                    // A chunk of a download in progress, verified when it was written.
+                    let Some((tmp, offset, len)) = server.partials.find(&id) else { continue };
+                    let Ok(f) = std::fs::File::open(&tmp) else { continue };
+                    let Some(data) = read_at(&f, offset, len) else { continue };
+                    if tx.blocking_send((id, data)).is_err() {
+                        break;
+                    }
+                    continue;
+                };
                 let path = at.path.to_local(&server.root);
                 if !open.contains_key(&path) {
                     if open.len() >= OPEN_FILES {

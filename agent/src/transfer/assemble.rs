@@ -118,6 +118,14 @@ pub async fn assemble(
         None => (Writer::create(tmp, fsync).map_err(disk(tmp))?, 0),
     };
 
+    // Peers may take the chunks of this file from the temp file as soon as they are written.
+    let partial = fetcher.partials().start(tmp, out.written());
+    let mut at = 0u64;
+    for c in &chunks[..i] {
+        partial.add(c.id, at, c.len);
+        at += u64::from(c.len);
+    }
+    let mut next = i;
     // Plan the file as chunks the fetcher has ready and windows fetched from remote sources; a few
     // windows are fetched ahead while earlier ones are written.
     enum Seg {
@@ -204,6 +212,9 @@ pub async fn assemble(
         for d in datas {
             out.write(&d).map_err(disk(tmp))?;
             tick(d.len());
+            partial.add(chunks[next].id, at, chunks[next].len);
+            at += d.len() as u64;
+            next += 1;
         }
     }
     let (f, hash) = out.finish().map_err(disk(tmp))?;

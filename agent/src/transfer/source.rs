@@ -301,6 +301,8 @@ impl Remote {
 /// buffer (`prefetch`), or streamed in windows by `assemble` through `remote()`.
 pub struct Fetcher {
     remote: Remote,
+    /// Where downloads in progress register their chunks, for peers to take.
+    partials: super::Partials,
     local: HashMap<ChunkId, LocalChunk>,
     open: HashMap<PathBuf, std::fs::File>,
     /// Chunks whose local copy turned out stale, so a remote source is asked instead.
@@ -310,8 +312,14 @@ pub struct Fetcher {
 
 impl Fetcher {
     /// A fetcher for one round of downloads, asking `peers` (if any) before the origin.
-    pub fn new(client: Client, counts: Arc<SourceCounts>, peers: Option<PeerNode>) -> Fetcher {
+    pub fn new(
+        client: Client,
+        counts: Arc<SourceCounts>,
+        peers: Option<PeerNode>,
+        partials: super::Partials,
+    ) -> Fetcher {
         Fetcher {
+            partials,
             remote: Remote { origin: Origin { client, counts }, peers, dropped: Arc::default() },
             local: HashMap::new(),
             open: HashMap::new(),
@@ -323,6 +331,10 @@ impl Fetcher {
     /// Notes that a local file holds chunk `id` (a hint: it is verified when read).
     pub fn add_local(&mut self, id: ChunkId, at: LocalChunk) {
         self.local.insert(id, at);
+    }
+
+    pub fn partials(&self) -> &super::Partials {
+        &self.partials
     }
 
     pub fn remote(&self) -> Remote {

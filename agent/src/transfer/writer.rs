@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use shoal_protocol::{ChunkId, Manifest};
 use shoal_sys::direct::AlignedBuf;
@@ -19,6 +21,8 @@ use super::source::read_chunk;
 pub(super) enum Writer {
     Buffered {
         f: std::fs::File,
+        /// Bytes at the start of the file that are written (readable by others).
+        written: Arc<AtomicU64>,
         hasher: Box<blake3::Hasher>,
         background: bool,
         since_flush: u64,
@@ -34,6 +38,8 @@ pub(super) enum Writer {
         len: u64,
         /// `None` once joined, after it failed.
         worker: Option<std::thread::JoinHandle<std::io::Result<(std::fs::File, ChunkId)>>>,
+        /// Bytes at the start of the file the writer thread has written.
+        written: Arc<AtomicU64>,
     },
 }
 
@@ -54,12 +60,15 @@ impl Writer {
             f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             let (to_disk, from_writer) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64, usize)>(DIRECT_BUFFERS);
             let (give_back, spare) = std::sync::mpsc::channel();
+            let written = Arc::new(AtomicU64::new(0));
+            let done = written.clone();
             // The writer thread also computes the whole-file hash, off the download's thread.
             let worker = std::thread::spawn(move || {
                 let mut hasher = blake3::Hasher::new();
                 for (mut buf, offset, valid) in from_writer {
                     hasher.update(&buf.as_slice()[..valid]);
                     f.write_all_at(buf.as_slice(), offset)?;
+                    done.store(offset + valid as u64, Ordering::Release);
                     buf.clear();
                     let _ = give_back.send(buf);
                 }
@@ -73,10 +82,18 @@ impl Writer {
                 flushed: 0,
                 len: 0,
                 worker: Some(worker),
+                written,
             });
         }
         let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-        Ok(Writer::Buffered { f, hasher: Box::default(), background: large, since_flush: 0, flushing: None })
+        Ok(Writer::Buffered {
+            f,
+            written: Arc::default(),
+            hasher: Box::default(),
+            background: large,
+            since_flush: 0,
+            flushing: None,
+        })
     }
 
     /// Reopens the interrupted attempt at `path` to continue it: keeps the leading chunks of
@@ -95,13 +112,15 @@ impl Writer {
         }
         f.set_len(at)?;
         f.seek(std::io::SeekFrom::Start(at))?;
-        Ok((Writer::Buffered { f, hasher, background: true, since_flush: 0, flushing: None }, kept, at))
+        let written = Arc::new(AtomicU64::new(at));
+        Ok((Writer::Buffered { f, written, hasher, background: true, since_flush: 0, flushing: None }, kept, at))
     }
 
     pub(super) fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         match self {
-            Writer::Buffered { f, hasher, background, since_flush, flushing } => {
+            Writer::Buffered { f, written, hasher, background, since_flush, flushing } => {
                 f.write_all(data)?;
+                written.fetch_add(data.len() as u64, Ordering::Release);
                 hasher.update(data);
                 *since_flush += data.len() as u64;
                 if *background && *since_flush >= WRITEBACK_EVERY && flushing.as_ref().is_none_or(|h| h.is_finished()) {
@@ -112,7 +131,7 @@ impl Writer {
                     }));
                 }
             }
-            Writer::Direct { to_disk, spare, buffers, cur, flushed, len, worker } => {
+            Writer::Direct { to_disk, spare, buffers, cur, flushed, len, worker, .. } => {
                 while !data.is_empty() {
                     let n = cur.push(data);
                     data = &data[n..];
@@ -139,6 +158,13 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// How many bytes at the start of the file are written, as a counter that follows the writes.
+    pub(super) fn written(&self) -> Arc<AtomicU64> {
+        match self {
+            Writer::Buffered { written, .. } | Writer::Direct { written, .. } => written.clone(),
+        }
     }
 
     /// Writes what is left and returns the file, at its exact length, and its BLAKE3.

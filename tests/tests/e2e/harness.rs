@@ -229,6 +229,13 @@ impl Device {
         let invite = coord.invite(user);
         let out = d.shoal(&["init", "--invite", &invite, "--dir", d.root.to_str().unwrap(), "--device", name]);
         assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        // mDNS would announce on every interface of this machine, not only loopback: tests keep
+        // their traffic on loopback, and use it only inside network namespaces of their own.
+        if self.netns.is_none() {
+            let mut cfg = shoal_agent::config::Config::load(&self.home).unwrap();
+            cfg.mdns = false;
+            cfg.save(&self.home).unwrap();
+        }
     }
 
     /// A device whose home and folder already exist, e.g. unpacked from a fixture.
