@@ -91,17 +91,8 @@ def many_small(n=10000, lan_sync=True):
         c = cluster(base, lan_sync=lan_sync)
         a, b = c.roots["a"], c.roots["b"]
         t = time.monotonic()
-        for i in range(n):
-            d = os.path.join(a, "many", f"d{i % 100}")
-            if i < 100:
-                os.makedirs(d)
-            with open(os.path.join(d, f"f{i}"), "wb") as f:
-                f.write(os.urandom(4096))
-
-        def count():
-            return sum(len(files) for _, _, files in os.walk(os.path.join(b, "many")))
-
-        ok = sb.wait(lambda: count() >= n, 120, 0.02)
+        sb.write_small_files(a, n)
+        ok = sb.wait(lambda: sb.count_small_files(b) >= n, 120, 0.02)
         took = time.monotonic() - t
         src = by_source(c.homes["b"])
         c.stop()

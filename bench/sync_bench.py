@@ -79,6 +79,21 @@ def has_bytes(path, data):
         return False
 
 
+def write_small_files(root, n):
+    """Writes `n` files of 4 KiB of random bytes into 100 directories under `root`/many."""
+    for i in range(n):
+        d = os.path.join(root, "many", f"d{i % 100}")
+        if i < 100:
+            os.makedirs(d)
+        with open(os.path.join(d, f"f{i}"), "wb") as f:
+            f.write(os.urandom(4096))
+
+
+def count_small_files(root):
+    """How many files `root`/many holds."""
+    return sum(len(files) for _, _, files in os.walk(os.path.join(root, "many")))
+
+
 def wait(pred, timeout, step=0.002):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -183,20 +198,8 @@ def main():
         # 3. 10,000 files of 4 KiB in 100 dirs.
         n = 2000 if QUICK else 10000
         t = time.monotonic()
-        for i in range(n):
-            d = os.path.join(a, "many", f"d{i % 100}")
-            if i < 100:
-                os.makedirs(d)
-            with open(os.path.join(d, f"f{i}"), "wb") as f:
-                f.write(os.urandom(4096))
-
-        def count():
-            total = 0
-            for _, _, files in os.walk(os.path.join(b, "many")):
-                total += len(files)
-            return total
-
-        ok = wait(lambda: count() >= n, 120, 0.02)
+        write_small_files(a, n)
+        ok = wait(lambda: count_small_files(b) >= n, 120, 0.02)
         many = time.monotonic() - t
         row(f"{n} files of 4 KiB in 100 dirs A→B", "<= 7 s", f"{many:.2f} s" if ok else "timeout", ok and many <= 7)
 

@@ -9,6 +9,7 @@
 //! hints, never credentials. Announcements from devices not in the roster are ignored. mDNS does
 //! not use loopback interfaces; on a machine with only loopback it finds nothing.
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -61,29 +62,57 @@ pub async fn run(node: PeerNode, roster: Roster, me: DeviceId, endpoint: SocketA
     let mut listen = Multiaddr::from(endpoint.ip());
     listen.push(Protocol::Tcp(endpoint.port()));
     swarm.listen_on(listen)?;
+    // The user's devices seen on the LAN and not expired, with their addresses. mDNS reports a
+    // device once (until it expires), so a dial that fails (the other side busy, or not yet
+    // knowing this device) is tried again on every tick.
+    let mut seen: HashMap<DeviceId, BTreeSet<SocketAddr>> = HashMap::new();
+    let mut tick = tokio::time::interval(QUERY_INTERVAL);
     loop {
-        match swarm.select_next_some().await {
-            libp2p::swarm::SwarmEvent::Behaviour(mdns::Event::Discovered(found)) => {
-                let devices = roster.devices();
-                for (peer, addr) in found {
-                    let Some(d) = devices.iter().find(|d| !d.revoked && d.id != me && peer_id_of(&d.id) == peer) else {
-                        continue;
-                    };
-                    let Some(at) = quic_addr(&addr) else { continue };
-                    let (node, device) = (node.clone(), d.id);
-                    tokio::spawn(async move {
-                        if let Err(e) = node.greet_at(device, &[at], MDNS).await {
-                            tracing::debug!(peer = %device, %at, error = %format!("{e:#}"), "device seen on the LAN not reached");
-                        }
-                    });
+        tokio::select! {
+            event = swarm.select_next_some() => match event {
+                libp2p::swarm::SwarmEvent::Behaviour(mdns::Event::Discovered(found)) => {
+                    let devices = roster.devices();
+                    for (peer, addr) in found {
+                        let known = devices.iter().find(|d| !d.revoked && d.id != me && peer_id_of(&d.id) == peer);
+                        let (Some(d), Some(at)) = (known, quic_addr(&addr)) else { continue };
+                        let addrs = seen.entry(d.id).or_default();
+                        addrs.insert(at);
+                        greet(&node, d.id, addrs);
+                    }
+                }
+                libp2p::swarm::SwarmEvent::Behaviour(mdns::Event::Expired(gone)) => {
+                    for (peer, addr) in gone {
+                        let Some(at) = quic_addr(&addr) else { continue };
+                        seen.retain(|d, addrs| {
+                            if peer_id_of(d) == peer {
+                                addrs.remove(&at);
+                            }
+                            !addrs.is_empty()
+                        });
+                    }
+                }
+                libp2p::swarm::SwarmEvent::ListenerError { error, .. } => {
+                    tracing::warn!(%error, "LAN discovery listener failed");
+                }
+                _ => {}
+            },
+            _ = tick.tick() => {
+                for (device, addrs) in &seen {
+                    greet(&node, *device, addrs);
                 }
             }
-            libp2p::swarm::SwarmEvent::ListenerError { error, .. } => {
-                tracing::warn!(%error, "LAN discovery listener failed");
-            }
-            _ => {}
         }
     }
+}
+
+/// Connects to `device` at one of `addrs` in the background, unless already connected.
+fn greet(node: &PeerNode, device: DeviceId, addrs: &BTreeSet<SocketAddr>) {
+    let (node, addrs): (PeerNode, Vec<SocketAddr>) = (node.clone(), addrs.iter().copied().collect());
+    tokio::spawn(async move {
+        if let Err(e) = node.greet_at(device, &addrs, MDNS).await {
+            tracing::debug!(peer = %device, error = %format!("{e:#}"), "device seen on the LAN not reached");
+        }
+    });
 }
 
 #[cfg(test)]

@@ -84,14 +84,10 @@ fn a_new_version_reaches_a_peer_before_the_origin_and_becomes_durable_after() {
     let (_tmp, coord, devices) = world("rosa", &["a", "b"]);
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     // 24 MiB through a 2 MiB/s uplink: twelve seconds of upload.
-    limit_upload(&a, "2MiB");
-    a.start();
-    b.start();
-    wait_for_peers(&[&a, &b]);
+    slow_author(&mut a, &mut b, "2MiB");
     let data = noise(51, 24 * 1024 * 1024);
     a.write("slow.bin", &data);
-    wait_for(SETTLE, || (b.read("slow.bin").as_deref() == Some(&data[..])).then_some(()))
-        .expect("B never got the file");
+    wait_until_has(&b, "slow.bin", &data);
     // B has all of it while the origin still lacks some: the version is pending.
     let pending = pending_of(&b);
     assert!(
@@ -114,15 +110,11 @@ fn a_pending_version_becomes_durable_through_the_peer_when_its_author_dies() {
     let (tmp, coord, devices) = world("sara", &["a", "b"]);
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     // 200 MiB through a 2 MiB/s uplink: a hundred seconds of upload.
-    limit_upload(&a, "2MiB");
-    a.start();
-    b.start();
-    wait_for_peers(&[&a, &b]);
+    slow_author(&mut a, &mut b, "2MiB");
     let data = noise(52, 200 * 1024 * 1024);
     let started = std::time::Instant::now();
     a.write("orphan.bin", &data);
-    wait_for(SETTLE, || (b.read("orphan.bin").as_deref() == Some(&data[..])).then_some(()))
-        .expect("B never got the file");
+    wait_until_has(&b, "orphan.bin", &data);
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(50), "B took {took:?}, half the upload's time or more");
     let pending = pending_of(&b);
@@ -150,6 +142,20 @@ fn history_states(d: &Device, path: &str) -> Vec<(u64, String)> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     v.iter().map(|e| (e["version"].as_u64().unwrap(), e["state"].as_str().unwrap().to_string())).collect()
+}
+
+/// Starts A with its origin upload limited to `rate`, and B; returns once they are peers.
+fn slow_author(a: &mut Device, b: &mut Device, rate: &str) {
+    limit_upload(a, rate);
+    a.start();
+    b.start();
+    wait_for_peers(&[a, b]);
+}
+
+/// Waits until `d`'s `path` holds exactly `data`.
+fn wait_until_has(d: &Device, path: &str, data: &[u8]) {
+    wait_for(SETTLE, || (d.read(path).as_deref() == Some(data)).then_some(()))
+        .unwrap_or_else(|| panic!("{} never got {path}:\n{}", d.name, d.log()));
 }
 
 /// A's peer endpoint answers but never sends a chunk (B cannot fetch from it), and its uplink is
@@ -214,13 +220,10 @@ fn a_version_its_author_lost_before_uploading_is_withdrawn_not_promised() {
 fn a_version_another_device_holds_is_kept_when_its_author_loses_it() {
     let (tmp, _coord, devices) = world("vera", &["a", "b"]);
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
-    limit_upload(&a, "256KiB");
-    a.start();
-    b.start();
-    wait_for_peers(&[&a, &b]);
+    slow_author(&mut a, &mut b, "256KiB");
     let v1 = noise(64, 6 * 1024 * 1024);
     a.write("f.bin", &v1);
-    wait_for(SETTLE, || (b.read("f.bin").as_deref() == Some(&v1[..])).then_some(())).expect("B never got v1");
+    wait_until_has(&b, "f.bin", &v1);
     assert!(!pending_of(&b).is_empty(), "v1 was durable already");
     // A loses v1 before uploading it; B holds it and uploads it, so v1 is kept.
     a.stop(false);
