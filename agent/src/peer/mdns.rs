@@ -62,44 +62,50 @@ pub async fn run(node: PeerNode, roster: Roster, me: DeviceId, endpoint: SocketA
     let mut listen = Multiaddr::from(endpoint.ip());
     listen.push(Protocol::Tcp(endpoint.port()));
     swarm.listen_on(listen)?;
-    // The user's devices seen on the LAN and not expired, with their addresses. mDNS reports a
-    // device once (until it expires), so a dial that fails (the other side busy, or not yet
-    // knowing this device) is tried again on every tick.
-    let mut seen: HashMap<DeviceId, BTreeSet<SocketAddr>> = HashMap::new();
+    // Everyone seen on the LAN and not expired, by peer id, with their addresses. mDNS reports a
+    // peer once (until it expires), so every tick dials again the ones that are the user's
+    // devices (by the roster as it is now: it may not have been fetched yet at the first
+    // announcement) and are not connected.
+    let mut seen: HashMap<PeerId, BTreeSet<SocketAddr>> = HashMap::new();
     let mut tick = tokio::time::interval(QUERY_INTERVAL);
     loop {
-        tokio::select! {
+        let fresh = tokio::select! {
             event = swarm.select_next_some() => match event {
                 libp2p::swarm::SwarmEvent::Behaviour(mdns::Event::Discovered(found)) => {
-                    let devices = roster.devices();
+                    let mut fresh = Vec::new();
                     for (peer, addr) in found {
-                        let known = devices.iter().find(|d| !d.revoked && d.id != me && peer_id_of(&d.id) == peer);
-                        let (Some(d), Some(at)) = (known, quic_addr(&addr)) else { continue };
-                        let addrs = seen.entry(d.id).or_default();
-                        addrs.insert(at);
-                        greet(&node, d.id, addrs);
+                        if let Some(at) = quic_addr(&addr) {
+                            seen.entry(peer).or_default().insert(at);
+                            fresh.push(peer);
+                        }
                     }
+                    fresh
                 }
                 libp2p::swarm::SwarmEvent::Behaviour(mdns::Event::Expired(gone)) => {
                     for (peer, addr) in gone {
-                        let Some(at) = quic_addr(&addr) else { continue };
-                        seen.retain(|d, addrs| {
-                            if peer_id_of(d) == peer {
-                                addrs.remove(&at);
-                            }
-                            !addrs.is_empty()
-                        });
+                        if let (Some(at), Some(addrs)) = (quic_addr(&addr), seen.get_mut(&peer)) {
+                            addrs.remove(&at);
+                        }
                     }
+                    seen.retain(|_, addrs| !addrs.is_empty());
+                    Vec::new()
                 }
                 libp2p::swarm::SwarmEvent::ListenerError { error, .. } => {
                     tracing::warn!(%error, "LAN discovery listener failed");
+                    Vec::new()
                 }
-                _ => {}
+                _ => Vec::new(),
             },
-            _ = tick.tick() => {
-                for (device, addrs) in &seen {
-                    greet(&node, *device, addrs);
-                }
+            _ = tick.tick() => seen.keys().copied().collect(),
+        };
+        if fresh.is_empty() {
+            continue;
+        }
+        let devices = roster.devices();
+        for peer in fresh {
+            let known = devices.iter().find(|d| !d.revoked && d.id != me && peer_id_of(&d.id) == peer);
+            if let (Some(d), Some(addrs)) = (known, seen.get(&peer)) {
+                greet(&node, d.id, addrs);
             }
         }
     }
