@@ -384,6 +384,7 @@ impl Engine {
         report.in_sync = report.planned == 0
             && !dirty
             && report.pending_uploads == 0
+            && report.owed_uploads == 0
             && scan.unstable == 0
             && !report.more_work
             && self.replan.is_empty();

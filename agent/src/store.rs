@@ -18,6 +18,9 @@
 //!   top 14 bits of the chunk id: at most 16,384 keys, ~60 locations each at a million chunks.
 //!   Kept in the same atomic batch as the index records it is derived from.
 //! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
+//! - `q/<id u64 BE>` → empty: outbox item `id` was sent as a commit that may be recorded pending
+//!   (written before it is sent, removed with the item), so a retry after a lost answer or a
+//!   crash sends the commit again first and learns what it owes, rather than uploading first.
 //! - `u/<version u64 BE>` → `[1]` + postcard `Owed`: a version this device committed before the
 //!   origin had its chunks (pending), whose upload it still owes.
 //! - `m/cursor` → journal cursor (u64 BE); `m/layout` → `[2]`.
@@ -306,6 +309,12 @@ impl Batch {
     }
     pub fn del_outbox(&mut self, id: u64) {
         self.raw.remove(outbox_key(id));
+        self.raw.remove(sent_pending_key(id));
+        self.raw_used = true;
+    }
+    /// Notes that outbox item `id` is about to be sent as a commit that may be recorded pending.
+    pub fn mark_sent_pending(&mut self, id: u64) {
+        self.raw.insert(sent_pending_key(id), Vec::new());
         self.raw_used = true;
     }
     fn raw_remove(&mut self, key: sled::IVec) {
@@ -333,6 +342,12 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 fn owed_key(version: Seq) -> Vec<u8> {
     let mut k = b"u/".to_vec();
     k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn sent_pending_key(id: u64) -> Vec<u8> {
+    let mut k = b"q/".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
     k
 }
 
@@ -798,6 +813,11 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// `true` if outbox item `id` was sent as a commit that may have been recorded pending.
+    pub fn sent_pending(&self, id: u64) -> anyhow::Result<bool> {
+        Ok(self.state.contains_key(sent_pending_key(id))?)
     }
 
     /// The uploads this device owes for its pending versions, oldest first.

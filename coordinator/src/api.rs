@@ -328,7 +328,7 @@ async fn missing(
 
 /// Verifies and stores chunks, then records them as this user's. The user gains a chunk only by
 /// sending its bytes, even when the store already holds them for someone else.
-async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) -> ApiResult<u64> {
+async fn store_chunks(app: &Arc<App>, user: UserId, chunks: Vec<(ChunkId, Bytes)>) -> ApiResult<u64> {
     let mut total = 0u64;
     for (id, data) in &chunks {
         if ChunkId::of(data) != *id {
@@ -346,37 +346,40 @@ async fn store_chunks(app: &App, user: UserId, chunks: Vec<(ChunkId, Bytes)>) ->
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
-    // Uploads are provisional: the commit that first references a chunk checks it is on disk and
-    // syncs the store before anything is acknowledged as committed.
-    app.store.add_user_chunks(user, &ids)?;
     app.metrics.bytes_in.inc_by(total);
-    settle_pending(app, user, ids).await?;
+    record_chunks(app, user, ids).await?;
     Ok(total)
 }
 
-/// Counts newly stored chunks off the user's pending versions; a version with nothing left to
-/// wait for becomes durable — only after the chunks are synced, under the user's commit lock (so
-/// no commit records a wait for a chunk that has just arrived) and flushed before the upload is
-/// answered.
-async fn settle_pending(app: &App, user: UserId, ids: Vec<ChunkId>) -> ApiResult<()> {
-    let lock = app.user_lock(user);
-    let _guard = lock.lock().await;
-    let (store, chunks) = (app.store.clone(), app.chunks.clone());
-    let durable = blocking(move || {
-        if !store.has_pending(user)? {
-            return Ok(Vec::new());
+/// Records newly stored chunks as the user's and counts them off the user's pending versions, in
+/// one atomic batch, so a chunk the origin holds is never still awaited by a pending version
+/// (which no device would then upload again). A version with nothing left to wait for becomes
+/// durable — only after the chunks are synced, under the user's commit lock (so no commit
+/// records a wait for a chunk that is arriving) and flushed before the upload is answered. It
+/// runs in a task of its own that owns the lock, so a client that goes away cannot cut it short.
+///
+/// Without pending versions, uploads are provisional: the commit that first references a chunk
+/// checks it is on disk and syncs the store before anything is acknowledged as committed.
+async fn record_chunks(app: &Arc<App>, user: UserId, ids: Vec<ChunkId>) -> ApiResult<()> {
+    let app = app.clone();
+    let task = tokio::spawn(async move {
+        let _guard = app.user_lock(user).lock_owned().await;
+        let (store, chunks) = (app.store.clone(), app.chunks.clone());
+        let durable = blocking(move || {
+            let pending = store.has_pending(user)?;
+            if pending && chunks.needs_sync() {
+                chunks.sync()?;
+            }
+            Ok(store.chunks_stored(user, &ids, pending)?)
+        })
+        .await?;
+        if !durable.is_empty() {
+            app.store.flush().await?;
+            tracing::info!(user, versions = ?durable, "pending versions are durable");
         }
-        if chunks.needs_sync() {
-            chunks.sync()?;
-        }
-        Ok(store.chunks_arrived(user, &ids)?)
-    })
-    .await?;
-    if !durable.is_empty() {
-        app.store.flush().await?;
-        tracing::info!(user, versions = ?durable, "pending versions are durable");
-    }
-    Ok(())
+        Ok::<_, ApiError>(())
+    });
+    task.await.map_err(|e| ApiError::from(std::io::Error::other(e.to_string())))?
 }
 
 /// The user's pending versions.
@@ -386,7 +389,8 @@ struct PendingQuery {
     path: Option<String>,
 }
 
-/// The user's pending versions (or one path's), oldest first, a page at most.
+/// The user's pending versions (or one path's), live ones first, each oldest first; a page at
+/// most.
 async fn pending(
     State(app): State<Arc<App>>,
     auth: Auth,
@@ -414,6 +418,9 @@ async fn list_pending(app: &App, auth: &Auth, path: Option<SyncPath>) -> ApiResu
             author_online: online.get(&r.device).is_some_and(|n| *n > 0),
         })
         .collect();
+    // Live versions before withdrawn ones (each oldest first), so withdrawn records that pile up
+    // never push a live one off the page.
+    versions.sort_by_key(|v| v.withdrawn);
     let more = versions.len() > MAX_PAGE;
     versions.truncate(MAX_PAGE);
     Ok(Json(PendingResponse { versions, more }))

@@ -299,8 +299,8 @@ mod tests {
         // The first chunk is stored, but by another user (2); the second by this user (1).
         chunks.put_many(&[(ids[0], bytes(0)), (ids[1], bytes(1))]).unwrap();
         chunks.sync().unwrap();
-        store.add_user_chunks(2, &ids[..1]).unwrap();
-        store.add_user_chunks(1, &ids[1..2]).unwrap();
+        store.chunks_stored(2, &ids[..1], false).unwrap();
+        store.chunks_stored(1, &ids[1..2], false).unwrap();
         let file = Change { manifest: Some(manifest.clone()), ..empty_file("f") };
         assert_eq!(check(&store, &chunks, vec![file.clone()]), Err(ErrorCode::UnknownChunk));
         assert!(store.pending(1).unwrap().is_empty());
@@ -321,11 +321,13 @@ mod tests {
         assert_eq!(store.withdraw(1, DeviceId([1; 16]), &[version]).unwrap(), 1);
         assert!(store.pending(1).unwrap()[0].1.withdrawn);
 
-        // Chunks arrive (one twice, one the version does not need): counted off once each.
+        // Chunks arrive (one twice, one the version does not need): counted off once each, and
+        // the user's in the same step.
         let stranger = shoal_protocol::ChunkId::of(b"unrelated");
-        assert_eq!(store.chunks_arrived(1, &[ids[0], ids[0], stranger]).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.chunks_stored(1, &[ids[0], ids[0], stranger], true).unwrap(), Vec::<u64>::new());
+        assert!(store.user_has_chunk(1, &ids[0]).unwrap() && store.user_has_chunk(1, &stranger).unwrap());
         assert_eq!(store.pending(1).unwrap()[0].1.missing, ids.len() as u64 - 2);
-        assert_eq!(store.chunks_arrived(1, &ids[2..]).unwrap(), vec![version]);
+        assert_eq!(store.chunks_stored(1, &ids[2..], true).unwrap(), vec![version]);
         assert!(store.pending(1).unwrap().is_empty());
         assert_eq!(store.pending_stats().unwrap(), (0, None));
     }

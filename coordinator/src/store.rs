@@ -454,15 +454,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn add_user_chunks(&self, user: UserId, ids: &[ChunkId]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for id in ids {
-            batch.insert(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]), &[][..]);
-        }
-        self.meta.apply_batch(batch)?;
-        Ok(())
-    }
-
     // ---- pending versions ----
 
     /// The user's pending versions, oldest first.
@@ -496,37 +487,41 @@ impl Store {
         Ok(self.meta.scan_prefix(key(b"w/", &[&user.to_be_bytes()])).next().transpose()?.is_some())
     }
 
-    /// Records that the origin now stores `ids` for the user (stored and synced: the caller makes
-    /// sure): each pending version waiting for one counts it off, and versions left waiting for
-    /// nothing become durable (their records go). Returns those versions. The caller holds the
-    /// user's commit lock, so no commit can record a wait for a chunk between the upload and this.
-    pub fn chunks_arrived(&self, user: UserId, ids: &[ChunkId]) -> Result<Vec<Seq>, StoreError> {
-        if !self.has_pending(user)? {
-            return Ok(Vec::new());
-        }
+    /// Records that the origin now stores `ids` for the user, and, if the user may have pending
+    /// versions (`pending`; the chunks are then synced: the caller makes sure), counts them off
+    /// the versions waiting for them: versions left waiting for nothing become durable (their
+    /// records go). One atomic batch, so a chunk is never the user's while a version still waits
+    /// for it. Returns the versions that became durable. The caller holds the user's commit
+    /// lock, so no commit can record a wait for a chunk between the upload and this.
+    pub fn chunks_stored(&self, user: UserId, ids: &[ChunkId], pending: bool) -> Result<Vec<Seq>, StoreError> {
         let u = user.to_be_bytes();
         let mut batch = sled::Batch::default();
-        let mut counted: std::collections::BTreeMap<Seq, u64> = Default::default();
-        let mut seen = std::collections::HashSet::new();
-        for id in ids.iter().filter(|id| seen.insert(**id)) {
-            let prefix = key(b"m/", &[&u, id.as_bytes()]);
-            for kv in self.meta.scan_prefix(&prefix) {
-                let (k, _) = kv?;
-                let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: "m/".into() })?;
-                batch.remove(k);
-                *counted.entry(seq).or_default() += 1;
-            }
+        for id in ids {
+            batch.insert(key(b"k/", &[&u, id.as_bytes()]), &[][..]);
         }
         let mut durable = Vec::new();
-        for (seq, n) in counted {
-            let wk = key(b"w/", &[&u, &seq.to_be_bytes()]);
-            let Some(mut rec) = self.get::<PendingRec>(&wk)? else { continue };
-            rec.missing = rec.missing.saturating_sub(n);
-            if rec.missing == 0 {
-                batch.remove(wk);
-                durable.push(seq);
-            } else {
-                batch.insert(wk, encode(&rec));
+        if pending {
+            let mut counted: std::collections::BTreeMap<Seq, u64> = Default::default();
+            let mut seen = std::collections::HashSet::new();
+            for id in ids.iter().filter(|id| seen.insert(**id)) {
+                let prefix = key(b"m/", &[&u, id.as_bytes()]);
+                for kv in self.meta.scan_prefix(&prefix) {
+                    let (k, _) = kv?;
+                    let seq = be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt { key: "m/".into() })?;
+                    batch.remove(k);
+                    *counted.entry(seq).or_default() += 1;
+                }
+            }
+            for (seq, n) in counted {
+                let wk = key(b"w/", &[&u, &seq.to_be_bytes()]);
+                let Some(mut rec) = self.get::<PendingRec>(&wk)? else { continue };
+                rec.missing = rec.missing.saturating_sub(n);
+                if rec.missing == 0 {
+                    batch.remove(wk);
+                    durable.push(seq);
+                } else {
+                    batch.insert(wk, encode(&rec));
+                }
             }
         }
         self.meta.apply_batch(batch)?;

@@ -84,8 +84,10 @@ impl Engine {
                 tracing::debug!(path = %path.escaped(), "a pending version became durable; fetching it again now");
             }
         }
-        // While anything is pending, the status follows it every `PENDING_RECHECK`.
-        self.watch_pending = !pending.is_empty();
+        // While anything is pending, the status follows it every `PENDING_RECHECK`. Withdrawn
+        // versions alone do not keep it looking: their author gave up on them, and a device that
+        // fetches one later looks again because its files moved.
+        self.watch_pending = pending.iter().any(|v| !v.withdrawn);
         report.recheck = self.watch_pending.then_some(PENDING_RECHECK);
         report.pending_versions = Some(pending.clone());
         // Only another device's version whose author cannot upload it is this device's business.
@@ -99,8 +101,14 @@ impl Engine {
             tracing::info!(path = %v.path.escaped(), version = v.version, "uploading another device's pending version");
             match self.upload_held(&e, report).await {
                 Ok(()) | Err(UploadError::SourceChanged(_)) => {}
-                Err(UploadError::Client(err)) if err.is_retryable() => return Err(EngineError::Offline(err).into()),
-                Err(UploadError::Client(err)) => report.errors.push(format!("{}: {err}", v.path)),
+                Err(err) => {
+                    // Look again next time, even if nothing else is pending then.
+                    self.pending_stale = true;
+                    match err {
+                        UploadError::Client(err) if err.is_retryable() => return Err(EngineError::Offline(err).into()),
+                        err => report.errors.push(format!("{}: {err}", v.path)),
+                    }
+                }
             }
         }
         Ok(())

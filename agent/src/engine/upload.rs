@@ -46,8 +46,19 @@ impl Engine {
             ids.dedup();
             let missing: HashSet<ChunkId> =
                 self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
-            // Peer-first only when someone can fetch the version from here before the origin has it.
-            let peer_first = !missing.is_empty() && self.peers.as_ref().is_some_and(|p| !p.connections().is_empty());
+            // Peer-first only when someone can fetch the version from here before the origin has
+            // it; and always for a commit that was sent peer-first before (its answer lost, or
+            // this device stopped before recording it): it may be pending already, and only the
+            // answer to its replay says what this device owes.
+            let sent_pending = self.store.sent_pending(id)?;
+            let peer_first = sent_pending
+                || (!missing.is_empty() && self.peers.as_ref().is_some_and(|p| !p.connections().is_empty()));
+            if peer_first && !sent_pending {
+                let mut b = Batch::default();
+                b.mark_sent_pending(id);
+                self.store.apply(b)?;
+                self.store.flush().await?;
+            }
             let upload = if peer_first {
                 Ok(0)
             } else {

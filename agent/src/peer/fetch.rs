@@ -1,9 +1,10 @@
 //! Asking a peer for chunks (`shoal_protocol::peer`), one request per stream. Whatever a peer
 //! sends is checked here before anyone sees it: frames must name requested chunks in request
-//! order, each at most the largest chunk, each verified against its id; a peer that falls
-//! silent for `STALL_TIMEOUT` mid-answer has failed. A failure names what went wrong, and the
+//! order, each at most the largest chunk, each verified against its id; a peer that sends no
+//! byte for `STALL_TIMEOUT` mid-answer has failed. A failure names what went wrong, and the
 //! caller stops asking that peer.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,12 +12,13 @@ use futures::StreamExt;
 use shoal_protocol::ChunkId;
 use shoal_protocol::peer::{MAX_PEER_IDS, PeerRequest, bitmap_get, bitmap_len};
 use tokio_util::codec::FramedRead;
+use tokio_util::io::InspectReader;
 
 use crate::frames::FrameDecoder;
 use crate::limit::Limiter;
 use crate::transfer::{Source, verify};
 
-/// Longest a peer may go without delivering the next part of an answer.
+/// Longest a peer may go without sending a byte of an answer it owes.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a peer's answer was not usable.
@@ -75,10 +77,22 @@ pub async fn get(
 ) -> Result<(), PeerFetchError> {
     for part in ids.chunks(MAX_PEER_IDS) {
         let (_send, recv) = request(conn, &PeerRequest::Get(part.to_vec())).await?;
+        // Bytes received so far: a slow peer (a `lan_limit`) sends a frame in many pieces, and
+        // only a peer that sends nothing at all for `STALL_TIMEOUT` has stalled.
+        let received = AtomicU64::new(0);
+        let recv = InspectReader::new(recv, |b: &[u8]| {
+            received.fetch_add(b.len() as u64, Ordering::Relaxed);
+        });
         let mut frames = FramedRead::new(recv, FrameDecoder::default());
         let mut next = 0usize;
+        let mut seen = 0u64;
         loop {
+            // `next()` keeps what it has read in the decoder's buffer when it times out.
             let frame = match tokio::time::timeout(STALL_TIMEOUT, frames.next()).await {
+                Err(_) if received.load(Ordering::Relaxed) > seen => {
+                    seen = received.load(Ordering::Relaxed);
+                    continue;
+                }
                 Err(_) => return Err(PeerFetchError::Stalled),
                 Ok(None) => break,
                 Ok(Some(f)) => f.map_err(|e| PeerFetchError::Bad(e.to_string()))?,

@@ -1,8 +1,8 @@
 //! Answering a peer's chunk requests (`shoal_protocol::peer`). Chunks are served from this
-//! device's own files, found through the chunk map. Before a file's chunks are read, the open
-//! file's stat (size, mtime, ctime, inode, mode) is checked against its index record: a file
-//! changed since it was hashed is not served at all, and the peer asks another source for those
-//! chunks. (The receiver verifies every chunk anyway; the check keeps a changed file from costing
+//! device's own files, found through the chunk map. The open file's stat (size, mtime, ctime,
+//! inode, mode) is checked against its index record when it is opened and again after each chunk
+//! is read: a file changed since it was hashed is not served (from then on), and the peer asks
+//! another source for those chunks. (The receiver verifies every chunk anyway; the check keeps a changed file from costing
 //! the peer a round. Hashing each chunk again here cost a third of this device's CPU per
 //! transfer.) Chunks of downloads still in progress are served from their temp files
 //! (`transfer::Partials`), once written. Only connections the roster admitted get here.
@@ -20,7 +20,7 @@ use shoal_protocol::api::FRAME_HEADER;
 use shoal_protocol::peer::{MAX_PEER_REQUEST, PeerRequest, encode_bitmap};
 
 use crate::limit::Limiter;
-use crate::store::Store;
+use crate::store::{IndexRec, Store};
 use crate::transfer::Partials;
 
 /// How long a peer may take to send its whole request.
@@ -29,6 +29,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_AHEAD: usize = 4;
 /// Files kept open per request.
 const OPEN_FILES: usize = 16;
+/// Bytes written at a time under a `lan_limit`.
+const LIMITED_PIECE: usize = 16 * 1024;
 
 /// What this device can serve to its peers. Cheap to clone.
 #[derive(Clone)]
@@ -96,7 +98,7 @@ impl ChunkServer {
         let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let locs = server.store.chunk_locations(&ids)?;
             // Each file opened once per request, and only if it is as indexed (else `None`).
-            let mut open: HashMap<PathBuf, Option<std::fs::File>> = HashMap::new();
+            let mut open: HashMap<PathBuf, Option<(std::fs::File, IndexRec)>> = HashMap::new();
             // Index pages decoded once per request: a request for many small files of one
             // directory reads its page once.
             let mut pages = crate::store::PageCache::default();
@@ -119,8 +121,13 @@ impl ChunkServer {
                     let f = server.open_unchanged(&at.path, &path, &mut pages);
                     open.insert(path.clone(), f);
                 }
-                let Some(Some(f)) = open.get(&path) else { continue };
+                let Some(Some((f, rec))) = open.get(&path) else { continue };
                 let Some(data) = read_at(f, at.offset, at.len) else { continue };
+                // Written to while it was read (in place, same inode): no more of it is served.
+                if !unchanged(f, rec) {
+                    open.insert(path, None);
+                    continue;
+                }
                 if tx.blocking_send((id, data)).is_err() {
                     break;
                 }
@@ -137,10 +144,23 @@ impl ChunkServer {
             if let Some(f) = fault {
                 return faults::misbehave(f, send, &header, &data).await;
             }
-            self.lan.take(FRAME_HEADER + data.len()).await;
-            send.write_all(&header).await?;
-            // Handed over without a copy.
-            send.write_chunk(data).await?;
+            if self.lan.is_limited() {
+                // Paced piece by piece, so a slow limit never leaves the peer waiting in silence
+                // for a whole frame.
+                self.lan.take(FRAME_HEADER).await;
+                send.write_all(&header).await?;
+                let mut at = 0;
+                while at < data.len() {
+                    let piece = data.slice(at..data.len().min(at + LIMITED_PIECE));
+                    at += piece.len();
+                    self.lan.take(piece.len()).await;
+                    send.write_chunk(piece).await?;
+                }
+            } else {
+                send.write_all(&header).await?;
+                // Handed over without a copy.
+                send.write_chunk(data).await?;
+            }
         }
         reader.await??;
         Ok(())
@@ -149,18 +169,22 @@ impl ChunkServer {
 
 impl ChunkServer {
     /// The file at `local`, open, if it still has the stat its index record (for `path`) was
-    /// taken with.
+    /// taken with; with that record.
     fn open_unchanged(
         &self,
         path: &shoal_protocol::SyncPath,
         local: &std::path::Path,
         pages: &mut crate::store::PageCache,
-    ) -> Option<std::fs::File> {
+    ) -> Option<(std::fs::File, IndexRec)> {
         let rec = self.store.get_cached(path, pages).ok()?.index?;
         let f = std::fs::File::open(local).ok()?;
-        let now = crate::scan::stat_rec(&f.metadata().ok()?);
-        now.same_stat(&rec).then_some(f)
+        unchanged(&f, &rec).then_some((f, rec))
     }
+}
+
+/// `true` if the open file still has the stat of its index record.
+fn unchanged(f: &std::fs::File, rec: &IndexRec) -> bool {
+    f.metadata().is_ok_and(|m| crate::scan::stat_rec(&m).same_stat(rec))
 }
 
 /// `len` bytes at `offset` of `file` (`None` if the file is shorter).

@@ -19,6 +19,9 @@ use crate::client::{Client, ClientError};
 const UPLOAD_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Upload requests in flight at once.
 const UPLOAD_PARALLEL: usize = 3;
+/// Most chunks per upload request: what the coordinator accepts (it matters for tiny files,
+/// thousands of which fit in `UPLOAD_BATCH_BYTES`).
+const UPLOAD_BATCH_CHUNKS: usize = shoal_protocol::api::MAX_CHUNK_IDS;
 
 /// Appends the frame of chunk `c`, read from `file` at `offset` straight into `body`; `false`
 /// (and `body` unchanged) when the file no longer holds those bytes.
@@ -60,6 +63,7 @@ pub async fn upload_chunks(
     let reader = tokio::task::spawn_blocking(move || -> Result<(), UploadError> {
         let mut wanted = missing;
         let mut body = Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000);
+        let mut frames = 0usize;
         for (path, manifest) in &files {
             if !manifest.chunks.iter().any(|c| wanted.contains(&c.id)) {
                 continue;
@@ -72,7 +76,9 @@ pub async fn upload_chunks(
                 if !append_frame(&mut body, &f, off, c) {
                     return Err(UploadError::SourceChanged(path.clone()));
                 }
-                if body.len() >= UPLOAD_BATCH_BYTES {
+                frames += 1;
+                if body.len() >= UPLOAD_BATCH_BYTES || frames == UPLOAD_BATCH_CHUNKS {
+                    frames = 0;
                     let full = std::mem::replace(&mut body, Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000));
                     if tx.blocking_send(full).is_err() {
                         return Ok(());

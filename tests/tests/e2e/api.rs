@@ -71,3 +71,29 @@ fn long_poll_and_push_wake_up_on_commits() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["daemon_running"], false);
 }
+
+#[test]
+fn an_upload_of_thousands_of_tiny_files_keeps_to_the_coordinators_batch_limit() {
+    // More tiny chunks than one upload request may carry, though their bytes fit in one: owed
+    // uploads of many small files are sent like this, all at once.
+    let (tmp, _coord, devices) = world("ines", &["a"]);
+    let n = shoal_protocol::api::MAX_CHUNK_IDS + 600;
+    let dir = tmp.path().join("tiny");
+    std::fs::create_dir(&dir).unwrap();
+    let chunker = shoal_protocol::Chunker::default();
+    let files: Vec<(std::path::PathBuf, shoal_protocol::Manifest)> = (0..n)
+        .map(|i| {
+            let (path, data) = (dir.join(format!("{i}")), format!("tiny file number {i}"));
+            std::fs::write(&path, &data).unwrap();
+            (path, chunker.manifest(data.as_bytes()).unwrap())
+        })
+        .collect();
+    let ids: Vec<shoal_protocol::ChunkId> = files.iter().map(|(_, m)| m.chunks[0].id).collect();
+    let client = client_of(&devices[0]);
+    block_on(async {
+        let missing = client.missing(&ids).await.unwrap().into_iter().collect();
+        let counter = std::sync::atomic::AtomicU64::new(0);
+        shoal_agent::transfer::upload_chunks(&client, files, missing, &counter).await.unwrap();
+        assert_eq!(client.missing(&ids).await.unwrap(), vec![], "some chunks never reached the coordinator");
+    });
+}

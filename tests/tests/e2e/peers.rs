@@ -267,3 +267,33 @@ fn a_download_limit_holds_origin_downloads_to_its_rate() {
     // The first tenth of a second's worth passes at once; the rest at 1 MiB/s.
     assert!(took >= std::time::Duration::from_millis(2500), "3 MiB at 1 MiB/s took {took:?}");
 }
+
+#[test]
+fn a_slow_lan_limit_paces_a_peer_without_it_counting_as_stalled() {
+    let (_tmp, _coord, devices) = world("wilma", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // A sends to its peers at 40 KiB/s: a 256 KiB chunk takes over six seconds, longer than a
+    // peer may stay silent; paced piece by piece, it never is.
+    let mut cfg = shoal_agent::config::Config::load(&a.home).unwrap();
+    cfg.lan_limit = Some(shoal_agent::limit::Rate::parse("40KiB").unwrap());
+    cfg.save(&a.home).unwrap();
+    let chunker = shoal_protocol::Chunker::default();
+    let data = (70..)
+        .map(|seed| noise(seed, 600 * 1024))
+        .find(|d| chunker.manifest(&d[..]).unwrap().chunks.iter().any(|c| c.len >= 224 * 1024))
+        .unwrap();
+    a.start();
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    a.write("paced.bin", &data);
+    wait_until_has(&b, "paced.bin", &data);
+    assert!(!b.log().contains("not asking this peer again"), "B dropped A:\n{}", b.log());
+    let [_, peer, _, origin] = wait_for(SETTLE, || {
+        let s = by_source(&b);
+        (s[1] + s[3] >= data.len() as u64).then_some(s)
+    })
+    .unwrap();
+    assert!(peer >= data.len() as u64 && origin == 0, "B's bytes: peer {peer}, origin {origin}");
+    a.stop(false);
+    b.stop(false);
+}
