@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_protocol::api::ErrorCode;
+use shoal_protocol::api::{ErrorBody, ErrorCode};
 use shoal_protocol::{ChunkId, ChunkRef, DeviceId};
 
 use crate::client::{Client, ClientError};
@@ -134,7 +134,9 @@ impl Origin {
     /// chunks it could not get, each with its error. A batch that breaks (a chunk with the wrong
     /// bytes, a response that ends early or with an error) keeps the chunks delivered before the
     /// break; the chunk it broke on is asked for alone, and the rest as a batch again. So one bad
-    /// chunk costs two extra requests and fails only itself. `Err` when the origin cannot be
+    /// chunk costs two extra requests and fails only itself. A batch refused because the origin
+    /// does not hold some of its chunks (those of a pending version, say) is answered by asking
+    /// which, once: those fail, the rest come as a batch. `Err` when the origin cannot be
     /// reached or refuses the device: nothing more can be fetched this round.
     pub async fn fetch(
         &self,
@@ -142,8 +144,11 @@ impl Origin {
         mut each: impl FnMut(ChunkId, Bytes),
     ) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
         let mut failed = Vec::new();
-        let mut rest = ids;
-        while !rest.is_empty() {
+        let mut queue: Vec<ChunkId> = ids.to_vec();
+        let mut at = 0usize;
+        let mut asked_missing = false;
+        while at < queue.len() {
+            let rest = &queue[at..];
             let mut got = 0usize;
             let batch = self
                 .client
@@ -158,17 +163,32 @@ impl Origin {
             let err = match batch {
                 Ok(()) => break,
                 Err(e) if e.code() == Some(ErrorCode::Unauthorized) => return Err(e),
+                Err(e) if got == 0 && e.code() == Some(ErrorCode::NotFound) && !asked_missing => {
+                    asked_missing = true;
+                    let lacking: HashSet<ChunkId> = self.client.missing(rest).await?.into_iter().collect();
+                    if !lacking.is_empty() {
+                        for id in rest.iter().filter(|id| lacking.contains(*id)) {
+                            let message = format!("chunk {id} not found");
+                            let body = ErrorBody { code: ErrorCode::NotFound, message, conflicts: Vec::new() };
+                            failed.push((*id, FetchError::from_origin(*id, ClientError::Api(body))));
+                        }
+                        queue = rest.iter().filter(|id| !lacking.contains(*id)).copied().collect();
+                        at = 0;
+                        continue;
+                    }
+                    e
+                }
                 Err(e) => e,
             };
-            rest = &rest[got.min(rest.len())..];
-            let Some((&suspect, tail)) = rest.split_first() else { break };
+            at += got.min(rest.len());
+            let Some(&suspect) = queue.get(at) else { break };
             tracing::debug!(chunk = %suspect, error = %err, "chunk batch broke; fetching its next chunk alone");
             match self.fetch_one(suspect).await {
                 Ok(data) => each(suspect, data),
                 Err(FetchError::Offline(e)) => return Err(e),
                 Err(e) => failed.push((suspect, e)),
             }
-            rest = tail;
+            at += 1;
         }
         Ok(failed)
     }

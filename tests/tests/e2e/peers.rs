@@ -297,3 +297,20 @@ fn a_slow_lan_limit_paces_a_peer_without_it_counting_as_stalled() {
     a.stop(false);
     b.stop(false);
 }
+
+#[test]
+fn a_device_asks_the_origin_once_which_chunks_of_a_pending_version_it_lacks() {
+    let (_tmp, coord, devices) = world("xenia", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // B cannot fetch from A (it stalls) and the origin has few of the chunks yet: B's download
+    // fails, after one refused batch and one question, not a refusal per chunk.
+    stalling_author(&mut a, &mut b);
+    let errors_before = coord.metric("shoal_request_errors_total");
+    a.write("f.bin", &noise(66, 4 * 1024 * 1024));
+    wait_for(SETTLE, || b.log().contains("download failed").then_some(()))
+        .unwrap_or_else(|| panic!("B never failed to fetch the pending version:\n{}", b.log()));
+    let errors = coord.metric("shoal_request_errors_total") - errors_before;
+    assert!(errors <= 4, "the coordinator refused {errors} requests for one 64-chunk file");
+    a.stop(false);
+    b.stop(false);
+}
