@@ -86,6 +86,12 @@ impl Engine {
             let req = CommitRequest { commit_id: item.commit_id, changes: item.changes, pending_ok: peer_first };
             match self.client.commit(&req).await {
                 Ok(resp) => {
+                    #[cfg(feature = "test-faults")]
+                    if peer_first && std::env::var("SHOAL_TEST_CRASH").as_deref() == Ok("after-pending-commit") {
+                        // A crash between the coordinator's answer and recording it.
+                        tracing::error!("test fault: exiting right after a pending commit");
+                        std::process::exit(3);
+                    }
                     let mut batch = Batch::default();
                     batch.del_outbox(id);
                     for e in &resp.entries {

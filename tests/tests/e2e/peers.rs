@@ -314,3 +314,35 @@ fn a_device_asks_the_origin_once_which_chunks_of_a_pending_version_it_lacks() {
     a.stop(false);
     b.stop(false);
 }
+
+#[test]
+fn a_pending_commit_whose_answer_was_lost_is_paid_or_withdrawn_after_a_restart() {
+    let (_tmp, _coord, devices) = world("yrsa", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // A commits peer-first and dies before it records what it owes.
+    limit_upload(&a, "256KiB");
+    a.start_with_env(&[("SHOAL_TEST_CRASH", "after-pending-commit")]);
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    a.write("f.bin", &noise(67, 2 * 1024 * 1024));
+    wait_for(SETTLE, || a.log().contains("exiting right after a pending commit").then_some(()))
+        .unwrap_or_else(|| panic!("A never committed peer-first:\n{}", a.log()));
+    a.stop(true);
+    b.stop(false);
+    let v1 = wait_for(SETTLE, || pending_of(&a).into_iter().find(|v| v.path.as_str() == "f.bin"))
+        .expect("the version is pending at the coordinator")
+        .version;
+    // The file changes while A is down, and A comes back with no peer: its first version can no
+    // longer be uploaded, so it must be withdrawn, not left pending with nobody to pay for it.
+    let v2 = noise(68, 2 * 1024 * 1024);
+    a.write("f.bin", &v2);
+    a.start();
+    wait_for(SETTLE, || pending_of(&a).iter().all(|v| v.withdrawn).then_some(()))
+        .unwrap_or_else(|| panic!("still pending: {:?}\n{}", pending_of(&a), a.log()));
+    assert!(pending_of(&a).iter().any(|v| v.version == v1 && v.withdrawn), "{:?}", pending_of(&a));
+    b.start();
+    converge(&[&a, &b], SETTLE);
+    assert_eq!(b.read("f.bin").as_deref(), Some(&v2[..]));
+    a.stop(false);
+    b.stop(false);
+}
