@@ -70,8 +70,9 @@ impl Chunker {
 
     /// Chunks everything `src` yields, calling `on_chunk(chunk, offset, bytes)` for each chunk in
     /// order, and returns the manifest. Memory use is bounded by the read buffer, whatever the
-    /// size of the source. The whole-file hash runs on a second thread beside the cutting and
-    /// per-chunk hashing, so both cores work.
+    /// size of the source. For large reads both cores work: the whole-file hash runs on a second
+    /// thread while the buffer is cut, then both threads hash the buffer's chunks, which are
+    /// handed to `on_chunk` in order.
     pub fn chunk<F>(&self, src: impl Read, on_chunk: F) -> Result<Manifest, ChunkerError>
     where
         F: FnMut(&ChunkRef, u64, &[u8]) -> Result<(), String>,
@@ -117,7 +118,8 @@ impl Chunker {
             let fresh = &data[hashed..];
             let (consumed, result) = std::thread::scope(|s| {
                 // Small reads are hashed inline: a thread costs more than it saves.
-                let h = if fresh.len() >= 1 << 20 {
+                let big = fresh.len() >= 1 << 20;
+                let h = if big {
                     Some(s.spawn(|| {
                         whole.update(fresh);
                     }))
@@ -125,24 +127,43 @@ impl Chunker {
                     whole.update(fresh);
                     None
                 };
-                let mut consumed = 0usize;
-                let mut result = Ok(());
+                // Cut first (while the whole-file hash runs beside), then hash the chunks on
+                // both threads, then hand them over in order.
+                let mut cuts: Vec<(usize, usize)> = Vec::new();
                 for c in FastCDC::new(data, p.min, p.avg, p.max) {
                     if !eof && c.offset + c.length == data.len() {
                         // The cut may only be the end of the buffer: re-cut with more data.
                         break;
                     }
-                    let bytes = &data[c.offset..c.offset + c.length];
-                    let chunk = ChunkRef { id: ChunkId::of(bytes), len: c.length as u32 };
-                    if let Err(e) = on_chunk(&chunk, offset + c.offset as u64, bytes) {
+                    cuts.push((c.offset, c.length));
+                }
+                if let Some(h) = h {
+                    h.join().expect("the hashing thread only calls blake3, which does not panic");
+                }
+                let hash = |cuts: &[(usize, usize)]| -> Vec<ChunkId> {
+                    cuts.iter().map(|&(at, len)| ChunkId::of(&data[at..at + len])).collect()
+                };
+                let ids = if big && cuts.len() > 1 {
+                    let (first, second) = cuts.split_at(cuts.len() / 2);
+                    std::thread::scope(|s| {
+                        let other = s.spawn(|| hash(second));
+                        let mut ids = hash(first);
+                        ids.extend(other.join().expect("the hashing thread only calls blake3, which does not panic"));
+                        ids
+                    })
+                } else {
+                    hash(&cuts)
+                };
+                let mut consumed = 0usize;
+                let mut result = Ok(());
+                for (&(at, len), id) in cuts.iter().zip(ids) {
+                    let chunk = ChunkRef { id, len: len as u32 };
+                    if let Err(e) = on_chunk(&chunk, offset + at as u64, &data[at..at + len]) {
                         result = Err(e);
                         break;
                     }
                     chunks.push(chunk);
-                    consumed = c.offset + c.length;
-                }
-                if let Some(h) = h {
-                    h.join().expect("the hashing thread only calls blake3, which does not panic");
+                    consumed = at + len;
                 }
                 (consumed, result)
             });
