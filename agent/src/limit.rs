@@ -72,7 +72,7 @@ type Bucket = governor::DefaultDirectRateLimiter;
 /// Waits transfers down to a rate; unlimited when built from `None`. Cheap to clone; clones share
 /// the budget.
 #[derive(Clone, Default)]
-pub struct Limiter(Option<Arc<(Bucket, NonZeroU32)>>);
+pub struct Limiter(Option<Arc<(Bucket, NonZeroU32, NonZeroU32)>>);
 
 impl Limiter {
     pub fn new(rate: Option<Rate>) -> Limiter {
@@ -81,7 +81,7 @@ impl Limiter {
             // packets even at low rates).
             let burst = NonZeroU32::new((r.get() / 10).max(16 * 1024)).expect("non-zero");
             let quota = governor::Quota::per_second(r).allow_burst(burst);
-            Arc::new((governor::RateLimiter::direct(quota), burst))
+            Arc::new((governor::RateLimiter::direct(quota), burst, r))
         }))
     }
 
@@ -89,10 +89,19 @@ impl Limiter {
         self.0.is_some()
     }
 
+    /// How many bytes to send between waits, so that whoever receives them hears from this
+    /// device often even at a low rate: an eighth of a second's worth, from 512 bytes up to `max`.
+    pub fn piece(&self, max: usize) -> usize {
+        match &self.0 {
+            None => max,
+            Some(l) => usize::try_from(l.2.get() / 8).unwrap_or(max).clamp(512.min(max), max),
+        }
+    }
+
     /// Waits until `n` more bytes fit the rate.
     pub async fn take(&self, n: usize) {
         let Some(l) = &self.0 else { return };
-        let (bucket, burst) = &**l;
+        let (bucket, burst, _) = &**l;
         let mut left = n as u64;
         while left > 0 {
             let step = left.min(u64::from(burst.get())) as u32;
@@ -108,6 +117,15 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_shrink_with_the_rate() {
+        let piece = |rate: Option<&str>| Limiter::new(rate.map(|r| Rate::parse(r).unwrap())).piece(16 * 1024);
+        assert_eq!(piece(None), 16 * 1024);
+        assert_eq!(piece(Some("10MiB")), 16 * 1024);
+        assert_eq!(piece(Some("40KiB")), 5 * 1024);
+        assert_eq!(piece(Some("1KiB")), 512);
+    }
 
     #[test]
     fn rates() {

@@ -85,14 +85,11 @@ pub async fn get(
         });
         let mut frames = FramedRead::new(recv, FrameDecoder::default());
         let mut next = 0usize;
-        let mut seen = 0u64;
         loop {
             // `next()` keeps what it has read in the decoder's buffer when it times out.
+            let before = received.load(Ordering::Relaxed);
             let frame = match tokio::time::timeout(STALL_TIMEOUT, frames.next()).await {
-                Err(_) if received.load(Ordering::Relaxed) > seen => {
-                    seen = received.load(Ordering::Relaxed);
-                    continue;
-                }
+                Err(_) if received.load(Ordering::Relaxed) > before => continue,
                 Err(_) => return Err(PeerFetchError::Stalled),
                 Ok(None) => break,
                 Ok(Some(f)) => f.map_err(|e| PeerFetchError::Bad(e.to_string()))?,

@@ -29,7 +29,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_AHEAD: usize = 4;
 /// Files kept open per request.
 const OPEN_FILES: usize = 16;
-/// Bytes written at a time under a `lan_limit`.
+/// Most bytes written at a time under a `lan_limit` (less at low rates: `Limiter::piece`).
 const LIMITED_PIECE: usize = 16 * 1024;
 
 /// What this device can serve to its peers. Cheap to clone.
@@ -147,11 +147,12 @@ impl ChunkServer {
             if self.lan.is_limited() {
                 // Paced piece by piece, so a slow limit never leaves the peer waiting in silence
                 // for a whole frame.
+                let size = self.lan.piece(LIMITED_PIECE);
                 self.lan.take(FRAME_HEADER).await;
                 send.write_all(&header).await?;
                 let mut at = 0;
                 while at < data.len() {
-                    let piece = data.slice(at..data.len().min(at + LIMITED_PIECE));
+                    let piece = data.slice(at..data.len().min(at + size));
                     at += piece.len();
                     self.lan.take(piece.len()).await;
                     send.write_chunk(piece).await?;

@@ -165,7 +165,12 @@ impl Origin {
                 Err(e) if e.code() == Some(ErrorCode::Unauthorized) => return Err(e),
                 Err(e) if got == 0 && e.code() == Some(ErrorCode::NotFound) && !asked_missing => {
                     asked_missing = true;
-                    let lacking: HashSet<ChunkId> = self.client.missing(rest).await?.into_iter().collect();
+                    let lacking: HashSet<ChunkId> = match self.client.missing(rest).await {
+                        Ok(ids) => ids.into_iter().collect(),
+                        Err(e) if ends_round(&e) => return Err(e),
+                        // Unanswered: the chunks are tried one by one, as for any broken batch.
+                        Err(_) => HashSet::new(),
+                    };
                     if !lacking.is_empty() {
                         for id in rest.iter().filter(|id| lacking.contains(*id)) {
                             let message = format!("chunk {id} not found");

@@ -285,8 +285,12 @@ fn a_slow_lan_limit_paces_a_peer_without_it_counting_as_stalled() {
     a.start();
     b.start();
     wait_for_peers(&[&a, &b]);
+    let started = std::time::Instant::now();
     a.write("paced.bin", &data);
     wait_until_has(&b, "paced.bin", &data);
+    // 600 KiB at 40 KiB/s: the limit did hold the transfer back.
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_secs(10), "600 KiB at 40 KiB/s took {took:?}");
     assert!(!b.log().contains("not asking this peer again"), "B dropped A:\n{}", b.log());
     let [_, peer, _, origin] = wait_for(SETTLE, || {
         let s = by_source(&b);
