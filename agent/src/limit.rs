@@ -90,12 +90,11 @@ impl Limiter {
     }
 
     /// How many bytes to send between waits, so that whoever receives them hears from this
-    /// device often even at a low rate: an eighth of a second's worth, from 512 bytes up to `max`.
-    pub fn piece(&self, max: usize) -> usize {
-        match &self.0 {
-            None => max,
-            Some(l) => usize::try_from(l.2.get() / 8).unwrap_or(max).clamp(512.min(max), max),
-        }
+    /// device often even at a low rate: an eighth of a second's worth, from 512 bytes up to `max`
+    /// (`None` when unlimited).
+    pub fn piece(&self, max: usize) -> Option<usize> {
+        let l = self.0.as_ref()?;
+        Some(usize::try_from(l.2.get() / 8).unwrap_or(max).clamp(512.min(max), max))
     }
 
     /// Waits until `n` more bytes fit the rate.
@@ -121,10 +120,10 @@ mod tests {
     #[test]
     fn pieces_shrink_with_the_rate() {
         let piece = |rate: Option<&str>| Limiter::new(rate.map(|r| Rate::parse(r).unwrap())).piece(16 * 1024);
-        assert_eq!(piece(None), 16 * 1024);
-        assert_eq!(piece(Some("10MiB")), 16 * 1024);
-        assert_eq!(piece(Some("40KiB")), 5 * 1024);
-        assert_eq!(piece(Some("1KiB")), 512);
+        assert_eq!(piece(None), None);
+        assert_eq!(piece(Some("10MiB")), Some(16 * 1024));
+        assert_eq!(piece(Some("40KiB")), Some(5 * 1024));
+        assert_eq!(piece(Some("1KiB")), Some(512));
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! device's own files, found through the chunk map. The open file's stat (size, mtime, ctime,
 //! inode, mode) is checked against its index record when it is opened and again after each chunk
 //! is read: a file changed since it was hashed is not served (from then on), and the peer asks
-//! another source for those chunks. (The receiver verifies every chunk anyway; the check keeps a changed file from costing
-//! the peer a round. Hashing each chunk again here cost a third of this device's CPU per
-//! transfer.) Chunks of downloads still in progress are served from their temp files
+//! another source for those chunks. (The receiver verifies every chunk anyway; the check keeps
+//! a changed file from costing the peer a round. Hashing each chunk again here cost a third of
+//! this device's CPU per transfer.) Chunks of downloads still in progress are served from their temp files
 //! (`transfer::Partials`), once written. Only connections the roster admitted get here.
 //!
 //! Per peer, the transport bounds the requests open at once (`PEER_STREAMS`) and the bytes in
@@ -144,23 +144,17 @@ impl ChunkServer {
             if let Some(f) = fault {
                 return faults::misbehave(f, send, &header, &data).await;
             }
-            if self.lan.is_limited() {
-                // Paced piece by piece, so a slow limit never leaves the peer waiting in silence
-                // for a whole frame.
-                let size = self.lan.piece(LIMITED_PIECE);
-                self.lan.take(FRAME_HEADER).await;
-                send.write_all(&header).await?;
-                let mut at = 0;
-                while at < data.len() {
-                    let piece = data.slice(at..data.len().min(at + size));
-                    at += piece.len();
-                    self.lan.take(piece.len()).await;
-                    send.write_chunk(piece).await?;
-                }
-            } else {
-                send.write_all(&header).await?;
-                // Handed over without a copy.
-                send.write_chunk(data).await?;
+            // Under a `lan_limit`, paced piece by piece so a slow limit never leaves the peer
+            // waiting in silence for a whole frame; otherwise one piece. Handed over without a copy.
+            let size = self.lan.piece(LIMITED_PIECE).unwrap_or(data.len()).max(1);
+            self.lan.take(FRAME_HEADER).await;
+            send.write_all(&header).await?;
+            let mut at = 0;
+            while at < data.len() {
+                let piece = data.slice(at..data.len().min(at + size));
+                at += piece.len();
+                self.lan.take(piece.len()).await;
+                send.write_chunk(piece).await?;
             }
         }
         reader.await??;
