@@ -13,10 +13,13 @@
 //!   the parent directory's path (empty at the top); a page holds names from its key's name up to
 //!   the next page's. A page that grows past its limits splits in two; an empty page is removed.
 //!   A slot stores each distinct manifest once (index, synced and remote usually share one).
-//! - `c/<bucket u16 BE>` → chunk map bucket: `[1]` + postcard `Vec<ChunkLoc>` sorted by (id,
-//!   path): where each chunk of each indexed file lies (first offset per file). The bucket is the
-//!   top 14 bits of the chunk id: at most 16,384 keys, ~60 locations each at a million chunks.
-//!   Kept in the same atomic batch as the index records it is derived from.
+//! - `c/<bucket u16 BE>` → chunk map bucket: `[2]` + records sorted by (id, path), each `id (32)
+//!   · offset (u64 LE) · len (u32 LE) · path length (u16 LE) · path`: where each chunk of each
+//!   indexed file lies (first offset per file). The bucket is the top 14 bits of the chunk id: at
+//!   most 16,384 keys, ~60 locations each at a million chunks, so an edit merges records into
+//!   the stored bytes without decoding the ones it keeps. Kept in the same atomic batch as the
+//!   index records it is derived from. Buckets in the first form (`[1]` + postcard
+//!   `Vec<ChunkLoc>`) are read as they are and rewritten in this form when next edited.
 //! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
 //! - `q/<id u64 BE>` → empty: outbox item `id` was sent as a commit that may be recorded pending
 //!   (written before it is sent, removed with the item), so a retry after a lost answer or a
@@ -39,6 +42,8 @@ use shoal_protocol::{Change, ChunkId, CommitId, DeviceId, Entry, EntryKind, Mani
 
 /// Format version of outbox items (and of layout-1 records).
 const RECORD_VERSION: u8 = 1;
+/// Format version of chunk map buckets.
+const BUCKET_VERSION: u8 = 2;
 /// Format version of pages.
 const PAGE_VERSION: u8 = 2;
 /// The current layout, stored under `m/layout`.
@@ -51,8 +56,10 @@ pub const PAGE_MAX_SLOTS: usize = 256;
 pub const PAGE_MAX_BYTES: usize = 64 * 1024;
 /// Layout-1 records moved per atomic migration step.
 const MIGRATE_STEP: usize = 20_000;
-/// sled's page cache: records are read per directory page, so a small cache suffices.
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// sled's page cache. Records are read per directory page, but chunk map buckets are touched at
+/// random (by content hash): the cache holds most of a million-file folder's map (~65 MB), which
+/// a 16 MiB cache paged in and out on nearly every edit.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a local path looked like when it was last scanned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -451,6 +458,102 @@ fn chunk_key(id: &ChunkId) -> [u8; 4] {
     [b'c', b'/', hi, lo]
 }
 
+/// One record of a stored chunk map bucket, borrowed from the stored bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawLoc<'a> {
+    id: &'a [u8; 32],
+    offset: u64,
+    len: u32,
+    path: &'a str,
+    /// The whole record as stored.
+    bytes: &'a [u8],
+}
+
+impl RawLoc<'_> {
+    fn order(&self) -> (&[u8; 32], &str) {
+        (self.id, self.path)
+    }
+}
+
+/// Bytes of a bucket record before its path: id, offset, length, path length.
+const BUCKET_RECORD_HEAD: usize = 32 + 8 + 4 + 2;
+
+fn push_record(out: &mut Vec<u8>, id: &[u8; 32], offset: u64, len: u32, path: &str) {
+    // Paths are at most `MAX_PATH_BYTES` (4,096) long: their length fits in two bytes.
+    let path_len = u16::try_from(path.len()).expect("a sync path is at most 4,096 bytes");
+    out.extend_from_slice(id);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&path_len.to_le_bytes());
+    out.extend_from_slice(path.as_bytes());
+}
+
+/// A stored bucket in its current form. The first form (`[1]` + postcard `Vec<ChunkLoc>`, which
+/// decodes every record on every edit) is converted; its bucket is rewritten in the current form
+/// when next edited. An unreadable one reads as empty.
+fn current_bucket(v: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if v.first() != Some(&RECORD_VERSION) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let mut locs: Vec<ChunkLoc> = decode(v).unwrap_or_default();
+    locs.sort_by(|a, b| (&a.id, &a.path).cmp(&(&b.id, &b.path)));
+    let mut out = vec![BUCKET_VERSION];
+    for l in locs {
+        push_record(&mut out, &l.id.0, l.offset, l.len, l.path.as_str());
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The records of a bucket in its current form, in order. A damaged one yields the records
+/// before the damage (the map is only a hint: every chunk read from a file is verified).
+fn bucket_records(v: &[u8]) -> Vec<RawLoc<'_>> {
+    let Some((&BUCKET_VERSION, mut rest)) = v.split_first() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while rest.len() >= BUCKET_RECORD_HEAD {
+        let id: &[u8; 32] = rest[..32].try_into().expect("32 bytes");
+        let offset = u64::from_le_bytes(rest[32..40].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(rest[40..44].try_into().expect("4 bytes"));
+        let path_len = usize::from(u16::from_le_bytes(rest[44..46].try_into().expect("2 bytes")));
+        let Some(path) = rest.get(BUCKET_RECORD_HEAD..BUCKET_RECORD_HEAD + path_len) else { break };
+        let Ok(path) = std::str::from_utf8(path) else { break };
+        let (bytes, tail) = rest.split_at(BUCKET_RECORD_HEAD + path_len);
+        out.push(RawLoc { id, offset, len, path, bytes });
+        rest = tail;
+    }
+    out
+}
+
+/// A bucket's new stored form: `old`'s records without the dropped (chunk, path) pairs, with
+/// `add` merged in (an added pair replaces a stored one). One pass over the stored bytes, none of
+/// the kept records decoded: the cost of an edit stays small as buckets fill up.
+fn edit_bucket(old: Vec<RawLoc<'_>>, drop: Vec<(ChunkId, SyncPath)>, mut add: Vec<ChunkLoc>) -> Vec<u8> {
+    let drop: std::collections::HashSet<(&[u8; 32], &str)> = drop.iter().map(|(id, p)| (&id.0, p.as_str())).collect();
+    add.sort_by(|a, b| (&a.id, &a.path).cmp(&(&b.id, &b.path)));
+    // Of the same pair added twice, the last one wins.
+    add.reverse();
+    add.dedup_by(|a, b| a.id == b.id && a.path == b.path);
+    add.reverse();
+    let mut out = Vec::with_capacity(1 + old.iter().map(|r| r.bytes.len()).sum::<usize>());
+    out.push(BUCKET_VERSION);
+    let mut add = add.into_iter().peekable();
+    for r in old {
+        let mut replaced = false;
+        while let Some(l) = add.next_if(|l| (&l.id.0, l.path.as_str()) <= r.order()) {
+            replaced |= (&l.id.0, l.path.as_str()) == r.order();
+            push_record(&mut out, &l.id.0, l.offset, l.len, l.path.as_str());
+        }
+        if !replaced && !drop.contains(&r.order()) {
+            out.extend_from_slice(r.bytes);
+        }
+    }
+    for l in add {
+        push_record(&mut out, &l.id.0, l.offset, l.len, l.path.as_str());
+    }
+    out
+}
+
 /// The chunk locations of a file's manifest: each chunk once, at its first offset.
 fn locations(path: &SyncPath, m: &Manifest) -> Vec<ChunkLoc> {
     let mut seen = std::collections::HashSet::new();
@@ -657,32 +760,17 @@ impl Store {
             write_page(&mut out, &key[..prefix_len], key.clone(), &page);
         }
         for (key, (drop, add)) in chunk_edits {
-            let mut bucket = self.chunk_bucket(&key)?;
-            let existed = !bucket.is_empty();
-            let drop: std::collections::HashSet<(ChunkId, SyncPath)> = drop.into_iter().collect();
-            bucket.retain(|l| !drop.contains(&(l.id, l.path.clone())));
-            for l in add {
-                match bucket.binary_search_by(|x| (&x.id, &x.path).cmp(&(&l.id, &l.path))) {
-                    Ok(i) => bucket[i] = l,
-                    Err(i) => bucket.insert(i, l),
-                }
-            }
-            if bucket.is_empty() {
-                if existed {
-                    out.remove(&key[..]);
-                }
-            } else {
-                out.insert(&key[..], encode(&bucket));
+            let old = self.state.get(key)?;
+            let current = old.as_deref().map(current_bucket);
+            let bucket = edit_bucket(current.as_deref().map(bucket_records).unwrap_or_default(), drop, add);
+            if bucket.len() > 1 {
+                out.insert(&key[..], bucket);
+            } else if old.is_some() {
+                out.remove(&key[..]);
             }
         }
         self.state.apply_batch(out)?;
         Ok(unsynced)
-    }
-
-    /// The locations in one chunk map bucket (empty if none or unreadable: the map is only ever
-    /// a hint, every chunk read from a file is verified).
-    fn chunk_bucket(&self, key: &[u8; 4]) -> anyhow::Result<Vec<ChunkLoc>> {
-        Ok(self.state.get(key)?.and_then(|v| decode(&v)).unwrap_or_default())
     }
 
     /// Where the folder's files hold `ids`: one location per chunk found (the first by path).
@@ -696,12 +784,21 @@ impl Store {
             by_bucket.entry(chunk_key(id)).or_default().push(*id);
         }
         let mut out = std::collections::HashMap::new();
-        for (key, ids) in by_bucket {
-            let bucket = self.chunk_bucket(&key)?;
-            for id in ids {
-                let first = bucket.partition_point(|l| l.id < id);
-                if let Some(l) = bucket.get(first).filter(|l| l.id == id) {
-                    out.insert(id, l.clone());
+        for (key, mut ids) in by_bucket {
+            let Some(v) = self.state.get(key)? else { continue };
+            let v = current_bucket(&v);
+            ids.sort_unstable();
+            let mut ids = ids.into_iter().peekable();
+            for r in bucket_records(&v) {
+                while ids.next_if(|id| id.0 < *r.id).is_some() {}
+                let Some(&id) = ids.peek() else { break };
+                // The first record of a chunk names its first path; one whose path no longer
+                // parses (a damaged value: the map is only a hint) is passed over.
+                if id.0 == *r.id
+                    && !out.contains_key(&id)
+                    && let Ok(path) = SyncPath::parse(r.path)
+                {
+                    out.insert(id, ChunkLoc { id, path, offset: r.offset, len: r.len });
                 }
             }
         }

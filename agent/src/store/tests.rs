@@ -143,8 +143,12 @@ proptest! {
         let mut have = std::collections::BTreeSet::new();
         for kv in store.state.scan_prefix(b"c/") {
             let (_, v) = kv.unwrap();
-            for l in decode::<Vec<ChunkLoc>>(&v).unwrap() {
-                have.insert((l.id, l.path));
+            prop_assert_eq!(v[0], BUCKET_VERSION);
+            let records = bucket_records(&v);
+            prop_assert_eq!(records.iter().map(|r| r.bytes.len()).sum::<usize>(), v.len() - 1);
+            prop_assert!(records.windows(2).all(|w| w[0].order() < w[1].order()));
+            for r in records {
+                have.insert((ChunkId(*r.id), path(r.path)));
             }
         }
         prop_assert_eq!(&have, &want);
@@ -272,4 +276,69 @@ fn small_migration_steps_cover_everything() {
     let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
     store.migrate(7).unwrap();
     assert_eq!(store.trees().unwrap().remote.len(), 100);
+}
+
+fn loc(seed: u8, p: &str, offset: u64) -> ChunkLoc {
+    ChunkLoc { id: ChunkId::of(&[seed, 1]), path: path(p), offset, len: 10 }
+}
+
+#[test]
+fn a_bucket_edit_drops_replaces_and_adds_in_order() {
+    let first =
+        edit_bucket(Vec::new(), Vec::new(), vec![loc(1, "b", 0), loc(1, "a", 0), loc(2, "a", 5), loc(1, "a", 3)]);
+    let records = bucket_records(&first);
+    let mut want = [loc(1, "a", 3), loc(1, "b", 0), loc(2, "a", 5)];
+    want.sort_by(|a, b| (&a.id, &a.path).cmp(&(&b.id, &b.path)));
+    let got: Vec<(ChunkId, &str, u64)> = records.iter().map(|r| (ChunkId(*r.id), r.path, r.offset)).collect();
+    let expect: Vec<(ChunkId, &str, u64)> = want.iter().map(|l| (l.id, l.path.as_str(), l.offset)).collect();
+    assert_eq!(got, expect, "the last of a pair added twice wins, records sorted by (chunk, path)");
+
+    let second =
+        edit_bucket(bucket_records(&first), vec![(loc(1, "b", 0).id, path("b"))], vec![loc(2, "a", 9), loc(3, "c", 1)]);
+    let got: Vec<(ChunkId, &str, u64)> =
+        bucket_records(&second).iter().map(|r| (ChunkId(*r.id), r.path, r.offset)).collect();
+    let mut expect = vec![(loc(1, "a", 3).id, "a", 3), (loc(2, "a", 9).id, "a", 9), (loc(3, "c", 1).id, "c", 1)];
+    expect.sort();
+    assert_eq!(got, expect);
+    assert_eq!(
+        edit_bucket(bucket_records(&second), expect.iter().map(|(id, p, _)| (*id, path(p))).collect(), Vec::new()),
+        vec![BUCKET_VERSION]
+    );
+}
+
+#[test]
+fn a_damaged_bucket_yields_what_precedes_the_damage() {
+    let v = edit_bucket(Vec::new(), Vec::new(), vec![loc(1, "a", 0), loc(2, "bb", 0)]);
+    let first_len = bucket_records(&v)[0].bytes.len();
+    // Cut inside the second record's path, and give the second record a path that is not UTF-8.
+    assert_eq!(bucket_records(&v[..v.len() - 1]).len(), 1);
+    let mut bad = v.clone();
+    let at = 1 + first_len + BUCKET_RECORD_HEAD;
+    bad[at] = 0xff;
+    assert_eq!(bucket_records(&bad).len(), 1);
+    assert!(bucket_records(&[]).is_empty() && bucket_records(&[9, 1, 2]).is_empty());
+}
+
+/// Buckets written by layout 2's first release (postcard, which decoded every record on every
+/// edit) are read as they are and rewritten in the current form when next edited.
+#[test]
+fn first_form_buckets_are_read_and_rewritten_when_edited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let old = vec![loc(7, "x/one", 0), loc(7, "w", 4)];
+    let key = chunk_key(&old[0].id);
+    store.state.insert(key, encode(&old)).unwrap();
+    let found = store.chunk_locations(&[old[0].id]).unwrap();
+    assert_eq!(found[&old[0].id], old[1], "the first location by path");
+
+    // An edit of the bucket: a new file holds the same chunk.
+    let mut b = Batch::default();
+    let m = Manifest { size: 10, hash: ChunkId::of(&[7]), chunks: vec![ChunkRef { id: old[0].id, len: 10 }] };
+    b.put_index(&path("v"), &IndexRec { manifest: Some(m), ..index(7) });
+    store.apply(b).unwrap();
+    let v = store.state.get(key).unwrap().unwrap();
+    assert_eq!(v[0], BUCKET_VERSION);
+    let paths: Vec<&str> = bucket_records(&v).iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["v", "w", "x/one"]);
+    assert_eq!(store.chunk_locations(&[old[0].id]).unwrap()[&old[0].id].path, path("v"));
 }
