@@ -16,10 +16,12 @@
 //! - `c/<bucket u16 BE>` → chunk map bucket: `[2]` + records sorted by (id, path), each `id (32)
 //!   · offset (u64 LE) · len (u32 LE) · path length (u16 LE) · path`: where each chunk of each
 //!   indexed file lies (first offset per file). The bucket is the top 14 bits of the chunk id: at
-//!   most 16,384 keys, ~60 locations each at a million chunks, so an edit merges records into
-//!   the stored bytes without decoding the ones it keeps. Kept in the same atomic batch as the
-//!   index records it is derived from. Buckets in the first form (`[1]` + postcard
-//!   `Vec<ChunkLoc>`) are read as they are and rewritten in this form when next edited.
+//!   most 16,384 keys, ~60 locations each at a million chunks, so an edit copies the records it
+//!   keeps as stored bytes (reading only their headers, allocating nothing per record). Kept in
+//!   the same atomic batch as the index records it is derived from. Buckets in the first form
+//!   (`[1]` + postcard `Vec<ChunkLoc>`) are converted when read and rewritten in this form when
+//!   next edited. A damaged bucket keeps the records before the damage; one out of order may
+//!   keep a stale record or miss a lookup until its records are replaced: the map is a hint.
 //! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
 //! - `q/<id u64 BE>` → empty: outbox item `id` was sent as a commit that may be recorded pending
 //!   (written before it is sent, removed with the item), so a retry after a lost answer or a
@@ -526,8 +528,8 @@ fn bucket_records(v: &[u8]) -> Vec<RawLoc<'_>> {
 }
 
 /// A bucket's new stored form: `old`'s records without the dropped (chunk, path) pairs, with
-/// `add` merged in (an added pair replaces a stored one). One pass over the stored bytes, none of
-/// the kept records decoded: the cost of an edit stays small as buckets fill up.
+/// `add` merged in (an added pair replaces a stored one). Kept records are copied as stored, so
+/// the cost of an edit stays small as buckets fill up. Assumes `old` is sorted, as written.
 fn edit_bucket(old: Vec<RawLoc<'_>>, drop: Vec<(ChunkId, SyncPath)>, mut add: Vec<ChunkLoc>) -> Vec<u8> {
     let drop: std::collections::HashSet<(&[u8; 32], &str)> = drop.iter().map(|(id, p)| (&id.0, p.as_str())).collect();
     add.sort_by(|a, b| (&a.id, &a.path).cmp(&(&b.id, &b.path)));
