@@ -480,14 +480,19 @@ impl RawLoc<'_> {
 /// Bytes of a bucket record before its path: id, offset, length, path length.
 const BUCKET_RECORD_HEAD: usize = 32 + 8 + 4 + 2;
 
-fn push_record(out: &mut Vec<u8>, id: &[u8; 32], offset: u64, len: u32, path: &str) {
+fn push_record(out: &mut Vec<u8>, l: &ChunkLoc) {
     // Paths are at most `MAX_PATH_BYTES` (4,096) long: their length fits in two bytes.
-    let path_len = u16::try_from(path.len()).expect("a sync path is at most 4,096 bytes");
-    out.extend_from_slice(id);
-    out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(&len.to_le_bytes());
+    let path_len = u16::try_from(l.path.as_str().len()).expect("a sync path is at most 4,096 bytes");
+    out.extend_from_slice(&l.id.0);
+    out.extend_from_slice(&l.offset.to_le_bytes());
+    out.extend_from_slice(&l.len.to_le_bytes());
     out.extend_from_slice(&path_len.to_le_bytes());
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(l.path.as_str().as_bytes());
+}
+
+/// A location's place in a bucket: the order of stored records.
+fn loc_order(l: &ChunkLoc) -> (&[u8; 32], &str) {
+    (&l.id.0, l.path.as_str())
 }
 
 /// A stored bucket in its current form. The first form (`[1]` + postcard `Vec<ChunkLoc>`, which
@@ -497,13 +502,8 @@ fn current_bucket(v: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if v.first() != Some(&RECORD_VERSION) {
         return std::borrow::Cow::Borrowed(v);
     }
-    let mut locs: Vec<ChunkLoc> = decode(v).unwrap_or_default();
-    locs.sort_by(|a, b| (&a.id, &a.path).cmp(&(&b.id, &b.path)));
-    let mut out = vec![BUCKET_VERSION];
-    for l in locs {
-        push_record(&mut out, &l.id.0, l.offset, l.len, l.path.as_str());
-    }
-    std::borrow::Cow::Owned(out)
+    let locs: Vec<ChunkLoc> = decode(v).unwrap_or_default();
+    std::borrow::Cow::Owned(edit_bucket(Vec::new(), Vec::new(), locs))
 }
 
 /// The records of a bucket in its current form, in order. A damaged one yields the records
@@ -530,28 +530,25 @@ fn bucket_records(v: &[u8]) -> Vec<RawLoc<'_>> {
 /// A bucket's new stored form: `old`'s records without the dropped (chunk, path) pairs, with
 /// `add` merged in (an added pair replaces a stored one). Kept records are copied as stored, so
 /// the cost of an edit stays small as buckets fill up. Assumes `old` is sorted, as written.
-fn edit_bucket(old: Vec<RawLoc<'_>>, drop: Vec<(ChunkId, SyncPath)>, mut add: Vec<ChunkLoc>) -> Vec<u8> {
+fn edit_bucket(old: Vec<RawLoc<'_>>, drop: Vec<(ChunkId, SyncPath)>, add: Vec<ChunkLoc>) -> Vec<u8> {
     let drop: std::collections::HashSet<(&[u8; 32], &str)> = drop.iter().map(|(id, p)| (&id.0, p.as_str())).collect();
-    add.sort_by(|a, b| (&a.id, &a.path).cmp(&(&b.id, &b.path)));
-    // Of the same pair added twice, the last one wins.
-    add.reverse();
-    add.dedup_by(|a, b| a.id == b.id && a.path == b.path);
-    add.reverse();
+    // In record order; of the same pair added twice, the last one wins.
+    let add: BTreeMap<(ChunkId, SyncPath), ChunkLoc> = add.into_iter().map(|l| ((l.id, l.path.clone()), l)).collect();
     let mut out = Vec::with_capacity(1 + old.iter().map(|r| r.bytes.len()).sum::<usize>());
     out.push(BUCKET_VERSION);
-    let mut add = add.into_iter().peekable();
+    let mut add = add.into_values().peekable();
     for r in old {
         let mut replaced = false;
-        while let Some(l) = add.next_if(|l| (&l.id.0, l.path.as_str()) <= r.order()) {
-            replaced |= (&l.id.0, l.path.as_str()) == r.order();
-            push_record(&mut out, &l.id.0, l.offset, l.len, l.path.as_str());
+        while let Some(l) = add.next_if(|l| loc_order(l) <= r.order()) {
+            replaced |= loc_order(&l) == r.order();
+            push_record(&mut out, &l);
         }
         if !replaced && !drop.contains(&r.order()) {
             out.extend_from_slice(r.bytes);
         }
     }
     for l in add {
-        push_record(&mut out, &l.id.0, l.offset, l.len, l.path.as_str());
+        push_record(&mut out, &l);
     }
     out
 }
