@@ -5,15 +5,17 @@
 //! with `release_free_memory` (the coordinator does, from its idle trimmer).
 
 /// Keeps buffers up to 32 MiB in the heap (glibc's largest mmap threshold), raises the trim
-/// threshold so transfer buffers are reused warm, and caps the number of arenas. Call once at
-/// startup.
+/// threshold so transfer buffers are reused warm, and caps the number of arenas at `arenas`.
+/// Call once at startup, before any other thread exists: a thread's first allocation picks its
+/// arena, so threads started earlier may each have made one past the cap.
 #[allow(unsafe_code)]
-pub fn tune() {
+pub fn tune(arenas: i32) {
     // SAFETY: mallopt only sets allocator parameters; called at startup before heavy allocation.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
-        // One arena per core is plenty for these I/O-bound processes; more arenas only fragment.
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        // Each arena beyond the first holds its own free memory (up to 64 MiB each) that the
+        // others cannot reuse.
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024 * 1024);
     }
 }
