@@ -422,6 +422,8 @@ pub struct Store {
     db: sled::Db,
     state: sled::Tree,
     dir: std::path::PathBuf,
+    /// The database's files, synced after each flush.
+    files: Arc<shoal_sys::dbsync::DbFiles>,
     /// Slots decoded so far (every slot of every page read), for the status's debug counters.
     reads: Arc<AtomicU64>,
 }
@@ -612,7 +614,9 @@ impl Store {
             tracing::warn!(db = %dir.display(), error = %e, "cannot restrict the database's files to their owner");
         }
         let state = db.open_tree("state")?;
-        let store = Store { db, state, dir: dir.to_path_buf(), reads: Arc::default() };
+        let files = shoal_sys::dbsync::DbFiles::new(dir)
+            .with_context(|| format!("syncing the agent database in {}", dir.display()))?;
+        let store = Store { db, state, dir: dir.to_path_buf(), files: Arc::new(files), reads: Arc::default() };
         store.migrate(MIGRATE_STEP)?;
         Ok(store)
     }
@@ -818,14 +822,13 @@ impl Store {
         })
     }
 
-    /// Makes everything applied so far durable. sled's own flush uses `sync_file_range` and
-    /// leaves large values (blob files) unsynced, so the file system holding the database is
-    /// synced too: a lost record could otherwise read as a remote deletion after a power cut.
+    /// Makes everything applied so far durable. sled's own flush leaves the drive's cache and
+    /// large values (blob files) unsynced, so the database's files are synced after it
+    /// (`DbFiles`): a lost record could otherwise read as a remote deletion after a power cut.
     pub async fn flush(&self) -> anyhow::Result<()> {
         self.db.flush_async().await?;
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> { crate::syncfs(&std::fs::File::open(dir)?) })
-            .await??;
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.sync()).await??;
         Ok(())
     }
 

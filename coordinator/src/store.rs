@@ -134,7 +134,8 @@ pub struct DeviceRec {
 pub struct Store {
     db: sled::Db,
     meta: sled::Tree,
-    dir: std::path::PathBuf,
+    /// The store's files, synced after each flush.
+    files: std::sync::Arc<shoal_sys::dbsync::DbFiles>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -214,30 +215,27 @@ impl Store {
             .open()
             .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
-        Ok(Store { db, meta, dir: dir.to_path_buf() })
+        let files = shoal_sys::dbsync::DbFiles::new(dir).map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
+        Ok(Store { db, meta, files: std::sync::Arc::new(files) })
     }
 
     /// Makes everything written so far durable. Called before acknowledging anything. sled's own
-    /// flush uses `sync_file_range` and writes large values to blob files without syncing them,
-    /// so the file system holding the store is synced as well.
+    /// flush leaves the drive's cache and large values (blob files) unsynced, so the store's
+    /// files are synced after it (`DbFiles`).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            rustix::fs::syncfs(std::fs::File::open(dir)?)?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Db(sled::Error::Io(std::io::Error::other(e.to_string()))))?
-        .map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || files.sync())
+            .await
+            .map_err(|e| StoreError::Db(sled::Error::Io(std::io::Error::other(e.to_string()))))?
+            .map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
         Ok(())
     }
 
     /// [`Store::flush`] for blocking threads.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        let dir = std::fs::File::open(&self.dir).map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
-        rustix::fs::syncfs(dir).map_err(|e| StoreError::Db(sled::Error::Io(e.into())))?;
+        self.files.sync().map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
         Ok(())
     }
 

@@ -230,7 +230,9 @@ fn layout1_migrates_in_resumable_steps() {
     {
         // A first start that stops after one small step (as if killed mid-migration).
         let raw = open_waiting(|| sled::open(&db)).unwrap();
-        let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
+        let files = Arc::new(shoal_sys::dbsync::DbFiles::new(&db).unwrap());
+        let store =
+            Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), files, reads: Arc::default() };
         let mut b = Batch::default();
         let first: Vec<_> = store.state.scan_prefix(b"i/").take(50).map(|kv| kv.unwrap()).collect();
         for (k, v) in first {
@@ -273,7 +275,9 @@ fn small_migration_steps_cover_everything() {
         raw.flush().unwrap();
     }
     let raw = open_waiting(|| sled::open(&db)).unwrap();
-    let store = Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), reads: Arc::default() };
+    let files = Arc::new(shoal_sys::dbsync::DbFiles::new(&db).unwrap());
+    let store =
+        Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), files, reads: Arc::default() };
     store.migrate(7).unwrap();
     assert_eq!(store.trees().unwrap().remote.len(), 100);
 }
