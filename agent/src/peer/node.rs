@@ -73,6 +73,20 @@ pub struct PeerNode {
     pub unknown_caller: Arc<tokio::sync::Notify>,
 }
 
+/// Socket buffer asked for on the peer endpoint, each way. The kernel's default (208 KiB here)
+/// overflows during a bulk transfer: a datagram dropped on arrival reads as congestion to QUIC,
+/// which then slows the sender down. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+fn widen_buffers(socket: &std::net::UdpSocket) {
+    use rustix::net::sockopt;
+    if let Err(e) = sockopt::set_socket_recv_buffer_size(socket, SOCKET_BUFFER)
+        .and_then(|()| sockopt::set_socket_send_buffer_size(socket, SOCKET_BUFFER))
+    {
+        tracing::debug!(error = %e, "cannot widen the peer socket's buffers");
+    }
+}
+
 impl PeerNode {
     /// Listens on `listen` (UDP) and accepts the user's devices from then on; every connected
     /// peer may ask for the chunks `chunks` serves.
@@ -85,8 +99,13 @@ impl PeerNode {
         chunks: ChunkServer,
         lan: crate::limit::Limiter,
     ) -> anyhow::Result<PeerNode> {
-        let mut endpoint = quinn::Endpoint::server(identity.server_config()?, listen)
+        let socket = std::net::UdpSocket::bind(listen)
             .with_context(|| format!("listening for peers on {listen} (choose another with peer_listen)"))?;
+        widen_buffers(&socket);
+        let runtime = quinn::default_runtime().context("no async runtime for the peer endpoint")?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(identity.server_config()?), socket, runtime)
+                .with_context(|| format!("listening for peers on {listen}"))?;
         endpoint.set_default_client_config(identity.client_config()?);
         let node = PeerNode {
             endpoint,
