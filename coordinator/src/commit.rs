@@ -280,6 +280,35 @@ mod tests {
         assert_eq!(check(&store, &chunks, vec![c]), Err(ErrorCode::InvalidManifest));
     }
 
+    /// Chunks recorded many more at once than one store batch holds (`STORED_GROUP`), some
+    /// twice in different batches, count off a waiting version once each, and it becomes
+    /// durable once, when the last arrives.
+    #[test]
+    fn a_version_waiting_for_many_chunks_is_counted_off_across_batches() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let ids: Vec<shoal_protocol::ChunkId> =
+            (0..600u32).map(|i| shoal_protocol::ChunkId::of(&i.to_be_bytes())).collect();
+        let refs = ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 65_536 }).collect();
+        let m = Manifest { size: 600 * 65_536, hash: shoal_protocol::ChunkId::of(b"whole"), chunks: refs };
+        let file = Change { manifest: Some(m), ..empty_file("big") };
+        let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
+        let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 5).unwrap() else {
+            panic!("not applied")
+        };
+        let version = resp.entries[0].version;
+        assert_eq!(store.pending(1).unwrap()[0].1.missing, 600);
+
+        let mut most = ids[..599].to_vec();
+        most.extend_from_slice(&ids[..599]);
+        assert_eq!(store.chunks_stored(1, &most, true).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.pending(1).unwrap()[0].1.missing, 1);
+        assert!(ids[..599].iter().all(|id| store.user_has_chunk(1, id).unwrap()));
+        assert_eq!(store.chunks_stored(1, &ids, true).unwrap(), vec![version]);
+        assert!(store.pending(1).unwrap().is_empty());
+    }
+
     /// A commit naming chunks the origin lacks is refused unless the device allows pending
     /// versions; then the version waits for exactly its missing chunks and becomes durable when
     /// the last arrives. Another user's copy of a chunk does not count.
