@@ -43,14 +43,15 @@ impl DbFiles {
     /// Makes what sled's last completed `flush` wrote durable. Call after each flush returns.
     pub fn sync(&self) -> io::Result<()> {
         File::open(self.dir.join("db"))?.sync_data()?;
+        // One blob listing at a time: a caller holding an older listing must not replace the
+        // record a newer one made.
+        let mut synced = self.blobs.lock().unwrap_or_else(PoisonError::into_inner);
         let blob_dir = self.dir.join("blobs");
         let entries = match std::fs::read_dir(&blob_dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        // One sync at a time, so two callers never record each other's half-done work.
-        let mut synced = self.blobs.lock().unwrap_or_else(PoisonError::into_inner);
         let mut now = HashMap::with_capacity(synced.len());
         let mut added = false;
         for e in entries {
