@@ -19,7 +19,7 @@ use shoal_protocol::{ChunkId, DeviceId, Entry, Seq, SyncPath};
 
 use crate::config::Config;
 use crate::frames::{FrameDecoder, FrameReadError};
-use crate::limit::Limiter;
+use crate::limit::{Limiter, PeerServing};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +186,8 @@ pub struct Client {
     /// `upload_limit` and `download_limit`: chunk bytes to and from the coordinator.
     up: Limiter,
     down: Limiter,
+    /// Chunks sent to LAN peers, which uploads give way to.
+    serving: PeerServing,
 }
 
 impl Client {
@@ -202,6 +204,7 @@ impl Client {
             tls: Arc::new(tls),
             up: Limiter::default(),
             down: Limiter::default(),
+            serving: PeerServing::default(),
         })
     }
 
@@ -211,6 +214,11 @@ impl Client {
         c.up = Limiter::new(cfg.upload_limit);
         c.down = Limiter::new(cfg.download_limit);
         Ok(c)
+    }
+
+    /// What the peer server notes its sending in (uploads give way to it).
+    pub fn serving(&self) -> PeerServing {
+        self.serving.clone()
     }
 
     pub fn addr(&self) -> &str {
@@ -305,8 +313,10 @@ impl Client {
         Ok(out)
     }
 
-    /// Uploads a body of frames (see `shoal_protocol::api::encode_frame`).
+    /// Uploads a body of frames (see `shoal_protocol::api::encode_frame`), after giving way to
+    /// chunks this device is sending to LAN peers (`PeerServing`).
     pub async fn upload_frames(&self, body: Vec<u8>) -> ClientResult<u64> {
+        self.serving.give_way().await;
         let body = if self.up.is_limited() {
             // Sent in pieces, each when the upload limit allows it.
             let up = self.up.clone();

@@ -132,8 +132,13 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     });
     // Without a usable identity or port the folder still syncs, through the coordinator only.
     let lan = crate::limit::Limiter::new(lan_limit);
-    let chunks =
-        crate::peer::serve::ChunkServer::new(engine.store().clone(), root.clone(), lan.clone(), engine.partials());
+    let chunks = crate::peer::serve::ChunkServer::new(
+        engine.store().clone(),
+        root.clone(),
+        lan.clone(),
+        engine.partials(),
+        engine.client().serving(),
+    );
     let node = lan_sync
         .then(|| {
             crate::peer::tls::Identity::load(home)

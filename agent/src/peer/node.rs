@@ -395,6 +395,7 @@ mod tests {
                 home.into(),
                 free(),
                 Default::default(),
+                Default::default(),
             )
         };
         let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path()), free()).unwrap();
@@ -458,7 +459,7 @@ mod tests {
 
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let partials = crate::transfer::Partials::default();
-        let served = ChunkServer::new(store, root, free(), partials.clone());
+        let served = ChunkServer::new(store, root, free(), partials.clone(), Default::default());
         let a = PeerNode::start(&ia, local, roster.clone(), da.id, home_a.path(), served, free()).unwrap();
         let b_store = crate::store::Store::open(&home_b.path().join("db")).unwrap();
         let b_root = home_b.path().to_path_buf();
@@ -468,7 +469,7 @@ mod tests {
             roster,
             db.id,
             home_b.path(),
-            ChunkServer::new(b_store, b_root, free(), Default::default()),
+            ChunkServer::new(b_store, b_root, free(), Default::default(), Default::default()),
             free(),
         )
         .unwrap();

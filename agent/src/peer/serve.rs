@@ -19,7 +19,7 @@ use shoal_protocol::ChunkId;
 use shoal_protocol::api::FRAME_HEADER;
 use shoal_protocol::peer::{MAX_PEER_REQUEST, PeerRequest, encode_bitmap};
 
-use crate::limit::Limiter;
+use crate::limit::{Limiter, PeerServing};
 use crate::store::{IndexRec, Store};
 use crate::transfer::Partials;
 
@@ -41,11 +41,13 @@ pub struct ChunkServer {
     partials: Partials,
     /// `lan_limit`, shared with what this device fetches from peers.
     lan: Limiter,
+    /// Noted at every chunk sent: origin uploads give way to it.
+    serving: PeerServing,
 }
 
 impl ChunkServer {
-    pub fn new(store: Store, root: PathBuf, lan: Limiter, partials: Partials) -> ChunkServer {
-        ChunkServer { store, root, lan, partials }
+    pub fn new(store: Store, root: PathBuf, lan: Limiter, partials: Partials, serving: PeerServing) -> ChunkServer {
+        ChunkServer { store, root, lan, partials, serving }
     }
 
     /// Answers the requests a peer opens on `conn` until the connection closes.
@@ -147,6 +149,7 @@ impl ChunkServer {
             // Under a `lan_limit`, paced piece by piece so a slow limit never leaves the peer
             // waiting in silence for a whole frame; otherwise one piece. Handed over without a copy.
             let size = self.lan.piece(LIMITED_PIECE).unwrap_or(data.len()).max(1);
+            self.serving.note();
             self.lan.take(FRAME_HEADER).await;
             send.write_all(&header).await?;
             let mut at = 0;
