@@ -1,8 +1,9 @@
 //! Asking a peer for chunks (`shoal_protocol::peer`), one request per stream. Whatever a peer
 //! sends is checked here before anyone sees it: frames must name requested chunks in request
-//! order, each at most the largest chunk, each verified against its id; a peer that sends no
-//! byte for `STALL_TIMEOUT` mid-answer has failed. A failure names what went wrong, and the
-//! caller stops asking that peer.
+//! order, each at most the largest chunk, each verified against its id; a peer that sends less
+//! than `MIN_PROGRESS` bytes in a `STALL_TIMEOUT` without finishing a frame has failed (silent,
+//! or trickling a byte now and then). A failure names what went wrong, and the caller stops
+//! asking that peer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -20,6 +21,10 @@ use crate::transfer::{Source, verify};
 
 /// Longest a peer may go without sending a byte of an answer it owes.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least a peer must send of an answer in each `STALL_TIMEOUT` in which no frame completes
+/// (~200 bytes a second; a device under a `lan_limit` of 1 KiB/s sends 512 bytes every half
+/// second). A peer trickling a byte now and then would otherwise hold a download for days.
+const MIN_PROGRESS: u64 = 1024;
 
 /// Why a peer's answer was not usable.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +83,7 @@ pub async fn get(
     for part in ids.chunks(MAX_PEER_IDS) {
         let (_send, recv) = request(conn, &PeerRequest::Get(part.to_vec())).await?;
         // Bytes received so far: a slow peer (a `lan_limit`) sends a frame in many pieces, and
-        // only a peer that sends nothing at all for `STALL_TIMEOUT` has stalled.
+        // only a peer that sends less than `MIN_PROGRESS` in a `STALL_TIMEOUT` has stalled.
         let received = AtomicU64::new(0);
         let recv = InspectReader::new(recv, |b: &[u8]| {
             received.fetch_add(b.len() as u64, Ordering::Relaxed);
@@ -89,7 +94,7 @@ pub async fn get(
             // `next()` keeps what it has read in the decoder's buffer when it times out.
             let before = received.load(Ordering::Relaxed);
             let frame = match tokio::time::timeout(STALL_TIMEOUT, frames.next()).await {
-                Err(_) if received.load(Ordering::Relaxed) > before => continue,
+                Err(_) if received.load(Ordering::Relaxed) - before >= MIN_PROGRESS => continue,
                 Err(_) => return Err(PeerFetchError::Stalled),
                 Ok(None) => break,
                 Ok(Some(f)) => f.map_err(|e| PeerFetchError::Bad(e.to_string()))?,

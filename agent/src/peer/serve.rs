@@ -194,7 +194,7 @@ fn read_at(file: &std::fs::File, offset: u64, len: u32) -> Option<Bytes> {
 }
 
 /// Test-only ways for a device to serve bad bytes, chosen by `SHOAL_TEST_PEER_FAULT`
-/// (`corrupt`, `truncate`, `endless` or `stall`). Compiled only with the `test-faults` feature,
+/// (`corrupt`, `truncate`, `endless`, `stall` or `trickle`). Compiled only with the `test-faults` feature,
 /// which the end-to-end tests enable.
 #[cfg(feature = "test-faults")]
 mod faults {
@@ -208,6 +208,8 @@ mod faults {
         Endless,
         /// The first frame's header, then nothing, with the stream held open.
         Stall,
+        /// The first frame's header, then one byte of it a second.
+        Trickle,
     }
 
     pub fn current() -> Option<Fault> {
@@ -216,6 +218,7 @@ mod faults {
             "truncate" => Some(Fault::Truncate),
             "endless" => Some(Fault::Endless),
             "stall" => Some(Fault::Stall),
+            "trickle" => Some(Fault::Trickle),
             _ => None,
         }
     }
@@ -241,6 +244,13 @@ mod faults {
             Fault::Stall => {
                 send.write_all(header).await?;
                 tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+            Fault::Trickle => {
+                send.write_all(header).await?;
+                for b in data.chunks(1) {
+                    send.write_all(b).await?;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
             }
         }
         Ok(())

@@ -44,7 +44,7 @@ fn a_peer_serving_bad_bytes_is_dropped_and_the_file_still_arrives_intact() {
     let (_tmp, _coord, devices) = world("quinn", &["a", "b"]);
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     b.start();
-    for (i, fault) in ["corrupt", "truncate", "endless", "stall"].into_iter().enumerate() {
+    for (i, fault) in ["corrupt", "truncate", "endless", "stall", "trickle"].into_iter().enumerate() {
         a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", fault)]);
         wait_for_peers(&[&a, &b]);
         let drops_before = b.log().matches("not asking this peer again").count();
@@ -55,8 +55,9 @@ fn a_peer_serving_bad_bytes_is_dropped_and_the_file_still_arrives_intact() {
         assert_eq!(b.read(&name).as_deref(), Some(&data[..]), "{fault}: B's copy differs");
         assert!(
             b.log().matches("not asking this peer again").count() > drops_before,
-            "{fault}: B never dropped the bad peer:\n{}",
-            b.log()
+            "{fault}: B never dropped the bad peer:\n{}\nA:\n{}",
+            b.log(),
+            a.log()
         );
         a.stop(false);
     }
