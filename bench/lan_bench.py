@@ -132,6 +132,7 @@ def main():
          f"{small_s:.2f} s (off: {small_off_s:.2f} s)", small_s <= small_off_s * 1.1),
     ]
     print(f"Machine: {sb.machine()}")
+    print(f"Machine {sb.speed()}")
     print(f"Build: release; loopback; two agents and a coordinator, fresh for each run; median of {runs} runs")
     print()
     print("| measurement | target | result | |")

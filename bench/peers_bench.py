@@ -35,6 +35,7 @@ def main():
             shutil.rmtree(base, ignore_errors=True)
     found = sorted(t for t in times if t is not None)
     print(f"Machine: {sb.machine()}")
+    print(f"Machine {sb.speed()}")
     print("Build: release; loopback; two agents of one user and a coordinator, started afresh each run")
     print()
     print("| measurement | target | median | max | runs |")

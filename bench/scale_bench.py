@@ -130,6 +130,7 @@ def main():
         return "timeout" if v is None else f"{v * 1000:.0f} ms"
 
     print(f"Machine: {sb.machine()}")
+    print(f"Machine {sb.speed()}")
     print(f"Build: release; loopback; files of {FILE} B, {PER_DIR} per directory; {samples} new files per size")
     print()
     print("| files | initial sync A→B | new 1 KiB file A→B, median / p99 | agent RSS A / B | coordinator RSS, then 10 s later | idle agent CPU A / B |")
