@@ -124,9 +124,10 @@ const GIVE_WAY_MAX: Duration = Duration::from_secs(1);
 /// When this device last sent chunk bytes to a LAN peer. Origin uploads give way to that
 /// (`give_way`): a peer waiting for a file wants it now, while the upload only makes a version
 /// durable sooner, and on a machine with few cores both compete for the same CPU (on this VM's two
-/// cores, a 1 GiB file reached the peer in 3.6 s with the upload running beside it, 2.2 s
-/// without). Each upload request waits at most `GIVE_WAY_MAX`, so the upload still moves (a few
-/// requests of 4 MiB a second) while peers pull for a long time. Cheap to clone; clones share it.
+/// cores, in runs interleaved with and without this, a 1 GiB file reached the peer in 4.9-5.1 s
+/// instead of 6.7-7.2 s). Each upload request waits at most `GIVE_WAY_MAX`, so the upload still
+/// moves (a few requests of 4 MiB a second) while peers pull for a long time. Cheap to clone;
+/// clones share it.
 #[derive(Clone)]
 pub struct PeerServing(Arc<Serving>);
 

@@ -19,7 +19,8 @@ use crate::frames::FrameDecoder;
 use crate::limit::Limiter;
 use crate::transfer::{Source, verify};
 
-/// Longest a peer may go without sending a byte of an answer it owes.
+/// How long each step of a request may take (opening its stream, sending it, a `have`
+/// answer), and the window a `get` answer's progress is judged in (`MIN_PROGRESS`).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least a peer must send of an answer in each `STALL_TIMEOUT` in which no frame completes
 /// (~200 bytes a second; a device under a `lan_limit` of 1 KiB/s sends 512 bytes every half
@@ -31,7 +32,7 @@ const MIN_PROGRESS: u64 = 1024;
 pub enum PeerFetchError {
     #[error("the connection failed: {0}")]
     Connection(String),
-    #[error("no answer for {}s", STALL_TIMEOUT.as_secs())]
+    #[error("less than {MIN_PROGRESS} bytes of answer in {}s", STALL_TIMEOUT.as_secs())]
     Stalled,
     #[error("bad answer: {0}")]
     Bad(String),
