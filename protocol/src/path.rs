@@ -6,7 +6,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{IsNormalized, UnicodeNormalization, is_nfc_quick};
 
 /// Longest allowed component, in bytes (the common file-system limit, NAME_MAX).
 pub const MAX_COMPONENT_BYTES: usize = 255;
@@ -68,7 +68,11 @@ impl SyncPath {
         if s.len() > MAX_PATH_BYTES * 3 {
             return Err(PathError::TooLong);
         }
-        let normalized: String = s.nfc().collect();
+        // Most paths are ASCII or already NFC (every path this side wrote or received was
+        // normalized): those are taken as they are, without building a copy character by
+        // character.
+        let normalized: String =
+            if s.is_ascii() || is_nfc_quick(s.chars()) == IsNormalized::Yes { s.to_owned() } else { s.nfc().collect() };
         if normalized.len() > MAX_PATH_BYTES {
             return Err(PathError::TooLong);
         }
@@ -265,6 +269,10 @@ mod tests {
         let p = SyncPath::parse("cafe\u{301}.txt").unwrap();
         assert_eq!(p.as_str(), "caf\u{e9}.txt");
         assert_eq!(p, SyncPath::parse("caf\u{e9}.txt").unwrap());
+        // Already NFC, and a mix whose quick check cannot say (Hangul jamo compose): as NFC.
+        assert_eq!(SyncPath::parse("d/\u{e9}t\u{e9}").unwrap().as_str(), "d/\u{e9}t\u{e9}");
+        assert_eq!(SyncPath::parse("\u{1100}\u{1161}").unwrap().as_str(), "\u{ac00}");
+        assert_eq!(SyncPath::parse("a\u{308}/o\u{308}").unwrap().as_str(), "\u{e4}/\u{f6}");
     }
 
     #[test]
@@ -291,7 +299,8 @@ mod tests {
                 for c in local.components().skip(root.components().count()) {
                     prop_assert!(matches!(c, std::path::Component::Normal(_)), "{local:?}");
                 }
-                // Parsing is idempotent.
+                // Parsing yields NFC and is idempotent.
+                prop_assert_eq!(p.as_str(), s.nfc().collect::<String>());
                 prop_assert_eq!(SyncPath::parse(p.as_str()).unwrap(), p.clone());
                 prop_assert_eq!(SyncPath::from_relative(std::path::Path::new(p.as_str())).unwrap(), p);
             }
