@@ -18,7 +18,8 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# SHOAL_BIN: a directory holding other builds of `shoal` and `shoal-coordinator` to compare.
+BIN = os.environ.get("SHOAL_BIN") or os.path.join(ROOT, "target", "release")
 QUICK = "--quick" in sys.argv
 GIB = 1 << 30
 MIB = 1 << 20
@@ -40,7 +41,18 @@ def machine():
     commit = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD").strip()
     if sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no").strip():
         commit += "+dirty"
-    return f"{os.cpu_count()} cores, {cpu}, {mem} GiB RAM, Linux {platform.release()}; commit {commit}"
+    return f"{os.cpu_count()} cores, {cpu}, {mem} GiB RAM, Linux {platform.release()}; commit {commit}; {folders()}"
+
+
+def folders():
+    """Where the benchmark's folders are, and on what: file creation cost differs between file
+    systems (see bench/fs)."""
+    where = os.environ.get("BENCH_DIR") or tempfile.gettempdir()
+    try:
+        fs = sh("findmnt", "--noheadings", "--output", "FSTYPE,SOURCE", "--target", where).split()
+    except (OSError, subprocess.CalledProcessError):
+        fs = ["unknown"]
+    return f"folders in {where} ({' on '.join(fs)})"
 
 
 def speed():
