@@ -309,6 +309,40 @@ mod tests {
         assert!(store.pending(1).unwrap().is_empty());
     }
 
+    /// `/metrics` counts every user's pending versions without scanning them, and the oldest is the
+    /// earliest first version of any user; the count survives a restart and follows versions
+    /// becoming durable.
+    #[test]
+    fn pending_stats_follow_commits_across_users_and_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("meta");
+        let store = Store::open(&dir).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let commit = |user: u64, name: &str, seed: u32, at: u64| {
+            let id = shoal_protocol::ChunkId::of(&seed.to_be_bytes());
+            let m = Manifest { size: 10, hash: id, chunks: vec![shoal_protocol::ChunkRef { id, len: 10 }] };
+            let file = Change { manifest: Some(m), ..empty_file(name) };
+            let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
+            let CommitOutcome::Applied(_) = apply(&store, &chunks, user, DeviceId([1; 16]), req, at).unwrap() else {
+                panic!("not applied")
+            };
+            id
+        };
+        let first = commit(3, "a", 1, 500);
+        commit(3, "b", 2, 900);
+        commit(7, "c", 3, 300);
+        commit(u64::MAX, "d", 4, 800);
+        assert_eq!(store.pending_stats().unwrap(), (4, Some(300)));
+        drop((chunks, store));
+
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.pending_stats().unwrap(), (4, Some(300)));
+        assert_eq!(store.chunks_stored(3, &[first], true).unwrap().len(), 1);
+        assert_eq!(store.pending_stats().unwrap(), (3, Some(300)));
+        assert_eq!(store.chunks_stored(7, &[shoal_protocol::ChunkId::of(&3u32.to_be_bytes())], true).unwrap().len(), 1);
+        assert_eq!(store.pending_stats().unwrap(), (2, Some(800)));
+    }
+
     /// A commit naming chunks the origin lacks is refused unless the device allows pending
     /// versions; then the version waits for exactly its missing chunks and becomes durable when
     /// the last arrives. Another user's copy of a chunk does not count.
@@ -344,6 +378,7 @@ mod tests {
         assert_eq!(pending[0].0, version);
         assert_eq!((pending[0].1.missing, pending[0].1.since_ms), (ids.len() as u64 - 1, 77));
         assert!(store.pending(2).unwrap().is_empty(), "pending versions are per user");
+        assert_eq!(store.pending_stats().unwrap(), (1, Some(77)));
 
         // Only the author may withdraw it.
         assert_eq!(store.withdraw(1, DeviceId([9; 16]), &[version]).unwrap(), 0);

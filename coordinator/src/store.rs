@@ -144,6 +144,9 @@ pub struct Store {
     meta: sled::Tree,
     /// The store's files, synced after each flush.
     files: std::sync::Arc<shoal_sys::dbsync::DbFiles>,
+    /// Pending version records (`w/`) of every user: counted once on open, then kept up to date
+    /// by the writes that add and remove them, so `/metrics` does not scan them all.
+    pending_count: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -224,7 +227,8 @@ impl Store {
             .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
         let files = shoal_sys::dbsync::DbFiles::new(dir).map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
-        Ok(Store { db, meta, files: std::sync::Arc::new(files) })
+        let pending = meta.scan_prefix(b"w/").count() as u64;
+        Ok(Store { db, meta, files: std::sync::Arc::new(files), pending_count: std::sync::Arc::new(pending.into()) })
     }
 
     /// Makes everything written so far durable. Called before acknowledging anything. sled's own
@@ -475,17 +479,26 @@ impl Store {
             .collect()
     }
 
-    /// Pending versions of every user, and the oldest one's commit time (for `/metrics`).
+    /// Pending versions of every user, and the oldest one's commit time (for `/metrics`). Reads
+    /// one record per user with pending versions: a user's first (lowest journal number) is the
+    /// oldest, commit times growing with the journal.
     pub fn pending_stats(&self) -> Result<(u64, Option<u64>), StoreError> {
-        let mut n = 0;
         let mut oldest: Option<u64> = None;
-        for kv in self.meta.scan_prefix(b"w/") {
+        let mut from = b"w/".to_vec();
+        while let Some(kv) = self.meta.range(from..).next() {
             let (k, v) = kv?;
+            if !k.starts_with(b"w/") {
+                break;
+            }
             let rec: PendingRec = decode(&k, &v)?;
-            n += 1;
             oldest = Some(oldest.map_or(rec.since_ms, |o| o.min(rec.since_ms)));
+            // On to the next user's records.
+            match k.get(2..10).and_then(be_u64).and_then(|user| user.checked_add(1)) {
+                Some(next) => from = key(b"w/", &[&next.to_be_bytes()]),
+                None => break,
+            }
         }
-        Ok((n, oldest))
+        Ok((self.pending_count.load(std::sync::atomic::Ordering::Relaxed), oldest))
     }
 
     /// `true` if the user has a pending version.
@@ -542,6 +555,7 @@ impl Store {
             }
         }
         self.meta.apply_batch(batch)?;
+        self.pending_count.fetch_sub(durable.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(durable)
     }
 
@@ -626,6 +640,7 @@ impl Store {
         }
         batch.insert(key(b"c/", &[&u, id.as_bytes()]), encode(resp));
         self.meta.apply_batch(batch)?;
+        self.pending_count.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
