@@ -144,10 +144,14 @@ impl Default for PeerServing {
 }
 
 impl PeerServing {
+    /// Milliseconds since `base`, plus one (so 0 stays "never").
+    fn stamp(&self) -> u64 {
+        u64::try_from(self.0.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
     /// Records that a chunk was just sent to a peer.
     pub fn note(&self) {
-        let ms = u64::try_from(self.0.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        self.0.last.store(ms + 1, Ordering::Relaxed);
+        self.0.last.store(self.stamp(), Ordering::Relaxed);
     }
 
     /// How long until serving counts as paused (`None`: it is).
@@ -156,8 +160,7 @@ impl PeerServing {
         if last == 0 {
             return None;
         }
-        let now = u64::try_from(self.0.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
-        SERVING_QUIET.checked_sub(Duration::from_millis(now.saturating_sub(last))).filter(|d| !d.is_zero())
+        SERVING_QUIET.checked_sub(Duration::from_millis(self.stamp().saturating_sub(last))).filter(|d| !d.is_zero())
     }
 
     /// Waits while this device is serving peers, at most `GIVE_WAY_MAX`.
