@@ -5,12 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::RecursiveMode;
-use notify::event::{AccessKind, AccessMode, EventKind};
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::DeviceInfo;
-use shoal_protocol::path::RESERVED_DIR;
 use shoal_protocol::{Seq, SyncPath};
 use shoal_sys::clock::now_ms;
 use shoal_sys::fs::{Durability, write_atomic};
@@ -276,9 +272,8 @@ fn update_status(s: &mut Status, r: &CycleReport) {
     s.last_error = r.errors.last().cloned().or(if r.in_sync { None } else { s.last_error.take() });
 }
 
-/// Starts the file watcher. Events under `.shoal/` (our own temp files) and echoes of the agent's
-/// own writes are dropped; a "rescan" flag from the OS (queue overflow) is passed on, never
-/// dropped. Every hint sent is counted in `hints`.
+/// Starts the file watcher: each batch becomes a hint, counted in `hints`; a batch that cannot
+/// be queued sets `overflow` (its paths are lost, so a full pass runs).
 fn watch(
     root: &Path,
     debounce: Duration,
@@ -286,38 +281,13 @@ fn watch(
     own: OwnWrites,
     hints: Arc<AtomicU64>,
     overflow: Arc<AtomicBool>,
-) -> anyhow::Result<notify_debouncer_full::Debouncer<notify::RecommendedWatcher, notify_debouncer_full::RecommendedCache>>
-{
-    let reserved = root.join(RESERVED_DIR);
-    let mut debouncer = new_debouncer(debounce, None, move |res: DebounceEventResult| match res {
-        Ok(events) => {
-            let rescan = events.iter().any(|e| e.need_rescan());
-            // inotify reports opens too, including our own scanner's: only changes count.
-            let paths: Vec<PathBuf> = events
-                .iter()
-                .filter(|e| !matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)))
-                .flat_map(|e| e.paths.iter())
-                .filter(|p| !p.starts_with(&reserved) && !own.is_own(p))
-                .cloned()
-                .collect();
-            if rescan || !paths.is_empty() {
-                hints.fetch_add(1, Ordering::Relaxed);
-                if tx.try_send(Hint::Local { rescan, paths }).is_err() {
-                    overflow.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-        Err(errors) => {
-            for e in errors {
-                tracing::warn!(error = %e, "watcher error; rescanning");
-            }
-            hints.fetch_add(1, Ordering::Relaxed);
+) -> anyhow::Result<crate::watch::FolderWatcher> {
+    crate::watch::start(root, debounce, own, move |b| {
+        hints.fetch_add(1, Ordering::Relaxed);
+        if tx.try_send(Hint::Local { rescan: b.rescan, paths: b.paths }).is_err() {
             overflow.store(true, Ordering::Relaxed);
-            let _ = tx.try_send(Hint::Local { rescan: true, paths: Vec::new() });
         }
-    })?;
-    debouncer.watch(root, RecursiveMode::Recursive)?;
-    Ok(debouncer)
+    })
 }
 
 /// Holds the push subscription open, reconnecting with backoff; forwards head moves as hints.

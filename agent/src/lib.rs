@@ -18,6 +18,7 @@ pub mod progress;
 pub mod scan;
 pub mod store;
 pub mod transfer;
+pub mod watch;
 
 /// Flushes the whole file system holding `f`: one call makes a batch of written files durable.
 pub(crate) fn syncfs(f: &std::fs::File) -> std::io::Result<()> {

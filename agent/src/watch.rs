@@ -1,0 +1,257 @@
+//! The folder watcher. notify watches the folder's root on its own and every top-level directory
+//! but `.shoal/` recursively, so the agent's temp files (written, chmodded, timed and renamed away
+//! for every download) raise no events at all. Events are gathered for `debounce` after the first
+//! of a batch, then passed on as one batch of distinct paths: opens and reads are dropped on
+//! arrival, echoes of the agent's own writes when the batch goes out (after the write was noted).
+//! A directory that appears at the top level is watched before its batch goes out, so the cycle
+//! that looks at it sees everything created in it before its watch existed, and events after.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+use shoal_protocol::path::RESERVED_DIR;
+
+use crate::own::OwnWrites;
+
+/// One debounced batch: the distinct paths that changed, and whether everything must be looked
+/// at (the OS dropped events, or a watch could not be set).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub rescan: bool,
+    pub paths: Vec<PathBuf>,
+}
+
+/// Events gathered since the last batch went out.
+#[derive(Default)]
+struct Gathered {
+    paths: Vec<PathBuf>,
+    rescan: bool,
+    /// Entries that appeared at the top level (directories among them get a watch).
+    tops: Vec<PathBuf>,
+    /// When the first event of the batch arrived.
+    since: Option<Instant>,
+    closed: bool,
+}
+
+struct Shared {
+    gathered: Mutex<Gathered>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Gathered> {
+        self.gathered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Watches the folder until dropped.
+pub struct FolderWatcher {
+    shared: Arc<Shared>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for FolderWatcher {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts watching `root`; `emit` receives each batch on the watcher's own thread and returns
+/// `false` if it could not take it (the caller then rescans).
+pub fn start(
+    root: &Path,
+    debounce: Duration,
+    own: OwnWrites,
+    emit: impl FnMut(Batch) + Send + 'static,
+) -> anyhow::Result<FolderWatcher> {
+    let shared = Arc::new(Shared { gathered: Mutex::default(), wake: Condvar::new() });
+    let reserved = root.join(RESERVED_DIR);
+    let handler = {
+        let (shared, root, reserved) = (shared.clone(), root.to_path_buf(), reserved.clone());
+        move |res: notify::Result<notify::Event>| {
+            let mut g = shared.lock();
+            match res {
+                Ok(e) => {
+                    if e.need_rescan() {
+                        g.rescan = true;
+                    } else if matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+                        // inotify reports opens too, the agent's own reads included: only changes count.
+                        return;
+                    }
+                    let appeared = matches!(e.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)));
+                    for p in e.paths {
+                        if p.starts_with(&reserved) {
+                            continue;
+                        }
+                        if appeared && p.parent() == Some(root.as_path()) {
+                            g.tops.push(p.clone());
+                        }
+                        g.paths.push(p);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "watcher error; rescanning");
+                    g.rescan = true;
+                }
+            }
+            if g.since.is_none() && (g.rescan || !g.paths.is_empty()) {
+                g.since = Some(Instant::now());
+                shared.wake.notify_all();
+            }
+        }
+    };
+    let mut watcher = RecommendedWatcher::new(handler, notify::Config::default())?;
+    // The root first: a directory made while the others are being watched is then reported.
+    watcher.watch(root, RecursiveMode::NonRecursive)?;
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && entry.path() != reserved {
+            match watcher.watch(&entry.path(), RecursiveMode::Recursive) {
+                Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {}
+                r => r?,
+            }
+        }
+    }
+    let flusher = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("shoal-watch".into())
+            .spawn(move || flush(shared, watcher, reserved, debounce, own, emit))?
+    };
+    Ok(FolderWatcher { shared, flusher: Some(flusher) })
+}
+
+/// Sends out a batch `debounce` after its first event, until the watcher is dropped.
+fn flush(
+    shared: Arc<Shared>,
+    mut watcher: RecommendedWatcher,
+    reserved: PathBuf,
+    debounce: Duration,
+    own: OwnWrites,
+    mut emit: impl FnMut(Batch),
+) {
+    loop {
+        let taken = {
+            let mut g = shared.lock();
+            loop {
+                if g.closed {
+                    return;
+                }
+                match g.since {
+                    Some(since) if since.elapsed() >= debounce => break,
+                    Some(since) => {
+                        let wait = debounce.saturating_sub(since.elapsed());
+                        g = shared.wake.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
+                    }
+                    None => g = shared.wake.wait(g).unwrap_or_else(|p| p.into_inner()),
+                }
+            }
+            std::mem::take(&mut *g)
+        };
+        // Not under the lock: notify's thread takes it for every event, and `watch` waits for
+        // that thread.
+        let mut rescan = taken.rescan;
+        for top in taken.tops.iter().collect::<HashSet<_>>() {
+            let is_dir = top.symlink_metadata().is_ok_and(|m| m.is_dir());
+            if !is_dir || *top == reserved {
+                continue;
+            }
+            match watcher.watch(top, RecursiveMode::Recursive) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {}
+                Err(e) => {
+                    tracing::warn!(path = %top.display(), error = %e, "cannot watch a new directory; rescanning");
+                    rescan = true;
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        let paths: Vec<PathBuf> =
+            taken.paths.into_iter().filter(|p| seen.insert(p.clone()) && !own.is_own(p)).collect();
+        if rescan || !paths.is_empty() {
+            emit(Batch { rescan, paths });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects batches until one holds `want` (or five seconds pass).
+    fn wait_for(rx: &std::sync::mpsc::Receiver<Batch>, want: &Path) -> Vec<Batch> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(b) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            let done = b.paths.iter().any(|p| p == want);
+            got.push(b);
+            if done {
+                break;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn reports_changes_everywhere_but_the_reserved_dir_and_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join(RESERVED_DIR).join("tmp")).unwrap();
+        std::fs::create_dir_all(root.join("old/deep")).unwrap();
+        let own = OwnWrites::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _w = start(root, Duration::from_millis(20), own.clone(), move |b| {
+            let _ = tx.send(b);
+        })
+        .unwrap();
+
+        // Temp files and their rename out of `.shoal/` raise nothing but the rename's arrival.
+        let tmp = root.join(RESERVED_DIR).join("tmp").join("x.part");
+        std::fs::write(&tmp, b"fetched").unwrap();
+        let installed = root.join("old/deep/installed");
+        std::fs::rename(&tmp, &installed).unwrap();
+        let user = root.join("old/deep/user");
+        std::fs::write(&user, b"typed").unwrap();
+        let got = wait_for(&rx, &user);
+        let all: Vec<&PathBuf> = got.iter().flat_map(|b| &b.paths).collect();
+        assert!(all.iter().all(|p| !p.starts_with(root.join(RESERVED_DIR))), "{all:?}");
+        assert!(all.contains(&&installed) && all.contains(&&user), "{all:?}");
+        assert_eq!(all.iter().filter(|p| ***p == user).count(), 1, "one path once per batch: {got:?}");
+
+        // A noted write of the agent's is dropped; the user's next write to it is not.
+        let ours = root.join("old/ours");
+        std::fs::write(&ours, b"installed").unwrap();
+        own.note(&ours);
+        let marker = root.join("old/marker");
+        std::fs::write(&marker, b"").unwrap();
+        let got = wait_for(&rx, &marker);
+        assert!(!got.iter().flat_map(|b| &b.paths).any(|p| *p == ours), "{got:?}");
+
+        // A new top-level directory is watched, including what was made in it at once.
+        std::fs::create_dir_all(root.join("new/sub")).unwrap();
+        std::fs::write(root.join("new/sub/early"), b"").unwrap();
+        wait_for(&rx, &root.join("new"));
+        std::thread::sleep(Duration::from_millis(100));
+        let late = root.join("new/sub/late");
+        std::fs::write(&late, b"").unwrap();
+        assert!(wait_for(&rx, &late).iter().flat_map(|b| &b.paths).any(|p| *p == late));
+
+        // So is one renamed in from outside the folder.
+        let outside = tempfile::tempdir_in(root.parent().unwrap()).unwrap();
+        std::fs::create_dir(outside.path().join("moved")).unwrap();
+        std::fs::rename(outside.path().join("moved"), root.join("moved")).unwrap();
+        wait_for(&rx, &root.join("moved"));
+        std::thread::sleep(Duration::from_millis(100));
+        let inside = root.join("moved/inside");
+        std::fs::write(&inside, b"").unwrap();
+        assert!(wait_for(&rx, &inside).iter().flat_map(|b| &b.paths).any(|p| *p == inside));
+    }
+}
