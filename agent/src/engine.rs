@@ -302,12 +302,15 @@ impl Engine {
         // hold up the hashing.
         let early_on = self.peers.as_ref().is_none_or(|p| p.connections().is_empty());
         let early = tokio::spawn(transfer::upload_early(self.client.clone(), early_rx, self.counters.clone()));
-        let (gathered, ignore) = tokio::task::spawn_blocking(move || {
+        let scanner = tokio::task::spawn_blocking(move || {
             let g = scan::gather(&root, &ignore, &store, items, early_on.then_some(&early_tx));
             (g, ignore)
-        })
-        .await
-        .context("scanner panicked")?;
+        });
+        // Uploads owed for pending versions (committed by earlier cycles) go while the folder is
+        // scanned, so that the coordinator stores one batch while this device hashes the next.
+        let (scanned, paid) = tokio::join!(scanner, self.pay_owed(&mut report));
+        let (gathered, ignore) = scanned.context("scanner panicked")?;
+        paid?;
         report.bytes_uploaded += early.await.unwrap_or(0);
         let scan::Gathered { scan, stored, next_dirs, later } =
             gathered.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?;
@@ -372,8 +375,6 @@ impl Engine {
                 "sync cycle"
             );
         }
-        // Uploads owed for pending versions go last: the cycle's own work is done first.
-        self.pay_owed(&mut report).await?;
         if self.peers.is_some() {
             self.help_pending(&mut report).await?;
         }

@@ -4,9 +4,10 @@
 //! Peer-first: while a LAN peer is connected, a commit whose chunks the origin lacks is sent
 //! *first*, as pending (`pending_ok`), so the other devices see it at once and fetch it from
 //! this one; the upload it owes is recorded (`Owed`) in the batch that drops the outbox item and
-//! is sent afterwards (`pay_owed`), making the version durable. An owed upload whose file
-//! changed before its chunks left is withdrawn at the coordinator: a device that fetched it can
-//! still upload it, and if none did, history shows it withdrawn rather than promised.
+//! is sent by the next cycle while it scans (`pay_owed`), making the version durable. An owed
+//! upload whose file changed before its chunks left is withdrawn at the coordinator: a device
+//! that fetched it can still upload it, and if none did, history shows it withdrawn rather than
+//! promised.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
