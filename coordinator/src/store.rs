@@ -5,11 +5,12 @@
 //! Layout (one sled tree, keys prefixed by a record type):
 //! `u/NAME` user · `h/UID` journal head · `i/HASH` invite · `d/DEV` device · `t/HASH` token →
 //! device · `j/UID SEQ` journal entry · `p/UID PATH` head seq of a path · `v/UID PATH \0 SEQ`
-//! history index · `c/UID CID` commit response · `k/UID CHUNK` chunk uploaded by the user ·
-//! `x/CHUNK` where the chunk store keeps a chunk · `q/CHUNK` a chunk whose stored bytes failed
-//! their hash check (kept for inspection, never served) · `n/pack` the next unused pack number ·
-//! `w/UID SEQ` a pending version (committed before the origin had all its chunks) · `m/UID CHUNK
-//! SEQ` a chunk a pending version still waits for.
+//! history index · `c/UID CID` the journal span a commit got (its answer, for replays) ·
+//! `k/UID CHUNK` chunk uploaded by the user · `x/CHUNK` where the chunk store keeps a chunk ·
+//! `q/CHUNK` a chunk whose stored bytes failed their hash check (kept for inspection, never
+//! served) · `n/pack` the next unused pack number · `w/UID SEQ` a pending version (committed
+//! before the origin had all its chunks) · `m/UID CHUNK SEQ` a chunk a pending version still
+//! waits for.
 
 use std::path::Path;
 
@@ -154,6 +155,34 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing our own in-memory records to a Vec cannot fail: no I/O, no unsupported types.
     out.extend(postcard::to_stdvec(v).expect("postcard serializes store records"));
     out
+}
+
+/// Format version of a `c/` record that names the journal entries a commit got instead of
+/// holding them: a commit of 500 files stored its ~85 KiB of entries twice, and sled rewrites a
+/// node with all its values whenever it consolidates or splits one.
+const COMMIT_SPAN_VERSION: u8 = 2;
+
+/// The journal entries a commit got: `count` from `first` on.
+#[derive(Serialize, Deserialize)]
+struct CommitSpan {
+    first: Seq,
+    count: u64,
+}
+
+/// A commit's `c/` record: its span of the journal (entries are numbered one after another and
+/// never removed), or the whole response should its entries not be consecutive.
+fn encode_commit(resp: &CommitResponse) -> Vec<u8> {
+    let first = resp.entries.first().map(|e| e.version);
+    let consecutive = resp.entries.iter().zip(first.unwrap_or(0)..).all(|(e, seq)| e.version == seq);
+    match first {
+        Some(first) if consecutive => {
+            let mut out = vec![COMMIT_SPAN_VERSION];
+            let span = CommitSpan { first, count: resp.entries.len() as u64 };
+            out.extend(postcard::to_stdvec(&span).expect("postcard serializes store records"));
+            out
+        }
+        _ => encode(resp),
+    }
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
@@ -603,8 +632,33 @@ impl Store {
         self.entry(user, seq)
     }
 
+    /// The answer a commit got, for its replays: read back from the journal (the record holds
+    /// where its entries start and how many there are), or as stored whole before that.
     pub fn commit_response(&self, user: UserId, id: &CommitId) -> Result<Option<CommitResponse>, StoreError> {
-        self.get(&key(b"c/", &[&user.to_be_bytes(), id.as_bytes()]))
+        let k = key(b"c/", &[&user.to_be_bytes(), id.as_bytes()]);
+        let Some(v) = self.meta.get(&k)? else { return Ok(None) };
+        let corrupt = || StoreError::Corrupt { key: format!("c/{user} {id}") };
+        match v.split_first() {
+            Some((&VALUE_VERSION, _)) => decode(&k, &v).map(Some),
+            Some((&COMMIT_SPAN_VERSION, rest)) => {
+                let span: CommitSpan = postcard::from_bytes(rest).map_err(|_| corrupt())?;
+                let last =
+                    span.first.checked_add(span.count.checked_sub(1).ok_or_else(corrupt)?).ok_or_else(corrupt)?;
+                let u = user.to_be_bytes();
+                let from = key(b"j/", &[&u, &span.first.to_be_bytes()]);
+                let to = key(b"j/", &[&u, &last.to_be_bytes()]);
+                let entries = self
+                    .meta
+                    .range(from..=to)
+                    .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode(&k, &v)))
+                    .collect::<Result<Vec<Entry>, _>>()?;
+                if entries.len() as u64 != span.count {
+                    return Err(corrupt());
+                }
+                Ok(Some(CommitResponse { entries }))
+            }
+            _ => Err(corrupt()),
+        }
     }
 
     /// Appends `entries` (already numbered `head+1..`, with bases checked by the caller under the
@@ -638,7 +692,7 @@ impl Store {
         if let Some(last) = last {
             batch.insert(key(b"h/", &[&u]), &last.to_be_bytes()[..]);
         }
-        batch.insert(key(b"c/", &[&u, id.as_bytes()]), encode(resp));
+        batch.insert(key(b"c/", &[&u, id.as_bytes()]), encode_commit(resp));
         self.meta.apply_batch(batch)?;
         self.pending_count.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -787,5 +841,66 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shoal_protocol::{EntryKind, Manifest};
+
+    use super::*;
+
+    fn file(path: &str, version: Seq) -> Entry {
+        Entry {
+            path: SyncPath::parse(path).unwrap(),
+            kind: EntryKind::File,
+            manifest: Some(Manifest::empty()),
+            exec: false,
+            mtime_ns: 1,
+            deleted: false,
+            version,
+            base: None,
+            device: DeviceId([3; 16]),
+            time_ms: 9,
+        }
+    }
+
+    fn c_key(user: UserId, id: &CommitId) -> Vec<u8> {
+        key(b"c/", &[&user.to_be_bytes(), id.as_bytes()])
+    }
+
+    /// A commit's answer is kept as its span of the journal and read back from there; a record
+    /// that an earlier release wrote whole still answers its replay, before and after a restart.
+    #[test]
+    fn commit_answers_come_back_from_the_journal_and_from_whole_records_of_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("meta");
+        let store = Store::open(&dir).unwrap();
+        let first = CommitResponse { entries: vec![file("a", 1), file("b", 2), file("c", 3)] };
+        let second = CommitResponse { entries: vec![file("d", 4)] };
+        let (one, two, old) = (CommitId([1; 16]), CommitId([2; 16]), CommitId([8; 16]));
+        store.append(7, &one, &first, &[]).unwrap();
+        store.append(7, &two, &second, &[]).unwrap();
+        let raw = store.meta.get(c_key(7, &one)).unwrap().unwrap();
+        assert_eq!(raw[0], COMMIT_SPAN_VERSION);
+        assert!(raw.len() < 8, "a span, not the entries: {} bytes", raw.len());
+        store.meta.insert(c_key(7, &old), encode(&first)).unwrap();
+        let entries = |id: &CommitId, s: &Store| s.commit_response(7, id).unwrap().map(|r| r.entries);
+        let mut store = Some(store);
+        for _restart in 0..2 {
+            let s = store.take().unwrap_or_else(|| Store::open(&dir).unwrap());
+            assert_eq!(entries(&one, &s), Some(first.entries.clone()));
+            assert_eq!(entries(&two, &s), Some(second.entries.clone()));
+            assert_eq!(entries(&old, &s), Some(first.entries.clone()));
+            assert_eq!(s.commit_response(8, &one).unwrap().map(|r| r.entries), None, "another user's");
+        }
+        // A span reaching past the journal is corrupt, never a shorter answer.
+        let store = Store::open(&dir).unwrap();
+        let mut bad = vec![COMMIT_SPAN_VERSION];
+        bad.extend(postcard::to_stdvec(&CommitSpan { first: 3, count: 5 }).unwrap());
+        store.meta.insert(c_key(7, &CommitId([9; 16])), bad).unwrap();
+        assert!(matches!(store.commit_response(7, &CommitId([9; 16])), Err(StoreError::Corrupt { .. })));
+        store.meta.insert(c_key(7, &CommitId([10; 16])), vec![COMMIT_SPAN_VERSION, 1, 0]).unwrap();
+        assert!(matches!(store.commit_response(7, &CommitId([10; 16])), Err(StoreError::Corrupt { .. })));
     }
 }
