@@ -1,6 +1,7 @@
 //! The agent store's cost per indexed file as the folder grows: indexes N one-chunk files (default
-//! 1,000,000) in batches of 1,000, as an initial scan does, and prints the time per 100,000 and
-//! the process's memory. Flat rows mean an edit's cost does not grow with the folder.
+//! 1,000,000) in batches of 1,000, as an initial scan does, and prints the time per 100,000, the
+//! bytes the process wrote to disk meanwhile and its memory. Flat rows mean an edit's cost does
+//! not grow with the folder.
 //!
 //! `cargo run --release -p shoal-agent --example chunk_map_bench [N]`
 
@@ -17,6 +18,13 @@ fn rss_mib() -> u64 {
     kib.unwrap_or(0) / 1024
 }
 
+/// Bytes this process has caused to be written to storage so far.
+fn written_mib() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    let bytes = io.lines().find_map(|l| l.strip_prefix("write_bytes:")).and_then(|v| v.trim().parse::<u64>().ok());
+    bytes.unwrap_or(0) >> 20
+}
+
 fn main() -> anyhow::Result<()> {
     let n: usize = match std::env::args().nth(1) {
         Some(s) => s.parse()?,
@@ -24,8 +32,8 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
-    println!("| files indexed | seconds per 100,000 | RSS |\n|---|---|---|");
-    let (mut t, start) = (Instant::now(), Instant::now());
+    println!("| files indexed | seconds per 100,000 | MiB written per 100,000 | RSS |\n|---|---|---|---|");
+    let (mut t, start, mut written) = (Instant::now(), Instant::now(), written_mib());
     let mut i = 0usize;
     while i < n {
         let mut b = Batch::default();
@@ -48,8 +56,9 @@ fn main() -> anyhow::Result<()> {
         }
         store.apply(b)?;
         if i.is_multiple_of(100_000) || i == n {
-            println!("| {i} | {:.2} | {} MiB |", t.elapsed().as_secs_f64(), rss_mib());
-            t = Instant::now();
+            let now = written_mib();
+            println!("| {i} | {:.2} | {} | {} MiB |", t.elapsed().as_secs_f64(), now - written, rss_mib());
+            (t, written) = (Instant::now(), now);
         }
     }
     println!("total {:.1} s", start.elapsed().as_secs_f64());
