@@ -77,15 +77,17 @@ pub fn start(
     let handler = {
         let (shared, root, reserved) = (shared.clone(), root.to_path_buf(), reserved.clone());
         move |res: notify::Result<notify::Event>| {
+            // inotify reports opens too, the agent's own reads included: only changes count.
+            if let Ok(e) = &res
+                && !e.need_rescan()
+                && matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+            {
+                return;
+            }
             let mut g = shared.lock();
             match res {
                 Ok(e) => {
-                    if e.need_rescan() {
-                        g.rescan = true;
-                    } else if matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
-                        // inotify reports opens too, the agent's own reads included: only changes count.
-                        return;
-                    }
+                    g.rescan |= e.need_rescan();
                     let appeared = matches!(e.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)));
                     for p in e.paths {
                         if p.starts_with(&reserved) {
@@ -234,6 +236,13 @@ mod tests {
         std::fs::write(&marker, b"").unwrap();
         let got = wait_for(&rx, &marker);
         assert!(!got.iter().flat_map(|b| &b.paths).any(|p| *p == ours), "{got:?}");
+
+        // Reading a file is no change.
+        std::fs::read(&user).unwrap();
+        let after_read = root.join("old/after-read");
+        std::fs::write(&after_read, b"").unwrap();
+        let got = wait_for(&rx, &after_read);
+        assert!(!got.iter().flat_map(|b| &b.paths).any(|p| *p == user), "{got:?}");
 
         // A new top-level directory is watched, including what was made in it at once.
         std::fs::create_dir_all(root.join("new/sub")).unwrap();
