@@ -116,8 +116,9 @@ fn home_from_previous_release_keeps_working() {
     let t = converge(&[&a, &b], SETTLE);
     assert_eq!(t["after-upgrade/new.bin"], Node::File(file_hash(&fresh), false));
     assert_eq!(b.read("after-upgrade/new.bin").unwrap(), fresh);
-    let moved = read(&coord);
-    assert!(moved[0] >= after[0] + fresh.len() as u64, "the new file was uploaded (and counted)");
+    // Uploaded too: B may have it from A (a LAN peer) before the origin does.
+    wait_for(SETTLE, || (read(&coord)[0] >= after[0] + fresh.len() as u64).then_some(()))
+        .unwrap_or_else(|| panic!("the new file was not uploaded (and counted): {:?}", read(&coord)));
     // Downloaded, from A itself (a LAN peer) or the origin, and counted.
     wait_for(SETTLE, || {
         let [_, peer, _, origin] = by_source(&b);

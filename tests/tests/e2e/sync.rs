@@ -70,6 +70,10 @@ fn three_devices_converge_and_renames_move_no_bytes() {
     devs[2].write("c/d/e.txt", b"from three");
     let refs: Vec<&Device> = devs.iter().collect();
     converge(&refs, SETTLE);
+    // Devices that took a file from its author as a LAN peer converge before the author's upload
+    // is done: measure from when every version is durable.
+    wait_for(SETTLE, || (coord.metric("shoal_pending_versions") == 0).then_some(()))
+        .unwrap_or_else(|| panic!("versions still pending: {}", coord.metric("shoal_pending_versions")));
 
     let bytes_in = || coord.metric("shoal_chunk_bytes_in_total");
     let before = bytes_in();
