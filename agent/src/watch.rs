@@ -64,8 +64,7 @@ impl Drop for FolderWatcher {
     }
 }
 
-/// Starts watching `root`; `emit` receives each batch on the watcher's own thread and returns
-/// `false` if it could not take it (the caller then rescans).
+/// Starts watching `root`; `emit` receives each batch on the watcher's own thread.
 pub fn start(
     root: &Path,
     debounce: Duration,
@@ -126,7 +125,7 @@ pub fn start(
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("shoal-watch".into())
-            .spawn(move || flush(shared, watcher, reserved, debounce, own, emit))?
+            .spawn(move || flush(shared, watcher, debounce, own, emit))?
     };
     Ok(FolderWatcher { shared, flusher: Some(flusher) })
 }
@@ -135,7 +134,6 @@ pub fn start(
 fn flush(
     shared: Arc<Shared>,
     mut watcher: RecommendedWatcher,
-    reserved: PathBuf,
     debounce: Duration,
     own: OwnWrites,
     mut emit: impl FnMut(Batch),
@@ -162,8 +160,8 @@ fn flush(
         // that thread.
         let mut rescan = taken.rescan;
         for top in taken.tops.iter().collect::<HashSet<_>>() {
-            let is_dir = top.symlink_metadata().is_ok_and(|m| m.is_dir());
-            if !is_dir || *top == reserved {
+            // `.shoal/` never gets here: the handler drops its events.
+            if !top.symlink_metadata().is_ok_and(|m| m.is_dir()) {
                 continue;
             }
             match watcher.watch(top, RecursiveMode::Recursive) {
@@ -175,9 +173,10 @@ fn flush(
                 }
             }
         }
-        let mut seen = HashSet::new();
-        let paths: Vec<PathBuf> =
-            taken.paths.into_iter().filter(|p| seen.insert(p.clone()) && !own.is_own(p)).collect();
+        let mut paths = taken.paths;
+        paths.sort_unstable();
+        paths.dedup();
+        paths.retain(|p| !own.is_own(p));
         if rescan || !paths.is_empty() {
             emit(Batch { rescan, paths });
         }

@@ -172,10 +172,8 @@ struct CommitSpan {
 /// A commit's `c/` record: its span of the journal (entries are numbered one after another and
 /// never removed), or the whole response should its entries not be consecutive.
 fn encode_commit(resp: &CommitResponse) -> Vec<u8> {
-    let first = resp.entries.first().map(|e| e.version);
-    let consecutive = resp.entries.iter().zip(first.unwrap_or(0)..).all(|(e, seq)| e.version == seq);
-    match first {
-        Some(first) if consecutive => {
+    match resp.entries.first().map(|e| e.version) {
+        Some(first) if resp.entries.iter().zip(first..).all(|(e, seq)| e.version == seq) => {
             let mut out = vec![COMMIT_SPAN_VERSION];
             let span = CommitSpan { first, count: resp.entries.len() as u64 };
             out.extend(postcard::to_stdvec(&span).expect("postcard serializes store records"));
@@ -642,17 +640,11 @@ impl Store {
             Some((&VALUE_VERSION, _)) => decode(&k, &v).map(Some),
             Some((&COMMIT_SPAN_VERSION, rest)) => {
                 let span: CommitSpan = postcard::from_bytes(rest).map_err(|_| corrupt())?;
-                let last =
-                    span.first.checked_add(span.count.checked_sub(1).ok_or_else(corrupt)?).ok_or_else(corrupt)?;
-                let u = user.to_be_bytes();
-                let from = key(b"j/", &[&u, &span.first.to_be_bytes()]);
-                let to = key(b"j/", &[&u, &last.to_be_bytes()]);
-                let entries = self
-                    .meta
-                    .range(from..=to)
-                    .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode(&k, &v)))
-                    .collect::<Result<Vec<Entry>, _>>()?;
-                if entries.len() as u64 != span.count {
+                let since = span.first.checked_sub(1).ok_or_else(corrupt)?;
+                let upto = since.checked_add(span.count).ok_or_else(corrupt)?;
+                let count = usize::try_from(span.count).map_err(|_| corrupt())?;
+                let entries = self.changes(user, since, upto, count, usize::MAX)?;
+                if entries.len() != count || count == 0 {
                     return Err(corrupt());
                 }
                 Ok(Some(CommitResponse { entries }))
