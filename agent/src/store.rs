@@ -16,12 +16,14 @@
 //! - `c/<bucket u16 BE>` → chunk map bucket: `[2]` + records sorted by (id, path), each `id (32)
 //!   · offset (u64 LE) · len (u32 LE) · path length (u16 LE) · path`: where each chunk of each
 //!   indexed file lies (first offset per file). The bucket is the top 14 bits of the chunk id: at
-//!   most 16,384 keys, ~60 locations each at a million chunks, so an edit copies the records it
-//!   keeps as stored bytes (reading only their headers, allocating nothing per record). Kept in
-//!   the same atomic batch as the index records it is derived from. Buckets in the first form
+//!   most 16,384 keys, ~60 locations each at a million chunks. Buckets in the first form
 //!   (`[1]` + postcard `Vec<ChunkLoc>`) are converted when read and rewritten in this form when
 //!   next edited. A damaged bucket keeps the records before the damage; one out of order may
 //!   keep a stale record or miss a lookup until its records are replaced: the map is a hint.
+//! - `d/<seq u64 BE>` → chunk map delta record: `[1]` + the changes one batch made to the map,
+//!   in order, each a tag (0 remove, 1 add) and a record in the bucket form. Written in the same
+//!   atomic batch as the index records it is derived from, merged into the buckets in bulk and
+//!   then removed (see `chunk_map`), so an edit's writes do not grow with the folder.
 //! - `o/<id u64 BE>` → `[1]` + postcard `OutboxItem`.
 //! - `q/<id u64 BE>` → empty: outbox item `id` was sent as a commit that may be recorded pending
 //!   (written before it is sent, removed with the item), so a retry after a lost answer or a
@@ -33,6 +35,11 @@
 //! Layout 1 (one key per path and tree: `i/`, `s/`, `r/` + path → `[1]` + postcard record) is
 //! migrated on open, in atomic steps that can resume after a crash.
 
+mod chunk_map;
+
+#[cfg(test)]
+use chunk_map::{BUCKET_RECORD_HEAD, bucket_records, edit_bucket};
+use chunk_map::{Delta, MapEdit, chunk_key, current_bucket, locations};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -426,6 +433,10 @@ pub struct Store {
     files: Arc<shoal_sys::dbsync::DbFiles>,
     /// Slots decoded so far (every slot of every page read), for the status's debug counters.
     reads: Arc<AtomicU64>,
+    /// The chunk map's changes not merged into its buckets yet.
+    delta: Arc<std::sync::Mutex<Delta>>,
+    /// When the delta is merged: pairs, records (the defaults but in tests).
+    merge_at: (usize, usize),
 }
 
 /// Where one chunk lies in a file of the folder (as last scanned or written by the agent).
@@ -453,115 +464,6 @@ pub(crate) fn open_waiting(open: impl Fn() -> sled::Result<sled::Db>) -> sled::R
             r => return r,
         }
     }
-}
-
-/// The chunk map bucket of a chunk id: its top 14 bits.
-fn chunk_key(id: &ChunkId) -> [u8; 4] {
-    let b = (u16::from(id.0[0]) << 6) | (u16::from(id.0[1]) >> 2);
-    let [hi, lo] = b.to_be_bytes();
-    [b'c', b'/', hi, lo]
-}
-
-/// One record of a stored chunk map bucket, borrowed from the stored bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RawLoc<'a> {
-    id: &'a [u8; 32],
-    offset: u64,
-    len: u32,
-    path: &'a str,
-    /// The whole record as stored.
-    bytes: &'a [u8],
-}
-
-impl RawLoc<'_> {
-    fn order(&self) -> (&[u8; 32], &str) {
-        (self.id, self.path)
-    }
-}
-
-/// Bytes of a bucket record before its path: id, offset, length, path length.
-const BUCKET_RECORD_HEAD: usize = 32 + 8 + 4 + 2;
-
-fn push_record(out: &mut Vec<u8>, l: &ChunkLoc) {
-    // Paths are at most `MAX_PATH_BYTES` (4,096) long: their length fits in two bytes.
-    let path_len = u16::try_from(l.path.as_str().len()).expect("a sync path is at most 4,096 bytes");
-    out.extend_from_slice(&l.id.0);
-    out.extend_from_slice(&l.offset.to_le_bytes());
-    out.extend_from_slice(&l.len.to_le_bytes());
-    out.extend_from_slice(&path_len.to_le_bytes());
-    out.extend_from_slice(l.path.as_str().as_bytes());
-}
-
-/// A location's place in a bucket: the order of stored records.
-fn loc_order(l: &ChunkLoc) -> (&[u8; 32], &str) {
-    (&l.id.0, l.path.as_str())
-}
-
-/// A stored bucket in its current form. The first form (`[1]` + postcard `Vec<ChunkLoc>`, which
-/// decodes every record on every edit) is converted; its bucket is rewritten in the current form
-/// when next edited. An unreadable one reads as empty.
-fn current_bucket(v: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if v.first() != Some(&RECORD_VERSION) {
-        return std::borrow::Cow::Borrowed(v);
-    }
-    let locs: Vec<ChunkLoc> = decode(v).unwrap_or_default();
-    std::borrow::Cow::Owned(edit_bucket(Vec::new(), Vec::new(), locs))
-}
-
-/// The records of a bucket in its current form, in order. A damaged one yields the records
-/// before the damage (the map is only a hint: every chunk read from a file is verified).
-fn bucket_records(v: &[u8]) -> Vec<RawLoc<'_>> {
-    let Some((&BUCKET_VERSION, mut rest)) = v.split_first() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    while rest.len() >= BUCKET_RECORD_HEAD {
-        let id: &[u8; 32] = rest[..32].try_into().expect("32 bytes");
-        let offset = u64::from_le_bytes(rest[32..40].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(rest[40..44].try_into().expect("4 bytes"));
-        let path_len = usize::from(u16::from_le_bytes(rest[44..46].try_into().expect("2 bytes")));
-        let Some(path) = rest.get(BUCKET_RECORD_HEAD..BUCKET_RECORD_HEAD + path_len) else { break };
-        let Ok(path) = std::str::from_utf8(path) else { break };
-        let (bytes, tail) = rest.split_at(BUCKET_RECORD_HEAD + path_len);
-        out.push(RawLoc { id, offset, len, path, bytes });
-        rest = tail;
-    }
-    out
-}
-
-/// A bucket's new stored form: `old`'s records without the dropped (chunk, path) pairs, with
-/// `add` merged in (an added pair replaces a stored one). Kept records are copied as stored, so
-/// the cost of an edit stays small as buckets fill up. Assumes `old` is sorted, as written.
-fn edit_bucket(old: Vec<RawLoc<'_>>, drop: Vec<(ChunkId, SyncPath)>, add: Vec<ChunkLoc>) -> Vec<u8> {
-    let drop: std::collections::HashSet<(&[u8; 32], &str)> = drop.iter().map(|(id, p)| (&id.0, p.as_str())).collect();
-    // In record order; of the same pair added twice, the last one wins.
-    let add: BTreeMap<(ChunkId, SyncPath), ChunkLoc> = add.into_iter().map(|l| ((l.id, l.path.clone()), l)).collect();
-    let mut out = Vec::with_capacity(1 + old.iter().map(|r| r.bytes.len()).sum::<usize>());
-    out.push(BUCKET_VERSION);
-    let mut add = add.into_values().peekable();
-    for r in old {
-        let mut replaced = false;
-        while let Some(l) = add.next_if(|l| loc_order(l) <= r.order()) {
-            replaced |= loc_order(&l) == r.order();
-            push_record(&mut out, &l);
-        }
-        if !replaced && !drop.contains(&r.order()) {
-            out.extend_from_slice(r.bytes);
-        }
-    }
-    for l in add {
-        push_record(&mut out, &l);
-    }
-    out
-}
-
-/// The chunk locations of a file's manifest: each chunk once, at its first offset.
-fn locations(path: &SyncPath, m: &Manifest) -> Vec<ChunkLoc> {
-    let mut seen = std::collections::HashSet::new();
-    crate::transfer::offsets(m)
-        .filter(|(_, c)| seen.insert(c.id))
-        .map(|(offset, c)| ChunkLoc { id: c.id, path: path.clone(), offset, len: c.len })
-        .collect()
 }
 
 /// The three trees in full, for a full reconciliation.
@@ -616,7 +518,16 @@ impl Store {
         let state = db.open_tree("state")?;
         let files = shoal_sys::dbsync::DbFiles::new(dir)
             .with_context(|| format!("syncing the agent database in {}", dir.display()))?;
-        let store = Store { db, state, dir: dir.to_path_buf(), files: Arc::new(files), reads: Arc::default() };
+        let delta = Arc::new(std::sync::Mutex::new(Delta::load(&state)?));
+        let store = Store {
+            db,
+            state,
+            dir: dir.to_path_buf(),
+            files: Arc::new(files),
+            reads: Arc::default(),
+            delta,
+            merge_at: (chunk_map::MERGE_PAIRS, chunk_map::MERGE_RECORDS),
+        };
         store.migrate(MIGRATE_STEP)?;
         Ok(store)
     }
@@ -694,10 +605,9 @@ impl Store {
             return Ok(unsynced);
         }
         let Batch { slots, raw: mut out, .. } = batch;
+        // Chunk map changes: (chunk, path) pairs to drop, then locations to add.
+        let mut map_edit = MapEdit::default();
         // Group the edits by the page that holds (or would hold) each path.
-        // Chunk map changes, by bucket: locations to drop (chunk, path) and to add.
-        type ChunkEdits = (Vec<(ChunkId, SyncPath)>, Vec<ChunkLoc>);
-        let mut chunk_edits: BTreeMap<[u8; 4], ChunkEdits> = BTreeMap::new();
         type Edits = Vec<(SyncPath, Edit)>;
         let mut pages: BTreeMap<Vec<u8>, (Option<sled::IVec>, Edits)> = BTreeMap::new();
         for (path, edit) in slots {
@@ -720,12 +630,8 @@ impl Store {
                 edit.index.apply(&mut slot.index);
                 let new_manifest = slot.index.as_ref().and_then(|r| r.manifest.as_ref());
                 if old_manifest.as_ref() != new_manifest {
-                    for l in old_manifest.iter().flat_map(|m| locations(&path, m)) {
-                        chunk_edits.entry(chunk_key(&l.id)).or_default().0.push((l.id, l.path));
-                    }
-                    for l in new_manifest.iter().flat_map(|m| locations(&path, m)) {
-                        chunk_edits.entry(chunk_key(&l.id)).or_default().1.push(l);
-                    }
+                    map_edit.drop.extend(old_manifest.iter().flat_map(|m| locations(&path, m)).map(|l| (l.id, l.path)));
+                    map_edit.add.extend(new_manifest.iter().flat_map(|m| locations(&path, m)));
                 }
                 edit.synced.apply(&mut slot.synced);
                 edit.remote.apply(&mut slot.remote);
@@ -762,22 +668,29 @@ impl Store {
             let prefix_len = key.iter().position(|&b| b == 0).map_or(key.len(), |i| i + 1);
             write_page(&mut out, &key[..prefix_len], key.clone(), &page);
         }
-        for (key, (drop, add)) in chunk_edits {
-            let old = self.state.get(key)?;
-            let current = old.as_deref().map(current_bucket);
-            let bucket = edit_bucket(current.as_deref().map(bucket_records).unwrap_or_default(), drop, add);
-            if bucket.len() > 1 {
-                out.insert(&key[..], bucket);
-            } else if old.is_some() {
-                out.remove(&key[..]);
-            }
+        if map_edit.is_empty() {
+            self.state.apply_batch(out)?;
+            return Ok(unsynced);
         }
+        let seq = self.delta.lock().expect("chunk map delta lock").take_seq();
+        out.insert(&chunk_map::delta_key(seq)[..], map_edit.encode());
         self.state.apply_batch(out)?;
+        let full = {
+            let mut delta = self.delta.lock().expect("chunk map delta lock");
+            delta.applied(map_edit);
+            delta.full(self.merge_at.0, self.merge_at.1)
+        };
+        // The batch is applied whatever the merge does: a merge that fails leaves the delta as
+        // it was (merging again reads the same), and the next batch tries again.
+        if full && let Err(e) = chunk_map::merge(&self.state, &self.delta) {
+            tracing::warn!(error = %e, "cannot merge the chunk map's recent changes; will retry");
+        }
         Ok(unsynced)
     }
 
     /// Where the folder's files hold `ids`: one location per chunk found (the first by path).
-    /// Reads one bucket per distinct bucket of the ids, whatever the folder's size.
+    /// Reads one bucket per distinct bucket of the ids, whatever the folder's size, with the
+    /// chunk map's unmerged changes over it.
     pub fn chunk_locations<'a>(
         &self,
         ids: impl IntoIterator<Item = &'a ChunkId>,
@@ -786,22 +699,44 @@ impl Store {
         for id in ids {
             by_bucket.entry(chunk_key(id)).or_default().push(*id);
         }
+        // The delta is read before the buckets: a merge rewrites buckets before it empties the
+        // delta, and a bucket read with the delta applied over it again reads the same.
+        let mut delta: std::collections::HashMap<ChunkId, Vec<(SyncPath, chunk_map::Net)>> = {
+            let d = self.delta.lock().expect("chunk map delta lock");
+            by_bucket.values().flatten().filter_map(|id| Some((*id, d.of(id)?.to_vec()))).collect()
+        };
         let mut out = std::collections::HashMap::new();
         for (key, mut ids) in by_bucket {
-            let Some(v) = self.state.get(key)? else { continue };
-            let v = current_bucket(&v);
+            let v = self.state.get(key)?;
+            let v = v.as_deref().map(current_bucket);
+            let records = v.as_deref().map(chunk_map::bucket_records).unwrap_or_default();
             ids.sort_unstable();
-            let mut ids = ids.into_iter().peekable();
-            for r in bucket_records(&v) {
-                while ids.next_if(|id| id.0 < *r.id).is_some() {}
-                let Some(&id) = ids.peek() else { break };
-                // The first record of a chunk names its first path; one whose path no longer
-                // parses (a damaged value: the map is only a hint) is passed over.
-                if id.0 == *r.id
-                    && !out.contains_key(&id)
-                    && let Ok(path) = SyncPath::parse(r.path)
-                {
-                    out.insert(id, ChunkLoc { id, path, offset: r.offset, len: r.len });
+            ids.dedup();
+            let mut records = records.into_iter().peekable();
+            for id in ids {
+                let changed = delta.remove(&id).unwrap_or_default();
+                while records.next_if(|r| *r.id < id.0).is_some() {}
+                // The first stored record of the chunk (records are sorted by path) that the
+                // delta leaves alone and whose path still parses (a damaged value is passed
+                // over: the map is only a hint), against the first the delta adds.
+                let mut best: Option<ChunkLoc> = None;
+                while let Some(r) = records.next_if(|r| *r.id == id.0) {
+                    if best.is_none()
+                        && !changed.iter().any(|(p, _)| p.as_str() == r.path)
+                        && let Ok(path) = SyncPath::parse(r.path)
+                    {
+                        best = Some(ChunkLoc { id, path, offset: r.offset, len: r.len });
+                    }
+                }
+                for (path, net) in changed {
+                    if let Some((offset, len)) = net
+                        && best.as_ref().is_none_or(|b| path < b.path)
+                    {
+                        best = Some(ChunkLoc { id, path, offset, len });
+                    }
+                }
+                if let Some(l) = best {
+                    out.insert(id, l);
                 }
             }
         }

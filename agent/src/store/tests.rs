@@ -73,9 +73,14 @@ proptest! {
     /// Pages split and vanish as paths come and go; whatever the batches, the store reads back
     /// exactly what a plain map of path → records holds, per path, per directory and in full.
     #[test]
-    fn pages_behave_like_a_map(batches in proptest::collection::vec(proptest::collection::vec(op(), 1..400), 1..6)) {
+    fn pages_behave_like_a_map(
+        batches in proptest::collection::vec(proptest::collection::vec(op(), 1..400), 1..6),
+        merge_at in (1usize..400, 1usize..4),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        // Chunk map merges at random points, or (large limits) never.
+        store.merge_at = if merge_at.0 > 300 { (usize::MAX, usize::MAX) } else { merge_at };
         let mut model: BTreeMap<SyncPath, Slot> = BTreeMap::new();
         for ops in batches {
             let mut b = Batch::default();
@@ -140,18 +145,11 @@ proptest! {
                 want.insert((c.id, p.clone()));
             }
         }
-        let mut have = std::collections::BTreeSet::new();
-        for kv in store.state.scan_prefix(b"c/") {
-            let (_, v) = kv.unwrap();
-            prop_assert_eq!(v[0], BUCKET_VERSION);
-            let records = bucket_records(&v);
-            prop_assert_eq!(records.iter().map(|r| r.bytes.len()).sum::<usize>(), v.len() - 1);
-            prop_assert!(records.windows(2).all(|w| w[0].order() < w[1].order()));
-            for r in records {
-                have.insert((ChunkId(*r.id), path(r.path)));
-            }
-        }
-        prop_assert_eq!(&have, &want);
+        let have = chunk_map::effective(&store.state, &store.delta.lock().unwrap());
+        prop_assert_eq!(&have.keys().cloned().collect::<std::collections::BTreeSet<_>>(), &want);
+        // What a restart reads back from the delta's records is the same map.
+        let reloaded = Delta::load(&store.state).unwrap();
+        prop_assert_eq!(&chunk_map::effective(&store.state, &reloaded), &have);
         let probe: Vec<ChunkId> = (0..=255u8).map(|seed| ChunkId::of(&[seed, 1])).collect();
         let found = store.chunk_locations(&probe).unwrap();
         for id in &probe {
@@ -196,6 +194,19 @@ fn a_large_directory_needs_few_keys() {
 }
 
 /// Writes records the way layout 1 stored them.
+/// A store over `raw` as `Store::open` makes it, but not migrated.
+fn unmigrated(raw: sled::Db, dir: &Path, files: Arc<shoal_sys::dbsync::DbFiles>) -> Store {
+    Store {
+        state: raw.open_tree("state").unwrap(),
+        db: raw,
+        dir: dir.to_path_buf(),
+        files,
+        reads: Arc::default(),
+        delta: Arc::default(),
+        merge_at: (chunk_map::MERGE_PAIRS, chunk_map::MERGE_RECORDS),
+    }
+}
+
 fn write_layout1(state: &sled::Tree, index_recs: &[(SyncPath, IndexRec)], synced: &[Entry], remote: &[Entry]) {
     for (p, r) in index_recs {
         state.insert([&b"i/"[..], p.as_str().as_bytes()].concat(), encode(r)).unwrap();
@@ -231,8 +242,7 @@ fn layout1_migrates_in_resumable_steps() {
         // A first start that stops after one small step (as if killed mid-migration).
         let raw = open_waiting(|| sled::open(&db)).unwrap();
         let files = Arc::new(shoal_sys::dbsync::DbFiles::new(&db).unwrap());
-        let store =
-            Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), files, reads: Arc::default() };
+        let store = unmigrated(raw, &db, files);
         let mut b = Batch::default();
         let first: Vec<_> = store.state.scan_prefix(b"i/").take(50).map(|kv| kv.unwrap()).collect();
         for (k, v) in first {
@@ -276,8 +286,7 @@ fn small_migration_steps_cover_everything() {
     }
     let raw = open_waiting(|| sled::open(&db)).unwrap();
     let files = Arc::new(shoal_sys::dbsync::DbFiles::new(&db).unwrap());
-    let store =
-        Store { state: raw.open_tree("state").unwrap(), db: raw, dir: db.clone(), files, reads: Arc::default() };
+    let store = unmigrated(raw, &db, files);
     store.migrate(7).unwrap();
     assert_eq!(store.trees().unwrap().remote.len(), 100);
 }
@@ -340,9 +349,65 @@ fn first_form_buckets_are_read_and_rewritten_when_edited() {
     let m = Manifest { size: 10, hash: ChunkId::of(&[7]), chunks: vec![ChunkRef { id: old[0].id, len: 10 }] };
     b.put_index(&path("v"), &IndexRec { manifest: Some(m), ..index(7) });
     store.apply(b).unwrap();
+    assert_eq!(store.chunk_locations(&[old[0].id]).unwrap()[&old[0].id].path, path("v"), "from the delta");
+    chunk_map::merge(&store.state, &store.delta).unwrap();
     let v = store.state.get(key).unwrap().unwrap();
     assert_eq!(v[0], BUCKET_VERSION);
     let paths: Vec<&str> = bucket_records(&v).iter().map(|r| r.path).collect();
     assert_eq!(paths, ["v", "w", "x/one"]);
     assert_eq!(store.chunk_locations(&[old[0].id]).unwrap()[&old[0].id].path, path("v"));
+}
+
+/// A merge cut short after rewriting buckets but before removing the delta's records reads the
+/// same after a restart, and merging again changes nothing.
+#[test]
+fn a_merge_cut_short_is_done_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let file = |seed: u8, chunks: &[u8]| IndexRec {
+        manifest: Some(Manifest {
+            size: 10 * chunks.len() as u64,
+            hash: ChunkId::of(&[seed]),
+            chunks: chunks.iter().map(|c| ChunkRef { id: ChunkId::of(&[*c]), len: 10 }).collect(),
+        }),
+        ..index(seed)
+    };
+    let expected;
+    {
+        let store = Store::open(&db).unwrap();
+        let mut b = Batch::default();
+        for i in 0..40u8 {
+            b.put_index(&path(&format!("f{i}")), &file(i, &[i, 100 + i / 2]));
+        }
+        store.apply(b).unwrap();
+        chunk_map::merge(&store.state, &store.delta).unwrap();
+        // Changes after the merge: one file edited, one removed, one added.
+        let mut b = Batch::default();
+        b.put_index(&path("f3"), &file(3, &[200]));
+        b.del_index(&path("f4"));
+        b.put_index(&path("g"), &file(99, &[4, 201]));
+        store.apply(b).unwrap();
+        expected = chunk_map::effective(&store.state, &store.delta.lock().unwrap());
+        assert!(!expected.contains_key(&(ChunkId::of(&[4]), path("f4"))));
+        assert!(expected.contains_key(&(ChunkId::of(&[4]), path("g"))));
+        let records: Vec<_> = store.state.scan_prefix(b"d/").map(|kv| kv.unwrap()).collect();
+        assert_eq!(records.len(), 1);
+        chunk_map::merge(&store.state, &store.delta).unwrap();
+        assert_eq!(store.state.scan_prefix(b"d/").count(), 0);
+        // As if the merge had stopped before removing its records.
+        for (k, v) in records {
+            store.state.insert(k, v).unwrap();
+        }
+        store.db.flush().unwrap();
+    }
+    let store = Store::open(&db).unwrap();
+    assert_eq!(chunk_map::effective(&store.state, &store.delta.lock().unwrap()), expected);
+    let found = store.chunk_locations(&[ChunkId::of(&[4]), ChunkId::of(&[200]), ChunkId::of(&[3])]).unwrap();
+    assert_eq!(found[&ChunkId::of(&[4])].path, path("g"));
+    assert_eq!(found[&ChunkId::of(&[200])].path, path("f3"));
+    assert!(!found.contains_key(&ChunkId::of(&[3])), "no file holds chunk 3 any more");
+    // A chunk two files share is found at the first by path.
+    assert_eq!(store.chunk_locations(&[ChunkId::of(&[101])]).unwrap()[&ChunkId::of(&[101])].path, path("f2"));
+    chunk_map::merge(&store.state, &store.delta).unwrap();
+    assert_eq!(chunk_map::effective(&store.state, &store.delta.lock().unwrap()), expected);
 }
