@@ -2,7 +2,8 @@
 1 KiB, 100 per directory), the initial sync A→B (the files are in A's folder when the agents
 start), then the time a new 1 KiB file on A takes to be complete on B with N files present, the
 memory of both agents and the coordinator once in sync, and the CPU an idle agent uses. Prints
-one table row per size. Run through bench/scale."""
+one table row per size, then what the initial sync cost each process (CPU seconds and bytes
+written to disk) and how the sync time grows with the folder. Run through bench/scale."""
 
 import json
 import os
@@ -22,6 +23,15 @@ PER_DIR = 100
 def cpu_seconds(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def written_mib(pid):
+    """Bytes the process has caused to be written to storage so far, in MiB."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
 
 
 def count_files(root, top):
@@ -66,6 +76,8 @@ def measure(n, samples, base):
         if ok and count_files(b, "tree") < n:  # the agents' word is checked against the disk
             ok = sb.wait(lambda: count_files(b, "tree") >= n, 600, 1)
             initial = time.monotonic() - c.started if ok else None
+        procs = {**c.agents, "coord": c.coord}
+        cost = {k: (cpu_seconds(p.pid), written_mib(p.pid)) for k, p in procs.items()}
         time.sleep(3)  # let both agents settle
 
         # A new 1 KiB file with N present, `samples` times.
@@ -101,6 +113,7 @@ def measure(n, samples, base):
             "coord": coord,
             "coord_idle": coord_idle,
             "idle": idle,
+            "cost": cost,
         }
     finally:
         c.stop()
@@ -141,6 +154,21 @@ def main():
             f"| {r['rss']['a']:.0f} / {r['rss']['b']:.0f} MiB | {r['coord']:.0f} / {r['coord_idle']:.0f} MiB "
             f"| {r['idle']['a']:.1f} / {r['idle']['b']:.1f} % |"
         )
+    print()
+    print("Initial sync, per process from its start to the end of the sync:")
+    print()
+    print("| files | CPU A / B / coordinator | written to disk A / B / coordinator | sync time per 1,000 files |")
+    print("|---|---|---|---|")
+    for n, r in rows:
+        cpu = " / ".join(f"{r['cost'][k][0]:.1f}" for k in ("a", "b", "coord"))
+        written = " / ".join(f"{r['cost'][k][1]:,.0f}" for k in ("a", "b", "coord"))
+        per = "timeout" if r["initial"] is None else f"{r['initial'] / n * 1000:.3f} s"
+        print(f"| {n:,} | {cpu} s | {written} MiB | {per} |")
+    # Linearity: each size against ten times the size a tenth of it, when both ran.
+    times = {n: r["initial"] for n, r in rows if r["initial"] is not None}
+    for n, t in times.items():
+        if n % 10 == 0 and n // 10 in times:
+            print(f"\n{n:,} files took {t / (10 * times[n // 10]):.2f}× ten times the {n // 10:,}-file sync.")
 
 
 if __name__ == "__main__":
