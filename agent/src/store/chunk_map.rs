@@ -23,7 +23,7 @@ use super::{BUCKET_VERSION, ChunkLoc, RECORD_VERSION, decode};
 const DELTA_VERSION: u8 = 1;
 /// Net (chunk, path) changes the delta holds before it is merged into the buckets: a merge
 /// then rewrites at most every bucket once per this many changes, and the delta's memory stays
-/// bounded (~100 bytes per pair).
+/// bounded (~150 bytes per pair).
 pub(super) const MERGE_PAIRS: usize = 65_536;
 /// Delta records (sled keys, each costing sled memory) before a merge, for folders changed a
 /// file at a time.
