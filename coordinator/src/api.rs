@@ -316,10 +316,14 @@ async fn missing(
     check_ids(&req.chunks)?;
     let mut missing = Vec::new();
     let mut seen = HashSet::new();
+    // Chunks a pending version awaits are missing (an author paying what it owes asks for them).
+    let awaited = app.store.awaited(auth.user(), &req.chunks);
     for id in req.chunks {
         // Answered per user: whether another user stores a chunk is never revealed. A chunk the
         // store lost or quarantined is missing again, so a device sends it anew.
-        if seen.insert(id) && !(app.store.user_has_chunk(auth.user(), &id)? && app.chunks.contains(&id)?) {
+        if seen.insert(id)
+            && (awaited.contains(&id) || !(app.store.user_has_chunk(auth.user(), &id)? && app.chunks.contains(&id)?))
+        {
             missing.push(id);
         }
     }
@@ -370,7 +374,7 @@ async fn record_chunks(app: &Arc<App>, user: UserId, ids: Vec<ChunkId>) -> ApiRe
             if pending && chunks.needs_sync() {
                 chunks.sync()?;
             }
-            Ok(store.chunks_stored(user, &ids, pending)?)
+            Ok(store.chunks_stored(user, &ids)?)
         })
         .await?;
         if !durable.is_empty() {

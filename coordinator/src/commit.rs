@@ -245,6 +245,22 @@ mod tests {
         }
     }
 
+    /// Opens the store at `dir` again once the handles before are dropped: sled lets go of its
+    /// file lock from a background thread just after the last one goes.
+    fn reopen(dir: &std::path::Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("reopening: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn rand_id() -> [u8; 16] {
         let mut b = [0u8; 16];
         getrandom::fill(&mut b).unwrap();
@@ -282,11 +298,13 @@ mod tests {
 
     /// Chunks recorded many more at once than one store batch holds (`STORED_GROUP`), some
     /// twice in different batches, count off a waiting version once each, and it becomes
-    /// durable once, when the last arrives.
+    /// durable once, when the last arrives; what it still waits for survives a restart (derived
+    /// again from the records), and so does another version waiting for some of the same chunks.
     #[test]
     fn a_version_waiting_for_many_chunks_is_counted_off_across_batches() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let dir = tmp.path().join("meta");
+        let store = Store::open(&dir).unwrap();
         let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
         let ids: Vec<shoal_protocol::ChunkId> =
             (0..600u32).map(|i| shoal_protocol::ChunkId::of(&i.to_be_bytes())).collect();
@@ -302,11 +320,41 @@ mod tests {
 
         let mut most = ids[..599].to_vec();
         most.extend_from_slice(&ids[..599]);
-        assert_eq!(store.chunks_stored(1, &most, true).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.chunks_stored(1, &most).unwrap(), Vec::<u64>::new());
         assert_eq!(store.pending(1).unwrap()[0].1.missing, 1);
         assert!(ids[..599].iter().all(|id| store.user_has_chunk(1, id).unwrap()));
-        assert_eq!(store.chunks_stored(1, &ids, true).unwrap(), vec![version]);
+
+        // A second version waits for the last chunk and one of its own.
+        let own = shoal_protocol::ChunkId::of(b"own");
+        let refs =
+            vec![shoal_protocol::ChunkRef { id: ids[599], len: 65_536 }, shoal_protocol::ChunkRef { id: own, len: 10 }];
+        let m = Manifest { size: 65_536 + 10, hash: shoal_protocol::ChunkId::of(b"second"), chunks: refs };
+        let req = CommitRequest {
+            commit_id: CommitId(rand_id()),
+            changes: vec![Change { manifest: Some(m), ..empty_file("second") }],
+            pending_ok: true,
+        };
+        let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 6).unwrap() else {
+            panic!("not applied")
+        };
+        let second = resp.entries[0].version;
+        let missing = |s: &Store| s.pending(1).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>();
+        assert_eq!(missing(&store), vec![(version, 1), (second, 2)]);
+        drop((chunks, store));
+
+        let store = reopen(&dir);
+        // Derived again from the records: the 599 chunks stored are the user's (`k/`).
+        assert_eq!(missing(&store), vec![(version, 1), (second, 2)]);
+        assert_eq!(store.chunks_stored(1, &ids).unwrap(), vec![version]);
+        assert_eq!(missing(&store), vec![(second, 1)]);
+        assert_eq!(store.pending_stats().unwrap().0, 1);
+        drop(store);
+
+        let store = reopen(&dir);
+        assert_eq!(missing(&store), vec![(second, 1)]);
+        assert_eq!(store.chunks_stored(1, &[own]).unwrap(), vec![second]);
         assert!(store.pending(1).unwrap().is_empty());
+        assert_eq!(store.pending_stats().unwrap().0, 0);
     }
 
     /// `/metrics` counts every user's pending versions without scanning them, and the oldest is the
@@ -335,22 +383,11 @@ mod tests {
         assert_eq!(store.pending_stats().unwrap(), (4, Some(300)));
         drop((chunks, store));
 
-        // sled lets go of its file lock from a background thread just after the last handle goes.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let store = loop {
-            match Store::open(&dir) {
-                Ok(s) => break s,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    eprintln!("reopening: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let store = reopen(&dir);
         assert_eq!(store.pending_stats().unwrap(), (4, Some(300)));
-        assert_eq!(store.chunks_stored(3, &[first], true).unwrap().len(), 1);
+        assert_eq!(store.chunks_stored(3, &[first]).unwrap().len(), 1);
         assert_eq!(store.pending_stats().unwrap(), (3, Some(300)));
-        assert_eq!(store.chunks_stored(7, &[shoal_protocol::ChunkId::of(&3u32.to_be_bytes())], true).unwrap().len(), 1);
+        assert_eq!(store.chunks_stored(7, &[shoal_protocol::ChunkId::of(&3u32.to_be_bytes())]).unwrap().len(), 1);
         assert_eq!(store.pending_stats().unwrap(), (2, Some(800)));
     }
 
@@ -373,8 +410,8 @@ mod tests {
         // The first chunk is stored, but by another user (2); the second by this user (1).
         chunks.put_many(&[(ids[0], bytes(0)), (ids[1], bytes(1))]).unwrap();
         chunks.sync().unwrap();
-        store.chunks_stored(2, &ids[..1], false).unwrap();
-        store.chunks_stored(1, &ids[1..2], false).unwrap();
+        store.chunks_stored(2, &ids[..1]).unwrap();
+        store.chunks_stored(1, &ids[1..2]).unwrap();
         let file = Change { manifest: Some(manifest.clone()), ..empty_file("f") };
         assert_eq!(check(&store, &chunks, vec![file.clone()]), Err(ErrorCode::UnknownChunk));
         assert!(store.pending(1).unwrap().is_empty());
@@ -399,10 +436,10 @@ mod tests {
         // Chunks arrive (one twice, one the version does not need): counted off once each, and
         // the user's in the same step.
         let stranger = shoal_protocol::ChunkId::of(b"unrelated");
-        assert_eq!(store.chunks_stored(1, &[ids[0], ids[0], stranger], true).unwrap(), Vec::<u64>::new());
+        assert_eq!(store.chunks_stored(1, &[ids[0], ids[0], stranger]).unwrap(), Vec::<u64>::new());
         assert!(store.user_has_chunk(1, &ids[0]).unwrap() && store.user_has_chunk(1, &stranger).unwrap());
         assert_eq!(store.pending(1).unwrap()[0].1.missing, ids.len() as u64 - 2);
-        assert_eq!(store.chunks_stored(1, &ids[2..], true).unwrap(), vec![version]);
+        assert_eq!(store.chunks_stored(1, &ids[2..]).unwrap(), vec![version]);
         assert!(store.pending(1).unwrap().is_empty());
         assert_eq!(store.pending_stats().unwrap(), (0, None));
     }
