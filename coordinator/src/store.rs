@@ -665,8 +665,9 @@ impl Store {
 
     /// Derives what the user's pending versions wait for, unless done already: for each `w/`
     /// record, the distinct chunks of its journal entry's manifest that the user does not hold
-    /// (`k/`). A version found waiting for nothing (not left by this release, whose uploads
-    /// remove the record with the last chunk) is made durable here.
+    /// (no `k/` record, or the chunk store no longer indexes the chunk: lost or quarantined). A
+    /// version found waiting for nothing (not left by this release, whose uploads remove the
+    /// record with the last chunk) is made durable here.
     fn load_waits(&self, user: UserId, w: &mut Waits) -> Result<(), StoreError> {
         if w.loaded {
             return Ok(());
@@ -678,7 +679,7 @@ impl Store {
             let mut seen = std::collections::HashSet::new();
             let mut lacking = Vec::new();
             for c in entry.manifest.iter().flat_map(|m| &m.chunks) {
-                if seen.insert(c.id) && !self.user_has_chunk(user, &c.id)? {
+                if seen.insert(c.id) && !(self.user_has_chunk(user, &c.id)? && self.chunk_loc(&c.id)?.is_some()) {
                     lacking.push(c.id);
                 }
             }
@@ -1010,10 +1011,26 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use shoal_protocol::{EntryKind, Manifest};
 
     use super::*;
+
+    /// Opens the store at `dir` again once the handles before are dropped: sled lets go of its
+    /// file lock from a background thread just after the last one goes.
+    pub(crate) fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("reopening: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
 
     fn file(path: &str, version: Seq) -> Entry {
         Entry {
@@ -1053,14 +1070,14 @@ mod tests {
         let entries = |id: &CommitId, s: &Store| s.commit_response(7, id).unwrap().map(|r| r.entries);
         let mut store = Some(store);
         for _restart in 0..2 {
-            let s = store.take().unwrap_or_else(|| Store::open(&dir).unwrap());
+            let s = store.take().unwrap_or_else(|| reopen(&dir));
             assert_eq!(entries(&one, &s), Some(first.entries.clone()));
             assert_eq!(entries(&two, &s), Some(second.entries.clone()));
             assert_eq!(entries(&old, &s), Some(first.entries.clone()));
             assert_eq!(s.commit_response(8, &one).unwrap().map(|r| r.entries), None, "another user's");
         }
         // A span reaching past the journal is corrupt, never a shorter answer.
-        let store = Store::open(&dir).unwrap();
+        let store = reopen(&dir);
         let mut bad = vec![COMMIT_SPAN_VERSION];
         bad.extend(postcard::to_stdvec(&CommitSpan { first: 3, count: 5 }).unwrap());
         store.meta.insert(c_key(7, &CommitId([9; 16])), bad).unwrap();
@@ -1100,25 +1117,46 @@ mod tests {
         }
         old.insert(key(b"k/", &[&7u64.to_be_bytes(), ids[0].as_bytes()]), &[][..]);
         store.meta.apply_batch(old).unwrap();
+        store.put_chunk_locs(&[(ids[0], ChunkLoc { pack: 1, offset: 0, len: 10 })]).unwrap();
         let w = PendingRec { missing: 2, ..store.pending_records(7).unwrap()[0].1.clone() };
         store.meta.insert(key(b"w/", &[&7u64.to_be_bytes(), &1u64.to_be_bytes()]), encode(&w)).unwrap();
         drop(store);
 
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let store = loop {
-            match Store::open(&dir) {
-                Ok(s) => break s,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let store = reopen(&dir);
         assert_eq!(store.meta.scan_prefix(b"m/").count(), 0);
         assert_eq!(store.pending(7).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>(), vec![(1, 2)]);
         assert!(store.has_pending(7).unwrap() && !store.has_pending(8).unwrap());
         assert_eq!(store.chunks_stored(7, &ids[1..2]).unwrap(), Vec::<Seq>::new());
         assert_eq!(store.chunks_stored(7, &ids[2..]).unwrap(), vec![1]);
         assert!(store.pending(7).unwrap().is_empty() && !store.has_pending(7).unwrap());
+    }
+
+    /// A chunk the user uploaded but the chunk store no longer indexes (its bytes lost in a
+    /// crash, or quarantined) is still awaited when the waits are derived after a restart.
+    #[test]
+    fn derived_waits_count_a_chunk_the_store_lost_as_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("meta");
+        let ids: Vec<ChunkId> = (0..2u32).map(|i| ChunkId::of(&i.to_be_bytes())).collect();
+        let store = Store::open(&dir).unwrap();
+        let mut e = file("f", 1);
+        e.manifest = Some(shoal_protocol::Manifest {
+            size: 20,
+            hash: ChunkId::of(b"whole"),
+            chunks: ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 10 }).collect(),
+        });
+        let rec = PendingRec { path: e.path.clone(), device: e.device, since_ms: 9, missing: 1, withdrawn: false };
+        store.append(7, &CommitId([1; 16]), &CommitResponse { entries: vec![e] }, &[(1, rec, vec![ids[1]])]).unwrap();
+        // The first chunk was the user's and stored when the version was committed.
+        store.put_chunk_locs(&[(ids[0], ChunkLoc { pack: 1, offset: 0, len: 10 })]).unwrap();
+        store.meta.insert(key(b"k/", &[&7u64.to_be_bytes(), ids[0].as_bytes()]), &[][..]).unwrap();
+        assert_eq!(store.pending(7).unwrap()[0].1.missing, 1);
+        store.drop_chunk_locs(&ids[..1]).unwrap();
+        drop(store);
+
+        let store = reopen(&dir);
+        assert_eq!(store.pending(7).unwrap()[0].1.missing, 2);
+        assert_eq!(store.chunks_stored(7, &ids[1..]).unwrap(), Vec::<Seq>::new());
+        assert_eq!(store.chunks_stored(7, &ids[..1]).unwrap(), vec![1]);
     }
 }
