@@ -381,6 +381,43 @@ mod tests {
         assert_eq!(store.pending_stats().unwrap(), (2, Some(800)));
     }
 
+    /// A chunk a pending version counted as held, found gone later (its index entry dropped
+    /// after a crash), is awaited again by that version, not only by the commit that found out.
+    #[test]
+    fn a_held_chunk_found_lost_is_awaited_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let data = shoal_protocol::testdata::noise(6, 300_000);
+        let manifest = shoal_protocol::Chunker::default().manifest(&data[..]).unwrap();
+        let ids: Vec<shoal_protocol::ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
+        assert!(ids.len() >= 2, "{manifest:?}");
+        let first = &data[..manifest.chunks[0].len as usize];
+        chunks.put_many(&[(ids[0], first)]).unwrap();
+        chunks.sync().unwrap();
+        store.chunks_stored(1, &ids[..1]).unwrap();
+        let commit = |name: &str| {
+            let file = Change { manifest: Some(manifest.clone()), ..empty_file(name) };
+            let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
+            let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 5).unwrap() else {
+                panic!("not applied")
+            };
+            resp.entries[0].version
+        };
+        let n = ids.len() as u64;
+        let v1 = commit("one");
+        assert_eq!(
+            store.pending(1).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>(),
+            vec![(v1, n - 1)]
+        );
+        store.drop_chunk_locs(&ids[..1]).unwrap();
+        let v2 = commit("two");
+        let missing = store.pending(1).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>();
+        assert_eq!(missing, vec![(v1, n), (v2, n)]);
+        assert!(!store.user_has_chunk(1, &ids[0]).unwrap());
+        assert_eq!(store.chunks_stored(1, &ids[1..]).unwrap(), Vec::<u64>::new());
+    }
+
     /// A commit naming chunks the origin lacks is refused unless the device allows pending
     /// versions; then the version waits for exactly its missing chunks and becomes durable when
     /// the last arrives. Another user's copy of a chunk does not count.

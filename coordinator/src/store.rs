@@ -585,8 +585,13 @@ impl Store {
         Ok(got)
     }
 
+    /// The user no longer holds `id` (its stored bytes are gone). Pending versions that counted
+    /// it as held wait for it again: the user's waits are derived anew on their next use.
     pub fn forget_user_chunk(&self, user: UserId, id: &ChunkId) -> Result<(), StoreError> {
+        let cell = self.waits_of(user);
+        let mut w = lock_waits(&cell);
         self.meta.remove(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?;
+        *w = Waits::default();
         Ok(())
     }
 
