@@ -246,6 +246,28 @@ mod tests {
         }
     }
 
+    /// Commits `manifest` as file `name` for `user` with `pending_ok`, at `at`; its version.
+    fn commit_pending(
+        store: &Store,
+        chunks: &ChunkStore,
+        user: UserId,
+        name: &str,
+        manifest: Manifest,
+        at: u64,
+    ) -> u64 {
+        let file = Change { manifest: Some(manifest), ..empty_file(name) };
+        let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
+        let CommitOutcome::Applied(resp) = apply(store, chunks, user, DeviceId([1; 16]), req, at).unwrap() else {
+            panic!("not applied")
+        };
+        resp.entries[0].version
+    }
+
+    /// The user's pending versions with the chunks each still lacks.
+    fn missing_counts(store: &Store, user: UserId) -> Vec<(u64, u64)> {
+        store.pending(user).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect()
+    }
+
     fn rand_id() -> [u8; 16] {
         let mut b = [0u8; 16];
         getrandom::fill(&mut b).unwrap();
@@ -295,12 +317,7 @@ mod tests {
             (0..600u32).map(|i| shoal_protocol::ChunkId::of(&i.to_be_bytes())).collect();
         let refs = ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 65_536 }).collect();
         let m = Manifest { size: 600 * 65_536, hash: shoal_protocol::ChunkId::of(b"whole"), chunks: refs };
-        let file = Change { manifest: Some(m), ..empty_file("big") };
-        let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
-        let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 5).unwrap() else {
-            panic!("not applied")
-        };
-        let version = resp.entries[0].version;
+        let version = commit_pending(&store, &chunks, 1, "big", m, 5);
         assert_eq!(store.pending(1).unwrap()[0].1.missing, 600);
 
         // Indexed as stored (their bytes are not needed here): a chunk the user uploaded counts as
@@ -319,16 +336,8 @@ mod tests {
         let refs =
             vec![shoal_protocol::ChunkRef { id: ids[599], len: 65_536 }, shoal_protocol::ChunkRef { id: own, len: 10 }];
         let m = Manifest { size: 65_536 + 10, hash: shoal_protocol::ChunkId::of(b"second"), chunks: refs };
-        let req = CommitRequest {
-            commit_id: CommitId(rand_id()),
-            changes: vec![Change { manifest: Some(m), ..empty_file("second") }],
-            pending_ok: true,
-        };
-        let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 6).unwrap() else {
-            panic!("not applied")
-        };
-        let second = resp.entries[0].version;
-        let missing = |s: &Store| s.pending(1).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>();
+        let second = commit_pending(&store, &chunks, 1, "second", m, 6);
+        let missing = |s: &Store| missing_counts(s, 1);
         assert_eq!(missing(&store), vec![(version, 1), (second, 2)]);
         drop((chunks, store));
 
@@ -359,11 +368,7 @@ mod tests {
         let commit = |user: u64, name: &str, seed: u32, at: u64| {
             let id = shoal_protocol::ChunkId::of(&seed.to_be_bytes());
             let m = Manifest { size: 10, hash: id, chunks: vec![shoal_protocol::ChunkRef { id, len: 10 }] };
-            let file = Change { manifest: Some(m), ..empty_file(name) };
-            let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
-            let CommitOutcome::Applied(_) = apply(&store, &chunks, user, DeviceId([1; 16]), req, at).unwrap() else {
-                panic!("not applied")
-            };
+            commit_pending(&store, &chunks, user, name, m, at);
             id
         };
         let first = commit(3, "a", 1, 500);
@@ -396,24 +401,12 @@ mod tests {
         chunks.put_many(&[(ids[0], first)]).unwrap();
         chunks.sync().unwrap();
         store.chunks_stored(1, &ids[..1]).unwrap();
-        let commit = |name: &str| {
-            let file = Change { manifest: Some(manifest.clone()), ..empty_file(name) };
-            let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
-            let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 5).unwrap() else {
-                panic!("not applied")
-            };
-            resp.entries[0].version
-        };
         let n = ids.len() as u64;
-        let v1 = commit("one");
-        assert_eq!(
-            store.pending(1).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>(),
-            vec![(v1, n - 1)]
-        );
+        let v1 = commit_pending(&store, &chunks, 1, "one", manifest.clone(), 5);
+        assert_eq!(missing_counts(&store, 1), vec![(v1, n - 1)]);
         store.drop_chunk_locs(&ids[..1]).unwrap();
-        let v2 = commit("two");
-        let missing = store.pending(1).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>();
-        assert_eq!(missing, vec![(v1, n), (v2, n)]);
+        let v2 = commit_pending(&store, &chunks, 1, "two", manifest, 5);
+        assert_eq!(missing_counts(&store, 1), vec![(v1, n), (v2, n)]);
         assert!(!store.user_has_chunk(1, &ids[0]).unwrap());
         assert_eq!(store.chunks_stored(1, &ids[1..]).unwrap(), Vec::<u64>::new());
     }
@@ -443,11 +436,7 @@ mod tests {
         assert_eq!(check(&store, &chunks, vec![file.clone()]), Err(ErrorCode::UnknownChunk));
         assert!(store.pending(1).unwrap().is_empty());
 
-        let req = CommitRequest { commit_id: CommitId(rand_id()), changes: vec![file], pending_ok: true };
-        let CommitOutcome::Applied(resp) = apply(&store, &chunks, 1, DeviceId([1; 16]), req, 77).unwrap() else {
-            panic!("not applied")
-        };
-        let version = resp.entries[0].version;
+        let version = commit_pending(&store, &chunks, 1, "f", manifest.clone(), 77);
         let pending = store.pending(1).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].0, version);

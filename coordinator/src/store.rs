@@ -1052,6 +1052,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// Appends version 1 of user 7, a file of 10-byte `chunks`, as pending for `waits`.
+    fn commit_pending_file(store: &Store, chunks: &[ChunkId], waits: &[ChunkId]) {
+        let mut e = file("f", 1);
+        e.manifest = Some(Manifest {
+            size: 10 * chunks.len() as u64,
+            hash: ChunkId::of(b"whole"),
+            chunks: chunks.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 10 }).collect(),
+        });
+        let rec = PendingRec {
+            path: e.path.clone(),
+            device: e.device,
+            since_ms: 9,
+            missing: waits.len() as u64,
+            withdrawn: false,
+        };
+        store.append(7, &CommitId([1; 16]), &CommitResponse { entries: vec![e] }, &[(1, rec, waits.to_vec())]).unwrap();
+    }
+
     fn c_key(user: UserId, id: &CommitId) -> Vec<u8> {
         key(b"c/", &[&user.to_be_bytes(), id.as_bytes()])
     }
@@ -1101,15 +1119,7 @@ pub(crate) mod tests {
         let dir = tmp.path().join("meta");
         let ids: Vec<ChunkId> = (0..3u32).map(|i| ChunkId::of(&i.to_be_bytes())).collect();
         let store = Store::open(&dir).unwrap();
-        let mut e = file("big", 1);
-        e.manifest = Some(shoal_protocol::Manifest {
-            size: 30,
-            hash: ChunkId::of(b"whole"),
-            chunks: ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 10 }).collect(),
-        });
-        let rec = PendingRec { path: e.path.clone(), device: e.device, since_ms: 9, missing: 3, withdrawn: false };
-        let resp = CommitResponse { entries: vec![e] };
-        store.append(7, &CommitId([1; 16]), &resp, &[(1, rec, ids.clone())]).unwrap();
+        commit_pending_file(&store, &ids, &ids);
         // As the release before left them: a wait per chunk, the first chunk already counted off
         // (its `k/` record written, its wait removed, the version's count lowered).
         let mut old = sled::Batch::default();
@@ -1144,14 +1154,7 @@ pub(crate) mod tests {
         let dir = tmp.path().join("meta");
         let ids: Vec<ChunkId> = (0..2u32).map(|i| ChunkId::of(&i.to_be_bytes())).collect();
         let store = Store::open(&dir).unwrap();
-        let mut e = file("f", 1);
-        e.manifest = Some(shoal_protocol::Manifest {
-            size: 20,
-            hash: ChunkId::of(b"whole"),
-            chunks: ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 10 }).collect(),
-        });
-        let rec = PendingRec { path: e.path.clone(), device: e.device, since_ms: 9, missing: 1, withdrawn: false };
-        store.append(7, &CommitId([1; 16]), &CommitResponse { entries: vec![e] }, &[(1, rec, vec![ids[1]])]).unwrap();
+        commit_pending_file(&store, &ids, &ids[1..]);
         // The first chunk was the user's and stored when the version was committed.
         store.put_chunk_locs(&[(ids[0], ChunkLoc { pack: 1, offset: 0, len: 10 })]).unwrap();
         store.meta.insert(key(b"k/", &[&7u64.to_be_bytes(), ids[0].as_bytes()]), &[][..]).unwrap();
