@@ -107,15 +107,7 @@ impl ChunkStore {
             }
         }
         let last = sizes.keys().copied().max().unwrap_or(0);
-        let mut lost = Vec::new();
-        for item in index.chunk_locs() {
-            let (id, loc) = item.map_err(io::Error::other)?;
-            let intact =
-                loc.is_some_and(|l| sizes.get(&l.pack).is_some_and(|&size| l.offset + u64::from(l.len) <= size));
-            if !intact {
-                lost.push(id);
-            }
-        }
+        let lost = index.chunks_not(|l| sizes.get(&l.pack).is_some_and(|&size| l.offset + u64::from(l.len) <= size));
         if !lost.is_empty() {
             tracing::warn!(
                 chunks = lost.len(),

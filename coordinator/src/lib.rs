@@ -5,6 +5,7 @@
 pub mod admin;
 mod api;
 pub mod ca;
+mod chunk_records;
 pub mod chunks;
 mod commit;
 mod error;

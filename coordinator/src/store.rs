@@ -1,27 +1,39 @@
 //! The coordinator's metadata store: the only module that touches sled. Users, invites, devices,
-//! the per-user journal with its head and history indexes, commit ids for idempotency and the
-//! per-user set of uploaded chunks. Every value starts with a format-version byte.
+//! the per-user journal with its head and history indexes, commit ids for idempotency, the
+//! chunk index and the per-user set of uploaded chunks. Every value starts with a format-version
+//! byte.
 //!
 //! Layout (one sled tree, keys prefixed by a record type):
 //! `u/NAME` user · `h/UID` journal head · `i/HASH` invite · `d/DEV` device · `t/HASH` token →
 //! device · `j/UID SEQ` journal entry · `p/UID PATH` head seq of a path · `v/UID PATH \0 SEQ`
 //! history index · `c/UID CID` the journal span a commit got (its answer, for replays) ·
-//! `k/UID CHUNK` chunk uploaded by the user · `x/CHUNK` where the chunk store keeps a chunk ·
+//! `y/N` the chunk log's record N · `n/chunk-log` the first record of the chunk log that counts ·
 //! `q/CHUNK` a chunk whose stored bytes failed their hash check (kept for inspection, never
 //! served) · `n/pack` the next unused pack number · `w/UID SEQ` a pending version (committed
 //! before the origin had all its chunks; its `missing` is the count at commit time).
 //!
+//! The chunk records (where the chunk store keeps each chunk; which chunks each user uploaded)
+//! are a log of changes (`y/` records, numbered in order) written in the same atomic batches as
+//! the rest, and answered from memory ([`ChunkRecords`], rebuilt from the log on open; see
+//! `chunk_records.rs` for why). Releases before kept them as `x/CHUNK` and `k/UID CHUNK`
+//! records; those are moved into the log on open. When the log holds more than twice the live
+//! records (and at least [`COMPACT_MIN`] changes), it is rewritten on open: the live records
+//! restated as new log records, then `n/chunk-log` moved past the old ones, which go.
+//!
 //! Which chunks each pending version still waits for is kept in memory, not in records
-//! ([`Waits`]): it follows from the `w/` records, their journal entries' manifests and the `k/`
-//! records, and is derived from them the first time a user's pending versions are needed after
-//! start. Releases before kept it as `m/UID CHUNK SEQ` records, written at the commit and
-//! removed at the upload: two more random-keyed writes and a prefix scan per chunk, ~20 % of the
-//! coordinator's CPU in an initial sync. Those records are removed on open.
+//! ([`Waits`]): it follows from the `w/` records, their journal entries' manifests and the
+//! user's chunk records, and is derived from them the first time a user's pending versions are
+//! needed after start. Releases before kept it as `m/UID CHUNK SEQ` records, written at the
+//! commit and removed at the upload: two more random-keyed writes and a prefix scan per chunk,
+//! ~20 % of the coordinator's CPU in an initial sync. Those records are removed on open.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub use crate::chunk_records::ChunkLoc;
+use crate::chunk_records::{ChunkRecords, Op, decode_ops, encode_ops};
 use shoal_protocol::api::{CommitResponse, Conflict, MAX_PAGE_BYTES};
 use shoal_protocol::{ChunkId, CommitId, DeviceId, Entry, Seq, SyncPath};
 
@@ -53,8 +65,17 @@ pub enum StoreError {
 
 pub type UserId = u64;
 
-/// Most `m/` records (of releases before) removed in one batch on open.
-const OLD_WAITS_GROUP: usize = 10_000;
+/// Most records of releases before (`m/`, `x/`, `k/`) removed or moved in one batch on open.
+const OLD_RECORDS_GROUP: usize = 10_000;
+
+/// Most chunk changes in one `y/` record (~12 KiB).
+const LOG_RECORD_OPS: usize = 256;
+
+/// Changes in the chunk log below which it is never rewritten.
+const COMPACT_MIN: usize = 65_536;
+
+/// The key of the chunk log's first record that counts.
+const LOG_BASE_KEY: &[u8] = b"n/chunk-log";
 
 /// A version committed before the origin had all its chunks (see `api::PendingVersion`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +182,42 @@ pub struct Store {
     pending_count: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Per user, the chunks their pending versions wait for (see [`Waits`]).
     waits: std::sync::Arc<std::sync::Mutex<HashMap<UserId, std::sync::Arc<std::sync::Mutex<Waits>>>>>,
+    /// The chunk records and where the log goes on. Held across each log write and the change
+    /// to memory that mirrors it, so memory follows the log's order; taken after a user's
+    /// `Waits`, never before.
+    chunks: std::sync::Arc<std::sync::Mutex<ChunkLog>>,
+}
+
+/// The chunk records in memory and the state of their log.
+#[derive(Default)]
+struct ChunkLog {
+    recs: ChunkRecords,
+    /// The number of the next `y/` record.
+    next: u64,
+    /// Changes in the log's records that count.
+    ops: usize,
+}
+
+impl ChunkLog {
+    /// Adds `ops` to `batch` as new log records. Their change to memory follows once the batch
+    /// is applied ([`ChunkLog::applied`]).
+    fn append(&mut self, batch: &mut sled::Batch, ops: &[Op]) {
+        for rec in ops.chunks(LOG_RECORD_OPS) {
+            batch.insert(log_key(self.next), encode_ops(rec));
+            self.next += 1;
+        }
+    }
+
+    fn applied(&mut self, ops: &[Op]) {
+        for op in ops {
+            self.recs.apply(op);
+        }
+        self.ops += ops.len();
+    }
+}
+
+fn log_key(n: u64) -> Vec<u8> {
+    key(b"y/", &[&n.to_be_bytes()])
 }
 
 /// One user's pending versions and the chunks each still waits for, derived from the store on
@@ -274,35 +331,6 @@ fn be_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.try_into().ok()?))
 }
 
-/// Where a chunk's bytes are: pack number, byte offset and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkLoc {
-    pub pack: u32,
-    pub offset: u64,
-    pub len: u32,
-}
-
-impl ChunkLoc {
-    fn encode(&self) -> Vec<u8> {
-        let mut v = vec![VALUE_VERSION];
-        v.extend_from_slice(&self.pack.to_be_bytes());
-        v.extend_from_slice(&self.offset.to_be_bytes());
-        v.extend_from_slice(&self.len.to_be_bytes());
-        v
-    }
-
-    fn decode(b: &[u8]) -> Option<ChunkLoc> {
-        if b.len() != 17 || b[0] != VALUE_VERSION {
-            return None;
-        }
-        Some(ChunkLoc {
-            pack: u32::from_be_bytes(b[1..5].try_into().ok()?),
-            offset: u64::from_be_bytes(b[5..13].try_into().ok()?),
-            len: u32::from_be_bytes(b[13..17].try_into().ok()?),
-        })
-    }
-}
-
 /// What applying a commit produced.
 pub enum CommitOutcome {
     Applied(CommitResponse),
@@ -328,9 +356,109 @@ impl Store {
             files: std::sync::Arc::new(files),
             pending_count: std::sync::Arc::new(pending.into()),
             waits: Default::default(),
+            chunks: Default::default(),
         };
         store.drop_old_waits()?;
+        store.load_chunk_log()?;
+        store.move_old_chunk_records()?;
+        store.compact_chunk_log()?;
         Ok(store)
+    }
+
+    /// Rebuilds the chunk records from the log.
+    fn load_chunk_log(&self) -> Result<(), StoreError> {
+        let base = self.meta.get(LOG_BASE_KEY)?.map_or(Some(0), |v| be_u64(&v));
+        let base = base.ok_or_else(|| StoreError::Corrupt { key: "n/chunk-log".into() })?;
+        let mut log = lock(&self.chunks);
+        *log = ChunkLog { next: base, ..ChunkLog::default() };
+        for kv in self.meta.range(log_key(base)..key(b"y/", &[&[0xff; 9]])) {
+            let (k, v) = kv?;
+            let corrupt = || StoreError::Corrupt { key: format!("y/{:?}", k.get(2..).and_then(be_u64)) };
+            let n = k.get(2..).and_then(be_u64).ok_or_else(corrupt)?;
+            let ops = decode_ops(&v).ok_or_else(corrupt)?;
+            log.applied(&ops);
+            log.next = n + 1;
+        }
+        Ok(())
+    }
+
+    /// Moves the chunk records of releases before (`x/CHUNK`, `k/UID CHUNK`) into the log, a
+    /// group at a time, each group's removal in the batch that logs it. A location that does not
+    /// decode is dropped, as the chunk store's check on open would have dropped it; so is a key
+    /// of the wrong length.
+    fn move_old_chunk_records(&self) -> Result<(), StoreError> {
+        let (mut moved, mut dropped) = (0usize, 0usize);
+        for prefix in [&b"x/"[..], &b"k/"[..]] {
+            loop {
+                let mut batch = sled::Batch::default();
+                let mut ops = Vec::new();
+                let mut n = 0;
+                for kv in self.meta.scan_prefix(prefix).take(OLD_RECORDS_GROUP) {
+                    let (k, v) = kv?;
+                    let id = |at: usize| k.get(at..).and_then(|b| <[u8; 32]>::try_from(b).ok()).map(ChunkId);
+                    let op = match prefix {
+                        b"x/" => id(2).zip(ChunkLoc::decode_record(&v)).map(|(id, loc)| Op::Stored(id, loc)),
+                        _ => k.get(2..10).and_then(be_u64).zip(id(10)).map(|(user, id)| Op::Held(user, id)),
+                    };
+                    match op {
+                        Some(op) => ops.push(op),
+                        None => dropped += 1,
+                    }
+                    batch.remove(k);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                let mut log = lock(&self.chunks);
+                log.append(&mut batch, &ops);
+                self.meta.apply_batch(batch)?;
+                log.applied(&ops);
+                moved += ops.len();
+            }
+        }
+        if moved + dropped > 0 {
+            self.flush_blocking()?;
+            tracing::info!(moved, dropped, "moved the chunk records of an earlier release into the chunk log");
+        }
+        Ok(())
+    }
+
+    /// Rewrites the chunk log if it holds more than twice the live records (see the module doc).
+    /// A rewrite cut short leaves a log that reads the same: restated records only repeat what
+    /// the log before them ends with, and the old records stop counting in one write.
+    fn compact_chunk_log(&self) -> Result<(), StoreError> {
+        let mut log = lock(&self.chunks);
+        let live = log.recs.len();
+        let base = self.meta.get(LOG_BASE_KEY)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        if log.ops > COMPACT_MIN.max(2 * live) {
+            let first = log.next;
+            let ops = log.recs.restated();
+            for group in ops.chunks(LOG_RECORD_OPS * 64) {
+                let mut batch = sled::Batch::default();
+                log.append(&mut batch, group);
+                self.meta.apply_batch(batch)?;
+            }
+            self.meta.insert(LOG_BASE_KEY, &first.to_be_bytes())?;
+            tracing::info!(changes = log.ops, records = live, "rewrote the chunk log");
+            log.ops = ops.len();
+            self.flush_blocking()?;
+        }
+        // Records below the base no longer count; a rewrite may have been cut short removing them.
+        let base = self.meta.get(LOG_BASE_KEY)?.and_then(|v| be_u64(&v)).unwrap_or(base);
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in self.meta.range(log_key(0)..log_key(base)).take(OLD_RECORDS_GROUP) {
+                batch.remove(kv?.0);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.meta.apply_batch(batch)?;
+        }
+        Ok(())
     }
 
     /// Removes the `m/` records of releases before (see the module doc): what they held is
@@ -340,7 +468,7 @@ impl Store {
         loop {
             let mut batch = sled::Batch::default();
             let mut n = 0;
-            for kv in self.meta.scan_prefix(b"m/").take(OLD_WAITS_GROUP) {
+            for kv in self.meta.scan_prefix(b"m/").take(OLD_RECORDS_GROUP) {
                 batch.remove(kv?.0);
                 n += 1;
             }
@@ -519,55 +647,56 @@ impl Store {
     // ---- chunks ----
 
     pub fn user_has_chunk(&self, user: UserId, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self.meta.contains_key(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?)
+        Ok(lock(&self.chunks).recs.holds(user, id))
     }
 
     /// Where the chunk store keeps `id`.
     pub fn chunk_loc(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
-        let k = key(b"x/", &[id.as_bytes()]);
-        match self.meta.get(&k)? {
-            Some(v) => ChunkLoc::decode(&v).map(Some).ok_or(StoreError::Corrupt { key: format!("x/{id}") }),
-            None => Ok(None),
-        }
+        Ok(lock(&self.chunks).recs.loc(id))
+    }
+
+    /// Writes `ops` to the chunk log with whatever else `batch` holds, atomically.
+    fn log_chunk_ops(&self, log: &mut ChunkLog, mut batch: sled::Batch, ops: &[Op]) -> Result<(), StoreError> {
+        log.append(&mut batch, ops);
+        self.meta.apply_batch(batch)?;
+        log.applied(ops);
+        Ok(())
     }
 
     pub fn put_chunk_locs(&self, locs: &[(ChunkId, ChunkLoc)]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (id, loc) in locs {
-            batch.insert(key(b"x/", &[id.as_bytes()]), loc.encode());
-        }
-        self.meta.apply_batch(batch)?;
-        Ok(())
+        let ops: Vec<Op> = locs.iter().map(|(id, loc)| Op::Stored(*id, *loc)).collect();
+        self.log_chunk_ops(&mut lock(&self.chunks), sled::Batch::default(), &ops)
     }
 
     /// Stops serving `id` from its stored copy, which failed its hash check: the location moves to
     /// `q/` (kept for inspection), so the chunk reads as absent and a correct upload stores it anew.
     /// Only if the index still points at `loc` (a repair may have raced ahead).
     pub fn quarantine_chunk(&self, id: &ChunkId, loc: ChunkLoc) -> Result<(), StoreError> {
-        let xk = key(b"x/", &[id.as_bytes()]);
-        if self.meta.compare_and_swap(&xk, Some(loc.encode()), None as Option<&[u8]>)?.is_ok() {
-            self.meta.insert(key(b"q/", &[id.as_bytes()]), loc.encode())?;
+        let mut log = lock(&self.chunks);
+        if log.recs.loc(id) == Some(loc) {
+            let mut batch = sled::Batch::default();
+            batch.insert(key(b"q/", &[id.as_bytes()]), loc.encode_record());
+            self.log_chunk_ops(&mut log, batch, &[Op::Gone(*id)])?;
         }
         Ok(())
     }
 
-    /// Every indexed chunk location, for the start-up check against the packs.
-    pub fn chunk_locs(&self) -> impl Iterator<Item = Result<(ChunkId, Option<ChunkLoc>), StoreError>> + '_ {
-        self.meta.scan_prefix(b"x/").map(|kv| {
-            let (k, v) = kv?;
-            let id = k[2..].try_into().map(ChunkId).map_err(|_| StoreError::Corrupt { key: "x/".into() })?;
-            Ok((id, ChunkLoc::decode(&v)))
-        })
+    /// The indexed chunks whose location fails `intact`, for the start-up check against the packs.
+    pub fn chunks_not(&self, mut intact: impl FnMut(&ChunkLoc) -> bool) -> Vec<ChunkId> {
+        let mut log = lock(&self.chunks);
+        let mut out = Vec::new();
+        log.recs.for_each_loc(|id, loc| {
+            if !intact(loc) {
+                out.push(*id);
+            }
+        });
+        out
     }
 
     /// Forgets where the given chunks were stored (their bytes are gone).
     pub fn drop_chunk_locs(&self, ids: &[ChunkId]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for id in ids {
-            batch.remove(key(b"x/", &[id.as_bytes()]));
-        }
-        self.meta.apply_batch(batch)?;
-        Ok(())
+        let ops: Vec<Op> = ids.iter().map(|id| Op::Gone(*id)).collect();
+        self.log_chunk_ops(&mut lock(&self.chunks), sled::Batch::default(), &ops)
     }
 
     /// Reserves a pack number never handed out before, at least `at_least`, and makes the
@@ -590,7 +719,7 @@ impl Store {
     pub fn forget_user_chunk(&self, user: UserId, id: &ChunkId) -> Result<(), StoreError> {
         let cell = self.waits_of(user);
         let mut w = lock_waits(&cell);
-        self.meta.remove(key(b"k/", &[&user.to_be_bytes(), id.as_bytes()]))?;
+        self.log_chunk_ops(&mut lock(&self.chunks), sled::Batch::default(), &[Op::Unheld(user, *id)])?;
         *w = Waits::default();
         Ok(())
     }
@@ -670,7 +799,7 @@ impl Store {
 
     /// Derives what the user's pending versions wait for, unless done already: for each `w/`
     /// record, the distinct chunks of its journal entry's manifest that the user does not hold
-    /// (no `k/` record, or the chunk store no longer indexes the chunk: lost or quarantined). A
+    /// (not recorded as the user's, or the chunk store no longer indexes the chunk: lost or quarantined). A
     /// version found waiting for nothing (not left by this release, whose uploads remove the
     /// record with the last chunk) is made durable here.
     fn load_waits(&self, user: UserId, w: &mut Waits) -> Result<(), StoreError> {
@@ -727,7 +856,6 @@ impl Store {
             let mut batch = sled::Batch::default();
             let mut counted: std::collections::BTreeMap<Seq, u64> = Default::default();
             for id in group {
-                batch.insert(key(b"k/", &[&u, id.as_bytes()]), &[][..]);
                 for seq in w.waiting(id) {
                     *counted.entry(seq).or_default() += 1;
                 }
@@ -740,7 +868,11 @@ impl Store {
             for seq in &done {
                 batch.remove(key(b"w/", &[&u, &seq.to_be_bytes()]));
             }
-            self.meta.apply_batch(batch)?;
+            let mut log = lock(&self.chunks);
+            let ops: Vec<Op> =
+                group.iter().filter(|id| !log.recs.holds(user, id)).map(|id| Op::Held(user, *id)).collect();
+            self.log_chunk_ops(&mut log, batch, &ops)?;
+            drop(log);
             for id in group {
                 w.arrived(id);
             }
@@ -1126,7 +1258,7 @@ pub(crate) mod tests {
         for id in &ids[1..] {
             old.insert(key(b"m/", &[&7u64.to_be_bytes(), id.as_bytes(), &1u64.to_be_bytes()]), &[][..]);
         }
-        for i in 0..(OLD_WAITS_GROUP as u64 + 5) {
+        for i in 0..(OLD_RECORDS_GROUP as u64 + 5) {
             let other = ChunkId::of(&i.to_le_bytes());
             old.insert(key(b"m/", &[&8u64.to_be_bytes(), other.as_bytes(), &i.to_be_bytes()]), &[][..]);
         }
@@ -1157,7 +1289,7 @@ pub(crate) mod tests {
         commit_pending_file(&store, &ids, &ids[1..]);
         // The first chunk was the user's and stored when the version was committed.
         store.put_chunk_locs(&[(ids[0], ChunkLoc { pack: 1, offset: 0, len: 10 })]).unwrap();
-        store.meta.insert(key(b"k/", &[&7u64.to_be_bytes(), ids[0].as_bytes()]), &[][..]).unwrap();
+        assert_eq!(store.chunks_stored(7, &ids[..1]).unwrap(), Vec::<Seq>::new());
         assert_eq!(store.pending(7).unwrap()[0].1.missing, 1);
         store.drop_chunk_locs(&ids[..1]).unwrap();
         drop(store);
@@ -1166,5 +1298,100 @@ pub(crate) mod tests {
         assert_eq!(store.pending(7).unwrap()[0].1.missing, 2);
         assert_eq!(store.chunks_stored(7, &ids[1..]).unwrap(), Vec::<Seq>::new());
         assert_eq!(store.chunks_stored(7, &ids[..1]).unwrap(), vec![1]);
+    }
+
+    fn chunk(i: u32) -> ChunkId {
+        ChunkId::of(&i.to_le_bytes())
+    }
+
+    fn loc(i: u32) -> ChunkLoc {
+        ChunkLoc { pack: i, offset: u64::from(i) * 10, len: 10 }
+    }
+
+    /// A store written by a release that kept chunk records as `x/` and `k/` keys: on open they
+    /// move into the chunk log (more than one group of them), damaged ones are dropped, and the
+    /// records answer as before, after this open and the next.
+    #[test]
+    fn chunk_records_of_before_move_into_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("meta");
+        let store = Store::open(&dir).unwrap();
+        let mut old = sled::Batch::default();
+        let n = OLD_RECORDS_GROUP as u32 + 5;
+        for i in 0..n {
+            old.insert(key(b"x/", &[chunk(i).as_bytes()]), loc(i).encode_record());
+            old.insert(key(b"k/", &[&u64::from(1 + i % 2).to_be_bytes(), chunk(i).as_bytes()]), &[][..]);
+        }
+        old.insert(key(b"x/", &[chunk(n).as_bytes()]), &[1, 2, 3][..]);
+        old.insert(key(b"x/", &[b"short"]), loc(0).encode_record());
+        old.insert(key(b"k/", &[&3u64.to_be_bytes(), b"short"]), &[][..]);
+        store.meta.apply_batch(old).unwrap();
+        drop(store);
+
+        for _restart in 0..2 {
+            let store = reopen(&dir);
+            assert_eq!(store.meta.scan_prefix(b"x/").count() + store.meta.scan_prefix(b"k/").count(), 0);
+            let records = store.meta.scan_prefix(b"y/").count();
+            assert!((2 * n as usize).div_ceil(LOG_RECORD_OPS) <= records && records < 2 * n as usize / 100);
+            for i in [0, 1, n / 2, n - 1] {
+                assert_eq!(store.chunk_loc(&chunk(i)).unwrap(), Some(loc(i)));
+                let user = u64::from(1 + i % 2);
+                assert!(
+                    store.user_has_chunk(user, &chunk(i)).unwrap()
+                        && !store.user_has_chunk(3 - user, &chunk(i)).unwrap()
+                );
+            }
+            assert_eq!(store.chunk_loc(&chunk(n)).unwrap(), None, "undecodable: dropped");
+            assert_eq!(store.chunks_not(|l| l.pack != 7), vec![chunk(7)]);
+        }
+    }
+
+    /// Chunk records survive restarts through the log; a log mostly of changes undone is
+    /// rewritten on open into the live records alone, and a log record below the base (left by a
+    /// rewrite cut short) neither counts nor stays.
+    #[test]
+    fn the_chunk_log_is_replayed_and_rewritten_when_mostly_undone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("meta");
+        let store = Store::open(&dir).unwrap();
+        let churn: Vec<(ChunkId, ChunkLoc)> = (100..100 + COMPACT_MIN as u32).map(|i| (chunk(i), loc(i))).collect();
+        store.put_chunk_locs(&churn).unwrap();
+        store.drop_chunk_locs(&churn.iter().map(|(id, _)| *id).collect::<Vec<_>>()).unwrap();
+        store.put_chunk_locs(&(0..10).map(|i| (chunk(i), loc(i))).collect::<Vec<_>>()).unwrap();
+        store.chunks_stored(4, &[chunk(0), chunk(1), chunk(2)]).unwrap();
+        store.forget_user_chunk(4, &chunk(1)).unwrap();
+        store.quarantine_chunk(&chunk(2), loc(3)).unwrap();
+        store.quarantine_chunk(&chunk(3), loc(3)).unwrap();
+        let check = |s: &Store| {
+            assert!(s.user_has_chunk(4, &chunk(0)).unwrap() && s.user_has_chunk(4, &chunk(2)).unwrap());
+            assert!(!s.user_has_chunk(4, &chunk(1)).unwrap() && !s.user_has_chunk(5, &chunk(0)).unwrap());
+            assert_eq!(s.chunk_loc(&chunk(2)).unwrap(), Some(loc(2)), "a quarantine of another copy changes nothing");
+            assert_eq!(s.chunk_loc(&chunk(3)).unwrap(), None, "quarantined");
+            assert!(s.meta.contains_key(key(b"q/", &[chunk(3).as_bytes()])).unwrap());
+            assert_eq!(s.chunk_loc(&chunk(100)).unwrap(), None);
+            let mut kept = s.chunks_not(|_| false);
+            kept.sort();
+            let mut want: Vec<ChunkId> = (0..10).filter(|i| *i != 3).map(chunk).collect();
+            want.sort();
+            assert_eq!(kept, want);
+        };
+        check(&store);
+        let before = store.meta.scan_prefix(b"y/").count();
+        drop(store);
+
+        let store = reopen(&dir);
+        check(&store);
+        let after = store.meta.scan_prefix(b"y/").count();
+        assert!(before > 500 && after == 1, "{before} log records before the rewrite, {after} after");
+        let base = be_u64(&store.meta.get(LOG_BASE_KEY).unwrap().unwrap()).unwrap();
+        store.meta.insert(log_key(base - 1), encode_ops(&[Op::Stored(chunk(100), loc(100))])).unwrap();
+        drop(store);
+
+        let store = reopen(&dir);
+        check(&store);
+        assert_eq!(store.meta.scan_prefix(b"y/").count(), 1);
+        store.put_chunk_locs(&[(chunk(11), loc(11))]).unwrap();
+        drop(store);
+        assert_eq!(reopen(&dir).chunk_loc(&chunk(11)).unwrap(), Some(loc(11)));
     }
 }
