@@ -15,8 +15,7 @@ use std::collections::HashMap;
 
 use shoal_protocol::ChunkId;
 
-/// The user id of the metadata store.
-pub type UserId = u64;
+use crate::store::UserId;
 
 /// Format version of a log record: the number of [`Op`]s (u32, big-endian), then the ops.
 const LOG_VERSION: u8 = 1;

@@ -430,7 +430,7 @@ impl Store {
     fn compact_chunk_log(&self) -> Result<(), StoreError> {
         let mut log = lock(&self.chunks);
         let live = log.recs.len();
-        let base = self.meta.get(LOG_BASE_KEY)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let mut base = self.meta.get(LOG_BASE_KEY)?.and_then(|v| be_u64(&v)).unwrap_or(0);
         if log.ops > COMPACT_MIN.max(2 * live) {
             let first = log.next;
             let ops = log.recs.restated();
@@ -440,12 +440,12 @@ impl Store {
                 self.meta.apply_batch(batch)?;
             }
             self.meta.insert(LOG_BASE_KEY, &first.to_be_bytes())?;
+            base = first;
             tracing::info!(changes = log.ops, records = live, "rewrote the chunk log");
             log.ops = ops.len();
             self.flush_blocking()?;
         }
         // Records below the base no longer count; a rewrite may have been cut short removing them.
-        let base = self.meta.get(LOG_BASE_KEY)?.and_then(|v| be_u64(&v)).unwrap_or(base);
         loop {
             let mut batch = sled::Batch::default();
             let mut n = 0;
