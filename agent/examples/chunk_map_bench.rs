@@ -9,15 +9,6 @@ use shoal_agent::store::{Batch, IndexRec, Store};
 use shoal_protocol::{ChunkId, ChunkRef, EntryKind, Manifest, SyncPath};
 use std::time::Instant;
 
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    kib.unwrap_or(0) / 1024
-}
-
 /// Bytes this process has caused to be written to storage so far.
 fn written_mib() -> u64 {
     let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
@@ -57,7 +48,12 @@ fn main() -> anyhow::Result<()> {
         store.apply(b)?;
         if i.is_multiple_of(100_000) || i == n {
             let now = written_mib();
-            println!("| {i} | {:.2} | {} | {} MiB |", t.elapsed().as_secs_f64(), now - written, rss_mib());
+            println!(
+                "| {i} | {:.2} | {} | {} MiB |",
+                t.elapsed().as_secs_f64(),
+                now - written,
+                shoal_sys::allocator::resident_mib()
+            );
             (t, written) = (Instant::now(), now);
         }
     }

@@ -12,15 +12,6 @@ use std::time::Instant;
 use shoal_coordinator::store::{ChunkLoc, Store};
 use shoal_protocol::ChunkId;
 
-fn rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-    kib.unwrap_or(0) / 1024
-}
-
 fn main() -> anyhow::Result<()> {
     let n: u64 = match std::env::args().nth(1) {
         Some(s) => s.parse()?,
@@ -42,24 +33,24 @@ fn main() -> anyhow::Result<()> {
         let before = i;
         i += group.len() as u64;
         if i / 100_000 != before / 100_000 || i == n {
-            println!("| {i} | {:.2} | {} MiB |", t.elapsed().as_secs_f64(), rss_mib());
+            println!("| {i} | {:.2} | {} MiB |", t.elapsed().as_secs_f64(), shoal_sys::allocator::resident_mib());
             t = Instant::now();
         }
     }
     store.flush_blocking()?;
     drop(store);
-    let before = rss_mib();
+    let before = shoal_sys::allocator::resident_mib();
     let t = Instant::now();
     let store = Store::open(&path)?;
     let opened = t.elapsed();
     let probe = ChunkId::of(&(n / 2).to_le_bytes());
     anyhow::ensure!(store.user_has_chunk(1, &probe)? && store.chunk_loc(&probe)?.is_some(), "a chunk went missing");
-    let after = rss_mib();
+    let after = shoal_sys::allocator::resident_mib();
     shoal_sys::allocator::release_free_memory();
     println!(
         "\nopened again in {:.2} s; RSS {before} MiB before, {after} MiB after, {} MiB once the allocator's free memory is released",
         opened.as_secs_f64(),
-        rss_mib()
+        shoal_sys::allocator::resident_mib()
     );
     Ok(())
 }
