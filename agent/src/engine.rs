@@ -194,10 +194,17 @@ impl Engine {
     }
 
     /// Notes `path` and its parent directories as just written by this engine.
-    fn note_written(&self, path: &SyncPath) {
-        let mut p = Some(path.clone());
+    fn note_written(&self, path: &SyncPath, md: &std::fs::Metadata) {
+        self.own.note_stat(&path.to_local(&self.root), md);
+        // Its directories were looked at when first written into (or made); a thousand files
+        // installed into one need not stat it a thousand times.
+        let mut p = path.parent();
         while let Some(cur) = p {
-            self.own.note(&cur.to_local(&self.root));
+            let local = cur.to_local(&self.root);
+            if self.own.knows(&local) {
+                break;
+            }
+            self.own.note(&local);
             p = cur.parent();
         }
     }
@@ -489,7 +496,7 @@ impl Engine {
         for e in dirs {
             match ensure_dir(&self.root, &e.path) {
                 Ok(md) => {
-                    self.note_written(&e.path);
+                    self.note_written(&e.path, &md);
                     batch.put_index(&e.path, &scan::stat_rec(&md));
                     batch.put_synced(&e);
                 }
@@ -556,7 +563,7 @@ impl Engine {
                 match e.kind {
                     EntryKind::Dir => match ensure_dir(&self.root, &e.path) {
                         Ok(md) => {
-                            self.note_written(&e.path);
+                            self.note_written(&e.path, &md);
                             batch.put_index(&e.path, &scan::stat_rec(&md));
                             batch.put_synced(&e);
                         }

@@ -40,16 +40,22 @@ enum Seen {
 
 fn look(path: &Path) -> Option<Seen> {
     match path.symlink_metadata() {
-        Ok(md) if md.is_dir() => Some(Seen::Dir { ino: md.ino(), mode: md.mode() }),
-        Ok(md) => Some(Seen::Present {
-            ino: md.ino(),
-            size: md.size(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-            mode: md.mode(),
-        }),
+        Ok(md) => Some(seen(&md)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Seen::Absent),
         Err(_) => None,
+    }
+}
+
+fn seen(md: &std::fs::Metadata) -> Seen {
+    if md.is_dir() {
+        return Seen::Dir { ino: md.ino(), mode: md.mode() };
+    }
+    Seen::Present {
+        ino: md.ino(),
+        size: md.size(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+        mode: md.mode(),
     }
 }
 
@@ -60,7 +66,23 @@ pub struct OwnWrites(Arc<Mutex<HashMap<PathBuf, (Seen, Instant)>>>);
 impl OwnWrites {
     /// Notes that the agent just wrote (or removed) `path`.
     pub fn note(&self, path: &Path) {
-        let Some(seen) = look(path) else { return };
+        if let Some(seen) = look(path) {
+            self.remember(path, seen);
+        }
+    }
+
+    /// Notes that the agent just wrote `path`, which `md` (taken since) describes.
+    pub fn note_stat(&self, path: &Path, md: &std::fs::Metadata) {
+        self.remember(path, seen(md));
+    }
+
+    /// `true` if `path` was noted recently enough to be remembered for a while yet.
+    pub fn knows(&self, path: &Path) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(path).is_some_and(|(_, at)| at.elapsed() < REMEMBER / 2)
+    }
+
+    fn remember(&self, path: &Path, seen: Seen) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_PATHS {
             let cutoff = Instant::now() - REMEMBER / 2;

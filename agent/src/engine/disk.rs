@@ -1,6 +1,7 @@
 //! The engine's writes to the folder: directories, installing verified temp files, removals,
 //! and syncing the file system. Each checks that the target still looks as the scan saw it.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::Context;
@@ -35,23 +36,32 @@ pub(super) fn ensure_dir(root: &Path, path: &SyncPath) -> anyhow::Result<std::fs
 }
 
 /// Renames a verified temp file over `path`, if the target still looks as it did when scanned
-/// (`expected`, or absent). Never writes through a symlinked directory.
+/// (`expected`, or absent). Never writes through a symlinked directory. `dirs` holds the
+/// directories already checked (or made) for the installs of one batch: each is looked at once.
 pub(super) fn install(
     root: &Path,
     path: &SyncPath,
     tmp: &Path,
     expected: Option<&IndexRec>,
+    dirs: &mut HashSet<SyncPath>,
 ) -> anyhow::Result<std::fs::Metadata> {
-    if let Some(parent) = path.parent() {
+    if let Some(parent) = path.parent()
+        && !dirs.contains(&parent)
+    {
         ensure_dir(root, &parent)?;
+        dirs.insert(parent);
     }
     let target = path.to_local(root);
-    match (target.symlink_metadata(), expected) {
-        // Nothing there: the rename must not replace a file created since this check.
-        (Err(e), None) if e.kind() == std::io::ErrorKind::NotFound => rename_noreplace(tmp, &target)
-            .map_err(|e| anyhow::anyhow!("the local file appeared since the scan ({e})"))?,
-        (Ok(md), Some(rec)) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => std::fs::rename(tmp, &target)?,
-        _ => anyhow::bail!("the local file changed since the scan"),
+    match expected {
+        // Nothing there when scanned: the rename must not replace a file created since.
+        None => rename_noreplace(tmp, &target).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("the local file appeared since the scan"),
+            _ => e.into(),
+        })?,
+        Some(rec) => match target.symlink_metadata() {
+            Ok(md) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => std::fs::rename(tmp, &target)?,
+            _ => anyhow::bail!("the local file changed since the scan"),
+        },
     }
     Ok(target.symlink_metadata()?)
 }

@@ -164,11 +164,12 @@ impl Engine {
             }
             let mut batch = Batch::default();
             let mut parents = HashSet::new();
+            let mut dirs = HashSet::new();
             for (e, tmp) in ready {
                 let expected = expect.get(&e.path).cloned().flatten();
-                match install(&self.root, &e.path, &tmp, expected.as_ref()) {
+                match install(&self.root, &e.path, &tmp, expected.as_ref(), &mut dirs) {
                     Ok(md) => {
-                        self.note_written(&e.path);
+                        self.note_written(&e.path, &md);
                         let mut rec = scan::stat_rec(&md);
                         rec.manifest = e.manifest.clone();
                         // We wrote and verified these bytes ourselves: the stat taken after the
