@@ -133,6 +133,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         root.clone(),
         lan.clone(),
         engine.partials(),
+        engine.recent(),
         engine.client().serving(),
     );
     let node = lan_sync

@@ -115,6 +115,8 @@ pub struct Engine {
     peers: Option<crate::peer::node::PeerNode>,
     /// Downloads in progress, whose verified chunks peers may take.
     partials: transfer::Partials,
+    /// Small files' chunks hashed lately, which peers and uploads take without reading the files.
+    recent: transfer::RecentChunks,
     /// When the pending versions were last looked at, and whether there were any.
     pending_checked: Option<std::time::Instant>,
     watch_pending: bool,
@@ -165,6 +167,7 @@ impl Engine {
             skipped: Default::default(),
             peers: None,
             partials: Default::default(),
+            recent: Default::default(),
             pending_checked: None,
             watch_pending: false,
             pending_stale: false,
@@ -217,6 +220,11 @@ impl Engine {
     /// The downloads in progress (for the chunk server).
     pub fn partials(&self) -> transfer::Partials {
         self.partials.clone()
+    }
+
+    /// The chunks hashed lately (for the chunk server).
+    pub fn recent(&self) -> transfer::RecentChunks {
+        self.recent.clone()
     }
 
     /// The folder this engine syncs.
@@ -303,6 +311,7 @@ impl Engine {
         let ignore = Ignore::load(&self.root);
         let root = self.root.clone();
         let store = self.store.clone();
+        let recent = self.recent.clone();
         let (early_tx, early_rx) = tokio::sync::mpsc::channel(2);
         // Large files' chunks go up while they are hashed, unless a peer may take them first: then
         // the commit goes before the upload (see `engine/upload.rs`), and a slow uplink must not
@@ -310,7 +319,7 @@ impl Engine {
         let early_on = self.peers.as_ref().is_none_or(|p| p.connections().is_empty());
         let early = tokio::spawn(transfer::upload_early(self.client.clone(), early_rx, self.counters.clone()));
         let scanner = tokio::task::spawn_blocking(move || {
-            let g = scan::gather(&root, &ignore, &store, items, early_on.then_some(&early_tx));
+            let g = scan::gather(&root, &ignore, &store, items, early_on.then_some(&early_tx), Some(&recent));
             (g, ignore)
         });
         // Uploads owed for pending versions (committed by earlier cycles) go while the folder is

@@ -143,7 +143,7 @@ pub async fn put(client: &Client, local: &Path, path: &SyncPath, quiet: bool) ->
     let ids: Vec<ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
     let missing: HashSet<ChunkId> = client.missing(&ids).await?.into_iter().collect();
     let (progress, sent) = progress::track(manifest.size, "uploading", quiet);
-    transfer::upload_chunks(client, vec![(local.to_path_buf(), manifest.clone())], missing, &sent).await?;
+    transfer::upload_chunks(client, vec![(local.to_path_buf(), manifest.clone())], missing, None, &sent).await?;
     progress.finish();
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let change = |base| Change {

@@ -16,6 +16,7 @@ use shoal_protocol::{Chunker, EntryKind, SyncPath};
 
 use crate::planner::Node;
 use crate::store::{IndexRec, PageCache, Slot, Store};
+use crate::transfer::{RECENT_FILE_MAX, RecentChunks};
 
 /// Name of the per-root ignore file (gitignore syntax).
 pub const IGNORE_FILE: &str = ".shoalignore";
@@ -277,6 +278,7 @@ pub fn gather(
     store: &Store,
     items: impl IntoIterator<Item = Item>,
     early: Option<&EarlyChunks>,
+    recent: Option<&RecentChunks>,
 ) -> anyhow::Result<Gathered> {
     let mut g = Gathered::default();
     let mut found: BTreeMap<SyncPath, std::fs::Metadata> = BTreeMap::new();
@@ -404,7 +406,7 @@ pub fn gather(
             g.scan.busy.insert(path);
         }
     }
-    hash_files(to_hash, &index, early, &mut g.scan);
+    hash_files(to_hash, &index, early, recent, &mut g.scan);
     Ok(g)
 }
 
@@ -476,6 +478,7 @@ fn hash_files(
     files: Vec<(SyncPath, PathBuf, IndexRec)>,
     index: &BTreeMap<SyncPath, IndexRec>,
     early: Option<&EarlyChunks>,
+    recent: Option<&RecentChunks>,
     out: &mut Scan,
 ) {
     let next = AtomicUsize::new(0);
@@ -489,7 +492,8 @@ fn hash_files(
                     let Some((path, local, rec)) = files.get(i) else {
                         break;
                     };
-                    let r = hash_file(local, rec, early.filter(|_| rec.size >= EARLY_UPLOAD_MIN));
+                    let early = early.filter(|_| rec.size >= EARLY_UPLOAD_MIN);
+                    let r = hash_file(local, rec, early, recent.filter(|_| rec.size <= RECENT_FILE_MAX));
                     results.lock().expect("no panics while holding the results lock").push((path.clone(), r));
                 }
             });
@@ -526,8 +530,14 @@ enum HashError {
     Io(std::io::Error),
 }
 
-/// Reads and hashes one file, checking before and after that nobody was writing it.
-fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Result<IndexRec, HashError> {
+/// Reads and hashes one file, checking before and after that nobody was writing it. Its chunks
+/// go to `early` (as upload batches) and `recent`, when given.
+fn hash_file(
+    path: &Path,
+    before: &IndexRec,
+    early: Option<&EarlyChunks>,
+    recent: Option<&RecentChunks>,
+) -> Result<IndexRec, HashError> {
     let hashed_ns = shoal_sys::clock::now_ns();
     let f = std::fs::File::open(path).map_err(HashError::Io)?;
     let opened = stat_rec(&f.metadata().map_err(HashError::Io)?);
@@ -535,6 +545,7 @@ fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Res
         return Err(HashError::Unstable);
     }
     let mut batch = Vec::new();
+    let mut kept = Vec::new();
     let manifest = Chunker::default()
         .chunk_sized(&f, before.size, |c, _, bytes| {
             if let Some(tx) = early {
@@ -542,6 +553,9 @@ fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Res
                 if batch.len() >= EARLY_BATCH {
                     let _ = tx.blocking_send(std::mem::take(&mut batch));
                 }
+            }
+            if recent.is_some() {
+                kept.push((c.id, bytes::Bytes::copy_from_slice(bytes)));
             }
             Ok(())
         })
@@ -557,6 +571,9 @@ fn hash_file(path: &Path, before: &IndexRec, early: Option<&EarlyChunks>) -> Res
     if !after.same_stat(before) || !at_path.same_stat(before) || manifest.size != before.size {
         return Err(HashError::Unstable);
     }
+    if let Some(r) = recent {
+        r.add(kept);
+    }
     Ok(IndexRec { manifest: Some(manifest), hashed_ns, ..before.clone() })
 }
 
@@ -571,7 +588,7 @@ mod tests {
         let mut all = Gathered::default();
         let mut next = vec![Item::Dir(None)];
         while !next.is_empty() {
-            let g = gather(root, &ignore, store, std::mem::take(&mut next), None).unwrap();
+            let g = gather(root, &ignore, store, std::mem::take(&mut next), None, None).unwrap();
             next = g.next_dirs.iter().chain(&g.later).cloned().map(|d| Item::Dir(Some(d))).collect();
             all.scan.tree.extend(g.scan.tree);
             all.scan.busy.extend(g.scan.busy);
@@ -614,7 +631,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         let gone = dir.path().join("not-there");
-        assert!(gather(&gone, &Ignore::load(&gone), &store, [Item::Dir(None)], None).is_err());
+        assert!(gather(&gone, &Ignore::load(&gone), &store, [Item::Dir(None)], None, None).is_err());
     }
 
     #[test]
@@ -653,6 +670,23 @@ mod tests {
     }
 
     #[test]
+    fn the_chunks_of_small_files_are_remembered_as_they_are_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = &dir.path().join("root");
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        std::fs::create_dir_all(root).unwrap();
+        std::fs::write(root.join("small"), b"small").unwrap();
+        let big = shoal_protocol::testdata::noise(3, RECENT_FILE_MAX as usize + 1);
+        std::fs::write(root.join("big"), &big).unwrap();
+        let recent = RecentChunks::default();
+        let g = gather(root, &Ignore::load(root), &store, [Item::Dir(None)], None, Some(&recent)).unwrap();
+        let chunks = |name: &str| g.scan.tree[&p(name)].manifest.clone().unwrap().chunks;
+        let small = chunks("small");
+        assert_eq!(recent.get(&small[0].id).as_deref(), Some(&b"small"[..]));
+        assert!(chunks("big").iter().all(|c| !recent.contains(&c.id)));
+    }
+
+    #[test]
     fn scoped_gathers_cover_exactly_their_paths() {
         let dir = tempfile::tempdir().unwrap();
         let root = &dir.path().join("root");
@@ -665,7 +699,7 @@ mod tests {
         }
         save(&store, &full(root, &store).scan.tree);
         let ignore = Ignore::load(root);
-        let gather_ = |items: Vec<Item>| gather(root, &ignore, &store, items, None).unwrap();
+        let gather_ = |items: Vec<Item>| gather(root, &ignore, &store, items, None, None).unwrap();
 
         // One known file: just it.
         let g = gather_(vec![Item::Path(p("x/y/1"))]);

@@ -2,18 +2,21 @@
 //! files through the chunk map, then remote sources, every chunk verified in one place) and
 //! counts where bytes came from; `assemble` writes a file's chunks in order into a temp file
 //! through `writer` and checks the whole-file hash; the engine's `download` module applies
-//! verified temp files to the folder. `upload` sends the chunks the coordinator lacks.
+//! verified temp files to the folder. `upload` sends the chunks the coordinator lacks. `recent`
+//! keeps small files' chunks just hashed in memory, for peers and uploads.
 
 use shoal_protocol::{ChunkRef, Manifest};
 
 mod assemble;
 mod partial;
+mod recent;
 mod source;
 mod upload;
 mod writer;
 
 pub use assemble::{AssembleError, AssembleOpts, Assembled, assemble};
 pub use partial::{PartialGuard, Partials};
+pub use recent::{RECENT_FILE_MAX, RecentChunks};
 pub use source::{BytesBySource, FetchError, Fetcher, LocalChunk, Remote, Source, SourceCounts, verify};
 pub use upload::{UploadError, upload_chunks, upload_early};
 

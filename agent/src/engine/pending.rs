@@ -126,7 +126,8 @@ impl Engine {
         ids.dedup();
         let missing: HashSet<ChunkId> = self.client.missing(&ids).await?.into_iter().collect();
         let files = vec![(e.path.to_local(&self.root), m.clone())];
-        report.bytes_uploaded += transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await?;
+        report.bytes_uploaded +=
+            transfer::upload_chunks(&self.client, files, missing, Some(&self.recent), &self.counters.uploaded).await?;
         Ok(())
     }
 }

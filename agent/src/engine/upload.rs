@@ -65,7 +65,14 @@ impl Engine {
             let upload = if peer_first {
                 Ok(0)
             } else {
-                transfer::upload_chunks(&self.client, files, missing.clone(), &self.counters.uploaded).await
+                transfer::upload_chunks(
+                    &self.client,
+                    files,
+                    missing.clone(),
+                    Some(&self.recent),
+                    &self.counters.uploaded,
+                )
+                .await
             };
             match upload {
                 Ok(n) => report.bytes_uploaded += n,
@@ -178,7 +185,9 @@ impl Engine {
                 let missing: HashSet<ChunkId> =
                     self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
                 let files = group.iter().map(|(_, o)| (o.path.to_local(&self.root), o.manifest.clone())).collect();
-                match transfer::upload_chunks(&self.client, files, missing, &self.counters.uploaded).await {
+                match transfer::upload_chunks(&self.client, files, missing, Some(&self.recent), &self.counters.uploaded)
+                    .await
+                {
                     Ok(n) => {
                         report.bytes_uploaded += n;
                         tracing::info!(versions = group.len(), bytes = n, "pending versions uploaded");

@@ -396,6 +396,7 @@ mod tests {
                 free(),
                 Default::default(),
                 Default::default(),
+                Default::default(),
             )
         };
         let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path()), free()).unwrap();
@@ -459,7 +460,8 @@ mod tests {
 
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let partials = crate::transfer::Partials::default();
-        let served = ChunkServer::new(store, root, free(), partials.clone(), Default::default());
+        let recent = crate::transfer::RecentChunks::default();
+        let served = ChunkServer::new(store, root, free(), partials.clone(), recent.clone(), Default::default());
         let a = PeerNode::start(&ia, local, roster.clone(), da.id, home_a.path(), served, free()).unwrap();
         let b_store = crate::store::Store::open(&home_b.path().join("db")).unwrap();
         let b_root = home_b.path().to_path_buf();
@@ -469,7 +471,7 @@ mod tests {
             roster,
             db.id,
             home_b.path(),
-            ChunkServer::new(b_store, b_root, free(), Default::default(), Default::default()),
+            ChunkServer::new(b_store, b_root, free(), Default::default(), Default::default(), Default::default()),
             free(),
         )
         .unwrap();
@@ -516,6 +518,17 @@ mod tests {
         assert_eq!(&got[0][..], &other[..first]);
         drop(guard);
         assert_eq!(crate::peer::fetch::have(conn, &ids2).await.unwrap(), vec![false, false]);
+
+        // A small file's chunk hashed lately is served from memory, among chunks that are not.
+        let small = b"a small file, hashed lately".to_vec();
+        let sid = shoal_protocol::ChunkId::of(&small);
+        assert_eq!(crate::peer::fetch::have(conn, &[sid]).await.unwrap(), vec![false]);
+        recent.add([(sid, bytes::Bytes::from(small.clone()))]);
+        assert_eq!(crate::peer::fetch::have(conn, &[unknown, sid]).await.unwrap(), vec![false, true]);
+        let mut got = Vec::new();
+        crate::peer::fetch::get(conn, &[ids[0], sid, unknown], &free(), |id, d| got.push((id, d))).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0, &got[0].1[..]), (sid, &small[..]));
         a.close().await;
         b.close().await;
     }

@@ -1,5 +1,6 @@
 //! Answering a peer's chunk requests (`shoal_protocol::peer`). Chunks are served from this
-//! device's own files, found through the chunk map. The open file's stat (size, mtime, ctime,
+//! device's own files, found through the chunk map, or from memory if hashed lately
+//! (`transfer::RecentChunks`: small files a scan just committed, which peers ask for at once). The open file's stat (size, mtime, ctime,
 //! inode, mode) is checked against its index record when it is opened and again after each chunk
 //! is read: a file changed since it was hashed is not served (from then on), and the peer asks
 //! another source for those chunks. (The receiver verifies every chunk anyway; the check keeps
@@ -21,7 +22,7 @@ use shoal_protocol::peer::{MAX_PEER_REQUEST, PeerRequest, encode_bitmap};
 
 use crate::limit::{Limiter, PeerServing};
 use crate::store::{IndexRec, Store};
-use crate::transfer::Partials;
+use crate::transfer::{Partials, RecentChunks};
 
 /// How long a peer may take to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +40,8 @@ pub struct ChunkServer {
     root: PathBuf,
     /// Chunks of downloads in progress.
     partials: Partials,
+    /// Chunks of small files hashed lately: served without opening the files.
+    recent: RecentChunks,
     /// `lan_limit`, shared with what this device fetches from peers.
     lan: Limiter,
     /// Noted at every chunk sent: origin uploads give way to it.
@@ -46,8 +49,15 @@ pub struct ChunkServer {
 }
 
 impl ChunkServer {
-    pub fn new(store: Store, root: PathBuf, lan: Limiter, partials: Partials, serving: PeerServing) -> ChunkServer {
-        ChunkServer { store, root, lan, partials, serving }
+    pub fn new(
+        store: Store,
+        root: PathBuf,
+        lan: Limiter,
+        partials: Partials,
+        recent: RecentChunks,
+        serving: PeerServing,
+    ) -> ChunkServer {
+        ChunkServer { store, root, lan, partials, recent, serving }
     }
 
     /// Answers the requests a peer opens on `conn` until the connection closes.
@@ -80,7 +90,9 @@ impl ChunkServer {
                 let server = self.clone();
                 let map = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
                     let held = server.store.chunk_locations(&ids)?;
-                    Ok(encode_bitmap(ids.iter().map(|id| held.contains_key(id) || server.partials.find(id).is_some())))
+                    Ok(encode_bitmap(ids.iter().map(|id| {
+                        held.contains_key(id) || server.recent.contains(id) || server.partials.find(id).is_some()
+                    })))
                 })
                 .await??;
                 send.write_all(&map).await?;
@@ -98,13 +110,22 @@ impl ChunkServer {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, Bytes)>(READ_AHEAD);
         let server = self.clone();
         let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let locs = server.store.chunk_locations(&ids)?;
+            let mut recent: HashMap<ChunkId, Bytes> =
+                ids.iter().filter_map(|id| Some((*id, server.recent.get(id)?))).collect();
+            let rest: Vec<ChunkId> = ids.iter().filter(|id| !recent.contains_key(id)).copied().collect();
+            let locs = server.store.chunk_locations(&rest)?;
             // Each file opened once per request, and only if it is as indexed (else `None`).
             let mut open: HashMap<PathBuf, Option<(std::fs::File, IndexRec)>> = HashMap::new();
             // Index pages decoded once per request: a request for many small files of one
             // directory reads its page once.
             let mut pages = crate::store::PageCache::default();
             for id in ids {
+                if let Some(data) = recent.remove(&id) {
+                    if tx.blocking_send((id, data)).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let Some(at) = locs.get(&id) else {
                     // A chunk of a download in progress, verified when it was written.
                     let Some((tmp, offset, len)) = server.partials.find(&id) else { continue };

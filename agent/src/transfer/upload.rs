@@ -11,7 +11,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use shoal_protocol::{ChunkId, ChunkRef, Manifest};
 
-use super::offsets;
+use super::{RecentChunks, offsets};
 use crate::client::{Client, ClientError};
 
 /// Bytes per upload request: large enough to amortize a round trip, small enough to hold a few
@@ -49,17 +49,19 @@ pub enum UploadError {
 }
 
 /// Uploads the chunks in `missing` that `files` (local path + manifest) hold, in framed batches
-/// with a few requests in flight. Returns the bytes sent.
+/// with a few requests in flight; those in `recent` are taken from there. Returns the bytes sent.
 pub async fn upload_chunks(
     client: &Client,
     files: Vec<(PathBuf, Manifest)>,
     missing: HashSet<ChunkId>,
+    recent: Option<&RecentChunks>,
     sent_counter: &AtomicU64,
 ) -> Result<u64, UploadError> {
     if missing.is_empty() {
         return Ok(0);
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(UPLOAD_PARALLEL);
+    let recent = recent.cloned();
     let reader = tokio::task::spawn_blocking(move || -> Result<(), UploadError> {
         let mut wanted = missing;
         let mut body = Vec::with_capacity(UPLOAD_BATCH_BYTES + 300_000);
@@ -68,13 +70,22 @@ pub async fn upload_chunks(
             if !manifest.chunks.iter().any(|c| wanted.contains(&c.id)) {
                 continue;
             }
-            let f = std::fs::File::open(path).map_err(|_| UploadError::SourceChanged(path.clone()))?;
+            let mut file = None;
             for (off, c) in offsets(manifest) {
                 if !wanted.remove(&c.id) {
                     continue;
                 }
-                if !append_frame(&mut body, &f, off, c) {
-                    return Err(UploadError::SourceChanged(path.clone()));
+                if let Some(data) = recent.as_ref().and_then(|r| r.get(&c.id)) {
+                    // Hashed into this id when remembered.
+                    shoal_protocol::api::encode_frame(&mut body, &c.id, &data);
+                } else {
+                    if file.is_none() {
+                        file = Some(std::fs::File::open(path).map_err(|_| UploadError::SourceChanged(path.clone()))?);
+                    }
+                    let f = file.as_ref().expect("opened above");
+                    if !append_frame(&mut body, f, off, c) {
+                        return Err(UploadError::SourceChanged(path.clone()));
+                    }
                 }
                 frames += 1;
                 if body.len() >= UPLOAD_BATCH_BYTES || frames == UPLOAD_BATCH_CHUNKS {

@@ -93,7 +93,7 @@ fn an_upload_of_thousands_of_tiny_files_keeps_to_the_coordinators_batch_limit() 
     block_on(async {
         let missing = client.missing(&ids).await.unwrap().into_iter().collect();
         let counter = std::sync::atomic::AtomicU64::new(0);
-        shoal_agent::transfer::upload_chunks(&client, files, missing, &counter).await.unwrap();
+        shoal_agent::transfer::upload_chunks(&client, files, missing, None, &counter).await.unwrap();
         assert_eq!(client.missing(&ids).await.unwrap(), vec![], "some chunks never reached the coordinator");
     });
 }
