@@ -129,7 +129,7 @@ impl Slot {
 }
 
 /// An index record as stored in a page: its manifest is a position in the slot's manifests.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct StoredIndex {
     kind: EntryKind,
     size: u64,
@@ -142,7 +142,7 @@ struct StoredIndex {
 }
 
 /// An entry as stored in a page: no path (the page and name give it), manifest by position.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct StoredEntry {
     kind: EntryKind,
     manifest: Option<u32>,
@@ -156,7 +156,7 @@ struct StoredEntry {
 }
 
 /// One name's records in a page.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct StoredSlot {
     name: String,
     index: Option<StoredIndex>,
@@ -620,6 +620,9 @@ impl Store {
             let mut page = old.map(|v| decode_page(&key, &v)).unwrap_or_default();
             self.reads.fetch_add(page.len() as u64, Ordering::Relaxed);
             let existed = !page.is_empty();
+            // A page its edits leave as it was is not written (a device pulling back its own
+            // commits, already recorded from their answers, changes nothing).
+            let mut changed = false;
             for (path, edit) in edits {
                 let name = path.file_name();
                 let at = page.binary_search_by(|s| s.name.as_str().cmp(name));
@@ -655,11 +658,24 @@ impl Store {
                 match (at, slot.is_empty()) {
                     (Ok(i), true) => {
                         page.remove(i);
+                        changed = true;
                     }
-                    (Ok(i), false) => page[i] = StoredSlot::new(name, &slot),
-                    (Err(i), false) => page.insert(i, StoredSlot::new(name, &slot)),
+                    (Ok(i), false) => {
+                        let new = StoredSlot::new(name, &slot);
+                        if new != page[i] {
+                            page[i] = new;
+                            changed = true;
+                        }
+                    }
+                    (Err(i), false) => {
+                        page.insert(i, StoredSlot::new(name, &slot));
+                        changed = true;
+                    }
                     (Err(_), true) => {}
                 }
+            }
+            if !changed {
+                continue;
             }
             if page.is_empty() {
                 if existed {

@@ -411,3 +411,29 @@ fn a_merge_cut_short_is_done_again() {
     chunk_map::merge(&store.state, &store.delta).unwrap();
     assert_eq!(chunk_map::effective(&store.state, &store.delta.lock().unwrap()), expected);
 }
+
+#[test]
+fn edits_that_change_nothing_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let (a, b) = (path("d/a"), path("d/b"));
+    let mut batch = Batch::default();
+    batch.put_remote(&entry(&a, 3, 1));
+    batch.put_synced(&entry(&a, 3, 1));
+    batch.put_index(&b, &index(4));
+    store.apply(batch).unwrap();
+    let mut events = store.state.watch_prefix(b"");
+    // The same records again, and a remote older than the one held: the page is not rewritten.
+    let mut batch = Batch::default();
+    batch.put_remote(&entry(&a, 3, 1));
+    batch.put_remote_if_newer(&entry(&a, 2, 9));
+    batch.put_index(&b, &index(4));
+    assert!(store.apply_unsynced(batch).unwrap().is_empty());
+    let wait = std::time::Duration::from_millis(200);
+    assert!(events.next_timeout(wait).is_err(), "nothing written");
+    let mut batch = Batch::default();
+    batch.put_remote(&entry(&a, 4, 1));
+    assert_eq!(store.apply_unsynced(batch).unwrap(), std::slice::from_ref(&a));
+    assert!(events.next_timeout(wait).is_ok(), "a new remote version is written");
+    assert_eq!(store.get(&a).unwrap().remote.unwrap().version, 4);
+}
