@@ -12,131 +12,157 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use shoal_protocol::api::{CommitRequest, ErrorCode};
+use futures::StreamExt;
+use shoal_protocol::api::{CommitRequest, CommitResponse, ErrorCode};
 use shoal_protocol::path::Escaped;
 use shoal_protocol::{Change, ChunkId, Seq, SyncPath};
 
 use super::{CycleReport, Engine, EngineError};
-use crate::store::{Batch, Owed};
+use crate::client::ClientError;
+use crate::store::{Batch, OutboxItem, Owed};
 use crate::transfer::{self, UploadError};
 
 /// Most changes in one outbox commit: half of what the coordinator accepts. The coordinator
 /// appends a commit in one sled batch, whose replaced nodes stay in memory until it ends: at
 /// 100,000 new files its memory peaked at 82 MiB with commits of 500, 95 MiB with 1,000.
 const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES / 2;
+/// Outbox commits sent at once.
+const COMMITS_IN_FLIGHT: usize = 2;
 /// Most chunk references paid in one batch of owed uploads.
 const OWED_CHUNKS: usize = 100_000;
 /// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
 /// coordinator's 64 MiB body limit).
 const COMMIT_CHUNKS: usize = 500_000;
 
+/// An outbox commit sent and not yet answered.
+struct Sent {
+    id: u64,
+    paths: Vec<SyncPath>,
+    /// Its chunks the origin lacked when it was sent.
+    missing: HashSet<ChunkId>,
+    peer_first: bool,
+}
+
 impl Engine {
     /// Sends every outbox commit: uploads the chunks the coordinator is missing, then commits.
     /// Returns `true` when an item was dropped (refused or its source changed) and the next cycle
     /// must re-plan.
+    ///
+    /// One `missing` question covers every item, and the peer-first marks of all items are made
+    /// durable together before any is sent; the answers are recorded as they come and made
+    /// durable once at the end (an answer lost to a crash is had again by replaying its commit:
+    /// the coordinator answers a commit id it has seen as it did the first time).
     pub(super) async fn drain_outbox(&mut self, report: &mut CycleReport) -> anyhow::Result<bool> {
         let mut dirty = false;
-        for (id, item) in self.store.outbox()? {
-            let paths: Vec<SyncPath> = item.changes.iter().map(|c| c.path.clone()).collect();
-            let started = std::time::Instant::now();
-            let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
+        let items = self.store.outbox()?;
+        if items.is_empty() {
+            return Ok(false);
+        }
+        let chunk_ids = |item: &OutboxItem| -> Vec<ChunkId> {
+            let mut ids: Vec<ChunkId> = item
                 .changes
                 .iter()
-                .filter_map(|c| c.manifest.as_ref().map(|m| (c.path.to_local(&self.root), m.clone())))
+                .flat_map(|c| c.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| c.id)))
                 .collect();
-            let mut ids: Vec<ChunkId> = files.iter().flat_map(|(_, m)| m.chunks.iter().map(|c| c.id)).collect();
             ids.sort_unstable();
             ids.dedup();
-            let missing: HashSet<ChunkId> =
-                self.client.missing(&ids).await.map_err(EngineError::Offline)?.into_iter().collect();
-            // Peer-first only when someone can fetch the version from here before the origin has
-            // it; and always for a commit that was sent peer-first before (its answer lost, or
-            // this device stopped before recording it): it may be pending already, and only the
-            // answer to its replay says what this device owes.
+            ids
+        };
+        let mut all: Vec<ChunkId> = items.iter().flat_map(|(_, item)| chunk_ids(item)).collect();
+        all.sort_unstable();
+        all.dedup();
+        // What the origin lacks, less what the uploads below send.
+        let mut lacking: HashSet<ChunkId> =
+            self.client.missing(&all).await.map_err(EngineError::Offline)?.into_iter().collect();
+        drop(all);
+        // Peer-first only when someone can fetch the version from here before the origin has
+        // it; and always for a commit that was sent peer-first before (its answer lost, or this
+        // device stopped before recording it): it may be pending already, and only the answer to
+        // its replay says what this device owes.
+        let peers_on = self.peers.as_ref().is_some_and(|p| !p.connections().is_empty());
+        let mut marks = Batch::default();
+        let mut plan = Vec::with_capacity(items.len());
+        for (id, item) in items {
+            let ids = chunk_ids(&item);
             let sent_pending = self.store.sent_pending(id)?;
-            let peer_first = sent_pending
-                || (!missing.is_empty() && self.peers.as_ref().is_some_and(|p| !p.connections().is_empty()));
+            let peer_first = sent_pending || (peers_on && ids.iter().any(|c| lacking.contains(c)));
             if peer_first && !sent_pending {
-                let mut b = Batch::default();
-                b.mark_sent_pending(id);
-                self.store.apply(b)?;
-                self.store.flush().await?;
+                marks.mark_sent_pending(id);
             }
-            let upload = if peer_first {
-                Ok(0)
-            } else {
-                transfer::upload_chunks(
+            plan.push((id, item, ids, peer_first));
+        }
+        if !marks.is_empty() {
+            self.store.apply(marks)?;
+            self.store.flush().await?;
+        }
+        let mut recorded = false;
+        // Commits in flight, answered in the order sent, and the paths they change.
+        let mut flight = futures::stream::FuturesOrdered::new();
+        let mut flying: HashSet<SyncPath> = HashSet::new();
+        for (id, item, ids, peer_first) in plan {
+            let paths: Vec<SyncPath> = item.changes.iter().map(|c| c.path.clone()).collect();
+            let missing: HashSet<ChunkId> = ids.into_iter().filter(|c| lacking.contains(c)).collect();
+            if !peer_first && !missing.is_empty() {
+                // Uploaded first, then committed (while the commits before it are in flight).
+                let started = std::time::Instant::now();
+                let files: Vec<(PathBuf, shoal_protocol::Manifest)> = item
+                    .changes
+                    .iter()
+                    .filter_map(|c| c.manifest.as_ref().map(|m| (c.path.to_local(&self.root), m.clone())))
+                    .collect();
+                let upload = transfer::upload_chunks(
                     &self.client,
                     files,
                     missing.clone(),
                     Some(&self.recent),
                     &self.counters.uploaded,
                 )
-                .await
-            };
-            match upload {
-                Ok(n) => report.bytes_uploaded += n,
-                Err(UploadError::SourceChanged(p)) => {
-                    tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
-                    self.drop_outbox(id, paths)?;
-                    dirty = true;
-                    continue;
-                }
-                Err(UploadError::Client(e)) if e.is_retryable() => {
-                    return Err(EngineError::Offline(e).into());
-                }
-                Err(UploadError::Client(e)) => {
-                    report.errors.push(e.to_string());
-                    self.drop_outbox(id, paths)?;
-                    dirty = true;
-                    continue;
-                }
-            }
-            tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
-            let req = CommitRequest { commit_id: item.commit_id, changes: item.changes, pending_ok: peer_first };
-            match self.client.commit(&req).await {
-                Ok(resp) => {
-                    #[cfg(feature = "test-faults")]
-                    if peer_first && std::env::var("SHOAL_TEST_CRASH").as_deref() == Ok("after-pending-commit") {
-                        // A crash between the coordinator's answer and recording it.
-                        tracing::error!("test fault: exiting right after a pending commit");
-                        std::process::exit(3);
+                .await;
+                match upload {
+                    Ok(n) => {
+                        report.bytes_uploaded += n;
+                        lacking.retain(|c| !missing.contains(c));
                     }
-                    let mut batch = Batch::default();
-                    batch.del_outbox(id);
-                    for e in &resp.entries {
-                        if peer_first
-                            && let Some(m) =
-                                e.manifest.as_ref().filter(|m| m.chunks.iter().any(|c| missing.contains(&c.id)))
-                        {
-                            batch.put_owed(e.version, &Owed { path: e.path.clone(), manifest: m.clone() });
-                        }
-                        // A replayed commit's entries may be older than what the journal already
-                        // showed us: never move the remote tree backwards.
-                        batch.put_remote_if_newer(e);
-                        if e.deleted {
-                            batch.del_synced(&e.path);
-                        } else {
-                            batch.put_synced(e);
-                        }
+                    Err(UploadError::SourceChanged(p)) => {
+                        tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
+                        self.drop_outbox(id, paths)?;
+                        dirty = true;
+                        continue;
                     }
-                    self.store.apply(batch)?;
-                    self.store.flush().await?;
-                    report.committed_changes += resp.entries.len();
-                }
-                Err(e) if e.is_retryable() => return Err(EngineError::Offline(e).into()),
-                Err(e) => {
-                    if e.code() != Some(ErrorCode::StaleBase) {
-                        tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
+                    Err(UploadError::Client(e)) if e.is_retryable() => {
+                        return Err(EngineError::Offline(e).into());
+                    }
+                    Err(UploadError::Client(e)) => {
                         report.errors.push(e.to_string());
-                    }
-                    self.drop_outbox(id, paths)?;
-                    dirty = true;
-                    if e.code() == Some(ErrorCode::StaleBase) {
-                        self.pull().await.map_err(EngineError::Offline)?;
+                        self.drop_outbox(id, paths)?;
+                        dirty = true;
+                        continue;
                     }
                 }
+                tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
             }
+            // A few commits go at once (the coordinator reads one while it stores the one before,
+            // and this device records answers meanwhile), never two changing the same path.
+            while flight.len() >= COMMITS_IN_FLIGHT || paths.iter().any(|p| flying.contains(p)) {
+                let Some((sent, answer)) = flight.next().await else { break };
+                dirty |= self.answered(sent, answer, &mut flying, &mut recorded, report).await?;
+            }
+            flying.extend(paths.iter().cloned());
+            let req = CommitRequest { commit_id: item.commit_id, changes: item.changes, pending_ok: peer_first };
+            let client = self.client.clone();
+            let task = tokio::spawn(async move { client.commit(&req).await });
+            let sent = Sent { id, paths, missing, peer_first };
+            flight.push_back(async move {
+                let answer =
+                    task.await.unwrap_or_else(|e| Err(ClientError::Protocol(format!("commit task failed: {e}"))));
+                (sent, answer)
+            });
+        }
+        while let Some((sent, answer)) = flight.next().await {
+            dirty |= self.answered(sent, answer, &mut flying, &mut recorded, report).await?;
+        }
+        if recorded {
+            self.store.flush().await?;
         }
         Ok(dirty)
     }
@@ -232,6 +258,67 @@ impl Engine {
     }
 
     /// Drops an outbox item whose commit cannot be sent as it is; its paths are planned again.
+    /// Records the coordinator's answer to an outbox commit (its entries, and what this device
+    /// now owes if it was sent peer-first), or drops a refused one. Returns `true` when the next
+    /// cycle must re-plan.
+    async fn answered(
+        &mut self,
+        sent: Sent,
+        answer: Result<CommitResponse, ClientError>,
+        flying: &mut HashSet<SyncPath>,
+        recorded: &mut bool,
+        report: &mut CycleReport,
+    ) -> anyhow::Result<bool> {
+        let Sent { id, paths, missing, peer_first } = sent;
+        for p in &paths {
+            flying.remove(p);
+        }
+        match answer {
+            Ok(resp) => {
+                #[cfg(feature = "test-faults")]
+                if peer_first && std::env::var("SHOAL_TEST_CRASH").as_deref() == Ok("after-pending-commit") {
+                    // A crash between the coordinator's answer and recording it.
+                    tracing::error!("test fault: exiting right after a pending commit");
+                    std::process::exit(3);
+                }
+                let mut batch = Batch::default();
+                batch.del_outbox(id);
+                for e in &resp.entries {
+                    if peer_first
+                        && let Some(m) =
+                            e.manifest.as_ref().filter(|m| m.chunks.iter().any(|c| missing.contains(&c.id)))
+                    {
+                        batch.put_owed(e.version, &Owed { path: e.path.clone(), manifest: m.clone() });
+                    }
+                    // A replayed commit's entries may be older than what the journal already
+                    // showed us: never move the remote tree backwards.
+                    batch.put_remote_if_newer(e);
+                    if e.deleted {
+                        batch.del_synced(&e.path);
+                    } else {
+                        batch.put_synced(e);
+                    }
+                }
+                self.store.apply(batch)?;
+                *recorded = true;
+                report.committed_changes += resp.entries.len();
+                Ok(false)
+            }
+            Err(e) if e.is_retryable() => Err(EngineError::Offline(e).into()),
+            Err(e) => {
+                if e.code() != Some(ErrorCode::StaleBase) {
+                    tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
+                    report.errors.push(e.to_string());
+                }
+                self.drop_outbox(id, paths)?;
+                if e.code() == Some(ErrorCode::StaleBase) {
+                    self.pull().await.map_err(EngineError::Offline)?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
     fn drop_outbox(&mut self, id: u64, paths: Vec<SyncPath>) -> anyhow::Result<()> {
         self.replan.extend(paths);
         let mut b = Batch::default();
