@@ -503,6 +503,7 @@ impl Engine {
         dirs.sort_by_key(|e| e.path.depth());
         let mut batch = Batch::default();
         for e in dirs {
+            let _writing = self.own.writing();
             match ensure_dir(&self.root, &e.path) {
                 Ok(md) => {
                     self.note_written(&e.path, &md);
@@ -525,8 +526,10 @@ impl Engine {
         removes.sort_by_key(|p| std::cmp::Reverse(p.depth()));
         let mut batch = Batch::default();
         for path in removes {
+            let writing = self.own.writing();
             let removal = remove_local(&self.root, &path, scan.tree.get(&path));
             self.own.note(&path.to_local(&self.root));
+            drop(writing);
             match removal {
                 Ok(Removal::Done) => {
                     batch.del_synced(&path);
@@ -552,6 +555,7 @@ impl Engine {
             let mut files = Vec::new();
             let mut batch = Batch::default();
             for e in replacements {
+                let _writing = self.own.writing();
                 let scanned = scan.tree.get(&e.path);
                 let removed = matches!(remove_local(&self.root, &e.path, scanned), Ok(Removal::Done));
                 self.own.note(&e.path.to_local(&self.root));
@@ -653,6 +657,7 @@ impl Engine {
             let name = conflict_name(path.file_name(), &self.cfg.device_name, now, n);
             let copy = path.with_file_name(&name)?;
             let dest = copy.to_local(&self.root);
+            let _writing = self.own.writing();
             match rename_noreplace(&local, &dest) {
                 Ok(()) => {
                     self.own.note(&local);

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,9 +62,41 @@ fn seen(md: &std::fs::Metadata) -> Seen {
 
 /// Recently written paths; cheap to clone, shared by the engine and the watcher.
 #[derive(Clone, Default)]
-pub struct OwnWrites(Arc<Mutex<HashMap<PathBuf, (Seen, Instant)>>>);
+pub struct OwnWrites(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    map: Mutex<HashMap<PathBuf, (Seen, Instant)>>,
+    /// Writes between their first system call and their note (`WriteGuard`s alive).
+    writing: AtomicUsize,
+}
+
+/// A write in progress, from before its first system call until after it is noted.
+pub struct WriteGuard(Arc<Shared>);
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        self.0.writing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl OwnWrites {
+    /// Marks a write in progress until the guard drops: the watcher checks a batch only once
+    /// every write whose events it may hold has been noted (`settle`).
+    pub fn writing(&self) -> WriteGuard {
+        self.0.writing.fetch_add(1, Ordering::SeqCst);
+        WriteGuard(self.0.clone())
+    }
+
+    /// Waits until no write is between its system calls and its note, at most `limit`. Events
+    /// gathered before this returns are then for writes already noted, or for someone else's.
+    pub fn settle(&self, limit: Duration) {
+        let started = Instant::now();
+        while self.0.writing.load(Ordering::SeqCst) > 0 && started.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Notes that the agent just wrote (or removed) `path`.
     pub fn note(&self, path: &Path) {
         if let Some(seen) = look(path) {
@@ -78,12 +111,12 @@ impl OwnWrites {
 
     /// `true` if `path` was noted recently enough to be remembered for a while yet.
     pub fn knows(&self, path: &Path) -> bool {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(path).is_some_and(|(_, at)| at.elapsed() < REMEMBER / 2)
     }
 
     fn remember(&self, path: &Path, seen: Seen) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_PATHS {
             let cutoff = Instant::now() - REMEMBER / 2;
             map.retain(|_, (_, at)| *at > cutoff);
@@ -97,7 +130,7 @@ impl OwnWrites {
     /// `true` if `path` is as the agent last left it, recently.
     pub fn is_own(&self, path: &Path) -> bool {
         let recorded = {
-            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(path) {
                 Some((_, at)) if at.elapsed() > REMEMBER => {
                     map.remove(path);
@@ -114,6 +147,35 @@ impl OwnWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settling_waits_for_writes_in_progress_to_be_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = OwnWrites::default();
+        let f = dir.path().join("f");
+        let guard = own.writing();
+        std::fs::write(&f, b"ours").unwrap();
+        let writer = {
+            let (own, f) = (own.clone(), f.clone());
+            std::thread::spawn(move || {
+                // Held up between the write and its note, as a busy machine may.
+                std::thread::sleep(Duration::from_millis(100));
+                own.note(&f);
+                drop(guard);
+            })
+        };
+        own.settle(Duration::from_secs(10));
+        assert!(own.is_own(&f), "settled only once the write was noted");
+        writer.join().unwrap();
+        // With nothing in progress it returns at once; a guard never dropped holds it `limit`.
+        let started = Instant::now();
+        own.settle(Duration::from_secs(10));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let _stuck = own.writing();
+        let started = Instant::now();
+        own.settle(Duration::from_millis(50));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
 
     #[test]
     fn own_writes_match_until_someone_else_changes_the_path() {

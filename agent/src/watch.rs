@@ -17,6 +17,10 @@ use shoal_protocol::path::RESERVED_DIR;
 
 use crate::own::OwnWrites;
 
+/// Longest a batch waits for the agent's writes in progress to be noted (they take
+/// microseconds, unless the machine is busy).
+const OWN_SETTLE: Duration = Duration::from_millis(250);
+
 /// One debounced batch: the distinct paths that changed, and whether everything must be looked
 /// at (the OS dropped events, or a watch could not be set).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -176,6 +180,11 @@ fn flush(
         let mut paths = taken.paths;
         paths.sort_unstable();
         paths.dedup();
+        if !paths.is_empty() {
+            // An install's rename raises its event before the engine notes it: a batch taken
+            // in between would pass the echo on as the user's change.
+            own.settle(OWN_SETTLE);
+        }
         paths.retain(|p| !own.is_own(p));
         if rescan || !paths.is_empty() {
             emit(Batch { rescan, paths });

@@ -166,6 +166,7 @@ impl Engine {
             let mut parents = HashSet::new();
             let mut dirs = HashSet::new();
             for (e, tmp) in ready {
+                let _writing = self.own.writing();
                 let expected = expect.get(&e.path).cloned().flatten();
                 match install(&self.root, &e.path, &tmp, expected.as_ref(), &mut dirs) {
                     Ok(md) => {
