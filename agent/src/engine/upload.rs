@@ -9,7 +9,7 @@
 //! that fetched it can still upload it, and if none did, history shows it withdrawn rather than
 //! promised.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use futures::StreamExt;
@@ -41,6 +41,57 @@ struct Sent {
     /// Its chunks the origin lacked when it was sent.
     missing: HashSet<ChunkId>,
     peer_first: bool,
+}
+
+/// The paths of the commits in flight, and every directory above them.
+#[derive(Default)]
+struct Flying {
+    paths: HashSet<SyncPath>,
+    above: HashMap<SyncPath, usize>,
+}
+
+impl Flying {
+    fn add(&mut self, paths: &[SyncPath]) {
+        for p in paths {
+            self.paths.insert(p.clone());
+            let mut up = p.parent();
+            while let Some(d) = up {
+                up = d.parent();
+                *self.above.entry(d).or_default() += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, paths: &[SyncPath]) {
+        for p in paths {
+            self.paths.remove(p);
+            let mut up = p.parent();
+            while let Some(d) = up {
+                up = d.parent();
+                if let Some(n) = self.above.get_mut(&d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.above.remove(&d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `true` if a commit in flight changes `p`, a directory above it, or a path below it.
+    fn clashes(&self, p: &SyncPath) -> bool {
+        if self.above.contains_key(p) {
+            return true;
+        }
+        let mut cur = Some(p.clone());
+        while let Some(c) = cur {
+            if self.paths.contains(&c) {
+                return true;
+            }
+            cur = c.parent();
+        }
+        false
+    }
 }
 
 impl Engine {
@@ -98,7 +149,7 @@ impl Engine {
         let mut recorded = false;
         // Commits in flight, answered in the order sent, and the paths they change.
         let mut flight = futures::stream::FuturesOrdered::new();
-        let mut flying: HashSet<SyncPath> = HashSet::new();
+        let mut flying = Flying::default();
         for (id, item, ids, peer_first) in plan {
             let paths: Vec<SyncPath> = item.changes.iter().map(|c| c.path.clone()).collect();
             let missing: HashSet<ChunkId> = ids.into_iter().filter(|c| lacking.contains(c)).collect();
@@ -121,7 +172,9 @@ impl Engine {
                 match upload {
                     Ok(n) => {
                         report.bytes_uploaded += n;
-                        lacking.retain(|c| !missing.contains(c));
+                        for c in &missing {
+                            lacking.remove(c);
+                        }
                     }
                     Err(UploadError::SourceChanged(p)) => {
                         tracing::debug!(path = %Escaped(&p.display().to_string()), "file changed before upload; re-planning");
@@ -142,12 +195,13 @@ impl Engine {
                 tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
             }
             // A few commits go at once (the coordinator reads one while it stores the one before,
-            // and this device records answers meanwhile), never two changing the same path.
-            while flight.len() >= COMMITS_IN_FLIGHT || paths.iter().any(|p| flying.contains(p)) {
+            // and this device records answers meanwhile), never two changing the same path or a
+            // path and one below it: the coordinator may take them in either order.
+            while flight.len() >= COMMITS_IN_FLIGHT || paths.iter().any(|p| flying.clashes(p)) {
                 let Some((sent, answer)) = flight.next().await else { break };
                 dirty |= self.answered(sent, answer, &mut flying, &mut recorded, report).await?;
             }
-            flying.extend(paths.iter().cloned());
+            flying.add(&paths);
             let req = CommitRequest { commit_id: item.commit_id, changes: item.changes, pending_ok: peer_first };
             let client = self.client.clone();
             let task = tokio::spawn(async move { client.commit(&req).await });
@@ -265,14 +319,12 @@ impl Engine {
         &mut self,
         sent: Sent,
         answer: Result<CommitResponse, ClientError>,
-        flying: &mut HashSet<SyncPath>,
+        flying: &mut Flying,
         recorded: &mut bool,
         report: &mut CycleReport,
     ) -> anyhow::Result<bool> {
         let Sent { id, paths, missing, peer_first } = sent;
-        for p in &paths {
-            flying.remove(p);
-        }
+        flying.remove(&paths);
         match answer {
             Ok(resp) => {
                 #[cfg(feature = "test-faults")]
@@ -348,4 +400,36 @@ pub(super) fn split_commits(changes: Vec<Change>, report: &mut CycleReport) -> V
         out.last_mut().expect("a commit was just started").push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_in_flight_clash_on_a_path_and_everything_above_or_below_it() {
+        let p = |s: &str| SyncPath::parse(s).unwrap();
+        let mut f = Flying::default();
+        f.add(&[p("notes"), p("a/b/c")]);
+        f.add(&[p("a/b/d")]);
+        for (path, clash) in [
+            ("notes", true),
+            ("notes/x", true),
+            ("a", true),
+            ("a/b", true),
+            ("a/b/c", true),
+            ("a/b/c/deeper", true),
+            ("a/b/e", false),
+            ("a/x", false),
+            ("not", false),
+            ("notes2", false),
+        ] {
+            assert_eq!(f.clashes(&p(path)), clash, "{path}");
+        }
+        f.remove(&[p("notes"), p("a/b/c")]);
+        assert!(!f.clashes(&p("notes/x")) && !f.clashes(&p("a/b/c")));
+        assert!(f.clashes(&p("a/b")), "a/b/d still flies");
+        f.remove(&[p("a/b/d")]);
+        assert!(f.paths.is_empty() && f.above.is_empty());
+    }
 }
