@@ -1,9 +1,9 @@
-//! The chunks of small files this device hashed lately, kept in memory (a few MiB, oldest out
-//! first). A scan commits what it hashed at once, and the device's peers ask for those chunks,
-//! and its uploads of pending versions read them again, within seconds: for a file of a few KiB,
-//! opening it, checking its stat against the index and reading it back cost several times the
-//! bytes. Chunks are named by the hash of their bytes, so a remembered chunk stays right to serve
-//! or upload whatever the file holds by then.
+//! The chunks of small files this device hashed lately, kept in memory (16 MiB with their
+//! bookkeeping, oldest out first). A scan commits what it hashed at once, and the device's
+//! peers ask for those chunks, and its uploads of pending versions read them again, within
+//! seconds: for a file of a few KiB, opening it, checking its stat against the index and reading
+//! it back cost several times the bytes. Chunks are named by the hash of their bytes, so a
+//! remembered chunk stays right to serve or upload whatever the file holds by then.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,8 +14,11 @@ use shoal_protocol::ChunkId;
 /// Chunks of files up to this size are remembered: past it, reading a file costs about its
 /// bytes, and its chunks would push out many small files' worth.
 pub const RECENT_FILE_MAX: u64 = 64 * 1024;
-/// Most chunk bytes remembered.
+/// Most bytes remembered, each chunk counted with `ENTRY_COST`.
 const RECENT_BYTES: usize = 16 * 1024 * 1024;
+/// What remembering a chunk costs beyond its bytes (map and queue slots, the allocation): a
+/// folder of tiny files must not fill the limit with bookkeeping it does not count.
+const ENTRY_COST: usize = 160;
 
 /// Recently hashed chunks by id. Cheap to clone; clones share the chunks.
 #[derive(Clone)]
@@ -44,16 +47,17 @@ impl RecentChunks {
     pub fn add(&self, chunks: impl IntoIterator<Item = (ChunkId, Bytes)>) {
         let mut r = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for (id, data) in chunks {
-            if data.len() > r.limit || r.chunks.contains_key(&id) {
+            let cost = data.len() + ENTRY_COST;
+            if cost > r.limit || r.chunks.contains_key(&id) {
                 continue;
             }
-            r.bytes += data.len();
+            r.bytes += cost;
             r.chunks.insert(id, data);
             r.order.push_back(id);
             while r.bytes > r.limit {
                 let Some(old) = r.order.pop_front() else { break };
                 if let Some(d) = r.chunks.remove(&old) {
-                    r.bytes -= d.len();
+                    r.bytes -= d.len() + ENTRY_COST;
                 }
             }
         }
@@ -80,8 +84,8 @@ mod tests {
 
     #[test]
     fn the_oldest_chunks_go_first_once_past_the_limit() {
-        let r = RecentChunks::with_limit(100);
-        let (a, b, c, big) = (chunk(1, 40), chunk(2, 40), chunk(3, 40), chunk(4, 101));
+        let r = RecentChunks::with_limit(100 + 2 * ENTRY_COST);
+        let (a, b, c, big) = (chunk(1, 40), chunk(2, 40), chunk(3, 40), chunk(4, 101 + 2 * ENTRY_COST));
         r.add([a.clone(), b.clone(), a.clone()]);
         assert_eq!(r.get(&a.0), Some(a.1.clone()));
         assert!(r.contains(&b.0));
@@ -89,6 +93,14 @@ mod tests {
         assert!(!r.contains(&a.0), "oldest out");
         assert!(r.contains(&b.0) && r.contains(&c.0));
         assert!(!r.contains(&big.0), "larger than the whole cache");
-        assert_eq!(r.0.lock().unwrap().bytes, 80);
+        assert_eq!(r.0.lock().unwrap().bytes, 80 + 2 * ENTRY_COST);
+    }
+
+    #[test]
+    fn tiny_chunks_are_counted_with_their_bookkeeping() {
+        let r = RecentChunks::with_limit(10 * (ENTRY_COST + 1));
+        r.add((0..100u8).map(|n| chunk(n, 1)));
+        let kept = r.0.lock().unwrap().chunks.len();
+        assert_eq!(kept, 10, "ten one-byte chunks fit, not the limit's worth of bytes");
     }
 }
