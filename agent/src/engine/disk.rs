@@ -56,7 +56,7 @@ pub(super) fn install(
         // Nothing there when scanned: the rename must not replace a file created since.
         None => rename_noreplace(tmp, &target).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("the local file appeared since the scan"),
-            _ => e.into(),
+            _ => anyhow::Error::new(e).context(format!("installing {}", target.display())),
         })?,
         Some(rec) => match target.symlink_metadata() {
             Ok(md) if md.is_file() && rec.same_stat(&scan::stat_rec(&md)) => std::fs::rename(tmp, &target)?,
@@ -120,6 +120,36 @@ pub(super) fn remove_local(root: &Path, path: &SyncPath, scanned: Option<&IndexR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn install_never_replaces_a_file_that_appeared_since_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let tmp = dir.path().join("fetched.part");
+        std::fs::write(&tmp, b"fetched").unwrap();
+        let path = SyncPath::parse("d/f").unwrap();
+        let mut dirs = HashSet::new();
+        // Absent when scanned, and still absent: installed, its directory made.
+        let md = install(&root, &path, &tmp, None, &mut dirs).unwrap();
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"fetched");
+        assert_eq!(md.len(), 7);
+        assert!(dirs.contains(&SyncPath::parse("d").unwrap()));
+        // Absent when scanned, written by the user since: kept, and the temp file stays.
+        std::fs::write(&tmp, b"fetched again").unwrap();
+        let user = SyncPath::parse("d/g").unwrap();
+        std::fs::write(root.join("d/g"), b"the user's").unwrap();
+        let err = install(&root, &user, &tmp, None, &mut dirs).unwrap_err();
+        assert!(err.to_string().contains("appeared since the scan"), "{err:#}");
+        assert_eq!(std::fs::read(root.join("d/g")).unwrap(), b"the user's");
+        assert!(tmp.exists());
+        // Scanned with one stat, changed since: kept too.
+        let rec = scan::stat_rec(&std::fs::symlink_metadata(root.join("d/f")).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(root.join("d/f"), b"edited").unwrap();
+        assert!(install(&root, &path, &tmp, Some(&rec), &mut dirs).is_err());
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"edited");
+    }
 
     #[test]
     fn ensure_dir_refuses_symlinks() {
