@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use futures::StreamExt;
 use shoal_protocol::api::{CommitRequest, CommitResponse, ErrorCode};
 use shoal_protocol::path::Escaped;
-use shoal_protocol::{Change, ChunkId, Seq, SyncPath};
+use shoal_protocol::{Change, ChunkId, EntryKind, Seq, SyncPath};
 
 use super::{CycleReport, Engine, EngineError};
 use crate::client::ClientError;
@@ -43,17 +43,27 @@ struct Sent {
     peer_first: bool,
 }
 
-/// The paths of the commits in flight, and every directory above them.
+/// The paths the commits in flight change, each with whether its change reshapes the tree
+/// below it (`reshapes`), and every directory above them.
 #[derive(Default)]
 struct Flying {
-    paths: HashSet<SyncPath>,
+    paths: HashMap<SyncPath, bool>,
     above: HashMap<SyncPath, usize>,
 }
 
+/// `true` unless `c` makes a directory where nothing ever was. The coordinator checks a
+/// change against what is live above it (no entry under a file) and a new file against what
+/// is live below it; only a new directory leaves both as they were, so changes below it may
+/// arrive before or after it. Anything else (a file, a deletion, a directory over a path that
+/// existed, perhaps as a file) must not be overtaken by changes below it, nor overtake them.
+fn reshapes(c: &Change) -> bool {
+    !(c.kind == EntryKind::Dir && !c.deleted && c.base.is_none())
+}
+
 impl Flying {
-    fn add(&mut self, paths: &[SyncPath]) {
-        for p in paths {
-            self.paths.insert(p.clone());
+    fn add(&mut self, changes: &[(SyncPath, bool)]) {
+        for (p, reshapes) in changes {
+            self.paths.insert(p.clone(), *reshapes);
             let mut up = p.parent();
             while let Some(d) = up {
                 up = d.parent();
@@ -78,17 +88,19 @@ impl Flying {
         }
     }
 
-    /// `true` if a commit in flight changes `p`, a directory above it, or a path below it.
-    fn clashes(&self, p: &SyncPath) -> bool {
-        if self.above.contains_key(p) {
+    /// `true` if a change of `p` (reshaping the tree below it or not) must wait for the
+    /// commits in flight: one changes `p`, reshapes a directory above it, or changes a path
+    /// below a `p` that reshapes.
+    fn clashes(&self, p: &SyncPath, reshapes: bool) -> bool {
+        if self.paths.contains_key(p) || (reshapes && self.above.contains_key(p)) {
             return true;
         }
-        let mut cur = Some(p.clone());
-        while let Some(c) = cur {
-            if self.paths.contains(&c) {
+        let mut up = p.parent();
+        while let Some(d) = up {
+            if self.paths.get(&d) == Some(&true) {
                 return true;
             }
-            cur = c.parent();
+            up = d.parent();
         }
         false
     }
@@ -152,6 +164,7 @@ impl Engine {
         let mut flying = Flying::default();
         for (id, item, ids, peer_first) in plan {
             let paths: Vec<SyncPath> = item.changes.iter().map(|c| c.path.clone()).collect();
+            let shapes: Vec<(SyncPath, bool)> = item.changes.iter().map(|c| (c.path.clone(), reshapes(c))).collect();
             let missing: HashSet<ChunkId> = ids.into_iter().filter(|c| lacking.contains(c)).collect();
             if !peer_first && !missing.is_empty() {
                 // Uploaded first, then committed (while the commits before it are in flight).
@@ -195,13 +208,14 @@ impl Engine {
                 tracing::debug!(elapsed = ?started.elapsed(), "chunks uploaded");
             }
             // A few commits go at once (the coordinator reads one while it stores the one before,
-            // and this device records answers meanwhile), never two changing the same path or a
-            // path and one below it: the coordinator may take them in either order.
-            while flight.len() >= COMMITS_IN_FLIGHT || paths.iter().any(|p| flying.clashes(p)) {
+            // and this device records answers meanwhile), never two changing the same path, nor
+            // a path and one below it unless the upper one is a new directory: the coordinator
+            // may take them in either order.
+            while flight.len() >= COMMITS_IN_FLIGHT || shapes.iter().any(|(p, r)| flying.clashes(p, *r)) {
                 let Some((sent, answer)) = flight.next().await else { break };
                 dirty |= self.answered(sent, answer, &mut flying, &mut recorded, report).await?;
             }
-            flying.add(&paths);
+            flying.add(&shapes);
             let req = CommitRequest { commit_id: item.commit_id, changes: item.changes, pending_ok: peer_first };
             let client = self.client.clone();
             let task = tokio::spawn(async move { client.commit(&req).await });
@@ -407,29 +421,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commits_in_flight_clash_on_a_path_and_everything_above_or_below_it() {
+    fn commits_in_flight_clash_on_a_path_and_below_what_reshapes_the_tree() {
         let p = |s: &str| SyncPath::parse(s).unwrap();
+        let change = |path: &str, kind: EntryKind, deleted: bool, base: Option<Seq>| Change {
+            path: p(path),
+            kind,
+            manifest: None,
+            exec: false,
+            mtime_ns: 0,
+            deleted,
+            base,
+        };
+        assert!(!reshapes(&change("new", EntryKind::Dir, false, None)));
+        assert!(reshapes(&change("was-a-file", EntryKind::Dir, false, Some(3))));
+        assert!(reshapes(&change("f", EntryKind::File, false, None)));
+        assert!(reshapes(&change("gone", EntryKind::Dir, true, Some(3))));
+
         let mut f = Flying::default();
-        f.add(&[p("notes"), p("a/b/c")]);
-        f.add(&[p("a/b/d")]);
-        for (path, clash) in [
-            ("notes", true),
-            ("notes/x", true),
-            ("a", true),
-            ("a/b", true),
-            ("a/b/c", true),
-            ("a/b/c/deeper", true),
-            ("a/b/e", false),
-            ("a/x", false),
-            ("not", false),
-            ("notes2", false),
+        // In flight: a new directory with a file in it, a file that became a directory, a file.
+        f.add(&[(p("new"), false), (p("new/a"), true), (p("notes"), true)]);
+        f.add(&[(p("x/f"), true)]);
+        for (path, reshaping, clash) in [
+            ("new", false, true),
+            ("new/b", true, false),
+            ("new/sub", false, false),
+            ("new/a/under", false, true),
+            ("notes/x", false, true),
+            ("notes", true, true),
+            ("x", false, false),
+            ("x", true, true),
+            ("x/g", true, false),
+            ("notes2", true, false),
         ] {
-            assert_eq!(f.clashes(&p(path)), clash, "{path}");
+            assert_eq!(f.clashes(&p(path), reshaping), clash, "{path} {reshaping}");
         }
-        f.remove(&[p("notes"), p("a/b/c")]);
-        assert!(!f.clashes(&p("notes/x")) && !f.clashes(&p("a/b/c")));
-        assert!(f.clashes(&p("a/b")), "a/b/d still flies");
-        f.remove(&[p("a/b/d")]);
+        f.remove(&[p("new"), p("new/a"), p("notes")]);
+        assert!(!f.clashes(&p("notes/x"), true) && !f.clashes(&p("new"), true));
+        assert!(f.clashes(&p("x"), true), "x/f still flies");
+        f.remove(&[p("x/f")]);
         assert!(f.paths.is_empty() && f.above.is_empty());
     }
 }
