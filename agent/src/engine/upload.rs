@@ -131,7 +131,14 @@ impl Engine {
             ids.dedup();
             ids
         };
-        let mut all: Vec<ChunkId> = items.iter().flat_map(|(_, item)| chunk_ids(item)).collect();
+        let items: Vec<(u64, OutboxItem, Vec<ChunkId>)> = items
+            .into_iter()
+            .map(|(id, item)| {
+                let ids = chunk_ids(&item);
+                (id, item, ids)
+            })
+            .collect();
+        let mut all: Vec<ChunkId> = items.iter().flat_map(|(_, _, ids)| ids.iter().copied()).collect();
         all.sort_unstable();
         all.dedup();
         // What the origin lacks, less what the uploads below send.
@@ -145,8 +152,7 @@ impl Engine {
         let peers_on = self.peers.as_ref().is_some_and(|p| !p.connections().is_empty());
         let mut marks = Batch::default();
         let mut plan = Vec::with_capacity(items.len());
-        for (id, item) in items {
-            let ids = chunk_ids(&item);
+        for (id, item, ids) in items {
             let sent_pending = self.store.sent_pending(id)?;
             let peer_first = sent_pending || (peers_on && ids.iter().any(|c| lacking.contains(c)));
             if peer_first && !sent_pending {

@@ -1,12 +1,13 @@
 //! Answering a peer's chunk requests (`shoal_protocol::peer`). Chunks are served from this
 //! device's own files, found through the chunk map, or from memory if hashed lately
-//! (`transfer::RecentChunks`: small files a scan just committed, which peers ask for at once). The open file's stat (size, mtime, ctime,
-//! inode, mode) is checked against its index record when it is opened and again after each chunk
-//! is read: a file changed since it was hashed is not served (from then on), and the peer asks
-//! another source for those chunks. (The receiver verifies every chunk anyway; the check keeps
-//! a changed file from costing the peer a round. Hashing each chunk again here cost a third of
-//! this device's CPU per transfer.) Chunks of downloads still in progress are served from their temp files
-//! (`transfer::Partials`), once written. Only connections the roster admitted get here.
+//! (`transfer::RecentChunks`: small files a scan just committed, which peers ask for at once).
+//! The open file's stat (size, mtime, ctime, inode, mode) is checked against its index record
+//! when it is opened and again after each chunk is read: a file changed since it was hashed is
+//! not served (from then on), and the peer asks another source for those chunks. (The receiver
+//! verifies every chunk anyway; the check keeps a changed file from costing the peer a round.
+//! Hashing each chunk again here cost a third of this device's CPU per transfer.) Chunks of
+//! downloads still in progress are served from their temp files (`transfer::Partials`), once
+//! written. Only connections the roster admitted get here.
 //!
 //! Per peer, the transport bounds the requests open at once (`PEER_STREAMS`) and the bytes in
 //! flight (`PEER_WINDOW`); each request reads at most `READ_AHEAD` chunks ahead of the network.
@@ -110,8 +111,7 @@ impl ChunkServer {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, Bytes)>(READ_AHEAD);
         let server = self.clone();
         let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut recent: HashMap<ChunkId, Bytes> =
-                ids.iter().filter_map(|id| Some((*id, server.recent.get(id)?))).collect();
+            let mut recent = server.recent.get_many(&ids);
             let rest: Vec<ChunkId> = ids.iter().filter(|id| !recent.contains_key(id)).copied().collect();
             let locs = server.store.chunk_locations(&rest)?;
             // Each file opened once per request, and only if it is as indexed (else `None`).

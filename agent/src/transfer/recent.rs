@@ -68,6 +68,12 @@ impl RecentChunks {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).chunks.get(id).cloned()
     }
 
+    /// The remembered ones of `ids`, by id (one lock for them all).
+    pub fn get_many<'a>(&self, ids: impl IntoIterator<Item = &'a ChunkId>) -> HashMap<ChunkId, Bytes> {
+        let r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        ids.into_iter().filter_map(|id| Some((*id, r.chunks.get(id)?.clone()))).collect()
+    }
+
     pub fn contains(&self, id: &ChunkId) -> bool {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).chunks.contains_key(id)
     }
@@ -88,6 +94,7 @@ mod tests {
         let (a, b, c, big) = (chunk(1, 40), chunk(2, 40), chunk(3, 40), chunk(4, 101 + 2 * ENTRY_COST));
         r.add([a.clone(), b.clone(), a.clone()]);
         assert_eq!(r.get(&a.0), Some(a.1.clone()));
+        assert_eq!(r.get_many([&a.0, &c.0]), HashMap::from([(a.0, a.1.clone())]));
         assert!(r.contains(&b.0));
         r.add([c.clone(), big.clone()]);
         assert!(!r.contains(&a.0), "oldest out");
