@@ -207,9 +207,11 @@ enum Reach {
     Later,
 }
 
+fn live_dir(e: &Option<shoal_protocol::Entry>) -> bool {
+    e.as_ref().is_some_and(|e| !e.deleted && e.kind == EntryKind::Dir)
+}
+
 fn reach(md: Option<&std::fs::Metadata>, slot: &Slot) -> Reach {
-    let live_dir =
-        |e: &Option<shoal_protocol::Entry>| e.as_ref().is_some_and(|e| !e.deleted && e.kind == EntryKind::Dir);
     let disk = md.is_some_and(|m| m.is_dir());
     let index = slot.index.as_ref().is_some_and(|r| r.kind == EntryKind::Dir);
     let (synced, remote) = (live_dir(&slot.synced), live_dir(&slot.remote));
@@ -374,7 +376,12 @@ pub fn gather(
                             continue;
                         }
                         Reach::Later => g.later.push(c.clone()),
-                        Reach::Alone if md.as_ref().is_some_and(|m| m.is_dir()) => g.next_dirs.push(c.clone()),
+                        // A directory only the journal has (its entries pulled but not fetched
+                        // when the agent stopped) is visited too: its entries are nowhere else
+                        // queued.
+                        Reach::Alone if md.as_ref().is_some_and(|m| m.is_dir()) || live_dir(&slot.remote) => {
+                            g.next_dirs.push(c.clone())
+                        }
                         Reach::Alone => {}
                     }
                     found.extend(md.map(|md| (c.clone(), md)));
@@ -727,6 +734,29 @@ mod tests {
         let g = gather_(vec![Item::Dir(Some(p("x")))]);
         assert_eq!(g.next_dirs, [p("x/z")]);
         assert!(g.stored.contains_key(&p("x/y")), "the vanished directory is covered whole");
+
+        // A directory only the journal has (pulled, not fetched when the agent stopped): a full
+        // pass visits it, and so covers its entries.
+        let mut b = Batch::default();
+        for (path, kind) in [("x/new", EntryKind::Dir), ("x/new/5", EntryKind::File)] {
+            b.put_remote(&shoal_protocol::Entry {
+                path: p(path),
+                kind,
+                manifest: None,
+                exec: false,
+                mtime_ns: 0,
+                deleted: false,
+                version: 2,
+                base: None,
+                device: shoal_protocol::DeviceId([1; 16]),
+                time_ms: 0,
+            });
+        }
+        store.apply(b).unwrap();
+        let g = gather_(vec![Item::Dir(Some(p("x")))]);
+        assert_eq!(g.next_dirs, [p("x/new"), p("x/z")]);
+        let g = gather_(vec![Item::Dir(Some(p("x/new")))]);
+        assert!(g.stored.contains_key(&p("x/new/5")), "its entries are covered");
 
         // A path below a symlinked directory is not in the folder.
         std::os::unix::fs::symlink(root.join("x"), root.join("alias")).unwrap();
