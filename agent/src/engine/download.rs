@@ -1,8 +1,8 @@
 //! Applying remote versions to disk: every file a cycle fetches is assembled from the fetcher's
 //! sources into a verified temp file, then renamed into place only if the local file still looks
-//! as it did when scanned. Small files go in groups (one prefetch, one sync per group), large
-//! ones stream on their own; a failed download is retried later, keeping a large file's
-//! verified start.
+//! as it did when scanned. Small files go in groups, each group's chunks fetched while the
+//! group before is written, with one sync per group; large ones stream on their own. A failed
+//! download is retried later, keeping a large file's verified start.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -96,15 +96,52 @@ impl Engine {
         for g in large {
             groups.push(vec![g]);
         }
-        for group in groups {
-            let streamed = group.len() == 1 && group[0].size() > SMALL_FILE;
+        // Each group's renames are made durable by the sync that also covers the next group's
+        // temp files (one sync per group, not two), and recorded in the store after it; whatever
+        // is installed but not recorded when the loop stops is synced and recorded here.
+        let mut unrecorded = None;
+        let r = self.fetch_groups(groups, &mut fetcher, expect, report, &mut unrecorded).await;
+        if let Some(batch) = unrecorded {
+            sync_fs(&self.root)?;
+            self.store.apply(batch)?;
+        }
+        Ok(r? | dirty)
+    }
+
+    /// Fetches and installs `groups` in order (see `fetch_files`), the next group's chunks
+    /// fetched while the current one is written. The batch recording a group of small files is
+    /// left in `unrecorded` until a later sync covers its renames.
+    async fn fetch_groups(
+        &mut self,
+        groups: Vec<Vec<Entry>>,
+        fetcher: &mut Fetcher,
+        expect: &BTreeMap<SyncPath, Option<IndexRec>>,
+        report: &mut CycleReport,
+        unrecorded: &mut Option<Batch>,
+    ) -> anyhow::Result<bool> {
+        let mut dirty = false;
+        let streams = |g: &[Entry]| g.len() == 1 && g[0].size() > SMALL_FILE;
+        let chunks = |g: &[Entry]| -> Vec<ChunkId> {
+            g.iter().flat_map(|e| e.manifest.iter().flat_map(|m| &m.chunks)).map(|c| c.id).collect()
+        };
+        let mut ahead = None;
+        let mut groups = groups.into_iter().peekable();
+        while let Some(group) = groups.next() {
+            let streamed = streams(&group);
             // Chunks no source could deliver intact, with why: only the files that need them fail.
             let mut unavailable: HashMap<ChunkId, String> = HashMap::new();
-            if !streamed {
-                let need: Vec<ChunkId> =
-                    group.iter().flat_map(|e| e.manifest.iter().flat_map(|m| &m.chunks)).map(|c| c.id).collect();
-                let failed = fetcher.prefetch(&need).await.map_err(EngineError::Offline)?;
+            if streamed {
+                // Streamed files sync themselves; the renames of the group before need a sync.
+                fetcher.clear_fetched();
+                if let Some(batch) = unrecorded.take() {
+                    sync_fs(&self.root)?;
+                    self.store.apply(batch)?;
+                }
+            } else {
+                let fetching = ahead.take().unwrap_or_else(|| fetcher.fetch_ahead(&chunks(&group)));
+                let failed = fetcher.take_ahead(fetching).await.map_err(EngineError::Offline)?;
                 unavailable.extend(failed.into_iter().map(|(id, e)| (id, e.to_string())));
+                ahead = groups.peek().filter(|g| !streams(g)).map(|g| fetcher.fetch_ahead(&chunks(g)));
             }
             let mut ready = Vec::new();
             for e in group {
@@ -125,7 +162,7 @@ impl Engine {
                 let existing = expect.get(&e.path).and_then(|r| r.as_ref()).map(|r| r.mode);
                 let mode = transfer::file_mode(existing, e.exec, transfer::process_umask());
                 let opts = AssembleOpts { mode, mtime_ns: e.mtime_ns, fsync: streamed, progress: None, resume };
-                match transfer::assemble(&mut fetcher, m, &tmp, opts).await {
+                match transfer::assemble(fetcher, m, &tmp, opts).await {
                     Ok(st) => {
                         if st.resumed > 0 {
                             tracing::info!(path = %e.path.escaped(), kept = st.resumed, "resumed an interrupted download");
@@ -158,9 +195,11 @@ impl Engine {
                     }
                 }
             }
-            fetcher.clear_fetched();
             if !streamed {
                 sync_fs(&self.root)?;
+                if let Some(batch) = unrecorded.take() {
+                    self.store.apply(batch)?;
+                }
             }
             let mut batch = Batch::default();
             let mut parents = HashSet::new();
@@ -196,10 +235,10 @@ impl Engine {
                         let _ = d.sync_all();
                     }
                 }
+                self.store.apply(batch)?;
             } else {
-                sync_fs(&self.root)?;
+                *unrecorded = Some(batch);
             }
-            self.store.apply(batch)?;
         }
         Ok(dirty)
     }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::{ErrorBody, ErrorCode};
 use shoal_protocol::{ChunkId, ChunkRef, DeviceId};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::{Client, ClientError};
 use crate::peer::fetch as peer;
@@ -334,9 +335,15 @@ impl Remote {
     }
 }
 
+/// Chunks being fetched ahead (`Fetcher::fetch_ahead`): what arrived, and what no source could
+/// deliver. Dropping it stops the fetch.
+pub struct Ahead(AbortOnDropHandle<Result<Fetched, ClientError>>);
+
+type Fetched = (HashMap<ChunkId, Bytes>, Vec<(ChunkId, FetchError)>);
+
 /// Answers the chunks of one round of downloads. Chunks held by local files are read (and
 /// verified) when a file needs them; remote chunks are fetched ahead, a group at a time, into a
-/// buffer (`prefetch`), or streamed in windows by `assemble` through `remote()`.
+/// buffer (`fetch_ahead`), or streamed in windows by `assemble` through `remote()`.
 pub struct Fetcher {
     remote: Remote,
     /// Where downloads in progress register their chunks, for peers to take.
@@ -385,28 +392,44 @@ impl Fetcher {
         self.fetched.contains_key(id) || (self.local.contains_key(id) && !self.stale.contains(id))
     }
 
-    /// Fetches the chunks of `ids` that are not ready into the buffer. Returns the chunks no
-    /// source could deliver; `Err` when the origin cannot be reached (see `Origin::fetch`).
-    pub async fn prefetch(&mut self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
+    /// Starts fetching, in a task of its own, the chunks of `ids` that no local file holds, so
+    /// that a group's chunks arrive while the group before it is written. `take_ahead` makes
+    /// them the buffer.
+    pub fn fetch_ahead(&self, ids: &[ChunkId]) -> Ahead {
         let mut seen = HashSet::new();
-        let need: Vec<ChunkId> = ids.iter().filter(|id| !self.is_ready(id) && seen.insert(**id)).copied().collect();
-        let mut failed = Vec::new();
-        for part in need.chunks(4096) {
-            let fetched = &mut self.fetched;
-            failed.extend(
-                self.remote
-                    .fetch(part, |id, data| {
-                        fetched.insert(id, data);
-                    })
-                    .await?,
-            );
-        }
-        Ok(failed)
+        // Not the buffer: it is the current group's, dropped before this one is taken.
+        let local = |id: &ChunkId| self.local.contains_key(id) && !self.stale.contains(id);
+        let need: Vec<ChunkId> = ids.iter().filter(|id| !local(id) && seen.insert(**id)).copied().collect();
+        let remote = self.remote.clone();
+        Ahead(AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut fetched = HashMap::new();
+            let mut failed = Vec::new();
+            for part in need.chunks(4096) {
+                failed.extend(
+                    remote
+                        .fetch(part, |id, data| {
+                            fetched.insert(id, data);
+                        })
+                        .await?,
+                );
+            }
+            Ok((fetched, failed))
+        })))
     }
 
-    /// Drops the fetched buffer (between groups, to bound memory).
+    /// Drops the fetched buffer (before files that stream their chunks, to bound memory).
     pub fn clear_fetched(&mut self) {
         self.fetched.clear();
+    }
+
+    /// Waits for chunks fetched ahead and makes them the buffer, in place of the previous one.
+    /// Returns the chunks no source could deliver; `Err` when the origin cannot be reached (see
+    /// `Origin::fetch`).
+    pub async fn take_ahead(&mut self, ahead: Ahead) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
+        let (fetched, failed) =
+            ahead.0.await.map_err(|e| ClientError::Protocol(format!("chunk fetch task failed: {e}")))??;
+        self.fetched = fetched;
+        Ok(failed)
     }
 
     /// The chunk from the buffer or a local file, verified; `None` if neither has it intact.
