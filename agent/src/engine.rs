@@ -302,8 +302,11 @@ impl Engine {
         self.check_marker()?;
         let mut report = CycleReport::default();
         let reads_before = self.store.reads();
+        let t0 = std::time::Instant::now();
         self.pull().await.map_err(EngineError::Offline)?;
+        let t_pull = t0.elapsed();
         let mut dirty = self.drain_outbox(&mut report).await?;
+        let t_outbox = t0.elapsed();
 
         let started = std::time::Instant::now();
         let (items, taken, dirs, new_dirs) = self.next_scope();
@@ -363,8 +366,10 @@ impl Engine {
                 pending.extend(tree.range(b.clone()..).take_while(|(p, _)| p.starts_with(b)).map(|(p, _)| p.clone()));
             }
         }
+        let t_scanned = t0.elapsed();
         let ops = planner::plan(&planner::Trees { remote: &remote, local: &local, synced: &synced, pending: &pending });
         report.planned = ops.len();
+        let t_planned = t0.elapsed();
         self.forget_retries(&ops);
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), "applying plan");
@@ -391,9 +396,11 @@ impl Engine {
                 "sync cycle"
             );
         }
+        let t_executed = t0.elapsed();
         if self.peers.is_some() {
             self.help_pending(&mut report).await?;
         }
+        tracing::debug!(?t_pull, ?t_outbox, ?t_scanned, ?t_planned, ?t_executed, total = ?t0.elapsed(), "cycle phases");
         report.pending_uploads = self.store.outbox()?.iter().map(|(_, i)| i.changes.len()).sum();
         report.owed_uploads = self.store.owed()?.len();
         report.cursor = self.store.cursor()?;

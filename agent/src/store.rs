@@ -437,8 +437,8 @@ pub struct Store {
     reads: Arc<AtomicU64>,
     /// The chunk map's changes not merged into its buckets yet.
     delta: Arc<std::sync::Mutex<Delta>>,
-    /// When the delta is merged: pairs, records (the defaults but in tests).
-    merge_at: (usize, usize),
+    /// When the delta is merged: least pairs, records, most pairs (the defaults but in tests).
+    merge_at: (usize, usize, usize),
 }
 
 /// Where one chunk lies in a file of the folder (as last scanned or written by the agent).
@@ -528,7 +528,7 @@ impl Store {
             files: Arc::new(files),
             reads: Arc::default(),
             delta,
-            merge_at: (chunk_map::MERGE_PAIRS, chunk_map::MERGE_RECORDS),
+            merge_at: (chunk_map::MERGE_PAIRS, chunk_map::MERGE_RECORDS, chunk_map::MERGE_PAIRS_MAX),
         };
         store.migrate(MIGRATE_STEP)?;
         Ok(store)
@@ -696,7 +696,7 @@ impl Store {
         let full = {
             let mut delta = self.delta.lock().expect("chunk map delta lock");
             delta.applied(map_edit);
-            delta.full(self.merge_at.0, self.merge_at.1)
+            delta.full(self.merge_at)
         };
         // The batch is applied whatever the merge does: a merge that fails leaves the delta as
         // it was (merging again reads the same), and the next batch tries again.

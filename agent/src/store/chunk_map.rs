@@ -7,7 +7,8 @@
 //! bucket for every edit made the bytes written per new file grow with the folder, so edits go
 //! to the *delta* first: one `d/<seq u64 BE>` record per batch that changed the map, holding
 //! that batch's removals and additions in order, mirrored in memory as the net change per
-//! (chunk, path). When the delta holds [`MERGE_PAIRS`] pairs or [`MERGE_RECORDS`] records it is
+//! (chunk, path). When the delta holds [`MERGE_RECORDS`] records, or [`MERGE_PAIRS`] pairs (more
+//! as the buckets grow, up to [`MERGE_PAIRS_MAX`]: one pair per 256 bytes of buckets) it is
 //! merged into the buckets (each touched bucket rewritten once) and its records removed. A
 //! merge writes in steps and is idempotent (a bucket with the delta applied twice reads the
 //! same), so one cut short by a crash is simply done again from the records still stored.
@@ -21,10 +22,19 @@ use super::{BUCKET_VERSION, ChunkLoc, RECORD_VERSION, decode};
 
 /// Format version of delta records.
 const DELTA_VERSION: u8 = 1;
-/// Net (chunk, path) changes the delta holds before it is merged into the buckets: a merge
-/// then rewrites at most every bucket once per this many changes, and the delta's memory stays
-/// bounded (~150 bytes per pair).
+/// Net (chunk, path) changes the delta holds before it is merged into the buckets, at least: a
+/// merge then rewrites at most every bucket once per this many changes, and the delta's memory
+/// stays bounded (~150 bytes per pair).
 pub(super) const MERGE_PAIRS: usize = 65_536;
+/// Net changes the delta holds before a merge, at most. Between the two, a merge is due once the
+/// delta holds a pair for every `MERGE_BYTES_PER_PAIR` bytes the last merge found in the buckets:
+/// a merge rewrites nearly every bucket, so with a fixed limit the bytes rewritten per change
+/// would grow with the folder (at a million chunks, ~66 MiB of buckets every 65,536 changes).
+pub(super) const MERGE_PAIRS_MAX: usize = 131_072;
+/// Bucket bytes per pair of delta a merge may rewrite (see `MERGE_PAIRS_MAX`).
+const MERGE_BYTES_PER_PAIR: usize = 256;
+/// Buckets in the map (ids' top 14 bits).
+const BUCKETS: usize = 1 << 14;
 /// Delta records (sled keys, each costing sled memory) before a merge, for folders changed a
 /// file at a time.
 pub(super) const MERGE_RECORDS: usize = 4_096;
@@ -212,12 +222,16 @@ pub(super) struct Delta {
     pairs: HashMap<ChunkId, Vec<(SyncPath, Net)>>,
     /// Pairs in `pairs`.
     len: usize,
+    /// The buckets' size in bytes: known from an empty map on, each merge adding what it changed;
+    /// `None` until a merge estimates it, for a map this run found stored.
+    map_bytes: Option<usize>,
 }
 
 impl Delta {
     /// Reads the records a previous run stored and did not merge.
     pub(super) fn load(state: &sled::Tree) -> anyhow::Result<Delta> {
-        let mut d = Delta::default();
+        // An empty map's size is known; a stored one's is estimated by the first merge.
+        let mut d = Delta { map_bytes: state.scan_prefix(b"c/").next().is_none().then_some(0), ..Delta::default() };
         for kv in state.scan_prefix(b"d/") {
             let (k, v) = kv?;
             if let Ok(seq) = <[u8; 8]>::try_from(&k[2..]).map(u64::from_be_bytes) {
@@ -262,9 +276,11 @@ impl Delta {
         }
     }
 
-    /// `true` once the delta holds `pairs` pairs or `records` records.
-    pub(super) fn full(&self, pairs: usize, records: usize) -> bool {
-        self.len >= pairs || self.records >= records
+    /// `true` once the delta holds `records` records, or as many pairs as the buckets' size
+    /// calls for, from `pairs` up to `max_pairs`.
+    pub(super) fn full(&self, (pairs, records, max_pairs): (usize, usize, usize)) -> bool {
+        let due = (self.map_bytes.unwrap_or(0) / MERGE_BYTES_PER_PAIR).min(max_pairs).max(pairs);
+        self.len >= due || self.records >= records
     }
 
     /// The net changes of `id`, if any.
@@ -295,6 +311,8 @@ impl Delta {
 /// with the delta still applied over it, which reads the same.
 pub(super) fn merge(state: &sled::Tree, delta: &std::sync::Mutex<Delta>) -> anyhow::Result<()> {
     let (buckets, upto) = delta.lock().expect("chunk map delta lock").by_bucket();
+    // Bytes of the touched buckets before and after.
+    let (mut touched, mut before, mut after) = (0usize, 0usize, 0usize);
     let mut buckets = buckets.into_iter().peekable();
     while buckets.peek().is_some() {
         let mut batch = sled::Batch::default();
@@ -302,6 +320,9 @@ pub(super) fn merge(state: &sled::Tree, delta: &std::sync::Mutex<Delta>) -> anyh
             let old = state.get(key)?;
             let current = old.as_deref().map(current_bucket);
             let bucket = edit_bucket(current.as_deref().map(bucket_records).unwrap_or_default(), drop, add);
+            touched += 1;
+            before += old.as_ref().map_or(0, |v| v.len());
+            after += bucket.len();
             if bucket.len() > 1 {
                 batch.insert(&key[..], bucket);
             } else if old.is_some() {
@@ -316,7 +337,16 @@ pub(super) fn merge(state: &sled::Tree, delta: &std::sync::Mutex<Delta>) -> anyh
     }
     state.apply_batch(batch)?;
     let mut d = delta.lock().expect("chunk map delta lock");
-    *d = Delta { next: d.next, ..Delta::default() };
+    let map_bytes = match d.map_bytes {
+        Some(known) => Some(known.saturating_add(after).saturating_sub(before)),
+        // The touched buckets are a random sample of them all (ids are hashes): their old size
+        // tells the size of the rest.
+        None if touched > 0 => {
+            Some((before.saturating_mul(BUCKETS) / touched).saturating_add(after).saturating_sub(before))
+        }
+        None => None,
+    };
+    *d = Delta { next: d.next, map_bytes, ..Delta::default() };
     Ok(())
 }
 

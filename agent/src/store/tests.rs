@@ -80,7 +80,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("db")).unwrap();
         // Chunk map merges at random points, or (large limits) never.
-        store.merge_at = if merge_at.0 > 300 { (usize::MAX, usize::MAX) } else { merge_at };
+        store.merge_at = if merge_at.0 > 300 { (usize::MAX, usize::MAX, usize::MAX) } else { (merge_at.0, merge_at.1, merge_at.0) };
         let mut model: BTreeMap<SyncPath, Slot> = BTreeMap::new();
         for ops in batches {
             let mut b = Batch::default();
@@ -203,7 +203,7 @@ fn unmigrated(raw: sled::Db, dir: &Path, files: Arc<shoal_sys::dbsync::DbFiles>)
         files,
         reads: Arc::default(),
         delta: Arc::default(),
-        merge_at: (chunk_map::MERGE_PAIRS, chunk_map::MERGE_RECORDS),
+        merge_at: (chunk_map::MERGE_PAIRS, chunk_map::MERGE_RECORDS, chunk_map::MERGE_PAIRS_MAX),
     }
 }
 
@@ -410,6 +410,35 @@ fn a_merge_cut_short_is_done_again() {
     assert_eq!(store.chunk_locations(&[ChunkId::of(&[101])]).unwrap()[&ChunkId::of(&[101])].path, path("f2"));
     chunk_map::merge(&store.state, &store.delta).unwrap();
     assert_eq!(chunk_map::effective(&store.state, &store.delta.lock().unwrap()), expected);
+}
+
+/// A merge rewrites nearly every bucket, so the delta waits for more changes as the buckets
+/// grow (one pair per 256 bytes of them), between the least and the most configured.
+#[test]
+fn merges_wait_longer_as_the_buckets_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("db")).unwrap();
+    store.merge_at = (8, usize::MAX, 300);
+    let mut gaps = Vec::new();
+    let mut since = 0;
+    for i in 0..2_000u32 {
+        let id = ChunkId::of(&i.to_le_bytes());
+        let m = Manifest { size: 10, hash: id, chunks: vec![ChunkRef { id, len: 10 }] };
+        let mut b = Batch::default();
+        b.put_index(&path(&format!("d{}/file-{i}", i / 100)), &IndexRec { manifest: Some(m), ..index(1) });
+        store.apply(b).unwrap();
+        since += 1;
+        if store.state.scan_prefix(b"d/").next().is_none() {
+            gaps.push(std::mem::take(&mut since));
+        }
+    }
+    // The least while the buckets are small, then more as they grow: ~60 bytes per record, so
+    // 2,000 records call for ~470 pairs, past the most.
+    assert_eq!(gaps[..2], [8, 8], "{gaps:?}");
+    assert!(gaps.windows(2).all(|w| w[0] <= w[1]) && gaps.len() > 10, "{gaps:?}");
+    assert_eq!(gaps.last(), Some(&300), "{gaps:?}");
+    let map = chunk_map::effective(&store.state, &store.delta.lock().unwrap());
+    assert_eq!(map.len(), 2_000);
 }
 
 #[test]
