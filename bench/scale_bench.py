@@ -121,6 +121,10 @@ def measure(n, samples, base):
 
 def main():
     sizes = [int(s) for s in sys.argv[1:] if s.isdigit()] or [10_000, 100_000]
+    # Sizes below the largest are measured `runs` times: a single run of the 100,000-file sync
+    # varies by ±10 % on this VM, more than the linearity margin, while the largest size takes
+    # long enough to run once.
+    runs = next((int(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--runs=")), 1)
     samples = 20
     rows = []
     # Every size's folders stay until all sizes are measured: on ext4 without a journal (this
@@ -130,8 +134,9 @@ def main():
     bases = []
     try:
         for n in sizes:
-            bases.append(tempfile.mkdtemp(prefix="shoal-scale-", dir=os.environ.get("BENCH_DIR")))
-            rows.append((n, measure(n, samples, bases[-1])))
+            for _ in range(runs if n < max(sizes) else 1):
+                bases.append(tempfile.mkdtemp(prefix="shoal-scale-", dir=os.environ.get("BENCH_DIR")))
+                rows.append((n, measure(n, samples, bases[-1])))
     finally:
         for base in bases:
             shutil.rmtree(base, ignore_errors=True)
@@ -144,7 +149,8 @@ def main():
 
     print(f"Machine: {sb.machine()}")
     print(f"Machine {sb.speed()}")
-    print(f"Build: release; loopback; files of {FILE} B, {PER_DIR} per directory; {samples} new files per size")
+    print(f"Build: release; loopback; files of {FILE} B, {PER_DIR} per directory; {samples} new files per size;"
+          f" sizes below the largest run {runs} time(s), one row per run")
     print()
     print("| files | initial sync A→B | new 1 KiB file A→B, median / p99 | agent RSS A / B | coordinator RSS, then 10 s later | idle agent CPU A / B |")
     print("|---|---|---|---|---|---|")
@@ -164,11 +170,18 @@ def main():
         written = " / ".join(f"{r['cost'][k][1]:,.0f}" for k in ("a", "b", "coord"))
         per = "timeout" if r["initial"] is None else f"{r['initial'] / n * 1000:.3f} s"
         print(f"| {n:,} | {cpu} s | {written} MiB | {per} |")
-    # Linearity: each size against ten times the size a tenth of it, when both ran.
-    times = {n: r["initial"] for n, r in rows if r["initial"] is not None}
-    for n, t in times.items():
+    # Linearity: each size against ten times the size a tenth of it (the median of its runs), when
+    # both ran.
+    times = {}
+    for n, r in rows:
+        if r["initial"] is not None:
+            times.setdefault(n, []).append(r["initial"])
+    for n, ts in times.items():
         if n % 10 == 0 and n // 10 in times:
-            print(f"\n{n:,} files took {t / (10 * times[n // 10]):.2f}× ten times the {n // 10:,}-file sync.")
+            t, small = statistics.median(ts), times[n // 10]
+            ratios = ", ".join(f"{t / (10 * s):.2f}×" for s in small)
+            print(f"\n{n:,} files took {t / (10 * statistics.median(small)):.2f}× ten times the median {n // 10:,}-file"
+                  f" sync ({len(small)} run(s); against each: {ratios}).")
 
 
 if __name__ == "__main__":
