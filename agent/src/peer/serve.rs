@@ -10,7 +10,10 @@
 //! written. Only connections the roster admitted get here.
 //!
 //! Per peer, the transport bounds the requests open at once (`PEER_STREAMS`) and the bytes in
-//! flight (`PEER_WINDOW`); each request reads at most `READ_AHEAD` chunks ahead of the network.
+//! flight (`PEER_WINDOW`); each request reads at most `READ_AHEAD` batches of chunks ahead of the
+//! network. Chunks pass from the reading thread to the sending task in batches (`Batcher`): one
+//! handoff per small chunk cost a thread wakeup each, which was most of what serving a small file
+//! from disk added over serving it from memory.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,8 +30,12 @@ use crate::transfer::{Partials, RecentChunks};
 
 /// How long a peer may take to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Chunks read from disk ahead of the network, per request.
+/// Batches of chunks read ahead of the network, per request.
 const READ_AHEAD: usize = 4;
+/// A batch is handed to the sending task once it holds this many chunks or bytes (a large chunk
+/// goes alone).
+const BATCH_CHUNKS: usize = 64;
+const BATCH_BYTES: usize = 256 * 1024;
 /// Files kept open per request.
 const OPEN_FILES: usize = 16;
 /// Most bytes written at a time under a `lan_limit` (less at low rates: `Limiter::piece`).
@@ -108,9 +115,10 @@ impl ChunkServer {
 
     /// Streams the frames of the chunks of `ids` this device can read intact now, in order.
     async fn send_chunks(&self, send: &mut quinn::SendStream, ids: Vec<ChunkId>) -> anyhow::Result<()> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, Bytes)>(READ_AHEAD);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<(ChunkId, Bytes)>>(READ_AHEAD);
         let server = self.clone();
         let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut out = Batcher { tx, chunks: Vec::new(), bytes: 0 };
             let mut recent = server.recent.get_many(&ids);
             let rest: Vec<ChunkId> = ids.iter().filter(|id| !recent.contains_key(id)).copied().collect();
             let locs = server.store.chunk_locations(&rest)?;
@@ -121,7 +129,7 @@ impl ChunkServer {
             let mut pages = crate::store::PageCache::default();
             for id in ids {
                 if let Some(data) = recent.remove(&id) {
-                    if tx.blocking_send((id, data)).is_err() {
+                    if !out.push(id, data) {
                         break;
                     }
                     continue;
@@ -131,7 +139,7 @@ impl ChunkServer {
                     let Some((tmp, offset, len)) = server.partials.find(&id) else { continue };
                     let Ok(f) = std::fs::File::open(&tmp) else { continue };
                     let Some(data) = read_at(&f, offset, len) else { continue };
-                    if tx.blocking_send((id, data)).is_err() {
+                    if !out.push(id, data) {
                         break;
                     }
                     continue;
@@ -151,38 +159,63 @@ impl ChunkServer {
                     open.insert(path, None);
                     continue;
                 }
-                if tx.blocking_send((id, data)).is_err() {
+                if !out.push(id, data) {
                     break;
                 }
             }
+            out.flush();
             Ok(())
         });
         #[cfg(feature = "test-faults")]
         let fault = faults::current();
         let mut header = [0u8; FRAME_HEADER];
-        while let Some((id, data)) = rx.recv().await {
-            header[..32].copy_from_slice(id.as_bytes());
-            header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
-            #[cfg(feature = "test-faults")]
-            if let Some(f) = fault {
-                return faults::misbehave(f, send, &header, &data).await;
-            }
-            // Under a `lan_limit`, paced piece by piece so a slow limit never leaves the peer
-            // waiting in silence for a whole frame; otherwise one piece. Handed over without a copy.
-            let size = self.lan.piece(LIMITED_PIECE).unwrap_or(data.len()).max(1);
-            self.serving.note();
-            self.lan.take(FRAME_HEADER).await;
-            send.write_all(&header).await?;
-            let mut at = 0;
-            while at < data.len() {
-                let piece = data.slice(at..data.len().min(at + size));
-                at += piece.len();
-                self.lan.take(piece.len()).await;
-                send.write_chunk(piece).await?;
+        while let Some(batch) = rx.recv().await {
+            for (id, data) in batch {
+                header[..32].copy_from_slice(id.as_bytes());
+                header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+                #[cfg(feature = "test-faults")]
+                if let Some(f) = fault {
+                    return faults::misbehave(f, send, &header, &data).await;
+                }
+                // Under a `lan_limit`, paced piece by piece so a slow limit never leaves the peer
+                // waiting in silence for a whole frame; otherwise one piece. Handed over without a copy.
+                let size = self.lan.piece(LIMITED_PIECE).unwrap_or(data.len()).max(1);
+                self.serving.note();
+                self.lan.take(FRAME_HEADER).await;
+                send.write_all(&header).await?;
+                let mut at = 0;
+                while at < data.len() {
+                    let piece = data.slice(at..data.len().min(at + size));
+                    at += piece.len();
+                    self.lan.take(piece.len()).await;
+                    send.write_chunk(piece).await?;
+                }
             }
         }
         reader.await??;
         Ok(())
+    }
+}
+
+/// Chunks on their way from the reading thread to the sending task, handed over in batches.
+struct Batcher {
+    tx: tokio::sync::mpsc::Sender<Vec<(ChunkId, Bytes)>>,
+    chunks: Vec<(ChunkId, Bytes)>,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds a chunk, handing the batch over once it is full. `false` once the sender is gone.
+    fn push(&mut self, id: ChunkId, data: Bytes) -> bool {
+        self.bytes += data.len();
+        self.chunks.push((id, data));
+        self.chunks.len() < BATCH_CHUNKS && self.bytes < BATCH_BYTES || self.flush()
+    }
+
+    /// Hands over what the batch holds. `false` once the sender is gone.
+    fn flush(&mut self) -> bool {
+        self.bytes = 0;
+        self.chunks.is_empty() || self.tx.blocking_send(std::mem::take(&mut self.chunks)).is_ok()
     }
 }
 
