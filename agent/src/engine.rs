@@ -308,7 +308,6 @@ impl Engine {
         let mut dirty = self.drain_outbox(&mut report).await?;
         let t_outbox = t0.elapsed();
 
-        let started = std::time::Instant::now();
         let (items, taken, dirs, new_dirs) = self.next_scope();
         report.scope = items.len();
         let ignore = Ignore::load(&self.root);
@@ -333,7 +332,7 @@ impl Engine {
         report.bytes_uploaded += early.await.unwrap_or(0);
         let scan::Gathered { scan, stored, next_dirs, later } =
             gathered.with_context(|| format!("cannot read the sync folder {}", self.root.display()))?;
-        tracing::debug!(elapsed = ?started.elapsed(), hashed = scan.hashed_bytes, paths = stored.len(), "scanned");
+        tracing::debug!(elapsed = ?(t0.elapsed() - t_outbox), hashed = scan.hashed_bytes, paths = stored.len(), "scanned");
         // The scope is read: what it covered leaves the queues (a failure above keeps them).
         for p in &taken {
             self.dirty.remove(p);

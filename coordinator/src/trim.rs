@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::chunks::ChunkStore;
 use crate::metrics::Metrics;
 
-/// How long without requests counts as idle.
-const IDLE: Duration = Duration::from_secs(2);
+/// The period whose requests and bytes tell whether the server is busy or quiet.
+const PERIOD: Duration = Duration::from_secs(2);
 
 /// How many quiet periods after a burst to keep trimming: memory held by connections that close
 /// a little later (clients drop idle keep-alive connections after a few seconds) is returned too.
@@ -37,7 +37,7 @@ pub(crate) fn spawn(
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(IDLE) => {}
+                _ = tokio::time::sleep(PERIOD) => {}
             }
             let now = load();
             let busy = now.0 - last.0 > QUIET_REQUESTS || now.1 - last.1 > QUIET_BYTES;

@@ -311,7 +311,7 @@ impl Delta {
 /// with the delta still applied over it, which reads the same.
 pub(super) fn merge(state: &sled::Tree, delta: &std::sync::Mutex<Delta>) -> anyhow::Result<()> {
     let (buckets, upto) = delta.lock().expect("chunk map delta lock").by_bucket();
-    // Bytes of the touched buckets before and after.
+    // Stored bytes of the touched buckets before and after.
     let (mut touched, mut before, mut after) = (0usize, 0usize, 0usize);
     let mut buckets = buckets.into_iter().peekable();
     while buckets.peek().is_some() {
@@ -322,8 +322,8 @@ pub(super) fn merge(state: &sled::Tree, delta: &std::sync::Mutex<Delta>) -> anyh
             let bucket = edit_bucket(current.as_deref().map(bucket_records).unwrap_or_default(), drop, add);
             touched += 1;
             before += old.as_ref().map_or(0, |v| v.len());
-            after += bucket.len();
             if bucket.len() > 1 {
+                after += bucket.len();
                 batch.insert(&key[..], bucket);
             } else if old.is_some() {
                 batch.remove(&key[..]);
