@@ -33,6 +33,10 @@ pub struct Status {
     pub pending_downloads: usize,
     pub last_sync_ms: u64,
     pub updated_ms: u64,
+    /// When the cycle this status reports on started: `in_sync` covers the changes the daemon
+    /// had noticed by then (a watcher event arrives `debounce` after the change).
+    #[serde(default)]
+    pub cycle_started_ms: u64,
     pub last_error: Option<String>,
     pub skipped: Vec<String>,
     /// Watcher wake-ups since the daemon started: changes in the folder that were not the
@@ -188,12 +192,22 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
             engine.start_full_pass();
             next_rescan = tokio::time::Instant::now() + rescan_every;
         }
+        let started = now_ms();
         let result = tokio::select! {
             r = engine.cycle() => r,
             _ = cancel.cancelled() => break,
         };
+        status.cycle_started_ms = started;
         let wait = match result {
-            Ok(report) => {
+            Ok(mut report) => {
+                // Changes noticed while the cycle ran are not covered by its verdict.
+                while let Ok(h) = rx.try_recv() {
+                    take_hint(&mut engine, &root, h);
+                }
+                if engine.has_work() {
+                    report.in_sync = false;
+                    report.more_work = true;
+                }
                 update_status(&mut status, &report);
                 if report.in_sync {
                     backoff = retry_delays();

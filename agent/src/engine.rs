@@ -472,6 +472,9 @@ impl Engine {
                     match self.move_aside(&path, scan.tree.get(&path)) {
                         Ok(copy) => {
                             tracing::info!(path = %path.escaped(), copy = %copy.escaped(), "conflict: kept the local version as a conflicted copy");
+                            // The copy is this agent's write, so no watcher event brings it to
+                            // a cycle: it must be looked at (and committed) from here.
+                            self.dirty.insert(copy);
                             report.conflicts += 1;
                             batch.del_index(&path);
                             expect.insert(path, None);
@@ -568,7 +571,7 @@ impl Engine {
                 // A directory that still holds local additions is kept, as a conflicted copy.
                 let moved = !removed
                     && scanned.is_some_and(|r| r.kind == EntryKind::Dir)
-                    && self.move_aside(&e.path, scanned).is_ok();
+                    && self.move_aside(&e.path, scanned).map(|copy| self.dirty.insert(copy)).is_ok();
                 if !removed && !moved {
                     dirty = true;
                     continue;

@@ -182,10 +182,21 @@ pub fn signal(c: &Child, sig: &str) {
 
 /// A temp dir with a running coordinator and `names.len()` devices of one user.
 pub fn world(user: &str, names: &[&str]) -> (tempfile::TempDir, Coordinator, Vec<Device>) {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_dir();
     let coord = Coordinator::start(&tmp.path().join("coord"));
     let devices = names.iter().map(|n| Device::enroll(tmp.path(), &coord, user, n)).collect();
     (tmp, coord, devices)
+}
+
+/// A temp dir for one test, kept after the test (and printed) when `SHOAL_TEST_KEEP` is set, for
+/// reading the logs of a failure.
+pub fn test_dir() -> tempfile::TempDir {
+    let mut tmp = tempfile::tempdir().unwrap();
+    if std::env::var_os("SHOAL_TEST_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+        eprintln!("keeping {}", tmp.path().display());
+    }
+    tmp
 }
 
 /// One enrolled device: its home, its sync folder and (maybe) its running daemon.
@@ -277,6 +288,11 @@ impl Device {
         let mut cmd = self.cmd();
         cmd.arg("run").env("RUST_LOG", "info").envs(env.iter().copied()).stdout(Stdio::null()).stderr(log);
         self.daemon = Some(cmd.spawn().unwrap());
+    }
+
+    /// Sends `sig` (`STOP`, `CONT`, ...) to the running daemon.
+    pub fn signal_daemon(&self, sig: &str) {
+        signal(self.daemon.as_ref().expect("the daemon is running"), sig);
     }
 
     /// The daemon's log so far.

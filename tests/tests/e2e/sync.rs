@@ -210,3 +210,63 @@ fn directory_replaced_by_a_file_while_another_device_adds_to_it() {
         t.keys().filter(|k| k.starts_with("x (conflicted copy b ") && k.ends_with("/new.txt")).collect();
     assert_eq!(kept.len(), 1, "b's addition survives in a conflicted copy of the folder: {t:?}");
 }
+
+/// Two devices edit the same file while they cannot see each other: stopped (SIGTERM) and
+/// started two seconds apart, then paused (SIGSTOP). The second keeps its edit as a conflicted
+/// copy, which reaches the coordinator and the other device long before the periodic rescan,
+/// and it never reports in sync while the copy is uncommitted.
+#[test]
+fn a_conflicted_copy_is_committed_before_anyone_reports_in_sync() {
+    let (_tmp, _coord, devices) = world("olga", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    a.start();
+    b.start();
+    a.write("hello.txt", b"hello");
+    converge(&[&a, &b], SETTLE);
+
+    a.stop(false);
+    b.stop(false);
+    a.write("hello.txt", b"a's edit");
+    b.write("hello.txt", b"b's edit, while stopped");
+    a.start();
+    wait_for_head(&a, "hello.txt", b"a's edit");
+    std::thread::sleep(Duration::from_secs(2));
+    let since = shoal_sys::clock::now_ms();
+    b.start();
+    expect_conflicted_copy(&a, &b, b"b's edit, while stopped", since);
+
+    b.signal_daemon("STOP");
+    a.write("hello.txt", b"a's second edit");
+    wait_for_head(&a, "hello.txt", b"a's second edit");
+    b.write("hello.txt", b"b's edit, while paused");
+    let since = shoal_sys::clock::now_ms();
+    b.signal_daemon("CONT");
+    expect_conflicted_copy(&a, &b, b"b's edit, while paused", since);
+    a.stop(false);
+    b.stop(false);
+}
+
+fn wait_for_head(d: &Device, path: &str, content: &[u8]) {
+    let want = Node::File(file_hash(content), false);
+    wait_for(SETTLE, || (d.remote_tree().get(path) == Some(&want)).then_some(()))
+        .unwrap_or_else(|| panic!("{path} never reached the coordinator from {}", d.name));
+}
+
+/// Waits until `content` is in a conflicted copy of hello.txt on the coordinator and on both
+/// devices; until then, `b` must not report in sync for a cycle started after `since_ms`.
+fn expect_conflicted_copy(a: &Device, b: &Device, content: &[u8], since_ms: u64) {
+    let want = Node::File(file_hash(content), false);
+    let is_copy = |t: &Tree| t.iter().any(|(p, n)| p.starts_with("hello (conflicted copy b ") && *n == want);
+    // Far below the periodic rescan (10 minutes), which used to be the only thing to commit it.
+    let found = wait_for(Duration::from_secs(30), || {
+        let status = daemon_status(b);
+        let remote = a.remote_tree();
+        if status["in_sync"] == true && status["cycle_started_ms"].as_u64().unwrap_or(0) > since_ms && !is_copy(&remote)
+        {
+            panic!("b reports in sync while its conflicted copy is not committed: {remote:?}");
+        }
+        (is_copy(&remote) && is_copy(&a.local_tree()) && is_copy(&b.local_tree())).then_some(())
+    });
+    found.unwrap_or_else(|| panic!("the conflicted copy never reached both devices: {:?}", a.remote_tree()));
+    converge(&[a, b], SETTLE);
+}
