@@ -96,7 +96,9 @@ enum Cmd {
     Devices {
         #[arg(long)]
         json: bool,
-        /// Revoke the device with this id (it can no longer sync).
+        /// Revoke a device (by id, or by a name only one device has). This device may revoke
+        /// itself (unless it is the user's last); revoking another device takes a second device:
+        /// run the same on another of your devices within 10 minutes.
         #[arg(long)]
         revoke: Option<String>,
     },
@@ -235,22 +237,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Devices { json, revoke } => {
             let cfg = Config::load(&home)?;
             let client = Client::new(&cfg)?;
-            if let Some(id) = revoke {
-                let d = client.revoke(id.parse().map_err(|e| anyhow::anyhow!("bad device id {id:?}: {e}"))?).await?;
-                println!("revoked {} ({})", d.name, d.id);
-                return Ok(ExitCode::SUCCESS);
-            }
             let devices = client.devices().await?;
+            if let Some(which) = revoke {
+                return revoke_device(&client, &cfg, &devices, &which, json).await;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
                 for d in &devices {
                     let me = if d.id == cfg.device_id { " (this device)" } else { "" };
-                    let rev = if d.revoked { " [revoked]" } else { "" };
+                    let state = match (d.revoked, d.revoke_requested) {
+                        (true, _) => " [revoked]".to_string(),
+                        (false, Some(r)) => format!(
+                            " [revocation asked for by {}, to be confirmed by another device before {}]",
+                            device_label(&devices, &r.by),
+                            fmt_time(r.expires_ms)
+                        ),
+                        (false, None) => String::new(),
+                    };
                     println!(
-                        "{} {:<24} cursor {:<8} last seen {}{me}{rev}",
+                        "{} {:<24} cursor {:<8} last seen {}{me}{state}",
                         d.id,
-                        d.name,
+                        Escaped(&d.name).to_string(),
                         d.cursor,
                         fmt_time(d.last_seen_ms)
                     );
@@ -262,6 +270,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::demo::run(&dir).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `shoal devices --revoke WHICH` (an id, or a name only one device has): revokes this device,
+/// or asks to revoke another, which takes a second device's confirmation (or the operator).
+async fn revoke_device(
+    client: &Client,
+    cfg: &Config,
+    devices: &[shoal_protocol::api::DeviceInfo],
+    which: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let target = match which.parse::<shoal_protocol::DeviceId>() {
+        Ok(id) => id,
+        Err(_) => {
+            let named: Vec<_> = devices.iter().filter(|d| d.name == which).collect();
+            match named[..] {
+                [d] => d.id,
+                [] => anyhow::bail!("no device {} for this user; `shoal devices` lists them", Escaped(which)),
+                _ => anyhow::bail!("{} devices are named {}; name one by id", named.len(), Escaped(which)),
+            }
+        }
+    };
+    let d = client.revoke(target).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let label = device_label(devices, &d.id);
+    match (d.revoked, d.revoke_requested) {
+        (true, _) if d.id == cfg.device_id => println!("revoked this device, {label}: it no longer syncs"),
+        (true, _) => println!("revoked {label}"),
+        (false, Some(r)) => println!(
+            "asked to revoke {label}. A second device must confirm: run `shoal devices --revoke {}` on another of \
+             your devices (not {label}) before {}. Or ask the operator: shoal-coordinator device revoke USER {}",
+            d.id,
+            fmt_time(r.expires_ms),
+            d.id
+        ),
+        (false, None) => anyhow::bail!("{label} was not revoked"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A device as messages name it: its name (escaped) and id.
+fn device_label(devices: &[shoal_protocol::api::DeviceInfo], id: &shoal_protocol::DeviceId) -> String {
+    match devices.iter().find(|d| d.id == *id) {
+        Some(d) => format!("{} ({id})", Escaped(&d.name)),
+        None => id.to_string(),
     }
 }
 

@@ -464,14 +464,20 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next head notice; `None` when the connection closed.
+    /// The journal head of the next notice; `None` when the connection closed.
     pub async fn next_head(&mut self) -> Option<Seq> {
+        self.next_notice().await.map(|n| n.head)
+    }
+
+    /// The next notice (the journal head and the device list's change count); `None` when the
+    /// connection closed.
+    pub async fn next_notice(&mut self) -> Option<HeadNotice> {
         use tokio_tungstenite::tungstenite::Message;
         while let Some(msg) = self.ws.next().await {
             match msg {
                 Ok(Message::Text(t)) => {
                     if let Ok(n) = serde_json::from_str::<HeadNotice>(&t) {
-                        return Some(n.head);
+                        return Some(n);
                     }
                 }
                 Ok(Message::Close(_)) | Err(_) => return None,

@@ -24,7 +24,8 @@ use crate::peer::node::PeerNode;
 /// What `status.json` holds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
-    /// "in_sync", "syncing", "offline" or "error".
+    /// "in_sync", "syncing", "offline", "unauthorized" (the coordinator refuses this device's
+    /// token: it was revoked), "error" or "stopped".
     pub state: String,
     pub in_sync: bool,
     pub pid: u32,
@@ -94,6 +95,9 @@ enum Hint {
         paths: Vec<PathBuf>,
     },
     Remote(Seq),
+    /// Run a cycle to learn where this device stands (the push subscription closed: the
+    /// coordinator went away, or revoked this device).
+    Wake,
 }
 
 /// Passes a hint to the engine: changed paths become dirty; a rescan request starts a full pass.
@@ -108,6 +112,7 @@ fn take_hint(engine: &mut Engine, root: &Path, hint: Hint) {
             engine.mark_dirty(paths.iter().filter_map(|p| SyncPath::from_relative(p.strip_prefix(root).ok()?).ok()));
         }
         Hint::Remote(head) => tracing::debug!(head, "coordinator head moved"),
+        Hint::Wake => {}
     }
 }
 
@@ -124,7 +129,10 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     // Set when a watcher hint could not be queued: its paths are lost, so a full pass runs.
     let overflow = Arc::new(AtomicBool::new(false));
     let _watcher = watch(&root, debounce, tx.clone(), engine.own_writes(), hints.clone(), overflow.clone())?;
-    let subscriber = tokio::spawn(subscribe(engine.client().clone(), tx.clone(), cancel.clone()));
+    // Signalled when the push subscription says the user's device list changed.
+    let devices_changed = Arc::new(tokio::sync::Notify::new());
+    let subscriber =
+        tokio::spawn(subscribe(engine.client().clone(), tx.clone(), devices_changed.clone(), cancel.clone()));
     let _abort = tokio_util::task::AbortOnDropHandle::new(subscriber);
     let roster = crate::peer::tls::Roster::load(home).unwrap_or_else(|e| {
         tracing::warn!(error = %format!("{e:#}"), "ignoring the saved device list; fetching it anew");
@@ -171,6 +179,7 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         roster,
         node.clone().map(|n| (n, server)),
         home.to_path_buf(),
+        devices_changed,
         cancel.clone(),
     )));
     let mut status = Status { pid: std::process::id(), ..Status::default() };
@@ -223,12 +232,20 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
                 }
             }
             Err(e) => {
-                let offline = e
-                    .downcast_ref::<crate::engine::EngineError>()
-                    .is_some_and(|e| matches!(e, crate::engine::EngineError::Offline(_)));
+                let client_error = match e.downcast_ref::<crate::engine::EngineError>() {
+                    Some(crate::engine::EngineError::Offline(c)) => Some(c),
+                    _ => e.downcast_ref::<crate::client::ClientError>(),
+                };
                 let w = next_delay(&mut backoff);
                 tracing::warn!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), retry_in = ?w, "sync cycle failed");
-                status.state = if offline { "offline" } else { "error" }.into();
+                status.state = match client_error {
+                    // Revoked (or a token the coordinator does not know): nothing syncs until the
+                    // operator reinstates the device.
+                    Some(c) if c.code() == Some(shoal_protocol::api::ErrorCode::Unauthorized) => "unauthorized",
+                    Some(c) if c.is_retryable() => "offline",
+                    _ => "error",
+                }
+                .into();
                 status.in_sync = false;
                 status.last_error = Some(format!("{e:#}"));
                 w
@@ -305,8 +322,15 @@ fn watch(
     })
 }
 
-/// Holds the push subscription open, reconnecting with backoff; forwards head moves as hints.
-async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel: CancellationToken) {
+/// Holds the push subscription open, reconnecting with backoff; forwards head moves as hints and
+/// device-list changes to the roster's refresher (`devices_changed`). A subscription that closes
+/// wakes the loop, so a revocation shows in the status at once.
+async fn subscribe(
+    client: crate::client::Client,
+    tx: mpsc::Sender<Hint>,
+    devices_changed: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
     let mut backoff = retry_delays();
     loop {
         if cancel.is_cancelled() {
@@ -315,17 +339,24 @@ async fn subscribe(client: crate::client::Client, tx: mpsc::Sender<Hint>, cancel
         match client.subscribe().await {
             Ok(mut sub) => {
                 backoff = retry_delays();
-                // The first notice after (re)connecting also wakes the loop: anything missed while
-                // disconnected is picked up from the cursor.
-                let mut last = None;
-                while let Some(head) = sub.next_head().await {
-                    if last == Some(head) {
+                // The first notice after (re)connecting also wakes the loop and refreshes the
+                // roster: anything missed while disconnected is picked up.
+                let mut last: Option<shoal_protocol::api::HeadNotice> = None;
+                while let Some(notice) = sub.next_notice().await {
+                    if last.is_none_or(|l| l.devices != notice.devices) {
+                        devices_changed.notify_one();
+                    }
+                    if last.is_some_and(|l| l.head == notice.head) {
+                        last = Some(notice);
                         continue;
                     }
-                    last = Some(head);
-                    if tx.send(Hint::Remote(head)).await.is_err() {
+                    last = Some(notice);
+                    if tx.send(Hint::Remote(notice.head)).await.is_err() {
                         return;
                     }
+                }
+                if tx.send(Hint::Wake).await.is_err() {
+                    return;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "subscription failed"),
@@ -346,6 +377,7 @@ async fn refresh_roster(
     roster: crate::peer::tls::Roster,
     node: Option<(PeerNode, String)>,
     home: PathBuf,
+    devices_changed: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -377,6 +409,9 @@ async fn refresh_roster(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(ROSTER_REFRESH) => {}
+            // A device was revoked (or enrolled, or reinstated): connections it no longer may
+            // hold close at once.
+            _ = devices_changed.notified() => {}
             // A caller the roster does not know yet: refresh now, but at most once a second.
             _ = unknown_caller.notified() => tokio::time::sleep_until(refreshed + Duration::from_secs(1)).await,
         }

@@ -696,7 +696,13 @@ pub fn conflict_name(name: &str, device: &str, unix_secs: u64, n: u32) -> String
         Some(i) if i > 0 && name.len() - i <= 16 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    let device: String = device.chars().filter(|c| !matches!(c, '/' | '\\' | '\0')).take(40).collect();
+    // A name from an older enrollment may hold what names no longer can: text-reordering or
+    // control characters never reach a file name.
+    let device: String = device
+        .chars()
+        .filter(|c| !matches!(c, '/' | '\\' | '\0') && !c.is_control() && !shoal_protocol::path::hides_text(*c))
+        .take(40)
+        .collect();
     let suffix = if n > 1 { format!(" {n}") } else { String::new() };
     let (date, (h, m, s)) = utc(unix_secs);
     let stamp = format!("{date} {h:02}{m:02}{s:02}");
@@ -732,6 +738,11 @@ mod tests {
         assert_eq!(conflict_name("a.tar.gz", "d", 0, 1), "a.tar (conflicted copy d 1970-01-01 000000).gz");
         let long = conflict_name(&"é".repeat(120), "dev", t, 1);
         assert!(long.len() <= 255 && SyncPath::parse(&long).is_ok());
+        assert_eq!(
+            conflict_name("a.txt", "lap\u{202e}top\n", t, 1),
+            "a (conflicted copy laptop 2026-11-21 202253).txt",
+            "a device name's reordering and control characters stay out of file names"
+        );
         let long_ext = conflict_name(&format!("v1.{}", "x".repeat(250)), "dev", t, 1);
         assert!(long_ext.len() <= 255 && SyncPath::parse(&long_ext).is_ok(), "{long_ext}");
     }

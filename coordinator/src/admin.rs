@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::ChunkId;
+use shoal_protocol::path::Escaped;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +26,8 @@ pub enum Request {
     DeviceList { user: String },
     /// Revoke one of the user's devices, by id or by (unique) name.
     DeviceRevoke { user: String, device: String },
+    /// Undo a revocation: the device's token and certificate work again.
+    DeviceReinstate { user: String, device: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,20 +154,36 @@ async fn execute(
             let devices = store.devices(u.id)?;
             let dev = find_device(&devices, &device)?;
             let revoked = match app {
-                Some(app) => {
-                    crate::revoke_device(app, dev.id, Some(u.id)).await.map_err(|e| anyhow::anyhow!(e.0.message))?
-                }
+                Some(app) => crate::revoke_device(app, dev.id, Some(u.id), crate::Actor::Operator)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.0.message))?,
                 None => {
                     let d = store.update_device(&dev.id, |d| {
                         d.revoked = true;
                         true
                     })?;
                     store.flush().await?;
+                    if let Some(d) = &d {
+                        tracing::info!(user = d.user, device = %d.id, by = %crate::Actor::Operator, "device revoked");
+                    }
                     d
                 }
             };
             let d = revoked.with_context(|| format!("device {device:?} disappeared"))?;
-            Ok(format!("revoked device {} ({}) of user {user}", d.id, d.name))
+            Ok(format!("revoked device {} ({}) of user {user}", d.id, Escaped(&d.name)))
+        }
+        Request::DeviceReinstate { user, device } => {
+            let u = store.user(&user)?.with_context(|| format!("no user {user:?}"))?;
+            let devices = store.devices(u.id)?;
+            let dev = find_device(&devices, &device)?;
+            anyhow::ensure!(dev.revoked, "device {} ({}) is not revoked", dev.id, Escaped(&dev.name));
+            let d = store.reinstate_device(&dev.id)?.with_context(|| format!("device {device:?} disappeared"))?;
+            store.flush().await?;
+            if let Some(app) = app {
+                app.device_list_changed(d.user);
+            }
+            tracing::info!(user = d.user, device = %d.id, name = %Escaped(&d.name), by = %crate::Actor::Operator, "device reinstated");
+            Ok(format!("reinstated device {} ({}) of user {user}", d.id, Escaped(&d.name)))
         }
     }
 }
@@ -192,7 +211,7 @@ fn render_devices(devices: &[DeviceRec]) -> String {
         out.push_str(&format!(
             "\n{:<32}  {:<20}  {:>8}  {:<7}  {}",
             d.id,
-            d.name.escape_debug().to_string(),
+            Escaped(&d.name).to_string(),
             d.cursor,
             if d.revoked { "revoked" } else { "active" },
             crate::utc(d.last_seen_ms)

@@ -19,12 +19,14 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use shoal_protocol::api::*;
+use shoal_protocol::path::Escaped;
 use shoal_protocol::{CHUNK_PARAMS, ChunkId, DeviceId, Entry, Seq, SyncPath};
 use shoal_sys::clock::now_ms;
 
-use crate::App;
 use crate::error::{ApiError, ApiResult};
+use crate::revocation::{self, Decision, Standing};
 use crate::store::{CommitOutcome, DeviceRec, UserId};
+use crate::{Actor, App};
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -235,7 +237,8 @@ async fn enroll(
         return Err(invalid());
     }
     app.store.flush().await?;
-    tracing::info!(user = %user.name, device = %dev.id, name = %dev.name.escape_debug(), "device enrolled");
+    app.device_list_changed(user.id);
+    tracing::info!(user = %user.name, device = %dev.id, name = %Escaped(&dev.name), "device enrolled");
     Ok(Json(EnrollResponse {
         device_id: dev.id,
         token,
@@ -244,7 +247,7 @@ async fn enroll(
     }))
 }
 
-fn device_info(d: &DeviceRec) -> DeviceInfo {
+fn device_info(app: &App, d: &DeviceRec) -> DeviceInfo {
     DeviceInfo {
         id: d.id,
         name: d.name.clone(),
@@ -253,14 +256,18 @@ fn device_info(d: &DeviceRec) -> DeviceInfo {
         cursor: d.cursor,
         revoked: d.revoked,
         cert_fingerprint: ChunkId::of(&d.cert),
+        revoke_requested: if d.revoked { None } else { app.revoke_request(&d.id) },
     }
 }
 
 async fn devices(State(app): State<Arc<App>>, auth: Auth) -> ApiResult<Json<DevicesResponse>> {
-    let devices = app.store.devices(auth.user())?.iter().map(device_info).collect();
+    let devices = app.store.devices(auth.user())?.iter().map(|d| device_info(&app, d)).collect();
     Ok(Json(DevicesResponse { devices }))
 }
 
+/// A device asks to revoke a device of its user: itself, or another with a second device's
+/// confirmation (the rule is in `revocation`). Answers the device as it now stands: revoked, or
+/// with the request that waits for confirmation.
 async fn revoke(
     State(app): State<Arc<App>>,
     auth: Auth,
@@ -268,11 +275,42 @@ async fn revoke(
 ) -> ApiResult<Json<DeviceInfo>> {
     let Path(id) = id.map_err(|e| ApiError::bad(e.to_string()))?;
     let id: DeviceId = id.parse().map_err(|e| ApiError::bad(format!("bad device id: {e}")))?;
-    let user = auth.user();
-    let dev = crate::revoke_device(app, id, Some(user))
-        .await?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
-    Ok(Json(device_info(&dev)))
+    let (user, caller) = (auth.user(), auth.device.id);
+    // One decision at a time per user: two devices revoking themselves at once must not both
+    // count the other as still active.
+    let lock = app.user_lock(user);
+    let _guard = lock.lock().await;
+    let devices = app.store.devices(user)?;
+    let target =
+        devices.iter().find(|d| d.id == id).ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
+    let standing: Vec<Standing> = devices.iter().map(|d| Standing { id: d.id, revoked: d.revoked }).collect();
+    let waiting = app.revoke_request(&id);
+    match revocation::decide(caller, id, &standing, waiting, now_ms()) {
+        Decision::AlreadyRevoked => Ok(Json(device_info(&app, target))),
+        Decision::Refuse(why) => Err(ApiError::new(ErrorCode::Forbidden, why)),
+        Decision::Request(req) => {
+            app.revoke_requests.lock().unwrap_or_else(|p| p.into_inner()).insert(id, req);
+            app.device_list_changed(user);
+            tracing::info!(
+                user,
+                device = %id,
+                name = %Escaped(&target.name),
+                by = %caller,
+                "revocation requested; it takes effect when another of the user's devices confirms it"
+            );
+            Ok(Json(device_info(&app, target)))
+        }
+        Decision::Revoke { requested_by } => {
+            let by = match requested_by {
+                Some(requested_by) => Actor::Devices { requested_by, confirmed_by: caller },
+                None => Actor::Itself,
+            };
+            let dev = crate::revoke_device(app.clone(), id, Some(user), by)
+                .await?
+                .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
+            Ok(Json(device_info(&app, &dev)))
+        }
+    }
 }
 
 async fn cursor(
@@ -296,7 +334,7 @@ async fn cursor(
         true
     })?;
     let dev = dev.ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "this device has been revoked"))?;
-    Ok(Json(device_info(&dev)))
+    Ok(Json(device_info(&app, &dev)))
 }
 
 // ---- chunks ----
@@ -678,7 +716,7 @@ async fn changes(
     let user = auth.user();
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_PAGE);
     let mut rx = app.head_sender(user)?.subscribe();
-    let mut revoked = app.revocations.subscribe();
+    let mut revoked = app.device_changes.subscribe();
     // A revocation between authentication and the subscription above is caught here.
     ensure_not_revoked(&app, &auth.device.id)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_WAIT_SECS));
@@ -710,18 +748,24 @@ fn ensure_not_revoked(app: &App, id: &DeviceId) -> ApiResult<()> {
 /// Keep-alive pings on idle subscriptions, so dead peers and NAT timeouts are noticed.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
-/// A WebSocket that sends `{"head": N}` now and whenever the user's durable journal head moves.
-/// Closed when the device is revoked.
+/// A WebSocket that sends `{"head": N, "devices": G}` now and whenever the user's durable journal
+/// head moves or the user's device list changes. Closed when the device is revoked.
 async fn subscribe(State(app): State<Arc<App>>, auth: Auth, ws: WebSocketUpgrade) -> ApiResult<Response> {
     let rx = app.head_sender(auth.user())?.subscribe();
-    let device = auth.device.id;
-    Ok(ws.on_upgrade(move |socket| push_heads(app, socket, rx, device)))
+    let (device, user) = (auth.device.id, auth.user());
+    Ok(ws.on_upgrade(move |socket| push_heads(app, socket, rx, device, user)))
 }
 
-async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::watch::Receiver<Seq>, device: DeviceId) {
+async fn push_heads(
+    app: Arc<App>,
+    mut socket: WebSocket,
+    mut rx: tokio::sync::watch::Receiver<Seq>,
+    device: DeviceId,
+    user: UserId,
+) {
     app.metrics.subscribers.inc();
     *app.online.lock().unwrap_or_else(|p| p.into_inner()).entry(device).or_default() += 1;
-    let mut revoked = app.revocations.subscribe();
+    let mut changes = app.device_changes.subscribe();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut sent = None;
     // A revocation between authentication and here is caught by this first check.
@@ -733,17 +777,17 @@ async fn push_heads(app: Arc<App>, mut socket: WebSocket, mut rx: tokio::sync::w
             break;
         }
         check_revoked = false;
-        let head = *rx.borrow_and_update();
-        if sent != Some(head) {
-            let text = serde_json::to_string(&HeadNotice { head }).unwrap_or_default();
+        let notice = HeadNotice { head: *rx.borrow_and_update(), devices: app.device_list_generation(user) };
+        if sent != Some(notice) {
+            let text = serde_json::to_string(&notice).unwrap_or_default();
             if socket.send(Message::Text(text.into())).await.is_err() {
                 break;
             }
-            sent = Some(head);
+            sent = Some(notice);
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { break },
-            _ = revoked.changed() => check_revoked = true,
+            _ = changes.changed() => check_revoked = true,
             _ = ping.tick() => if socket.send(Message::Ping(Bytes::new())).await.is_err() { break },
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,

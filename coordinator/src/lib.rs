@@ -11,6 +11,7 @@ mod commit;
 mod error;
 pub mod listener;
 mod metrics;
+mod revocation;
 pub mod store;
 pub mod tls;
 mod trim;
@@ -62,8 +63,14 @@ pub(crate) struct App {
     commit_locks: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
     /// Each user's durable journal head: what `changes`, pushes and history serve up to.
     heads: Mutex<HashMap<UserId, watch::Sender<Seq>>>,
-    /// Bumped on every revocation, so open subscriptions and long-polls re-check their device.
-    pub revocations: watch::Sender<u64>,
+    /// Bumped whenever any user's device list changes (see `device_list_changed`), so open
+    /// subscriptions and long-polls re-check their device and tell it of the change.
+    pub device_changes: watch::Sender<u64>,
+    /// Per user, how often its device list changed since start (`HeadNotice::devices`).
+    device_lists: Mutex<HashMap<UserId, u64>>,
+    /// Requests to revoke a device that wait for a second device (see `revocation`), by the
+    /// device to be revoked. In memory: a restart forgets them, and they are asked for again.
+    pub revoke_requests: Mutex<HashMap<DeviceId, shoal_protocol::api::RevokeRequest>>,
     /// Where each user's devices said their peer endpoints listen, and the address they said it
     /// from (in memory only: presence is not worth a disk write, and a restart forgets nothing
     /// that the next announcement does not bring back).
@@ -80,6 +87,25 @@ pub(crate) struct Presence {
 }
 
 impl App {
+    /// Notes that `user`'s device list changed: the user's devices are told at once (their push
+    /// subscriptions carry the new count), and subscriptions and long-polls of every revoked
+    /// device end.
+    pub fn device_list_changed(&self, user: UserId) {
+        *self.device_lists.lock().unwrap_or_else(|p| p.into_inner()).entry(user).or_default() += 1;
+        self.device_changes.send_modify(|g| *g += 1);
+    }
+
+    /// How often `user`'s device list changed since start.
+    pub fn device_list_generation(&self, user: UserId) -> u64 {
+        self.device_lists.lock().unwrap_or_else(|p| p.into_inner()).get(&user).copied().unwrap_or(0)
+    }
+
+    /// The waiting request to revoke device `id`, if one has not expired.
+    pub fn revoke_request(&self, id: &DeviceId) -> Option<shoal_protocol::api::RevokeRequest> {
+        let reqs = self.revoke_requests.lock().unwrap_or_else(|p| p.into_inner());
+        reqs.get(id).filter(|r| r.expires_ms > now_ms()).copied()
+    }
+
     /// `user`'s commit lock.
     pub fn user_lock(&self, user: UserId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.commit_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -154,7 +180,9 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         metrics: Arc::default(),
         commit_locks: Mutex::new(HashMap::new()),
         heads: Mutex::new(HashMap::new()),
-        revocations: watch::Sender::new(0),
+        device_changes: watch::Sender::new(0),
+        device_lists: Mutex::new(HashMap::new()),
+        revoke_requests: Mutex::new(HashMap::new()),
         presence: Mutex::new(HashMap::new()),
         online: Mutex::new(HashMap::new()),
     });
@@ -190,11 +218,39 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     Ok(Server { addr, fingerprint, public_addr, metrics_addr, cancel, task, store })
 }
 
+/// Who revoked or reinstated a device, for the log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Actor {
+    /// The operator, through `shoal-coordinator device ...`.
+    Operator,
+    /// The device itself.
+    Itself,
+    /// `confirmed_by`, confirming `requested_by`'s request.
+    Devices { requested_by: DeviceId, confirmed_by: DeviceId },
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Actor::Operator => write!(f, "the operator"),
+            Actor::Itself => write!(f, "the device itself"),
+            Actor::Devices { requested_by, confirmed_by } => {
+                write!(f, "device {confirmed_by}, confirming device {requested_by}'s request")
+            }
+        }
+    }
+}
+
 /// Revokes device `id` (only if it belongs to `owner`, when given): durable before returning,
 /// and every open subscription or long-poll of the device is ended. `None` if there is no such
 /// device (of that owner). Runs in a task of its own, so a caller that goes away midway cannot
 /// leave a revocation stored but not announced.
-pub(crate) async fn revoke_device(app: Arc<App>, id: DeviceId, owner: Option<UserId>) -> ApiResult<Option<DeviceRec>> {
+pub(crate) async fn revoke_device(
+    app: Arc<App>,
+    id: DeviceId,
+    owner: Option<UserId>,
+    by: Actor,
+) -> ApiResult<Option<DeviceRec>> {
     let task = tokio::spawn(async move {
         let dev = app.store.update_device(&id, |d| {
             if owner.is_some_and(|u| u != d.user) {
@@ -205,8 +261,9 @@ pub(crate) async fn revoke_device(app: Arc<App>, id: DeviceId, owner: Option<Use
         })?;
         if let Some(d) = &dev {
             app.store.flush().await?;
-            app.revocations.send_modify(|g| *g += 1);
-            tracing::info!(device = %d.id, "device revoked");
+            app.revoke_requests.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            app.device_list_changed(d.user);
+            tracing::info!(user = d.user, device = %d.id, name = %shoal_protocol::path::Escaped(&d.name), by = %by, "device revoked");
         }
         Ok(dev)
     });

@@ -88,6 +88,14 @@ enum DeviceCmd {
         #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
         data: PathBuf,
     },
+    /// Undo a revocation made by mistake: the device's token and certificate work again, and it
+    /// syncs on its next try.
+    Reinstate {
+        user: String,
+        device: String,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
 }
 
 /// `--metrics-listen`: an address, or `off`.
@@ -116,6 +124,8 @@ async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file (or `shoal demo`'s output) gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
         Cmd::Serve { data, listen, public_addr, metrics_listen } => {
@@ -134,6 +144,9 @@ async fn run() -> anyhow::Result<()> {
         }
         Cmd::Device { cmd: DeviceCmd::Revoke { user, device, data } } => {
             println!("{}", admin::request(&data, &Request::DeviceRevoke { user, device }).await?);
+        }
+        Cmd::Device { cmd: DeviceCmd::Reinstate { user, device, data } } => {
+            println!("{}", admin::request(&data, &Request::DeviceReinstate { user, device }).await?);
         }
     }
     Ok(())

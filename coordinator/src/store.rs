@@ -603,7 +603,8 @@ impl Store {
 
     /// Changes one device record atomically (compare-and-swap): `change` edits a fresh copy and
     /// says whether to store it; it may run more than once under contention. Concurrent updates
-    /// therefore never undo each other, and a revoked device stays revoked whatever `change` does.
+    /// therefore never undo each other, and a revoked device stays revoked whatever `change` does
+    /// (only [`Store::reinstate_device`], the operator's, clears it).
     /// Returns the stored record, or `None` when there is no such device or `change` declined.
     pub fn update_device(
         &self,
@@ -621,6 +622,23 @@ impl Store {
                 return Ok(None);
             }
             dev.revoked |= was_revoked;
+            if self.meta.compare_and_swap(&k, Some(&old), Some(encode(&dev)))?.is_ok() {
+                return Ok(Some(dev));
+            }
+        }
+    }
+
+    /// Clears a device's revocation (compare-and-swap): the operator's way to undo a revocation
+    /// made by mistake, and the only update that clears `revoked`. The device's token and
+    /// certificate work again. Returns the stored record, `None` if there is no such device.
+    pub fn reinstate_device(&self, id: &DeviceId) -> Result<Option<DeviceRec>, StoreError> {
+        let k = key(b"d/", &[id.as_bytes()]);
+        loop {
+            let Some(old) = self.meta.get(&k)? else {
+                return Ok(None);
+            };
+            let mut dev: DeviceRec = decode(&k, &old)?;
+            dev.revoked = false;
             if self.meta.compare_and_swap(&k, Some(&old), Some(encode(&dev)))?.is_ok() {
                 return Ok(Some(dev));
             }

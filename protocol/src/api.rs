@@ -42,9 +42,10 @@ pub fn valid_user_name(name: &str) -> bool {
         && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
-/// A device name: 1–64 printable characters.
+/// A device name: 1–64 printable characters, none of which reorders or hides text (see
+/// [`crate::path::hides_text`]): names are shown to people and end up in conflicted copies' names.
 pub fn valid_device_name(name: &str) -> bool {
-    (1..=64).contains(&name.chars().count()) && !name.chars().any(char::is_control)
+    (1..=64).contains(&name.chars().count()) && !name.chars().any(|c| c.is_control() || crate::path::hides_text(c))
 }
 
 /// Everything a device needs to enroll, as one line:
@@ -143,6 +144,17 @@ pub struct DeviceInfo {
     pub revoked: bool,
     /// BLAKE3 of the device certificate (DER).
     pub cert_fingerprint: ChunkId,
+    /// Another device asked to revoke this one and a second device has yet to confirm.
+    #[serde(default)]
+    pub revoke_requested: Option<RevokeRequest>,
+}
+
+/// A request, by one of the user's devices, to revoke another: it takes effect when a second
+/// active device (not the one to be revoked) asks for the same before `expires_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    pub by: DeviceId,
+    pub expires_ms: u64,
 }
 
 /// Most peer endpoint addresses a device may announce.
@@ -307,10 +319,14 @@ pub struct CursorRequest {
     pub seq: Seq,
 }
 
-/// A push notification on the WebSocket subscription: the user's journal head moved.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A push notification on the WebSocket subscription: the user's journal head moved, or the
+/// user's device list changed (a device enrolled, revoked or reinstated, or a revocation was
+/// requested): `devices` counts those changes since the coordinator started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadNotice {
     pub head: Seq,
+    #[serde(default)]
+    pub devices: u64,
 }
 
 /// Stable machine-readable error codes. Never reorder or rename: clients match on them.

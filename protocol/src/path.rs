@@ -172,15 +172,24 @@ impl fmt::Display for SyncPath {
 }
 
 impl SyncPath {
-    /// The path for human output (terminals, logs): control characters, which are legal in
-    /// names, are shown as escapes (`\x1b`, `\r`, `\u{9b}`) instead of being sent raw. Names
+    /// The path for human output (terminals, logs): control characters and characters that
+    /// reorder or hide text, which are legal in names, are shown as escapes (`\x1b`, `\r`,
+    /// `\u{9b}`, `\u{202e}`) instead of being sent raw. Names
     /// cannot hold a backslash, so an escape is never ambiguous. Machine output uses the path.
     pub fn escaped(&self) -> Escaped<'_> {
         Escaped(&self.0)
     }
 }
 
-/// Text with its control characters escaped when displayed; see [`SyncPath::escaped`].
+/// `true` for the invisible formatting characters that change how the text around them reads on
+/// a screen: bidirectional overrides, embeddings, isolates and marks (U+202E turns
+/// `txt.exe` into what looks like `exe.txt`), zero-width characters and the byte-order mark.
+pub fn hides_text(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}')
+}
+
+/// Text with its control characters, and the characters that reorder or hide text
+/// ([`hides_text`]), escaped when displayed; see [`SyncPath::escaped`].
 #[derive(Debug, Clone, Copy)]
 pub struct Escaped<'a>(pub &'a str);
 
@@ -189,6 +198,8 @@ impl fmt::Display for Escaped<'_> {
         for c in self.0.chars() {
             if c.is_control() {
                 write!(f, "{}", c.escape_debug())?;
+            } else if hides_text(c) {
+                write!(f, "\\u{{{:x}}}", u32::from(c))?;
             } else {
                 fmt::Write::write_char(f, c)?;
             }
@@ -238,6 +249,10 @@ mod tests {
         let p = SyncPath::parse("a\x1b[31mred\x07/b\r\u{9b}é\t").unwrap();
         assert_eq!(p.escaped().to_string(), "a\\u{1b}[31mred\\u{7}/b\\r\\u{9b}é\\t");
         assert_eq!(SyncPath::parse("plain é").unwrap().escaped().to_string(), "plain é");
+        // A right-to-left override would make `report\u{202e}fdp.exe` read as `reportexe.pdf`.
+        let p = SyncPath::parse("report\u{202e}fdp.exe\u{200b}").unwrap();
+        assert_eq!(p.escaped().to_string(), "report\\u{202e}fdp.exe\\u{200b}");
+        assert!(!hides_text('א') && !hides_text('é') && hides_text('\u{2067}'));
     }
 
     #[test]

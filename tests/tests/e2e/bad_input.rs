@@ -120,9 +120,17 @@ fn every_bad_input_is_refused_without_changing_state() {
         assert_eq!(head(&a).await, start, "no refused request changed the journal");
         assert_eq!(head(&b).await, 0);
 
-        // A revoked device is locked out.
+        // A user's last active device cannot revoke itself (that would lock the user out); the
+        // operator can, and a revoked device is locked out.
         let me = Config::load(&bob.home).unwrap().device_id;
-        b.revoke(me).await.unwrap();
+        check(
+            call(b.request(Method::POST, &format!("/v1/devices/{me}/revoke")).json(&json!({}))).await,
+            403,
+            "forbidden",
+        );
+        assert_eq!(call(b.request(Method::GET, "/v1/tree")).await.0, 200, "still active");
+        let (ok, text) = coord.admin(&["device", "revoke", "bob", "b"]);
+        assert!(ok, "{text}");
         check(call(b.request(Method::GET, "/v1/tree")).await, 401, "unauthorized");
     });
     assert!(alice.remote_tree().contains_key("secret.txt"));

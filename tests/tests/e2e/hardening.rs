@@ -82,7 +82,8 @@ fn revocation_is_never_undone_by_requests_in_flight() {
             })
         };
         std::thread::sleep(Duration::from_millis(100));
-        block_on(keeper.revoke(cfg.device_id)).unwrap();
+        // A device may revoke itself (it is not the user's last).
+        block_on(Client::new(&cfg).unwrap().revoke(cfg.device_id)).unwrap();
         let _ = release.send(());
         straddler.join().unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -534,7 +535,7 @@ fn nobody_sees_an_entry_before_its_writer_is_acknowledged() {
 #[test]
 fn revoking_a_device_ends_its_subscription_and_long_polls() {
     let (_tmp, coord, devices) = world("sam", &["keeper", "lost"]);
-    let (keeper, lost) = (client_of(&devices[0]), client_of(&devices[1]));
+    let lost = client_of(&devices[1]);
     let lost_id = Config::load(&devices[1].home).unwrap().device_id;
     block_on(async {
         let mut sub = lost.subscribe().await.unwrap();
@@ -542,7 +543,7 @@ fn revoking_a_device_ends_its_subscription_and_long_polls() {
         let poll = lost.changes(0, 10, Duration::from_secs(30));
         let revoke = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            keeper.revoke(lost_id).await.unwrap();
+            lost.revoke(lost_id).await.unwrap();
         };
         let started = Instant::now();
         let (polled, ()) = tokio::join!(poll, revoke);
@@ -601,4 +602,86 @@ fn operators_revoke_devices_and_invites_expire() {
     assert!(!out.status.success(), "an expired invite enrolled a device");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expired"), "{err}");
+}
+
+/// One device, stolen or buggy, cannot lock its user out: alone it revokes only itself, and never
+/// the user's last active device; revoking another device takes a second one; the coordinator's
+/// log names who revoked whom; the operator reinstates a device revoked by mistake.
+#[test]
+fn one_device_cannot_lock_its_user_out() {
+    let (_tmp, coord, devices) = world("zed", &["a", "b", "c"]);
+    let [a, b, c] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    let id = |d: &Device| Config::load(&d.home).unwrap().device_id.to_string();
+    let works = |d: &Device| block_on(client_of(d).tree(None)).is_ok();
+    let revoke = |by: &Device, which: &str| {
+        let out = by.shoal(&["devices", "--revoke", which]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+
+    // A alone asks, twice, to revoke each other device: both keep working, and the others see
+    // the requests.
+    for _ in 0..2 {
+        for t in [&b, &c] {
+            let (ok, text) = revoke(&a, &id(t));
+            assert!(ok && text.contains("A second device must confirm"), "{text}");
+        }
+    }
+    assert!(works(&b) && works(&c), "one device revoked another on its own");
+    let list = String::from_utf8_lossy(&c.shoal(&["devices"]).stdout).into_owned();
+    assert!(list.contains("revocation asked for by a ("), "{list}");
+
+    // B confirms A's request to revoke C (naming it): C is out, and the log says who did it.
+    let (ok, text) = revoke(&b, "c");
+    assert!(ok && text.contains("revoked c ("), "{text}");
+    assert!(!works(&c) && works(&a) && works(&b));
+    let logged = coord.log();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("device revoked") && l.contains(&id(&c)) && l.contains(&id(&a)) && l.contains(&id(&b))),
+        "the log does not name who revoked c:\n{logged}"
+    );
+
+    // A revokes itself; B, now the user's last active device, cannot.
+    let (ok, text) = revoke(&a, &id(&a));
+    assert!(ok && text.contains("revoked this device"), "{text}");
+    assert!(!works(&a));
+    let (ok, text) = revoke(&b, &id(&b));
+    assert!(!ok && text.contains("last active device"), "{text}");
+    assert!(works(&b), "the user still has a device");
+
+    // The operator reinstates A and C, which sync again.
+    let (ok, text) = coord.admin(&["device", "reinstate", "zed", "a"]);
+    assert!(ok, "{text}");
+    let (ok, text) = coord.admin(&["device", "reinstate", "zed", &id(&c)]);
+    assert!(ok, "{text}");
+    let (ok, text) = coord.admin(&["device", "reinstate", "zed", "b"]);
+    assert!(!ok && text.contains("not revoked"), "{text}");
+    assert!(works(&a) && works(&c));
+    assert!(coord.log().contains("device reinstated"));
+    a.write("back.txt", b"reinstated");
+    sync_all(&[&a, &b, &c]);
+    assert_eq!(c.read("back.txt").unwrap(), b"reinstated");
+}
+
+/// Device names cannot hold characters that reorder or hide text: they are shown to people and
+/// become part of conflicted copies' names.
+#[test]
+fn device_names_cannot_reorder_text() {
+    let tmp = test_dir();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let invite = coord.invite("yan");
+    let out = std::process::Command::new(bin("shoal"))
+        .arg("--home")
+        .arg(tmp.path().join("home"))
+        .args(["init", "--invite", &invite, "--device", "lap\u{202e}pot", "--dir"])
+        .arg(tmp.path().join("folder"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a name with a right-to-left override was enrolled");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("device name"), "{err}");
 }

@@ -120,6 +120,19 @@ impl Coordinator {
             .unwrap_or_else(|| panic!("metric {name} missing from {text}"))
     }
 
+    /// Runs `shoal-coordinator ARGS --data DATA` (the operator's commands): success, and
+    /// stdout followed by stderr.
+    pub fn admin(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(bin("shoal-coordinator")).args(args).arg("--data").arg(&self.data).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// The coordinator's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+
     /// A one-time invite for `user` (created on first use).
     pub fn invite(&self, user: &str) -> String {
         let run = |sub: &str| {

@@ -76,17 +76,26 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
     assert!(saved_roster(&b).iter().all(|d| d["revoked"] == false));
     wait_for(SETTLE, || peers_of(&b).iter().any(|p| p["name"] == "c").then_some(())).expect("B and C connect");
 
-    // A revocation reaches B's saved list within a minute (the refresh runs every 30 s).
+    // A revocation (asked for by A, confirmed by B) reaches B's saved list at once: the push
+    // subscription says the device list changed.
     let c_id = Config::load(&c.home).unwrap().device_id.to_string();
-    let out = a.shoal(&["devices", "--revoke", &c_id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for(Duration::from_secs(65), || {
+    for d in [&a, &b] {
+        let out = d.shoal(&["devices", "--revoke", &c_id]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    wait_for(Duration::from_secs(5), || {
         saved_roster(&b).iter().any(|d| d["id"] == c_id.as_str() && d["revoked"] == true).then_some(())
     })
     .unwrap_or_else(|| panic!("B's device list after revoking C: {:?}", saved_roster(&b)));
     // The open connection to C goes with it.
-    wait_for(SETTLE, || peers_of(&b).iter().all(|p| p["name"] != "c").then_some(()))
+    wait_for(Duration::from_secs(5), || peers_of(&b).iter().all(|p| p["name"] != "c").then_some(()))
         .unwrap_or_else(|| panic!("B still connected to revoked C: {:?}", peers_of(&b)));
+    // C's own status says so at once (it was in sync, and nothing else happens in its folder).
+    wait_for(Duration::from_secs(5), || {
+        let s = daemon_status(&c);
+        (s["state"] == "unauthorized" && s["in_sync"] == false).then_some(())
+    })
+    .unwrap_or_else(|| panic!("C's status after its revocation: {}", daemon_status(&c)));
     c.stop(false);
     b.stop(false);
     converge(&[&a, &b], SETTLE);
@@ -126,8 +135,10 @@ fn coordinator_hints_name_the_users_devices_on_the_same_network() {
         }
         assert_eq!(hinted(&ca.peers(vec![]).await.unwrap())[0].1, vec!["127.0.0.1:4002", "[::1]:4002"]);
 
-        // A revoked device is nobody's hint any more.
-        ca.revoke(Config::load(&b.home).unwrap().device_id).await.unwrap();
+        // A revoked device (asked for by A, confirmed by far) is nobody's hint any more.
+        let b_id = Config::load(&b.home).unwrap().device_id;
+        assert!(ca.revoke(b_id).await.unwrap().revoke_requested.is_some());
+        assert!(cfar.revoke(b_id).await.unwrap().revoked);
         assert_eq!(ca.peers(vec![]).await.unwrap(), vec![]);
     });
     set_bind(&far, "127.0.0.1");

@@ -76,6 +76,7 @@ pub(crate) fn device(ca: Option<&Ca>, trust: &Ca, days: i64) -> (Identity, Devic
         cursor: 0,
         revoked: false,
         cert_fingerprint: ChunkId::of(cert.der()),
+        revoke_requested: None,
     };
     let identity = Identity::from_der(key.serialize_der(), cert.der().to_vec(), trust.cert.clone()).unwrap();
     (identity, info)
