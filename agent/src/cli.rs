@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use shoal_protocol::Seq;
 use shoal_protocol::api::{EnrollRequest, Invite};
 use shoal_protocol::path::Escaped;
-use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::config::{self, Config};
@@ -135,10 +134,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Init { invite, dir, device, bind } => init(&home, &invite, &dir, device, bind).await,
         Cmd::Run => {
+            // Before anything else: a stop asked for while the daemon starts is still graceful.
+            let signals = crate::signals::StopSignals::listen().context("listening for stop signals")?;
+            let stop = daemon::Stop::default();
+            let _signals =
+                tokio_util::task::AbortOnDropHandle::new(signals.spawn(stop.cancel.clone(), stop.now.clone()));
             let cfg = Config::load(&home)?;
-            let cancel = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(cancel.clone()));
-            daemon::run(&home, cfg, cancel).await?;
+            daemon::run(&home, cfg, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Sync { once } => {
@@ -184,6 +186,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let state = match oneshot::version_state(e.version, &pending) {
                         "durable" => "",
                         "pending" => "  pending: not yet backed up, on the devices only",
+                        "stuck" => "  stuck: not backed up, and no device has sent it for a while",
                         _ => "  withdrawn: never backed up, its author no longer has it",
                     };
                     println!(
@@ -366,6 +369,7 @@ pub async fn init(
         upload_limit: None,
         download_limit: None,
         lan_limit: None,
+        shutdown_grace: std::time::Duration::from_secs(30),
     };
     cfg.save(home)?;
     println!("enrolled device {:?} ({}) for user {}", cfg.device_name, cfg.device_id, cfg.user);
@@ -495,6 +499,8 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
             let whose = if v.device == cfg.device_id { "this device" } else { "another device" };
             let state = if v.withdrawn {
                 "withdrawn: its author no longer has it".to_string()
+            } else if v.stuck {
+                format!("stuck: no device has sent its {} missing chunks for a while; not fetched", v.missing_chunks)
             } else {
                 format!("not yet backed up ({} chunks to upload from {whose})", v.missing_chunks)
             };
@@ -526,16 +532,4 @@ fn default_device_name() -> String {
 pub fn fmt_time(ms: u64) -> String {
     let (date, (h, m, s)) = engine::utc(ms / 1000);
     format!("{date} {h:02}:{m:02}:{s:02} UTC")
-}
-
-async fn cancel_on_signal(cancel: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => return,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    cancel.cancel();
 }

@@ -58,6 +58,11 @@ pub struct Config {
     /// Default: no limit.
     #[serde(default)]
     pub lan_limit: Option<crate::limit::Rate>,
+    /// How long `shoal run`, asked to stop, keeps going to finish the uploads this device owes
+    /// (its unsent commits, its own versions not yet backed up, other devices' it holds). A
+    /// second signal stops it at once. Default "30s".
+    #[serde(default = "default_shutdown_grace", with = "human_duration")]
+    pub shutdown_grace: Duration,
 }
 
 impl Config {
@@ -75,6 +80,10 @@ fn default_true() -> bool {
 
 fn default_rescan() -> Duration {
     Duration::from_secs(600)
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_debounce() -> Duration {

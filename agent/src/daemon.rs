@@ -116,9 +116,19 @@ fn take_hint(engine: &mut Engine, root: &Path, hint: Hint) {
     }
 }
 
-/// Runs until `cancel` fires.
-pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+/// How `run` is told to stop: `cancel` ends syncing, after which the daemon finishes the uploads
+/// it owes for at most `shutdown_grace`; `now` ends that too.
+#[derive(Clone, Default)]
+pub struct Stop {
+    pub cancel: CancellationToken,
+    pub now: CancellationToken,
+}
+
+/// Runs until `stop.cancel` fires, then finishes what it owes (see [`Stop`]).
+pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
+    let cancel = stop.cancel.clone();
     let root = cfg.root()?.to_path_buf();
+    let grace = cfg.shutdown_grace;
     let debounce = cfg.debounce;
     let rescan_every = cfg.rescan_interval;
     let (me, server, peer_listen, lan_limit, mdns, lan_sync) =
@@ -209,16 +219,22 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
         status.cycle_started_ms = started;
         let wait = match result {
             Ok(mut report) => {
-                // Changes noticed while the cycle ran are not covered by its verdict.
+                // Changes noticed while the cycle ran are not covered by its verdict, and any
+                // hint taken here (a head that moved, a subscription that closed) calls for
+                // another cycle at once, as it would have woken the wait below.
+                let mut woken = false;
                 while let Ok(h) = rx.try_recv() {
                     take_hint(&mut engine, &root, h);
+                    woken = true;
                 }
                 if engine.has_work() {
                     report.in_sync = false;
                     report.more_work = true;
                 }
                 update_status(&mut status, &report);
-                if report.in_sync {
+                if woken {
+                    Duration::ZERO
+                } else if report.in_sync {
                     backoff = retry_delays();
                     let idle = next_rescan.saturating_duration_since(tokio::time::Instant::now());
                     report.recheck.map_or(idle, |r| r.min(idle))
@@ -273,7 +289,14 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
             _ = tokio::time::sleep(wait) => {}
         }
     }
-    tracing::info!("stopping");
+    if !stop.now.is_cancelled() {
+        status.state = "stopping".into();
+        status.in_sync = false;
+        status.updated_ms = now_ms();
+        status.save(home);
+        finish_uploads(&mut engine, grace, &stop.now).await;
+    }
+    tracing::info!("stopped");
     if let Some(n) = &node {
         n.close().await;
     }
@@ -282,6 +305,53 @@ pub async fn run(home: &Path, cfg: Config, cancel: CancellationToken) -> anyhow:
     status.updated_ms = now_ms();
     status.save(home);
     Ok(())
+}
+
+/// On the way out: sends what this device owes the coordinator (its unsent commits, uploads for
+/// its own pending versions, other devices' pending versions it holds: their authors may be
+/// stopping too), trying again while the coordinator does not answer, for at most `grace` or
+/// until `now` fires. Says what it leaves.
+async fn finish_uploads(engine: &mut Engine, grace: Duration, now: &CancellationToken) {
+    let deadline = tokio::time::Instant::now() + grace;
+    tracing::info!(
+        grace = ?grace,
+        "stopping: finishing the uploads this device owes first (another Ctrl-C or SIGTERM stops at once)"
+    );
+    let mut backoff = retry_delays();
+    let left = loop {
+        let attempt = tokio::select! {
+            r = tokio::time::timeout_at(deadline, engine.finish_uploads()) => r,
+            _ = now.cancelled() => break None,
+        };
+        match attempt {
+            Ok(Ok(left)) if left.is_empty() => break Some(left),
+            Ok(Ok(left)) => tracing::debug!(?left, "uploads left; trying again"),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), "finishing uploads failed; trying again")
+            }
+            Err(_) => break None,
+        }
+        let wait = next_delay(&mut backoff).min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = now.cancelled() => break None,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+    };
+    match left {
+        Some(_) => tracing::info!("every upload this device owed is done"),
+        None => match engine.uploads_left() {
+            Ok(left) if left.is_empty() => tracing::info!("every upload this device owed is done"),
+            Ok(left) => tracing::warn!(
+                unsent_commits = left.unsent_changes,
+                owed_versions = left.owed_versions,
+                "stopping with uploads still owed: they are sent when the agent runs again (`shoal status` lists versions not yet backed up)"
+            ),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "stopping; could not count the uploads left"),
+        },
+    }
 }
 
 fn update_status(s: &mut Status, r: &CycleReport) {

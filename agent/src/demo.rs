@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use shoal_protocol::api::ServerInfo;
 use tokio::process::{Child, Command};
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -35,7 +34,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let program = find_coordinator()?;
     // Listening before the coordinator starts: from here on, an interrupt stops it too.
-    let mut stop = StopSignals::listen()?;
+    let mut stop = crate::signals::StopSignals::listen()?;
     let mut coordinator = Coordinator::spawn(&program, &dir.join(".state").join("coordinator"))?;
     let started = tokio::select! {
         r = start(dir, &mut coordinator) => Some(r),
@@ -69,9 +68,9 @@ async fn run_devices(
     dir: &Path,
     addr: &str,
     coordinator: &mut Coordinator,
-    stop: &mut StopSignals,
+    stop: &mut crate::signals::StopSignals,
 ) -> anyhow::Result<()> {
-    let cancel = CancellationToken::new();
+    let (cancel, now) = (CancellationToken::new(), CancellationToken::new());
     let mut tasks = Vec::new();
     for name in DEVICES {
         let home = dir.join(".state").join(name);
@@ -79,8 +78,8 @@ async fn run_devices(
         // Both devices are on this machine: the coordinator introduces them, and nothing is
         // announced on the machine's network.
         cfg.mdns = false;
-        let cancel = cancel.clone();
-        tasks.push(tokio::spawn(async move { crate::daemon::run(&home, cfg, cancel).await }));
+        let stop = crate::daemon::Stop { cancel: cancel.clone(), now: now.clone() };
+        tasks.push(tokio::spawn(async move { crate::daemon::run(&home, cfg, stop).await }));
     }
     println!();
     println!("Shoal demo: coordinator on {addr} (data in {}/.state)", dir.display());
@@ -94,9 +93,20 @@ async fn run_devices(
         }),
     };
     cancel.cancel();
-    for t in tasks {
-        if let Ok(Err(e)) = t.await {
-            eprintln!("error: {e:#}");
+    // The devices finish what they owe the coordinator first; another signal stops them now.
+    let stopped = async {
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                eprintln!("error: {e:#}");
+            }
+        }
+    };
+    tokio::pin!(stopped);
+    tokio::select! {
+        _ = &mut stopped => {}
+        _ = stop.recv() => {
+            now.cancel();
+            stopped.await;
         }
     }
     outcome
@@ -227,27 +237,6 @@ fn read_info(data: &Path) -> Option<ServerInfo> {
 /// The address the coordinator listened on last time, which the enrolled devices dial.
 fn previous_addr(data: &Path) -> Option<SocketAddr> {
     read_info(data)?.addr.parse().ok()
-}
-
-/// Ctrl-C, SIGTERM and SIGHUP (its terminal closed): each stops the demo, coordinator included.
-/// Once listened for, none of them ends the process before the demo has stopped its coordinator.
-struct StopSignals([Signal; 3]);
-
-impl StopSignals {
-    fn listen() -> std::io::Result<StopSignals> {
-        let (int, term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
-        Ok(StopSignals([int, term, signal(SignalKind::hangup())?]))
-    }
-
-    /// Resolves at the first of them since `listen`.
-    async fn recv(&mut self) {
-        let [int, term, hup] = &mut self.0;
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-            _ = hup.recv() => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ mod download;
 mod pending;
 mod upload;
 
+pub use pending::UploadsLeft;
+
 use disk::{Removal, ensure_dir, remove_local, rename_noreplace};
 use download::Retry;
 use upload::split_commits;
@@ -124,6 +126,13 @@ pub struct Engine {
     pending_stale: bool,
     /// The pending versions listed last time (path, version).
     seen_pending: HashSet<(SyncPath, Seq)>,
+    /// Those of them listed as stuck: nobody supplies their chunks, so they are not fetched.
+    stuck: HashSet<(SyncPath, Seq)>,
+    /// Commit only after uploading, even with peers connected (the daemon is stopping).
+    upload_first: bool,
+    /// Commit only after uploading until then: the coordinator refused a peer-first commit for
+    /// holding too many pending versions.
+    upload_first_until: Option<std::time::Instant>,
 }
 
 /// Creates the `.shoal` marker (and temp dir) in a new sync root. Both are private (0700): the
@@ -172,6 +181,9 @@ impl Engine {
             watch_pending: false,
             pending_stale: false,
             seen_pending: HashSet::new(),
+            stuck: HashSet::new(),
+            upload_first: false,
+            upload_first_until: None,
         };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
@@ -366,7 +378,21 @@ impl Engine {
             }
         }
         let t_scanned = t0.elapsed();
-        let ops = planner::plan(&planner::Trees { remote: &remote, local: &local, synced: &synced, pending: &pending });
+        // Remote versions nobody can supply now are not fetched (and cost no retries).
+        let unavailable: HashSet<SyncPath> = self
+            .stuck
+            .iter()
+            .filter(|(p, v)| remote.get(p).is_some_and(|e| e.version == *v))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let trees = planner::Trees {
+            remote: &remote,
+            local: &local,
+            synced: &synced,
+            pending: &pending,
+            unavailable: &unavailable,
+        };
+        let ops = planner::plan(&trees);
         report.planned = ops.len();
         let t_planned = t0.elapsed();
         self.forget_retries(&ops);
@@ -396,9 +422,7 @@ impl Engine {
             );
         }
         let t_executed = t0.elapsed();
-        if self.peers.is_some() {
-            self.help_pending(&mut report).await?;
-        }
+        self.help_pending(&mut report).await?;
         tracing::debug!(?t_pull, ?t_outbox, ?t_scanned, ?t_planned, ?t_executed, total = ?t0.elapsed(), "cycle phases");
         report.pending_uploads = self.store.outbox()?.iter().map(|(_, i)| i.changes.len()).sum();
         report.owed_uploads = self.store.owed()?.len();
@@ -411,6 +435,11 @@ impl Engine {
             && scan.unstable == 0
             && !report.more_work
             && self.replan.is_empty();
+        // A version another device has not backed up yet, held here: not in sync until it is
+        // durable (this device uploads it should its author fail to).
+        if report.in_sync && !self.seen_pending.is_empty() {
+            report.in_sync = !self.holds_pending()?;
+        }
         if report.cursor != self.reported_cursor && self.client.report_cursor(report.cursor).await.is_ok() {
             self.reported_cursor = report.cursor;
         }

@@ -16,6 +16,7 @@ pub mod peer;
 pub mod planner;
 pub mod progress;
 pub mod scan;
+pub mod signals;
 pub mod store;
 pub mod transfer;
 pub mod watch;

@@ -27,7 +27,9 @@ fn main() -> ExitCode {
     match rt.block_on(shoal_agent::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", shoal_protocol::path::Escaped(&format!("{e:#}")));
+            // Line breaks stay (a config file's parse error quotes the line at fault); every
+            // other control character is escaped.
+            eprintln!("error: {}", shoal_protocol::path::EscapedText(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -39,6 +39,7 @@ pub fn version_state(version: Seq, pending: &[shoal_protocol::api::PendingVersio
     match pending.iter().find(|p| p.version == version) {
         None => "durable",
         Some(p) if p.withdrawn => "withdrawn",
+        Some(p) if p.stuck => "stuck",
         Some(_) => "pending",
     }
 }

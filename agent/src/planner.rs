@@ -7,7 +7,9 @@
 //! - both changed to the same thing → just record it as synced;
 //! - both changed differently → the local version moves aside as a conflicted copy and the remote
 //!   version takes the name; nothing is overwritten;
-//! - edit vs delete → the edit wins, whichever side made it.
+//! - edit vs delete → the edit wins, whichever side made it;
+//! - a remote version that cannot be had (stuck: nobody supplies its chunks) is never fetched; a
+//!   local edit goes on top of it instead of becoming a conflicted copy, a local deletion waits.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -76,6 +78,10 @@ pub struct Trees<'a> {
     pub synced: &'a BTreeMap<SyncPath, Entry>,
     /// Paths with a commit still in the outbox: left alone until it is acknowledged.
     pub pending: &'a HashSet<SyncPath>,
+    /// Paths whose remote version cannot be had (a pending version no device has supplied for a
+    /// while, or one withdrawn): it is not fetched; a local edit is committed on top of it (it
+    /// stays in history), anything else waits for it.
+    pub unavailable: &'a HashSet<SyncPath>,
 }
 
 /// Plans one reconciliation. Ops come in path order; the executor orders them by kind.
@@ -93,6 +99,14 @@ pub fn plan(t: &Trees<'_>) -> Vec<Op> {
         let l = t.local.get(path).copied();
         let s = t.synced.get(path).and_then(Node::of);
         let base = r_entry.map(|e| e.version);
+        if t.unavailable.contains(path) {
+            ops.extend(match (l, r_entry) {
+                (Some(_), Some(e)) if l == r => Some(Op::Adopt(e.clone())),
+                (Some(_), Some(_)) if l != s => Some(Op::Upload { path: path.clone(), local: l, base }),
+                _ => None,
+            });
+            continue;
+        }
         let (r_changed, l_changed) = (r != s, l != s);
         let op = match (r_changed, l_changed) {
             (false, false) => None,

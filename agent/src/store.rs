@@ -330,6 +330,13 @@ impl Batch {
         self.raw.remove(sent_pending_key(id));
         self.raw_used = true;
     }
+    /// Clears the mark of an item whose peer-first commit was refused outright (so it cannot be
+    /// pending): it may be sent upload-first.
+    pub fn unmark_sent_pending(&mut self, id: u64) {
+        self.raw.remove(sent_pending_key(id));
+        self.raw_used = true;
+    }
+
     /// Notes that outbox item `id` is about to be sent as a commit that may be recorded pending.
     pub fn mark_sent_pending(&mut self, id: u64) {
         self.raw.insert(sent_pending_key(id), Vec::new());

@@ -154,14 +154,18 @@ async fn execute(
             let devices = store.devices(u.id)?;
             let dev = find_device(&devices, &device)?;
             let revoked = match app {
-                Some(app) => crate::revoke_device(app, dev.id, Some(u.id), crate::Actor::Operator)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e.0.message))?,
+                Some(app) => {
+                    let guard = app.user_lock(u.id).lock_owned().await;
+                    crate::revoke_device(app, dev.id, u.id, crate::Actor::Operator, guard)
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e.0.message))?
+                }
                 None => {
                     let d = store.update_device(&dev.id, |d| {
                         d.revoked = true;
                         true
                     })?;
+                    store.withdraw_device(u.id, dev.id)?;
                     store.flush().await?;
                     if let Some(d) = &d {
                         tracing::info!(user = d.user, device = %d.id, by = %crate::Actor::Operator, "device revoked");

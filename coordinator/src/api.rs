@@ -166,10 +166,17 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         tracing::warn!(error = %e, "pending versions not counted");
         (0, None)
     });
+    let store = app.store.clone();
+    let stalled_before = now_ms().saturating_sub(app.stuck_after_ms);
+    let stuck = blocking(move || Ok(store.stuck_count(stalled_before)?)).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e.0.message, "stuck pending versions not counted");
+        0
+    });
     let text = app.metrics.render(crate::metrics::Scraped {
         users: app.store.user_count(),
         corrupt_chunks: app.chunks.corrupt_count(),
         pending_versions,
+        pending_stuck: stuck,
         pending_oldest_seconds: oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),
     });
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
@@ -278,8 +285,7 @@ async fn revoke(
     let (user, caller) = (auth.user(), auth.device.id);
     // One decision at a time per user: two devices revoking themselves at once must not both
     // count the other as still active.
-    let lock = app.user_lock(user);
-    let _guard = lock.lock().await;
+    let guard = app.user_lock(user).lock_owned().await;
     let devices = app.store.devices(user)?;
     let target =
         devices.iter().find(|d| d.id == id).ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
@@ -305,7 +311,7 @@ async fn revoke(
                 Some(requested_by) => Actor::Devices { requested_by, confirmed_by: caller },
                 None => Actor::Itself,
             };
-            let dev = crate::revoke_device(app.clone(), id, Some(user), by)
+            let dev = crate::revoke_device(app.clone(), id, user, by, guard)
                 .await?
                 .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "no such device"))?;
             Ok(Json(device_info(&app, &dev)))
@@ -448,16 +454,19 @@ async fn list_pending(app: &App, auth: &Auth, path: Option<SyncPath>) -> ApiResu
     let recs = blocking(move || Ok(store.pending(user)?)).await?;
     let head = *app.head_sender(user)?.borrow();
     let online = app.online.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let visible = recs.into_iter().filter(|(seq, r)| *seq <= head && path.as_ref().is_none_or(|p| *p == r.path));
+    let visible =
+        recs.into_iter().filter(|(seq, p)| *seq <= head && path.as_ref().is_none_or(|want| *want == p.rec.path));
+    let stalled_before = now_ms().saturating_sub(app.stuck_after_ms);
     let mut versions: Vec<PendingVersion> = visible
-        .map(|(version, r)| PendingVersion {
-            path: r.path,
+        .map(|(version, p)| PendingVersion {
+            stuck: p.rec.withdrawn || p.progress_ms < stalled_before,
+            path: p.rec.path,
             version,
-            device: r.device,
-            since_ms: r.since_ms,
-            missing_chunks: r.missing,
-            withdrawn: r.withdrawn,
-            author_online: online.get(&r.device).is_some_and(|n| *n > 0),
+            device: p.rec.device,
+            since_ms: p.rec.since_ms,
+            missing_chunks: p.rec.missing,
+            withdrawn: p.rec.withdrawn,
+            author_online: online.get(&p.rec.device).is_some_and(|n| *n > 0),
         })
         .collect();
     // Live versions before withdrawn ones (each oldest first), so withdrawn records that pile up
@@ -617,13 +626,18 @@ async fn peers(
     if req.addrs.len() > MAX_PEER_ADDRS {
         return Err(ApiError::bad(format!("at most {MAX_PEER_ADDRS} peer addresses")));
     }
+    let observed = from.ip().to_canonical();
     for a in &req.addrs {
         match a.parse::<std::net::SocketAddr>() {
-            Ok(sa) if sa.port() != 0 => {}
-            _ => return Err(ApiError::bad(format!("bad peer address {a:?}: expected IP:PORT"))),
+            Ok(sa) if sa.port() != 0 && lan_address(sa.ip().to_canonical(), observed) => {}
+            Ok(_) => {
+                return Err(ApiError::bad(format!(
+                    "peer address {a:?} is not one a device can have on a LAN (private, link-local, loopback, or the address this request came from)"
+                )));
+            }
+            Err(_) => return Err(ApiError::bad(format!("bad peer address {a:?}: expected IP:PORT"))),
         }
     }
-    let observed = from.ip().to_canonical();
     let (user, me) = (auth.user(), auth.device.id);
     let ttl = Duration::from_secs(PEER_TTL_SECS);
     let candidates: Vec<(DeviceId, Vec<String>)> = {
@@ -645,6 +659,25 @@ async fn peers(
     }
     peers.sort_by_key(|p| p.device.0);
     Ok(Json(PeersResponse { peers }))
+}
+
+/// `true` for an address a device can have on its LAN, so peers may send it QUIC packets: a
+/// private, shared (carrier-grade NAT), link-local or loopback IPv4 address; a unique-local,
+/// link-local or loopback IPv6 one; or, for a LAN numbered with public addresses (IPv6 without
+/// NAT, mostly), the address the announcement came from or, for IPv6, one in its /64. Never an
+/// unspecified, broadcast, multicast or other public address.
+fn lan_address(ip: std::net::IpAddr, observed: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match (ip, observed) {
+        (IpAddr::V4(v4), _) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => false,
+        (IpAddr::V4(v4), _) if v4.is_private() || v4.is_loopback() || v4.is_link_local() => true,
+        // 100.64.0.0/10, shared address space behind carrier-grade NAT (RFC 6598).
+        (IpAddr::V4(v4), _) if v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64 => true,
+        (IpAddr::V6(v6), _) if v6.is_unspecified() || v6.is_multicast() => false,
+        (IpAddr::V6(v6), _) if v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local() => true,
+        (IpAddr::V6(v6), IpAddr::V6(seen)) => v6.segments()[..4] == seen.segments()[..4],
+        (ip, seen) => ip == seen,
+    }
 }
 
 // ---- commits and the journal ----
@@ -873,4 +906,43 @@ async fn history(
         Ok(Json(HistoryResponse { path, entries, more_after }))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_must_be_ones_a_device_can_have_on_a_lan() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let seen_v4 = ip("203.0.113.7");
+        let seen_v6 = ip("2001:db8:1:2::99");
+        for (addr, seen, ok) in [
+            ("192.168.1.20", seen_v4, true),
+            ("10.0.0.5", seen_v4, true),
+            ("172.16.3.4", seen_v4, true),
+            ("169.254.1.1", seen_v4, true),
+            ("127.0.0.1", seen_v4, true),
+            ("100.72.1.2", seen_v4, true),
+            ("203.0.113.7", seen_v4, true),
+            ("fd12:3456::1", seen_v6, true),
+            ("fe80::1", seen_v6, true),
+            ("::1", seen_v6, true),
+            ("2001:db8:1:2::1234", seen_v6, true),
+            // Broadcast, multicast, unspecified, and public addresses of someone else.
+            ("255.255.255.255", seen_v4, false),
+            ("224.0.0.251", seen_v4, false),
+            ("239.1.2.3", seen_v4, false),
+            ("0.0.0.0", seen_v4, false),
+            ("8.8.8.8", seen_v4, false),
+            ("203.0.113.8", seen_v4, false),
+            ("100.128.0.1", seen_v4, false),
+            ("ff02::1", seen_v6, false),
+            ("::", seen_v6, false),
+            ("2001:db8:1:3::1", seen_v6, false),
+            ("2001:db8:1:2::1", seen_v4, false),
+        ] {
+            assert_eq!(lan_address(ip(addr), seen), ok, "{addr} announced from {seen}");
+        }
+    }
 }

@@ -6,11 +6,22 @@
 use std::collections::{HashMap, HashSet};
 
 use shoal_protocol::api::{CommitRequest, CommitResponse, Conflict, ErrorCode, MAX_COMMIT_CHANGES};
-use shoal_protocol::{Change, DeviceId, Entry, EntryKind, SyncPath};
+use shoal_protocol::{Change, ChunkId, DeviceId, Entry, EntryKind, SyncPath};
 
 use crate::chunks::ChunkStore;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{CommitOutcome, NewPending, PendingRec, Store, UserId};
+
+/// Most pending versions one device may have (withdrawn ones included), and most chunks its
+/// pending versions may wait for: a device commits peer-first only what it pays within a cycle or
+/// two, and at ~50 bytes per chunk awaited (plus ~100 per version) one device costs the
+/// coordinator at most ~8 MiB of memory however many chunks it names. A commit past them is
+/// refused with `pending_limit`, and the device uploads first instead.
+pub const MAX_DEVICE_PENDING_VERSIONS: u64 = 20_000;
+pub const MAX_DEVICE_PENDING_CHUNKS: u64 = 131_072;
+/// The same for all of a user's devices together (distinct chunks).
+pub const MAX_USER_PENDING_VERSIONS: u64 = 40_000;
+pub const MAX_USER_PENDING_CHUNKS: u64 = 262_144;
 
 /// Checks what can be checked without the store: size of the commit, each change's shape, and
 /// that no path appears twice.
@@ -100,6 +111,7 @@ pub fn apply(
             }
         }
     }
+    check_pending_limits(store, user, device, &waits)?;
     // An upload since the handler's sync (another device's, or a repair) must be on disk before
     // a commit that may name it is acknowledged.
     if chunks.needs_sync() {
@@ -143,6 +155,42 @@ pub fn apply(
     let resp = CommitResponse { entries };
     store.append(user, &req.commit_id, &resp, &pending)?;
     Ok(CommitOutcome::Applied(resp))
+}
+
+/// Refuses a commit whose pending versions (`waits`: per change, the chunks it would wait for)
+/// would take the device or its user past the limits above.
+fn check_pending_limits(store: &Store, user: UserId, device: DeviceId, waits: &[Vec<ChunkId>]) -> ApiResult<()> {
+    let versions = waits.iter().filter(|w| !w.is_empty()).count() as u64;
+    if versions == 0 {
+        return Ok(());
+    }
+    let chunks: u64 = waits.iter().map(|w| w.len() as u64).sum();
+    let now = store.pending_load(user, device)?;
+    let over = |what: &str, have: u64, adding: u64, max: u64| {
+        (have + adding > max).then(|| {
+            ApiError::new(
+                ErrorCode::PendingLimit,
+                format!("{what} would have {} (at most {max}): upload the chunks first, then commit", have + adding),
+            )
+        })
+    };
+    let refusal = over("this device's pending versions", now.device_versions, versions, MAX_DEVICE_PENDING_VERSIONS)
+        .or_else(|| {
+            over(
+                "the chunks this device's pending versions await",
+                now.device_chunks,
+                chunks,
+                MAX_DEVICE_PENDING_CHUNKS,
+            )
+        })
+        .or_else(|| over("the user's pending versions", now.user_versions, versions, MAX_USER_PENDING_VERSIONS))
+        .or_else(|| {
+            over("the chunks the user's pending versions await", now.user_chunks, chunks, MAX_USER_PENDING_CHUNKS)
+        });
+    match refusal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// `true` if the origin stores `chunk` for the user, in full. A chunk of another length under the
@@ -265,7 +313,7 @@ mod tests {
 
     /// The user's pending versions with the chunks each still lacks.
     fn missing_counts(store: &Store, user: UserId) -> Vec<(u64, u64)> {
-        store.pending(user).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect()
+        store.pending(user).unwrap().iter().map(|(v, r)| (*v, r.rec.missing)).collect()
     }
 
     fn rand_id() -> [u8; 16] {
@@ -318,7 +366,7 @@ mod tests {
         let refs = ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 65_536 }).collect();
         let m = Manifest { size: 600 * 65_536, hash: shoal_protocol::ChunkId::of(b"whole"), chunks: refs };
         let version = commit_pending(&store, &chunks, 1, "big", m, 5);
-        assert_eq!(store.pending(1).unwrap()[0].1.missing, 600);
+        assert_eq!(store.pending(1).unwrap()[0].1.rec.missing, 600);
 
         // Indexed as stored (their bytes are not needed here): a chunk the user uploaded counts as
         // held only while the chunk store has it.
@@ -328,7 +376,7 @@ mod tests {
         let mut most = ids[..599].to_vec();
         most.extend_from_slice(&ids[..599]);
         assert_eq!(store.chunks_stored(1, &most).unwrap(), Vec::<u64>::new());
-        assert_eq!(store.pending(1).unwrap()[0].1.missing, 1);
+        assert_eq!(store.pending(1).unwrap()[0].1.rec.missing, 1);
         assert!(ids[..599].iter().all(|id| store.user_has_chunk(1, id).unwrap()));
 
         // A second version waits for the last chunk and one of its own.
@@ -440,23 +488,88 @@ mod tests {
         let pending = store.pending(1).unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].0, version);
-        assert_eq!((pending[0].1.missing, pending[0].1.since_ms), (ids.len() as u64 - 1, 77));
+        assert_eq!((pending[0].1.rec.missing, pending[0].1.rec.since_ms), (ids.len() as u64 - 1, 77));
         assert!(store.pending(2).unwrap().is_empty(), "pending versions are per user");
         assert_eq!(store.pending_stats().unwrap(), (1, Some(77)));
 
         // Only the author may withdraw it.
         assert_eq!(store.withdraw(1, DeviceId([9; 16]), &[version]).unwrap(), 0);
         assert_eq!(store.withdraw(1, DeviceId([1; 16]), &[version]).unwrap(), 1);
-        assert!(store.pending(1).unwrap()[0].1.withdrawn);
+        assert!(store.pending(1).unwrap()[0].1.rec.withdrawn);
 
         // Chunks arrive (one twice, one the version does not need): counted off once each, and
         // the user's in the same step.
         let stranger = shoal_protocol::ChunkId::of(b"unrelated");
         assert_eq!(store.chunks_stored(1, &[ids[0], ids[0], stranger]).unwrap(), Vec::<u64>::new());
         assert!(store.user_has_chunk(1, &ids[0]).unwrap() && store.user_has_chunk(1, &stranger).unwrap());
-        assert_eq!(store.pending(1).unwrap()[0].1.missing, ids.len() as u64 - 2);
+        assert_eq!(store.pending(1).unwrap()[0].1.rec.missing, ids.len() as u64 - 2);
         assert_eq!(store.chunks_stored(1, &ids[2..]).unwrap(), vec![version]);
         assert!(store.pending(1).unwrap().is_empty());
         assert_eq!(store.pending_stats().unwrap(), (0, None));
+    }
+
+    /// A device commits pending versions up to its limits and no further; another device of the
+    /// user up to the user's; a refused commit changes nothing, and chunks that arrive free the
+    /// budget again. Withdrawing all of a device's versions (its revocation) leaves them counted.
+    #[test]
+    fn pending_versions_and_awaited_chunks_are_capped_per_device_and_user() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let ids = |seed: u64, n: u64| -> Vec<ChunkId> {
+            (0..n).map(|i| ChunkId::of(&[seed.to_be_bytes(), i.to_be_bytes()].concat())).collect()
+        };
+        let manifest = |ids: &[ChunkId]| Manifest {
+            size: ids.len() as u64 * 65_536,
+            hash: ChunkId::of(ids[0].as_bytes()),
+            chunks: ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 65_536 }).collect(),
+        };
+        let commit = |device: u8, names: &[String], chunk_ids: &[Vec<ChunkId>]| {
+            let changes = names
+                .iter()
+                .zip(chunk_ids)
+                .map(|(n, ids)| Change { manifest: Some(manifest(ids)), ..empty_file(n) })
+                .collect();
+            let req = CommitRequest { commit_id: CommitId(rand_id()), changes, pending_ok: true };
+            match apply(&store, &chunks, 1, DeviceId([device; 16]), req, 0) {
+                Ok(CommitOutcome::Applied(_)) => Ok(()),
+                Ok(_) => panic!("neither replayed nor stale"),
+                Err(e) => Err(e.0.code),
+            }
+        };
+        let one = |device: u8, name: &str, chunk_ids: Vec<ChunkId>| commit(device, &[name.to_string()], &[chunk_ids]);
+
+        // Chunks awaited, per device: up to the limit, not one more.
+        let big = ids(1, MAX_DEVICE_PENDING_CHUNKS);
+        assert_eq!(one(1, "big", big.clone()), Ok(()));
+        assert_eq!(one(1, "more", ids(2, 1)), Err(ErrorCode::PendingLimit));
+        // Another device of the user, up to the user's limit (distinct chunks).
+        assert_eq!(one(2, "other", ids(3, MAX_USER_PENDING_CHUNKS - MAX_DEVICE_PENDING_CHUNKS)), Ok(()));
+        assert_eq!(one(3, "third", ids(4, 1)), Err(ErrorCode::PendingLimit));
+        let before = store.pending(1).unwrap().len();
+        assert_eq!(before, 2, "refused commits added nothing");
+        // Chunks arriving free the budget.
+        store.put_chunk_locs(&[(big[0], crate::store::ChunkLoc { pack: 1, offset: 0, len: 65_536 })]).unwrap();
+        store.chunks_stored(1, &big[..1]).unwrap();
+        assert_eq!(one(3, "third", ids(4, 1)), Ok(()));
+
+        // Versions, per device: a thousand per commit up to the limit.
+        let tmp2 = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp2.path().join("meta")).unwrap();
+        let chunks = ChunkStore::open(&tmp2.path().join("chunks"), store.clone()).unwrap();
+        let commit = |device: u8, first: u64, n: u64| {
+            let changes = (first..first + n)
+                .map(|i| Change { manifest: Some(manifest(&ids(100 + i, 1))), ..empty_file(&format!("f{i}")) })
+                .collect();
+            let req = CommitRequest { commit_id: CommitId(rand_id()), changes, pending_ok: true };
+            apply(&store, &chunks, 1, DeviceId([device; 16]), req, 0).map(|_| ()).map_err(|e| e.0.code)
+        };
+        for k in 0..MAX_DEVICE_PENDING_VERSIONS / 1000 {
+            assert_eq!(commit(1, k * 1000, 1000), Ok(()));
+        }
+        assert_eq!(commit(1, MAX_DEVICE_PENDING_VERSIONS, 1), Err(ErrorCode::PendingLimit));
+        assert_eq!(store.withdraw_device(1, DeviceId([1; 16])).unwrap() as u64, MAX_DEVICE_PENDING_VERSIONS);
+        assert_eq!(commit(1, MAX_DEVICE_PENDING_VERSIONS, 1), Err(ErrorCode::PendingLimit), "withdrawn still count");
+        assert_eq!(commit(2, MAX_DEVICE_PENDING_VERSIONS, 1), Ok(()));
     }
 }

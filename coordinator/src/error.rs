@@ -43,6 +43,7 @@ impl ApiError {
             ErrorCode::Forbidden | ErrorCode::InviteInvalid => StatusCode::FORBIDDEN,
             ErrorCode::NotFound | ErrorCode::ChunkUnavailable => StatusCode::NOT_FOUND,
             ErrorCode::StaleBase | ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::PendingLimit => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -52,6 +52,9 @@ pub struct ServeOptions {
     pub public_addr: Option<String>,
     /// Address of the plain-HTTP listener for `/metrics` and `/healthz`; `None` serves no metrics.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a pending version may go without any of its chunks arriving before it counts as
+    /// stuck (devices stop trying to fetch it; see `PendingVersion::stuck`).
+    pub pending_stuck_after: std::time::Duration,
 }
 
 /// Shared state of the API handlers.
@@ -77,6 +80,8 @@ pub(crate) struct App {
     pub presence: Mutex<HashMap<UserId, HashMap<DeviceId, Presence>>>,
     /// Devices holding a push subscription now, with how many: "online" for pending versions.
     pub online: Mutex<HashMap<DeviceId, u32>>,
+    /// [`ServeOptions::pending_stuck_after`], in milliseconds.
+    pub stuck_after_ms: u64,
 }
 
 /// A device's last announcement.
@@ -185,6 +190,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         revoke_requests: Mutex::new(HashMap::new()),
         presence: Mutex::new(HashMap::new()),
         online: Mutex::new(HashMap::new()),
+        stuck_after_ms: u64::try_from(opts.pending_stuck_after.as_millis()).unwrap_or(u64::MAX),
     });
     let cancel = CancellationToken::new();
     let admin = admin::spawn(&opts.data, app.clone(), public_addr.clone(), fingerprint, cancel.clone())?;
@@ -241,26 +247,33 @@ impl std::fmt::Display for Actor {
     }
 }
 
-/// Revokes device `id` (only if it belongs to `owner`, when given): durable before returning,
-/// and every open subscription or long-poll of the device is ended. `None` if there is no such
-/// device (of that owner). Runs in a task of its own, so a caller that goes away midway cannot
-/// leave a revocation stored but not announced.
+/// Revokes device `id` of user `owner`, whose commit lock the caller holds (`_locked`): durable
+/// before returning, its pending versions withdrawn, and every open subscription or long-poll of
+/// the device ended. `None` if the user has no such device. Runs in a task of its own, so a
+/// caller that goes away midway cannot leave a revocation stored but not announced.
 pub(crate) async fn revoke_device(
     app: Arc<App>,
     id: DeviceId,
-    owner: Option<UserId>,
+    owner: UserId,
     by: Actor,
+    _locked: tokio::sync::OwnedMutexGuard<()>,
 ) -> ApiResult<Option<DeviceRec>> {
     let task = tokio::spawn(async move {
+        let _locked = _locked;
         let dev = app.store.update_device(&id, |d| {
-            if owner.is_some_and(|u| u != d.user) {
+            if d.user != owner {
                 return false;
             }
             d.revoked = true;
             true
         })?;
         if let Some(d) = &dev {
+            // It will upload none of its pending versions now: a device that holds one does.
+            let withdrawn = app.store.withdraw_device(d.user, d.id)?;
             app.store.flush().await?;
+            if withdrawn > 0 {
+                tracing::info!(user = d.user, device = %d.id, versions = withdrawn, "the revoked device's pending versions are withdrawn");
+            }
             app.revoke_requests.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             app.device_list_changed(d.user);
             tracing::info!(user = d.user, device = %d.id, name = %shoal_protocol::path::Escaped(&d.name), by = %by, "device revoked");

@@ -37,6 +37,11 @@ enum Cmd {
         /// private network: the counters describe every user's activity.
         #[arg(long, default_value = shoal_coordinator::DEFAULT_METRICS_LISTEN, value_parser = parse_listen)]
         metrics_listen: Listen,
+        /// How long a pending version (committed before its chunks were uploaded) may go without
+        /// a chunk of it arriving before it counts as stuck: devices stop trying to fetch it and
+        /// /metrics counts it.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        pending_stuck_after: Duration,
     },
     /// Manage users.
     User {
@@ -128,8 +133,14 @@ async fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve { data, listen, public_addr, metrics_listen } => {
-            let opts = shoal_coordinator::ServeOptions { data, listen, public_addr, metrics_listen: metrics_listen.0 };
+        Cmd::Serve { data, listen, public_addr, metrics_listen, pending_stuck_after } => {
+            let opts = shoal_coordinator::ServeOptions {
+                data,
+                listen,
+                public_addr,
+                metrics_listen: metrics_listen.0,
+                pending_stuck_after,
+            };
             let server = shoal_coordinator::start(opts).await?;
             shutdown_signal().await;
             tracing::info!("shutting down");

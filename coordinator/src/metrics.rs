@@ -24,6 +24,7 @@ pub struct Metrics {
     corrupt_chunks: Counter,
     pending_versions: Gauge,
     pending_oldest_seconds: Gauge,
+    pending_stuck: Gauge,
     registry: Registry,
 }
 
@@ -33,6 +34,8 @@ pub struct Scraped {
     pub corrupt_chunks: u64,
     /// Pending versions of all users.
     pub pending_versions: u64,
+    /// Pending versions withdrawn, or that made no progress for the stuck period.
+    pub pending_stuck: u64,
     /// Age of the oldest pending version, in seconds (0 when there is none).
     pub pending_oldest_seconds: u64,
 }
@@ -54,6 +57,7 @@ impl Default for Metrics {
             corrupt_chunks: Counter::default(),
             pending_versions: Gauge::default(),
             pending_oldest_seconds: Gauge::default(),
+            pending_stuck: Gauge::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -91,6 +95,11 @@ impl Default for Metrics {
             "Age of the oldest pending version (0 when there is none).",
             m.pending_oldest_seconds.clone(),
         );
+        registry.register(
+            "shoal_pending_stuck_versions",
+            "Pending versions no device has supplied a chunk of for the stuck period, or withdrawn: devices stop fetching them.",
+            m.pending_stuck.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -98,7 +107,8 @@ impl Default for Metrics {
 impl Metrics {
     /// The exposition text, with the values only known at scrape time brought up to date.
     pub fn render(&self, now: Scraped) -> String {
-        let Scraped { users, corrupt_chunks, pending_versions, pending_oldest_seconds } = now;
+        let Scraped { users, corrupt_chunks, pending_versions, pending_stuck, pending_oldest_seconds } = now;
+        self.pending_stuck.set(i64::try_from(pending_stuck).unwrap_or(i64::MAX));
         self.users.set(i64::try_from(users).unwrap_or(i64::MAX));
         self.pending_versions.set(i64::try_from(pending_versions).unwrap_or(i64::MAX));
         self.pending_oldest_seconds.set(i64::try_from(pending_oldest_seconds).unwrap_or(i64::MAX));
@@ -124,7 +134,13 @@ mod tests {
         m.bytes_out.inc_by(4096);
         m.subscribers.inc();
         m.commit_seconds.observe(0.003);
-        let scraped = || Scraped { users: 2, corrupt_chunks: 1, pending_versions: 3, pending_oldest_seconds: 40 };
+        let scraped = || Scraped {
+            users: 2,
+            corrupt_chunks: 1,
+            pending_versions: 3,
+            pending_stuck: 1,
+            pending_oldest_seconds: 40,
+        };
         let text = m.render(scraped());
         let value = |name: &str| {
             text.lines()
@@ -139,6 +155,7 @@ mod tests {
         assert_eq!(value("shoal_commit_duration_seconds_count"), 1.0);
         assert_eq!(value("shoal_pending_versions"), 3.0);
         assert_eq!(value("shoal_pending_oldest_age_seconds"), 40.0);
+        assert_eq!(value("shoal_pending_stuck_versions"), 1.0);
         assert_eq!(
             m.render(scraped()).matches("shoal_chunks_corrupt_total 1").count(),
             1,

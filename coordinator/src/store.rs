@@ -92,6 +92,26 @@ pub struct PendingRec {
 /// A pending version as appended with its commit: the record and the chunks it waits for.
 pub type NewPending = (Seq, PendingRec, Vec<ChunkId>);
 
+/// A pending version as listed: its record (with the count of chunks still missing) and when it
+/// last made progress (its commit, a chunk of it arriving, or the store opening).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingState {
+    pub rec: PendingRec,
+    pub progress_ms: u64,
+}
+
+/// How many pending versions, and chunks awaited, a user and one of its devices have: what the
+/// limits on them are checked against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PendingLoad {
+    pub user_versions: u64,
+    /// Distinct chunks the user's pending versions wait for.
+    pub user_chunks: u64,
+    pub device_versions: u64,
+    /// Chunks the device's pending versions wait for (a chunk two of them wait for counts twice).
+    pub device_chunks: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserRec {
     pub id: UserId,
@@ -182,6 +202,9 @@ pub struct Store {
     pending_count: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Per user, the chunks their pending versions wait for (see [`Waits`]).
     waits: std::sync::Arc<std::sync::Mutex<HashMap<UserId, std::sync::Arc<std::sync::Mutex<Waits>>>>>,
+    /// When the store was opened: the earliest a pending version found stored can have made
+    /// progress as far as this process knows.
+    opened_ms: u64,
     /// The chunk records and where the log goes on. Held across each log write and the change
     /// to memory that mirrors it, so memory follows the log's order; taken after a user's
     /// `Waits`, never before.
@@ -231,12 +254,21 @@ struct Waits {
     /// The first pending version waiting for each chunk; any others in `more`.
     first: HashMap<ChunkId, Seq>,
     more: HashMap<ChunkId, Vec<Seq>>,
-    /// Every pending version (withdrawn ones too) and how many distinct chunks it still lacks.
-    missing: HashMap<Seq, u64>,
+    /// Every pending version (withdrawn ones too): its author, how many distinct chunks it still
+    /// lacks, and when it last made progress.
+    versions: HashMap<Seq, Waiting>,
+}
+
+/// One pending version in [`Waits`].
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    device: DeviceId,
+    missing: u64,
+    progress_ms: u64,
 }
 
 impl Waits {
-    fn add(&mut self, seq: Seq, chunks: &[ChunkId]) {
+    fn add(&mut self, seq: Seq, device: DeviceId, chunks: &[ChunkId], progress_ms: u64) {
         for c in chunks {
             match self.first.entry(*c) {
                 std::collections::hash_map::Entry::Vacant(v) => {
@@ -245,7 +277,17 @@ impl Waits {
                 std::collections::hash_map::Entry::Occupied(_) => self.more.entry(*c).or_default().push(seq),
             }
         }
-        self.missing.insert(seq, chunks.len() as u64);
+        self.versions.insert(seq, Waiting { device, missing: chunks.len() as u64, progress_ms });
+    }
+
+    fn load(&self, device: DeviceId) -> PendingLoad {
+        let mine = self.versions.values().filter(|w| w.device == device);
+        PendingLoad {
+            user_versions: self.versions.len() as u64,
+            user_chunks: self.first.len() as u64,
+            device_versions: mine.clone().count() as u64,
+            device_chunks: mine.map(|w| w.missing).sum(),
+        }
     }
 
     /// The versions waiting for `id`.
@@ -356,6 +398,7 @@ impl Store {
             files: std::sync::Arc::new(files),
             pending_count: std::sync::Arc::new(pending.into()),
             waits: Default::default(),
+            opened_ms: shoal_sys::clock::now_ms(),
             chunks: Default::default(),
         };
         store.drop_old_waits()?;
@@ -744,18 +787,57 @@ impl Store {
 
     // ---- pending versions ----
 
-    /// The user's pending versions, oldest first, each with the count of chunks it still lacks.
-    pub fn pending(&self, user: UserId) -> Result<Vec<(Seq, PendingRec)>, StoreError> {
+    /// The user's pending versions, oldest first, each with the count of chunks it still lacks
+    /// and when it last made progress.
+    pub fn pending(&self, user: UserId) -> Result<Vec<(Seq, PendingState)>, StoreError> {
         let cell = self.waits_of(user);
         let mut w = lock_waits(&cell);
         self.load_waits(user, &mut w)?;
-        let mut recs = self.pending_records(user)?;
-        for (seq, rec) in &mut recs {
-            if let Some(m) = w.missing.get(seq) {
-                rec.missing = *m;
+        let recs = self.pending_records(user)?;
+        Ok(recs
+            .into_iter()
+            .map(|(seq, mut rec)| {
+                let waiting = w.versions.get(&seq);
+                if let Some(v) = waiting {
+                    rec.missing = v.missing;
+                }
+                let progress_ms = waiting.map_or(rec.since_ms, |v| v.progress_ms);
+                (seq, PendingState { rec, progress_ms })
+            })
+            .collect())
+    }
+
+    /// How many pending versions and awaited chunks `user` and its `device` have now.
+    pub fn pending_load(&self, user: UserId, device: DeviceId) -> Result<PendingLoad, StoreError> {
+        let cell = self.waits_of(user);
+        let mut w = lock_waits(&cell);
+        self.load_waits(user, &mut w)?;
+        Ok(w.load(device))
+    }
+
+    /// Pending versions of every user that made no progress since `before_ms`, or were withdrawn
+    /// (for `/metrics`).
+    pub fn stuck_count(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let mut users = Vec::new();
+        let mut from = b"w/".to_vec();
+        while let Some(kv) = self.meta.range(from..).next() {
+            let (k, _) = kv?;
+            if !k.starts_with(b"w/") {
+                break;
+            }
+            let Some(user) = k.get(2..10).and_then(be_u64) else { break };
+            users.push(user);
+            match user.checked_add(1) {
+                Some(next) => from = key(b"w/", &[&next.to_be_bytes()]),
+                None => break,
             }
         }
-        Ok(recs)
+        let mut n = 0;
+        for user in users {
+            n +=
+                self.pending(user)?.iter().filter(|(_, p)| p.rec.withdrawn || p.progress_ms < before_ms).count() as u64;
+        }
+        Ok(n)
     }
 
     /// The user's `w/` records as stored, oldest first.
@@ -798,7 +880,7 @@ impl Store {
         let cell = self.waits_of(user);
         let mut w = lock_waits(&cell);
         self.load_waits(user, &mut w)?;
-        Ok(!w.missing.is_empty())
+        Ok(!w.versions.is_empty())
     }
 
     /// Those of `ids` that a pending version of the user waits for, as far as known without
@@ -826,7 +908,7 @@ impl Store {
         }
         let mut loaded = Waits { loaded: true, ..Waits::default() };
         let mut complete = Vec::new();
-        for (seq, _) in self.pending_records(user)? {
+        for (seq, rec) in self.pending_records(user)? {
             let entry = self.entry(user, seq)?.ok_or_else(|| StoreError::Corrupt { key: format!("w/{user} {seq}") })?;
             let mut seen = std::collections::HashSet::new();
             let mut lacking = Vec::new();
@@ -838,7 +920,7 @@ impl Store {
             if lacking.is_empty() {
                 complete.push(seq);
             } else {
-                loaded.add(seq, &lacking);
+                loaded.add(seq, rec.device, &lacking, rec.since_ms.max(self.opened_ms));
             }
         }
         if !complete.is_empty() {
@@ -880,7 +962,7 @@ impl Store {
             }
             let done: Vec<Seq> = counted
                 .iter()
-                .filter(|(seq, n)| w.missing.get(seq).is_some_and(|m| m <= n))
+                .filter(|(seq, n)| w.versions.get(seq).is_some_and(|v| v.missing <= **n))
                 .map(|(seq, _)| *seq)
                 .collect();
             for seq in &done {
@@ -894,18 +976,32 @@ impl Store {
             for id in group {
                 w.arrived(id);
             }
+            let now = shoal_sys::clock::now_ms();
             for (seq, n) in counted {
-                if let Some(m) = w.missing.get_mut(&seq) {
-                    *m = m.saturating_sub(n);
+                if let Some(v) = w.versions.get_mut(&seq) {
+                    v.missing = v.missing.saturating_sub(n);
+                    v.progress_ms = now;
                 }
             }
             for seq in &done {
-                w.missing.remove(seq);
+                w.versions.remove(seq);
             }
             self.pending_count.fetch_sub(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
             durable.extend(done);
         }
         Ok(durable)
+    }
+
+    /// Marks every pending version `device` committed as withdrawn (the device was revoked: it
+    /// will upload none of them). Returns how many were marked.
+    pub fn withdraw_device(&self, user: UserId, device: DeviceId) -> Result<usize, StoreError> {
+        let versions: Vec<Seq> = self
+            .pending_records(user)?
+            .into_iter()
+            .filter(|(_, r)| r.device == device && !r.withdrawn)
+            .map(|(seq, _)| seq)
+            .collect();
+        self.withdraw(user, device, &versions)
     }
 
     /// Marks the given pending versions, if `device` committed them, as withdrawn. Returns how
@@ -1011,8 +1107,8 @@ impl Store {
         batch.insert(key(b"c/", &[&u, id.as_bytes()]), encode_commit(resp));
         self.meta.apply_batch(batch)?;
         if w.loaded {
-            for (seq, _, chunks) in pending {
-                w.add(*seq, chunks);
+            for (seq, rec, chunks) in pending {
+                w.add(*seq, rec.device, chunks, rec.since_ms);
             }
         }
         self.pending_count.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1289,7 +1385,10 @@ pub(crate) mod tests {
 
         let store = reopen(&dir);
         assert_eq!(store.meta.scan_prefix(b"m/").count(), 0);
-        assert_eq!(store.pending(7).unwrap().iter().map(|(v, r)| (*v, r.missing)).collect::<Vec<_>>(), vec![(1, 2)]);
+        assert_eq!(
+            store.pending(7).unwrap().iter().map(|(v, r)| (*v, r.rec.missing)).collect::<Vec<_>>(),
+            vec![(1, 2)]
+        );
         assert!(store.has_pending(7).unwrap() && !store.has_pending(8).unwrap());
         assert_eq!(store.chunks_stored(7, &ids[1..2]).unwrap(), Vec::<Seq>::new());
         assert_eq!(store.chunks_stored(7, &ids[2..]).unwrap(), vec![1]);
@@ -1308,12 +1407,12 @@ pub(crate) mod tests {
         // The first chunk was the user's and stored when the version was committed.
         store.put_chunk_locs(&[(ids[0], ChunkLoc { pack: 1, offset: 0, len: 10 })]).unwrap();
         assert_eq!(store.chunks_stored(7, &ids[..1]).unwrap(), Vec::<Seq>::new());
-        assert_eq!(store.pending(7).unwrap()[0].1.missing, 1);
+        assert_eq!(store.pending(7).unwrap()[0].1.rec.missing, 1);
         store.drop_chunk_locs(&ids[..1]).unwrap();
         drop(store);
 
         let store = reopen(&dir);
-        assert_eq!(store.pending(7).unwrap()[0].1.missing, 2);
+        assert_eq!(store.pending(7).unwrap()[0].1.rec.missing, 2);
         assert_eq!(store.chunks_stored(7, &ids[1..]).unwrap(), Vec::<Seq>::new());
         assert_eq!(store.chunks_stored(7, &ids[..1]).unwrap(), vec![1]);
     }

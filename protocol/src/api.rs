@@ -253,6 +253,11 @@ pub struct PendingVersion {
     pub withdrawn: bool,
     /// The author is connected to the coordinator now.
     pub author_online: bool,
+    /// No device has supplied a chunk of it for a while (the coordinator's `pending_stuck_after`,
+    /// 10 minutes by default), or it is withdrawn: devices stop trying to fetch it until that
+    /// changes, and a local edit of its path is committed on top of it.
+    #[serde(default)]
+    pub stuck: bool,
 }
 
 /// The oldest `MAX_PAGE` pending versions; `more` when there are others.
@@ -350,6 +355,9 @@ pub enum ErrorCode {
     /// The coordinator knows the chunk but cannot serve it intact: its stored copy was lost in a
     /// crash or failed its hash check. It is served again once a device uploads it again.
     ChunkUnavailable,
+    /// A commit with `pending_ok` would leave the device or its user with more pending versions,
+    /// or chunks awaited, than the coordinator keeps: upload the chunks first, then commit.
+    PendingLimit,
 }
 
 /// The body of every error response.

@@ -208,6 +208,23 @@ impl fmt::Display for Escaped<'_> {
     }
 }
 
+/// Like [`Escaped`], but line breaks stay: for a multi-line message (a parser's error quoting the
+/// offending line) whose parts that name files were escaped where they were put in.
+#[derive(Debug, Clone, Copy)]
+pub struct EscapedText<'a>(pub &'a str);
+
+impl fmt::Display for EscapedText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, line) in self.0.split('\n').enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}", Escaped(line))?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for SyncPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.0)
@@ -253,6 +270,7 @@ mod tests {
         let p = SyncPath::parse("report\u{202e}fdp.exe\u{200b}").unwrap();
         assert_eq!(p.escaped().to_string(), "report\\u{202e}fdp.exe\\u{200b}");
         assert!(!hides_text('א') && !hides_text('é') && hides_text('\u{2067}'));
+        assert_eq!(EscapedText("line 1\n  | a\x1b[31m\n").to_string(), "line 1\n  | a\\u{1b}[31m\n");
     }
 
     #[test]

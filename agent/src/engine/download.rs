@@ -170,7 +170,7 @@ impl Engine {
                         report.bytes_downloaded += st.downloaded;
                         report.bytes_reused_locally += st.local;
                         self.counters.downloaded.fetch_add(st.downloaded, Ordering::Relaxed);
-                        self.retries.remove(&e.path);
+                        self.take_retry(&e.path, Some(&tmp));
                         ready.push((e, tmp));
                     }
                     Err(AssembleError::Offline(err)) => {
@@ -223,7 +223,7 @@ impl Engine {
                     }
                     Err(err) => {
                         let _ = std::fs::remove_file(&tmp);
-                        self.retries.remove(&e.path);
+                        self.take_retry(&e.path, None);
                         tracing::info!(path = %e.path.escaped(), reason = %Escaped(&format!("{err:#}")), "not installing a fetched file now");
                         dirty = true;
                     }
@@ -247,11 +247,8 @@ impl Engine {
     /// failure (`RETRY_FIRST` up to `RETRY_MAX`), continuing from `partial` if given.
     fn download_failed(&mut self, e: &Entry, error: String, partial: Option<PathBuf>, report: &mut CycleReport) {
         let Some(hash) = e.hash() else { return };
-        let prev = self.retries.remove(&e.path).filter(|r| r.hash == hash);
+        let prev = self.take_retry(&e.path, partial.as_deref()).filter(|r| r.hash == hash);
         let delay = prev.as_ref().map_or(RETRY_FIRST, |r| (r.delay * 2).min(RETRY_MAX));
-        if let Some(old) = prev.and_then(|r| r.partial).filter(|old| Some(old) != partial.as_ref()) {
-            let _ = std::fs::remove_file(old);
-        }
         tracing::warn!(
             path = %e.path.escaped(),
             error = %Escaped(&error),
@@ -260,6 +257,8 @@ impl Engine {
             "download failed"
         );
         report.errors.push(format!("{}: {error}", e.path));
+        // Perhaps a pending version nobody can supply: the list says, and whether it is stuck.
+        self.pending_stale = true;
         self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now() + delay, delay, error, partial });
     }
 
@@ -275,12 +274,22 @@ impl Engine {
     /// Keeps the interrupted temp file of `e` for the next try, without delaying it.
     fn keep_partial(&mut self, e: &Entry, partial: Option<PathBuf>) {
         let Some(hash) = e.hash() else { return };
-        let prev = self.retries.remove(&e.path).filter(|r| r.hash == hash);
-        if let Some(old) = prev.as_ref().and_then(|r| r.partial.as_ref()).filter(|old| Some(*old) != partial.as_ref()) {
-            let _ = std::fs::remove_file(old);
-        }
+        let prev = self.take_retry(&e.path, partial.as_deref()).filter(|r| r.hash == hash);
         let (delay, error) = prev.map_or((Duration::ZERO, String::new()), |r| (r.delay, r.error));
         self.retries.insert(e.path.clone(), Retry { hash, not_before: Instant::now(), delay, error, partial });
+    }
+
+    /// Takes the failed download of `path` off the list, deleting the temp file it kept unless
+    /// that is `keep` (the file a download of it uses now). Whatever replaces or ends a failed
+    /// download goes through here, so no kept temp file outlives its entry.
+    fn take_retry(&mut self, path: &SyncPath, keep: Option<&Path>) -> Option<Retry> {
+        let r = self.retries.remove(path)?;
+        if let Some(t) = &r.partial
+            && Some(t.as_path()) != keep
+        {
+            let _ = std::fs::remove_file(t);
+        }
+        Some(r)
     }
 
     /// Forgets failed downloads the plan no longer fetches (and deletes what they kept).

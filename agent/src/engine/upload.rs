@@ -28,6 +28,9 @@ use crate::transfer::{self, UploadError};
 const COMMIT_CHANGES: usize = shoal_protocol::api::MAX_COMMIT_CHANGES / 2;
 /// Outbox commits sent at once.
 const COMMITS_IN_FLIGHT: usize = 2;
+/// How long a device commits upload-first after the coordinator refused a peer-first commit for
+/// holding too many pending versions (`pending_limit`): long enough for the owed uploads to drain.
+const UPLOAD_FIRST_AFTER_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Most chunk references paid in one batch of owed uploads.
 const OWED_CHUNKS: usize = 100_000;
 /// Most chunk references in one outbox commit (~40 GiB of files; ~45 MiB of JSON, under the
@@ -149,7 +152,9 @@ impl Engine {
         // it; and always for a commit that was sent peer-first before (its answer lost, or this
         // device stopped before recording it): it may be pending already, and only the answer to
         // its replay says what this device owes.
-        let peers_on = self.peers.as_ref().is_some_and(|p| !p.connections().is_empty());
+        let limited = self.upload_first_until.is_some_and(|t| std::time::Instant::now() < t);
+        let peers_on =
+            !self.upload_first && !limited && self.peers.as_ref().is_some_and(|p| !p.connections().is_empty());
         let mut marks = Batch::default();
         let mut plan = Vec::with_capacity(items.len());
         for (id, item, ids) in items {
@@ -377,6 +382,16 @@ impl Engine {
                 Ok(false)
             }
             Err(e) if e.is_retryable() => Err(EngineError::Offline(e).into()),
+            Err(e) if peer_first && e.code() == Some(ErrorCode::PendingLimit) => {
+                // Refused before anything was appended: the coordinator keeps no more pending
+                // versions for now. The item stays, to go upload-first for a while.
+                tracing::info!(error = %Escaped(&e.to_string()), "the coordinator holds enough pending versions; uploading before committing for a while");
+                self.upload_first_until = Some(std::time::Instant::now() + UPLOAD_FIRST_AFTER_LIMIT);
+                let mut b = Batch::default();
+                b.unmark_sent_pending(id);
+                self.store.apply(b)?;
+                Ok(true)
+            }
             Err(e) => {
                 if e.code() != Some(ErrorCode::StaleBase) {
                     tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");

@@ -43,7 +43,13 @@ fn check(r: Option<Node>, l: Option<Node>, s: Option<Node>) -> Vec<Op> {
     if let Some(s) = s {
         synced.insert(p("f"), entry("f", Some(s), 3));
     }
-    plan(&Trees { remote: &remote, local: &local, synced: &synced, pending: &HashSet::new() })
+    plan(&Trees {
+        remote: &remote,
+        local: &local,
+        synced: &synced,
+        pending: &HashSet::new(),
+        unavailable: &HashSet::new(),
+    })
 }
 
 #[test]
@@ -70,12 +76,54 @@ fn rules() {
     assert!(matches!(&check(Some(a), Some(ax), Some(a))[..], [Op::Upload { .. }]));
 }
 
+/// Plans for one path whose remote version (7) cannot be had.
+fn check_unavailable(r: Option<Node>, l: Option<Node>, s: Option<Node>) -> Vec<Op> {
+    let remote = BTreeMap::from([(p("f"), entry("f", r, 7))]);
+    let local: BTreeMap<SyncPath, Node> = l.map(|l| (p("f"), l)).into_iter().collect();
+    let synced: BTreeMap<SyncPath, Entry> = s.map(|s| (p("f"), entry("f", Some(s), 3))).into_iter().collect();
+    let unavailable = HashSet::from([p("f")]);
+    plan(&Trees {
+        remote: &remote,
+        local: &local,
+        synced: &synced,
+        pending: &HashSet::new(),
+        unavailable: &unavailable,
+    })
+}
+
+#[test]
+fn an_unavailable_remote_version_is_built_on_not_fetched() {
+    let (a, b, c) = (Node::file(h(1), false), Node::file(h(2), false), Node::file(h(3), false));
+    // Nothing changed here: nothing to do (no fetch that cannot succeed).
+    assert_eq!(check_unavailable(Some(b), Some(a), Some(a)), vec![]);
+    assert_eq!(check_unavailable(Some(b), None, None), vec![]);
+    // Edited here: committed on top of it, never a conflicted copy.
+    assert_eq!(
+        check_unavailable(Some(b), Some(c), Some(a)),
+        vec![Op::Upload { path: p("f"), local: Some(c), base: Some(7) }]
+    );
+    assert_eq!(
+        check_unavailable(Some(b), Some(c), None),
+        vec![Op::Upload { path: p("f"), local: Some(c), base: Some(7) }]
+    );
+    // Deleted here: the other version wins when it can be had (edit beats delete).
+    assert_eq!(check_unavailable(Some(b), None, Some(a)), vec![]);
+    // Already holding the same content: adopted.
+    assert!(matches!(&check_unavailable(Some(b), Some(b), Some(a))[..], [Op::Adopt(e)] if e.version == 7));
+}
+
 #[test]
 fn pending_paths_wait() {
     let a = Node::file(h(1), false);
     let local = BTreeMap::from([(p("f"), a)]);
     let pending = HashSet::from([p("f")]);
-    let ops = plan(&Trees { remote: &BTreeMap::new(), local: &local, synced: &BTreeMap::new(), pending: &pending });
+    let ops = plan(&Trees {
+        remote: &BTreeMap::new(),
+        local: &local,
+        synced: &BTreeMap::new(),
+        pending: &pending,
+        unavailable: &HashSet::new(),
+    });
     assert_eq!(ops, vec![]);
 }
 
@@ -86,7 +134,13 @@ fn remote_dir_removal_keeps_new_local_children() {
     let remote = BTreeMap::from([(p("d"), entry("d", None, 9)), (p("d/x"), entry("d/x", None, 10))]);
     let synced = BTreeMap::from([(p("d"), entry("d", Some(d), 1)), (p("d/x"), entry("d/x", Some(a), 2))]);
     let local = BTreeMap::from([(p("d"), d), (p("d/x"), a), (p("d/new"), Node::file(h(5), false))]);
-    let ops = plan(&Trees { remote: &remote, local: &local, synced: &synced, pending: &HashSet::new() });
+    let ops = plan(&Trees {
+        remote: &remote,
+        local: &local,
+        synced: &synced,
+        pending: &HashSet::new(),
+        unavailable: &HashSet::new(),
+    });
     assert!(ops.contains(&Op::Upload { path: p("d"), local: Some(d), base: Some(9) }), "{ops:?}");
     assert!(ops.iter().any(|o| matches!(o, Op::Remove { path, .. } if path.as_str() == "d/x")));
     assert!(ops.iter().any(|o| matches!(o, Op::Upload { path, .. } if path.as_str() == "d/new")));
@@ -110,8 +164,13 @@ impl Model {
     }
 
     fn round(&mut self) -> usize {
-        let ops =
-            plan(&Trees { remote: &self.remote, local: &self.local, synced: &self.synced, pending: &HashSet::new() });
+        let ops = plan(&Trees {
+            remote: &self.remote,
+            local: &self.local,
+            synced: &self.synced,
+            pending: &HashSet::new(),
+            unavailable: &HashSet::new(),
+        });
         for op in &ops {
             match op {
                 Op::Fetch(e) => {
@@ -332,18 +391,18 @@ proptest! {
         reported.extend(m.remote.values().filter(|e| e.version > seq_before).map(|e| e.path.clone()));
         let changed = reported;
         let pending = HashSet::new();
-        let full = Trees { remote: &m.remote, local: &m.local, synced: &m.synced, pending: &pending };
+        let full = Trees { remote: &m.remote, local: &m.local, synced: &m.synced, pending: &pending, unavailable: &HashSet::new() };
         let full_plan = plan(&full);
         let (now, later) = scope(&changed, &index, &full);
         // This cycle: exactly the full plan's operations on the paths it looks at.
         let (remote, local, synced) = restrict(&m, &now);
-        let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending };
+        let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending, unavailable: &HashSet::new() };
         let want: Vec<Op> = full_plan.iter().filter(|op| now.contains(op.path())).cloned().collect();
         prop_assert_eq!(plan(&part), want, "scope {:?}", now);
         // With the entries of new directories (later cycles), nothing in the full plan is missed.
         let all: HashSet<SyncPath> = now.union(&later).cloned().collect();
         let (remote, local, synced) = restrict(&m, &all);
-        let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending };
+        let part = Trees { remote: &remote, local: &local, synced: &synced, pending: &pending, unavailable: &HashSet::new() };
         prop_assert_eq!(plan(&part), full_plan.clone(), "scope {:?} then {:?}", now, later);
         // And an unchanged folder plans nothing at all.
         if changed.is_empty() {

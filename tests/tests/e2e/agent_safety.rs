@@ -320,3 +320,21 @@ fn a_corrupt_chunk_fails_only_the_file_that_needs_it() {
     assert_eq!(b.local_tree(), want, "B holds everything but the damaged file");
     b.stop(false);
 }
+
+/// A broken config file's error reads as the parser wrote it, over several lines, with the
+/// offending line quoted: not one line of literal `\n`s.
+#[test]
+fn a_config_error_is_shown_as_the_parser_wrote_it() {
+    let (_tmp, _coord, devices) = world("quinn", &["a"]);
+    let a = &devices[0];
+    let path = a.home.join("config.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("rescan_interval = [\n");
+    std::fs::write(&path, text).unwrap();
+    let out = a.shoal(&["status"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid config file"), "{err}");
+    assert!(err.lines().count() > 2 && !err.contains("\\n"), "{err}");
+    assert!(err.contains("rescan_interval = ["), "the offending line is quoted: {err}");
+}

@@ -59,6 +59,10 @@ fn demo_syncs_its_two_folders_and_stops_its_coordinator() {
     let tree = converge(&[&laptop, &desktop], SETTLE);
     assert_eq!(tree.len(), 3, "{tree:?}");
     interrupt(demo, pid);
+    // Its log is not a terminal: the coordinator's lines, beside the devices', carry no colour.
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap();
+    assert!(log.contains("coordinator listening"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log file:\n{log}");
 }
 
 #[test]

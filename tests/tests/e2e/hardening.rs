@@ -685,3 +685,41 @@ fn device_names_cannot_reorder_text() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("device name"), "{err}");
 }
+
+/// A device cannot make the coordinator hold ever more pending versions: past its limit of
+/// chunks awaited, a commit with `pending_ok` is refused with `pending_limit` (HTTP 429) and
+/// changes nothing.
+#[test]
+fn pending_versions_are_capped_with_a_clear_error() {
+    use shoal_protocol::api::{CommitRequest, ErrorCode};
+    use shoal_protocol::{Change, ChunkId, ChunkRef, CommitId, EntryKind, Manifest};
+    let (_tmp, coord, devices) = world("yuri", &["a"]);
+    let c = client_of(&devices[0]);
+    let commit = |name: &str, seed: u64, n: u64| {
+        let chunks: Vec<ChunkRef> = (0..n)
+            .map(|i| ChunkRef { id: ChunkId::of(&[seed.to_be_bytes(), i.to_be_bytes()].concat()), len: 65_536 })
+            .collect();
+        let manifest = Manifest { size: n * 65_536, hash: ChunkId::of(name.as_bytes()), chunks };
+        let change = Change {
+            path: name.parse().unwrap(),
+            kind: EntryKind::File,
+            manifest: Some(manifest),
+            exec: false,
+            mtime_ns: 0,
+            deleted: false,
+            base: None,
+        };
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&seed.to_be_bytes());
+        block_on(c.commit(&CommitRequest { commit_id: CommitId(id), changes: vec![change], pending_ok: true }))
+    };
+    // 200,000 chunks nobody uploaded: more than one device may make the coordinator wait for.
+    let err = commit("huge.bin", 1, 200_000).expect_err("a commit past the limit was accepted");
+    assert_eq!(err.code(), Some(ErrorCode::PendingLimit), "{err}");
+    assert!(err.to_string().contains("upload the chunks first"), "{err}");
+    // Under it, accepted; then the next one is over.
+    commit("big.bin", 2, 100_000).unwrap();
+    let err = commit("more.bin", 3, 40_000).expect_err("the device's limit was not kept");
+    assert_eq!(err.code(), Some(ErrorCode::PendingLimit), "{err}");
+    assert_eq!(coord.metric("shoal_pending_versions"), 1, "refused commits added nothing");
+}

@@ -61,11 +61,20 @@ pub struct Coordinator {
     pub addr: String,
     child: Option<Child>,
     netns: Option<String>,
+    /// More arguments for `serve`, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl Coordinator {
     pub fn start(data: &Path) -> Coordinator {
         Self::start_on(data, "127.0.0.1:0")
+    }
+
+    /// A coordinator on loopback started with more `serve` arguments.
+    pub fn start_with(data: &Path, args: &[&str]) -> Coordinator {
+        let extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, addr) = spawn_coordinator(data, "127.0.0.1:0", None, &extra);
+        Coordinator { data: data.to_path_buf(), addr, child: Some(child), netns: None, extra }
     }
 
     fn start_on(data: &Path, listen: &str) -> Coordinator {
@@ -74,14 +83,20 @@ impl Coordinator {
 
     /// A coordinator listening on `listen`, inside network namespace `netns` if given.
     pub fn start_in(data: &Path, listen: &str, netns: Option<&str>) -> Coordinator {
-        let (child, addr) = spawn_coordinator(data, listen, netns);
-        Coordinator { data: data.to_path_buf(), addr, child: Some(child), netns: netns.map(String::from) }
+        let (child, addr) = spawn_coordinator(data, listen, netns, &[]);
+        Coordinator {
+            data: data.to_path_buf(),
+            addr,
+            child: Some(child),
+            netns: netns.map(String::from),
+            extra: Vec::new(),
+        }
     }
 
     /// Stops the server (SIGTERM, or SIGKILL when `hard`) and starts it again on the same address.
     pub fn restart(&mut self, hard: bool) {
         self.stop(hard);
-        let (child, _) = spawn_coordinator(&self.data, &self.addr, self.netns.as_deref());
+        let (child, _) = spawn_coordinator(&self.data, &self.addr, self.netns.as_deref(), &self.extra);
         self.child = Some(child);
     }
 
@@ -161,13 +176,14 @@ pub fn command_in(netns: Option<&str>, program: &Path) -> Command {
     }
 }
 
-fn spawn_coordinator(data: &Path, listen: &str, netns: Option<&str>) -> (Child, String) {
+fn spawn_coordinator(data: &Path, listen: &str, netns: Option<&str>, extra: &[String]) -> (Child, String) {
     let _ = std::fs::remove_file(data.join("server.json"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log")).unwrap();
     let child = command_in(netns, &bin("shoal-coordinator"))
         .args(["serve", "--data"])
         .arg(data)
         .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -187,6 +203,17 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.stop(true);
     }
+}
+
+/// Waits (at most 10 s) until process `pid` handles SIGTERM: one sent before the program has
+/// installed its handler ends it outright, which is not the graceful stop a test means.
+fn wait_for_term_handler(pid: u32) {
+    const SIGTERM_BIT: u64 = 1 << 14;
+    wait_for(Duration::from_secs(10), || {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Some(()) };
+        let caught = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?.trim();
+        (u64::from_str_radix(caught, 16).ok()? & SIGTERM_BIT != 0).then_some(())
+    });
 }
 
 pub fn signal(c: &Child, sig: &str) {
@@ -303,6 +330,11 @@ impl Device {
         self.daemon = Some(cmd.spawn().unwrap());
     }
 
+    /// The running daemon's process id (0 when none runs).
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().map_or(0, Child::id)
+    }
+
     /// Sends `sig` (`STOP`, `CONT`, ...) to the running daemon.
     pub fn signal_daemon(&self, sig: &str) {
         signal(self.daemon.as_ref().expect("the daemon is running"), sig);
@@ -316,12 +348,34 @@ impl Device {
     /// Stops the daemon (SIGTERM and wait, or SIGKILL when `hard`).
     pub fn stop(&mut self, hard: bool) {
         if let Some(mut c) = self.daemon.take() {
+            if !hard {
+                wait_for_term_handler(c.id());
+            }
             signal(&c, if hard { "KILL" } else { "TERM" });
             let status = c.wait().unwrap();
             if !hard {
                 assert!(status.success(), "{}: daemon did not exit cleanly: {status}", self.name);
             }
         }
+    }
+
+    /// Stops the daemon with two SIGTERMs in a row: the second ends its finishing uploads.
+    pub fn stop_now(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            wait_for_term_handler(c.id());
+            signal(&c, "TERM");
+            std::thread::sleep(Duration::from_millis(300));
+            signal(&c, "TERM");
+            let status = c.wait().unwrap();
+            assert!(status.success(), "{}: daemon did not exit cleanly: {status}", self.name);
+        }
+    }
+
+    /// Changes this device's config.toml.
+    pub fn configure(&self, change: impl FnOnce(&mut shoal_agent::config::Config)) {
+        let mut cfg = shoal_agent::config::Config::load(&self.home).unwrap();
+        change(&mut cfg);
+        cfg.save(&self.home).unwrap();
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -366,7 +420,7 @@ impl Drop for Device {
 }
 
 /// What a path holds, by content.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Node {
     Dir,
     /// BLAKE3 hex and exec bit.

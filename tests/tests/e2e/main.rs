@@ -15,4 +15,5 @@ mod large;
 mod migration;
 mod network;
 mod peers;
+mod randomized;
 mod sync;

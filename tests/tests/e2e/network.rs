@@ -130,7 +130,12 @@ fn coordinator_hints_name_the_users_devices_on_the_same_network() {
         assert_eq!(hinted(&ca.peers(vec![]).await.unwrap()).len(), 1, "far and the stranger are not A's hints");
 
         // Bad announcements are refused and change nothing.
-        for bad in [vec!["nonsense".to_string()], vec!["127.0.0.1:0".into()], vec!["127.0.0.1:1".to_string(); 9]] {
+        // So are addresses no device has on a LAN: peers would send QUIC packets there.
+        let not_lan = ["255.255.255.255:4000", "224.0.0.251:5353", "8.8.8.8:53", "[ff02::1]:4000", "0.0.0.0:4000"];
+        for bad in [vec!["nonsense".to_string()], vec!["127.0.0.1:0".into()], vec!["127.0.0.1:1".to_string(); 9]]
+            .into_iter()
+            .chain(not_lan.iter().map(|a| vec!["127.0.0.1:4002".to_string(), a.to_string()]))
+        {
             assert!(cb.peers(bad).await.is_err());
         }
         assert_eq!(hinted(&ca.peers(vec![]).await.unwrap())[0].1, vec!["127.0.0.1:4002", "[::1]:4002"]);

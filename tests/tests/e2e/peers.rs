@@ -181,8 +181,9 @@ fn sync_once_returns_when_this_devices_versions_are_durable() {
     a.write("f.bin", &data);
     wait_for(SETTLE, || pending_of(&a).iter().any(|v| v.path.as_str() == "f.bin").then_some(()))
         .expect("the version never showed as pending");
-    // Stopped mid-upload: the upload is still owed, and `sync --once` pays it before returning.
-    a.stop(false);
+    // Stopped mid-upload, at once: the upload is still owed, and `sync --once` pays it before
+    // returning.
+    a.stop_now();
     a.sync();
     assert_eq!(pending_of(&a), vec![], "sync --once returned with a version of its own pending");
     converge(&[&a, &b], SETTLE);
@@ -198,9 +199,9 @@ fn a_version_its_author_lost_before_uploading_is_withdrawn_not_promised() {
     let v1 = wait_for(SETTLE, || pending_of(&a).into_iter().find(|v| v.path.as_str() == "f.bin"))
         .expect("the version never showed as pending")
         .version;
-    // The author stops before the upload is done, and the file changes while it is stopped:
-    // nobody holds v1 any more.
-    a.stop(false);
+    // The author stops before the upload is done (no time given to finish it), and the file
+    // changes while it is stopped: nobody holds v1 any more.
+    a.stop_now();
     let v2 = noise(63, 2 * 1024 * 1024);
     a.write("f.bin", &v2);
     a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "stall")]);
@@ -231,7 +232,7 @@ fn a_version_another_device_holds_is_kept_when_its_author_loses_it() {
     wait_until_has(&b, "f.bin", &v1);
     assert!(!pending_of(&b).is_empty(), "v1 was durable already");
     // A loses v1 before uploading it; B holds it and uploads it, so v1 is kept.
-    a.stop(false);
+    a.stop_now();
     a.write("f.bin", &noise(65, 6 * 1024 * 1024));
     a.start();
     converge(&[&a, &b], SETTLE);
@@ -350,4 +351,148 @@ fn a_pending_commit_whose_answer_was_lost_is_paid_or_withdrawn_after_a_restart()
     assert_eq!(b.read("f.bin").as_deref(), Some(&v2[..]));
     a.stop(false);
     b.stop(false);
+}
+
+/// A version fetched over the LAN, then both devices stopped with SIGTERM: the stops finish the
+/// uploads owed first. The author's uplink is too slow to finish within its grace, and it says so;
+/// the device that fetched the version uploads it on its way out. A second SIGTERM stops a
+/// device at once.
+#[test]
+fn a_graceful_stop_finishes_owed_uploads_first() {
+    let (_tmp, _coord, devices) = world("wendy", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    a.configure(|c| c.shutdown_grace = std::time::Duration::from_secs(1));
+    slow_author(&mut a, &mut b, "64KiB");
+    let data = noise(66, 4 * 1024 * 1024);
+    a.write("both.bin", &data);
+    wait_until_has(&b, "both.bin", &data);
+    let version = pending_of(&b)
+        .into_iter()
+        .find(|v| v.path.as_str() == "both.bin")
+        .expect("the version was durable before the stops")
+        .version;
+    a.stop(false);
+    assert!(a.log().contains("stopping with uploads still owed"), "{}", a.log());
+    b.stop(false);
+    assert_eq!(history_states(&a, "both.bin"), vec![(version, "durable".to_string())], "B's log:\n{}", b.log());
+
+    // A second signal does not wait for the uploads.
+    a.configure(|c| c.shutdown_grace = std::time::Duration::from_secs(120));
+    a.start();
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    let more = noise(67, 4 * 1024 * 1024);
+    a.write("more.bin", &more);
+    wait_until_has(&b, "more.bin", &more);
+    let started = std::time::Instant::now();
+    a.stop_now();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+    b.stop(false);
+}
+
+/// A version committed naming a chunk no device holds (a buggy or hostile device): once nobody
+/// has sent any of it for the stuck period, status, history and /metrics say it is stuck and the
+/// devices stop trying to fetch it; a user's edit of its file goes on top of it rather than into a
+/// conflicted copy; revoking its author withdraws it.
+#[test]
+fn a_pending_version_nobody_can_supply_is_stuck_not_retried() {
+    use shoal_protocol::api::CommitRequest;
+    use shoal_protocol::{Change, ChunkId, ChunkRef, CommitId, EntryKind, Manifest};
+    let tmp = test_dir();
+    let coord = Coordinator::start_with(&tmp.path().join("coord"), &["--pending-stuck-after", "3s"]);
+    let mut a = Device::enroll(tmp.path(), &coord, "zoe", "a");
+    let mut b = Device::enroll(tmp.path(), &coord, "zoe", "b");
+    let liar = Device::enroll(tmp.path(), &coord, "zoe", "liar");
+    a.write("ghost.txt", b"original");
+    a.start();
+    b.start();
+    converge(&[&a, &b], SETTLE);
+
+    let path: shoal_protocol::SyncPath = "ghost.txt".parse().unwrap();
+    let c = client_of(&liar);
+    let base = block_on(c.history(&path)).unwrap().last().unwrap().version;
+    let nobody = ChunkId::of(b"a chunk nobody has");
+    let manifest = Manifest { size: 100, hash: ChunkId::of(b"whole"), chunks: vec![ChunkRef { id: nobody, len: 100 }] };
+    let change = Change {
+        path: path.clone(),
+        kind: EntryKind::File,
+        manifest: Some(manifest),
+        exec: false,
+        mtime_ns: 0,
+        deleted: false,
+        base: Some(base),
+    };
+    let req = CommitRequest { commit_id: CommitId([7; 16]), changes: vec![change], pending_ok: true };
+    let ghost = block_on(c.commit(&req)).unwrap().entries[0].version;
+
+    // Stuck: the devices' status, history and the metrics say so.
+    let stuck_on = |d: &Device| {
+        daemon_status(d)["pending_versions"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|p| p["version"] == ghost && p["stuck"] == true))
+    };
+    wait_for(SETTLE, || (stuck_on(&a) && stuck_on(&b)).then_some(()))
+        .unwrap_or_else(|| panic!("never shown as stuck: {}", daemon_status(&b)));
+    assert_eq!(history_states(&b, "ghost.txt").last(), Some(&(ghost, "stuck".to_string())));
+    assert_eq!(coord.metric("shoal_pending_stuck_versions"), 1);
+    // Nobody keeps trying to fetch it, and both say they are in sync.
+    let failed = |d: &Device| d.log().matches("download failed").count();
+    let before = (failed(&a), failed(&b));
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert_eq!((failed(&a), failed(&b)), before, "still retried:\n{}", b.log());
+    assert!(daemon_status(&a)["in_sync"] == true && daemon_status(&b)["in_sync"] == true, "{}", daemon_status(&b));
+
+    // An edit of the file is committed on top of it: no conflicted copy.
+    b.write("ghost.txt", b"edited on b");
+    let t = converge(&[&a, &b], SETTLE);
+    assert!(t.keys().all(|k| !k.contains("conflicted copy")), "{t:?}");
+    assert_eq!(a.read("ghost.txt").unwrap(), b"edited on b");
+
+    // Revoking its author withdraws it.
+    let (ok, text) = coord.admin(&["device", "revoke", "zoe", "liar"]);
+    assert!(ok, "{text}");
+    assert!(
+        history_states(&b, "ghost.txt").contains(&(ghost, "withdrawn".to_string())),
+        "{:?}",
+        history_states(&b, "ghost.txt")
+    );
+    a.stop(false);
+    b.stop(false);
+}
+
+/// A device whose pending versions already await as many chunks as the coordinator keeps for it
+/// is refused its next peer-first commit (`pending_limit`); it uploads first and commits after,
+/// so its new file still arrives, durable.
+#[test]
+fn a_device_at_its_pending_limit_uploads_before_committing() {
+    use shoal_protocol::api::CommitRequest;
+    use shoal_protocol::{Change, ChunkId, ChunkRef, CommitId, EntryKind, Manifest};
+    let (_tmp, _coord, devices) = world("zita", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // A's budget of awaited chunks, filled through the API with A's own token.
+    let chunks: Vec<ChunkRef> =
+        (0..131_072u64).map(|i| ChunkRef { id: ChunkId::of(&i.to_be_bytes()), len: 65_536 }).collect();
+    let manifest = Manifest { size: 131_072 * 65_536, hash: ChunkId::of(b"filler"), chunks };
+    let change = Change {
+        path: "filler.bin".parse().unwrap(),
+        kind: EntryKind::File,
+        manifest: Some(manifest),
+        exec: false,
+        mtime_ns: 0,
+        deleted: false,
+        base: None,
+    };
+    let req = CommitRequest { commit_id: CommitId([9; 16]), changes: vec![change], pending_ok: true };
+    block_on(client_of(&a).commit(&req)).unwrap();
+    a.start();
+    b.start();
+    wait_for_peers(&[&a, &b]);
+    let data = noise(69, 300_000);
+    a.write("new.bin", &data);
+    wait_until_has(&b, "new.bin", &data);
+    assert!(a.log().contains("uploading before committing"), "{}", a.log());
+    let states = history_states(&b, "new.bin");
+    assert!(states.iter().all(|(_, s)| s == "durable"), "{states:?}");
+    a.stop_now();
+    b.stop_now();
 }
