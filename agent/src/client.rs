@@ -277,6 +277,11 @@ impl Client {
         Ok(self.get::<DevicesResponse>("/v1/devices", &[]).await?.devices)
     }
 
+    /// The user's devices and LAN keys.
+    pub async fn roster(&self) -> ClientResult<DevicesResponse> {
+        self.get("/v1/devices", &[]).await
+    }
+
     /// Announces this device's peer endpoint addresses; the user's devices that seem to be on
     /// the same network, with theirs.
     pub async fn peers(&self, addrs: Vec<String>) -> ClientResult<Vec<PeerHint>> {

@@ -126,6 +126,11 @@ pub struct Stop {
 
 /// Runs until `stop.cancel` fires, then finishes what it owes (see [`Stop`]).
 pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
+    // Peers, the watcher, open files and connections to the coordinator all take descriptors:
+    // as many as the system allows, so that a busy LAN cannot starve the rest.
+    if let (_, Some(e)) = shoal_sys::limits::raise_open_files() {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
     let cancel = stop.cancel.clone();
     let root = cfg.root()?.to_path_buf();
     let grace = cfg.shutdown_grace;
@@ -161,15 +166,18 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
     let node = lan_sync
         .then(|| {
             crate::peer::tls::Identity::load(home)
-                .and_then(|id| PeerNode::start(&id, peer_listen, roster.clone(), me, home, chunks, lan))
+                .and_then(|id| PeerNode::start(id, peer_listen, roster.clone(), me, home, chunks, lan))
                 .inspect_err(|e| {
                     tracing::warn!(error = %format!("{e:#}"), "no peer endpoint; syncing through the coordinator only")
                 })
                 .ok()
         })
         .flatten();
+    // Set once the first round of dials to the devices the coordinator names is over (or
+    // when there is no peer endpoint): downloads wait for it, at most `FIRST_DIALS`.
+    let (peers_met, met) = tokio::sync::watch::channel(node.is_none());
     if let Some(n) = &node {
-        engine.set_peers(n.clone());
+        engine.set_peers(n.clone(), met);
     }
     // LAN discovery beside the coordinator's hints (nothing found on a loopback-only machine).
     let _mdns = match (&node, mdns) {
@@ -190,6 +198,7 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
         node.clone().map(|n| (n, server)),
         home.to_path_buf(),
         devices_changed,
+        peers_met,
         cancel.clone(),
     )));
     let mut status = Status { pid: std::process::id(), ..Status::default() };
@@ -212,10 +221,31 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
             next_rescan = tokio::time::Instant::now() + rescan_every;
         }
         let started = now_ms();
-        let result = tokio::select! {
-            r = engine.cycle() => r,
-            _ = cancel.cancelled() => break,
+        let counters = engine.counters.clone();
+        let mut looked = tokio::time::interval(BUSY_STATUS_EVERY);
+        let result = {
+            let cycle = engine.cycle();
+            tokio::pin!(cycle);
+            loop {
+                tokio::select! {
+                    r = &mut cycle => break Some(r),
+                    _ = cancel.cancelled() => break None,
+                    // A cycle that applies changes for a while (a large download) shows as
+                    // syncing meanwhile, not as the last cycle's verdict.
+                    _ = looked.tick() => {
+                        let applying = counters.applying.load(Ordering::Relaxed);
+                        if applying > 0 && status.state != "syncing" {
+                            status.state = "syncing".into();
+                            status.in_sync = false;
+                            status.pending_downloads = applying as usize;
+                            status.updated_ms = now_ms();
+                            status.save(home);
+                        }
+                    }
+                }
+            }
         };
+        let Some(result) = result else { break };
         status.cycle_started_ms = started;
         let wait = match result {
             Ok(mut report) => {
@@ -326,8 +356,13 @@ async fn finish_uploads(engine: &mut Engine, grace: Duration, now: &Cancellation
         match attempt {
             Ok(Ok(left)) if left.is_empty() => break Some(left),
             Ok(Ok(left)) => tracing::debug!(?left, "uploads left; trying again"),
-            Ok(Err(e)) => {
+            Ok(Err(e)) if retryable(&e) => {
                 tracing::debug!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), "finishing uploads failed; trying again")
+            }
+            Ok(Err(e)) => {
+                // Refused outright (revoked, say): trying again changes nothing.
+                tracing::warn!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), "cannot finish the uploads");
+                break None;
             }
             Err(_) => break None,
         }
@@ -351,6 +386,14 @@ async fn finish_uploads(engine: &mut Engine, grace: Duration, now: &Cancellation
             ),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "stopping; could not count the uploads left"),
         },
+    }
+}
+
+/// `true` for a failure that may pass: the coordinator unreachable or busy.
+fn retryable(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<crate::engine::EngineError>() {
+        Some(crate::engine::EngineError::Offline(c)) => c.is_retryable(),
+        _ => e.downcast_ref::<crate::client::ClientError>().is_some_and(|c| c.is_retryable()),
     }
 }
 
@@ -435,6 +478,14 @@ async fn subscribe(
     }
 }
 
+/// How often the status is looked at during a cycle, to show one applying changes as syncing.
+const BUSY_STATUS_EVERY: Duration = Duration::from_millis(500);
+
+/// How long the first downloads of a daemon wait for its first dials to the devices the
+/// coordinator names: they take a round trip or two on a LAN, and a device that started a moment
+/// too early would otherwise take from the origin what its peers hold.
+const FIRST_DIALS: Duration = Duration::from_secs(3);
+
 /// How often the user's device list is fetched while the coordinator is reachable: a revoked
 /// device is refused by this device's peers within this time.
 const ROSTER_REFRESH: Duration = Duration::from_secs(30);
@@ -448,18 +499,19 @@ async fn refresh_roster(
     node: Option<(PeerNode, String)>,
     home: PathBuf,
     devices_changed: Arc<tokio::sync::Notify>,
+    peers_met: tokio::sync::watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
     loop {
         let refreshed = tokio::time::Instant::now();
-        match client.devices().await {
-            Ok(devices) => {
-                let before = roster.devices();
-                roster.replace(devices);
+        match client.roster().await {
+            Ok(answer) => {
+                let (before, lan_before) = (roster.devices(), roster.lan());
+                roster.replace(answer.devices, answer.lan);
                 let key =
                     |v: &[DeviceInfo]| v.iter().map(|d| (d.id, d.revoked, d.cert_fingerprint)).collect::<Vec<_>>();
                 let fresh = !home.join(crate::peer::tls::ROSTER_FILE).exists();
-                if fresh || key(&before) != key(&roster.devices()) {
+                if fresh || key(&before) != key(&roster.devices()) || lan_before != roster.lan() {
                     let (roster, home) = (roster.clone(), home.clone());
                     match tokio::task::spawn_blocking(move || roster.save(&home)).await {
                         Ok(Ok(())) => {}
@@ -473,7 +525,13 @@ async fn refresh_roster(
         if let Some((node, server)) = &node {
             node.recheck();
             node.save();
-            announce(&client, node, server).await;
+            let dials = announce(&client, node, server).await;
+            if !*peers_met.borrow() {
+                // The first round: downloads wait (a little) for these dials, so that a device
+                // that starts takes what its LAN peers have from them.
+                let _ = tokio::time::timeout(FIRST_DIALS, futures::future::join_all(dials)).await;
+                peers_met.send_replace(true);
+            }
         }
         let unknown_caller = node.as_ref().map(|(n, _)| n.unknown_caller.clone()).unwrap_or_default();
         tokio::select! {
@@ -490,7 +548,7 @@ async fn refresh_roster(
 
 /// Tells the coordinator where this device's peer endpoint listens and connects to the devices
 /// it names.
-async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str) {
+async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str) -> Vec<tokio::task::JoinHandle<()>> {
     let addr = match node.local_addr() {
         Ok(l) => crate::peer::node::announce_addr(l, server).await,
         Err(e) => Err(e),
@@ -502,20 +560,29 @@ async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str)
             Vec::new()
         }
     };
+    // The coordinator's answer taking a while (a slow link to it), for the end-to-end tests.
+    #[cfg(feature = "test-faults")]
+    if let Some(ms) = std::env::var("SHOAL_TEST_ANNOUNCE_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     match client.peers(addrs).await {
-        Ok(hints) => {
-            // Each dial on its own: one unreachable device does not hold up the others, nor the
-            // next roster refresh.
-            for h in hints {
+        // Each dial on its own: one unreachable device does not hold up the others, nor the
+        // next roster refresh.
+        Ok(hints) => hints
+            .into_iter()
+            .map(|h| {
                 let node = node.clone();
                 tokio::spawn(async move {
                     if let Err(e) = node.greet_retrying(&h).await {
                         tracing::debug!(peer = %h.device, error = %format!("{e:#}"), "hinted peer not reached");
                     }
-                });
-            }
+                })
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "peer hints not fetched");
+            Vec::new()
         }
-        Err(e) => tracing::debug!(error = %e, "peer hints not fetched"),
     }
 }
 

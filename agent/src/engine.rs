@@ -87,6 +87,9 @@ pub struct CycleReport {
 pub struct Counters {
     pub uploaded: AtomicU64,
     pub downloaded: AtomicU64,
+    /// Operations the running cycle is applying (0 between cycles and while it only looks), so
+    /// that the status can say "syncing" while a long one runs.
+    pub applying: AtomicU64,
     /// Chunk bytes downloads got, by source.
     pub by_source: Arc<transfer::SourceCounts>,
 }
@@ -130,6 +133,8 @@ pub struct Engine {
     stuck: HashSet<(SyncPath, Seq)>,
     /// Commit only after uploading, even with peers connected (the daemon is stopping).
     upload_first: bool,
+    /// Turns true once the daemon's first dials to the user's devices are over (`set_peers`).
+    peers_met: Option<tokio::sync::watch::Receiver<bool>>,
     /// Commit only after uploading until then: the coordinator refused a peer-first commit for
     /// holding too many pending versions.
     upload_first_until: Option<std::time::Instant>,
@@ -184,6 +189,7 @@ impl Engine {
             stuck: HashSet::new(),
             upload_first: false,
             upload_first_until: None,
+            peers_met: None,
         };
         engine.check_marker()?;
         // `.shoal` is the agent's own and private, as `init` makes it (older folders had 0755).
@@ -224,9 +230,12 @@ impl Engine {
         }
     }
 
-    /// Asks `node`'s peers for chunks before the origin from now on.
-    pub fn set_peers(&mut self, node: crate::peer::node::PeerNode) {
+    /// Asks `node`'s peers for chunks before the origin from now on; downloads first wait for
+    /// `met` to turn true (the first dials to the user's other devices are over), a few seconds
+    /// at most.
+    pub fn set_peers(&mut self, node: crate::peer::node::PeerNode, met: tokio::sync::watch::Receiver<bool>) {
         self.peers = Some(node);
+        self.peers_met = Some(met);
     }
 
     /// The downloads in progress (for the chunk server).
@@ -311,6 +320,12 @@ impl Engine {
 
     /// Runs one reconciliation over the next part of the folder (see `next_scope`).
     pub async fn cycle(&mut self) -> anyhow::Result<CycleReport> {
+        let r = self.cycle_inner().await;
+        self.counters.applying.store(0, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    async fn cycle_inner(&mut self) -> anyhow::Result<CycleReport> {
         self.check_marker()?;
         let mut report = CycleReport::default();
         let reads_before = self.store.reads();
@@ -398,9 +413,22 @@ impl Engine {
         self.forget_retries(&ops);
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), "applying plan");
+            self.counters.applying.store(ops.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let paths: Vec<SyncPath> = ops.iter().map(|op| op.path().clone()).collect();
-            self.secure_pending(&ops, &synced, &mut report).await?;
-            let again = self.execute(ops, &scan, &mut report).await?;
+            // The scope has left the queues: should applying the plan fail (the coordinator went
+            // away mid-download, say), its paths go back, or nothing would look at them again
+            // before the next full pass.
+            let applied = match self.secure_pending(&ops, &synced, &mut report).await {
+                Ok(()) => self.execute(ops, &scan, &mut report).await,
+                Err(e) => Err(e),
+            };
+            let again = match applied {
+                Ok(again) => again,
+                Err(e) => {
+                    self.replan.extend(paths);
+                    return Err(e);
+                }
+            };
             if again {
                 // Something was skipped or moved: look at these paths again next time.
                 self.replan.extend(paths);

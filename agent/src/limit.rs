@@ -92,6 +92,11 @@ impl Limiter {
         self.0.is_some()
     }
 
+    /// The rate, in bytes per second (`None` when unlimited).
+    pub fn rate(&self) -> Option<u64> {
+        self.0.as_ref().map(|l| u64::from(l.2.get()))
+    }
+
     /// How many bytes to send between waits, so that whoever receives them hears from this
     /// device often even at a low rate: an eighth of a second's worth, from 512 bytes up to `max`
     /// (`None` when unlimited).

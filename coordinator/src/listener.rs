@@ -46,18 +46,11 @@ const H2_MAX_STREAMS: u32 = 128;
 /// Raises the soft limit on open files to the hard limit and returns how many connections the
 /// server can therefore hold open at once.
 pub fn connection_budget() -> usize {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut lim = getrlimit(Resource::Nofile);
-    if let Some(hard) = lim.maximum
-        && lim.current.is_some_and(|cur| cur < hard)
-    {
-        lim.current = Some(hard);
-        if let Err(e) = setrlimit(Resource::Nofile, lim) {
-            tracing::warn!(error = %e, "could not raise the open-file limit");
-        }
-        lim = getrlimit(Resource::Nofile);
+    let (limit, failed) = shoal_sys::limits::raise_open_files();
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
     }
-    let fds = lim.current.map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
+    let fds = limit.map_or(usize::MAX, |c| usize::try_from(c).unwrap_or(usize::MAX));
     MAX_CONNECTIONS.min(fds.saturating_sub(FD_RESERVE)).max(1)
 }
 

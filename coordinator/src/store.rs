@@ -10,7 +10,8 @@
 //! `y/N` the chunk log's record N · `n/chunk-log` the first record of the chunk log that counts ·
 //! `q/CHUNK` a chunk whose stored bytes failed their hash check (kept for inspection, never
 //! served) · `n/pack` the next unused pack number · `w/UID SEQ` a pending version (committed
-//! before the origin had all its chunks; its `missing` is the count at commit time).
+//! before the origin had all its chunks; its `missing` is the count at commit time) · `l/UID`
+//! the user's LAN keys (current and previous; replaced when one of its devices is revoked).
 //!
 //! The chunk records (where the chunk store keeps each chunk; which chunks each user uploaded)
 //! are a log of changes (`y/` records, numbered in order) written in the same atomic batches as
@@ -34,7 +35,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub use crate::chunk_records::ChunkLoc;
 use crate::chunk_records::{ChunkRecords, Op, decode_ops, encode_ops};
-use shoal_protocol::api::{CommitResponse, Conflict, MAX_PAGE_BYTES};
+use shoal_protocol::api::{CommitResponse, Conflict, LanKey, LanKeys, MAX_PAGE_BYTES};
 use shoal_protocol::{ChunkId, CommitId, DeviceId, Entry, Seq, SyncPath};
 
 /// sled's page cache. Chunk records are keyed by random ids, so a large upload touches pages all
@@ -369,6 +370,12 @@ fn lock_waits(m: &std::sync::Mutex<Waits>) -> std::sync::MutexGuard<'_, Waits> {
     })
 }
 
+fn random_lan_key() -> Result<LanKey, StoreError> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| StoreError::Db(sled::Error::Io(std::io::Error::other(e.to_string()))))?;
+    Ok(LanKey::new(b))
+}
+
 fn be_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.try_into().ok()?))
 }
@@ -699,6 +706,30 @@ impl Store {
         }
         out.sort_by_key(|d| d.enrolled_ms);
         Ok(out)
+    }
+
+    /// The user's LAN keys (`api::LanKey`), made on first use.
+    pub fn lan_keys(&self, user: UserId) -> Result<LanKeys, StoreError> {
+        let k = key(b"l/", &[&user.to_be_bytes()]);
+        loop {
+            if let Some(v) = self.meta.get(&k)? {
+                return decode(&k, &v);
+            }
+            let fresh = LanKeys { current: random_lan_key()?, previous: None };
+            if self.meta.compare_and_swap(&k, None as Option<&[u8]>, Some(encode(&fresh)))?.is_ok() {
+                return Ok(fresh);
+            }
+        }
+    }
+
+    /// Replaces the user's LAN key (one of its devices was revoked: it knows the old one), keeping
+    /// the old one as `previous` while the other devices catch up.
+    pub fn rotate_lan_key(&self, user: UserId) -> Result<(), StoreError> {
+        let old = self.lan_keys(user)?;
+        let k = key(b"l/", &[&user.to_be_bytes()]);
+        let new = LanKeys { current: random_lan_key()?, previous: Some(old.current) };
+        self.meta.insert(k, encode(&new))?;
+        Ok(())
     }
 
     pub fn user_count(&self) -> usize {

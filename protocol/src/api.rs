@@ -186,24 +186,46 @@ pub struct PeersResponse {
     pub peers: Vec<PeerHint>,
 }
 
-/// Largest peer control message (JSON), read before anything is parsed.
-pub const MAX_PEER_MESSAGE: usize = 4096;
-
-/// The first message on a connection between two devices of one user (QUIC, ALPN
-/// `shoal/peer/1`): who is calling. The answer is `PeerWelcome`, or the connection is closed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerHello {
-    pub device: DeviceId,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerWelcome {
-    pub device: DeviceId,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesResponse {
     pub devices: Vec<DeviceInfo>,
+    /// The user's LAN keys (see [`LanKey`]).
+    #[serde(default)]
+    pub lan: Option<LanKeys>,
+}
+
+/// A secret the coordinator gives each user's devices, and replaces whenever one of them is
+/// revoked. With it the devices prove to each other that they belong to the user before saying
+/// which device they are (`peer::GroupProof`), and derive the identities they announce on the LAN
+/// (mDNS), so that nobody else can tell who they are or follow them from network to network.
+/// Never logged: its `Debug` shows nothing of it.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LanKey(ChunkId);
+
+impl LanKey {
+    pub fn new(bytes: [u8; 32]) -> LanKey {
+        LanKey(ChunkId(bytes))
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for LanKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LanKey(…)")
+    }
+}
+
+/// The user's LAN key, and the one before it (accepted for a while after a rotation, until every
+/// device has fetched the new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanKeys {
+    pub current: LanKey,
+    #[serde(default)]
+    pub previous: Option<LanKey>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,6 +1,22 @@
-//! What two devices of one user say to each other once connected (QUIC, ALPN `shoal/peer/1`, after
-//! the `PeerHello`/`PeerWelcome` exchange). Every request is one bidirectional stream: the caller
-//! writes one request and finishes its side, the answer comes back on the same stream.
+//! What two devices of one user say to each other (QUIC, ALPN `shoal/peer/2`).
+//!
+//! **Introduction**, on the first bidirectional stream, before anything else. The TLS handshake
+//! reveals nothing about either side (each presents a throwaway certificate; the client sends a
+//! constant server name), so the devices prove who they are inside it, bound to this connection
+//! by a value both derive from its TLS session (`binding`, an exporter), in an order that tells
+//! an unauthenticated party nothing:
+//! 1. caller → called: [`GroupProof`], a keyed hash of the binding under the user's LAN key,
+//!    which the coordinator gives the user's devices: "I am one of this user's devices";
+//! 2. called → caller: its [`DeviceProof`]: its device certificate (issued by the user's CA) and
+//!    a signature over the binding with the certificate's key, and the id of its run;
+//! 3. caller → called: the caller's [`DeviceProof`];
+//! 4. called → caller: [`WELCOME`], one byte.
+//!
+//! Either side closes the connection instead of answering a message it does not accept. Each
+//! message is a 2-byte big-endian length and that many bytes, at most [`MAX_INTRO_MESSAGE`].
+//!
+//! **Requests**, afterwards. Every request is one bidirectional stream: the caller writes one
+//! request and finishes its side, the answer comes back on the same stream.
 //!
 //! - `Have(ids)` → a bitmap, one bit per id in request order (bit `i` is bit `i % 8` of byte
 //!   `i / 8`): set if the device can serve that chunk now.
@@ -11,6 +27,114 @@
 //! Requests are binary: a tag byte, a 4-byte big-endian count, then the 32-byte ids.
 
 use crate::ChunkId;
+
+/// Largest introduction message (a device certificate is ~600 bytes).
+pub const MAX_INTRO_MESSAGE: usize = 8 * 1024;
+/// The called device's last introduction message: the caller is admitted.
+pub const WELCOME: u8 = 1;
+/// What both sides export from the TLS session (RFC 5705 / 8446 §7.5) to bind the introduction
+/// to this connection, and how many bytes.
+pub const BINDING_LABEL: &[u8] = b"EXPORTER-shoal-peer-v2";
+pub const BINDING_LEN: usize = 32;
+
+/// The caller's proof that it holds the user's LAN key: `keyed_hash(lan key, GROUP_CONTEXT ||
+/// binding)`, BLAKE3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupProof(pub [u8; 32]);
+
+/// What the group proof hashes before the binding.
+pub const GROUP_CONTEXT: &[u8] = b"shoal peer group proof v2";
+/// What each side signs before the binding, so neither signature can stand for the other's.
+pub const CALLER_CONTEXT: &[u8] = b"shoal peer caller v2";
+pub const CALLED_CONTEXT: &[u8] = b"shoal peer called v2";
+
+impl GroupProof {
+    /// Computes the proof of `binding` under `key`.
+    pub fn compute(key: &[u8; 32], binding: &[u8]) -> GroupProof {
+        let mut h = blake3::Hasher::new_keyed(key);
+        h.update(GROUP_CONTEXT);
+        h.update(binding);
+        GroupProof(*h.finalize().as_bytes())
+    }
+
+    /// `true` if this is the proof of `binding` under `key` (compared in constant time).
+    pub fn verify(&self, key: &[u8; 32], binding: &[u8]) -> bool {
+        blake3::Hash::from(self.0) == blake3::Hash::from(GroupProof::compute(key, binding).0)
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<GroupProof, IntroError> {
+        <[u8; 32]>::try_from(buf).map(GroupProof).map_err(|_| IntroError::Length(buf.len()))
+    }
+}
+
+/// A device's proof of identity: its certificate (DER), a signature over its side's context and
+/// the binding with the certificate's key (`scheme`: a TLS SignatureScheme code), and a random id
+/// of its current run (a device that restarted is a new session, so its old connection goes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceProof {
+    pub session: [u8; 16],
+    pub cert: Vec<u8>,
+    pub scheme: u16,
+    pub signature: Vec<u8>,
+}
+
+/// Why introduction bytes are not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IntroError {
+    #[error("introduction message of {0} bytes has the wrong length")]
+    Length(usize),
+    #[error("introduction message of {0} bytes exceeds {MAX_INTRO_MESSAGE}")]
+    TooLarge(usize),
+}
+
+impl DeviceProof {
+    /// Session, scheme, then the certificate and the signature, each after a 2-byte length.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(22 + self.cert.len() + self.signature.len());
+        out.extend_from_slice(&self.session);
+        out.extend_from_slice(&self.scheme.to_be_bytes());
+        for part in [&self.cert, &self.signature] {
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<DeviceProof, IntroError> {
+        let bad = || IntroError::Length(buf.len());
+        if buf.len() > MAX_INTRO_MESSAGE {
+            return Err(IntroError::TooLarge(buf.len()));
+        }
+        let (session, rest) = buf.split_first_chunk::<16>().ok_or_else(bad)?;
+        let (scheme, mut rest) = rest.split_first_chunk::<2>().ok_or_else(bad)?;
+        let mut parts = Vec::with_capacity(2);
+        for _ in 0..2 {
+            let (len, tail) = rest.split_first_chunk::<2>().ok_or_else(bad)?;
+            let len = u16::from_be_bytes(*len) as usize;
+            if tail.len() < len {
+                return Err(bad());
+            }
+            let (part, tail) = tail.split_at(len);
+            parts.push(part.to_vec());
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        let signature = parts.pop().ok_or_else(bad)?;
+        let cert = parts.pop().ok_or_else(bad)?;
+        Ok(DeviceProof { session: *session, cert, scheme: u16::from_be_bytes(*scheme), signature })
+    }
+}
+
+/// One introduction message as sent: its 2-byte length, then its bytes.
+pub fn frame_intro(msg: &[u8]) -> Vec<u8> {
+    assert!(msg.len() <= MAX_INTRO_MESSAGE, "introduction messages are small");
+    let mut out = Vec::with_capacity(2 + msg.len());
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+    out
+}
 
 /// Most chunk ids in one request.
 pub const MAX_PEER_IDS: usize = 4096;
@@ -159,7 +283,34 @@ mod tests {
         assert!(!bitmap_get(&map, 100));
     }
 
+    #[test]
+    fn introductions_round_trip_and_proofs_bind() {
+        let proof = DeviceProof { session: [7; 16], cert: vec![1; 600], scheme: 0x0403, signature: vec![2; 72] };
+        assert_eq!(DeviceProof::decode(&proof.encode()), Ok(proof.clone()));
+        let mut short = proof.encode();
+        short.pop();
+        assert!(DeviceProof::decode(&short).is_err());
+        assert!(DeviceProof::decode(&[0; MAX_INTRO_MESSAGE + 1]).is_err());
+        let key = [9u8; 32];
+        let g = GroupProof::compute(&key, b"binding");
+        assert!(g.verify(&key, b"binding"));
+        assert!(!g.verify(&key, b"another connection"));
+        assert!(!g.verify(&[8; 32], b"binding"));
+        assert_eq!(GroupProof::decode(&g.0), Ok(g));
+        assert!(GroupProof::decode(&[0; 31]).is_err());
+        assert_eq!(frame_intro(&[5, 6]), vec![0, 2, 5, 6]);
+    }
+
     proptest! {
+        /// Introduction messages from the network never panic the parser, and what parses
+        /// encodes back to itself.
+        #[test]
+        fn device_proofs_decode_totally(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(p) = DeviceProof::decode(&bytes) {
+                prop_assert_eq!(p.encode(), bytes);
+            }
+        }
+
         /// Parsing network input never panics, and whatever parses encodes back to itself.
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

@@ -19,6 +19,8 @@ use crate::scan;
 use crate::store::{Batch, IndexRec};
 use crate::transfer::{self, AssembleError, AssembleOpts, Fetcher, LocalChunk};
 
+/// The longest the first downloads of a daemon wait for its first dials to its peers.
+const FIRST_DIALS_WAIT: Duration = Duration::from_secs(5);
 /// Files up to this size are fetched together in groups; larger ones stream on their own.
 const SMALL_FILE: u64 = 1024 * 1024;
 /// Bytes fetched per group of small files.
@@ -67,6 +69,15 @@ impl Engine {
             }
             _ => true,
         });
+        // A daemon that has just started gives its LAN peers a chance first: its first dials
+        // take a moment (bounded where they are made; here too, should the coordinator be slow
+        // to answer at all).
+        if let Some(met) = self.peers_met.as_mut()
+            && !*met.borrow()
+        {
+            let _ = tokio::time::timeout(FIRST_DIALS_WAIT, met.wait_for(|m| *m)).await;
+            self.peers_met = None;
+        }
         // Chunks the folder already holds, wherever they are (the chunk map, not this cycle's
         // scope): renames, copies and edits reuse local bytes. Every read is verified, so a map
         // entry a later write made stale only costs a fetch.

@@ -2,11 +2,12 @@
 //! sends is checked here before anyone sees it: frames must name requested chunks in request
 //! order, each at most the largest chunk, each verified against its id; a peer that sends less
 //! than `MIN_PROGRESS` bytes in a `STALL_TIMEOUT` without finishing a frame has failed (silent,
-//! or trickling a byte now and then). A failure names what went wrong, and the caller stops
-//! asking that peer.
+//! or trickling a byte now and then), and so has one slower than the floor the caller sets while
+//! it knows another source holds the chunks (`Slow`). A failure names what went wrong, and the
+//! caller stops asking that peer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -36,6 +37,8 @@ pub enum PeerFetchError {
     Stalled,
     #[error("bad answer: {0}")]
     Bad(String),
+    #[error("{rate} bytes a second, where other sources deliver {floor} or more")]
+    Slow { rate: u64, floor: u64 },
 }
 
 async fn in_time<T, E: std::fmt::Display>(
@@ -74,11 +77,15 @@ pub async fn have(conn: &quinn::Connection, ids: &[ChunkId]) -> Result<Vec<bool>
 }
 
 /// Fetches `ids` from the peer, calling `each` with every chunk that arrives verified. A peer may
-/// skip chunks it can no longer serve; `Ok` then just means the answer was well formed.
+/// skip chunks it can no longer serve; `Ok` then just means the answer was well formed. While
+/// `floor` (bytes a second) is above zero, a peer that sends less than that over a
+/// `STALL_TIMEOUT` has failed (`Slow`): the caller sets it once it knows another source has the
+/// chunks, and may set it at any time.
 pub async fn get(
     conn: &quinn::Connection,
     ids: &[ChunkId],
     lan: &Limiter,
+    floor: &AtomicU64,
     mut each: impl FnMut(ChunkId, Bytes),
 ) -> Result<(), PeerFetchError> {
     for part in ids.chunks(MAX_PEER_IDS) {
@@ -91,7 +98,18 @@ pub async fn get(
         });
         let mut frames = FramedRead::new(recv, FrameDecoder::default());
         let mut next = 0usize;
+        // The window the rate is judged over: its start, and what had arrived by then.
+        let mut window = (Instant::now(), 0u64);
         loop {
+            let low = floor.load(Ordering::Relaxed);
+            if low > 0 && window.0.elapsed() >= STALL_TIMEOUT {
+                let now = received.load(Ordering::Relaxed);
+                let rate = (now - window.1) * 1000 / (window.0.elapsed().as_millis().max(1) as u64);
+                if rate < low {
+                    return Err(PeerFetchError::Slow { rate, floor: low });
+                }
+                window = (Instant::now(), now);
+            }
             // `next()` keeps what it has read in the decoder's buffer when it times out.
             let before = received.load(Ordering::Relaxed);
             let frame = match tokio::time::timeout(STALL_TIMEOUT, frames.next()).await {

@@ -1,9 +1,13 @@
 //! This device's peer endpoint: one quinn endpoint that accepts the user's other devices and
-//! dials the ones the coordinator hints at. A connection starts with `PeerHello` → `PeerWelcome`;
-//! each side decides with `Roster::authorize` (the server on the hello, the client on the
-//! welcome), and a client also checks the server is the device it dialled. Connections are kept
-//! open (keep-alives), and the peers found are saved to `peers.json` for `shoal peers`: how each
-//! was found, its address and round-trip time.
+//! dials the ones the coordinator hints at (or mDNS finds). A connection starts with the
+//! introduction (`intro`), which authenticates both devices; the caller also checks the called
+//! device is the one it meant. Connection attempts are held to what an unauthenticated sender
+//! cannot fill: an address must answer a Retry first (so a spoofed source holds nothing), and
+//! each source address (an IPv6 /64) may have only a few introductions in progress. Connections
+//! are kept open (keep-alives), one per device (two devices calling each other at once keep the
+//! one the lower id opened; a device that restarted replaces its old connection), and the peers
+//! found are saved to `peers.json` for `shoal peers`: how each was found, its address and
+//! round-trip time.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,11 +17,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use shoal_protocol::DeviceId;
-use shoal_protocol::api::{MAX_PEER_MESSAGE, PeerHello, PeerHint, PeerWelcome};
+use shoal_protocol::api::PeerHint;
+use shoal_protocol::{ChunkId, DeviceId};
 
+use super::intro::{self, IntroError, Introduced};
 use super::serve::ChunkServer;
-use super::tls::{Identity, Roster, server_name};
+use super::tls::{Identity, Refusal, Roster, SERVER_NAME};
 
 /// Where the peers found are listed, in the agent's home.
 pub const PEERS_FILE: &str = "peers.json";
@@ -27,10 +32,13 @@ pub const HINT: &str = "hint";
 pub const MDNS: &str = "mdns";
 pub const INCOMING: &str = "incoming";
 
-/// How long a connection attempt, or the hello exchange, may take.
+/// How long a connection attempt and its introduction may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Incoming handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 32;
+/// Incoming connections being set up (handshake and introduction) at once, in all and per
+/// source address (an IPv4 address, an IPv6 /64): a sender on the LAN can hold only a few, and
+/// after a Retry (address validation) it cannot pretend to be many.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 
 /// A peer this device is connected to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,12 +62,19 @@ struct Peer {
     conn: quinn::Connection,
     found: &'static str,
     name: String,
+    /// Its certificate: the connection stays while the roster lists it unrevoked.
+    fingerprint: ChunkId,
+    /// The run it belongs to: a new session from the same device means it restarted.
+    session: [u8; 16],
 }
 
 /// The endpoint and the peers it is connected to. Cheap to clone.
 #[derive(Clone)]
 pub struct PeerNode {
     endpoint: quinn::Endpoint,
+    identity: Arc<Identity>,
+    /// This run's session id, sent in every introduction.
+    session: [u8; 16],
     roster: Roster,
     me: DeviceId,
     peers: Arc<Mutex<BTreeMap<DeviceId, Peer>>>,
@@ -91,7 +106,7 @@ impl PeerNode {
     /// Listens on `listen` (UDP) and accepts the user's devices from then on; every connected
     /// peer may ask for the chunks `chunks` serves.
     pub fn start(
-        identity: &Identity,
+        identity: Identity,
         listen: SocketAddr,
         roster: Roster,
         me: DeviceId,
@@ -107,8 +122,12 @@ impl PeerNode {
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(identity.server_config()?), socket, runtime)
                 .with_context(|| format!("listening for peers on {listen}"))?;
         endpoint.set_default_client_config(identity.client_config()?);
+        let mut session = [0u8; 16];
+        getrandom::fill(&mut session).context("no randomness for the session id")?;
         let node = PeerNode {
             endpoint,
+            identity: Arc::new(identity),
+            session,
             roster,
             me,
             peers: Arc::default(),
@@ -179,24 +198,35 @@ impl PeerNode {
         peers.get(id).is_some_and(|p| p.conn.close_reason().is_none())
     }
 
-    /// Records a connection to `id`. Two devices that dial each other at once end up with two
-    /// connections; both keep the one the lower device id opened and close the other.
-    fn add(&self, id: DeviceId, conn: quinn::Connection, found: &'static str) {
+    /// Records a connection to the device `met` introduced. Two devices that dial each other at
+    /// once end up with two connections; both keep the one the lower device id opened and close
+    /// the other. A connection from a new run of a device (it restarted, and its old connection
+    /// may not have timed out yet) replaces the old one.
+    fn add(&self, met: Introduced, conn: quinn::Connection, found: &'static str) {
+        let id = met.device;
         let name = self.roster.name(&id).unwrap_or_default();
         {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(old) =
                 peers.get(&id).filter(|p| p.conn.close_reason().is_none() && p.conn.stable_id() != conn.stable_id())
             {
-                let opener = |found: &str| if found == INCOMING { id } else { self.me };
-                let keep_old = opener(old.found).0 <= opener(found).0;
-                let loser = if keep_old { conn.clone() } else { old.conn.clone() };
-                loser.close(2u32.into(), b"duplicate");
-                if keep_old {
-                    return;
+                if old.session != met.session {
+                    tracing::debug!(peer = %self.describe(&id), "the peer started again; its old connection goes");
+                    old.conn.close(3u32.into(), b"replaced");
+                } else {
+                    let opener = |found: &str| if found == INCOMING { id } else { self.me };
+                    let keep_old = opener(old.found).0 <= opener(found).0;
+                    let loser = if keep_old { conn.clone() } else { old.conn.clone() };
+                    loser.close(2u32.into(), b"duplicate");
+                    if keep_old {
+                        return;
+                    }
                 }
             }
-            peers.insert(id, Peer { conn: conn.clone(), found, name });
+            peers.insert(
+                id,
+                Peer { conn: conn.clone(), found, name, fingerprint: met.fingerprint, session: met.session },
+            );
         }
         self.save();
         tokio::spawn(self.chunks.clone().serve(conn.clone()));
@@ -212,7 +242,7 @@ impl PeerNode {
     pub fn recheck(&self) {
         let mut dropped = false;
         for p in self.peers.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            if p.conn.close_reason().is_none() && self.roster.authorize(&p.conn).is_err() {
+            if p.conn.close_reason().is_none() && self.roster.authorize_fingerprint(&p.fingerprint).is_err() {
                 p.conn.close(1u32.into(), b"refused");
                 dropped = true;
             }
@@ -253,8 +283,8 @@ impl PeerNode {
         let mut last = None;
         for &addr in addrs {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(addr, &device)).await {
-                Ok(Ok(conn)) => {
-                    self.add(device, conn, found);
+                Ok(Ok((met, conn))) => {
+                    self.add(met, conn, found);
                     return Ok(());
                 }
                 Ok(Err(e)) => last = Some(e),
@@ -264,29 +294,27 @@ impl PeerNode {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no usable address")))
     }
 
-    async fn dial(&self, addr: SocketAddr, device: &DeviceId) -> anyhow::Result<quinn::Connection> {
-        let conn = self.endpoint.connect(addr, &server_name(device))?.await?;
-        // The server must be exactly the certificate the coordinator lists for this device.
-        match self.roster.authorize(&conn) {
-            Ok(id) if id == *device => {}
-            Ok(_) | Err(_) => {
-                conn.close(1u32.into(), b"refused");
-                anyhow::bail!("{addr} is not the device the coordinator listed");
-            }
+    async fn dial(&self, addr: SocketAddr, device: &DeviceId) -> anyhow::Result<(Introduced, quinn::Connection)> {
+        let conn = self.endpoint.connect(addr, SERVER_NAME)?.await?;
+        match intro::as_caller(&conn, &self.identity, &self.roster, self.session, Some(*device)).await {
+            Ok(met) => Ok((met, conn)),
+            Err(e) => anyhow::bail!("{addr}: {e}"),
         }
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(&serde_json::to_vec(&PeerHello { device: self.me })?).await?;
-        send.finish()?;
-        let welcome: PeerWelcome = serde_json::from_slice(&recv.read_to_end(MAX_PEER_MESSAGE).await?)?;
-        anyhow::ensure!(welcome.device == *device, "{addr} answered as another device");
-        Ok(conn)
     }
 
     async fn accept_loop(self) {
-        // Handshakes in progress at once; more callers are turned away at once.
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let limits = Arc::new(Mutex::new(Handshakes::default()));
         while let Some(incoming) = self.endpoint.accept().await {
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Address validation first: a sender that cannot receive at its source address (a
+            // spoofed one) never gets past the Retry, and holds nothing meanwhile.
+            if !incoming.remote_address_validated() {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            let source = source_key(incoming.remote_address().ip());
+            let Some(slot) = Handshakes::take(&limits, source) else {
                 incoming.refuse();
                 continue;
             };
@@ -302,26 +330,24 @@ impl PeerNode {
         }
     }
 
-    /// Answers a caller's hello if the roster lets it in; otherwise closes the connection
-    /// without a byte of application data.
+    /// Introduces this device to a caller and admits it if it is one of the user's devices;
+    /// otherwise the connection is closed without a byte of application data.
     async fn welcome(&self, incoming: quinn::Incoming) -> anyhow::Result<()> {
         let conn = incoming.await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let hello: Result<PeerHello, _> = serde_json::from_slice(&recv.read_to_end(MAX_PEER_MESSAGE).await?);
-        let id = match (hello, self.roster.authorize(&conn)) {
-            (Ok(h), Ok(id)) if h.device == id => id,
-            (_, refusal) => {
-                conn.close(1u32.into(), b"refused");
-                if refusal == Err(super::tls::Refusal::UnknownCertificate) {
+        match intro::as_called(&conn, &self.identity, &self.roster, self.session).await {
+            Ok(met) => {
+                self.add(met, conn, INCOMING);
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, IntroError::Refused(Refusal::UnknownCertificate)) {
+                    // A certificate of the user's CA the roster does not list yet: a device
+                    // enrolled since the last refresh, most likely.
                     self.unknown_caller.notify_one();
                 }
-                anyhow::bail!("refused {}: {refusal:?}", conn.remote_address());
+                anyhow::bail!("refused {}: {e}", conn.remote_address())
             }
-        };
-        send.write_all(&serde_json::to_vec(&PeerWelcome { device: self.me })?).await?;
-        send.finish()?;
-        self.add(id, conn, INCOMING);
-        Ok(())
+        }
     }
 
     /// Closes every connection and the endpoint, giving the close a moment to reach the peers.
@@ -330,6 +356,57 @@ impl PeerNode {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.save();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Introductions in progress, in all and per source (see `MAX_HANDSHAKES`).
+#[derive(Default)]
+struct Handshakes {
+    total: usize,
+    by_source: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// Holds one slot of `Handshakes` until dropped.
+struct HandshakeSlot {
+    limits: Arc<Mutex<Handshakes>>,
+    source: std::net::IpAddr,
+}
+
+impl Handshakes {
+    fn take(limits: &Arc<Mutex<Handshakes>>, source: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut h = limits.lock().unwrap_or_else(|p| p.into_inner());
+        let n = h.by_source.get(&source).copied().unwrap_or(0);
+        if h.total >= MAX_HANDSHAKES || n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        h.total += 1;
+        h.by_source.insert(source, n + 1);
+        Some(HandshakeSlot { limits: limits.clone(), source })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut h = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        h.total -= 1;
+        if let Some(n) = h.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                h.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The source a connection attempt counts against: its IPv4 address, or its IPv6 /64 (one
+/// host can have a whole /64).
+fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
     }
 }
 
@@ -354,7 +431,7 @@ mod tests {
     use shoal_protocol::api::DeviceInfo;
 
     use super::*;
-    use crate::peer::tls::tests::{device, user_ca};
+    use crate::peer::tls::tests::{device, lan, user_ca};
 
     fn hint(info: &DeviceInfo, at: &PeerNode) -> PeerHint {
         PeerHint {
@@ -386,8 +463,8 @@ mod tests {
         let (ib, db) = device(Some(&ca), &ca, 365);
         let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (ra, rb) = (Roster::default(), Roster::default());
-        ra.replace(vec![da.clone(), db.clone()]);
-        rb.replace(vec![da.clone(), db.clone()]);
+        ra.replace(vec![da.clone(), db.clone()], Some(lan(5)));
+        rb.replace(vec![da.clone(), db.clone()], Some(lan(5)));
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let served = |home: &Path| {
             ChunkServer::new(
@@ -399,8 +476,8 @@ mod tests {
                 Default::default(),
             )
         };
-        let a = PeerNode::start(&ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path()), free()).unwrap();
-        let b = PeerNode::start(&ib, local, rb, db.id, home_b.path(), served(home_b.path()), free()).unwrap();
+        let a = PeerNode::start(ia, local, ra.clone(), da.id, home_a.path(), served(home_a.path()), free()).unwrap();
+        let b = PeerNode::start(ib, local, rb, db.id, home_b.path(), served(home_b.path()), free()).unwrap();
 
         // Both dial at once: each side ends with one connection, and the same one (found by a
         // hint on one side, incoming on the other).
@@ -421,7 +498,7 @@ mod tests {
         // come back.
         let mut revoked = db.clone();
         revoked.revoked = true;
-        ra.replace(vec![da.clone(), revoked]);
+        ra.replace(vec![da.clone(), revoked], None);
         a.recheck();
         until("the revoked peer is gone on both sides", || a.peers().is_empty() && b.peers().is_empty()).await;
         assert!(b.greet(&hint(&da, &a)).await.is_err());
@@ -433,6 +510,53 @@ mod tests {
         b.close().await;
     }
 
+    /// A peer that starts again (a new run: a new session) while the old connection still looks
+    /// alive replaces it at once, whichever side opened which.
+    #[tokio::test]
+    async fn a_restarted_peer_replaces_its_old_connection() {
+        let ca = user_ca("alice");
+        let (ia, da) = device(Some(&ca), &ca, 365);
+        let ((kb, cb, cab), db) = crate::peer::tls::tests::device_parts(Some(&ca), &ca, 365);
+        let homes: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let roster = || {
+            let r = Roster::default();
+            r.replace(vec![da.clone(), db.clone()], Some(lan(5)));
+            r
+        };
+        let served = |home: &Path| {
+            let store = crate::store::Store::open(&home.join("db")).unwrap();
+            ChunkServer::new(store, home.into(), free(), Default::default(), Default::default(), Default::default())
+        };
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let a = PeerNode::start(ia, local, roster(), da.id, homes[0].path(), served(homes[0].path()), free()).unwrap();
+        for a_dials in [true, false] {
+            // The first run of B; A or B dials.
+            let ib = Identity::from_der(kb.clone(), cb.clone(), cab.clone()).unwrap();
+            let b1 =
+                PeerNode::start(ib, local, roster(), db.id, homes[1].path(), served(homes[1].path()), free()).unwrap();
+            if a_dials {
+                a.greet(&hint(&db, &b1)).await.unwrap()
+            } else {
+                b1.greet(&hint(&da, &a)).await.unwrap()
+            }
+            until("connected", || a.peers().len() == 1).await;
+            // B starts again elsewhere, its old run never having said goodbye, and calls A (A
+            // still counts itself connected to B, so it calls nobody).
+            let ib = Identity::from_der(kb.clone(), cb.clone(), cab.clone()).unwrap();
+            let b2 =
+                PeerNode::start(ib, local, roster(), db.id, homes[2].path(), served(homes[2].path()), free()).unwrap();
+            let new_addr = b2.local_addr().unwrap().to_string();
+            b2.greet(&hint(&da, &a)).await.unwrap();
+            until("the new run replaced the old", || a.peers().iter().any(|p| p.addr == new_addr)).await;
+            assert_eq!(a.peers().len(), 1, "{:?}", a.peers());
+            until("the old run's connection closed", || b1.peers().is_empty()).await;
+            b1.close().await;
+            b2.close().await;
+            until("gone", || a.peers().is_empty()).await;
+        }
+        a.close().await;
+    }
+
     /// A connected peer answers `have` from its chunk map and `get` with the chunks of files
     /// still as indexed: the chunks of a file changed since it was hashed are skipped, not sent.
     #[tokio::test]
@@ -442,7 +566,7 @@ mod tests {
         let (ib, db) = device(Some(&ca), &ca, 365);
         let (home_a, home_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let roster = Roster::default();
-        roster.replace(vec![da.clone(), db.clone()]);
+        roster.replace(vec![da.clone(), db.clone()], Some(lan(5)));
         // A's folder holds one indexed file of several chunks.
         let root = home_a.path().join("folder");
         std::fs::create_dir(&root).unwrap();
@@ -462,11 +586,11 @@ mod tests {
         let partials = crate::transfer::Partials::default();
         let recent = crate::transfer::RecentChunks::default();
         let served = ChunkServer::new(store, root, free(), partials.clone(), recent.clone(), Default::default());
-        let a = PeerNode::start(&ia, local, roster.clone(), da.id, home_a.path(), served, free()).unwrap();
+        let a = PeerNode::start(ia, local, roster.clone(), da.id, home_a.path(), served, free()).unwrap();
         let b_store = crate::store::Store::open(&home_b.path().join("db")).unwrap();
         let b_root = home_b.path().to_path_buf();
         let b = PeerNode::start(
-            &ib,
+            ib,
             local,
             roster,
             db.id,
@@ -487,7 +611,7 @@ mod tests {
         assert_eq!(have, ids.iter().map(|id| *id != unknown).collect::<Vec<_>>());
 
         let mut got = Vec::new();
-        crate::peer::fetch::get(conn, &ids, &free(), |id, d| got.push((id, d))).await.unwrap();
+        crate::peer::fetch::get(conn, &ids, &free(), &Default::default(), |id, d| got.push((id, d))).await.unwrap();
         assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids[..ids.len() - 1]);
         assert_eq!(got.iter().flat_map(|(_, d)| d.iter().copied()).collect::<Vec<u8>>(), data);
 
@@ -497,7 +621,7 @@ mod tests {
         changed[0] ^= 1;
         std::fs::write(&file, &changed).unwrap();
         let mut got = Vec::new();
-        crate::peer::fetch::get(conn, &ids, &free(), |id, _| got.push(id)).await.unwrap();
+        crate::peer::fetch::get(conn, &ids, &free(), &Default::default(), |id, _| got.push(id)).await.unwrap();
         assert_eq!(got, Vec::<shoal_protocol::ChunkId>::new());
 
         // A download in progress on A: its written chunks are served from the temp file.
@@ -513,7 +637,7 @@ mod tests {
         let ids2: Vec<shoal_protocol::ChunkId> = m2.chunks[..2].iter().map(|c| c.id).collect();
         assert_eq!(crate::peer::fetch::have(conn, &ids2).await.unwrap(), vec![true, false], "only what is written");
         let mut got = Vec::new();
-        crate::peer::fetch::get(conn, &ids2, &free(), |_, d| got.push(d)).await.unwrap();
+        crate::peer::fetch::get(conn, &ids2, &free(), &Default::default(), |_, d| got.push(d)).await.unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(&got[0][..], &other[..first]);
         drop(guard);
@@ -526,7 +650,9 @@ mod tests {
         recent.add([(sid, bytes::Bytes::from(small.clone()))]);
         assert_eq!(crate::peer::fetch::have(conn, &[unknown, sid]).await.unwrap(), vec![false, true]);
         let mut got = Vec::new();
-        crate::peer::fetch::get(conn, &[ids[0], sid, unknown], &free(), |id, d| got.push((id, d))).await.unwrap();
+        crate::peer::fetch::get(conn, &[ids[0], sid, unknown], &free(), &Default::default(), |id, d| got.push((id, d)))
+            .await
+            .unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].0, &got[0].1[..]), (sid, &small[..]));
         a.close().await;

@@ -248,7 +248,7 @@ fn read_at(file: &std::fs::File, offset: u64, len: u32) -> Option<Bytes> {
 }
 
 /// Test-only ways for a device to serve bad bytes, chosen by `SHOAL_TEST_PEER_FAULT`
-/// (`corrupt`, `truncate`, `endless`, `stall` or `trickle`). Compiled only with the `test-faults` feature,
+/// (`corrupt`, `truncate`, `endless`, `stall`, `trickle` or `slow`). Compiled only with the `test-faults` feature,
 /// which the end-to-end tests enable.
 #[cfg(feature = "test-faults")]
 mod faults {
@@ -264,6 +264,8 @@ mod faults {
         Stall,
         /// The first frame's header, then one byte of it a second.
         Trickle,
+        /// Every frame, a KiB every four seconds: never silent for long, hopelessly slow.
+        Slow,
     }
 
     pub fn current() -> Option<Fault> {
@@ -273,6 +275,7 @@ mod faults {
             "endless" => Some(Fault::Endless),
             "stall" => Some(Fault::Stall),
             "trickle" => Some(Fault::Trickle),
+            "slow" => Some(Fault::Slow),
             _ => None,
         }
     }
@@ -298,6 +301,13 @@ mod faults {
             Fault::Stall => {
                 send.write_all(header).await?;
                 tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+            Fault::Slow => {
+                send.write_all(header).await?;
+                for piece in data.chunks(1024) {
+                    send.write_all(piece).await?;
+                    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+                }
             }
             Fault::Trickle => {
                 send.write_all(header).await?;

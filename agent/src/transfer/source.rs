@@ -62,13 +62,39 @@ pub struct BytesBySource {
     pub origin: u64,
 }
 
-/// Live counters behind `BytesBySource`, shared by every download of an agent.
+/// Live counters behind `BytesBySource`, shared by every download of an agent, and the rate
+/// sources have been delivering at (what a peer is judged against).
 #[derive(Debug, Default)]
-pub struct SourceCounts([AtomicU64; 4]);
+pub struct SourceCounts([AtomicU64; 4], AtomicU64);
+
+/// Least a transfer must move to count towards the reference rate: below it, round trips
+/// dominate.
+const RATE_SAMPLE_MIN: u64 = 256 * 1024;
+/// A peer slower than the reference rate divided by this, while another source holds its
+/// chunks, is left for that source.
+const SLOWER_THAN: u64 = 16;
+/// How often, while peers are slow to deliver, the origin is asked whether it now holds what
+/// they were asked for.
+const ORIGIN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl SourceCounts {
     pub fn add(&self, from: Source, n: u64) {
         self.0[from as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Notes a transfer of `bytes` in `elapsed` (any source), for the reference rate: a moving
+    /// average of recent transfers large enough to tell.
+    pub fn observe(&self, bytes: u64, elapsed: std::time::Duration) {
+        if bytes < RATE_SAMPLE_MIN {
+            return;
+        }
+        let rate = bytes * 1000 / (elapsed.as_millis().max(1) as u64);
+        let _ = self.1.fetch_update(Relaxed, Relaxed, |old| Some(if old == 0 { rate } else { (old * 3 + rate) / 4 }));
+    }
+
+    /// Bytes a second that recent transfers achieved (0 before any was measured).
+    pub fn reference_rate(&self) -> u64 {
+        self.1.load(Relaxed)
     }
 
     pub fn snapshot(&self) -> BytesBySource {
@@ -151,16 +177,20 @@ impl Origin {
         while at < queue.len() {
             let rest = &queue[at..];
             let mut got = 0usize;
+            let mut bytes = 0u64;
+            let started = std::time::Instant::now();
             let batch = self
                 .client
                 .fetch(rest, |id, data| {
                     let data = verify(&id, data, Source::Origin).map_err(|e| e.to_string())?;
                     self.counts.add(Source::Origin, data.len() as u64);
+                    bytes += data.len() as u64;
                     each(id, data);
                     got += 1;
                     Ok(())
                 })
                 .await;
+            self.counts.observe(bytes, started.elapsed());
             let err = match batch {
                 Ok(()) => break,
                 Err(e) if e.code() == Some(ErrorCode::Unauthorized) => return Err(e),
@@ -258,6 +288,30 @@ impl Remote {
         }
     }
 
+    /// Sets `floor` to a fraction of the rate sources have been delivering at, once the origin
+    /// holds every chunk of `want` (asked after one `STALL_TIMEOUT`, then every
+    /// `ORIGIN_RECHECK`): from then on a peer much slower than the others is left for the
+    /// origin. Nothing is asked while no rate has been measured; under this device's own
+    /// `lan_limit` the floor stays below half of it. Never returns: the caller drops it when the
+    /// peers are done.
+    async fn arm_floors(&self, node: &PeerNode, want: &[ChunkId], floor: &AtomicU64) {
+        let mut low = self.origin.counts.reference_rate() / SLOWER_THAN;
+        if let Some(own) = node.lan_limit().rate() {
+            low = low.min(own / 2);
+        }
+        if low > 0 {
+            loop {
+                tokio::time::sleep(peer::STALL_TIMEOUT).await;
+                if self.origin.client.missing(want).await.is_ok_and(|m| m.is_empty()) {
+                    floor.store(low, Relaxed);
+                    break;
+                }
+                tokio::time::sleep(ORIGIN_RECHECK - peer::STALL_TIMEOUT).await;
+            }
+        }
+        std::future::pending::<()>().await
+    }
+
     fn usable_peers(&self, node: &PeerNode) -> Vec<(DeviceId, quinn::Connection)> {
         let dropped = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
         node.connections().into_iter().filter(|(d, _)| !dropped.contains(d)).collect()
@@ -304,15 +358,28 @@ impl Remote {
                     }
                 }
             }
-            let gets =
-                plan.iter().zip(&peers).filter(|(ids, _)| !ids.is_empty()).map(|(ids, (device, conn))| async move {
+            // Each peer is held to a floor once the origin is known to hold everything asked of
+            // the peers (see `arm_floors`); until then, a slow peer is the only source there is.
+            let floor = AtomicU64::new(0);
+            let gets = plan.iter().zip(&peers).filter(|(ids, _)| !ids.is_empty()).map(|(ids, (device, conn))| {
+                let floor = &floor;
+                async move {
                     let mut got = Vec::with_capacity(ids.len());
-                    let r = peer::get(conn, ids, node.lan_limit(), |id, d| got.push((id, d))).await;
+                    let started = std::time::Instant::now();
+                    let r = peer::get(conn, ids, node.lan_limit(), floor, |id, d| got.push((id, d))).await;
+                    if r.is_ok() {
+                        self.origin.counts.observe(got.iter().map(|(_, d)| d.len() as u64).sum(), started.elapsed());
+                    }
                     (*device, got, r)
-                });
+                }
+            });
+            let results = tokio::select! {
+                r = futures::future::join_all(gets) => r,
+                () = self.arm_floors(node, &want, &floor) => unreachable!("arm_floors never returns"),
+            };
             let mut delivered = HashSet::new();
             let mut failed = false;
-            for (device, got, r) in futures::future::join_all(gets).await {
+            for (device, got, r) in results {
                 if let Err(e) = r {
                     self.drop_peer(node, device, &e);
                     failed = true;

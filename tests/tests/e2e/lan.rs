@@ -4,59 +4,9 @@
 //! to the other over QUIC after its author has lost the coordinator. Needs root (CI runs as root)
 //! to create the namespaces.
 
-use std::process::Command;
-
 use shoal_protocol::testdata::noise;
 
 use crate::harness::*;
-
-/// Two network namespaces joined by a veth pair, deleted on drop: `a` holds 10.77.0.1; `b` holds
-/// 10.77.0.2, and 10.78.0.1 on its loopback interface, where the coordinator listens (`a` routes
-/// to it through `b`; mDNS never announces loopback addresses, so peers never use it).
-struct Lan {
-    a: String,
-    b: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {} failed (network namespaces need root): {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Lan {
-    fn new() -> Lan {
-        let tag = std::process::id() % 100_000;
-        let lan = Lan { a: format!("shoal-a-{tag}"), b: format!("shoal-b-{tag}") };
-        let (va, vb) = (format!("sva{tag}"), format!("svb{tag}"));
-        ip(&["netns", "add", &lan.a]);
-        ip(&["netns", "add", &lan.b]);
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
-        ip(&["link", "set", &va, "netns", &lan.a]);
-        ip(&["link", "set", &vb, "netns", &lan.b]);
-        ip(&["-n", &lan.a, "addr", "add", "10.77.0.1/24", "dev", &va]);
-        ip(&["-n", &lan.b, "addr", "add", "10.77.0.2/24", "dev", &vb]);
-        ip(&["-n", &lan.b, "addr", "add", "10.78.0.1/32", "dev", "lo"]);
-        for (ns, dev) in [(&lan.a, &va), (&lan.b, &vb)] {
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        ip(&["-n", &lan.a, "route", "add", "10.78.0.1/32", "via", "10.77.0.2"]);
-        lan
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
 
 fn set_config(d: &Device, f: impl FnOnce(&mut shoal_agent::config::Config)) {
     let mut cfg = shoal_agent::config::Config::load(&d.home).unwrap();

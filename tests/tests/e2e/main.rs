@@ -11,6 +11,7 @@ mod durability;
 mod hardening;
 mod history;
 mod lan;
+mod lan_attacks;
 mod large;
 mod migration;
 mod network;

@@ -63,7 +63,9 @@ fn every_connection_leaves_from_the_bind_address() {
 
 /// The daemon's saved copy of the user's device list (`devices.json` in its home).
 fn saved_roster(d: &Device) -> Vec<serde_json::Value> {
-    std::fs::read(d.home.join("devices.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    let saved: Option<serde_json::Value> =
+        std::fs::read(d.home.join("devices.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    saved.and_then(|v| v["devices"].as_array().cloned()).unwrap_or_default()
 }
 
 #[test]
@@ -77,8 +79,13 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
     wait_for(SETTLE, || peers_of(&b).iter().any(|p| p["name"] == "c").then_some(())).expect("B and C connect");
 
     // A revocation (asked for by A, confirmed by B) reaches B's saved list at once: the push
-    // subscription says the device list changed.
+    // subscription says the device list changed. C knew the user's LAN key: it is replaced.
     let c_id = Config::load(&c.home).unwrap().device_id.to_string();
+    let lan_key = |d: &Device| -> Option<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.home.join("devices.json")).ok()?).ok()?;
+        Some(v["lan"]["current"].clone()).filter(|k| k.is_string())
+    };
+    let key_before = lan_key(&b).expect("B keeps the user's LAN key");
     for d in [&a, &b] {
         let out = d.shoal(&["devices", "--revoke", &c_id]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -87,6 +94,8 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
         saved_roster(&b).iter().any(|d| d["id"] == c_id.as_str() && d["revoked"] == true).then_some(())
     })
     .unwrap_or_else(|| panic!("B's device list after revoking C: {:?}", saved_roster(&b)));
+    wait_for(Duration::from_secs(5), || (lan_key(&b).is_some_and(|k| k != key_before)).then_some(()))
+        .expect("the LAN key was not replaced after a revocation");
     // The open connection to C goes with it.
     wait_for(Duration::from_secs(5), || peers_of(&b).iter().all(|p| p["name"] != "c").then_some(()))
         .unwrap_or_else(|| panic!("B still connected to revoked C: {:?}", peers_of(&b)));

@@ -275,9 +275,11 @@ fn a_slow_lan_limit_paces_a_peer_without_it_counting_as_stalled() {
     let (_tmp, _coord, devices) = world("wilma", &["a", "b"]);
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     // A sends to its peers at 40 KiB/s: a 256 KiB chunk takes over six seconds, longer than a
-    // peer may stay silent; paced piece by piece, it never is.
+    // peer may stay silent; paced piece by piece, it never is. Its uploads crawl, so the origin
+    // has no other copy to offer meanwhile: A is the only source, however slow.
     let mut cfg = shoal_agent::config::Config::load(&a.home).unwrap();
     cfg.lan_limit = Some(shoal_agent::limit::Rate::parse("40KiB").unwrap());
+    cfg.upload_limit = Some(shoal_agent::limit::Rate::parse("16KiB").unwrap());
     cfg.save(&a.home).unwrap();
     let chunker = shoal_protocol::Chunker::default();
     let data = (70..)
@@ -300,7 +302,7 @@ fn a_slow_lan_limit_paces_a_peer_without_it_counting_as_stalled() {
     })
     .unwrap();
     assert!(peer >= data.len() as u64 && origin == 0, "B's bytes: peer {peer}, origin {origin}");
-    a.stop(false);
+    a.stop_now();
     b.stop(false);
 }
 
@@ -495,4 +497,63 @@ fn a_device_at_its_pending_limit_uploads_before_committing() {
     assert!(states.iter().all(|(_, s)| s == "durable"), "{states:?}");
     a.stop_now();
     b.stop_now();
+}
+
+/// A peer of the same user that sends a KiB every four seconds, never silent long enough to
+/// count as stalled: once the origin holds the chunks it was asked for, a device that has seen
+/// what the other sources deliver leaves it for the origin, and the file arrives in seconds.
+#[test]
+fn a_peer_far_slower_than_the_origin_is_left_for_the_origin() {
+    let (_tmp, _coord, devices) = world("ulf", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // B learns what the origin delivers: a file from it, with no peer about.
+    let first = noise(72, 4 * 1024 * 1024);
+    a.write("first.bin", &first);
+    a.sync();
+    b.start();
+    wait_until_has(&b, "first.bin", &first);
+    a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "slow")]);
+    wait_for_peers(&[&a, &b]);
+    let data = noise(73, 2 * 1024 * 1024);
+    let started = std::time::Instant::now();
+    a.write("second.bin", &data);
+    wait_for(std::time::Duration::from_secs(60), || (b.read("second.bin").as_deref() == Some(&data[..])).then_some(()))
+        .unwrap_or_else(|| panic!("B never got the file:\n{}", b.log()));
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(45), "took {took:?}");
+    assert!(b.log().contains("other sources deliver"), "{}", b.log());
+    a.stop(false);
+    b.stop(false);
+}
+
+/// A holds a 100 MiB file the origin has too; B and C start together after it was committed:
+/// each gives its LAN peers a chance before the origin, and takes at least 98 % of the file's
+/// bytes from them. The coordinator takes a second to name their peers (as over a slow link),
+/// while the journal already lists the file.
+#[test]
+fn devices_that_start_together_take_what_their_peers_hold_from_them() {
+    let (_tmp, _coord, devices) = world("vivi", &["a", "b", "c"]);
+    let [mut a, mut b, mut c] = <[Device; 3]>::try_from(devices).ok().unwrap();
+    a.start();
+    let data = noise(74, 100 * 1024 * 1024);
+    a.write("big.bin", &data);
+    wait_for(SETTLE, || {
+        let committed = a.remote_tree().contains_key("big.bin");
+        (committed && daemon_status(&a)["in_sync"] == true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("A never committed the file:\n{}", a.log()));
+    b.start_with_env(&[("SHOAL_TEST_ANNOUNCE_DELAY_MS", "1000")]);
+    c.start_with_env(&[("SHOAL_TEST_ANNOUNCE_DELAY_MS", "1000")]);
+    for d in [&b, &c] {
+        wait_until_has(d, "big.bin", &data);
+        let [_, peer, _, origin] = wait_for(SETTLE, || {
+            let s = by_source(d);
+            (s[1] + s[3] >= data.len() as u64).then_some(s)
+        })
+        .unwrap();
+        assert!(peer * 100 >= (peer + origin) * 98, "{}: peer {peer}, origin {origin}", d.name);
+    }
+    for d in [&mut a, &mut b, &mut c] {
+        d.stop(false);
+    }
 }

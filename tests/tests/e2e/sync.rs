@@ -270,3 +270,38 @@ fn expect_conflicted_copy(a: &Device, b: &Device, content: &[u8], since_ms: u64)
     found.unwrap_or_else(|| panic!("the conflicted copy never reached both devices: {:?}", a.remote_tree()));
     converge(&[a, b], SETTLE);
 }
+
+/// A device in the middle of a long download says it is syncing, not the "in sync" of the cycle
+/// before it.
+#[test]
+fn a_device_mid_download_does_not_report_in_sync() {
+    let (_tmp, _coord, devices) = world("pavel", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    // Through the origin, at 8 MiB/s: 64 MiB take about eight seconds.
+    a.configure(|c| c.lan_sync = false);
+    b.configure(|c| {
+        c.lan_sync = false;
+        c.download_limit = Some(shoal_agent::limit::Rate::parse("8MiB").unwrap());
+    });
+    a.start();
+    b.start();
+    wait_for(SETTLE, || (daemon_status(&b)["in_sync"] == true).then_some(())).expect("B never in sync");
+    let data = noise(75, 64 * 1024 * 1024);
+    a.write("big.bin", &data);
+    wait_for(SETTLE, || a.remote_tree().contains_key("big.bin").then_some(())).expect("A never committed it");
+    let committed = std::time::Instant::now();
+    let mut checked = 0;
+    while !b.path("big.bin").exists() {
+        assert!(committed.elapsed() < SETTLE, "B never got the file");
+        let status = daemon_status(&b);
+        if committed.elapsed() > Duration::from_secs(2) && !b.path("big.bin").exists() {
+            assert_ne!(status["in_sync"], true, "B says in sync while it downloads: {status}");
+            checked += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(checked > 5, "the download was too quick to watch ({checked} looks)");
+    converge(&[&a, &b], SETTLE);
+    a.stop(false);
+    b.stop(false);
+}
