@@ -166,7 +166,7 @@ async fn execute(
                         true
                     })?;
                     store.withdraw_device(u.id, dev.id)?;
-                    store.rotate_lan_key(u.id)?;
+                    store.rotate_lan_key(u.id, shoal_sys::clock::now_ms())?;
                     store.flush().await?;
                     if let Some(d) = &d {
                         tracing::info!(user = d.user, device = %d.id, by = %crate::Actor::Operator, "device revoked");

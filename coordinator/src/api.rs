@@ -269,7 +269,7 @@ fn device_info(app: &App, d: &DeviceRec) -> DeviceInfo {
 
 async fn devices(State(app): State<Arc<App>>, auth: Auth) -> ApiResult<Json<DevicesResponse>> {
     let devices = app.store.devices(auth.user())?.iter().map(|d| device_info(&app, d)).collect();
-    Ok(Json(DevicesResponse { devices, lan: Some(app.store.lan_keys(auth.user())?) }))
+    Ok(Json(DevicesResponse { devices, lan: Some(app.store.lan_keys(auth.user(), now_ms())?) }))
 }
 
 /// A device asks to revoke a device of its user: itself, or another with a second device's

@@ -271,7 +271,7 @@ pub(crate) async fn revoke_device(
             // It will upload none of its pending versions now: a device that holds one does.
             let withdrawn = app.store.withdraw_device(d.user, d.id)?;
             // It knows the LAN key: the others move to a new one.
-            app.store.rotate_lan_key(d.user)?;
+            app.store.rotate_lan_key(d.user, now_ms())?;
             app.store.flush().await?;
             if withdrawn > 0 {
                 tracing::info!(user = d.user, device = %d.id, versions = withdrawn, "the revoked device's pending versions are withdrawn");

@@ -11,7 +11,8 @@
 //! `q/CHUNK` a chunk whose stored bytes failed their hash check (kept for inspection, never
 //! served) · `n/pack` the next unused pack number · `w/UID SEQ` a pending version (committed
 //! before the origin had all its chunks; its `missing` is the count at commit time) · `l/UID`
-//! the user's LAN keys (current and previous; replaced when one of its devices is revoked).
+//! the user's LAN keys (current, previous and when it was replaced; replaced when one of its
+//! devices is revoked).
 //!
 //! The chunk records (where the chunk store keeps each chunk; which chunks each user uploaded)
 //! are a log of changes (`y/` records, numbered in order) written in the same atomic batches as
@@ -88,6 +89,19 @@ pub struct PendingRec {
     /// [`Store::pending`], the count still missing. The record goes when none is left.
     pub missing: u64,
     pub withdrawn: bool,
+}
+
+/// How long, after a rotation, the user's previous LAN key still counts: running devices fetch the
+/// new one within a minute (at once, when the coordinator tells them their device list changed);
+/// after this the revoked device's key opens nothing.
+pub const PREVIOUS_LAN_KEY_MS: u64 = 10 * 60 * 1000;
+
+/// The user's LAN keys as stored: the current one, the one before it and when it was replaced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LanKeyRec {
+    current: LanKey,
+    previous: Option<LanKey>,
+    rotated_ms: u64,
 }
 
 /// A pending version as appended with its commit: the record and the chunks it waits for.
@@ -709,13 +723,20 @@ impl Store {
     }
 
     /// The user's LAN keys (`api::LanKey`), made on first use.
-    pub fn lan_keys(&self, user: UserId) -> Result<LanKeys, StoreError> {
+    /// The previous key ends [`PREVIOUS_LAN_KEY_MS`] after the rotation that made it so.
+    pub fn lan_keys(&self, user: UserId, now_ms: u64) -> Result<LanKeys, StoreError> {
+        let rec = self.lan_key_rec(user)?;
+        let previous = rec.previous.filter(|_| now_ms < rec.rotated_ms.saturating_add(PREVIOUS_LAN_KEY_MS));
+        Ok(LanKeys { current: rec.current, previous })
+    }
+
+    fn lan_key_rec(&self, user: UserId) -> Result<LanKeyRec, StoreError> {
         let k = key(b"l/", &[&user.to_be_bytes()]);
         loop {
             if let Some(v) = self.meta.get(&k)? {
                 return decode(&k, &v);
             }
-            let fresh = LanKeys { current: random_lan_key()?, previous: None };
+            let fresh = LanKeyRec { current: random_lan_key()?, previous: None, rotated_ms: 0 };
             if self.meta.compare_and_swap(&k, None as Option<&[u8]>, Some(encode(&fresh)))?.is_ok() {
                 return Ok(fresh);
             }
@@ -723,11 +744,11 @@ impl Store {
     }
 
     /// Replaces the user's LAN key (one of its devices was revoked: it knows the old one), keeping
-    /// the old one as `previous` while the other devices catch up.
-    pub fn rotate_lan_key(&self, user: UserId) -> Result<(), StoreError> {
-        let old = self.lan_keys(user)?;
+    /// the old one as `previous` for a while, for the other devices to catch up.
+    pub fn rotate_lan_key(&self, user: UserId, now_ms: u64) -> Result<(), StoreError> {
+        let old = self.lan_key_rec(user)?;
         let k = key(b"l/", &[&user.to_be_bytes()]);
-        let new = LanKeys { current: random_lan_key()?, previous: Some(old.current) };
+        let new = LanKeyRec { current: random_lan_key()?, previous: Some(old.current), rotated_ms: now_ms };
         self.meta.insert(k, encode(&new))?;
         Ok(())
     }
@@ -1541,5 +1562,24 @@ pub(crate) mod tests {
         store.put_chunk_locs(&[(chunk(11), loc(11))]).unwrap();
         drop(store);
         assert_eq!(reopen(&dir).chunk_loc(&chunk(11)).unwrap(), Some(loc(11)));
+    }
+
+    /// A user's LAN key is made once and kept; a rotation replaces it, and the key before it
+    /// counts for `PREVIOUS_LAN_KEY_MS` more, then no longer; users have keys of their own.
+    #[test]
+    fn lan_keys_are_made_once_rotated_and_the_previous_one_expires() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("meta")).unwrap();
+        let first = store.lan_keys(1, 0).unwrap();
+        assert_eq!(store.lan_keys(1, 5).unwrap(), first);
+        assert_ne!(store.lan_keys(2, 0).unwrap().current, first.current);
+        store.rotate_lan_key(1, 1_000).unwrap();
+        let rotated = store.lan_keys(1, 2_000).unwrap();
+        assert_ne!(rotated.current, first.current);
+        assert_eq!(rotated.previous, Some(first.current));
+        let later = store.lan_keys(1, 1_000 + PREVIOUS_LAN_KEY_MS).unwrap();
+        assert_eq!((later.current, later.previous), (rotated.current, None));
+        drop(store);
+        assert_eq!(reopen(&tmp.path().join("meta")).lan_keys(1, 2_000).unwrap(), rotated, "kept across a restart");
     }
 }
