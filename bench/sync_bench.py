@@ -180,10 +180,13 @@ class Cluster:
         raise KeyError(name)
 
     def stop(self):
-        for p in list(self.agents.values()) + [self.coord]:
+        # The agents first: stopping, each sends what it owes the coordinator.
+        for p in self.agents.values():
             p.terminate()
-        for p in list(self.agents.values()) + [self.coord]:
-            p.wait(timeout=30)
+        for p in self.agents.values():
+            p.wait(timeout=60)
+        self.coord.terminate()
+        self.coord.wait(timeout=30)
 
 
 def main():
@@ -254,6 +257,9 @@ def main():
         os.rename(staging, os.path.join(a, "mid.bin"))
         dst = os.path.join(b, "mid.bin")
         assert wait(lambda: os.path.exists(dst) and os.path.getsize(dst) == size, 120, 0.01)
+        # B may have it from A before the origin does (a pending version): A's upload of it must
+        # be over before the edit's is counted.
+        assert wait(lambda: c.metric("shoal_pending_versions") == 0, 120, 0.05), "the 256 MiB file never became durable"
         time.sleep(0.5)
         before = c.metric("shoal_chunk_bytes_in_total")
         with open(os.path.join(a, "mid.bin"), "rb") as f:

@@ -321,7 +321,11 @@ impl Client {
     /// Uploads a body of frames (see `shoal_protocol::api::encode_frame`), after giving way to
     /// chunks this device is sending to LAN peers (`PeerServing`).
     pub async fn upload_frames(&self, body: Vec<u8>) -> ClientResult<u64> {
-        self.serving.give_way().await;
+        // A small request takes nothing from the peers worth waiting for, and waiting would hold
+        // up the cycle that sends it (and with it the next change's commit).
+        if body.len() >= crate::limit::GIVE_WAY_MIN_BYTES {
+            self.serving.give_way().await;
+        }
         let body = if self.up.is_limited() {
             // Sent in pieces, each when the upload limit allows it.
             let up = self.up.clone();

@@ -123,6 +123,9 @@ impl Limiter {
 
 /// How long after the last chunk sent to a LAN peer this device counts as serving.
 const SERVING_QUIET: Duration = Duration::from_millis(250);
+/// Smallest origin upload request that gives way to serving: below it, a request costs the peers
+/// nothing noticeable, and waiting 250 ms for it delayed the next small file's commit by as much.
+pub const GIVE_WAY_MIN_BYTES: usize = 1024 * 1024;
 /// Longest an origin upload request waits for a pause in serving.
 const GIVE_WAY_MAX: Duration = Duration::from_secs(1);
 

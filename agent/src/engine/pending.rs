@@ -147,12 +147,19 @@ impl Engine {
     /// version may exist nowhere else). Returns what is still owed.
     pub async fn finish_uploads(&mut self) -> anyhow::Result<UploadsLeft> {
         self.upload_first = true;
+        // Nothing owed and no other device's pending version held, as of the last look: nothing
+        // to tell the coordinator (which may be gone itself).
+        let held = self.holds_pending()?;
+        if !held && self.uploads_left()?.is_empty() {
+            return Ok(UploadsLeft::default());
+        }
         let mut report = CycleReport::default();
         self.drain_outbox(&mut report).await?;
         self.pay_owed(&mut report).await?;
         let me = self.cfg.device_id;
         let mut held_left = 0;
-        for v in self.fetch_pending().await?.versions.into_iter().filter(|v| v.device != me) {
+        let listed = if held { self.fetch_pending().await?.versions } else { Vec::new() };
+        for v in listed.into_iter().filter(|v| v.device != me) {
             let Some(e) = self.holds_unchanged(&v.path, v.version)? else { continue };
             tracing::info!(path = %v.path.escaped(), version = v.version, "uploading another device's pending version before stopping");
             match self.upload_held(&e, &mut report).await {
