@@ -93,6 +93,8 @@ enum Hint {
     Local {
         rescan: bool,
         paths: Vec<PathBuf>,
+        /// Directories that appeared: their entries are to be looked at.
+        new_dirs: Vec<PathBuf>,
     },
     Remote(Seq),
     /// Run a cycle to learn where this device stands (the push subscription closed: the
@@ -103,13 +105,15 @@ enum Hint {
 /// Passes a hint to the engine: changed paths become dirty; a rescan request starts a full pass.
 fn take_hint(engine: &mut Engine, root: &Path, hint: Hint) {
     match hint {
-        Hint::Local { rescan, paths } => {
+        Hint::Local { rescan, paths, new_dirs } => {
             if rescan {
                 tracing::info!("watcher asked for a full rescan");
                 engine.start_full_pass();
             }
             // Names that cannot be synced are reported by the scans; events for them are noise.
-            engine.mark_dirty(paths.iter().filter_map(|p| SyncPath::from_relative(p.strip_prefix(root).ok()?).ok()));
+            let sync_path = |p: &PathBuf| SyncPath::from_relative(p.strip_prefix(root).ok()?).ok();
+            engine.mark_dirty(paths.iter().filter_map(sync_path));
+            engine.mark_new_dirs(new_dirs.iter().filter_map(sync_path));
         }
         Hint::Remote(head) => tracing::debug!(head, "coordinator head moved"),
         Hint::Wake => {}
@@ -201,6 +205,11 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
         peers_met,
         cancel.clone(),
     )));
+    let stalled_until = Arc::new(AtomicU64::new(0));
+    let _stalls = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_for_stalls(
+        stalled_until.clone(),
+        debounce + STALL_SETTLE,
+    )));
     let mut status = Status { pid: std::process::id(), ..Status::default() };
     let mut backoff = retry_delays();
     let mut next_rescan = tokio::time::Instant::now() + rescan_every;
@@ -261,9 +270,17 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
                     report.in_sync = false;
                     report.more_work = true;
                 }
+                // Just after the daemon did not run for a while (paused, the machine asleep),
+                // what changed meanwhile is still on its way from the watcher: no verdict yet.
+                let settling = stalled_until.load(Ordering::Relaxed).saturating_sub(now_ms());
+                if report.in_sync && settling > 0 {
+                    report.in_sync = false;
+                }
                 update_status(&mut status, &report);
                 if woken {
                     Duration::ZERO
+                } else if settling > 0 {
+                    Duration::from_millis(settling)
                 } else if report.in_sync {
                     backoff = retry_delays();
                     let idle = next_rescan.saturating_duration_since(tokio::time::Instant::now());
@@ -429,7 +446,7 @@ fn watch(
 ) -> anyhow::Result<crate::watch::FolderWatcher> {
     crate::watch::start(root, debounce, own, move |b| {
         hints.fetch_add(1, Ordering::Relaxed);
-        if tx.try_send(Hint::Local { rescan: b.rescan, paths: b.paths }).is_err() {
+        if tx.try_send(Hint::Local { rescan: b.rescan, paths: b.paths, new_dirs: b.new_dirs }).is_err() {
             overflow.store(true, Ordering::Relaxed);
         }
     })
@@ -475,6 +492,30 @@ async fn subscribe(
             Err(e) => tracing::debug!(error = %e, "subscription failed"),
         }
         tokio::time::sleep(next_delay(&mut backoff)).await;
+    }
+}
+
+/// A gap this long between the ticks of `watch_for_stalls` means the daemon did not run.
+const STALL_GAP: Duration = Duration::from_secs(1);
+/// After such a gap, how long (beyond the watcher's debounce) no cycle reports in sync: the
+/// watcher reads the events queued meanwhile and waits for the agent's own writes to settle
+/// (`watch::settle`, 250 ms at most) before handing them over.
+const STALL_SETTLE: Duration = Duration::from_millis(500);
+
+/// Notes in `until` (ms since the epoch) when the daemon may trust a verdict again after not
+/// running for a while: the wall clock, read every 200 ms, jumped by `STALL_GAP` or more (SIGSTOP,
+/// a suspended machine, a starved process). The wall clock, because the monotonic one stops while
+/// the machine sleeps.
+async fn watch_for_stalls(until: Arc<AtomicU64>, settle: Duration) {
+    let mut last = now_ms();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let now = now_ms();
+        if now.saturating_sub(last) >= STALL_GAP.as_millis() as u64 {
+            until.store(now + settle.as_millis() as u64, Ordering::Relaxed);
+        }
+        last = now;
     }
 }
 

@@ -277,6 +277,15 @@ impl Engine {
         }
     }
 
+    /// Notes directories that appeared on disk (made, or moved in): their entries are looked at by
+    /// later cycles, as for a directory new to the index, even where one was before (a directory
+    /// removed and made again, whose new entries may have come before any watch covered them).
+    /// (One the scan finds new anyway is visited twice; a visit of an indexed directory only
+    /// compares its entries' stats.)
+    pub fn mark_new_dirs(&mut self, dirs: impl IntoIterator<Item = SyncPath>) {
+        self.later.extend(dirs);
+    }
+
     /// Starts a full pass over the folder (unless one is running): the backstop that finds what
     /// no event reported. It runs a few directories per cycle, after the dirty paths, so events
     /// keep being answered while it runs.

@@ -25,9 +25,11 @@ const MAX_PATHS: usize = 200_000;
 enum Seen {
     Absent,
     /// A directory's times move with every entry written into it (each tracked on its own), so
-    /// only its identity and mode count.
+    /// only its identity and mode count: the inode, and the birth time, since a directory removed
+    /// and made again at once often gets the same inode back.
     Dir {
         ino: u64,
+        born: Option<std::time::SystemTime>,
         mode: u32,
     },
     Present {
@@ -49,7 +51,7 @@ fn look(path: &Path) -> Option<Seen> {
 
 fn seen(md: &std::fs::Metadata) -> Seen {
     if md.is_dir() {
-        return Seen::Dir { ino: md.ino(), mode: md.mode() };
+        return Seen::Dir { ino: md.ino(), born: md.created().ok(), mode: md.mode() };
     }
     Seen::Present {
         ino: md.ino(),

@@ -27,6 +27,9 @@ const OWN_SETTLE: Duration = Duration::from_millis(250);
 pub struct Batch {
     pub rescan: bool,
     pub paths: Vec<PathBuf>,
+    /// Those of `paths` that are directories that appeared (made, or moved in): what is inside
+    /// one may have been written before any watch covered it, so its entries must be looked at.
+    pub new_dirs: Vec<PathBuf>,
 }
 
 /// Events gathered since the last batch went out.
@@ -36,6 +39,8 @@ struct Gathered {
     rescan: bool,
     /// Entries that appeared at the top level (directories among them get a watch).
     tops: Vec<PathBuf>,
+    /// Entries that appeared anywhere (the directories among them are `Batch::new_dirs`).
+    appeared: Vec<PathBuf>,
     /// When the first event of the batch arrived.
     since: Option<Instant>,
     closed: bool,
@@ -98,6 +103,9 @@ pub fn start(
                         }
                         if appeared && p.parent() == Some(root.as_path()) {
                             g.tops.push(p.clone());
+                        }
+                        if appeared {
+                            g.appeared.push(p.clone());
                         }
                         g.paths.push(p);
                     }
@@ -186,8 +194,14 @@ fn flush(
             own.settle(OWN_SETTLE);
         }
         paths.retain(|p| !own.is_own(p));
+        let appeared: HashSet<&PathBuf> = taken.appeared.iter().collect();
+        let new_dirs: Vec<PathBuf> = paths
+            .iter()
+            .filter(|p| appeared.contains(p) && p.symlink_metadata().is_ok_and(|m| m.is_dir()))
+            .cloned()
+            .collect();
         if rescan || !paths.is_empty() {
-            emit(Batch { rescan, paths });
+            emit(Batch { rescan, paths, new_dirs });
         }
     }
 }
@@ -260,6 +274,14 @@ mod tests {
         let late = root.join("new/sub/late");
         std::fs::write(&late, b"").unwrap();
         assert!(wait_for(&rx, &late).iter().flat_map(|b| &b.paths).any(|p| *p == late));
+
+        // A directory made again where one was (often with the same inode) is reported as new,
+        // so that what was written in it before its watch existed is looked at.
+        let again = root.join("old/deep");
+        std::fs::remove_dir_all(&again).unwrap();
+        std::fs::create_dir(&again).unwrap();
+        let got = wait_for(&rx, &again);
+        assert!(got.iter().any(|b| b.new_dirs.contains(&again)), "{got:?}");
 
         // So is one renamed in from outside the folder.
         let outside = tempfile::tempdir_in(root.parent().unwrap()).unwrap();

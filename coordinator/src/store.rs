@@ -726,8 +726,9 @@ impl Store {
     /// The previous key ends [`PREVIOUS_LAN_KEY_MS`] after the rotation that made it so.
     pub fn lan_keys(&self, user: UserId, now_ms: u64) -> Result<LanKeys, StoreError> {
         let rec = self.lan_key_rec(user)?;
-        let previous = rec.previous.filter(|_| now_ms < rec.rotated_ms.saturating_add(PREVIOUS_LAN_KEY_MS));
-        Ok(LanKeys { current: rec.current, previous })
+        let until = rec.rotated_ms.saturating_add(PREVIOUS_LAN_KEY_MS);
+        let previous = rec.previous.filter(|_| now_ms < until);
+        Ok(LanKeys { current: rec.current, previous, previous_until_ms: if previous.is_some() { until } else { 0 } })
     }
 
     fn lan_key_rec(&self, user: UserId) -> Result<LanKeyRec, StoreError> {
@@ -1577,6 +1578,7 @@ pub(crate) mod tests {
         let rotated = store.lan_keys(1, 2_000).unwrap();
         assert_ne!(rotated.current, first.current);
         assert_eq!(rotated.previous, Some(first.current));
+        assert_eq!(rotated.previous_until_ms, 1_000 + PREVIOUS_LAN_KEY_MS, "devices are told when it ends");
         let later = store.lan_keys(1, 1_000 + PREVIOUS_LAN_KEY_MS).unwrap();
         assert_eq!((later.current, later.previous), (rotated.current, None));
         drop(store);

@@ -226,6 +226,16 @@ pub struct LanKeys {
     pub current: LanKey,
     #[serde(default)]
     pub previous: Option<LanKey>,
+    /// When `previous` stops counting (ms since the epoch).
+    #[serde(default)]
+    pub previous_until_ms: u64,
+}
+
+impl LanKeys {
+    /// The keys that count at `now_ms`: the current one, and the previous one until it expires.
+    pub fn at(&self, now_ms: u64) -> LanKeys {
+        LanKeys { previous: self.previous.filter(|_| now_ms < self.previous_until_ms), ..*self }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

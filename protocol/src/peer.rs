@@ -34,7 +34,7 @@ pub const MAX_INTRO_MESSAGE: usize = 8 * 1024;
 pub const WELCOME: u8 = 1;
 /// What both sides export from the TLS session (RFC 5705 / 8446 §7.5) to bind the introduction
 /// to this connection, and how many bytes.
-pub const BINDING_LABEL: &[u8] = b"EXPORTER-shoal-peer-v2";
+pub const BINDING_LABEL: &[u8] = b"EXPERIMENTAL-shoal-peer-v2";
 pub const BINDING_LEN: usize = 32;
 
 /// The caller's proof that it holds the user's LAN key: `keyed_hash(lan key, GROUP_CONTEXT ||
@@ -128,12 +128,14 @@ impl DeviceProof {
 }
 
 /// One introduction message as sent: its 2-byte length, then its bytes.
-pub fn frame_intro(msg: &[u8]) -> Vec<u8> {
-    assert!(msg.len() <= MAX_INTRO_MESSAGE, "introduction messages are small");
+pub fn frame_intro(msg: &[u8]) -> Result<Vec<u8>, IntroError> {
+    if msg.len() > MAX_INTRO_MESSAGE {
+        return Err(IntroError::TooLarge(msg.len()));
+    }
     let mut out = Vec::with_capacity(2 + msg.len());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
-    out
+    Ok(out)
 }
 
 /// Most chunk ids in one request.
@@ -298,7 +300,8 @@ mod tests {
         assert!(!g.verify(&[8; 32], b"binding"));
         assert_eq!(GroupProof::decode(&g.0), Ok(g));
         assert!(GroupProof::decode(&[0; 31]).is_err());
-        assert_eq!(frame_intro(&[5, 6]), vec![0, 2, 5, 6]);
+        assert_eq!(frame_intro(&[5, 6]), Ok(vec![0, 2, 5, 6]));
+        assert!(frame_intro(&[0; MAX_INTRO_MESSAGE + 1]).is_err());
     }
 
     proptest! {

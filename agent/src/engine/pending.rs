@@ -37,6 +37,8 @@ use crate::transfer::{self, UploadError};
 
 /// How often a device holding someone else's pending version checks whether it should upload it.
 pub(super) const PENDING_RECHECK: Duration = Duration::from_secs(2);
+/// How long a stopping device that owes nothing of its own waits for the list of pending versions.
+const ONE_LOOK: Duration = Duration::from_secs(2);
 /// How often a device looks again while only stuck versions are pending (one may come back to
 /// life when its author returns and uploads it).
 const STUCK_RECHECK: Duration = Duration::from_secs(60);
@@ -147,18 +149,24 @@ impl Engine {
     /// version may exist nowhere else). Returns what is still owed.
     pub async fn finish_uploads(&mut self) -> anyhow::Result<UploadsLeft> {
         self.upload_first = true;
-        // Nothing owed and no other device's pending version held, as of the last look: nothing
-        // to tell the coordinator (which may be gone itself).
-        let held = self.holds_pending()?;
-        if !held && self.uploads_left()?.is_empty() {
-            return Ok(UploadsLeft::default());
-        }
         let mut report = CycleReport::default();
-        self.drain_outbox(&mut report).await?;
-        self.pay_owed(&mut report).await?;
+        let owes = !self.uploads_left()?.is_empty();
+        if owes {
+            self.drain_outbox(&mut report).await?;
+            self.pay_owed(&mut report).await?;
+        }
+        // Owing nothing of its own, a device looks once, briefly, for others' versions it holds:
+        // a coordinator that does not answer (gone itself) is not waited for.
+        let listed = if owes {
+            self.fetch_pending().await?.versions
+        } else {
+            match tokio::time::timeout(ONE_LOOK, self.fetch_pending()).await {
+                Ok(Ok(p)) => p.versions,
+                _ => return Ok(UploadsLeft::default()),
+            }
+        };
         let me = self.cfg.device_id;
         let mut held_left = 0;
-        let listed = if held { self.fetch_pending().await?.versions } else { Vec::new() };
         for v in listed.into_iter().filter(|v| v.device != me) {
             let Some(e) = self.holds_unchanged(&v.path, v.version)? else { continue };
             tracing::info!(path = %v.path.escaped(), version = v.version, "uploading another device's pending version before stopping");

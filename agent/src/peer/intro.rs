@@ -23,6 +23,9 @@ use super::tls::{Identity, Refusal, Roster};
 
 /// How long the whole introduction may take: it is four short messages.
 pub const INTRO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the called side waits for the caller's first message, which a device sends as soon as
+/// the handshake is over: a stranger holding connections open without it holds them briefly.
+const PROOF_WAIT: Duration = Duration::from_secs(1);
 
 /// The device on the other end, as its introduction established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,9 @@ pub struct Introduced {
     pub fingerprint: ChunkId,
     /// The id of its current run.
     pub session: [u8; 16],
+    /// This connection's binding: both ends hold the same, so both settle a choice between two
+    /// connections alike by it.
+    pub binding: [u8; BINDING_LEN],
 }
 
 /// Why an introduction failed.
@@ -79,8 +85,9 @@ fn finish(
     r: Result<Result<Introduced, IntroError>, tokio::time::error::Elapsed>,
 ) -> Result<Introduced, IntroError> {
     let r = r.unwrap_or(Err(IntroError::TimedOut));
-    if r.is_err() {
-        conn.close(REFUSED.into(), b"");
+    match &r {
+        Ok(_) => super::tls::admitted(conn),
+        Err(_) => conn.close(REFUSED.into(), b""),
     }
     r
 }
@@ -95,7 +102,7 @@ async fn caller(
     let lan = roster.lan().ok_or(Refusal::NoLanKey)?;
     let binding = binding(conn)?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(io)?;
-    send.write_all(&frame_intro(&GroupProof::compute(lan.current.bytes(), &binding).0)).await.map_err(io)?;
+    send.write_all(&framed(&GroupProof::compute(lan.current.bytes(), &binding).0)?).await.map_err(io)?;
     let theirs = DeviceProof::decode(&read(&mut recv).await?).map_err(|e| IntroError::Malformed(e.to_string()))?;
     let met = check(identity, roster, &theirs, CALLED_CONTEXT, &binding)?;
     if let Some(expected) = expect.filter(|e| *e != met.device) {
@@ -104,7 +111,7 @@ async fn caller(
     let (scheme, signature) =
         identity.sign(CALLER_CONTEXT, &binding).map_err(|e| IntroError::Connection(e.to_string()))?;
     let mine = DeviceProof { session, cert: identity.cert().to_vec(), scheme, signature };
-    send.write_all(&frame_intro(&mine.encode())).await.map_err(io)?;
+    send.write_all(&framed(&mine.encode())?).await.map_err(io)?;
     send.finish().map_err(|e| IntroError::Connection(e.to_string()))?;
     match read(&mut recv).await?.as_slice() {
         [WELCOME] => Ok(met),
@@ -119,8 +126,14 @@ async fn called(
     session: [u8; 16],
 ) -> Result<Introduced, IntroError> {
     let binding = binding(conn)?;
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(io)?;
-    let proof = GroupProof::decode(&read(&mut recv).await?).map_err(|e| IntroError::Malformed(e.to_string()))?;
+    let first = async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(io)?;
+        let proof = read(&mut recv).await?;
+        Ok::<_, IntroError>((send, recv, proof))
+    };
+    let (mut send, mut recv, proof) =
+        tokio::time::timeout(PROOF_WAIT, first).await.map_err(|_| IntroError::TimedOut)??;
+    let proof = GroupProof::decode(&proof).map_err(|e| IntroError::Malformed(e.to_string()))?;
     let lan = roster.lan().ok_or(Refusal::NoLanKey)?;
     // The key before the current one still counts: a device may not have fetched the new one.
     let keys = std::iter::once(lan.current).chain(lan.previous);
@@ -130,10 +143,10 @@ async fn called(
     let (scheme, signature) =
         identity.sign(CALLED_CONTEXT, &binding).map_err(|e| IntroError::Connection(e.to_string()))?;
     let mine = DeviceProof { session, cert: identity.cert().to_vec(), scheme, signature };
-    send.write_all(&frame_intro(&mine.encode())).await.map_err(io)?;
+    send.write_all(&framed(&mine.encode())?).await.map_err(io)?;
     let theirs = DeviceProof::decode(&read(&mut recv).await?).map_err(|e| IntroError::Malformed(e.to_string()))?;
     let met = check(identity, roster, &theirs, CALLER_CONTEXT, &binding)?;
-    send.write_all(&frame_intro(&[WELCOME])).await.map_err(io)?;
+    send.write_all(&framed(&[WELCOME])?).await.map_err(io)?;
     send.finish().map_err(|e| IntroError::Connection(e.to_string()))?;
     Ok(met)
 }
@@ -149,7 +162,15 @@ fn check(
 ) -> Result<Introduced, Refusal> {
     identity.check(&proof.cert, proof.scheme, &proof.signature, context, binding)?;
     let device = roster.authorize_cert(&proof.cert)?;
-    Ok(Introduced { device, fingerprint: ChunkId::of(&proof.cert), session: proof.session })
+    let mut bound = [0u8; BINDING_LEN];
+    bound.copy_from_slice(binding);
+    Ok(Introduced { device, fingerprint: ChunkId::of(&proof.cert), session: proof.session, binding: bound })
+}
+
+/// `msg` framed for sending; a message of ours too large to frame (a device certificate past
+/// 8 KiB) is a failure of this introduction, not a panic.
+fn framed(msg: &[u8]) -> Result<Vec<u8>, IntroError> {
+    frame_intro(msg).map_err(|e| IntroError::Malformed(e.to_string()))
 }
 
 /// The value both ends derive from this connection's TLS session.

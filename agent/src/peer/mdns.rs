@@ -16,7 +16,7 @@
 //! A discovered device is then dialled like a hinted one, and the introduction decides. mDNS
 //! does not use loopback interfaces; on a machine with only loopback it finds nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -59,9 +59,9 @@ fn epoch_now() -> u64 {
     epoch_of(shoal_sys::clock::now_ms() / 1000)
 }
 
-/// The identities the user's other devices may announce now (this epoch and the ones beside it,
-/// for clocks that differ; under the current LAN key and the one before it), each with its
-/// device.
+/// The identities the user's other devices may announce now (this epoch and the two on either
+/// side, for clocks up to twenty minutes apart; under the current LAN key and the one before
+/// it), each with its device.
 pub struct Known(HashMap<PeerId, DeviceId>);
 
 impl Known {
@@ -70,7 +70,7 @@ impl Known {
         let Some(lan) = roster.lan() else { return Known(map) };
         for d in roster.devices().iter().filter(|d| !d.revoked && d.id != me) {
             for key in std::iter::once(lan.current).chain(lan.previous) {
-                for e in epoch.saturating_sub(1)..=epoch + 1 {
+                for e in epoch.saturating_sub(2)..=epoch + 2 {
                     map.insert(keypair_of(&key, &d.id, e).public().to_peer_id(), d.id);
                 }
             }
@@ -83,29 +83,42 @@ impl Known {
     }
 }
 
-/// The user's devices seen on the LAN and where (a few addresses each).
+/// The user's devices seen on the LAN and where: the `MAX_ADDRS` addresses each was seen at
+/// last (an announcement replayed with made-up addresses pushes the oldest out, not the next
+/// real one).
 #[derive(Default)]
-pub struct Sightings(HashMap<DeviceId, BTreeSet<SocketAddr>>);
+pub struct Sightings(HashMap<DeviceId, VecDeque<SocketAddr>>);
 
 impl Sightings {
-    pub fn seen(&mut self, device: DeviceId, at: SocketAddr) {
+    /// Notes `device` at `at`; `true` if the address is new for it.
+    pub fn seen(&mut self, device: DeviceId, at: SocketAddr) -> bool {
         let addrs = self.0.entry(device).or_default();
-        if addrs.len() < MAX_ADDRS {
-            addrs.insert(at);
+        let new = match addrs.iter().position(|a| *a == at) {
+            Some(i) => {
+                addrs.remove(i);
+                false
+            }
+            None => true,
+        };
+        addrs.push_back(at);
+        if addrs.len() > MAX_ADDRS {
+            addrs.pop_front();
         }
+        new
     }
 
     pub fn gone(&mut self, device: DeviceId, at: &SocketAddr) {
         if let Some(addrs) = self.0.get_mut(&device) {
-            addrs.remove(at);
+            addrs.retain(|a| a != at);
             if addrs.is_empty() {
                 self.0.remove(&device);
             }
         }
     }
 
+    /// The addresses `device` was seen at, the latest first.
     pub fn addrs(&self, device: &DeviceId) -> Vec<SocketAddr> {
-        self.0.get(device).map(|a| a.iter().copied().collect()).unwrap_or_default()
+        self.0.get(device).map(|a| a.iter().rev().copied().collect()).unwrap_or_default()
     }
 
     pub fn devices(&self) -> Vec<DeviceId> {
@@ -161,13 +174,27 @@ fn swarm(keypair: identity::Keypair, endpoint: SocketAddr) -> anyhow::Result<lib
 /// Announces this device on the LAN and greets the user's devices it hears of, until dropped.
 /// `endpoint` is the peer endpoint's local address. Waits for the roster's LAN key first.
 pub async fn run(node: PeerNode, roster: Roster, me: DeviceId, endpoint: SocketAddr) -> anyhow::Result<()> {
+    let mut said_no_key = false;
     loop {
         let Some(lan) = roster.lan() else {
+            if !said_no_key {
+                tracing::warn!(
+                    "no LAN key from the coordinator yet: devices on the LAN are found through its hints only until it answers"
+                );
+                said_no_key = true;
+            }
             tokio::time::sleep(QUERY_INTERVAL).await;
             continue;
         };
         let epoch = epoch_now();
-        let mut swarm = swarm(keypair_of(&lan.current, &me, epoch), endpoint)?;
+        let mut swarm = match swarm(keypair_of(&lan.current, &me, epoch), endpoint) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "LAN discovery (mDNS) could not start; trying again in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                continue;
+            }
+        };
         let mut known = Known::new(&roster, me, epoch);
         let mut generation = roster.generation();
         let mut sightings = Sightings::default();
@@ -178,8 +205,9 @@ pub async fn run(node: PeerNode, roster: Roster, me: DeviceId, endpoint: SocketA
                     libp2p::swarm::SwarmEvent::Behaviour(DiscoveryEvent::Mdns(mdns::Event::Discovered(found))) => {
                         for (peer, addr) in found {
                             // Strangers' announcements go no further than this lookup.
-                            if let (Some(device), Some(at)) = (known.device(&peer), quic_addr(&addr)) {
-                                sightings.seen(device, at);
+                            if let (Some(device), Some(at)) = (known.device(&peer), quic_addr(&addr))
+                                && sightings.seen(device, at)
+                            {
                                 greet(&node, device, sightings.addrs(&device));
                             }
                         }
@@ -272,13 +300,16 @@ mod tests {
         gone.revoked = true;
         let (old_key, key) = (LanKey::new([3; 32]), LanKey::new([4; 32]));
         let roster = Roster::default();
-        roster.replace(vec![me.clone(), other.clone(), gone], Some(LanKeys { current: key, previous: Some(old_key) }));
+        roster.replace(
+            vec![me.clone(), other.clone(), gone],
+            Some(LanKeys { current: key, previous: Some(old_key), previous_until_ms: u64::MAX }),
+        );
         let known = Known::new(&roster, me.id, 100);
-        for (k, e) in [(&key, 99), (&key, 100), (&key, 101), (&old_key, 100)] {
+        for (k, e) in [(&key, 98), (&key, 99), (&key, 100), (&key, 101), (&key, 102), (&old_key, 100)] {
             assert_eq!(known.device(&keypair_of(k, &other.id, e).public().to_peer_id()), Some(other.id));
         }
         for stranger in [
-            keypair_of(&key, &other.id, 102),
+            keypair_of(&key, &other.id, 103),
             keypair_of(&key, &me.id, 100),
             keypair_of(&key, &revoked.id, 100),
             keypair_of(&LanKey::new([9; 32]), &other.id, 100),
@@ -296,9 +327,14 @@ mod tests {
             }
         }
         assert!(sightings.devices().is_empty());
+        assert!(sightings.seen(other.id, at), "a new address");
+        assert!(!sightings.seen(other.id, at), "seen again: nothing new to dial");
         for port in 1..100 {
             sightings.seen(other.id, SocketAddr::new(at.ip(), port));
         }
         assert_eq!((sightings.devices(), sightings.addrs(&other.id).len()), (vec![other.id], MAX_ADDRS));
+        // A replay with made-up addresses pushes the oldest out: the real one seen last is kept.
+        assert!(sightings.seen(other.id, at));
+        assert_eq!(sightings.addrs(&other.id)[0], at);
     }
 }

@@ -35,8 +35,9 @@ pub const INCOMING: &str = "incoming";
 /// How long a connection attempt and its introduction may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Incoming connections being set up (handshake and introduction) at once, in all and per
-/// source address (an IPv4 address, an IPv6 /64): a sender on the LAN can hold only a few, and
-/// after a Retry (address validation) it cannot pretend to be many.
+/// source address: a sender on the LAN can hold only a few, after a Retry (address validation)
+/// it cannot pretend to be many, and one that does not prove it holds the LAN key within a
+/// second of its handshake is dropped (`intro::PROOF_WAIT`).
 const MAX_HANDSHAKES: usize = 64;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 
@@ -66,6 +67,8 @@ struct Peer {
     fingerprint: ChunkId,
     /// The run it belongs to: a new session from the same device means it restarted.
     session: [u8; 16],
+    /// The connection's binding (see `Introduced::binding`).
+    binding: [u8; 32],
 }
 
 /// The endpoint and the peers it is connected to. Cheap to clone.
@@ -75,6 +78,8 @@ pub struct PeerNode {
     identity: Arc<Identity>,
     /// This run's session id, sent in every introduction.
     session: [u8; 16],
+    /// Devices being dialled now.
+    dialing: Arc<Mutex<std::collections::HashSet<DeviceId>>>,
     roster: Roster,
     me: DeviceId,
     peers: Arc<Mutex<BTreeMap<DeviceId, Peer>>>,
@@ -128,6 +133,7 @@ impl PeerNode {
             endpoint,
             identity: Arc::new(identity),
             session,
+            dialing: Arc::default(),
             roster,
             me,
             peers: Arc::default(),
@@ -199,14 +205,19 @@ impl PeerNode {
     }
 
     /// Records a connection to the device `met` introduced. Two devices that dial each other at
-    /// once end up with two connections; both keep the one the lower device id opened and close
-    /// the other. A connection from a new run of a device (it restarted, and its old connection
-    /// may not have timed out yet) replaces the old one.
+    /// once end up with two connections; both keep the one whose binding is lower (both ends
+    /// hold the same bindings) and close the other. A connection from a new run of a device (it
+    /// restarted, and its old connection may not have timed out yet) replaces the old one.
     fn add(&self, met: Introduced, conn: quinn::Connection, found: &'static str) {
         let id = met.device;
         let name = self.roster.name(&id).unwrap_or_default();
         {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            // Revoked while it was being introduced: `recheck` may have run in between.
+            if self.roster.authorize_fingerprint(&met.fingerprint).is_err() {
+                conn.close(1u32.into(), b"");
+                return;
+            }
             if let Some(old) =
                 peers.get(&id).filter(|p| p.conn.close_reason().is_none() && p.conn.stable_id() != conn.stable_id())
             {
@@ -214,8 +225,7 @@ impl PeerNode {
                     tracing::debug!(peer = %self.describe(&id), "the peer started again; its old connection goes");
                     old.conn.close(3u32.into(), b"replaced");
                 } else {
-                    let opener = |found: &str| if found == INCOMING { id } else { self.me };
-                    let keep_old = opener(old.found).0 <= opener(found).0;
+                    let keep_old = old.binding <= met.binding;
                     let loser = if keep_old { conn.clone() } else { old.conn.clone() };
                     loser.close(2u32.into(), b"duplicate");
                     if keep_old {
@@ -223,10 +233,15 @@ impl PeerNode {
                     }
                 }
             }
-            peers.insert(
-                id,
-                Peer { conn: conn.clone(), found, name, fingerprint: met.fingerprint, session: met.session },
-            );
+            let peer = Peer {
+                conn: conn.clone(),
+                found,
+                name,
+                fingerprint: met.fingerprint,
+                session: met.session,
+                binding: met.binding,
+            };
+            peers.insert(id, peer);
         }
         self.save();
         tokio::spawn(self.chunks.clone().serve(conn.clone()));
@@ -280,6 +295,8 @@ impl PeerNode {
         if device == self.me || self.connected(&device) {
             return Ok(());
         }
+        // One dial to a device at a time, however many announcements ask for one.
+        let Some(_dialing) = Dialing::start(&self.dialing, device) else { return Ok(()) };
         let mut last = None;
         for &addr in addrs {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dial(addr, &device)).await {
@@ -359,6 +376,24 @@ impl PeerNode {
     }
 }
 
+/// A dial to a device in progress: the device leaves the set when it drops.
+struct Dialing {
+    set: Arc<Mutex<std::collections::HashSet<DeviceId>>>,
+    device: DeviceId,
+}
+
+impl Dialing {
+    fn start(set: &Arc<Mutex<std::collections::HashSet<DeviceId>>>, device: DeviceId) -> Option<Dialing> {
+        set.lock().unwrap_or_else(|p| p.into_inner()).insert(device).then(|| Dialing { set: set.clone(), device })
+    }
+}
+
+impl Drop for Dialing {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.device);
+    }
+}
+
 /// Introductions in progress, in all and per source (see `MAX_HANDSHAKES`).
 #[derive(Default)]
 struct Handshakes {
@@ -398,16 +433,10 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// The source a connection attempt counts against: its IPv4 address, or its IPv6 /64 (one
-/// host can have a whole /64).
+/// The source a connection attempt counts against: its address (a LAN's hosts often share one
+/// IPv6 /64, so no wider).
 fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    match ip.to_canonical() {
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 /// The address to announce for an endpoint listening on `local`: itself, or, when it listens

@@ -146,6 +146,9 @@ impl Identity {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Throwaway::default()));
         tls.alpn_protocols = vec![ALPN.to_vec()];
+        // No session tickets: a ticket a caller keeps and offers again, in the clear, to whoever
+        // it calls next would follow it from network to network.
+        tls.send_tls13_tickets = 0;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         cfg.transport_config(transport());
@@ -166,6 +169,8 @@ impl Identity {
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
             .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
+        // Nor resumption: the tickets a stranger handed out would mark this device.
+        tls.resumption = rustls::client::Resumption::disabled();
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(transport());
@@ -243,20 +248,30 @@ impl ServerCertVerifier for AnyCertificate {
 
 /// Connections between peers stay open while both run (keep-alives well inside the idle
 /// timeout), a peer that vanishes is noticed within the idle timeout, and what one connection
-/// may make this device buffer is bounded: per peer, at most `PEER_STREAMS` requests at once
-/// and `PEER_WINDOW` bytes unread (and as much queued to send).
+/// may make this device buffer is bounded: until the introduction admits the other side, one
+/// stream and `INTRO_WINDOW` bytes unread; after it (`admitted`), at most `PEER_STREAMS`
+/// requests at once and `PEER_WINDOW` bytes unread (and as much queued to send).
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(PEER_STREAMS.into());
+    t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((PEER_WINDOW / 4).into());
-    t.receive_window(PEER_WINDOW.into());
+    t.receive_window(INTRO_WINDOW.into());
     t.send_window(u64::from(PEER_WINDOW));
     t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     t.max_idle_timeout(Some(std::time::Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
     Arc::new(t)
 }
 
+/// Opens a connection up for requests once its introduction admitted the other side.
+pub fn admitted(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(PEER_STREAMS.into());
+    conn.set_receive_window(PEER_WINDOW.into());
+}
+
+/// Bytes a connection may have unread before its introduction is over: the introduction's four
+/// messages, a few KiB.
+const INTRO_WINDOW: u32 = 64 * 1024;
 /// Requests one peer may have open at once on a connection (each a bidirectional stream).
 pub const PEER_STREAMS: u32 = 4;
 /// Bytes one connection may have in flight each way: enough for LAN speed at a few milliseconds
@@ -318,9 +333,10 @@ impl Roster {
         v
     }
 
-    /// The user's LAN keys, once known.
+    /// The user's LAN keys that count now (the previous one only until the coordinator said it
+    /// ends), once known.
     pub fn lan(&self) -> Option<LanKeys> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).lan
+        self.0.read().unwrap_or_else(|p| p.into_inner()).lan.map(|k| k.at(shoal_sys::clock::now_ms()))
     }
 
     /// Changes with every replacement of the roster.

@@ -305,3 +305,27 @@ fn a_device_mid_download_does_not_report_in_sync() {
     a.stop(false);
     b.stop(false);
 }
+
+/// A directory the agent made, removed and made again at the same path (often with the same
+/// inode) while the agent was paused, with a file written in it before any watch could cover it:
+/// the file reaches the other device without waiting for the periodic rescan.
+#[test]
+fn a_directory_made_again_keeps_what_was_written_in_it() {
+    let (_tmp, _coord, devices) = world("raul", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    a.start();
+    b.start();
+    a.write("docs/old.txt", b"old");
+    converge(&[&a, &b], SETTLE);
+    // B's agent made docs/ when it installed docs/old.txt.
+    b.signal_daemon("STOP");
+    std::fs::remove_dir_all(b.path("docs")).unwrap();
+    b.write("docs/new.txt", b"written while the agent was paused");
+    b.signal_daemon("CONT");
+    wait_for(Duration::from_secs(30), || a.read("docs/new.txt").is_some().then_some(()))
+        .unwrap_or_else(|| panic!("docs/new.txt never reached A:\n{}", b.log()));
+    let t = converge(&[&a, &b], SETTLE);
+    assert!(!t.contains_key("docs/old.txt"), "{t:?}");
+    a.stop(false);
+    b.stop(false);
+}

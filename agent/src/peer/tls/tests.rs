@@ -94,7 +94,7 @@ pub(crate) fn device_parts(ca: Option<&Ca>, trust: &Ca, days: i64) -> (Parts, De
 
 /// A user's LAN keys, as the coordinator hands them out.
 pub(crate) fn lan(seed: u8) -> LanKeys {
-    LanKeys { current: LanKey::new([seed; 32]), previous: None }
+    LanKeys { current: LanKey::new([seed; 32]), previous: None, previous_until_ms: 0 }
 }
 
 /// A roster listing `devices`, with LAN keys `keys`.
@@ -204,11 +204,16 @@ async fn only_this_users_listed_unrevoked_devices_are_admitted() {
     assert!(call(&laptop, &laptop_roster, addr, Some(server_info.id)).await.is_err());
     assert!(told.recv().await.unwrap().unwrap_err().contains("revoked"));
 
-    // After a rotation, the previous LAN key still counts for a while.
-    let rotated = LanKeys { current: LanKey::new([8; 32]), previous: Some(keys.current) };
+    // After a rotation, the previous LAN key still counts for a while, and then no longer.
+    let far = shoal_sys::clock::now_ms() + 600_000;
+    let rotated = LanKeys { current: LanKey::new([8; 32]), previous: Some(keys.current), previous_until_ms: far };
     server_roster.replace(vec![server_info.clone(), laptop_info.clone()], Some(rotated));
     assert!(call(&laptop, &laptop_roster, addr, Some(server_info.id)).await.is_ok());
     assert!(told.recv().await.unwrap().is_ok());
+    server_roster
+        .replace(vec![server_info.clone(), laptop_info.clone()], Some(LanKeys { previous_until_ms: 1, ..rotated }));
+    assert!(call(&laptop, &laptop_roster, addr, Some(server_info.id)).await.is_err());
+    assert!(told.recv().await.unwrap().unwrap_err().contains("does not hold the user's LAN key"));
 }
 
 #[tokio::test]
@@ -261,7 +266,7 @@ async fn strangers_learn_nothing_identifying() {
         assert!(!contains(&der, secret), "the handshake's certificate carries {:?}", String::from_utf8_lossy(secret));
     }
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&shoal_protocol::peer::frame_intro(&[0u8; 32])).await.unwrap();
+    send.write_all(&shoal_protocol::peer::frame_intro(&[0u8; 32]).unwrap()).await.unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         let mut b = [0u8; 64];
@@ -289,7 +294,7 @@ async fn strangers_learn_nothing_identifying() {
         // Answer the proof with junk, as a stranger would, then keep reading.
         let n = recv.read(&mut b).await.unwrap().unwrap_or(0);
         got.extend_from_slice(&b[..n]);
-        let _ = send.write_all(&shoal_protocol::peer::frame_intro(&[1; 40])).await;
+        let _ = send.write_all(&shoal_protocol::peer::frame_intro(&[1; 40]).unwrap()).await;
         while let Ok(Some(n)) = recv.read(&mut b).await {
             got.extend_from_slice(&b[..n]);
         }
