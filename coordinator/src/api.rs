@@ -386,14 +386,13 @@ async fn store_chunks(app: &Arc<App>, user: UserId, chunks: Vec<(ChunkId, Bytes)
     }
     let store = app.chunks.clone();
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    blocking(move || {
         let refs: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, d)| (*id, &d[..])).collect();
         store.put_many(&refs)?;
         store.start_writeback();
         Ok(())
     })
-    .await
-    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    .await?;
     app.metrics.bytes_in.inc_by(total);
     record_chunks(app, user, ids).await?;
     Ok(total)
@@ -549,16 +548,7 @@ async fn download_one(
     let id = chunk_id(id)?;
     readable(&app, auth.user(), &id)?;
     let store = app.chunks.clone();
-    let data = tokio::task::spawn_blocking(move || store.get(&id))
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData => ApiError::new(
-                ErrorCode::ChunkUnavailable,
-                format!("chunk {id} is not stored intact (lost or damaged); it is served again once a device uploads it again"),
-            ),
-            _ => ApiError::from(e),
-        })?;
+    let data = blocking(move || Ok(store.get(&id)?)).await?;
     app.metrics.bytes_out.inc_by(data.len() as u64);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
@@ -597,7 +587,7 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
                     let mut items: Vec<_> = frames.pieces.into_iter().map(Ok).collect();
                     if let Some(e) = frames.error {
                         *failed = true;
-                        items.push(Err(e));
+                        items.push(Err(std::io::Error::other(e)));
                     }
                     items
                 }
@@ -692,7 +682,7 @@ async fn commit(
     let user = auth.user();
     if app.chunks.needs_sync() {
         let store = app.chunks.clone();
-        tokio::task::spawn_blocking(move || store.sync()).await.map_err(|e| std::io::Error::other(e.to_string()))??;
+        blocking(move || Ok(store.sync()?)).await?;
     }
     // One commit at a time per user, held until the append is durable: nobody reads an entry the
     // writer has not been acknowledged (reads stop at the durable head this lock guards). The

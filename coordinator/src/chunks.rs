@@ -1,26 +1,26 @@
-//! The chunk store on local disk: append-only pack files under `<data>/chunks/`, each a sequence of
-//! frames (32-byte id, 4-byte length, bytes — the wire's batch format), with an index from chunk
-//! id to (pack, offset, length) in the metadata store. One file per chunk cost ~0.4 ms of file
-//! system work per chunk here (16k chunks per GiB); appending a batch is one write. The
-//! coordinator never interprets chunk bytes beyond checking that their BLAKE3 matches the id.
+//! The chunk store: chunks appended to packs on a [`PackBackend`] (local files by default), each
+//! pack a sequence of frames (32-byte id, 4-byte length, bytes — the wire's batch format), with an
+//! index from chunk id to (pack, offset, length) in the metadata store. One file per chunk cost
+//! ~0.4 ms of file system work per chunk here (16k chunks per GiB), and one object per chunk costs
+//! a request per chunk; appending a batch is one write. The coordinator never interprets chunk
+//! bytes beyond checking that their BLAKE3 matches the id.
 //!
-//! Durability: appends are not synced one by one. A commit that references chunks calls
-//! [`ChunkStore::sync`] (fdatasync of every pack written since the last sync) before it is
-//! acknowledged, and [`ChunkStore::start_writeback`] lets the disk catch up meanwhile. A pack is
-//! never appended to across restarts, so a torn tail after a crash is never written over, and a
-//! pack number is never used twice: it is reserved durably in the metadata store before the pack
-//! is created. At start-up, index entries that point past the end of their pack (or into a pack
-//! that is gone) are dropped, so a chunk lost in a crash reads as absent and is asked for again.
+//! Durability: appends are not made durable one by one. A commit that references chunks calls
+//! [`ChunkStore::sync`] (for local packs, fdatasync of every pack written since the last sync; for
+//! an object store, the upload of the pack, which seals it) before it is acknowledged, and
+//! [`ChunkStore::start_writeback`] lets the backend catch up meanwhile. A pack is never appended
+//! to across restarts, so a torn tail after a crash is never written over, and a pack number is
+//! never used twice: it is reserved durably in the metadata store before the pack is created. At
+//! start-up, index entries that point past the end of their pack (or into a pack that is gone)
+//! are dropped, so a chunk lost in a crash reads as absent and is asked for again.
 //!
 //! Integrity: every read is checked against the chunk's BLAKE3 before a byte is served. A chunk
 //! whose stored bytes fail the check is quarantined (it reads as absent from then on, so
 //! `chunks/missing` asks devices for it again), logged and counted; a correct upload stores it
 //! anew. An upload of a chunk that is already stored re-checks the stored copy the same way.
 
-use std::collections::{BTreeSet, HashMap};
-use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,56 +28,95 @@ use bytes::Bytes;
 use shoal_protocol::ChunkId;
 use shoal_protocol::api::FRAME_HEADER;
 
-use crate::store::{ChunkLoc, Store};
-use shoal_sys::direct::{self, AlignedBuf};
+use crate::packs::{MakeDurable, PackBackend, PackError, PackErrorKind, PackId, PackWriter};
+use crate::store::{ChunkLoc, Store, StoreError};
 
-/// A pack is closed and a new one started past this size.
-const PACK_BYTES: u64 = 512 * 1024 * 1024;
-/// Bytes staged in memory between writes to a pack.
-const STAGING_BYTES: usize = 4 * 1024 * 1024;
 /// Zeros for padding frames (at most two alignment blocks).
-static ZEROS: [u8; 2 * direct::ALIGN] = [0; 2 * direct::ALIGN];
-/// Open pack handles kept for reads.
-const OPEN_PACKS: usize = 64;
+static ZEROS: [u8; 2 * 4096] = [0; 2 * 4096];
 
-/// An open pack for reads, and whether it does direct I/O.
-type PackReader = (Arc<std::fs::File>, bool);
+/// Why the chunk store could not do what was asked.
+#[derive(Debug)]
+pub enum ChunkError {
+    /// The chunk is not stored (never was, lost in a crash, or quarantined).
+    NotFound(ChunkId),
+    /// The chunk's stored bytes failed their BLAKE3 check (it is quarantined now).
+    Corrupt(ChunkId),
+    /// The pack backend failed.
+    Backend(PackError),
+    /// The chunk index (in the metadata store) failed.
+    Index(StoreError),
+}
+
+impl ChunkError {
+    /// `true` when the chunk cannot be served intact, so a device should upload it again.
+    pub fn unavailable(&self) -> bool {
+        matches!(self, ChunkError::NotFound(_) | ChunkError::Corrupt(_))
+            || matches!(self, ChunkError::Backend(e) if e.kind == PackErrorKind::NotFound)
+    }
+}
+
+impl fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChunkError::NotFound(id) => write!(f, "chunk {id} is not stored"),
+            ChunkError::Corrupt(id) => write!(f, "stored chunk {id} failed its BLAKE3 check"),
+            ChunkError::Backend(e) => write!(f, "pack backend: {e}"),
+            ChunkError::Index(e) => write!(f, "chunk index: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ChunkError {}
+
+impl From<PackError> for ChunkError {
+    fn from(e: PackError) -> Self {
+        ChunkError::Backend(e)
+    }
+}
+
+impl From<StoreError> for ChunkError {
+    fn from(e: StoreError) -> Self {
+        ChunkError::Index(e)
+    }
+}
+
+pub type ChunkResult<T> = Result<T, ChunkError>;
+
+/// Packs owed durability (closed or sealed since the last sync) at most, before uploads are
+/// refused until a sync succeeds: each may hold a pack's bytes in memory.
+const MAX_OWED: usize = 4;
 
 struct Writer {
-    /// The pack appends go to; `None` until the first append after start (then reserved).
-    pack: Option<u32>,
-    /// The lowest number a new pack may take: above every pack on disk.
-    next_floor: u32,
-    file: Option<std::fs::File>,
-    /// The open pack takes direct writes (see `direct`): every write is aligned and padded.
-    direct: bool,
-    /// Staging buffer for appends, reused (allocated on first use).
-    buf: Option<AlignedBuf>,
+    /// The pack appends go to, and its writer; `None` until the first append after start, after
+    /// a sealing sync, or after a failed append.
+    current: Option<(PackId, Box<dyn PackWriter>)>,
+    /// The lowest number a new pack may take: above every pack the backend had at start.
+    next_floor: PackId,
     len: u64,
-    /// Packs written since the last completed sync.
-    dirty: BTreeSet<u32>,
+    /// The current pack took appends that no durability job covers yet.
+    current_dirty: bool,
+    /// Durability jobs for packs closed (or sealed) and not yet durable, with their pack.
+    owed: Vec<(PackId, MakeDurable)>,
     /// Appends so far, and how many of them the last completed sync covered.
     appended: u64,
     synced: u64,
 }
 
-/// Content-addressed chunks in pack files.
+/// Content-addressed chunks in packs, on a [`PackBackend`].
 #[derive(Clone)]
 pub struct ChunkStore {
-    dir: PathBuf,
+    backend: Arc<dyn PackBackend>,
     index: Store,
     writer: Arc<Mutex<Writer>>,
-    readers: Arc<Mutex<HashMap<u32, PackReader>>>,
+    /// Length of every pack known to hold chunks: listed at start, then as appended.
+    sizes: Arc<Mutex<HashMap<PackId, u64>>>,
+    /// Packs whose bytes cannot be read before they are durable (staged for an object store).
+    unreadable: Arc<Mutex<HashSet<PackId>>>,
     flushing: Arc<AtomicBool>,
     /// One sync at a time: a caller that finds one running waits for it, then syncs what is left.
     sync_lock: Arc<Mutex<()>>,
     /// Chunks whose stored bytes failed their hash check since start.
     corrupt: Arc<AtomicU64>,
-}
-
-/// Why a chunk could not be read.
-fn corrupt_error(id: &ChunkId) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("stored chunk {id} failed its BLAKE3 check"))
 }
 
 /// What a read of several chunks produced: the complete, verified frames of a prefix of the
@@ -86,56 +125,58 @@ pub struct Frames {
     pub pieces: Vec<Bytes>,
     /// Chunk bytes in `pieces`, frame headers not counted.
     pub chunk_bytes: u64,
-    pub error: Option<io::Error>,
+    pub error: Option<ChunkError>,
 }
 
-fn pack_path(dir: &Path, pack: u32) -> PathBuf {
-    dir.join(format!("{pack:08}.pack"))
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ChunkStore {
-    /// Opens the store in `dir`; new chunks go to a new pack after the highest existing one, and
-    /// index entries whose bytes are not (wholly) on disk are dropped.
-    pub fn open(dir: &Path, index: Store) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let mut sizes: HashMap<u32, u64> = HashMap::new();
-        for e in std::fs::read_dir(dir)? {
-            let e = e?;
-            let name = e.file_name();
-            if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".pack")).and_then(|n| n.parse::<u32>().ok()) {
-                sizes.insert(n, e.metadata()?.len());
-            }
-        }
+    /// Opens the store on `backend`; new chunks go to a new pack after the highest existing one,
+    /// and index entries whose bytes are not (wholly) in the backend are dropped.
+    pub fn open(backend: Arc<dyn PackBackend>, index: Store) -> ChunkResult<Self> {
+        let sizes: HashMap<PackId, u64> = backend.list()?.into_iter().map(|p| (p.pack, p.len)).collect();
         let last = sizes.keys().copied().max().unwrap_or(0);
         let lost = index.chunks_not(|l| sizes.get(&l.pack).is_some_and(|&size| l.offset + u64::from(l.len) <= size));
         if !lost.is_empty() {
             tracing::warn!(
                 chunks = lost.len(),
+                backend = backend.describe(),
                 "chunk index entries point past the end of their packs (bytes lost in a crash); forgetting them"
             );
-            index.drop_chunk_locs(&lost).map_err(io::Error::other)?;
-            index.flush_blocking().map_err(io::Error::other)?;
+            index.drop_chunk_locs(&lost)?;
+            index.flush_blocking()?;
         }
         let writer = Writer {
-            pack: None,
+            current: None,
             next_floor: last + 1,
-            file: None,
-            direct: false,
-            buf: None,
             len: 0,
-            dirty: BTreeSet::new(),
+            current_dirty: false,
+            owed: Vec::new(),
             appended: 0,
             synced: 0,
         };
         Ok(ChunkStore {
-            dir: dir.to_path_buf(),
+            backend,
             index,
             writer: Arc::new(Mutex::new(writer)),
-            readers: Arc::default(),
+            sizes: Arc::new(Mutex::new(sizes)),
+            unreadable: Arc::default(),
             flushing: Arc::default(),
             sync_lock: Arc::default(),
             corrupt: Arc::default(),
         })
+    }
+
+    /// Opens the store on pack files in `dir`.
+    pub fn open_local(dir: &std::path::Path, index: Store) -> ChunkResult<Self> {
+        Self::open(Arc::new(crate::packs::local::LocalPacks::open(dir)?), index)
+    }
+
+    /// Where the packs are, for logs.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
     }
 
     /// Chunks found corrupt (and quarantined) since start.
@@ -144,40 +185,31 @@ impl ChunkStore {
     }
 
     /// `true` if the store holds `id` (as far as the index knows: not lost, not quarantined).
-    pub fn contains(&self, id: &ChunkId) -> io::Result<bool> {
-        Ok(self.locate(id)?.is_some())
+    pub fn contains(&self, id: &ChunkId) -> ChunkResult<bool> {
+        Ok(self.stored_len(id)?.is_some())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Where `id` is stored, if it is.
-    fn locate(&self, id: &ChunkId) -> io::Result<Option<ChunkLoc>> {
-        self.index.chunk_loc(id).map_err(io::Error::other)
+        locked(&self.writer)
     }
 
     /// The stored length of `id`, if its bytes are present in full; `None` when it is not stored,
     /// lost or quarantined. A failure to find out is an error, never "absent".
-    pub fn stored_len(&self, id: &ChunkId) -> io::Result<Option<u64>> {
-        let Some(loc) = self.locate(id)? else {
+    pub fn stored_len(&self, id: &ChunkId) -> ChunkResult<Option<u64>> {
+        let Some(loc) = self.index.chunk_loc(id)? else {
             return Ok(None);
         };
-        let pack_len = match std::fs::metadata(pack_path(&self.dir, loc.pack)) {
-            Ok(md) => md.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        Ok((loc.offset + u64::from(loc.len) <= pack_len).then_some(u64::from(loc.len)))
+        let pack_len = locked(&self.sizes).get(&loc.pack).copied();
+        Ok(pack_len.filter(|&n| loc.offset + u64::from(loc.len) <= n).map(|_| u64::from(loc.len)))
     }
 
     /// Appends the chunks not stored yet (the caller has verified their hashes) and indexes them.
     /// A chunk already stored is kept only if its stored bytes still match its hash; otherwise the
     /// new copy replaces it.
-    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> io::Result<()> {
+    pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> ChunkResult<()> {
         let mut guard = self.lock();
         let mut fresh: Vec<(ChunkId, &[u8])> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for (id, data) in chunks {
             // An index entry whose bytes did not survive intact counts as absent: store again.
             if !seen.insert(*id) || self.stored_intact(id, data.len())? {
@@ -189,116 +221,168 @@ impl ChunkStore {
             return Ok(());
         }
         let w = &mut *guard;
-        if w.file.is_none() || w.len >= PACK_BYTES {
-            let pack = self.index.reserve_pack(w.next_floor).map_err(io::Error::other)?;
+        if w.owed.len() >= MAX_OWED {
+            return Err(ChunkError::Backend(PackError::new(
+                PackErrorKind::Transient,
+                format!("{} packs are waiting to be made durable in {}", w.owed.len(), self.backend.describe()),
+            )));
+        }
+        if w.current.is_none() || w.len >= self.backend.pack_bytes() {
+            self.close_current(w)?;
+            let pack = self.index.reserve_pack(w.next_floor)?;
             w.next_floor = pack + 1;
-            let path = pack_path(&self.dir, pack);
-            let (file, direct) = match direct::open_direct(&path, true)? {
-                Some(f) => (f, true),
-                None => (std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?, false),
-            };
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            w.pack = Some(pack);
-            w.file = Some(file);
-            w.direct = direct;
+            let out = self.backend.create(pack)?;
+            if !out.readable_before_durable() {
+                locked(&self.unreadable).insert(pack);
+            }
+            locked(&self.sizes).insert(pack, 0);
+            w.current = Some((pack, out));
             w.len = 0;
         }
-        let pack = w.pack.expect("a pack is reserved whenever one is open");
-        let file = w.file.as_ref().expect("a pack is open");
-        let buf = w.buf.get_or_insert_with(|| AlignedBuf::new(STAGING_BYTES));
-        buf.clear();
-        let mut out = Appender { file, buf, flushed: w.len, pos: w.len };
-        match Self::append(&mut out, &fresh, pack, w.direct) {
-            Ok(locs) => {
-                w.len = out.pos;
-                w.dirty.insert(pack);
+        let (pack, out) = w.current.as_mut().expect("a pack is open");
+        let pack = *pack;
+        match Self::append(out.as_mut(), w.len, &fresh, pack) {
+            Ok((locs, end)) => {
+                w.len = end;
+                w.current_dirty = true;
                 w.appended += 1;
-                self.index.put_chunk_locs(&locs).map_err(io::Error::other)
+                locked(&self.sizes).insert(pack, end);
+                Ok(self.index.put_chunk_locs(&locs)?)
             }
             Err(e) => {
                 // Whatever reached the pack is unindexed garbage; start a fresh pack so no later
                 // append lands at an offset this one left unknown.
-                if let Some(b) = w.buf.as_mut() {
-                    b.clear();
-                }
-                w.len = PACK_BYTES;
-                Err(e)
+                w.len = u64::MAX;
+                Err(e.into())
             }
         }
     }
 
-    /// `true` if `id` is stored in full with bytes that match its hash. A copy that fails the
-    /// check is reported and quarantined.
-    fn stored_intact(&self, id: &ChunkId, len: usize) -> io::Result<bool> {
-        if self.stored_len(id)? != Some(len as u64) {
-            return Ok(false);
-        }
-        let frames = self.read_frames(std::slice::from_ref(id));
-        match frames.error {
-            None => Ok(true),
-            Some(e) if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Some(e) => Err(e),
-        }
-    }
-
-    fn append(
-        out: &mut Appender<'_>,
-        fresh: &[(ChunkId, &[u8])],
-        pack: u32,
-        direct: bool,
-    ) -> io::Result<Vec<(ChunkId, ChunkLoc)>> {
-        let mut locs = Vec::with_capacity(fresh.len());
-        for (id, data) in fresh {
-            let mut header = [0u8; FRAME_HEADER];
-            header[..32].copy_from_slice(id.as_bytes());
-            header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
-            out.push(&header)?;
-            locs.push((*id, ChunkLoc { pack, offset: out.pos, len: data.len() as u32 }));
-            out.push(data)?;
-        }
-        if direct {
-            // Pad to the alignment with a frame of zero id, so the pack stays a frame sequence.
-            let rem = out.pos as usize % direct::ALIGN;
-            if rem != 0 {
-                let mut pad = direct::ALIGN - rem;
-                if pad < FRAME_HEADER {
-                    pad += direct::ALIGN;
-                }
-                let mut header = [0u8; FRAME_HEADER];
-                header[32..].copy_from_slice(&((pad - FRAME_HEADER) as u32).to_be_bytes());
-                out.push(&header)?;
-                out.push(&ZEROS[..pad - FRAME_HEADER])?;
-            }
-        }
-        out.flush()?;
-        Ok(locs)
-    }
-
-    /// Makes every chunk appended so far durable.
-    pub fn sync(&self) -> io::Result<()> {
-        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (generation, packs) = {
-            let w = self.lock();
-            (w.appended, w.dirty.clone())
-        };
-        if packs.is_empty() {
+    /// Closes the current pack, if any, owing its durability to the next sync.
+    fn close_current(&self, w: &mut Writer) -> ChunkResult<()> {
+        let Some((pack, mut out)) = w.current.take() else {
             return Ok(());
-        }
-        for pack in &packs {
-            std::fs::File::open(pack_path(&self.dir, *pack))?.sync_data()?;
-        }
-        // The new packs' directory entries.
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        let mut w = self.lock();
-        w.synced = w.synced.max(generation);
-        if w.appended == generation {
-            w.dirty.clear();
+        };
+        if w.current_dirty {
+            match out.make_durable() {
+                Ok(job) => w.owed.push((pack, job)),
+                Err(e) => {
+                    w.current = Some((pack, out));
+                    return Err(e.into());
+                }
+            }
+            w.current_dirty = false;
         }
         Ok(())
     }
 
-    /// Starts flushing appended chunks to disk on a background thread, unless one is running, so
+    /// `true` if `id` is stored in full with bytes that match its hash. A copy that fails the
+    /// check is reported and quarantined. A copy not readable yet (staged for an object store)
+    /// was verified when it arrived and counts as intact.
+    fn stored_intact(&self, id: &ChunkId, len: usize) -> ChunkResult<bool> {
+        if self.stored_len(id)? != Some(len as u64) {
+            return Ok(false);
+        }
+        if let Some(loc) = self.index.chunk_loc(id)?
+            && locked(&self.unreadable).contains(&loc.pack)
+        {
+            return Ok(true);
+        }
+        let frames = self.read_frames(std::slice::from_ref(id));
+        match frames.error {
+            None => Ok(true),
+            Some(e) if e.unavailable() => Ok(false),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Appends the frames of `fresh` to `out` at `at`, padded to the writer's alignment, and
+    /// flushes; returns where each chunk went and the pack's new length.
+    fn append(
+        out: &mut dyn PackWriter,
+        at: u64,
+        fresh: &[(ChunkId, &[u8])],
+        pack: PackId,
+    ) -> Result<(Vec<(ChunkId, ChunkLoc)>, u64), PackError> {
+        let mut locs = Vec::with_capacity(fresh.len());
+        let mut pos = at;
+        for (id, data) in fresh {
+            let mut header = [0u8; FRAME_HEADER];
+            header[..32].copy_from_slice(id.as_bytes());
+            header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
+            out.append(&header)?;
+            locs.push((*id, ChunkLoc { pack, offset: pos + FRAME_HEADER as u64, len: data.len() as u32 }));
+            out.append(data)?;
+            pos += (FRAME_HEADER + data.len()) as u64;
+        }
+        let align = out.alignment();
+        let rem = pos as usize % align;
+        if rem != 0 {
+            // Pad with a frame of zero id, so the pack stays a frame sequence.
+            let mut pad = align - rem;
+            if pad < FRAME_HEADER {
+                pad += align;
+            }
+            let mut header = [0u8; FRAME_HEADER];
+            header[32..].copy_from_slice(&((pad - FRAME_HEADER) as u32).to_be_bytes());
+            out.append(&header)?;
+            let mut zeros = pad - FRAME_HEADER;
+            while zeros > 0 {
+                let n = zeros.min(ZEROS.len());
+                out.append(&ZEROS[..n])?;
+                zeros -= n;
+            }
+            pos += pad as u64;
+        }
+        out.flush()?;
+        Ok((locs, pos))
+    }
+
+    /// Makes every chunk appended so far durable.
+    pub fn sync(&self) -> ChunkResult<()> {
+        let _one = locked(&self.sync_lock);
+        let (generation, mut jobs) = {
+            let mut guard = self.lock();
+            let w = &mut *guard;
+            let generation = w.appended;
+            if w.current_dirty {
+                let seals = w.current.as_ref().is_some_and(|(_, out)| out.seals());
+                if seals {
+                    self.close_current(w)?;
+                } else if let Some((pack, out)) = w.current.as_mut() {
+                    let job = out.make_durable()?;
+                    w.owed.push((*pack, job));
+                    w.current_dirty = false;
+                }
+            }
+            (generation, std::mem::take(&mut w.owed))
+        };
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (pack, mut job) in jobs.drain(..) {
+            match job() {
+                Ok(()) => {
+                    locked(&self.unreadable).remove(&pack);
+                }
+                Err(e) => {
+                    tracing::warn!(pack, error = %e, backend = self.backend.describe(), "could not make a pack durable");
+                    first_error.get_or_insert(e);
+                    failed.push((pack, job));
+                }
+            }
+        }
+        let mut w = self.lock();
+        if let Some(e) = first_error {
+            // Tried again by the next sync; what they hold stays owed.
+            failed.append(&mut w.owed);
+            w.owed = failed;
+            return Err(e.into());
+        }
+        w.synced = w.synced.max(generation);
+        Ok(())
+    }
+
+    /// Starts making appended chunks durable on a background thread, unless one is running, so
     /// the sync a commit waits for has little left to do.
     pub fn start_writeback(&self) {
         if self.flushing.swap(true, Ordering::SeqCst) {
@@ -313,21 +397,23 @@ impl ChunkStore {
         });
     }
 
-    /// Drops the staging buffer and cached read handles (they come back on the next use), so an
+    /// Drops staging buffers and cached read handles (they come back on the next use), so an
     /// idle server holds no memory for them.
     pub fn release_buffers(&self) {
-        self.lock().buf = None;
-        self.readers.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Some((_, out)) = self.lock().current.as_mut() {
+            out.release_memory();
+        }
+        self.backend.release_memory();
     }
 
     /// `true` when chunks were appended since the last completed sync.
     pub fn needs_sync(&self) -> bool {
         let w = self.lock();
-        w.appended > w.synced
+        w.appended > w.synced || !w.owed.is_empty()
     }
 
     /// The bytes of `id`, verified.
-    pub fn get(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
+    pub fn get(&self, id: &ChunkId) -> ChunkResult<Vec<u8>> {
         let frames = self.read_frames(std::slice::from_ref(id));
         if let Some(e) = frames.error {
             return Err(e);
@@ -338,9 +424,9 @@ impl ChunkStore {
 
     /// The frames (id, length, bytes) of `ids`, in order, as the fetch endpoint sends them, in
     /// one or more pieces. Packs store exactly these frames, so each run of chunks stored back to
-    /// back is one read; reads bypass the page cache where the file system allows. Every chunk is
-    /// checked against its id before it is returned; the read stops at the first chunk that is
-    /// absent, unreadable or corrupt (a corrupt one is quarantined), keeping the frames before it.
+    /// back is one read. Every chunk is checked against its id before it is returned; the read
+    /// stops at the first chunk that is absent, unreadable or corrupt (a corrupt one is
+    /// quarantined), keeping the frames before it.
     pub fn read_frames(&self, ids: &[ChunkId]) -> Frames {
         let mut out = Frames { pieces: Vec::new(), chunk_bytes: 0, error: None };
         let mut i = 0;
@@ -348,14 +434,14 @@ impl ChunkStore {
             // The longest run of chunks stored back to back, starting at `ids[i]`.
             let mut run: Vec<(ChunkId, ChunkLoc)> = Vec::new();
             while let Some(id) = ids.get(i + run.len()) {
-                let loc = match self.locate(id) {
+                let loc = match self.index.chunk_loc(id) {
                     Ok(Some(loc)) => loc,
                     Ok(None) if run.is_empty() => {
-                        out.error = Some(not_found(id));
+                        out.error = Some(ChunkError::NotFound(*id));
                         return out;
                     }
                     Err(e) if run.is_empty() => {
-                        out.error = Some(e);
+                        out.error = Some(e.into());
                         return out;
                     }
                     // Reported when the run starting there is read.
@@ -388,7 +474,7 @@ impl ChunkStore {
                     if !good.is_empty() {
                         out.pieces.push(good);
                     }
-                    out.error = Some(corrupt_error(&bad));
+                    out.error = Some(ChunkError::Corrupt(bad));
                     return out;
                 }
             }
@@ -396,22 +482,19 @@ impl ChunkStore {
         out
     }
 
-    /// Reads the frames of `run` (chunks stored back to back in one pack) as one piece.
-    fn read_run(&self, run: &[(ChunkId, ChunkLoc)]) -> io::Result<Bytes> {
+    /// Reads the frames of `run` (chunks stored back to back in one pack) as one piece. A pack
+    /// that cannot be read before it is durable is made durable first.
+    fn read_run(&self, run: &[(ChunkId, ChunkLoc)]) -> ChunkResult<Bytes> {
         let (first, last) = (run[0].1, run[run.len() - 1].1);
+        if locked(&self.unreadable).contains(&first.pack) {
+            self.sync()?;
+        }
         let (start, end) = (first.offset - FRAME_HEADER as u64, last.offset + u64::from(last.len));
-        let (file, is_direct) = self.reader(first.pack)?;
-        if is_direct {
-            let align = direct::ALIGN as u64;
-            let from = start / align * align;
-            let to = end.div_ceil(align) * align;
-            let mut buf = AlignedBuf::new((to - from) as usize);
-            buf.fill_from(&file, from, (to - from) as usize)?;
-            Ok(buf.into_bytes((start - from) as usize..(end - from) as usize))
-        } else {
-            let mut buf = vec![0u8; (end - start) as usize];
-            file.read_exact_at(&mut buf, start)?;
-            Ok(Bytes::from(buf))
+        match self.backend.read(first.pack, start, (end - start) as usize) {
+            Ok(b) if b.len() as u64 == end - start => Ok(b),
+            Ok(_) => Err(ChunkError::NotFound(run[0].0)),
+            Err(e) if e.kind == PackErrorKind::NotFound => Err(ChunkError::NotFound(run[0].0)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -427,6 +510,7 @@ impl ChunkStore {
                     chunk = %id,
                     pack = loc.pack,
                     offset = loc.offset,
+                    backend = self.backend.describe(),
                     "stored chunk failed its BLAKE3 check; quarantined until a device uploads it again"
                 );
                 if let Err(e) = self.index.quarantine_chunk(id, *loc) {
@@ -436,24 +520,6 @@ impl ChunkStore {
             }
         }
         Ok(bytes)
-    }
-
-    /// A read handle for `pack`, and whether it does direct I/O.
-    fn reader(&self, pack: u32) -> io::Result<PackReader> {
-        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(r) = readers.get(&pack) {
-            return Ok(r.clone());
-        }
-        if readers.len() >= OPEN_PACKS {
-            readers.clear();
-        }
-        let path = pack_path(&self.dir, pack);
-        let r = match direct::open_direct_read(&path)? {
-            Some(f) => (Arc::new(f), true),
-            None => (Arc::new(std::fs::File::open(&path)?), false),
-        };
-        readers.insert(pack, r.clone());
-        Ok(r)
     }
 }
 
@@ -470,51 +536,22 @@ fn frame_ok(bytes: &[u8], base: u64, id: &ChunkId, loc: &ChunkLoc) -> bool {
     header[..32] == id.as_bytes()[..] && header[32..] == loc.len.to_be_bytes() && ChunkId::of(data) == *id
 }
 
-fn not_found(id: &ChunkId) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("chunk {id}"))
-}
-
-/// Streams bytes into a pack through the staging buffer, writing whole buffers at aligned offsets.
-struct Appender<'a> {
-    file: &'a std::fs::File,
-    buf: &'a mut AlignedBuf,
-    /// Pack offset where the staged bytes go, and the logical end of what was pushed.
-    flushed: u64,
-    pos: u64,
-}
-
-impl Appender<'_> {
-    fn push(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let n = self.buf.push(data);
-            data = &data[n..];
-            self.pos += n as u64;
-            if self.buf.is_full() {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            direct::write_at(self.file, self.buf.as_slice(), self.flushed)?;
-            self.flushed += self.buf.len() as u64;
-            self.buf.clear();
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
     use super::*;
+
+    fn pack_path(dir: &Path, pack: PackId) -> PathBuf {
+        dir.join(format!("{pack:08}.pack"))
+    }
 
     #[test]
     fn put_get_sync_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let index = Store::open(&dir.path().join("meta")).unwrap();
-        let s = ChunkStore::open(&dir.path().join("chunks"), index.clone()).unwrap();
+        let s = ChunkStore::open_local(&dir.path().join("chunks"), index.clone()).unwrap();
         let (a, b) = (ChunkId::of(b"abc"), ChunkId::of(b"defg"));
         assert_eq!(s.stored_len(&a).unwrap(), None);
         s.put_many(&[(a, b"abc"), (b, b"defg"), (a, b"abc")]).unwrap();
@@ -527,7 +564,7 @@ mod tests {
         assert_eq!(s.stored_len(&b).unwrap(), Some(4));
         // Stored once, as frames (2 headers + 7 bytes), padded to the direct-I/O alignment.
         let len = std::fs::metadata(pack_path(&dir.path().join("chunks"), 1)).unwrap().len();
-        assert!(len == 2 * 36 + 7 || len == direct::ALIGN as u64, "{len}");
+        assert!(len == 2 * 36 + 7 || len == 4096, "{len}");
         // A larger batch spans several staging buffers.
         let big: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 200_000]).collect();
         let batch: Vec<(ChunkId, &[u8])> = big.iter().map(|d| (ChunkId::of(d), &d[..])).collect();
@@ -549,7 +586,7 @@ mod tests {
         assert!(rest.is_empty());
 
         // A restart writes to a new pack and still reads the old one.
-        let s = ChunkStore::open(&dir.path().join("chunks"), index).unwrap();
+        let s = ChunkStore::open_local(&dir.path().join("chunks"), index).unwrap();
         let c = ChunkId::of(b"x");
         s.put_many(&[(c, b"x")]).unwrap();
         assert_eq!(s.get(&c).unwrap(), b"x");
@@ -562,16 +599,19 @@ mod tests {
     fn truncated_pack_reports_chunk_missing() {
         let dir = tempfile::tempdir().unwrap();
         let index = Store::open(&dir.path().join("meta")).unwrap();
-        let s = ChunkStore::open(&dir.path().join("chunks"), index).unwrap();
+        let s = ChunkStore::open_local(&dir.path().join("chunks"), index.clone()).unwrap();
         let a = ChunkId::of(b"lost in a crash");
         s.put_many(&[(a, b"lost in a crash")]).unwrap();
+        drop(s);
         std::fs::OpenOptions::new()
             .write(true)
             .open(pack_path(&dir.path().join("chunks"), 1))
             .unwrap()
             .set_len(40)
             .unwrap();
+        let s = ChunkStore::open_local(&dir.path().join("chunks"), index).unwrap();
         assert_eq!(s.stored_len(&a).unwrap(), None);
+        assert!(matches!(s.get(&a), Err(ChunkError::NotFound(_))));
     }
 
     /// Flips one byte of `id`'s stored bytes in place.
@@ -588,7 +628,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let chunks_dir = dir.path().join("chunks");
         let index = Store::open(&dir.path().join("meta")).unwrap();
-        let s = ChunkStore::open(&chunks_dir, index.clone()).unwrap();
+        let s = ChunkStore::open_local(&chunks_dir, index.clone()).unwrap();
         let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 5000]).collect();
         let ids: Vec<ChunkId> = data.iter().map(|d| ChunkId::of(d)).collect();
         let batch: Vec<(ChunkId, &[u8])> = ids.iter().zip(&data).map(|(id, d)| (*id, &d[..])).collect();
@@ -599,11 +639,11 @@ mod tests {
         let got: Vec<u8> = frames.pieces.concat();
         assert_eq!(got.len(), FRAME_HEADER + 5000);
         assert_eq!(frames.chunk_bytes, 5000);
-        assert_eq!(frames.error.unwrap().kind(), io::ErrorKind::InvalidData);
+        assert!(matches!(frames.error, Some(ChunkError::Corrupt(id)) if id == ids[1]));
         assert_eq!(s.corrupt_count(), 1);
         // Quarantined: absent from now on, so devices are asked for it again.
         assert!(!s.contains(&ids[1]).unwrap());
-        assert_eq!(s.get(&ids[1]).unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert!(matches!(s.get(&ids[1]), Err(ChunkError::NotFound(_))));
         // A correct upload stores it anew.
         s.put_many(&[batch[1]]).unwrap();
         assert_eq!(s.get(&ids[1]).unwrap(), data[1]);
@@ -619,14 +659,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let chunks_dir = dir.path().join("chunks");
         let index = Store::open(&dir.path().join("meta")).unwrap();
-        let s = ChunkStore::open(&chunks_dir, index.clone()).unwrap();
+        let s = ChunkStore::open_local(&chunks_dir, index.clone()).unwrap();
         let a = ChunkId::of(b"first");
         s.put_many(&[(a, b"first")]).unwrap();
         let first = index.chunk_loc(&a).unwrap().unwrap().pack;
         // A crash loses the pack's creation, but the index entry survived.
         drop(s);
         std::fs::remove_file(pack_path(&chunks_dir, first)).unwrap();
-        let s = ChunkStore::open(&chunks_dir, index.clone()).unwrap();
+        let s = ChunkStore::open_local(&chunks_dir, index.clone()).unwrap();
         assert!(!s.contains(&a).unwrap(), "an entry into a lost pack is dropped at start");
         let b = ChunkId::of(b"second");
         s.put_many(&[(b, b"second")]).unwrap();

@@ -326,7 +326,7 @@ mod tests {
     fn tree_stays_a_tree() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("meta")).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         assert_eq!(check(&store, &chunks, vec![dir("a"), empty_file("a/f")]), Ok(()));
         // Nothing under a file, in the same commit or against the stored tree.
         assert_eq!(check(&store, &chunks, vec![dir("a/f/x")]), Err(ErrorCode::Conflict));
@@ -343,7 +343,7 @@ mod tests {
     fn manifests_must_be_chunked_as_the_chunker_cuts() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("meta")).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         let one = shoal_protocol::ChunkRef { id: shoal_protocol::ChunkId::of(b"x"), len: 1 };
         // Many references to one tiny chunk: every chunk but the last must be at least the minimum.
         let m = Manifest { size: 600_000, hash: shoal_protocol::ChunkId::of(b""), chunks: vec![one; 600_000] };
@@ -360,7 +360,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("meta");
         let store = Store::open(&dir).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         let ids: Vec<shoal_protocol::ChunkId> =
             (0..600u32).map(|i| shoal_protocol::ChunkId::of(&i.to_be_bytes())).collect();
         let refs = ids.iter().map(|id| shoal_protocol::ChunkRef { id: *id, len: 65_536 }).collect();
@@ -412,7 +412,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("meta");
         let store = Store::open(&dir).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         let commit = |user: u64, name: &str, seed: u32, at: u64| {
             let id = shoal_protocol::ChunkId::of(&seed.to_be_bytes());
             let m = Manifest { size: 10, hash: id, chunks: vec![shoal_protocol::ChunkRef { id, len: 10 }] };
@@ -440,7 +440,7 @@ mod tests {
     fn a_held_chunk_found_lost_is_awaited_again() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("meta")).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         let data = shoal_protocol::testdata::noise(6, 300_000);
         let manifest = shoal_protocol::Chunker::default().manifest(&data[..]).unwrap();
         let ids: Vec<shoal_protocol::ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
@@ -466,7 +466,7 @@ mod tests {
     fn versions_wait_for_their_missing_chunks() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("meta")).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         let data = shoal_protocol::testdata::noise(5, 300_000);
         let manifest = shoal_protocol::Chunker::default().manifest(&data[..]).unwrap();
         let ids: Vec<shoal_protocol::ChunkId> = manifest.chunks.iter().map(|c| c.id).collect();
@@ -515,7 +515,7 @@ mod tests {
     fn pending_versions_and_awaited_chunks_are_capped_per_device_and_user() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp.path().join("meta")).unwrap();
-        let chunks = ChunkStore::open(&tmp.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp.path().join("chunks"), store.clone()).unwrap();
         let ids = |seed: u64, n: u64| -> Vec<ChunkId> {
             (0..n).map(|i| ChunkId::of(&[seed.to_be_bytes(), i.to_be_bytes()].concat())).collect()
         };
@@ -556,7 +556,7 @@ mod tests {
         // Versions, per device: a thousand per commit up to the limit.
         let tmp2 = tempfile::tempdir().unwrap();
         let store = Store::open(&tmp2.path().join("meta")).unwrap();
-        let chunks = ChunkStore::open(&tmp2.path().join("chunks"), store.clone()).unwrap();
+        let chunks = ChunkStore::open_local(&tmp2.path().join("chunks"), store.clone()).unwrap();
         let commit = |device: u8, first: u64, n: u64| {
             let changes = (first..first + n)
                 .map(|i| Change { manifest: Some(manifest(&ids(100 + i, 1))), ..empty_file(&format!("f{i}")) })

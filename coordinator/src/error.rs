@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use shoal_protocol::api::{Conflict, ErrorBody, ErrorCode};
 
+use crate::chunks::ChunkError;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -66,5 +67,23 @@ impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> Self {
         tracing::error!(error = %e, "chunk store failure");
         ApiError::new(ErrorCode::Internal, "the coordinator's chunk store failed; try again later")
+    }
+}
+
+impl From<ChunkError> for ApiError {
+    fn from(e: ChunkError) -> Self {
+        match e {
+            ChunkError::NotFound(id) | ChunkError::Corrupt(id) => ApiError::new(
+                ErrorCode::ChunkUnavailable,
+                format!(
+                    "chunk {id} is not stored intact (lost or damaged); it is served again once a device uploads it again"
+                ),
+            ),
+            ChunkError::Index(e) => e.into(),
+            ChunkError::Backend(e) => {
+                tracing::error!(error = %e, "chunk storage failure");
+                ApiError::new(ErrorCode::Internal, "the coordinator's chunk storage failed; try again later")
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ mod commit;
 mod error;
 pub mod listener;
 mod metrics;
+pub mod packs;
 mod revocation;
 pub mod store;
 pub mod tls;
@@ -161,7 +162,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     let identity = tls::Identity::load_or_create(&opts.data)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
-    let chunks = ChunkStore::open(&opts.data.join("chunks"), store.clone()).context("opening the chunk store")?;
+    let chunks = ChunkStore::open_local(&opts.data.join("chunks"), store.clone()).context("opening the chunk store")?;
     // After a crash of the process alone, the store may hold writes that never reached the disk;
     // make them durable before any of them is served as such.
     store.flush_blocking().context("flushing the metadata store")?;
