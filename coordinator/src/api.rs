@@ -25,6 +25,7 @@ use shoal_sys::clock::now_ms;
 
 use crate::error::{ApiError, ApiResult};
 use crate::revocation::{self, Decision, Standing};
+use crate::service::blocking;
 use crate::store::{CommitOutcome, DeviceRec, UserId};
 use crate::{Actor, App};
 
@@ -180,12 +181,6 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         pending_oldest_seconds: oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),
     });
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
-}
-
-/// Runs store work on a blocking thread, so a large read or commit never stalls the async
-/// threads that serve everyone else.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::from(std::io::Error::other(e.to_string())))?
 }
 
 /// Largest certificate request accepted at enrollment.
@@ -394,39 +389,8 @@ async fn store_chunks(app: &Arc<App>, user: UserId, chunks: Vec<(ChunkId, Bytes)
     })
     .await?;
     app.metrics.bytes_in.inc_by(total);
-    record_chunks(app, user, ids).await?;
+    crate::service::chunks_stored(app, user, ids).await?;
     Ok(total)
-}
-
-/// Records newly stored chunks as the user's and counts them off the user's pending versions, in
-/// one atomic batch, so a chunk the origin holds is never still awaited by a pending version
-/// (which no device would then upload again). A version with nothing left to wait for becomes
-/// durable — only after the chunks are synced, under the user's commit lock (so no commit
-/// records a wait for a chunk that is arriving) and flushed before the upload is answered. It
-/// runs in a task of its own that owns the lock, so a client that goes away cannot cut it short.
-///
-/// Without pending versions, uploads are provisional: the commit that first references a chunk
-/// checks it is on disk and syncs the store before anything is acknowledged as committed.
-async fn record_chunks(app: &Arc<App>, user: UserId, ids: Vec<ChunkId>) -> ApiResult<()> {
-    let app = app.clone();
-    let task = tokio::spawn(async move {
-        let _guard = app.user_lock(user).lock_owned().await;
-        let (store, chunks) = (app.store.clone(), app.chunks.clone());
-        let durable = blocking(move || {
-            let pending = store.has_pending(user)?;
-            if pending && chunks.needs_sync() {
-                chunks.sync()?;
-            }
-            Ok(store.chunks_stored(user, &ids)?)
-        })
-        .await?;
-        if !durable.is_empty() {
-            app.store.flush().await?;
-            tracing::info!(user, versions = ?durable, "pending versions are durable");
-        }
-        Ok::<_, ApiError>(())
-    });
-    task.await.map_err(|e| ApiError::from(std::io::Error::other(e.to_string())))?
 }
 
 /// The user's pending versions.
@@ -679,34 +643,7 @@ async fn commit(
 ) -> ApiResult<Json<CommitResponse>> {
     crate::commit::validate(&req)?;
     let started = std::time::Instant::now();
-    let user = auth.user();
-    if app.chunks.needs_sync() {
-        let store = app.chunks.clone();
-        blocking(move || Ok(store.sync()?)).await?;
-    }
-    // One commit at a time per user, held until the append is durable: nobody reads an entry the
-    // writer has not been acknowledged (reads stop at the durable head this lock guards). The
-    // commit runs in a task of its own that owns the lock, so a client that goes away mid-commit
-    // never releases the lock while its commit is still being applied or flushed.
-    let lock = app.user_lock(user);
-    let device = auth.device.id;
-    let task = tokio::spawn({
-        let app = app.clone();
-        async move {
-            let _guard = lock.lock_owned().await;
-            let heads = app.head_sender(user)?;
-            let (store, chunks) = (app.store.clone(), app.chunks.clone());
-            let outcome = blocking(move || crate::commit::apply(&store, &chunks, user, device, req, now_ms())).await?;
-            if !matches!(outcome, CommitOutcome::Stale(_)) {
-                // A replay is flushed too: the original may have failed to flush. Whatever is
-                // stored is durable from here on, so the durable head is the stored head.
-                app.store.flush().await?;
-                heads.send_replace(app.store.head_seq(user)?);
-            }
-            Ok::<_, ApiError>(outcome)
-        }
-    });
-    let outcome = task.await.map_err(|e| ApiError::from(std::io::Error::other(e.to_string())))??;
+    let outcome = crate::service::commit(&app, auth.user(), auth.device.id, req).await?;
     match outcome {
         CommitOutcome::Replayed(resp) => Ok(Json(resp)),
         CommitOutcome::Stale(conflicts) => Err(ApiError::stale(conflicts)),

@@ -5,7 +5,7 @@
 //! in an initial sync, and all of its growth per file from 100,000 to 1,000,000 files.
 //!
 //! Now the store keeps them as a log of changes under sequential keys (cheap appends; see
-//! `store.rs`, `y/` records) and answers every lookup from the tables here, rebuilt from the
+//! `store/chunk_log.rs`, `y/` records) and answers every lookup from the tables here, rebuilt from the
 //! log on open. A table is a sorted array (48 bytes per location, 32 per held chunk) and a
 //! hash map of changes merged into it once it holds an eighth of the array's length, so memory
 //! stays near the records' own size and a change costs a constant amortized amount whatever the

@@ -338,6 +338,12 @@ impl ChunkStore {
         Ok((locs, pos))
     }
 
+    /// Makes every chunk stored so far durable, if any is not: the step before anything that
+    /// names a new chunk (a commit, a pending version completed) is acknowledged.
+    pub fn make_durable(&self) -> ChunkResult<()> {
+        if self.needs_sync() { self.sync() } else { Ok(()) }
+    }
+
     /// Makes every chunk appended so far durable.
     pub fn sync(&self) -> ChunkResult<()> {
         let _one = locked(&self.sync_lock);

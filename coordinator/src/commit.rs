@@ -1,5 +1,5 @@
 //! Commit rules: what makes a commit acceptable, and how an accepted one becomes journal entries.
-//! Synchronous and free of HTTP: the `/v1/commit` handler runs [`apply`] on a blocking thread
+//! Synchronous and free of HTTP: [`crate::service::commit`] runs [`apply`] on a blocking thread
 //! under the user's commit lock, so the heads it reads cannot move before the append and a large
 //! commit never stalls the async threads or another user's commits.
 
@@ -114,9 +114,7 @@ pub fn apply(
     check_pending_limits(store, user, device, &waits)?;
     // An upload since the handler's sync (another device's, or a repair) must be on disk before
     // a commit that may name it is acknowledged.
-    if chunks.needs_sync() {
-        chunks.sync()?;
-    }
+    chunks.make_durable()?;
     let mut seq = store.head_seq(user)?;
     let entries: Vec<Entry> = req
         .changes

@@ -13,6 +13,7 @@ pub mod listener;
 mod metrics;
 pub mod packs;
 mod revocation;
+mod service;
 pub mod store;
 pub mod tls;
 mod trim;
