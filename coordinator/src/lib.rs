@@ -8,6 +8,7 @@ pub mod ca;
 mod chunk_records;
 pub mod chunks;
 mod commit;
+pub mod config;
 mod error;
 pub mod listener;
 mod metrics;
@@ -42,6 +43,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 /// Default address of the metrics listener (plain HTTP): loopback, since the counters describe
 /// every user's activity.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7444";
+/// Default of [`ServeOptions::pending_stuck_after`].
+pub const DEFAULT_PENDING_STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]

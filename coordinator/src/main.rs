@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use shoal_coordinator::admin::{self, Request};
+use shoal_coordinator::config;
 
 #[derive(Parser)]
 #[command(
@@ -23,25 +24,28 @@ struct Cli {
 enum Cmd {
     /// Run the server until Ctrl-C or SIGTERM.
     Serve {
+        /// Config file (TOML) with the same settings as these flags; a flag overrides its key.
+        #[arg(long, env = "SHOAL_COORDINATOR_CONFIG")]
+        config: Option<PathBuf>,
         /// Data directory (metadata, chunks, TLS identity). Created 0700; refused if other users
         /// can write to it.
         #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
-        data: PathBuf,
-        /// Address to listen on (port 0 picks one; see DATA/server.json).
-        #[arg(long, default_value = shoal_coordinator::DEFAULT_LISTEN)]
-        listen: SocketAddr,
+        data: Option<PathBuf>,
+        /// Address to listen on (port 0 picks one; see DATA/server.json) [default: 127.0.0.1:7443].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Address devices should dial, written into invites (default: the bound address).
         #[arg(long)]
         public_addr: Option<String>,
         /// Plain-HTTP address for `/metrics` (Prometheus) and `/healthz`, or `off`. Keep it on a
-        /// private network: the counters describe every user's activity.
-        #[arg(long, default_value = shoal_coordinator::DEFAULT_METRICS_LISTEN, value_parser = parse_listen)]
-        metrics_listen: Listen,
+        /// private network: the counters describe every user's activity [default: 127.0.0.1:7444].
+        #[arg(long, value_parser = parse_listen)]
+        metrics_listen: Option<Listen>,
         /// How long a pending version (committed before its chunks were uploaded) may go without
         /// a chunk of it arriving before it counts as stuck: devices stop trying to fetch it and
-        /// /metrics counts it.
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-        pending_stuck_after: Duration,
+        /// /metrics counts it [default: 10m].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        pending_stuck_after: Option<Duration>,
     },
     /// Manage users.
     User {
@@ -108,10 +112,7 @@ enum DeviceCmd {
 struct Listen(Option<SocketAddr>);
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
-    if s == "off" {
-        return Ok(Listen(None));
-    }
-    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{e}: expected HOST:PORT or `off`"))
+    config::parse_listen(s).map(Listen)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,14 +134,14 @@ async fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve { data, listen, public_addr, metrics_listen, pending_stuck_after } => {
-            let opts = shoal_coordinator::ServeOptions {
-                data,
-                listen,
-                public_addr,
-                metrics_listen: metrics_listen.0,
-                pending_stuck_after,
+        Cmd::Serve { config, data, listen, public_addr, metrics_listen, pending_stuck_after } => {
+            let file = match config {
+                Some(path) => config::FileConfig::load(&path)?,
+                None => config::FileConfig::default(),
             };
+            let metrics_listen = metrics_listen.map(|l| l.0);
+            let flags = config::Flags { data, listen, public_addr, metrics_listen, pending_stuck_after };
+            let opts = config::serve_options(file, flags)?;
             let server = shoal_coordinator::start(opts).await?;
             shutdown_signal().await;
             tracing::info!("shutting down");

@@ -137,3 +137,33 @@ fn every_bad_input_is_refused_without_changing_state() {
     alice.sync();
     converge(&[&alice], std::time::Duration::from_secs(5));
 }
+
+/// A config file with a key the coordinator does not know, or a value it cannot use, stops it
+/// before it touches the data directory, with the file, the line and the key in one message.
+#[test]
+fn a_bad_coordinator_config_file_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |text: &str| {
+        let cfg = dir.path().join("coordinator.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(bin("shoal-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let base = format!("data = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n", data.display().to_string());
+    let (ok, err) = run(&format!("{base}pending_stuck_afterr = \"5m\"\n"));
+    assert!(!ok);
+    assert!(
+        err.contains("coordinator.toml") && err.contains("line 4") && err.contains("pending_stuck_afterr"),
+        "{err}"
+    );
+    let (ok, err) = run(&format!("{base}pending_stuck_after = \"a while\"\n"));
+    assert!(!ok);
+    assert!(err.contains("pending_stuck_after = \"a while\""), "{err}");
+    assert!(!data.exists(), "a refused config changes nothing");
+}
