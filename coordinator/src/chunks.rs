@@ -346,12 +346,18 @@ impl ChunkStore {
 
     /// Makes every chunk appended so far durable.
     pub fn sync(&self) -> ChunkResult<()> {
+        self.settle(true)
+    }
+
+    /// Runs the durability jobs owed, and with `current`, the current pack's too (sealing it if
+    /// the backend seals on durability); only then counts what was appended as synced.
+    fn settle(&self, current: bool) -> ChunkResult<()> {
         let _one = locked(&self.sync_lock);
         let (generation, mut jobs) = {
             let mut guard = self.lock();
             let w = &mut *guard;
             let generation = w.appended;
-            if w.current_dirty {
+            if current && w.current_dirty {
                 let seals = w.current.as_ref().is_some_and(|(_, out)| out.seals());
                 if seals {
                     self.close_current(w)?;
@@ -384,23 +390,36 @@ impl ChunkStore {
             w.owed = failed;
             return Err(e.into());
         }
-        w.synced = w.synced.max(generation);
+        if current {
+            w.synced = w.synced.max(generation);
+        }
         Ok(())
     }
 
     /// Starts making appended chunks durable on a background thread, unless one is running, so
-    /// the sync a commit waits for has little left to do.
+    /// the sync a commit waits for has little left to do. A backend that seals packs on
+    /// durability (an object store) only gets the packs already closed: sealing the current one
+    /// at every upload would make a small object per upload.
     pub fn start_writeback(&self) {
+        let current = !self.lock().current.as_ref().is_some_and(|(_, out)| out.seals());
+        if !current && self.lock().owed.is_empty() {
+            return;
+        }
         if self.flushing.swap(true, Ordering::SeqCst) {
             return;
         }
         let store = self.clone();
         std::thread::spawn(move || {
-            if let Err(e) = store.sync() {
+            if let Err(e) = store.settle(current) {
                 tracing::warn!(error = %e, "background chunk writeback failed");
             }
             store.flushing.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Requests made to the backend since start, by kind (empty for local files).
+    pub fn request_counts(&self) -> Vec<(&'static str, u64)> {
+        self.backend.request_counts()
     }
 
     /// Drops staging buffers and cached read handles (they come back on the next use), so an

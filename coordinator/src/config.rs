@@ -7,6 +7,15 @@
 //! public_addr = "sync.example.com:7443"
 //! metrics_listen = "127.0.0.1:7444"   # or "off"
 //! pending_stuck_after = "10m"
+//!
+//! [s3]                                 # chunks in a bucket instead of DATA/chunks
+//! bucket = "shoal-chunks"
+//! prefix = "prod/"                     # optional
+//! region = "eu-west-1"                 # default us-east-1
+//! endpoint = "https://s3.example.com"  # optional: AWS's own endpoint for the region
+//! path_style = true                    # optional, default false
+//! access_key_id = "..."                # or AWS_ACCESS_KEY_ID
+//! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
 //! ```
 
 use std::net::SocketAddr;
@@ -17,6 +26,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::ServeOptions;
+use crate::packs::s3::S3Config;
 
 /// What a config file holds; every key optional.
 #[derive(Debug, Default, Deserialize)]
@@ -29,6 +39,20 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     /// A duration ("10m", "1h").
     pub pending_stuck_after: Option<String>,
+    pub s3: Option<S3Section>,
+}
+
+/// The `[s3]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub path_style: Option<bool>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
 }
 
 /// `serve`'s flags: each overrides the file's key of the same name.
@@ -39,6 +63,15 @@ pub struct Flags {
     pub public_addr: Option<String>,
     pub metrics_listen: Option<Option<SocketAddr>>,
     pub pending_stuck_after: Option<Duration>,
+    pub s3_bucket: Option<String>,
+    pub s3_prefix: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_endpoint: Option<String>,
+    /// `--s3-path-style` given.
+    pub s3_path_style: bool,
+    /// From `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
 }
 
 impl FileConfig {
@@ -87,7 +120,68 @@ pub fn serve_options(file: FileConfig, flags: Flags) -> anyhow::Result<ServeOpti
         public_addr: flags.public_addr.or(file.public_addr),
         metrics_listen,
         pending_stuck_after,
+        s3: s3_config(
+            file.s3,
+            flags.s3_bucket,
+            flags.s3_prefix,
+            flags.s3_region,
+            flags.s3_endpoint,
+            flags.s3_path_style,
+            flags.s3_access_key_id,
+            flags.s3_secret_access_key,
+        )?,
     })
+}
+
+/// The S3 backend's settings, if a bucket is named (by flag or file); the other keys without a
+/// bucket are an error, not silently ignored.
+#[allow(clippy::too_many_arguments)]
+fn s3_config(
+    file: Option<S3Section>,
+    bucket: Option<String>,
+    prefix: Option<String>,
+    region: Option<String>,
+    endpoint: Option<String>,
+    path_style: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+) -> anyhow::Result<Option<S3Config>> {
+    let file_given = file.is_some();
+    let file = file.unwrap_or_default();
+    let Some(bucket) = bucket.or(file.bucket) else {
+        anyhow::ensure!(
+            !file_given && prefix.is_none() && region.is_none() && endpoint.is_none() && !path_style,
+            "S3 settings without a bucket: pass --s3-bucket BUCKET (or set `bucket` in [s3])"
+        );
+        return Ok(None);
+    };
+    anyhow::ensure!(!bucket.is_empty(), "the S3 bucket name is empty");
+    let mut prefix = prefix.or(file.prefix).unwrap_or_default().trim_start_matches('/').to_string();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    let endpoint = endpoint.or(file.endpoint);
+    if let Some(url) = &endpoint {
+        anyhow::ensure!(
+            url.starts_with("https://") || url.starts_with("http://"),
+            "S3 endpoint {url:?} is not an http:// or https:// URL"
+        );
+    }
+    let access_key_id = access_key_id.or(file.access_key_id).context(
+        "no S3 access key id: set AWS_ACCESS_KEY_ID (or access_key_id in [s3]); instance metadata is never used",
+    )?;
+    let secret_access_key = secret_access_key
+        .or(file.secret_access_key)
+        .context("no S3 secret access key: set AWS_SECRET_ACCESS_KEY (or secret_access_key in [s3])")?;
+    Ok(Some(S3Config {
+        bucket,
+        prefix,
+        region: region.or(file.region).unwrap_or_else(|| "us-east-1".to_string()),
+        endpoint,
+        path_style: path_style || file.path_style.unwrap_or(false),
+        access_key_id,
+        secret_access_key,
+    }))
 }
 
 #[cfg(test)]
@@ -132,5 +226,39 @@ mod tests {
         let opts = serve_options(FileConfig::default(), Flags { data: Some("/d".into()), ..Flags::default() }).unwrap();
         assert_eq!(opts.listen, crate::DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(opts.pending_stuck_after, crate::DEFAULT_PENDING_STUCK_AFTER);
+        assert_eq!(opts.s3, None);
+    }
+
+    #[test]
+    fn s3_settings_come_from_flags_the_file_and_the_environment() {
+        let text = "data = \"/d\"\n[s3]\nbucket = \"b\"\nprefix = \"/x\"\npath_style = true\naccess_key_id = \"fk\"\nsecret_access_key = \"fs\"\n";
+        let opts = serve_options(FileConfig::parse(text).unwrap(), Flags::default()).unwrap();
+        let s3 = opts.s3.unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()), ("b", "x/", "us-east-1"));
+        assert!(s3.path_style && s3.endpoint.is_none());
+        assert_eq!((s3.access_key_id.as_str(), s3.secret_access_key.as_str()), ("fk", "fs"));
+        let flags = Flags {
+            s3_bucket: Some("other".into()),
+            s3_endpoint: Some("http://127.0.0.1:9000".into()),
+            s3_access_key_id: Some("ek".into()),
+            s3_secret_access_key: Some("es".into()),
+            ..Flags::default()
+        };
+        let s3 = serve_options(FileConfig::parse(text).unwrap(), flags).unwrap().s3.unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.access_key_id.as_str()), ("other", "ek"));
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        let e = FileConfig::parse("[s3]\nbucket = \"b\"\nsecret = \"x\"\n").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field `secret`"), "{e:#}");
+        let no_key = FileConfig::parse("data = \"/d\"\n[s3]\nbucket = \"b\"\n").unwrap();
+        assert!(serve_options(no_key, Flags::default()).unwrap_err().to_string().contains("AWS_ACCESS_KEY_ID"));
+        let no_bucket = Flags { data: Some("/d".into()), s3_prefix: Some("p".into()), ..Flags::default() };
+        assert!(serve_options(FileConfig::default(), no_bucket).unwrap_err().to_string().contains("--s3-bucket"));
+        let bad_url = Flags {
+            data: Some("/d".into()),
+            s3_bucket: Some("b".into()),
+            s3_endpoint: Some("s3.example.com".into()),
+            ..Flags::default()
+        };
+        assert!(serve_options(FileConfig::default(), bad_url).unwrap_err().to_string().contains("not an http"));
     }
 }

@@ -16,6 +16,8 @@ pub mod packs;
 mod revocation;
 mod service;
 pub mod store;
+#[cfg(any(test, feature = "test-s3"))]
+pub mod testing;
 pub mod tls;
 mod trim;
 
@@ -60,6 +62,8 @@ pub struct ServeOptions {
     /// How long a pending version may go without any of its chunks arriving before it counts as
     /// stuck (devices stop trying to fetch it; see `PendingVersion::stuck`).
     pub pending_stuck_after: std::time::Duration,
+    /// Chunks in this S3 bucket; `None`: pack files in `DATA/chunks`.
+    pub s3: Option<packs::s3::S3Config>,
 }
 
 /// Shared state of the API handlers.
@@ -160,13 +164,46 @@ impl Server {
     }
 }
 
+/// Opens the chunk store on the backend `opts` name, after checking it is the one this data
+/// directory's chunks are in: a chunk index opened on another backend would find none of its
+/// packs and forget them all.
+async fn open_chunks(opts: &ServeOptions, store: &Store) -> anyhow::Result<ChunkStore> {
+    let (want, what) = match &opts.s3 {
+        Some(s3) => (format!("s3://{}/{}", s3.bucket, s3.prefix), "S3 storage"),
+        None => ("local".to_string(), "the chunk store"),
+    };
+    match store.chunk_backend()? {
+        Some(have) if have != want => anyhow::bail!(
+            "this data directory's chunks are in {have}, not {want}: start with the same storage settings \
+             (moving chunks between backends is not supported)"
+        ),
+        Some(_) => {}
+        None => store.set_chunk_backend(&want)?,
+    }
+    let (opts, store) = (opts.clone(), store.clone());
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<ChunkStore> {
+        let chunks = match opts.s3 {
+            Some(cfg) => {
+                let backend = packs::s3::S3Packs::open(cfg, &opts.data.join("s3"), rt)?;
+                ChunkStore::open(Arc::new(backend), store)?
+            }
+            None => ChunkStore::open_local(&opts.data.join("chunks"), store)?,
+        };
+        tracing::info!(backend = chunks.describe(), "chunk store open");
+        Ok(chunks)
+    })
+    .await?
+    .with_context(|| format!("opening {what}"))
+}
+
 /// Opens the data directory, binds, and serves until `shutdown`.
 pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     prepare_data_dir(&opts.data)?;
     let identity = tls::Identity::load_or_create(&opts.data)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
-    let chunks = ChunkStore::open_local(&opts.data.join("chunks"), store.clone()).context("opening the chunk store")?;
+    let chunks = open_chunks(&opts, &store).await?;
     // After a crash of the process alone, the store may hold writes that never reached the disk;
     // make them durable before any of them is served as such.
     store.flush_blocking().context("flushing the metadata store")?;

@@ -20,6 +20,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server until Ctrl-C or SIGTERM.
@@ -46,6 +48,27 @@ enum Cmd {
         /// /metrics counts it [default: 10m].
         #[arg(long, value_parser = humantime::parse_duration)]
         pending_stuck_after: Option<Duration>,
+        /// Keep chunks in this S3 bucket instead of DATA/chunks. Credentials come from
+        /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the config file); instance metadata
+        /// is never used.
+        #[arg(long)]
+        s3_bucket: Option<String>,
+        /// Key prefix inside the bucket (e.g. "shoal/").
+        #[arg(long)]
+        s3_prefix: Option<String>,
+        /// The bucket's region [default: us-east-1].
+        #[arg(long)]
+        s3_region: Option<String>,
+        /// An S3-compatible service's URL (default: AWS's endpoint for the region).
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+        /// Path-style requests (ENDPOINT/BUCKET/KEY), which most S3-compatible services want.
+        #[arg(long)]
+        s3_path_style: bool,
+        #[arg(long, env = "AWS_ACCESS_KEY_ID", hide = true)]
+        s3_access_key_id: Option<String>,
+        #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide = true, hide_env_values = true)]
+        s3_secret_access_key: Option<String>,
     },
     /// Manage users.
     User {
@@ -134,13 +157,40 @@ async fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve { config, data, listen, public_addr, metrics_listen, pending_stuck_after } => {
+        Cmd::Serve {
+            config,
+            data,
+            listen,
+            public_addr,
+            metrics_listen,
+            pending_stuck_after,
+            s3_bucket,
+            s3_prefix,
+            s3_region,
+            s3_endpoint,
+            s3_path_style,
+            s3_access_key_id,
+            s3_secret_access_key,
+        } => {
             let file = match config {
                 Some(path) => config::FileConfig::load(&path)?,
                 None => config::FileConfig::default(),
             };
             let metrics_listen = metrics_listen.map(|l| l.0);
-            let flags = config::Flags { data, listen, public_addr, metrics_listen, pending_stuck_after };
+            let flags = config::Flags {
+                data,
+                listen,
+                public_addr,
+                metrics_listen,
+                pending_stuck_after,
+                s3_bucket,
+                s3_prefix,
+                s3_region,
+                s3_endpoint,
+                s3_path_style,
+                s3_access_key_id,
+                s3_secret_access_key,
+            };
             let opts = config::serve_options(file, flags)?;
             let server = shoal_coordinator::start(opts).await?;
             shutdown_signal().await;

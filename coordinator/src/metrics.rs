@@ -4,6 +4,7 @@
 //! text format.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -25,6 +26,7 @@ pub struct Metrics {
     pending_versions: Gauge,
     pending_oldest_seconds: Gauge,
     pending_stuck: Gauge,
+    storage_requests: Family<Vec<(String, String)>, Counter>,
     registry: Registry,
 }
 
@@ -38,6 +40,8 @@ pub struct Scraped {
     pub pending_stuck: u64,
     /// Age of the oldest pending version, in seconds (0 when there is none).
     pub pending_oldest_seconds: u64,
+    /// Requests made to the chunk storage service since start, by kind (none for local packs).
+    pub storage_requests: Vec<(&'static str, u64)>,
 }
 
 impl Default for Metrics {
@@ -58,6 +62,7 @@ impl Default for Metrics {
             pending_versions: Gauge::default(),
             pending_oldest_seconds: Gauge::default(),
             pending_stuck: Gauge::default(),
+            storage_requests: Family::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -100,6 +105,11 @@ impl Default for Metrics {
             "Pending versions no device has supplied a chunk of for the stuck period, or withdrawn: devices stop fetching them.",
             m.pending_stuck.clone(),
         );
+        registry.register(
+            "shoal_storage_requests",
+            "Requests made to the S3 service holding the chunks, by kind (put, get, list, delete).",
+            m.storage_requests.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -107,7 +117,21 @@ impl Default for Metrics {
 impl Metrics {
     /// The exposition text, with the values only known at scrape time brought up to date.
     pub fn render(&self, now: Scraped) -> String {
-        let Scraped { users, corrupt_chunks, pending_versions, pending_stuck, pending_oldest_seconds } = now;
+        let Scraped {
+            users,
+            corrupt_chunks,
+            pending_versions,
+            pending_stuck,
+            pending_oldest_seconds,
+            storage_requests,
+        } = now;
+        for (op, n) in storage_requests {
+            let c = self.storage_requests.get_or_create(&vec![("op".to_string(), op.to_string())]);
+            let seen = c.get();
+            if n > seen {
+                c.inc_by(n - seen);
+            }
+        }
         self.pending_stuck.set(i64::try_from(pending_stuck).unwrap_or(i64::MAX));
         self.users.set(i64::try_from(users).unwrap_or(i64::MAX));
         self.pending_versions.set(i64::try_from(pending_versions).unwrap_or(i64::MAX));
@@ -140,6 +164,7 @@ mod tests {
             pending_versions: 3,
             pending_stuck: 1,
             pending_oldest_seconds: 40,
+            storage_requests: vec![("put", 7), ("get", 2)],
         };
         let text = m.render(scraped());
         let value = |name: &str| {
@@ -156,11 +181,14 @@ mod tests {
         assert_eq!(value("shoal_pending_versions"), 3.0);
         assert_eq!(value("shoal_pending_oldest_age_seconds"), 40.0);
         assert_eq!(value("shoal_pending_stuck_versions"), 1.0);
+        assert_eq!(value("shoal_storage_requests_total{op=\"put\"}"), 7.0);
+        assert_eq!(value("shoal_storage_requests_total{op=\"get\"}"), 2.0);
         assert_eq!(
             m.render(scraped()).matches("shoal_chunks_corrupt_total 1").count(),
             1,
             "corrupt count is not added twice"
         );
+        assert!(m.render(scraped()).contains("shoal_storage_requests_total{op=\"put\"} 7\n"), "nor requests");
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -2,7 +2,7 @@
 //! and keeps the index from chunk to pack, offset and length) and the medium that holds the
 //! packs. A backend knows nothing of chunks: it stores numbered, append-only byte sequences and
 //! reads ranges of them back. Two exist: [`local::LocalPacks`], files on the coordinator's
-//! disk, and the S3 one.
+//! disk, and [`s3::S3Packs`], objects in an S3-compatible bucket.
 //!
 //! Backends are called from blocking threads (the chunk store is), never from async tasks.
 
@@ -11,6 +11,7 @@ use std::fmt;
 use bytes::Bytes;
 
 pub mod local;
+pub mod s3;
 
 /// A pack's number. Numbers are reserved durably in the metadata store before a pack is
 /// created, so one is never used twice, even after a crash lost the pack.
@@ -93,6 +94,12 @@ pub trait PackBackend: Send + Sync + 'static {
 
     /// Drops caches an idle server need not hold (they come back on the next use).
     fn release_memory(&self) {}
+
+    /// Requests made to a remote store since start, by kind (`put`, `get`, `list`, `delete`);
+    /// empty for local files.
+    fn request_counts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Makes what a writer flushed durable; run without holding the writer, so appends (to the same

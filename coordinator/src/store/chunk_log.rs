@@ -216,4 +216,24 @@ impl Store {
     }
 
     // ---- pending versions ----
+
+    /// Where this data directory's chunks are ("local", or "s3://BUCKET/PREFIX"), as recorded
+    /// by the first start; `None` before it. A store that already holds chunk records and no
+    /// such record is from a release before backends existed: local.
+    pub fn chunk_backend(&self) -> Result<Option<String>, StoreError> {
+        if let Some(v) = self.meta.get(BACKEND_KEY)? {
+            return Ok(Some(String::from_utf8_lossy(&v).into_owned()));
+        }
+        let any_chunk = lock(&self.chunks).recs.len() > 0;
+        Ok(any_chunk.then(|| "local".to_string()))
+    }
+
+    /// Records where this data directory's chunks are, durably.
+    pub fn set_chunk_backend(&self, backend: &str) -> Result<(), StoreError> {
+        self.meta.insert(BACKEND_KEY, backend.as_bytes())?;
+        self.flush_blocking()
+    }
 }
+
+/// Where the chunks are: see [`Store::chunk_backend`].
+const BACKEND_KEY: &[u8] = b"n/chunk-backend";
