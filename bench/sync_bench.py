@@ -133,12 +133,12 @@ def wait(pred, timeout, step=0.002):
 
 
 class Cluster:
-    def __init__(self, base, settle=1.0, configure=None):
+    def __init__(self, base, settle=1.0, configure=None, coord_args=()):
         self.base = base
         data = os.path.join(base, "coord")
         self.coord = subprocess.Popen(
             [os.path.join(BIN, "shoal-coordinator"), "serve", "--data", data, "--listen", "127.0.0.1:0",
-             "--metrics-listen", "127.0.0.1:0"],
+             "--metrics-listen", "127.0.0.1:0", *coord_args],
             stderr=open(os.path.join(base, "coord.log"), "w"),
         )
         info_path = os.path.join(data, "server.json")
@@ -172,11 +172,13 @@ class Cluster:
             )
         time.sleep(settle)
 
-    def metric(self, name):
+    def metric(self, name, default=None):
         text = urllib.request.urlopen(f"http://{self.metrics_addr}/metrics").read().decode()
         for line in text.splitlines():
             if line.startswith(name + " "):
                 return int(line.split()[1])
+        if default is not None:
+            return default
         raise KeyError(name)
 
     def stop(self):

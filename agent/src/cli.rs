@@ -169,12 +169,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::History { path, json } => {
             let client = Client::new(&Config::load(&home)?)?;
             let path = oneshot::parse_remote(&path)?;
-            let entries = client.history(&path).await?;
+            let (entries, expired) = client.history_with_expired(&path).await?;
             let pending = client.pending_of(&path).await?.versions;
             if json {
                 let v: Vec<EntryJson> = entries
                     .iter()
-                    .map(|e| EntryJson { state: oneshot::version_state(e.version, &pending), ..EntryJson::from(e) })
+                    .map(|e| EntryJson {
+                        state: oneshot::version_state(e.version, &pending, &expired),
+                        ..EntryJson::from(e)
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if entries.is_empty() {
@@ -183,10 +186,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for e in &entries {
                     let what = if e.deleted { "deleted".to_string() } else { format!("{} bytes", e.size()) };
                     let hash = e.hash().map(|h| h.to_string()[..16].to_string()).unwrap_or_default();
-                    let state = match oneshot::version_state(e.version, &pending) {
+                    let state = match oneshot::version_state(e.version, &pending, &expired) {
                         "durable" => "",
                         "pending" => "  pending: not yet backed up, on the devices only",
                         "stuck" => "  stuck: not backed up, and no device has sent it for a while",
+                        "expired" => "  expired: past the coordinator's retention, no longer restorable",
                         _ => "  withdrawn: never backed up, its author no longer has it",
                     };
                     println!(

@@ -426,7 +426,14 @@ impl Client {
 
     /// Every version of `path`, oldest first (read page by page).
     pub async fn history(&self, path: &SyncPath) -> ClientResult<Vec<Entry>> {
+        Ok(self.history_with_expired(path).await?.0)
+    }
+
+    /// Every version of `path`, oldest first, and which of them are past the coordinator's
+    /// retention (no longer restorable).
+    pub async fn history_with_expired(&self, path: &SyncPath) -> ClientResult<(Vec<Entry>, Vec<Seq>)> {
         let mut out = Vec::new();
+        let mut expired = Vec::new();
         let mut after: Option<Seq> = None;
         loop {
             let mut q = vec![("path", path.to_string())];
@@ -435,9 +442,10 @@ impl Client {
             }
             let page: HistoryResponse = self.get("/v1/history", &q).await?;
             out.extend(page.entries);
+            expired.extend(page.expired);
             match page.more_after {
                 Some(a) => after = Some(a),
-                None => return Ok(out),
+                None => return Ok((out, expired)),
             }
         }
     }

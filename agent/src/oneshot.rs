@@ -29,13 +29,18 @@ pub struct EntryJson {
     /// Commit time, milliseconds since the Unix epoch.
     pub time: u64,
     pub mtime_ns: i64,
-    /// `durable` (the origin has every chunk), `pending` (not yet: only devices hold it) or
-    /// `withdrawn` (pending, and its author can no longer supply it).
+    /// `durable` (the origin has every chunk), `pending` (not yet: only devices hold it),
+    /// `withdrawn` (pending, and its author can no longer supply it) or `expired` (past the
+    /// coordinator's retention: no longer restorable).
     pub state: &'static str,
 }
 
-/// What the coordinator says of a version's chunks: `durable`, `pending` or `withdrawn`.
-pub fn version_state(version: Seq, pending: &[shoal_protocol::api::PendingVersion]) -> &'static str {
+/// What the coordinator says of a version's chunks: `durable`, `pending`, `stuck`, `withdrawn`
+/// or `expired`.
+pub fn version_state(version: Seq, pending: &[shoal_protocol::api::PendingVersion], expired: &[Seq]) -> &'static str {
+    if expired.contains(&version) {
+        return "expired";
+    }
     match pending.iter().find(|p| p.version == version) {
         None => "durable",
         Some(p) if p.withdrawn => "withdrawn",
@@ -75,9 +80,13 @@ pub async fn ls(client: &Client, prefix: Option<&SyncPath>, at: Option<Seq>) -> 
 
 /// The version of `path` to read: `version`, or the head.
 async fn pick(client: &Client, path: &SyncPath, version: Option<Seq>) -> anyhow::Result<(Entry, Option<Entry>)> {
-    let history = client.history(path).await?;
+    let (history, expired) = client.history_with_expired(path).await?;
     let head = history.last().cloned();
     let entry = match version {
+        Some(v) if expired.contains(&v) => anyhow::bail!(
+            "version {v} of {path} has expired: it was replaced longer ago than the coordinator keeps versions, \
+             so it can no longer be restored (see `shoal history`)"
+        ),
         Some(v) => {
             history.into_iter().find(|e| e.version == v).with_context(|| format!("{path} has no version {v}"))?
         }

@@ -28,6 +28,8 @@ pub enum Request {
     DeviceRevoke { user: String, device: String },
     /// Undo a revocation: the device's token and certificate work again.
     DeviceReinstate { user: String, device: String },
+    /// Collect garbage now, or report what a collection would do.
+    Gc { dry_run: bool },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -177,6 +179,13 @@ async fn execute(
             let d = revoked.with_context(|| format!("device {device:?} disappeared"))?;
             Ok(format!("revoked device {} ({}) of user {user}", d.id, Escaped(&d.name)))
         }
+        Request::Gc { dry_run } => {
+            let app = app.context(
+                "the coordinator is not running: garbage collection runs inside it, with its storage and retention settings",
+            )?;
+            let r = crate::run_gc(&app, dry_run).await?;
+            Ok(render_gc(&r, app.retention))
+        }
         Request::DeviceReinstate { user, device } => {
             let u = store.user(&user)?.with_context(|| format!("no user {user:?}"))?;
             let devices = store.devices(u.id)?;
@@ -191,6 +200,52 @@ async fn execute(
             Ok(format!("reinstated device {} ({}) of user {user}", d.id, Escaped(&d.name)))
         }
     }
+}
+
+fn render_gc(r: &crate::gc::Report, policy: crate::gc::Policy) -> String {
+    let keep = policy.keep.map_or("forever".to_string(), |k| humantime::format_duration(k).to_string());
+    let grace = humantime::format_duration(policy.grace);
+    let mut out = String::new();
+    if r.dry_run {
+        out += "dry run, nothing changed: the figures are what a collection would do now\n";
+    }
+    out += &format!("retention: every version for {keep} after it was replaced; heads always; grace {grace}\n");
+    out += &format!("versions: {} (expired, not restorable: {})\n", r.versions, r.versions_expired);
+    out += &format!(
+        "chunks stored: {}, referenced: {}, unreferenced: {} ({})\n",
+        r.chunks_stored,
+        r.chunks_referenced,
+        r.chunks_unreferenced,
+        size(r.bytes_unreferenced)
+    );
+    out += &format!(
+        "chunks condemned now: {}, chunks deleted: {} ({}), chunks revived: {}\n",
+        r.chunks_condemned,
+        r.chunks_deleted,
+        size(r.bytes_deleted),
+        r.chunks_revived
+    );
+    out += &format!(
+        "packs repacked: {} (chunks moved: {}), packs retired: {}, packs deleted: {} (reclaimed {})\n",
+        r.packs_repacked,
+        r.chunks_moved,
+        r.packs_retired,
+        r.packs_deleted,
+        size(r.bytes_reclaimed)
+    );
+    out += &format!("took {} ms", r.millis);
+    out
+}
+
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 /// The device named `which`: by id, or by a name only one of them has.

@@ -361,8 +361,12 @@ async fn missing(
     for id in req.chunks {
         // Answered per user: whether another user stores a chunk is never revealed. A chunk the
         // store lost or quarantined is missing again, so a device sends it anew.
+        // A chunk garbage collection condemned is missing too: the device sends it again (which
+        // revives it) instead of counting on a copy that may be deleted before its commit.
         if seen.insert(id)
-            && (awaited.contains(&id) || !(app.store.user_has_chunk(auth.user(), &id)? && app.chunks.contains(&id)?))
+            && (awaited.contains(&id)
+                || app.store.is_condemned(&id)
+                || !(app.store.user_has_chunk(auth.user(), &id)? && app.chunks.contains(&id)?))
         {
             missing.push(id);
         }
@@ -824,6 +828,7 @@ async fn history(
     let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let head = *app.head_sender(user)?.borrow();
     let store = app.store.clone();
+    let policy = app.retention;
     blocking(move || {
         let (mut entries, mut more) = store.history(user, &path, q.after, limit)?;
         if entries.last().is_some_and(|e| e.version > head) {
@@ -831,7 +836,23 @@ async fn history(
             more = false;
         }
         let more_after = if more { entries.last().map(|e| e.version) } else { None };
-        Ok(Json(HistoryResponse { path, entries, more_after }))
+        // A version expires once it was replaced longer ago than the retention period: by the
+        // next entry of the page, or for the page's last, by the first of the next page.
+        let next_time = match more_after {
+            Some(last) => store.history(user, &path, Some(last), 1)?.0.first().map(|e| e.time_ms),
+            None => None,
+        };
+        let now = now_ms();
+        let expired = entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let replaced = entries.get(i + 1).map(|n| n.time_ms).or(next_time);
+                !policy.retains(replaced, now)
+            })
+            .map(|(_, e)| e.version)
+            .collect();
+        Ok(Json(HistoryResponse { path, entries, more_after, expired }))
     })
     .await
 }

@@ -227,6 +227,11 @@ impl ChunkRecords {
         self.locs.get(id)
     }
 
+    /// The users holding `id`.
+    pub fn holders(&self, id: &ChunkId) -> Vec<UserId> {
+        self.held.iter().filter(|(_, t)| t.get(id).is_some()).map(|(u, _)| *u).collect()
+    }
+
     /// `true` if `user` holds `id`.
     pub fn holds(&self, user: UserId, id: &ChunkId) -> bool {
         self.held.get(&user).is_some_and(|t| t.get(id).is_some())

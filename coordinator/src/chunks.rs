@@ -227,18 +227,7 @@ impl ChunkStore {
                 format!("{} packs are waiting to be made durable in {}", w.owed.len(), self.backend.describe()),
             )));
         }
-        if w.current.is_none() || w.len >= self.backend.pack_bytes() {
-            self.close_current(w)?;
-            let pack = self.index.reserve_pack(w.next_floor)?;
-            w.next_floor = pack + 1;
-            let out = self.backend.create(pack)?;
-            if !out.readable_before_durable() {
-                locked(&self.unreadable).insert(pack);
-            }
-            locked(&self.sizes).insert(pack, 0);
-            w.current = Some((pack, out));
-            w.len = 0;
-        }
+        self.ensure_pack(w)?;
         let (pack, out) = w.current.as_mut().expect("a pack is open");
         let pack = *pack;
         match Self::append(out.as_mut(), w.len, &fresh, pack) {
@@ -256,6 +245,24 @@ impl ChunkStore {
                 Err(e.into())
             }
         }
+    }
+
+    /// Opens a new pack for appends if none is open or the open one is full.
+    fn ensure_pack(&self, w: &mut Writer) -> ChunkResult<()> {
+        if w.current.is_some() && w.len < self.backend.pack_bytes() {
+            return Ok(());
+        }
+        self.close_current(w)?;
+        let pack = self.index.reserve_pack(w.next_floor)?;
+        w.next_floor = pack + 1;
+        let out = self.backend.create(pack)?;
+        if !out.readable_before_durable() {
+            locked(&self.unreadable).insert(pack);
+        }
+        locked(&self.sizes).insert(pack, 0);
+        w.current = Some((pack, out));
+        w.len = 0;
+        Ok(())
     }
 
     /// Closes the current pack, if any, owing its durability to the next sync.
@@ -415,6 +422,72 @@ impl ChunkStore {
             }
             store.flushing.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Closes the pack appends go to (made durable), so a collection can repack or retire it;
+    /// the next append starts a new one.
+    pub fn close_pack(&self) -> ChunkResult<()> {
+        {
+            let mut guard = self.lock();
+            self.close_current(&mut guard)?;
+        }
+        self.sync()
+    }
+
+    /// Packs this process is writing or has not made durable yet: never repacked or retired.
+    pub fn open_packs(&self) -> HashSet<PackId> {
+        let w = self.lock();
+        let mut out: HashSet<PackId> = w.owed.iter().map(|(p, _)| *p).collect();
+        out.extend(w.current.as_ref().map(|(p, _)| *p));
+        out.extend(locked(&self.unreadable).iter().copied());
+        out
+    }
+
+    /// Every pack with its length, as far as this store knows (listed at start, then appended).
+    pub fn pack_sizes(&self) -> HashMap<PackId, u64> {
+        locked(&self.sizes).clone()
+    }
+
+    /// Writes `chunks` (read back verified from a pack being emptied) to the current pack, makes
+    /// them durable, and only then points the index at the new copies, each only if the index
+    /// still points at the old one. Returns how many moved.
+    pub fn relocate(&self, chunks: &[(ChunkId, ChunkLoc, Bytes)]) -> ChunkResult<usize> {
+        let moved: Vec<(ChunkId, ChunkLoc, ChunkLoc)> = {
+            let mut guard = self.lock();
+            let w = &mut *guard;
+            self.ensure_pack(w)?;
+            let (pack, out) = w.current.as_mut().expect("a pack is open");
+            let pack = *pack;
+            let fresh: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, _, b)| (*id, &b[..])).collect();
+            match Self::append(out.as_mut(), w.len, &fresh, pack) {
+                Ok((locs, end)) => {
+                    w.len = end;
+                    w.current_dirty = true;
+                    w.appended += 1;
+                    locked(&self.sizes).insert(pack, end);
+                    chunks.iter().zip(locs).map(|((id, from, _), (_, to))| (*id, *from, to)).collect()
+                }
+                Err(e) => {
+                    w.len = u64::MAX;
+                    return Err(e.into());
+                }
+            }
+        };
+        self.sync()?;
+        let mut n = 0;
+        for (id, from, to) in moved {
+            if self.index.move_chunk(&id, from, to)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes `pack` from the backend (nothing in the index points into it any more).
+    pub fn delete_pack(&self, pack: PackId) -> ChunkResult<()> {
+        self.backend.delete(pack)?;
+        locked(&self.sizes).remove(&pack);
+        Ok(())
     }
 
     /// Requests made to the backend since start, by kind (empty for local files).

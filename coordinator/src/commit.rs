@@ -82,6 +82,11 @@ pub fn apply(
         return Ok(CommitOutcome::Stale(conflicts));
     }
     check_hierarchy(store, user, &req.changes)?;
+    // Chunks this commit names are counted on from here: garbage collection must not delete
+    // them (a deletion that came first leaves them absent, and the checks below see it).
+    let named: Vec<ChunkId> =
+        req.changes.iter().flat_map(|c| c.manifest.iter().flat_map(|m| &m.chunks)).map(|c| c.id).collect();
+    store.revive(&named)?;
     // Which chunks the origin holds for this user, each looked up once; per change, the distinct
     // chunks it lacks (the version is pending until they arrive, if the device allows that).
     let mut held: HashMap<shoal_protocol::ChunkId, bool> = HashMap::new();

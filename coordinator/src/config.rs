@@ -16,6 +16,11 @@
 //! path_style = true                    # optional, default false
 //! access_key_id = "..."                # or AWS_ACCESS_KEY_ID
 //! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
+//!
+//! [retention]
+//! keep = "30d"                         # or "forever"
+//! gc_interval = "1h"                   # or "off"
+//! gc_grace = "1h"
 //! ```
 
 use std::net::SocketAddr;
@@ -40,6 +45,19 @@ pub struct FileConfig {
     /// A duration ("10m", "1h").
     pub pending_stuck_after: Option<String>,
     pub s3: Option<S3Section>,
+    pub retention: Option<RetentionSection>,
+}
+
+/// The `[retention]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// How long a replaced version is kept ("30d"), or "forever".
+    pub keep: Option<String>,
+    /// How often garbage collection runs ("1h"), or "off".
+    pub gc_interval: Option<String>,
+    /// How long an unreferenced chunk stays condemned before it is deleted ("1h").
+    pub gc_grace: Option<String>,
 }
 
 /// The `[s3]` table.
@@ -72,6 +90,9 @@ pub struct Flags {
     /// From `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
     pub s3_access_key_id: Option<String>,
     pub s3_secret_access_key: Option<String>,
+    pub keep_versions: Option<String>,
+    pub gc_interval: Option<String>,
+    pub gc_grace: Option<String>,
 }
 
 impl FileConfig {
@@ -94,6 +115,18 @@ pub fn parse_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     s.parse().map(Some).map_err(|e| format!("{e}: expected HOST:PORT or `off`"))
 }
 
+/// A duration, or `word` (`forever`, `off`) for none.
+fn duration_or(key: &str, value: &str, word: &str) -> anyhow::Result<Option<Duration>> {
+    if value == word {
+        return Ok(None);
+    }
+    match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        Ok(_) => anyhow::bail!("{key} = {value:?}: must be longer than 0 (or {word:?})"),
+        Err(e) => anyhow::bail!("{key} = {value:?}: {e} (expected e.g. \"30d\", or {word:?})"),
+    }
+}
+
 /// The options to serve with: each flag given, else the file's key, else the default.
 pub fn serve_options(file: FileConfig, flags: Flags) -> anyhow::Result<ServeOptions> {
     let data = flags
@@ -111,7 +144,22 @@ pub fn serve_options(file: FileConfig, flags: Flags) -> anyhow::Result<ServeOpti
             .map_err(|e| anyhow::anyhow!("pending_stuck_after = {s:?}: {e} (expected e.g. \"10m\")"))?,
         (None, None) => crate::DEFAULT_PENDING_STUCK_AFTER,
     };
+    let retention = file.retention.unwrap_or_default();
+    let keep = match flags.keep_versions.or(retention.keep) {
+        Some(v) => duration_or("keep", &v, "forever")?,
+        None => Some(crate::gc::DEFAULT_KEEP),
+    };
+    let gc_interval = match flags.gc_interval.or(retention.gc_interval) {
+        Some(v) => duration_or("gc_interval", &v, "off")?,
+        None => Some(crate::DEFAULT_GC_INTERVAL),
+    };
+    let grace = match flags.gc_grace.or(retention.gc_grace) {
+        Some(v) => duration_or("gc_grace", &v, "")?.context("gc_grace needs a duration")?,
+        None => crate::gc::DEFAULT_GRACE,
+    };
     Ok(ServeOptions {
+        retention: crate::gc::Policy { keep, grace },
+        gc_interval,
         data,
         listen: flags
             .listen
@@ -227,6 +275,26 @@ mod tests {
         assert_eq!(opts.listen, crate::DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(opts.pending_stuck_after, crate::DEFAULT_PENDING_STUCK_AFTER);
         assert_eq!(opts.s3, None);
+        assert_eq!(opts.retention, crate::gc::Policy::default());
+        assert_eq!(opts.gc_interval, Some(crate::DEFAULT_GC_INTERVAL));
+    }
+
+    #[test]
+    fn retention_comes_from_flags_or_the_file() {
+        let text = "data = \"/d\"\n[retention]\nkeep = \"forever\"\ngc_interval = \"off\"\ngc_grace = \"10m\"\n";
+        let opts = serve_options(FileConfig::parse(text).unwrap(), Flags::default()).unwrap();
+        assert_eq!(opts.retention.keep, None);
+        assert_eq!(opts.retention.grace, Duration::from_secs(600));
+        assert_eq!(opts.gc_interval, None);
+        let flags = Flags { keep_versions: Some("7d".into()), gc_interval: Some("6h".into()), ..Flags::default() };
+        let opts = serve_options(FileConfig::parse(text).unwrap(), flags).unwrap();
+        assert_eq!(opts.retention.keep, Some(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(opts.gc_interval, Some(Duration::from_secs(6 * 3600)));
+        let bad = FileConfig::parse("data = \"/d\"\n[retention]\nkeep = \"a month\"\n").unwrap();
+        assert!(serve_options(bad, Flags::default()).unwrap_err().to_string().contains("keep = \"a month\""));
+        let zero = Flags { data: Some("/d".into()), keep_versions: Some("0s".into()), ..Flags::default() };
+        assert!(serve_options(FileConfig::default(), zero).unwrap_err().to_string().contains("longer than 0"));
+        assert!(FileConfig::parse("[retention]\nkeep_for = \"1d\"\n").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod chunks;
 mod commit;
 pub mod config;
 mod error;
+pub mod gc;
 pub mod listener;
 mod metrics;
 pub mod packs;
@@ -45,6 +46,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 /// Default address of the metrics listener (plain HTTP): loopback, since the counters describe
 /// every user's activity.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7444";
+/// Default of [`ServeOptions::gc_interval`].
+pub const DEFAULT_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Default of [`ServeOptions::pending_stuck_after`].
 pub const DEFAULT_PENDING_STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -64,6 +67,10 @@ pub struct ServeOptions {
     pub pending_stuck_after: std::time::Duration,
     /// Chunks in this S3 bucket; `None`: pack files in `DATA/chunks`.
     pub s3: Option<packs::s3::S3Config>,
+    /// What is kept, and how garbage collection deletes the rest.
+    pub retention: gc::Policy,
+    /// How often garbage collection runs in the background; `None`: only when asked (`gc`).
+    pub gc_interval: Option<std::time::Duration>,
 }
 
 /// Shared state of the API handlers.
@@ -91,6 +98,10 @@ pub(crate) struct App {
     pub online: Mutex<HashMap<DeviceId, u32>>,
     /// [`ServeOptions::pending_stuck_after`], in milliseconds.
     pub stuck_after_ms: u64,
+    /// [`ServeOptions::retention`].
+    pub retention: gc::Policy,
+    /// One garbage collection at a time (the background one, or one an operator asked for).
+    pub gc_lock: tokio::sync::Mutex<()>,
 }
 
 /// A device's last announcement.
@@ -172,17 +183,17 @@ async fn open_chunks(opts: &ServeOptions, store: &Store) -> anyhow::Result<Chunk
         Some(s3) => (format!("s3://{}/{}", s3.bucket, s3.prefix), "S3 storage"),
         None => ("local".to_string(), "the chunk store"),
     };
-    match store.chunk_backend()? {
-        Some(have) if have != want => anyhow::bail!(
+    let recorded = store.chunk_backend()?;
+    if let Some(have) = recorded.as_ref().filter(|have| **have != want) {
+        anyhow::bail!(
             "this data directory's chunks are in {have}, not {want}: start with the same storage settings \
              (moving chunks between backends is not supported)"
-        ),
-        Some(_) => {}
-        None => store.set_chunk_backend(&want)?,
+        );
     }
+    let app_store = store.clone();
     let (opts, store) = (opts.clone(), store.clone());
     let rt = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<ChunkStore> {
+    let chunks = tokio::task::spawn_blocking(move || -> anyhow::Result<ChunkStore> {
         let chunks = match opts.s3 {
             Some(cfg) => {
                 let backend = packs::s3::S3Packs::open(cfg, &opts.data.join("s3"), rt)?;
@@ -194,7 +205,12 @@ async fn open_chunks(opts: &ServeOptions, store: &Store) -> anyhow::Result<Chunk
         Ok(chunks)
     })
     .await?
-    .with_context(|| format!("opening {what}"))
+    .with_context(|| format!("opening {what}"))?;
+    // Recorded once the backend answered: a typo in a first start's settings pins nothing.
+    if recorded.is_none() {
+        app_store.set_chunk_backend(&want)?;
+    }
+    Ok(chunks)
 }
 
 /// Opens the data directory, binds, and serves until `shutdown`.
@@ -233,6 +249,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         presence: Mutex::new(HashMap::new()),
         online: Mutex::new(HashMap::new()),
         stuck_after_ms: u64::try_from(opts.pending_stuck_after.as_millis()).unwrap_or(u64::MAX),
+        retention: opts.retention,
+        gc_lock: tokio::sync::Mutex::new(()),
     });
     let cancel = CancellationToken::new();
     let admin = admin::spawn(&opts.data, app.clone(), public_addr.clone(), fingerprint, cancel.clone())?;
@@ -248,6 +266,7 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         .with_context(|| format!("writing {}", info_path.display()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let trimmer = trim::spawn(app.metrics.clone(), app.chunks.clone(), cancel.clone());
+    let collector = opts.gc_interval.map(|every| gc_worker(app.clone(), every, cancel.clone()));
     let max_connections = listener::connection_budget();
     let metrics_task = metrics_listener
         .map(|l| tokio::spawn(listener::serve_plain(l, api::metrics_router(app.clone()), cancel.clone())));
@@ -261,9 +280,55 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         }
         admin.abort();
         trimmer.abort();
+        if let Some(c) = collector {
+            c.abort();
+        }
     });
     tracing::info!(%addr, %fingerprint, max_connections, metrics = ?metrics_addr, "coordinator listening");
     Ok(Server { addr, fingerprint, public_addr, metrics_addr, cancel, task, store })
+}
+
+/// Runs one garbage collection (or a dry run) under the collection lock, with its progress and
+/// outcome in `/metrics` and the log.
+pub(crate) async fn run_gc(app: &Arc<App>, dry_run: bool) -> anyhow::Result<gc::Report> {
+    let _one = app.gc_lock.lock().await;
+    app.metrics.gc_running.set(1);
+    let (store, chunks, policy) = (app.store.clone(), app.chunks.clone(), app.retention);
+    let res =
+        tokio::task::spawn_blocking(move || gc::collect(&store, &chunks, &policy, shoal_sys::clock::now_ms(), dry_run))
+            .await;
+    app.metrics.gc_running.set(0);
+    let report = res?.context("garbage collection")?;
+    if !dry_run {
+        app.metrics.gc_finished(&report, shoal_sys::clock::now_ms());
+        tracing::info!(
+            versions_expired = report.versions_expired,
+            chunks_condemned = report.chunks_condemned,
+            chunks_deleted = report.chunks_deleted,
+            packs_repacked = report.packs_repacked,
+            packs_deleted = report.packs_deleted,
+            bytes_reclaimed = report.bytes_reclaimed,
+            millis = report.millis,
+            "garbage collection done"
+        );
+    }
+    Ok(report)
+}
+
+/// Collects garbage every `every`, the first time one period after start.
+fn gc_worker(app: Arc<App>, every: std::time::Duration, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = run_gc(&app, false).await {
+                app.metrics.gc_failures.inc();
+                tracing::error!(error = format!("{e:#}"), "garbage collection failed; trying again next period");
+            }
+        }
+    })
 }
 
 /// Who revoked or reinstated a device, for the log.

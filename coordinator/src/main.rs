@@ -69,6 +69,25 @@ enum Cmd {
         s3_access_key_id: Option<String>,
         #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide = true, hide_env_values = true)]
         s3_secret_access_key: Option<String>,
+        /// How long a version is kept after a newer one (or a deletion) replaced it ("30d"), or
+        /// `forever`; the head of every path is always kept [default: 30d].
+        #[arg(long)]
+        keep_versions: Option<String>,
+        /// How often garbage collection runs in the background ("1h"), or `off` [default: 1h].
+        #[arg(long)]
+        gc_interval: Option<String>,
+        /// How long an unreferenced chunk (or an emptied pack) waits before it is deleted; longer
+        /// than a device may take between an upload and its commit [default: 1h].
+        #[arg(long)]
+        gc_grace: Option<String>,
+    },
+    /// Collect garbage now: delete what no retained version references (see --keep-versions).
+    Gc {
+        /// Report what would be reclaimed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
     },
     /// Manage users.
     User {
@@ -171,6 +190,9 @@ async fn run() -> anyhow::Result<()> {
             s3_path_style,
             s3_access_key_id,
             s3_secret_access_key,
+            keep_versions,
+            gc_interval,
+            gc_grace,
         } => {
             let file = match config {
                 Some(path) => config::FileConfig::load(&path)?,
@@ -190,6 +212,9 @@ async fn run() -> anyhow::Result<()> {
                 s3_path_style,
                 s3_access_key_id,
                 s3_secret_access_key,
+                keep_versions,
+                gc_interval,
+                gc_grace,
             };
             let opts = config::serve_options(file, flags)?;
             let server = shoal_coordinator::start(opts).await?;
@@ -197,6 +222,7 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             server.shutdown().await;
         }
+        Cmd::Gc { dry_run, data } => println!("{}", admin::request(&data, &Request::Gc { dry_run }).await?),
         Cmd::User { cmd: UserCmd::Add { name, data, expires } } => print_invite(&data, &name, true, expires).await?,
         Cmd::User { cmd: UserCmd::Invite { name, data, expires } } => {
             print_invite(&data, &name, false, expires).await?

@@ -27,6 +27,15 @@ pub struct Metrics {
     pending_oldest_seconds: Gauge,
     pending_stuck: Gauge,
     storage_requests: Family<Vec<(String, String)>, Counter>,
+    pub gc_running: Gauge,
+    pub gc_runs: Counter,
+    pub gc_failures: Counter,
+    gc_last_run: Gauge,
+    gc_last_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    gc_versions_expired: Gauge,
+    gc_chunks_condemned: Gauge,
+    gc_chunks_deleted: Counter,
+    gc_bytes_reclaimed: Counter,
     registry: Registry,
 }
 
@@ -63,6 +72,15 @@ impl Default for Metrics {
             pending_oldest_seconds: Gauge::default(),
             pending_stuck: Gauge::default(),
             storage_requests: Family::default(),
+            gc_running: Gauge::default(),
+            gc_runs: Counter::default(),
+            gc_failures: Counter::default(),
+            gc_last_run: Gauge::default(),
+            gc_last_seconds: Gauge::default(),
+            gc_versions_expired: Gauge::default(),
+            gc_chunks_condemned: Gauge::default(),
+            gc_chunks_deleted: Counter::default(),
+            gc_bytes_reclaimed: Counter::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -110,11 +128,52 @@ impl Default for Metrics {
             "Requests made to the S3 service holding the chunks, by kind (put, get, list, delete).",
             m.storage_requests.clone(),
         );
+        registry.register("shoal_gc_running", "1 while a garbage collection runs.", m.gc_running.clone());
+        registry.register("shoal_gc_runs", "Garbage collections completed.", m.gc_runs.clone());
+        registry.register("shoal_gc_failures", "Garbage collections that failed.", m.gc_failures.clone());
+        registry.register(
+            "shoal_gc_last_run_timestamp_seconds",
+            "When the last garbage collection completed (Unix time; 0: none since start).",
+            m.gc_last_run.clone(),
+        );
+        registry.register(
+            "shoal_gc_last_run_duration_seconds",
+            "How long the last garbage collection took.",
+            m.gc_last_seconds.clone(),
+        );
+        registry.register(
+            "shoal_gc_versions_expired",
+            "Versions past retention at the last collection (not restorable).",
+            m.gc_versions_expired.clone(),
+        );
+        registry.register(
+            "shoal_gc_chunks_condemned",
+            "Chunks the last collection found unreferenced and not yet deleted.",
+            m.gc_chunks_condemned.clone(),
+        );
+        registry.register("shoal_gc_chunks_deleted", "Chunks garbage collection deleted.", m.gc_chunks_deleted.clone());
+        registry.register(
+            "shoal_gc_bytes_reclaimed",
+            "Pack bytes garbage collection deleted from storage.",
+            m.gc_bytes_reclaimed.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Records a completed garbage collection.
+    pub fn gc_finished(&self, r: &crate::gc::Report, now_ms: u64) {
+        self.gc_runs.inc();
+        self.gc_last_run.set(i64::try_from(now_ms / 1000).unwrap_or(i64::MAX));
+        self.gc_last_seconds.set(r.millis as f64 / 1000.0);
+        self.gc_versions_expired.set(i64::try_from(r.versions_expired).unwrap_or(i64::MAX));
+        let waiting = r.chunks_unreferenced.saturating_sub(r.chunks_deleted);
+        self.gc_chunks_condemned.set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        self.gc_chunks_deleted.inc_by(r.chunks_deleted);
+        self.gc_bytes_reclaimed.inc_by(r.bytes_reclaimed);
+    }
+
     /// The exposition text, with the values only known at scrape time brought up to date.
     pub fn render(&self, now: Scraped) -> String {
         let Scraped {

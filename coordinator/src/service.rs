@@ -71,6 +71,8 @@ pub async fn chunks_stored(app: &Arc<App>, user: UserId, ids: Vec<ChunkId>) -> A
             if store.has_pending(user)? {
                 chunks.make_durable()?;
             }
+            // An upload of a condemned chunk revives it.
+            store.revive(&ids)?;
             Ok(store.chunks_stored(user, &ids)?)
         })
         .await?;

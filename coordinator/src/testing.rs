@@ -18,17 +18,26 @@ pub const SECRET_KEY: &str = "shoal-test-secret-key-0123456789";
 
 /// A running (or stopped) S3 server.
 pub struct S3TestServer {
-    root: tempfile::TempDir,
+    root: Root,
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl S3TestServer {
-    /// Starts a server with one (empty) bucket, `bucket`.
+    /// Starts a server with one (empty) bucket, `bucket`, in a temporary directory.
     pub fn start(bucket: &str) -> Self {
         let root = tempfile::tempdir().expect("a temporary directory for the S3 server");
-        std::fs::create_dir(root.path().join(bucket)).expect("creating the bucket's directory");
+        Self::with_root(Root::Temp(root), bucket)
+    }
+
+    /// Starts a server with one (empty) bucket, `bucket`, kept in `dir`.
+    pub fn start_in(dir: &Path, bucket: &str) -> Self {
+        Self::with_root(Root::Kept(dir.to_path_buf()), bucket)
+    }
+
+    fn with_root(root: Root, bucket: &str) -> Self {
+        std::fs::create_dir_all(root.path().join(bucket)).expect("creating the bucket's directory");
         let mut server = S3TestServer { root, addr: "127.0.0.1:0".parse().unwrap(), stop: None, thread: None };
         server.resume();
         server
@@ -94,6 +103,21 @@ impl S3TestServer {
         self.addr = ready_rx.recv().expect("the S3 server starts");
         self.stop = Some(stop_tx);
         self.thread = Some(thread);
+    }
+}
+
+/// Where a server keeps its objects.
+enum Root {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Kept(p) => p,
+        }
     }
 }
 

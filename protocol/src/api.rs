@@ -348,6 +348,10 @@ pub struct HistoryResponse {
     /// Set when there are more versions: ask again with `after` = this.
     #[serde(default)]
     pub more_after: Option<Seq>,
+    /// Which of `entries` are past the coordinator's retention: replaced longer ago than it
+    /// keeps versions, so they can no longer be restored (their chunks may be gone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired: Vec<Seq>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,6 +11,9 @@ pub(super) struct ChunkLog {
     pub(super) next: u64,
     /// Changes in the log's records that count.
     pub(super) ops: usize,
+    /// Chunks garbage collection found unreferenced, and when (`g/` records): deleted by a
+    /// later collection unless something revives them first (see `store/gc.rs`).
+    pub(super) condemned: HashMap<ChunkId, u64>,
 }
 
 impl ChunkLog {
@@ -49,6 +52,12 @@ impl Store {
             let ops = decode_ops(&v).ok_or_else(corrupt)?;
             log.applied(&ops);
             log.next = n + 1;
+        }
+        for kv in self.meta.scan_prefix(b"g/") {
+            let (k, v) = kv?;
+            let corrupt = || StoreError::Corrupt { key: "g/".into() };
+            let id = ChunkId(k.get(2..34).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
+            log.condemned.insert(id, be_u64(&v).ok_or_else(corrupt)?);
         }
         Ok(())
     }
@@ -214,8 +223,6 @@ impl Store {
         *w = Waits::default();
         Ok(())
     }
-
-    // ---- pending versions ----
 
     /// Where this data directory's chunks are ("local", or "s3://BUCKET/PREFIX"), as recorded
     /// by the first start; `None` before it. A store that already holds chunk records and no

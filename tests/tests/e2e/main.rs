@@ -17,4 +17,6 @@ mod migration;
 mod network;
 mod peers;
 mod randomized;
+mod retention;
+mod s3;
 mod sync;
