@@ -495,7 +495,16 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
         println!("daemon:  {}", if running { "running" } else { "not running (start it with `shoal run`)" });
         let state = if st.state.is_empty() { "never synced" } else { st.state.as_str() };
-        println!("state:   {state}{}", if st.in_sync { " (in sync)" } else { "" });
+        let quota = st.quota.map(|q| {
+            use shoal_protocol::size::format_bytes;
+            format!(" ({} used / {} quota)", format_bytes(q.used), q.quota.map_or("none".into(), format_bytes))
+        });
+        println!(
+            "state:   {}{}{}",
+            if state == "over_quota" { "over quota" } else { state },
+            quota.unwrap_or_default(),
+            if st.in_sync { " (in sync)" } else { "" }
+        );
         println!("cursor:  {}", st.cursor);
         println!("pending: {} uploads, {} downloads", st.pending_uploads, st.pending_downloads);
         // Versions the devices hold but the coordinator does not yet: not backed up.

@@ -290,6 +290,11 @@ impl Client {
 
     /// The user's pending versions (committed before the origin had their chunks), oldest first
     /// (`more`: there are others past the page).
+    /// What counts against the user's storage quota, and the quota.
+    pub async fn usage(&self) -> ClientResult<shoal_protocol::api::UsageResponse> {
+        self.get("/v1/usage", &[]).await
+    }
+
     pub async fn pending(&self) -> ClientResult<PendingResponse> {
         self.get("/v1/pending", &[]).await
     }

@@ -25,7 +25,7 @@ use crate::peer::node::PeerNode;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
     /// "in_sync", "syncing", "offline", "unauthorized" (the coordinator refuses this device's
-    /// token: it was revoked), "error" or "stopped".
+    /// token: it was revoked), "over_quota" (see `quota`), "error" or "stopped".
     pub state: String,
     pub in_sync: bool,
     pub pid: u32,
@@ -66,6 +66,11 @@ pub struct Status {
     pub pending_versions: Vec<shoal_protocol::api::PendingVersion>,
     #[serde(default)]
     pub owed_uploads: usize,
+    /// Set while the coordinator refuses this device's uploads or commits for the user's storage
+    /// quota (state `over_quota`): what is used and the quota. Local files stay as they are;
+    /// the daemon tries again as it backs off, and syncs once space is freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<shoal_protocol::api::UsageResponse>,
 }
 
 impl Status {
@@ -277,6 +282,10 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
                     report.in_sync = false;
                 }
                 update_status(&mut status, &report);
+                if report.over_quota {
+                    status.state = "over_quota".into();
+                    status.quota = engine.client().usage().await.ok();
+                }
                 if woken {
                     Duration::ZERO
                 } else if settling > 0 {
@@ -301,10 +310,17 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
                 };
                 let w = next_delay(&mut backoff);
                 tracing::warn!(error = %shoal_protocol::path::Escaped(&format!("{e:#}")), retry_in = ?w, "sync cycle failed");
+                let over_quota =
+                    client_error.is_some_and(|c| c.code() == Some(shoal_protocol::api::ErrorCode::QuotaExceeded));
+                status.quota = match over_quota {
+                    true => engine.client().usage().await.ok(),
+                    false => None,
+                };
                 status.state = match client_error {
                     // Revoked (or a token the coordinator does not know): nothing syncs until the
                     // operator reinstates the device.
                     Some(c) if c.code() == Some(shoal_protocol::api::ErrorCode::Unauthorized) => "unauthorized",
+                    _ if over_quota => "over_quota",
                     Some(c) if c.is_retryable() => "offline",
                     _ => "error",
                 }
@@ -416,6 +432,7 @@ fn retryable(e: &anyhow::Error) -> bool {
 
 fn update_status(s: &mut Status, r: &CycleReport) {
     s.state = if r.in_sync { "in_sync" } else { "syncing" }.into();
+    s.quota = None;
     s.in_sync = r.in_sync;
     s.cursor = r.cursor;
     s.pending_uploads = r.pending_uploads;

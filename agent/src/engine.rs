@@ -66,6 +66,8 @@ pub struct CycleReport {
     pub unstable: usize,
     pub skipped: Vec<String>,
     pub errors: Vec<String>,
+    /// The coordinator refused an upload or a commit for the user's storage quota.
+    pub over_quota: bool,
     /// Paths (and directories) the cycle looked at.
     pub scope: usize,
     /// Stored path records the cycle decoded (a debug counter: bounded by the change, not by the

@@ -19,26 +19,13 @@ impl Rate {
     /// `GiB`; case-insensitive, spaces allowed before the unit.
     pub fn parse(s: &str) -> Result<Rate, String> {
         let t = s.trim();
-        let t = t.strip_suffix("/s").unwrap_or(t).trim_end();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let bad = || format!("{s:?} is not a rate (like \"2MiB\" or \"500KB\", per second)");
-        let n: f64 = num.parse().map_err(|_| bad())?;
-        let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1.0,
-            "k" | "kb" => 1e3,
-            "kib" => 1024.0,
-            "m" | "mb" => 1e6,
-            "mib" => 1024.0 * 1024.0,
-            "g" | "gb" => 1e9,
-            "gib" => 1024.0 * 1024.0 * 1024.0,
-            _ => return Err(bad()),
-        };
-        let bytes = (n * mult).round();
-        if !bytes.is_finite() || bytes < 1.0 || bytes > f64::from(u32::MAX) {
-            return Err(format!("{s:?}: a rate must be between 1 byte and 4 GiB per second"));
+        let t = t.strip_suffix("/s").unwrap_or(t);
+        let bytes = shoal_protocol::size::parse_bytes(t)
+            .map_err(|_| format!("{s:?} is not a rate (like \"2MiB\" or \"500KB\", per second)"))?;
+        match u32::try_from(bytes).ok().and_then(NonZeroU32::new) {
+            Some(n) => Ok(Rate(n)),
+            None => Err(format!("{s:?}: a rate must be between 1 byte and 4 GiB per second")),
         }
-        Ok(Rate(NonZeroU32::new(bytes as u32).ok_or_else(bad)?))
     }
 }
 

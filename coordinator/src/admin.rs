@@ -11,6 +11,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::ChunkId;
 use shoal_protocol::path::Escaped;
+use shoal_protocol::size::format_bytes;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,10 @@ pub enum Request {
     DeviceReinstate { user: String, device: String },
     /// Collect garbage now, or report what a collection would do.
     Gc { dry_run: bool },
+    /// Set (or with `None`, remove) a user's storage quota, in bytes.
+    SetQuota { user: String, quota: Option<u64> },
+    /// Every user with its usage and quota.
+    UserList,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -179,6 +184,35 @@ async fn execute(
             let d = revoked.with_context(|| format!("device {device:?} disappeared"))?;
             Ok(format!("revoked device {} ({}) of user {user}", d.id, Escaped(&d.name)))
         }
+        Request::SetQuota { user, quota } => {
+            let u = store.user(&user)?.with_context(|| format!("no user {user:?}"))?;
+            store.set_quota(u.id, quota)?;
+            let used = store.usage(u.id)?;
+            tracing::info!(user = %user, quota = ?quota, by = %crate::Actor::Operator, "quota set");
+            Ok(match quota {
+                Some(q) => format!(
+                    "quota of {user}: {} ({} used{})",
+                    format_bytes(q),
+                    format_bytes(used),
+                    if used > q { "; over it: uploads that add data are refused until space is freed" } else { "" }
+                ),
+                None => format!("quota of {user}: none ({} used)", format_bytes(used)),
+            })
+        }
+        Request::UserList => {
+            let mut out = format!("{:<24}  {:>12}  {:>12}  devices", "user", "used", "quota");
+            for u in store.users()? {
+                let devices = store.devices(u.id)?.iter().filter(|d| !d.revoked).count();
+                let quota = store.quota(u.id)?.map_or("none".to_string(), format_bytes);
+                out += &format!(
+                    "\n{:<24}  {:>12}  {:>12}  {devices}",
+                    Escaped(&u.name).to_string(),
+                    format_bytes(store.usage(u.id)?),
+                    quota
+                );
+            }
+            Ok(out)
+        }
         Request::Gc { dry_run } => {
             let app = app.context(
                 "the coordinator is not running: garbage collection runs inside it, with its storage and retention settings",
@@ -216,13 +250,13 @@ fn render_gc(r: &crate::gc::Report, policy: crate::gc::Policy) -> String {
         r.chunks_stored,
         r.chunks_referenced,
         r.chunks_unreferenced,
-        size(r.bytes_unreferenced)
+        format_bytes(r.bytes_unreferenced)
     );
     out += &format!(
         "chunks condemned now: {}, chunks deleted: {} ({}), chunks revived: {}\n",
         r.chunks_condemned,
         r.chunks_deleted,
-        size(r.bytes_deleted),
+        format_bytes(r.bytes_deleted),
         r.chunks_revived
     );
     out += &format!(
@@ -231,21 +265,10 @@ fn render_gc(r: &crate::gc::Report, policy: crate::gc::Policy) -> String {
         r.chunks_moved,
         r.packs_retired,
         r.packs_deleted,
-        size(r.bytes_reclaimed)
+        format_bytes(r.bytes_reclaimed)
     );
     out += &format!("took {} ms", r.millis);
     out
-}
-
-fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 /// The device named `which`: by id, or by a name only one of them has.

@@ -47,6 +47,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/cursor", post(cursor))
         .route("/v1/peers", post(peers))
         .route("/v1/pending", get(pending))
+        .route("/v1/usage", get(usage))
         .route("/v1/pending/withdraw", post(withdraw))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
@@ -384,6 +385,18 @@ async fn store_chunks(app: &Arc<App>, user: UserId, chunks: Vec<(ChunkId, Bytes)
         }
         total += data.len() as u64;
     }
+    // What the upload adds to the user's storage: chunks the user does not hold yet and no
+    // pending version of its awaits (those were counted when committed).
+    let awaited = app.store.awaited(user, &chunks.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    let mut seen = HashSet::new();
+    let mut adding = 0u64;
+    for (id, data) in &chunks {
+        if seen.insert(*id) && !awaited.contains(id) && !app.store.user_has_chunk(user, id)? {
+            adding += data.len() as u64;
+        }
+    }
+    let quota_store = app.store.clone();
+    blocking(move || crate::commit::check_quota(&quota_store, user, adding)).await?;
     let store = app.chunks.clone();
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
     blocking(move || {
@@ -396,6 +409,12 @@ async fn store_chunks(app: &Arc<App>, user: UserId, chunks: Vec<(ChunkId, Bytes)
     app.metrics.bytes_in.inc_by(total);
     crate::service::chunks_stored(app, user, ids).await?;
     Ok(total)
+}
+
+/// What counts against the user's quota, and the quota.
+async fn usage(State(app): State<Arc<App>>, auth: Auth) -> ApiResult<Json<UsageResponse>> {
+    let (store, user) = (app.store.clone(), auth.user());
+    blocking(move || Ok(Json(UsageResponse { used: store.usage(user)?, quota: store.quota(user)? }))).await
 }
 
 /// The user's pending versions.

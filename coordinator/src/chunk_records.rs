@@ -5,11 +5,11 @@
 //! in an initial sync, and all of its growth per file from 100,000 to 1,000,000 files.
 //!
 //! Now the store keeps them as a log of changes under sequential keys (cheap appends; see
-//! `store/chunk_log.rs`, `y/` records) and answers every lookup from the tables here, rebuilt from the
-//! log on open. A table is a sorted array (48 bytes per location, 32 per held chunk) and a
-//! hash map of changes merged into it once it holds an eighth of the array's length, so memory
-//! stays near the records' own size and a change costs a constant amortized amount whatever the
-//! number of records. This module does no I/O.
+//! `store/chunk_log.rs`, `y/` records) and answers every lookup from the tables here, rebuilt
+//! from the log on open. A table is a sorted array (48 bytes per location; 36 per held chunk,
+//! its id and its length for quotas) and a hash map of changes merged into it once it holds an
+//! eighth of the array's length, so memory stays near the records' own size and a change costs
+//! a constant amortized amount whatever the number of records. This module does no I/O.
 
 use std::collections::HashMap;
 
@@ -205,7 +205,10 @@ impl<V: Copy> Table<V> {
 #[derive(Default)]
 pub struct ChunkRecords {
     locs: Table<ChunkLoc>,
-    held: HashMap<UserId, Table<()>>,
+    /// Per user, the chunks it holds, each with its length when it became the user's.
+    held: HashMap<UserId, Table<u32>>,
+    /// Per user, the sum of those lengths: the bytes stored for it (its quota usage).
+    held_bytes: HashMap<UserId, u64>,
 }
 
 impl ChunkRecords {
@@ -213,10 +216,21 @@ impl ChunkRecords {
         match *op {
             Op::Stored(id, loc) => self.locs.set(id, Some(loc)),
             Op::Gone(id) => self.locs.set(id, None),
-            Op::Held(user, id) => self.held.entry(user).or_default().set(id, Some(())),
+            Op::Held(user, id) => {
+                let len = self.locs.get(&id).map_or(0, |l| l.len);
+                let t = self.held.entry(user).or_default();
+                if t.get(&id).is_none() {
+                    t.set(id, Some(len));
+                    *self.held_bytes.entry(user).or_default() += u64::from(len);
+                }
+            }
             Op::Unheld(user, id) => {
-                if let Some(t) = self.held.get_mut(&user) {
+                if let Some(t) = self.held.get_mut(&user)
+                    && let Some(len) = t.get(&id)
+                {
                     t.set(id, None);
+                    let b = self.held_bytes.entry(user).or_default();
+                    *b = b.saturating_sub(u64::from(len));
                 }
             }
         }
@@ -225,6 +239,11 @@ impl ChunkRecords {
     /// Where the chunk store keeps `id`.
     pub fn loc(&self, id: &ChunkId) -> Option<ChunkLoc> {
         self.locs.get(id)
+    }
+
+    /// The bytes of the chunks `user` holds.
+    pub fn held_bytes(&self, user: UserId) -> u64 {
+        self.held_bytes.get(&user).copied().unwrap_or(0)
     }
 
     /// The users holding `id`.
@@ -262,7 +281,7 @@ impl ChunkRecords {
         users.sort_unstable();
         for user in users {
             let t = self.held.get_mut(&user).expect("listed above");
-            ops.extend(t.entries().iter().map(|(id, ())| Op::Held(user, *id)));
+            ops.extend(t.entries().iter().map(|(id, _)| Op::Held(user, *id)));
         }
         ops
     }

@@ -117,6 +117,19 @@ pub fn apply(
         }
     }
     check_pending_limits(store, user, device, &waits)?;
+    // What the pending versions add to the user's storage: the chunks they await that nothing
+    // awaits yet.
+    let already = store.awaited(user, &waits.iter().flatten().copied().collect::<Vec<_>>());
+    let lens: HashMap<ChunkId, u32> =
+        req.changes.iter().flat_map(|c| c.manifest.iter().flat_map(|m| &m.chunks)).map(|c| (c.id, c.len)).collect();
+    let mut new: HashSet<ChunkId> = HashSet::new();
+    let adding: u64 = waits
+        .iter()
+        .flatten()
+        .filter(|id| !already.contains(id) && new.insert(**id))
+        .map(|id| u64::from(lens.get(id).copied().unwrap_or(0)))
+        .sum();
+    check_quota(store, user, adding)?;
     // An upload since the handler's sync (another device's, or a repair) must be on disk before
     // a commit that may name it is acknowledged.
     chunks.make_durable()?;
@@ -158,6 +171,28 @@ pub fn apply(
     let resp = CommitResponse { entries };
     store.append(user, &req.commit_id, &resp, &pending)?;
     Ok(CommitOutcome::Applied(resp))
+}
+
+/// Refuses what would add `adding` bytes to the user's storage past its quota.
+pub fn check_quota(store: &Store, user: UserId, adding: u64) -> ApiResult<()> {
+    if adding == 0 {
+        return Ok(());
+    }
+    let Some(quota) = store.quota(user)? else { return Ok(()) };
+    let used = store.usage(user)?;
+    if used.saturating_add(adding) > quota {
+        use shoal_protocol::size::format_bytes;
+        return Err(ApiError::new(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "over quota ({} used / {} quota; this needs {} more): free space by deleting files, or ask the operator for more",
+                format_bytes(used),
+                format_bytes(quota),
+                format_bytes(adding)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a commit whose pending versions (`waits`: per change, the chunks it would wait for)

@@ -45,6 +45,7 @@ impl ApiError {
             ErrorCode::NotFound | ErrorCode::ChunkUnavailable => StatusCode::NOT_FOUND,
             ErrorCode::StaleBase | ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::PendingLimit => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::QuotaExceeded => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -603,6 +603,7 @@ mod tests {
         w.now += DAY;
         w.upload(&new);
         w.commit("a.txt", Some(&new), false).unwrap();
+        assert_eq!(w.store.usage(USER).unwrap(), 3 * 3000 + 100, "quota usage: distinct chunk bytes");
         // Within retention: nothing unreferenced.
         let r = collect(&w.store, &w.chunks, &w.policy, w.now, false).unwrap();
         assert_eq!((r.versions, r.versions_expired, r.chunks_unreferenced), (2, 0, 0));
@@ -621,8 +622,10 @@ mod tests {
         }
         assert!(r.packs_retired >= 1 && r.chunks_moved >= 1, "{r:?}");
         w.check().unwrap();
+        assert_eq!(w.store.usage(USER).unwrap(), 100, "deleted chunks stop counting");
         w.restart();
         w.check().unwrap();
+        assert_eq!(w.store.usage(USER).unwrap(), 100, "and the count survives a restart");
         w.now += 2 * 3_600_000;
         let r = collect(&w.store, &w.chunks, &w.policy, w.now, false).unwrap();
         assert!(r.packs_deleted >= 1 && r.bytes_reclaimed >= 9000, "{r:?}");

@@ -103,6 +103,20 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum UserCmd {
+    /// List users with their storage used and quota.
+    List {
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
+    /// Limit the storage a user's files may take ("10GiB", "500MB"), or `none`. Counts the
+    /// distinct chunk bytes stored for the user (expired versions once collected) and what its
+    /// pending versions await; an upload or commit that would pass it is refused.
+    SetQuota {
+        name: String,
+        size: String,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
     /// Create a user and print an invite for its first device (last line of output).
     Add {
         name: String,
@@ -223,6 +237,14 @@ async fn run() -> anyhow::Result<()> {
             server.shutdown().await;
         }
         Cmd::Gc { dry_run, data } => println!("{}", admin::request(&data, &Request::Gc { dry_run }).await?),
+        Cmd::User { cmd: UserCmd::List { data } } => println!("{}", admin::request(&data, &Request::UserList).await?),
+        Cmd::User { cmd: UserCmd::SetQuota { name, size, data } } => {
+            let quota = match size.as_str() {
+                "none" => None,
+                s => Some(shoal_protocol::size::parse_bytes(s).map_err(|e| anyhow::anyhow!("{e}, or `none`"))?),
+            };
+            println!("{}", admin::request(&data, &Request::SetQuota { user: name, quota }).await?);
+        }
         Cmd::User { cmd: UserCmd::Add { name, data, expires } } => print_invite(&data, &name, true, expires).await?,
         Cmd::User { cmd: UserCmd::Invite { name, data, expires } } => {
             print_invite(&data, &name, false, expires).await?

@@ -394,6 +394,18 @@ pub enum ErrorCode {
     /// A commit with `pending_ok` would leave the device or its user with more pending versions,
     /// or chunks awaited, than the coordinator keeps: upload the chunks first, then commit.
     PendingLimit,
+    /// The upload or commit would take the user past its storage quota (`GET /v1/usage` says
+    /// how far): nothing was stored; try again once space is freed.
+    QuotaExceeded,
+}
+
+/// `GET /v1/usage`: what counts against the user's quota, and the quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageResponse {
+    /// Bytes of the distinct chunks stored for the user, and of those its pending versions await.
+    pub used: u64,
+    /// `None`: no quota.
+    pub quota: Option<u64>,
 }
 
 /// The body of every error response.

@@ -8,6 +8,7 @@ pub mod entry;
 pub mod ids;
 pub mod path;
 pub mod peer;
+pub mod size;
 pub mod testdata;
 
 pub use chunker::{CHUNK_PARAMS, ChunkParams, Chunker, ChunkerError};

@@ -210,6 +210,7 @@ impl Engine {
                         return Err(EngineError::Offline(e).into());
                     }
                     Err(UploadError::Client(e)) => {
+                        report.over_quota |= e.code() == Some(ErrorCode::QuotaExceeded);
                         report.errors.push(e.to_string());
                         self.drop_outbox(id, paths)?;
                         dirty = true;
@@ -395,6 +396,7 @@ impl Engine {
             Err(e) => {
                 if e.code() != Some(ErrorCode::StaleBase) {
                     tracing::warn!(error = %Escaped(&e.to_string()), "commit refused");
+                    report.over_quota |= e.code() == Some(ErrorCode::QuotaExceeded);
                     report.errors.push(e.to_string());
                 }
                 self.drop_outbox(id, paths)?;

@@ -142,6 +142,16 @@ impl Store {
         }
     }
 
+    /// Every user, by name.
+    pub fn users(&self) -> Result<Vec<UserRec>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(b"u/") {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
     pub(super) fn user_by_id(&self, id: UserId) -> Result<Option<UserRec>, StoreError> {
         for kv in self.meta.scan_prefix(b"u/") {
             let (k, v) = kv?;

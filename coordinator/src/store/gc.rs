@@ -181,3 +181,30 @@ impl Store {
         Ok(self.meta.apply_batch(batch)?)
     }
 }
+
+fn quota_key(user: UserId) -> Vec<u8> {
+    key(b"o/", &[&user.to_be_bytes()])
+}
+
+impl Store {
+    /// The user's quota in bytes (`o/UID`); `None`: no limit.
+    pub fn quota(&self, user: UserId) -> Result<Option<u64>, StoreError> {
+        Ok(self.meta.get(quota_key(user))?.and_then(|v| be_u64(&v)))
+    }
+
+    /// Sets (or with `None`, removes) the user's quota, durably.
+    pub fn set_quota(&self, user: UserId, quota: Option<u64>) -> Result<(), StoreError> {
+        match quota {
+            Some(q) => self.meta.insert(quota_key(user), &q.to_be_bytes())?,
+            None => self.meta.remove(quota_key(user))?,
+        };
+        self.flush_blocking()
+    }
+
+    /// What counts against the user's quota: the bytes of the distinct chunks stored for it, and
+    /// of those its pending versions still wait for.
+    pub fn usage(&self, user: UserId) -> Result<u64, StoreError> {
+        let held = lock(&self.chunks).recs.held_bytes(user);
+        Ok(held + self.awaited_bytes(user)?)
+    }
+}

@@ -128,7 +128,15 @@ impl Store {
         self.meta.apply_batch(batch)?;
         if w.loaded {
             for (seq, rec, chunks) in pending {
-                w.add(*seq, rec.device, chunks, rec.since_ms);
+                let lens: HashMap<ChunkId, u32> = resp
+                    .entries
+                    .iter()
+                    .filter(|e| e.version == *seq)
+                    .flat_map(|e| e.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| (c.id, c.len))))
+                    .collect();
+                let sized: Vec<(ChunkId, u32)> =
+                    chunks.iter().map(|c| (*c, lens.get(c).copied().unwrap_or(0))).collect();
+                w.add(*seq, rec.device, &sized, rec.since_ms);
             }
         }
         self.pending_count.fetch_add(pending.len() as u64, std::sync::atomic::Ordering::Relaxed);

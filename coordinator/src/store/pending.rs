@@ -52,6 +52,9 @@ pub(super) struct Waits {
     /// Every pending version (withdrawn ones too): its author, how many distinct chunks it still
     /// lacks, and when it last made progress.
     pub(super) versions: HashMap<Seq, Waiting>,
+    /// The length of each chunk waited for, and their sum (counted in the user's quota usage).
+    pub(super) sizes: HashMap<ChunkId, u32>,
+    pub(super) bytes: u64,
 }
 
 /// One pending version in [`Waits`].
@@ -63,8 +66,13 @@ pub(super) struct Waiting {
 }
 
 impl Waits {
-    pub(super) fn add(&mut self, seq: Seq, device: DeviceId, chunks: &[ChunkId], progress_ms: u64) {
-        for c in chunks {
+    /// Adds pending version `seq`, waiting for `chunks` (with their lengths).
+    pub(super) fn add(&mut self, seq: Seq, device: DeviceId, chunks: &[(ChunkId, u32)], progress_ms: u64) {
+        for (c, len) in chunks {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.sizes.entry(*c) {
+                v.insert(*len);
+                self.bytes += u64::from(*len);
+            }
             match self.first.entry(*c) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(seq);
@@ -93,6 +101,9 @@ impl Waits {
     pub(super) fn arrived(&mut self, id: &ChunkId) {
         self.first.remove(id);
         self.more.remove(id);
+        if let Some(len) = self.sizes.remove(id) {
+            self.bytes = self.bytes.saturating_sub(u64::from(len));
+        }
     }
 }
 
@@ -231,6 +242,14 @@ impl Store {
     /// Those of `ids` that a pending version of the user waits for, as far as known without
     /// reading the store: none before its waits were first needed. The user lacks them (for
     /// `chunks/missing`, which then need not look them up).
+    /// The bytes the user's pending versions still wait for (distinct chunks).
+    pub fn awaited_bytes(&self, user: UserId) -> Result<u64, StoreError> {
+        let cell = self.waits_of(user);
+        let mut w = lock_waits(&cell);
+        self.load_waits(user, &mut w)?;
+        Ok(w.bytes)
+    }
+
     pub fn awaited(&self, user: UserId, ids: &[ChunkId]) -> std::collections::HashSet<ChunkId> {
         let cell = self.waits_of(user);
         let w = lock_waits(&cell);
@@ -259,7 +278,7 @@ impl Store {
             let mut lacking = Vec::new();
             for c in entry.manifest.iter().flat_map(|m| &m.chunks) {
                 if seen.insert(c.id) && !(self.user_has_chunk(user, &c.id)? && self.chunk_loc(&c.id)?.is_some()) {
-                    lacking.push(c.id);
+                    lacking.push((c.id, c.len));
                 }
             }
             if lacking.is_empty() {

@@ -158,3 +158,42 @@ fn the_background_collector_runs_and_shows_in_metrics() {
     assert!(ok && out.contains("30days"), "{out}");
     assert_eq!(number(&out, "unreferenced:"), 0, "{out}");
 }
+
+#[test]
+fn a_user_over_quota_keeps_its_files_and_syncs_once_there_is_room() {
+    let tmp = test_dir();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut a = Device::enroll(tmp.path(), &coord, "quinn", "a");
+    let b = Device::enroll(tmp.path(), &coord, "quinn", "b");
+    let (ok, out) = coord.admin(&["user", "set-quota", "quinn", "ten"]);
+    assert!(!ok && out.contains("not a size"), "{out}");
+    let (ok, out) = coord.admin(&["user", "set-quota", "quinn", "100KB"]);
+    assert!(ok && out.contains("97.7 KiB"), "{out}");
+    a.write("small.txt", &random_bytes(10_000, 5));
+    a.sync();
+
+    a.start();
+    let big = random_bytes(300_000, 6);
+    a.write("big.bin", &big);
+    let st = wait_for(SETTLE, || Some(daemon_status(&a)).filter(|s| s["state"] == "over_quota"))
+        .expect("the daemon never reported over_quota");
+    assert_eq!(st["quota"]["quota"], 100_000);
+    assert!(st["quota"]["used"].as_u64().unwrap() >= 10_000, "{st}");
+    let human = String::from_utf8(a.shoal(&["status"]).stdout).unwrap();
+    assert!(human.contains("over quota (") && human.contains("/ 97.7 KiB quota)"), "{human}");
+    assert_eq!(a.read("big.bin").unwrap(), big, "the local file is kept");
+    let _ = b.shoal(&["sync", "--once"]);
+    assert!(b.read("big.bin").is_none());
+    let (_, list) = coord.admin(&["user", "list"]);
+    assert!(list.contains("quinn") && list.contains("97.7 KiB"), "{list}");
+
+    // More room: the daemon tries again and the file goes through.
+    let (ok, out) = coord.admin(&["user", "set-quota", "quinn", "none"]);
+    assert!(ok, "{out}");
+    wait_for(Duration::from_secs(90), || (daemon_status(&a)["in_sync"] == true).then_some(()))
+        .expect("the daemon did not sync once the quota was lifted");
+    assert!(daemon_status(&a).get("quota").is_none_or(|q| q.is_null()));
+    b.sync();
+    assert_eq!(b.read("big.bin").unwrap(), big);
+    a.stop(false);
+}
