@@ -14,7 +14,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sync_bench import BIN, GIB, Cluster, has_bytes, machine, sha, speed, wait, write_random  # noqa: E402
+from sync_bench import GIB, Cluster, has_bytes, machine, rss_kib, sha, speed, wait, write_random  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S3SERVER = os.path.join(ROOT, "target", "release", "examples", "s3server")
@@ -49,6 +49,7 @@ def run(base, coord_args):
     time.sleep(1)
     r1 = requests(c)
     out["gib_requests"] = {k: r1[k] - r0[k] for k in r1}
+    out["coord_peak_mib"] = rss_kib(c.coord.pid, "VmHWM") / 1024
     os.makedirs(os.path.join(a, "edits"))
     for i in range(EDITS):
         data = os.urandom(1024)
@@ -92,6 +93,7 @@ def main():
     print("|---|---|---|")
     print(f"| 1 GiB file A→B through the origin | {secs(local['gib_s'])} | {secs(s3['gib_s'])}"
           f" ({ratio:.2f}x; target <= 1.5x) |" if ratio else f"| 1 GiB file A→B | {secs(local['gib_s'])} | {secs(s3['gib_s'])} |")
+    print(f"| coordinator peak RSS through the 1 GiB file | {local['coord_peak_mib']:.0f} MiB | {s3['coord_peak_mib']:.0f} MiB |")
     print(f"| S3 requests for the 1 GiB file (uploaded once, downloaded once) | - | "
           f"{g['put']} PUT, {g['get']} GET, {g['list']} LIST, {g['delete']} DELETE |")
     print(f"| S3 requests per 1 KiB edit (a new file, mean of {EDITS}) | - | "

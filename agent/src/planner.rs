@@ -80,7 +80,8 @@ pub struct Trees<'a> {
     pub pending: &'a HashSet<SyncPath>,
     /// Paths whose remote version cannot be had (a pending version no device has supplied for a
     /// while, or one withdrawn): it is not fetched; a local edit is committed on top of it (it
-    /// stays in history), anything else waits for it.
+    /// stays in history), and so is a local deletion of the version this device last synced;
+    /// anything else waits for it.
     pub unavailable: &'a HashSet<SyncPath>,
 }
 
@@ -100,9 +101,16 @@ pub fn plan(t: &Trees<'_>) -> Vec<Op> {
         let s = t.synced.get(path).and_then(Node::of);
         let base = r_entry.map(|e| e.version);
         if t.unavailable.contains(path) {
+            let synced_is_head = t.synced.get(path).zip(r_entry).is_some_and(|(se, e)| se.version == e.version);
             ops.extend(match (l, r_entry) {
                 (Some(_), Some(e)) if l == r => Some(Op::Adopt(e.clone())),
                 (Some(_), Some(_)) if l != s => Some(Op::Upload { path: path.clone(), local: l, base }),
+                // Deleted here, and the version nobody can supply is the one this device last
+                // synced (its own, withdrawn once the file was gone): no edit races the
+                // deletion, so it is committed, and the version stays in history.
+                (None, Some(e)) if synced_is_head && r.is_some() && !e.deleted => {
+                    Some(Op::Upload { path: path.clone(), local: None, base })
+                }
                 _ => None,
             });
             continue;

@@ -108,6 +108,18 @@ fn an_unavailable_remote_version_is_built_on_not_fetched() {
     );
     // Deleted here: the other version wins when it can be had (edit beats delete).
     assert_eq!(check_unavailable(Some(b), None, Some(a)), vec![]);
+    // Deleted here, and the unavailable version is the one this device synced (its own, which
+    // it withdrew once the file was gone): the deletion is committed on top of it.
+    let remote = BTreeMap::from([(p("f"), entry("f", Some(b), 7))]);
+    let synced = BTreeMap::from([(p("f"), entry("f", Some(b), 7))]);
+    let ops = plan(&Trees {
+        remote: &remote,
+        local: &BTreeMap::new(),
+        synced: &synced,
+        pending: &HashSet::new(),
+        unavailable: &HashSet::from([p("f")]),
+    });
+    assert_eq!(ops, vec![Op::Upload { path: p("f"), local: None, base: Some(7) }]);
     // Already holding the same content: adopted.
     assert!(matches!(&check_unavailable(Some(b), Some(b), Some(a))[..], [Op::Adopt(e)] if e.version == 7));
 }
