@@ -1,7 +1,8 @@
 //! Garbage collection at scale: fills a fresh store (local packs) with VERSIONS versions of
 //! PATHS files, one distinct 1 KiB chunk each, committed over the 60 days before now in commits
-//! of 1,000, then times a dry run and two collections a grace period apart (30-day retention,
-//! so about half the versions are expired), with the process's peak memory after each step.
+//! of 1,000, then times a dry run and collections a grace period apart (30-day retention, which
+//! expires 40 % of the versions, then 10-day retention, which leaves the pack mostly dead and
+//! repacks it), with the process's peak memory after each step.
 //! Prints a Markdown table.
 //!
 //! `cargo run --release --example gcbench -p shoal-coordinator -- [VERSIONS] [PATHS]`
@@ -79,34 +80,40 @@ fn main() {
     let fill = t.elapsed();
     let filled_peak = peak_mib();
 
-    let policy = Policy { keep: Some(Duration::from_secs(30 * 24 * 3600)), grace: Duration::from_secs(3600) };
+    let keep =
+        |days: u64| Policy { keep: Some(Duration::from_secs(days * 24 * 3600)), grace: Duration::from_secs(3600) };
+    let hour = 3600 * 1000;
     let mut rows = Vec::new();
-    for (what, at, dry) in [
-        ("dry run", now, true),
-        ("collection 1 (condemns)", now, false),
-        ("collection 2, past the grace period (deletes, repacks)", now + 2 * 3600 * 1000, false),
+    for (what, days, at, dry) in [
+        ("dry run", 30, now, true),
+        ("collection 1 (condemns)", 30, now, false),
+        ("collection 2, past the grace period (deletes)", 30, now + 2 * hour, false),
+        ("collection 3, retention cut to 10 days (condemns)", 10, now + 4 * hour, false),
+        ("collection 4, past the grace period (deletes, repacks)", 10, now + 6 * hour, false),
+        ("collection 5, past the grace period (deletes the emptied pack)", 10, now + 8 * hour, false),
     ] {
         let t = Instant::now();
-        let r = gc::collect(&store, &chunks, &policy, at, dry).expect("collecting");
+        let r = gc::collect(&store, &chunks, &keep(days), at, dry).expect("collecting");
         rows.push((what, t.elapsed(), peak_mib(), r));
     }
-    println!("Store: {versions} versions of {paths} files, one 1 KiB chunk each, over 60 days; retention 30 days");
+    println!("Store: {versions} versions of {paths} files, one 1 KiB chunk each, over 60 days");
     println!("Filling it took {:.1} s; peak RSS after filling: {filled_peak} MiB", fill.as_secs_f64());
     println!();
     println!(
-        "| step | time | peak RSS | versions expired | chunks unreferenced | condemned | deleted | packs repacked | chunks moved |"
+        "| step | time | peak RSS | versions expired | chunks unreferenced | condemned | deleted | packs repacked | chunks moved | bytes reclaimed |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (what, took, peak, r) in rows {
         println!(
-            "| {what} | {:.2} s | {peak} MiB | {} | {} | {} | {} | {} | {} |",
+            "| {what} | {:.2} s | {peak} MiB | {} | {} | {} | {} | {} | {} | {} |",
             took.as_secs_f64(),
             r.versions_expired,
             r.chunks_unreferenced,
             r.chunks_condemned,
             r.chunks_deleted,
             r.packs_repacked,
-            r.chunks_moved
+            r.chunks_moved,
+            r.bytes_reclaimed
         );
     }
 }

@@ -101,6 +101,9 @@ pub enum GcError {
     Chunks(#[from] crate::chunks::ChunkError),
 }
 
+/// Chunks changed per store batch.
+const GROUP: usize = 256;
+
 /// A pack is repacked when its live chunks fill less than this share of it.
 const REPACK_BELOW: f64 = 0.5;
 
@@ -166,9 +169,15 @@ pub fn collect(
         let locs: HashMap<ChunkId, ChunkLoc> = stored.iter().copied().collect();
         gone = delete.iter().filter_map(|id| locs.get(id).map(|l| (*id, *l))).collect();
     } else {
-        report.chunks_revived = store.revive(&revive)? as u64;
-        report.chunks_condemned = store.condemn(&condemn, now_ms)? as u64;
-        for group in delete.chunks(256) {
+        // In groups: sled keeps every node a batch replaces until the batch ends (one batch of
+        // 40,000 condemned chunks held ~150 MiB).
+        for group in revive.chunks(GROUP) {
+            report.chunks_revived += store.revive(group)? as u64;
+        }
+        for group in condemn.chunks(GROUP) {
+            report.chunks_condemned += store.condemn(group, now_ms)? as u64;
+        }
+        for group in delete.chunks(GROUP) {
             gone.extend(store.delete_condemned(group, deadline)?);
         }
     }
