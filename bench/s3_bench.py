@@ -25,8 +25,14 @@ EDITS = 20
 
 def lan_off(name, home):
     config = os.path.join(home, "config.toml")
-    with open(config, "a") as f:
-        f.write("lan_sync = false\n")
+    with open(config) as f:
+        text = f.read()
+    if "lan_sync = true" in text:
+        text = text.replace("lan_sync = true", "lan_sync = false")
+    else:
+        text += "lan_sync = false\n"
+    with open(config, "w") as f:
+        f.write(text)
 
 
 def requests(c):
@@ -34,6 +40,7 @@ def requests(c):
 
 
 def run(base, coord_args):
+    os.makedirs(base, exist_ok=True)
     c = Cluster(base, configure=lan_off, coord_args=coord_args)
     a, b = c.roots["a"], c.roots["b"]
     out = {}
@@ -46,6 +53,7 @@ def run(base, coord_args):
     dst = os.path.join(b, "big.bin")
     ok = wait(lambda: os.path.exists(dst) and os.path.getsize(dst) == GIB, 300, 0.01)
     out["gib_s"] = time.monotonic() - t if ok and sha(dst) == want else None
+    assert out["gib_s"] is not None, f"the 1 GiB file never arrived; see the logs in {base}"
     time.sleep(1)
     r1 = requests(c)
     out["gib_requests"] = {k: r1[k] - r0[k] for k in r1}

@@ -397,9 +397,13 @@ async fn store_chunks(app: &Arc<App>, user: UserId, chunks: Vec<(ChunkId, Bytes)
     }
     let quota_store = app.store.clone();
     blocking(move || crate::commit::check_quota(&quota_store, user, adding)).await?;
-    let store = app.chunks.clone();
+    let (store, meta) = (app.chunks.clone(), app.store.clone());
     let ids: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
+    let revive = ids.clone();
     blocking(move || {
+        // Revived before the store decides a copy it holds will do: a condemned copy kept is
+        // then never deleted under this upload.
+        meta.revive(&revive)?;
         let refs: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, d)| (*id, &d[..])).collect();
         store.put_many(&refs)?;
         store.start_writeback();
@@ -855,22 +859,21 @@ async fn history(
             more = false;
         }
         let more_after = if more { entries.last().map(|e| e.version) } else { None };
-        // A version expires once it was replaced longer ago than the retention period: by the
-        // next entry of the page, or for the page's last, by the first of the next page.
-        let next_time = match more_after {
-            Some(last) => store.history(user, &path, Some(last), 1)?.0.first().map(|e| e.time_ms),
-            None => None,
+        // A version expires once a version after it that is not pending replaced it longer ago
+        // than the retention period (the rule collection applies).
+        let expired = if policy.keep.is_some() && !entries.is_empty() {
+            let all = store.path_versions(user, &path)?;
+            let pending: HashSet<Seq> = store.pending(user)?.into_iter().map(|(seq, _)| seq).collect();
+            let now = now_ms();
+            let page: HashSet<Seq> = entries.iter().map(|e| e.version).collect();
+            all.iter()
+                .zip(crate::store::superseded(&all, &pending))
+                .filter(|(e, replaced)| page.contains(&e.version) && !policy.retains(*replaced, now))
+                .map(|(e, _)| e.version)
+                .collect()
+        } else {
+            Vec::new()
         };
-        let now = now_ms();
-        let expired = entries
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| {
-                let replaced = entries.get(i + 1).map(|n| n.time_ms).or(next_time);
-                !policy.retains(replaced, now)
-            })
-            .map(|(_, e)| e.version)
-            .collect();
         Ok(Json(HistoryResponse { path, entries, more_after, expired }))
     })
     .await

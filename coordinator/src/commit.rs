@@ -133,6 +133,16 @@ pub fn apply(
     // An upload since the handler's sync (another device's, or a repair) must be on disk before
     // a commit that may name it is acknowledged.
     chunks.make_durable()?;
+    // A collection may have condemned a chunk while this commit waited for the sync: revive
+    // again, and make sure every chunk found held still is. From here to the append only
+    // microseconds pass, and a chunk condemned in them is deleted no sooner than a grace period.
+    store.revive(&named)?;
+    if let Some((id, _)) = held.iter().find(|(id, present)| **present && store.chunk_loc(id).ok().flatten().is_none()) {
+        return Err(ApiError::new(
+            ErrorCode::UnknownChunk,
+            format!("chunk {id} is no longer stored (collected as garbage meanwhile): upload it again"),
+        ));
+    }
     let mut seq = store.head_seq(user)?;
     let entries: Vec<Entry> = req
         .changes

@@ -125,11 +125,20 @@ pub fn collect(
     }
     // Mark.
     let mut referenced: Vec<ChunkId> = Vec::new();
+    let mut distinct = 0usize;
     for user in store.journal_users()? {
-        store.for_each_version(user, |v: VersionRef| {
+        let pending: HashSet<u64> = store.pending(user)?.into_iter().map(|(seq, _)| seq).collect();
+        store.for_each_version(user, &pending, |v: VersionRef| {
             report.versions += 1;
             if policy.retains(v.superseded_ms, now_ms) {
                 referenced.extend(v.entry.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| c.id)));
+                // Versions of one file share most chunks: dedup as the list doubles, so it
+                // follows the distinct chunks, not every reference.
+                if referenced.len() >= 2 * distinct.max(1 << 16) {
+                    referenced.sort_unstable();
+                    referenced.dedup();
+                    distinct = referenced.len();
+                }
             } else {
                 report.versions_expired += 1;
             }
@@ -141,6 +150,10 @@ pub fn collect(
     report.chunks_referenced = referenced.len() as u64;
     let is_referenced = |id: &ChunkId| referenced.binary_search(id).is_ok();
 
+    // The packs as they are before the index is read: a pack created after this is not looked
+    // at, and one open now is never repacked or retired.
+    let sizes = chunks.pack_sizes();
+    let open = chunks.open_packs();
     // Sweep the index.
     let stored = store.chunk_locs();
     report.chunks_stored = stored.len() as u64;
@@ -174,8 +187,11 @@ pub fn collect(
         for group in revive.chunks(GROUP) {
             report.chunks_revived += store.revive(group)? as u64;
         }
+        // Stamped with when they are condemned, not when the collection began: a long mark must
+        // not bring a chunk closer to deletion than the grace period says.
+        let stamp = now_ms + ms(started.elapsed());
         for group in condemn.chunks(GROUP) {
-            report.chunks_condemned += store.condemn(group, now_ms)? as u64;
+            report.chunks_condemned += store.condemn(group, stamp)? as u64;
         }
         for group in delete.chunks(GROUP) {
             gone.extend(store.delete_condemned(group, deadline)?);
@@ -192,9 +208,7 @@ pub fn collect(
             live.entry(loc.pack).or_default().push((*id, *loc));
         }
     }
-    let open = chunks.open_packs();
     let retired: HashMap<u32, u64> = store.retired_packs()?.into_iter().collect();
-    let sizes = chunks.pack_sizes();
     let mut retire = Vec::new();
     for (&pack, &size) in &sizes {
         if open.contains(&pack) || retired.contains_key(&pack) {
@@ -430,7 +444,7 @@ mod tests {
             let pending: HashSet<u64> = self.store.pending(USER).unwrap().into_iter().map(|(s, _)| s).collect();
             let mut bad = Vec::new();
             self.store
-                .for_each_version(USER, |v| {
+                .for_each_version(USER, &pending, |v| {
                     if !self.policy.retains(v.superseded_ms, self.now) || pending.contains(&v.entry.version) {
                         return Ok(());
                     }
@@ -479,10 +493,11 @@ mod tests {
                 52..=59 => {
                     // The authors of pending versions upload what they owe.
                     let mut owed = Vec::new();
+                    let all: HashSet<u64> = w.store.pending(USER).unwrap().into_iter().map(|(s, _)| s).collect();
                     for (seq, _) in w.store.pending(USER).unwrap() {
                         let mut found = None;
                         w.store
-                            .for_each_version(USER, |v| {
+                            .for_each_version(USER, &all, |v| {
                                 if v.entry.version == seq {
                                     found = v.entry.manifest.clone();
                                 }
@@ -643,6 +658,29 @@ mod tests {
         // Forever keeps everything.
         let forever = Policy { keep: None, ..w.policy };
         assert!(forever.retains(Some(0), u64::MAX));
+    }
+
+    #[test]
+    fn a_pending_successor_never_expires_the_last_durable_version() {
+        let mut w = World::new();
+        let mut rng = Rng(13);
+        let v1: Vec<ChunkId> = (0..2).map(|_| w.chunk(&mut rng)).collect();
+        let v2: Vec<ChunkId> = (0..2).map(|_| w.chunk(&mut rng)).collect();
+        w.upload(&v1);
+        w.commit("a.txt", Some(&v1), false).unwrap();
+        w.commit("a.txt", Some(&v2), true).unwrap();
+        assert_eq!(w.store.pending(USER).unwrap().len(), 1, "v2 waits for its chunks");
+        for _ in 0..3 {
+            w.now += 40 * DAY;
+            let r = collect(&w.store, &w.chunks, &w.policy, w.now, false).unwrap();
+            assert_eq!((r.versions_expired, r.chunks_condemned, r.chunks_deleted), (0, 0, 0), "{r:?}");
+        }
+        w.check().unwrap();
+        // Once v2 is durable, v1 expires after the retention period.
+        w.upload(&v2);
+        assert!(w.store.pending(USER).unwrap().is_empty());
+        let r = collect(&w.store, &w.chunks, &w.policy, w.now, false).unwrap();
+        assert_eq!(r.versions_expired, 1, "{r:?}");
     }
 
     #[test]

@@ -71,8 +71,10 @@ pub async fn chunks_stored(app: &Arc<App>, user: UserId, ids: Vec<ChunkId>) -> A
             if store.has_pending(user)? {
                 chunks.make_durable()?;
             }
-            // An upload of a condemned chunk revives it.
+            // An upload of a condemned chunk revives it (again: the handler did before storing).
             store.revive(&ids)?;
+            // Only what the store still holds becomes the user's.
+            let ids: Vec<ChunkId> = ids.into_iter().filter(|id| store.chunk_loc(id).ok().flatten().is_some()).collect();
             Ok(store.chunks_stored(user, &ids)?)
         })
         .await?;

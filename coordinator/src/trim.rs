@@ -46,8 +46,14 @@ pub(crate) fn spawn(
                 trims_left = TRIMS_PER_BURST;
             } else if trims_left > 0 {
                 trims_left -= 1;
-                chunks.release_buffers();
-                let _ = tokio::task::spawn_blocking(shoal_sys::allocator::release_free_memory).await;
+                // Off the async workers: it waits for the chunk store's writer, which may be in
+                // the middle of a write to storage (a part upload to S3, driven by these workers).
+                let chunks = chunks.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    chunks.release_buffers();
+                    shoal_sys::allocator::release_free_memory();
+                })
+                .await;
                 tracing::debug!("idle: released free memory");
             }
         }

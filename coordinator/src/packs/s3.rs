@@ -223,7 +223,35 @@ impl Inner {
         })
     }
 
-    fn complete_upload(&self, key: &str, upload: &str, parts: &[CompletedPart]) -> Result<(), PackError> {
+    /// The length of object `key`, if it exists.
+    fn object_len(&self, key: &str) -> Result<Option<u64>, PackError> {
+        self.call("HEAD", || async move {
+            self.requests.get.fetch_add(1, Ordering::Relaxed);
+            match self.client.head_object().bucket(&self.cfg.bucket).key(key).send().await {
+                Ok(out) => Ok(Some(out.content_length.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))),
+                Err(e) => match classify("HEAD", &self.cfg.bucket, e) {
+                    e if e.kind == PackErrorKind::NotFound => Ok(None),
+                    e => Err(e),
+                },
+            }
+        })
+    }
+
+    /// Completes a multipart upload of `len` bytes. A completion whose answer was lost (a
+    /// timeout, a reset) and that is sent again gets "no such upload": the object it made is
+    /// then there, whole, and counts as done.
+    fn complete_upload(&self, key: &str, upload: &str, parts: &[CompletedPart], len: u64) -> Result<(), PackError> {
+        match self.complete_once(key, upload, parts) {
+            Ok(()) => {}
+            Err(e) if e.kind == PackErrorKind::NotFound && self.object_len(key)? == Some(len) => {
+                tracing::info!(key, "a multipart upload's completion was answered before; the object is whole");
+            }
+            Err(e) => return Err(e),
+        }
+        self.uploads.change(|open| open.retain(|(k, id)| !(k == key && id == upload)))
+    }
+
+    fn complete_once(&self, key: &str, upload: &str, parts: &[CompletedPart]) -> Result<(), PackError> {
         self.call("CompleteMultipartUpload", || async move {
             self.requests.put.fetch_add(1, Ordering::Relaxed);
             let done = CompletedMultipartUpload::builder().set_parts(Some(parts.to_vec())).build();
@@ -237,8 +265,7 @@ impl Inner {
                 .await
                 .map_err(|e| classify("CompleteMultipartUpload", &self.cfg.bucket, e))?;
             Ok(())
-        })?;
-        self.uploads.change(|open| open.retain(|(k, id)| !(k == key && id == upload)))
+        })
     }
 
     fn abort_upload(&self, key: &str, id: &str) -> Result<(), PackError> {
@@ -389,6 +416,7 @@ impl PackBackend for S3Packs {
             staged: Vec::new(),
             upload: None,
             parts: Vec::new(),
+            len: 0,
         }))
     }
 
@@ -506,6 +534,8 @@ struct S3Writer {
     /// The multipart upload, once the pack outgrew one part, and its parts so far.
     upload: Option<String>,
     parts: Vec<CompletedPart>,
+    /// Bytes appended so far.
+    len: u64,
 }
 
 impl S3Writer {
@@ -542,6 +572,7 @@ impl PackWriter for S3Writer {
         while !data.is_empty() {
             let n = data.len().min(PART_BYTES - self.staged.len());
             self.staged.extend_from_slice(&data[..n]);
+            self.len += n as u64;
             data = &data[n..];
             if self.staged.len() == PART_BYTES {
                 self.upload_staged_part()?;
@@ -568,6 +599,7 @@ impl PackWriter for S3Writer {
         let mut last = Some(Bytes::from(std::mem::take(&mut self.staged)));
         let upload = self.upload.take();
         let mut parts = std::mem::take(&mut self.parts);
+        let len = self.len;
         Ok(Box::new(move || match &upload {
             None => inner.put_object(&key, last.clone().unwrap_or_default()),
             Some(upload) => {
@@ -576,7 +608,7 @@ impl PackWriter for S3Writer {
                     parts.push(part);
                 }
                 last = None;
-                inner.complete_upload(&key, upload, &parts)
+                inner.complete_upload(&key, upload, &parts, len)
             }
         }))
     }

@@ -3,6 +3,8 @@
 //! and the walk over every user's versions that marks what is referenced. The rules are in
 //! `crate::gc`.
 
+use std::collections::HashSet;
+
 use super::*;
 
 fn condemned_key(id: &ChunkId) -> Vec<u8> {
@@ -11,6 +13,21 @@ fn condemned_key(id: &ChunkId) -> Vec<u8> {
 
 fn retired_key(pack: u32) -> Vec<u8> {
     key(b"r/", &[&pack.to_be_bytes()])
+}
+
+/// When each of one path's versions (oldest first) was replaced, for retention: the commit time
+/// of the next version that is not pending (a pending or withdrawn successor may never become
+/// durable, and must not expire the last version the origin holds); `None` while none is.
+pub fn superseded(versions: &[Entry], pending: &HashSet<Seq>) -> Vec<Option<u64>> {
+    let mut out = vec![None; versions.len()];
+    let mut next: Option<u64> = None;
+    for (i, e) in versions.iter().enumerate().rev() {
+        out[i] = next;
+        if !pending.contains(&e.version) {
+            next = Some(e.time_ms);
+        }
+    }
+    out
 }
 
 /// One version as garbage collection sees it.
@@ -33,29 +50,48 @@ impl Store {
     }
 
     /// Calls `f` with every version of `user`, path by path, each path's oldest first, with when
-    /// it was replaced. Reads each journal entry once; holds one path's versions at a time.
+    /// it was replaced (see [`superseded`]; `pending`: the user's pending versions). Reads each
+    /// journal entry once; holds one path's versions at a time.
     pub fn for_each_version(
         &self,
         user: UserId,
+        pending: &HashSet<Seq>,
         mut f: impl FnMut(VersionRef) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let prefix = key(b"v/", &[&user.to_be_bytes()]);
-        let mut prev: Option<Entry> = None;
+        let mut path: Vec<Entry> = Vec::new();
+        let flush = |path: &mut Vec<Entry>, f: &mut dyn FnMut(VersionRef) -> Result<(), StoreError>| {
+            let times = superseded(path, pending);
+            for (entry, superseded_ms) in path.drain(..).zip(times) {
+                f(VersionRef { user, entry, superseded_ms })?;
+            }
+            Ok::<_, StoreError>(())
+        };
         for kv in self.meta.scan_prefix(&prefix) {
             let (k, _) = kv?;
             let corrupt = || StoreError::Corrupt { key: format!("v/{user} {:?}", String::from_utf8_lossy(&k)) };
             let seq = k.len().checked_sub(8).and_then(|at| be_u64(&k[at..])).ok_or_else(corrupt)?;
             let Some(entry) = self.entry(user, seq)? else { continue };
-            if let Some(p) = prev.take() {
-                let superseded = (p.path == entry.path).then_some(entry.time_ms);
-                f(VersionRef { user, entry: p, superseded_ms: superseded })?;
+            if path.last().is_some_and(|p| p.path != entry.path) {
+                flush(&mut path, &mut f)?;
             }
-            prev = Some(entry);
+            path.push(entry);
         }
-        if let Some(p) = prev {
-            f(VersionRef { user, entry: p, superseded_ms: None })?;
+        flush(&mut path, &mut f)
+    }
+
+    /// Every version of one path, oldest first.
+    pub fn path_versions(&self, user: UserId, path: &SyncPath) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let (page, more) = self.history(user, path, after, 10_000)?;
+            after = page.last().map(|e| e.version);
+            out.extend(page);
+            if !more {
+                return Ok(out);
+            }
         }
-        Ok(())
     }
 
     /// Every chunk location in the index.

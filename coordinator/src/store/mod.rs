@@ -37,7 +37,7 @@ mod pending;
 
 pub use accounts::{DEFAULT_INVITE_TTL_MS, DeviceRec, InviteRec, InviteRefusal, PREVIOUS_LAN_KEY_MS, UserRec};
 use chunk_log::*;
-pub use gc::VersionRef;
+pub use gc::{VersionRef, superseded};
 pub use journal::CommitOutcome;
 use pending::*;
 pub use pending::{NewPending, PendingLoad, PendingRec, PendingState};

@@ -252,7 +252,10 @@ impl Store {
 
     pub fn awaited(&self, user: UserId, ids: &[ChunkId]) -> std::collections::HashSet<ChunkId> {
         let cell = self.waits_of(user);
-        let w = lock_waits(&cell);
+        let mut w = lock_waits(&cell);
+        if let Err(e) = self.load_waits(user, &mut w) {
+            tracing::warn!(user, error = %e, "pending versions' waits could not be derived");
+        }
         ids.iter().filter(|id| w.first.contains_key(id)).copied().collect()
     }
 
