@@ -554,10 +554,9 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
     for id in &req.chunks {
         readable(&app, auth.user(), id)?;
     }
-    // Chunks are read a few dozen at a time per blocking task (more from S3, where a request
-    // costs more than its bytes): one task per chunk costs more than the read, and runs stored
-    // back to back are read at once.
-    let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(app.chunks.read_group()).map(<[ChunkId]>::to_vec).collect();
+    // Chunks are read a few dozen at a time per blocking task: one task per chunk costs more than
+    // the read, and runs stored back to back are read at once.
+    let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(32).map(<[ChunkId]>::to_vec).collect();
     let stream = futures::stream::iter(groups)
         .then(move |ids| {
             let app = app.clone();

@@ -490,11 +490,6 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// How many chunks a fetch reads at once.
-    pub fn read_group(&self) -> usize {
-        self.backend.read_group()
-    }
-
     /// Requests made to the backend since start, by kind (empty for local files).
     pub fn request_counts(&self) -> Vec<(&'static str, u64)> {
         self.backend.request_counts()

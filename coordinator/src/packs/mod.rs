@@ -92,12 +92,6 @@ pub trait PackBackend: Send + Sync + 'static {
     /// A pack is closed, and the next append starts a new one, once it is this long.
     fn pack_bytes(&self) -> u64;
 
-    /// How many chunks a fetch reads at once (each run of them stored back to back is one
-    /// read): more for a store where a request costs more than the bytes.
-    fn read_group(&self) -> usize {
-        32
-    }
-
     /// Drops caches an idle server need not hold (they come back on the next use).
     fn release_memory(&self) {}
 

@@ -518,48 +518,10 @@ impl PackBackend for S3Packs {
         PACK_BYTES
     }
 
-    fn read_group(&self) -> usize {
-        // A request costs far more than a byte: read up to ~8 MiB at once.
-        128
-    }
-
     fn request_counts(&self) -> Vec<(&'static str, u64)> {
         let r = &self.inner.requests;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![("put", get(&r.put)), ("get", get(&r.get)), ("list", get(&r.list)), ("delete", get(&r.delete))]
-    }
-}
-
-/// Parts of a pack sent at once, at most: each holds its 8 MiB until S3 answers.
-const PARTS_IN_FLIGHT: usize = 4;
-
-/// One part of a multipart upload.
-enum Part {
-    Sending {
-        number: i32,
-        data: Bytes,
-        thread: std::thread::JoinHandle<Result<CompletedPart, PackError>>,
-    },
-    /// Failed after its retries: sent again when the pack is made durable.
-    Failed {
-        number: i32,
-        data: Bytes,
-    },
-    Done(Box<CompletedPart>),
-}
-
-/// Waits for `part` if it is being sent.
-fn settle_part(part: Part) -> Part {
-    match part {
-        Part::Sending { number, data, thread } => match thread.join() {
-            Ok(Ok(done)) => Part::Done(Box::new(done)),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, part = number, "a part upload failed; it is sent again when the pack is sealed");
-                Part::Failed { number, data }
-            }
-            Err(_) => Part::Failed { number, data },
-        },
-        other => other,
     }
 }
 
@@ -569,18 +531,14 @@ struct S3Writer {
     key: String,
     /// Bytes appended and not yet uploaded as a part.
     staged: Vec<u8>,
-    /// The multipart upload, once the pack outgrew one part, and its parts so far (sent in the
-    /// background, a few at once, while appends go on).
+    /// The multipart upload, once the pack outgrew one part, and its parts so far.
     upload: Option<String>,
-    parts: Vec<Part>,
+    parts: Vec<CompletedPart>,
     /// Bytes appended so far.
     len: u64,
 }
 
 impl S3Writer {
-    /// Starts sending the staged bytes as the next part, after waiting for the oldest part in
-    /// flight if there are too many. Refuses more bytes (a transient error) while a part has
-    /// failed, so an outage holds at most a few parts in memory.
     fn upload_staged_part(&mut self) -> Result<(), PackError> {
         let upload = match &self.upload {
             Some(u) => u.clone(),
@@ -590,27 +548,18 @@ impl S3Writer {
                 u
             }
         };
-        let sending = |p: &Part| matches!(p, Part::Sending { .. });
-        while self.parts.iter().filter(|p| sending(p)).count() >= PARTS_IN_FLIGHT {
-            let i = self.parts.iter().position(sending).expect("counted above");
-            let p = std::mem::replace(&mut self.parts[i], Part::Done(Box::new(CompletedPart::builder().build())));
-            self.parts[i] = settle_part(p);
-        }
-        if self.parts.iter().any(|p| matches!(p, Part::Failed { .. })) {
-            return Err(PackError::new(
-                PackErrorKind::Transient,
-                format!("a part of {} could not be sent; holding further bytes until it is", self.key),
-            ));
-        }
         let number = self.parts.len() as i32 + 1;
         let data = Bytes::from(std::mem::take(&mut self.staged));
-        let (inner, key, body) = (self.inner.clone(), self.key.clone(), data.clone());
-        let thread = std::thread::Builder::new()
-            .name("s3-part".into())
-            .spawn(move || inner.upload_part(&key, &upload, number, body))
-            .map_err(|e| PackError::new(PackErrorKind::Transient, format!("cannot start a part upload: {e}")))?;
-        self.parts.push(Part::Sending { number, data, thread });
-        Ok(())
+        match self.inner.upload_part(&self.key, &upload, number, data.clone()) {
+            Ok(part) => {
+                self.parts.push(part);
+                Ok(())
+            }
+            Err(e) => {
+                self.staged = data.to_vec();
+                Err(e)
+            }
+        }
     }
 }
 
@@ -654,32 +603,12 @@ impl PackWriter for S3Writer {
         Ok(Box::new(move || match &upload {
             None => inner.put_object(&key, last.clone().unwrap_or_default()),
             Some(upload) => {
-                if let Some(data) = last.take().filter(|d| !d.is_empty()) {
-                    let number = parts.len() as i32 + 1;
-                    parts.push(Part::Failed { number, data });
+                if let Some(data) = last.as_ref().filter(|d| !d.is_empty()) {
+                    let part = inner.upload_part(&key, upload, parts.len() as i32 + 1, data.clone())?;
+                    parts.push(part);
                 }
-                // Every part sent, in order; one that failed is sent again now.
-                for part in parts.iter_mut() {
-                    let p = std::mem::replace(part, Part::Done(Box::new(CompletedPart::builder().build())));
-                    *part = match settle_part(p) {
-                        Part::Failed { number, data } => match inner.upload_part(&key, upload, number, data.clone()) {
-                            Ok(done) => Part::Done(Box::new(done)),
-                            Err(e) => {
-                                *part = Part::Failed { number, data };
-                                return Err(e);
-                            }
-                        },
-                        other => other,
-                    };
-                }
-                let done: Vec<CompletedPart> = parts
-                    .iter()
-                    .filter_map(|p| match p {
-                        Part::Done(c) => Some(c.as_ref().clone()),
-                        _ => None,
-                    })
-                    .collect();
-                inner.complete_upload(&key, upload, &done, len)
+                last = None;
+                inner.complete_upload(&key, upload, &parts, len)
             }
         }))
     }
@@ -730,9 +659,9 @@ mod tests {
         assert!(backend.list().unwrap().is_empty(), "nothing is an object before it is durable");
         store.sync().unwrap();
         store.put_many(&refs(&large)).unwrap();
+        assert!(backend.requests().put.load(Ordering::Relaxed) >= 3, "parts go up as they fill");
         // Reading a chunk of a pack still on its way up makes it durable first.
         assert_eq!(store.get(&large[5].0).unwrap(), large[5].1);
-        assert!(backend.requests().put.load(Ordering::Relaxed) >= 5, "parts went up as they filled");
         assert!(!store.needs_sync());
         let packs = backend.list().unwrap();
         assert_eq!(packs.len(), 2, "{packs:?}");
@@ -814,31 +743,6 @@ mod tests {
         for (id, data) in &c {
             assert_eq!(&store.get(id).unwrap(), data);
         }
-    }
-
-    #[test]
-    fn a_part_that_fails_in_an_outage_is_sent_again_when_the_pack_is_sealed() {
-        let rt = runtime();
-        let mut s3 = S3TestServer::start(BUCKET);
-        let dir = tempfile::tempdir().unwrap();
-        let index = Store::open(&dir.path().join("meta")).unwrap();
-        let backend = Arc::new(S3Packs::open(s3.config(BUCKET, ""), dir.path(), rt.handle().clone()).unwrap());
-        let store = ChunkStore::open(backend.clone(), index).unwrap();
-        let first = chunks(150, 64 * 1024, 6);
-        store.put_many(&refs(&first)).unwrap();
-        s3.pause();
-        let second = chunks(140, 64 * 1024, 7);
-        // The part these fill goes out in the background, and fails with S3 down.
-        let _ = store.put_many(&refs(&second));
-        assert!(store.sync().is_err(), "nothing is durable while S3 is down");
-        s3.resume();
-        store.sync().unwrap();
-        for (id, data) in first.iter().chain(&second) {
-            if store.contains(id).unwrap() {
-                assert_eq!(&store.get(id).unwrap(), data);
-            }
-        }
-        assert!(first.iter().all(|(id, _)| store.contains(id).unwrap()), "what was appended before is whole");
     }
 
     #[test]
