@@ -74,6 +74,7 @@ def run(base, coord_args):
 def main():
     base = tempfile.mkdtemp(prefix="shoal-s3-bench-", dir=os.environ.get("BENCH_DIR"))
     server = None
+    ok = False
     try:
         local = run(os.path.join(base, "local"), ())
         shutil.rmtree(os.path.join(base, "local"), ignore_errors=True)
@@ -82,11 +83,15 @@ def main():
         endpoint = server.stdout.readline().strip()
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
         s3 = run(os.path.join(base, "s3"), ("--s3-bucket", BUCKET, "--s3-endpoint", endpoint, "--s3-path-style"))
+        ok = True
     finally:
         if server:
             server.stdin.close()
             server.wait(timeout=30)
-        shutil.rmtree(base, ignore_errors=True)
+        if ok:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"failed: logs kept in {base}", file=sys.stderr)
 
     def secs(v):
         return f"{v:.2f} s" if v is not None else "timeout"

@@ -227,16 +227,23 @@ impl ChunkStore {
                 format!("{} packs are waiting to be made durable in {}", w.owed.len(), self.backend.describe()),
             )));
         }
+        let locs = self.append_current(w, &fresh)?;
+        Ok(self.index.put_chunk_locs(&locs)?)
+    }
+
+    /// Appends the frames of `fresh` to the current pack (opened if need be); returns where each
+    /// went. Nothing is indexed here.
+    fn append_current(&self, w: &mut Writer, fresh: &[(ChunkId, &[u8])]) -> ChunkResult<Vec<(ChunkId, ChunkLoc)>> {
         self.ensure_pack(w)?;
         let (pack, out) = w.current.as_mut().expect("a pack is open");
         let pack = *pack;
-        match Self::append(out.as_mut(), w.len, &fresh, pack) {
+        match Self::append(out.as_mut(), w.len, fresh, pack) {
             Ok((locs, end)) => {
                 w.len = end;
                 w.current_dirty = true;
                 w.appended += 1;
                 locked(&self.sizes).insert(pack, end);
-                Ok(self.index.put_chunk_locs(&locs)?)
+                Ok(locs)
             }
             Err(e) => {
                 // Whatever reached the pack is unindexed garbage; start a fresh pack so no later
@@ -455,23 +462,9 @@ impl ChunkStore {
         let moved: Vec<(ChunkId, ChunkLoc, ChunkLoc)> = {
             let mut guard = self.lock();
             let w = &mut *guard;
-            self.ensure_pack(w)?;
-            let (pack, out) = w.current.as_mut().expect("a pack is open");
-            let pack = *pack;
             let fresh: Vec<(ChunkId, &[u8])> = chunks.iter().map(|(id, _, b)| (*id, &b[..])).collect();
-            match Self::append(out.as_mut(), w.len, &fresh, pack) {
-                Ok((locs, end)) => {
-                    w.len = end;
-                    w.current_dirty = true;
-                    w.appended += 1;
-                    locked(&self.sizes).insert(pack, end);
-                    chunks.iter().zip(locs).map(|((id, from, _), (_, to))| (*id, *from, to)).collect()
-                }
-                Err(e) => {
-                    w.len = u64::MAX;
-                    return Err(e.into());
-                }
-            }
+            let locs = self.append_current(w, &fresh)?;
+            chunks.iter().zip(locs).map(|((id, from, _), (_, to))| (*id, *from, to)).collect()
         };
         self.sync()?;
         let mut n = 0;

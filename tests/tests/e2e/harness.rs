@@ -459,6 +459,20 @@ pub fn local_tree(root: &Path) -> Tree {
     out
 }
 
+/// `n` bytes that look random (xorshift from `seed`): content that neither compresses nor
+/// dedups against another seed's.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn file_hash(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }

@@ -13,18 +13,6 @@ use crate::harness::*;
 const KEEP: Duration = Duration::from_secs(5);
 const RETENTION_ARGS: [&str; 6] = ["--keep-versions", "5s", "--gc-interval", "off", "--gc-grace", "1s"];
 
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Runs `shoal-coordinator gc [--dry-run]` and returns its report.
 fn gc(coord: &Coordinator, dry: bool) -> String {
     let args: &[&str] = if dry { &["gc", "--dry-run"] } else { &["gc"] };

@@ -48,18 +48,6 @@ fn pack_objects(s3: &S3TestServer) -> Vec<PathBuf> {
     out
 }
 
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn devices_sync_through_s3_and_no_chunk_lands_on_the_coordinators_disk() {
     let tmp = test_dir();
