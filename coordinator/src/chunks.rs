@@ -82,8 +82,9 @@ impl From<StoreError> for ChunkError {
 
 pub type ChunkResult<T> = Result<T, ChunkError>;
 
-/// Packs owed durability (closed or sealed since the last sync) at most, before uploads are
-/// refused until a sync succeeds: each may hold a pack's bytes in memory.
+/// Packs owed durability (closed or sealed since the last sync) at most: an upload that finds
+/// more makes them durable first (and is refused if that fails), since each may hold a pack's
+/// bytes in memory.
 const MAX_OWED: usize = 4;
 
 struct Writer {
@@ -207,6 +208,11 @@ impl ChunkStore {
     /// A chunk already stored is kept only if its stored bytes still match its hash; otherwise the
     /// new copy replaces it.
     pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> ChunkResult<()> {
+        // Back-pressure, not refusal: with packs owed durability piling up (uploads outrunning
+        // the backend), this upload makes them durable first. Only if that fails is it refused.
+        if self.lock().owed.len() >= MAX_OWED {
+            self.settle(false)?;
+        }
         let mut guard = self.lock();
         let mut fresh: Vec<(ChunkId, &[u8])> = Vec::new();
         let mut seen = HashSet::new();
@@ -221,7 +227,8 @@ impl ChunkStore {
             return Ok(());
         }
         let w = &mut *guard;
-        if w.owed.len() >= MAX_OWED {
+        // Others may have closed packs since: past twice the bound, refuse rather than hold more.
+        if w.owed.len() >= 2 * MAX_OWED {
             return Err(ChunkError::Backend(PackError::new(
                 PackErrorKind::Transient,
                 format!("{} packs are waiting to be made durable in {}", w.owed.len(), self.backend.describe()),

@@ -27,8 +27,9 @@ use shoal_protocol::{Entry, EntryKind};
 use crate::harness::*;
 
 /// How long after the test's last change to a folder a daemon's cycle must start for its
-/// "in sync" to cover that change: the watcher's debounce and a loaded machine's scheduling.
-const NOTICE_MARGIN_MS: u64 = 2_000;
+/// "in sync" to cover that change: the watcher's debounce and a loaded machine's scheduling
+/// (2 s was exceeded, by 69 ms, with the whole suite running on two cores).
+const NOTICE_MARGIN_MS: u64 = 5_000;
 /// Operations per seed.
 const STEPS: usize = 45;
 /// How long the devices may take to converge at the end of a seed.
