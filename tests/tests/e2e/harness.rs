@@ -63,6 +63,56 @@ pub struct Coordinator {
     netns: Option<String>,
     /// More arguments for `serve`, kept for restarts.
     extra: Vec<String>,
+    /// Keeps a test that must run alone (see [`alone`]) waiting while this coordinator lives.
+    _shared: Shared,
+}
+
+/// Tests that run alone take this for writing; every coordinator a test starts holds it for
+/// reading. So the randomized whole-system test, whose checks count on devices noticing a
+/// change within seconds, runs its seeds without the rest of the suite loading the machine.
+static ALONE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+thread_local! {
+    /// Guards of [`ALONE`] this thread holds: a thread that holds one never waits for another.
+    static HELD: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A share of the machine, held by each coordinator of a test that does not run alone.
+pub struct Shared(Option<std::sync::RwLockReadGuard<'static, ()>>);
+
+impl Shared {
+    fn take() -> Shared {
+        if HELD.get() > 0 {
+            return Shared(None);
+        }
+        let guard = ALONE.read().unwrap_or_else(|p| p.into_inner());
+        HELD.set(HELD.get() + 1);
+        Shared(Some(guard))
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            HELD.set(HELD.get().saturating_sub(1));
+        }
+    }
+}
+
+/// The machine to itself: waits for the running tests' coordinators to stop, and keeps other
+/// tests from starting one until the guard is dropped.
+pub struct Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>);
+
+pub fn alone() -> Alone {
+    let guard = ALONE.write().unwrap_or_else(|p| p.into_inner());
+    HELD.set(HELD.get() + 1);
+    Alone(guard)
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        HELD.set(HELD.get().saturating_sub(1));
+    }
 }
 
 impl Coordinator {
@@ -72,9 +122,10 @@ impl Coordinator {
 
     /// A coordinator on loopback started with more `serve` arguments.
     pub fn start_with(data: &Path, args: &[&str]) -> Coordinator {
+        let shared = Shared::take();
         let extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let (child, addr) = spawn_coordinator(data, "127.0.0.1:0", None, &extra);
-        Coordinator { data: data.to_path_buf(), addr, child: Some(child), netns: None, extra }
+        Coordinator { data: data.to_path_buf(), addr, child: Some(child), netns: None, extra, _shared: shared }
     }
 
     fn start_on(data: &Path, listen: &str) -> Coordinator {
@@ -83,6 +134,7 @@ impl Coordinator {
 
     /// A coordinator listening on `listen`, inside network namespace `netns` if given.
     pub fn start_in(data: &Path, listen: &str, netns: Option<&str>) -> Coordinator {
+        let shared = Shared::take();
         let (child, addr) = spawn_coordinator(data, listen, netns, &[]);
         Coordinator {
             data: data.to_path_buf(),
@@ -90,6 +142,7 @@ impl Coordinator {
             child: Some(child),
             netns: netns.map(String::from),
             extra: Vec::new(),
+            _shared: shared,
         }
     }
 

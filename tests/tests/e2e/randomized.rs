@@ -37,6 +37,9 @@ const CONVERGE: Duration = Duration::from_secs(240);
 
 #[test]
 fn randomized_whole_system() {
+    // Its in-sync checks count on a change being noticed within seconds: no other test loads the
+    // machine meanwhile.
+    let _alone = alone();
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let first = env("SHOAL_RANDOM_SEED").unwrap_or_else(|| shoal_sys::clock::now_ms() ^ u64::from(std::process::id()));
     let (count, budget) = match (env("SHOAL_RANDOM_SEED"), env("SHOAL_RANDOM_SEEDS")) {
