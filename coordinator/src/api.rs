@@ -557,8 +557,11 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
     // Chunks are read a few dozen at a time per blocking task: one task per chunk costs more than
     // the read, and runs stored back to back are read at once.
     let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(32).map(<[ChunkId]>::to_vec).collect();
+    // From S3 several groups are read at once (in order): a ranged GET's latency, not its bytes,
+    // is what a sequential read waits for.
+    let ahead = app.chunks.read_ahead();
     let stream = futures::stream::iter(groups)
-        .then(move |ids| {
+        .map(move |ids| {
             let app = app.clone();
             async move {
                 let store = app.chunks.clone();
@@ -569,6 +572,7 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
                 Ok::<_, std::io::Error>(frames)
             }
         })
+        .buffered(ahead)
         .scan(false, |failed, r| {
             // Nothing is sent after a failure: the frames that follow would be out of order.
             if *failed {

@@ -490,6 +490,11 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// How many groups of chunks one fetch reads at once.
+    pub fn read_ahead(&self) -> usize {
+        self.backend.read_ahead().max(1)
+    }
+
     /// Requests made to the backend since start, by kind (empty for local files).
     pub fn request_counts(&self) -> Vec<(&'static str, u64)> {
         self.backend.request_counts()

@@ -92,6 +92,12 @@ pub trait PackBackend: Send + Sync + 'static {
     /// A pack is closed, and the next append starts a new one, once it is this long.
     fn pack_bytes(&self) -> u64;
 
+    /// How many groups of chunks one fetch reads at once, in order: more than one where a read's
+    /// latency, not its bytes, is what it waits for.
+    fn read_ahead(&self) -> usize {
+        1
+    }
+
     /// Drops caches an idle server need not hold (they come back on the next use).
     fn release_memory(&self) {}
 

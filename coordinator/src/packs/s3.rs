@@ -518,6 +518,10 @@ impl PackBackend for S3Packs {
         PACK_BYTES
     }
 
+    fn read_ahead(&self) -> usize {
+        4
+    }
+
     fn request_counts(&self) -> Vec<(&'static str, u64)> {
         let r = &self.inner.requests;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
