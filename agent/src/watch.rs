@@ -212,12 +212,17 @@ mod tests {
 
     /// Collects batches until one holds `want` (or five seconds pass).
     fn wait_for(rx: &std::sync::mpsc::Receiver<Batch>, want: &Path) -> Vec<Batch> {
+        wait_until(rx, |b| b.paths.iter().any(|p| p == want))
+    }
+
+    /// Collects batches until one passes `done` (or five seconds pass).
+    fn wait_until(rx: &std::sync::mpsc::Receiver<Batch>, done: impl Fn(&Batch) -> bool) -> Vec<Batch> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         while let Ok(b) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            let done = b.paths.iter().any(|p| p == want);
+            let stop = done(&b);
             got.push(b);
-            if done {
+            if stop {
                 break;
             }
         }
@@ -280,7 +285,8 @@ mod tests {
         let again = root.join("old/deep");
         std::fs::remove_dir_all(&again).unwrap();
         std::fs::create_dir(&again).unwrap();
-        let got = wait_for(&rx, &again);
+        // (The removal may come in a batch of its own before the making.)
+        let got = wait_until(&rx, |b| b.new_dirs.contains(&again));
         assert!(got.iter().any(|b| b.new_dirs.contains(&again)), "{got:?}");
 
         // So is one renamed in from outside the folder.
