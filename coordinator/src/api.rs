@@ -181,6 +181,7 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         pending_stuck: stuck,
         pending_oldest_seconds: oldest.map_or(0, |t| now_ms().saturating_sub(t) / 1000),
         storage_requests: app.chunks.request_counts(),
+        storage_cache_reads: app.chunks.cache_reads(),
     });
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
 }

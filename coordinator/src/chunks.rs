@@ -82,9 +82,9 @@ impl From<StoreError> for ChunkError {
 
 pub type ChunkResult<T> = Result<T, ChunkError>;
 
-/// Packs owed durability (closed or sealed since the last sync) at most: an upload that finds
-/// more makes them durable first (and is refused if that fails), since each may hold a pack's
-/// bytes in memory.
+/// Packs owed durability (closed or sealed, and not durable yet, including those being made
+/// durable) at most: an upload that finds more makes them durable first (and is refused if that
+/// fails), since each may hold a pack's bytes in memory.
 const MAX_OWED: usize = 4;
 
 struct Writer {
@@ -98,9 +98,51 @@ struct Writer {
     current_dirty: bool,
     /// Durability jobs for packs closed (or sealed) and not yet durable, with their pack.
     owed: Vec<(PackId, MakeDurable)>,
+    /// Jobs taken from `owed` by a sync that is running them.
+    running: usize,
     /// Appends so far, and how many of them the last completed sync covered.
     appended: u64,
     synced: u64,
+}
+
+/// Durability jobs run at once, at most: packs are independent, and a remote store's latency,
+/// not its bandwidth, is what one PUT waits for.
+const JOBS_AT_ONCE: usize = 4;
+
+/// Runs durability jobs, up to [`JOBS_AT_ONCE`] at a time; returns each with its result.
+fn run_jobs(jobs: Vec<(PackId, MakeDurable)>) -> Vec<(PackId, MakeDurable, Result<(), PackError>)> {
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut rest = jobs.into_iter().peekable();
+    while rest.peek().is_some() {
+        let batch: Vec<_> = rest.by_ref().take(JOBS_AT_ONCE).collect();
+        if batch.len() == 1 {
+            out.extend(batch.into_iter().map(|(pack, mut job)| {
+                let r = job();
+                (pack, job, r)
+            }));
+            continue;
+        }
+        std::thread::scope(|s| {
+            let running: Vec<_> = batch
+                .into_iter()
+                .map(|(pack, mut job)| {
+                    s.spawn(move || {
+                        let r = job();
+                        (pack, job, r)
+                    })
+                })
+                .collect();
+            out.extend(running.into_iter().map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+        });
+    }
+    out
+}
+
+impl Writer {
+    /// Packs not durable yet, owed or being made durable.
+    fn held(&self) -> usize {
+        self.owed.len() + self.running
+    }
 }
 
 /// Content-addressed chunks in packs, on a [`PackBackend`].
@@ -155,6 +197,7 @@ impl ChunkStore {
             len: 0,
             current_dirty: false,
             owed: Vec::new(),
+            running: 0,
             appended: 0,
             synced: 0,
         };
@@ -210,7 +253,7 @@ impl ChunkStore {
     pub fn put_many(&self, chunks: &[(ChunkId, &[u8])]) -> ChunkResult<()> {
         // Back-pressure, not refusal: with packs owed durability piling up (uploads outrunning
         // the backend), this upload makes them durable first. Only if that fails is it refused.
-        if self.lock().owed.len() >= MAX_OWED {
+        if self.lock().held() >= MAX_OWED {
             self.settle(false)?;
         }
         let mut guard = self.lock();
@@ -228,10 +271,10 @@ impl ChunkStore {
         }
         let w = &mut *guard;
         // Others may have closed packs since: past twice the bound, refuse rather than hold more.
-        if w.owed.len() >= 2 * MAX_OWED {
+        if w.held() >= 2 * MAX_OWED {
             return Err(ChunkError::Backend(PackError::new(
                 PackErrorKind::Transient,
-                format!("{} packs are waiting to be made durable in {}", w.owed.len(), self.backend.describe()),
+                format!("{} packs are waiting to be made durable in {}", w.held(), self.backend.describe()),
             )));
         }
         let locs = self.append_current(w, &fresh)?;
@@ -374,7 +417,7 @@ impl ChunkStore {
     /// the backend seals on durability); only then counts what was appended as synced.
     fn settle(&self, current: bool) -> ChunkResult<()> {
         let _one = locked(&self.sync_lock);
-        let (generation, mut jobs) = {
+        let (generation, jobs) = {
             let mut guard = self.lock();
             let w = &mut *guard;
             let generation = w.appended;
@@ -388,12 +431,14 @@ impl ChunkStore {
                     w.current_dirty = false;
                 }
             }
+            w.running += w.owed.len();
             (generation, std::mem::take(&mut w.owed))
         };
+        let taken = jobs.len();
         let mut failed = Vec::new();
         let mut first_error = None;
-        for (pack, mut job) in jobs.drain(..) {
-            match job() {
+        for (pack, job, result) in run_jobs(jobs) {
+            match result {
                 Ok(()) => {
                     locked(&self.unreadable).remove(&pack);
                 }
@@ -405,6 +450,7 @@ impl ChunkStore {
             }
         }
         let mut w = self.lock();
+        w.running -= taken;
         if let Some(e) = first_error {
             // Tried again by the next sync; what they hold stays owed.
             failed.append(&mut w.owed);
@@ -500,6 +546,11 @@ impl ChunkStore {
         self.backend.request_counts()
     }
 
+    /// Reads answered by the backend's local cache, and not.
+    pub fn cache_reads(&self) -> Vec<(&'static str, u64)> {
+        self.backend.cache_reads()
+    }
+
     /// Drops staging buffers and cached read handles (they come back on the next use), so an
     /// idle server holds no memory for them.
     pub fn release_buffers(&self) {
@@ -559,13 +610,27 @@ impl ChunkStore {
                 }
             }
             i += run.len();
-            let bytes = match self.read_run(&run) {
+            let mut bytes = match self.read_run(&run) {
                 Ok(b) => b,
                 Err(e) => {
                     out.error = Some(e);
                     return out;
                 }
             };
+            if first_bad(&run, &bytes).is_some() && self.backend.forget_cached(run[0].1.pack) {
+                // A local copy went bad, not necessarily the pack: read the store's own.
+                tracing::warn!(
+                    pack = run[0].1.pack,
+                    "a cached pack failed its check; dropped, read again from the store"
+                );
+                bytes = match self.read_run(&run) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        out.error = Some(e);
+                        return out;
+                    }
+                };
+            }
             match self.verify_run(&run, bytes) {
                 Ok(bytes) => {
                     out.chunk_bytes += run.iter().map(|(_, loc)| u64::from(loc.len)).sum::<u64>();
@@ -605,25 +670,28 @@ impl ChunkStore {
     /// the intact frames before the first bad one and its id; the bad chunk is quarantined,
     /// logged and counted.
     fn verify_run(&self, run: &[(ChunkId, ChunkLoc)], bytes: Bytes) -> Result<Bytes, (Bytes, ChunkId)> {
-        let base = run[0].1.offset;
-        for (id, loc) in run {
-            if !frame_ok(&bytes, base, id, loc) {
-                self.corrupt.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    chunk = %id,
-                    pack = loc.pack,
-                    offset = loc.offset,
-                    backend = self.backend.describe(),
-                    "stored chunk failed its BLAKE3 check; quarantined until a device uploads it again"
-                );
-                if let Err(e) = self.index.quarantine_chunk(id, *loc) {
-                    tracing::error!(chunk = %id, error = %e, "could not quarantine a corrupt chunk");
-                }
-                return Err((bytes.slice(..(loc.offset - base) as usize), *id));
-            }
+        let Some((id, loc)) = first_bad(run, &bytes) else {
+            return Ok(bytes);
+        };
+        self.corrupt.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            chunk = %id,
+            pack = loc.pack,
+            offset = loc.offset,
+            backend = self.backend.describe(),
+            "stored chunk failed its BLAKE3 check; quarantined until a device uploads it again"
+        );
+        if let Err(e) = self.index.quarantine_chunk(id, *loc) {
+            tracing::error!(chunk = %id, error = %e, "could not quarantine a corrupt chunk");
         }
-        Ok(bytes)
+        Err((bytes.slice(..(loc.offset - run[0].1.offset) as usize), *id))
     }
+}
+
+/// The first chunk of `run` whose frame in `bytes` (the frames of `run`) is not intact.
+fn first_bad<'a>(run: &'a [(ChunkId, ChunkLoc)], bytes: &[u8]) -> Option<&'a (ChunkId, ChunkLoc)> {
+    let base = run[0].1.offset;
+    run.iter().find(|(id, loc)| !frame_ok(bytes, base, id, loc))
 }
 
 /// `true` if the frame of `id` at `loc` inside `bytes` (which starts with the frame of the chunk

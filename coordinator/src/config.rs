@@ -14,6 +14,7 @@
 //! region = "eu-west-1"                 # default us-east-1
 //! endpoint = "https://s3.example.com"  # optional: AWS's own endpoint for the region
 //! path_style = true                    # optional, default false
+//! cache_size = "1GiB"                  # recent packs kept on local disk; 0 for none
 //! access_key_id = "..."                # or AWS_ACCESS_KEY_ID
 //! secret_access_key = "..."            # or AWS_SECRET_ACCESS_KEY
 //!
@@ -69,31 +70,89 @@ pub struct S3Section {
     pub region: Option<String>,
     pub endpoint: Option<String>,
     pub path_style: Option<bool>,
+    /// A size ("1GiB"), or 0.
+    pub cache_size: Option<String>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
 }
 
 /// `serve`'s flags: each overrides the file's key of the same name.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Flags {
+    /// Data directory (metadata, chunks, TLS identity). Created 0700; refused if other users
+    /// can write to it.
+    #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
     pub data: Option<PathBuf>,
+    /// Address to listen on (port 0 picks one; see DATA/server.json) [default: 127.0.0.1:7443].
+    #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Address devices should dial, written into invites (default: the bound address).
+    #[arg(long)]
     pub public_addr: Option<String>,
-    pub metrics_listen: Option<Option<SocketAddr>>,
+    /// Plain-HTTP address for `/metrics` (Prometheus) and `/healthz`, or `off`. Keep it on a
+    /// private network: the counters describe every user's activity [default: 127.0.0.1:7444].
+    #[arg(long, value_parser = parse_listen_flag)]
+    pub metrics_listen: Option<Listen>,
+    /// How long a pending version (committed before its chunks were uploaded) may go without
+    /// a chunk of it arriving before it counts as stuck: devices stop trying to fetch it and
+    /// /metrics counts it [default: 10m].
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub pending_stuck_after: Option<Duration>,
-    pub s3_bucket: Option<String>,
-    pub s3_prefix: Option<String>,
-    pub s3_region: Option<String>,
-    pub s3_endpoint: Option<String>,
-    /// `--s3-path-style` given.
-    pub s3_path_style: bool,
-    /// From `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
-    pub s3_access_key_id: Option<String>,
-    pub s3_secret_access_key: Option<String>,
+    #[command(flatten)]
+    pub s3: S3Flags,
+    /// How long a version is kept after a newer one (or a deletion) replaced it ("30d"), or
+    /// `forever`; the head of every path is always kept [default: 30d].
+    #[arg(long)]
     pub keep_versions: Option<String>,
+    /// How often garbage collection runs in the background ("1h"), or `off` [default: 1h].
+    #[arg(long)]
     pub gc_interval: Option<String>,
+    /// How long an unreferenced chunk (or an emptied pack) waits before it is deleted; longer
+    /// than a device may take between an upload and its commit [default: 1h].
+    #[arg(long)]
     pub gc_grace: Option<String>,
 }
+
+/// The `--s3-*` flags.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct S3Flags {
+    /// Keep chunks in this S3 bucket instead of DATA/chunks. Credentials come from
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the config file); instance metadata
+    /// is never used.
+    #[arg(long = "s3-bucket")]
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket (e.g. "shoal/").
+    #[arg(long = "s3-prefix")]
+    pub prefix: Option<String>,
+    /// The bucket's region [default: us-east-1].
+    #[arg(long = "s3-region")]
+    pub region: Option<String>,
+    /// An S3-compatible service's URL (default: AWS's endpoint for the region).
+    #[arg(long = "s3-endpoint")]
+    pub endpoint: Option<String>,
+    /// Path-style requests (ENDPOINT/BUCKET/KEY), which most S3-compatible services want.
+    #[arg(long = "s3-path-style")]
+    pub path_style: bool,
+    /// Local disk kept for packs written recently ("1GiB"; 0 for none), so the user's other
+    /// devices fetch what one just uploaded without a GET to S3 [default: 1GiB].
+    #[arg(long = "s3-cache-size")]
+    pub cache_size: Option<String>,
+    #[arg(long = "s3-access-key-id", env = "AWS_ACCESS_KEY_ID", hide = true)]
+    pub access_key_id: Option<String>,
+    #[arg(long = "s3-secret-access-key", env = "AWS_SECRET_ACCESS_KEY", hide = true, hide_env_values = true)]
+    pub secret_access_key: Option<String>,
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen_flag(s: &str) -> Result<Listen, String> {
+    parse_listen(s).map(Listen)
+}
+
+/// Disk kept for recently written packs when neither flag nor file says.
+pub const DEFAULT_S3_CACHE: u64 = 1 << 30;
 
 impl FileConfig {
     /// Reads and parses `path`. Errors name the file and, for a parse error, the line.
@@ -134,7 +193,7 @@ pub fn serve_options(file: FileConfig, flags: Flags) -> anyhow::Result<ServeOpti
         .or(file.data)
         .context("no data directory: pass --data DIR (or SHOAL_COORDINATOR_DATA), or set `data` in the config file")?;
     let metrics_listen = match (flags.metrics_listen, file.metrics_listen) {
-        (Some(m), _) => m,
+        (Some(m), _) => m.0,
         (None, Some(s)) => parse_listen(&s).map_err(|e| anyhow::anyhow!("metrics_listen = {s:?}: {e}"))?,
         (None, None) => parse_listen(crate::DEFAULT_METRICS_LISTEN).expect("the default metrics address parses"),
     };
@@ -168,37 +227,24 @@ pub fn serve_options(file: FileConfig, flags: Flags) -> anyhow::Result<ServeOpti
         public_addr: flags.public_addr.or(file.public_addr),
         metrics_listen,
         pending_stuck_after,
-        s3: s3_config(
-            file.s3,
-            flags.s3_bucket,
-            flags.s3_prefix,
-            flags.s3_region,
-            flags.s3_endpoint,
-            flags.s3_path_style,
-            flags.s3_access_key_id,
-            flags.s3_secret_access_key,
-        )?,
+        s3: s3_config(file.s3, flags.s3)?,
     })
 }
 
 /// The S3 backend's settings, if a bucket is named (by flag or file); the other keys without a
 /// bucket are an error, not silently ignored.
-#[allow(clippy::too_many_arguments)]
-fn s3_config(
-    file: Option<S3Section>,
-    bucket: Option<String>,
-    prefix: Option<String>,
-    region: Option<String>,
-    endpoint: Option<String>,
-    path_style: bool,
-    access_key_id: Option<String>,
-    secret_access_key: Option<String>,
-) -> anyhow::Result<Option<S3Config>> {
+fn s3_config(file: Option<S3Section>, flags: S3Flags) -> anyhow::Result<Option<S3Config>> {
+    let S3Flags { bucket, prefix, region, endpoint, path_style, cache_size, access_key_id, secret_access_key } = flags;
     let file_given = file.is_some();
     let file = file.unwrap_or_default();
     let Some(bucket) = bucket.or(file.bucket) else {
         anyhow::ensure!(
-            !file_given && prefix.is_none() && region.is_none() && endpoint.is_none() && !path_style,
+            !file_given
+                && prefix.is_none()
+                && region.is_none()
+                && endpoint.is_none()
+                && !path_style
+                && cache_size.is_none(),
             "S3 settings without a bucket: pass --s3-bucket BUCKET (or set `bucket` in [s3])"
         );
         return Ok(None);
@@ -221,9 +267,15 @@ fn s3_config(
     let secret_access_key = secret_access_key
         .or(file.secret_access_key)
         .context("no S3 secret access key: set AWS_SECRET_ACCESS_KEY (or secret_access_key in [s3])")?;
+    let cache_bytes = match cache_size.or(file.cache_size) {
+        None => DEFAULT_S3_CACHE,
+        Some(v) if v.trim() == "0" => 0,
+        Some(v) => shoal_protocol::size::parse_bytes(&v).map_err(|e| anyhow::anyhow!("S3 cache size {v:?}: {e}"))?,
+    };
     Ok(Some(S3Config {
         bucket,
         prefix,
+        cache_bytes,
         region: region.or(file.region).unwrap_or_else(|| "us-east-1".to_string()),
         endpoint,
         path_style: path_style || file.path_style.unwrap_or(false),
@@ -262,7 +314,7 @@ mod tests {
         assert_eq!(opts.pending_stuck_after, Duration::from_secs(120));
         let flags = Flags {
             data: Some("/flag".into()),
-            metrics_listen: Some(Some("127.0.0.1:1".parse().unwrap())),
+            metrics_listen: Some(Listen(Some("127.0.0.1:1".parse().unwrap()))),
             pending_stuck_after: Some(Duration::from_secs(5)),
             ..Flags::default()
         };
@@ -305,26 +357,39 @@ mod tests {
         assert_eq!((s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()), ("b", "x/", "us-east-1"));
         assert!(s3.path_style && s3.endpoint.is_none());
         assert_eq!((s3.access_key_id.as_str(), s3.secret_access_key.as_str()), ("fk", "fs"));
+        assert_eq!(s3.cache_bytes, DEFAULT_S3_CACHE);
         let flags = Flags {
-            s3_bucket: Some("other".into()),
-            s3_endpoint: Some("http://127.0.0.1:9000".into()),
-            s3_access_key_id: Some("ek".into()),
-            s3_secret_access_key: Some("es".into()),
+            s3: S3Flags {
+                bucket: Some("other".into()),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                access_key_id: Some("ek".into()),
+                secret_access_key: Some("es".into()),
+                cache_size: Some("0".into()),
+                ..S3Flags::default()
+            },
             ..Flags::default()
         };
         let s3 = serve_options(FileConfig::parse(text).unwrap(), flags).unwrap().s3.unwrap();
         assert_eq!((s3.bucket.as_str(), s3.access_key_id.as_str()), ("other", "ek"));
         assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.cache_bytes, 0);
+        let sized = FileConfig::parse(&format!("{text}cache_size = \"256MiB\"\n")).unwrap();
+        assert_eq!(serve_options(sized, Flags::default()).unwrap().s3.unwrap().cache_bytes, 256 << 20);
+        let bad = FileConfig::parse(&format!("{text}cache_size = \"lots\"\n")).unwrap();
+        assert!(serve_options(bad, Flags::default()).unwrap_err().to_string().contains("cache size \"lots\""));
         let e = FileConfig::parse("[s3]\nbucket = \"b\"\nsecret = \"x\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("unknown field `secret`"), "{e:#}");
         let no_key = FileConfig::parse("data = \"/d\"\n[s3]\nbucket = \"b\"\n").unwrap();
         assert!(serve_options(no_key, Flags::default()).unwrap_err().to_string().contains("AWS_ACCESS_KEY_ID"));
-        let no_bucket = Flags { data: Some("/d".into()), s3_prefix: Some("p".into()), ..Flags::default() };
+        let no_bucket = Flags {
+            data: Some("/d".into()),
+            s3: S3Flags { prefix: Some("p".into()), ..S3Flags::default() },
+            ..Flags::default()
+        };
         assert!(serve_options(FileConfig::default(), no_bucket).unwrap_err().to_string().contains("--s3-bucket"));
         let bad_url = Flags {
             data: Some("/d".into()),
-            s3_bucket: Some("b".into()),
-            s3_endpoint: Some("s3.example.com".into()),
+            s3: S3Flags { bucket: Some("b".into()), endpoint: Some("s3.example.com".into()), ..S3Flags::default() },
             ..Flags::default()
         };
         assert!(serve_options(FileConfig::default(), bad_url).unwrap_err().to_string().contains("not an http"));

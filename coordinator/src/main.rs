@@ -1,7 +1,6 @@
 //! `shoal-coordinator`: serve the API, or administer users and devices. Thin: parse, then call the
 //! library.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,57 +28,8 @@ enum Cmd {
         /// Config file (TOML) with the same settings as these flags; a flag overrides its key.
         #[arg(long, env = "SHOAL_COORDINATOR_CONFIG")]
         config: Option<PathBuf>,
-        /// Data directory (metadata, chunks, TLS identity). Created 0700; refused if other users
-        /// can write to it.
-        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
-        data: Option<PathBuf>,
-        /// Address to listen on (port 0 picks one; see DATA/server.json) [default: 127.0.0.1:7443].
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Address devices should dial, written into invites (default: the bound address).
-        #[arg(long)]
-        public_addr: Option<String>,
-        /// Plain-HTTP address for `/metrics` (Prometheus) and `/healthz`, or `off`. Keep it on a
-        /// private network: the counters describe every user's activity [default: 127.0.0.1:7444].
-        #[arg(long, value_parser = parse_listen)]
-        metrics_listen: Option<Listen>,
-        /// How long a pending version (committed before its chunks were uploaded) may go without
-        /// a chunk of it arriving before it counts as stuck: devices stop trying to fetch it and
-        /// /metrics counts it [default: 10m].
-        #[arg(long, value_parser = humantime::parse_duration)]
-        pending_stuck_after: Option<Duration>,
-        /// Keep chunks in this S3 bucket instead of DATA/chunks. Credentials come from
-        /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the config file); instance metadata
-        /// is never used.
-        #[arg(long)]
-        s3_bucket: Option<String>,
-        /// Key prefix inside the bucket (e.g. "shoal/").
-        #[arg(long)]
-        s3_prefix: Option<String>,
-        /// The bucket's region [default: us-east-1].
-        #[arg(long)]
-        s3_region: Option<String>,
-        /// An S3-compatible service's URL (default: AWS's endpoint for the region).
-        #[arg(long)]
-        s3_endpoint: Option<String>,
-        /// Path-style requests (ENDPOINT/BUCKET/KEY), which most S3-compatible services want.
-        #[arg(long)]
-        s3_path_style: bool,
-        #[arg(long, env = "AWS_ACCESS_KEY_ID", hide = true)]
-        s3_access_key_id: Option<String>,
-        #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide = true, hide_env_values = true)]
-        s3_secret_access_key: Option<String>,
-        /// How long a version is kept after a newer one (or a deletion) replaced it ("30d"), or
-        /// `forever`; the head of every path is always kept [default: 30d].
-        #[arg(long)]
-        keep_versions: Option<String>,
-        /// How often garbage collection runs in the background ("1h"), or `off` [default: 1h].
-        #[arg(long)]
-        gc_interval: Option<String>,
-        /// How long an unreferenced chunk (or an emptied pack) waits before it is deleted; longer
-        /// than a device may take between an upload and its commit [default: 1h].
-        #[arg(long)]
-        gc_grace: Option<String>,
+        #[command(flatten)]
+        flags: config::Flags,
     },
     /// Collect garbage now: delete what no retained version references (see --keep-versions).
     Gc {
@@ -163,14 +113,6 @@ enum DeviceCmd {
     },
 }
 
-/// `--metrics-listen`: an address, or `off`.
-#[derive(Clone)]
-struct Listen(Option<SocketAddr>);
-
-fn parse_listen(s: &str) -> Result<Listen, String> {
-    config::parse_listen(s).map(Listen)
-}
-
 fn main() -> anyhow::Result<()> {
     // Everything the coordinator creates (database, packs, keys, sockets) is for its own account
     // only, whatever umask it was started with.
@@ -190,45 +132,10 @@ async fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve {
-            config,
-            data,
-            listen,
-            public_addr,
-            metrics_listen,
-            pending_stuck_after,
-            s3_bucket,
-            s3_prefix,
-            s3_region,
-            s3_endpoint,
-            s3_path_style,
-            s3_access_key_id,
-            s3_secret_access_key,
-            keep_versions,
-            gc_interval,
-            gc_grace,
-        } => {
+        Cmd::Serve { config, flags } => {
             let file = match config {
                 Some(path) => config::FileConfig::load(&path)?,
                 None => config::FileConfig::default(),
-            };
-            let metrics_listen = metrics_listen.map(|l| l.0);
-            let flags = config::Flags {
-                data,
-                listen,
-                public_addr,
-                metrics_listen,
-                pending_stuck_after,
-                s3_bucket,
-                s3_prefix,
-                s3_region,
-                s3_endpoint,
-                s3_path_style,
-                s3_access_key_id,
-                s3_secret_access_key,
-                keep_versions,
-                gc_interval,
-                gc_grace,
             };
             let opts = config::serve_options(file, flags)?;
             let server = shoal_coordinator::start(opts).await?;

@@ -27,6 +27,7 @@ pub struct Metrics {
     pending_oldest_seconds: Gauge,
     pending_stuck: Gauge,
     storage_requests: Family<Vec<(String, String)>, Counter>,
+    storage_cache_reads: Family<Vec<(String, String)>, Counter>,
     pub gc_running: Gauge,
     pub gc_runs: Counter,
     pub gc_failures: Counter,
@@ -51,6 +52,7 @@ pub struct Scraped {
     pub pending_oldest_seconds: u64,
     /// Requests made to the chunk storage service since start, by kind (none for local packs).
     pub storage_requests: Vec<(&'static str, u64)>,
+    pub storage_cache_reads: Vec<(&'static str, u64)>,
 }
 
 impl Default for Metrics {
@@ -72,6 +74,7 @@ impl Default for Metrics {
             pending_oldest_seconds: Gauge::default(),
             pending_stuck: Gauge::default(),
             storage_requests: Family::default(),
+            storage_cache_reads: Family::default(),
             gc_running: Gauge::default(),
             gc_runs: Counter::default(),
             gc_failures: Counter::default(),
@@ -128,6 +131,11 @@ impl Default for Metrics {
             "Requests made to the S3 service holding the chunks, by kind (put, get, list, delete).",
             m.storage_requests.clone(),
         );
+        registry.register(
+            "shoal_storage_cache_reads",
+            "Reads of chunk bytes from S3 storage answered by the local cache of recent packs (result=hit) or sent to S3 (miss).",
+            m.storage_cache_reads.clone(),
+        );
         registry.register("shoal_gc_running", "1 while a garbage collection runs.", m.gc_running.clone());
         registry.register("shoal_gc_runs", "Garbage collections completed.", m.gc_runs.clone());
         registry.register("shoal_gc_failures", "Garbage collections that failed.", m.gc_failures.clone());
@@ -183,14 +191,20 @@ impl Metrics {
             pending_stuck,
             pending_oldest_seconds,
             storage_requests,
+            storage_cache_reads,
         } = now;
-        for (op, n) in storage_requests {
-            let c = self.storage_requests.get_or_create(&vec![("op".to_string(), op.to_string())]);
-            let seen = c.get();
-            if n > seen {
-                c.inc_by(n - seen);
+        // The backend counts these itself; each counter catches up to it.
+        let catch_up = |family: &Family<Vec<(String, String)>, Counter>, label: &str, counts: Vec<(&str, u64)>| {
+            for (value, n) in counts {
+                let c = family.get_or_create(&vec![(label.to_string(), value.to_string())]);
+                let seen = c.get();
+                if n > seen {
+                    c.inc_by(n - seen);
+                }
             }
-        }
+        };
+        catch_up(&self.storage_requests, "op", storage_requests);
+        catch_up(&self.storage_cache_reads, "result", storage_cache_reads);
         self.pending_stuck.set(i64::try_from(pending_stuck).unwrap_or(i64::MAX));
         self.users.set(i64::try_from(users).unwrap_or(i64::MAX));
         self.pending_versions.set(i64::try_from(pending_versions).unwrap_or(i64::MAX));
@@ -224,6 +238,7 @@ mod tests {
             pending_stuck: 1,
             pending_oldest_seconds: 40,
             storage_requests: vec![("put", 7), ("get", 2)],
+            storage_cache_reads: vec![("hit", 5), ("miss", 1)],
         };
         let text = m.render(scraped());
         let value = |name: &str| {
@@ -242,6 +257,7 @@ mod tests {
         assert_eq!(value("shoal_pending_stuck_versions"), 1.0);
         assert_eq!(value("shoal_storage_requests_total{op=\"put\"}"), 7.0);
         assert_eq!(value("shoal_storage_requests_total{op=\"get\"}"), 2.0);
+        assert_eq!(value("shoal_storage_cache_reads_total{result=\"hit\"}"), 5.0);
         assert_eq!(
             m.render(scraped()).matches("shoal_chunks_corrupt_total 1").count(),
             1,

@@ -58,7 +58,8 @@ impl S3TestServer {
         self.root.path().join(bucket).join(key)
     }
 
-    /// A backend config for `bucket` on this server, path-style, with the right credentials.
+    /// A backend config for `bucket` on this server, path-style, with the right credentials and
+    /// no local cache (every read goes to the server).
     pub fn config(&self, bucket: &str, prefix: &str) -> S3Config {
         S3Config {
             bucket: bucket.to_string(),
@@ -66,6 +67,7 @@ impl S3TestServer {
             region: "us-east-1".to_string(),
             endpoint: Some(self.endpoint()),
             path_style: true,
+            cache_bytes: 0,
             access_key_id: ACCESS_KEY.to_string(),
             secret_access_key: SECRET_KEY.to_string(),
         }

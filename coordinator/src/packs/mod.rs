@@ -106,6 +106,18 @@ pub trait PackBackend: Send + Sync + 'static {
     fn request_counts(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+
+    /// Reads answered by a local cache of a remote store (`hit`) and not (`miss`); empty
+    /// without one.
+    fn cache_reads(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
+    /// Drops a local cache's copy of `pack` (its bytes failed a check); `true` if there was one,
+    /// so reading again goes to the store itself.
+    fn forget_cached(&self, _pack: PackId) -> bool {
+        false
+    }
 }
 
 /// Makes what a writer flushed durable; run without holding the writer, so appends (to the same
