@@ -246,6 +246,50 @@ fn a_conflicted_copy_is_committed_before_anyone_reports_in_sync() {
     b.stop(false);
 }
 
+/// While the daemon is paused (its watch events queue up), a top-level directory is moved into
+/// another and made again under its name, and a file is made and renamed in the new one. When it
+/// resumes, every one of those changes reaches the coordinator before it reports in sync.
+#[test]
+fn a_top_level_directory_moved_away_and_made_again_while_paused_is_synced_whole() {
+    let (_tmp, _coord, devices) = world("pia", &["a", "b"]);
+    let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
+    a.start();
+    b.start();
+    a.write("a/keep.txt", b"in a");
+    a.write("b/f0", b"in the first b");
+    converge(&[&a, &b], SETTLE);
+
+    for round in 0..3 {
+        a.signal_daemon("STOP");
+        std::fs::rename(a.path("b"), a.path(&format!("a/b{round}"))).unwrap();
+        std::fs::create_dir(a.path("b")).unwrap();
+        a.write("b/f1", format!("round {round}").as_bytes());
+        std::fs::rename(a.path("b/f1"), a.path("b/f2")).unwrap();
+        let since = shoal_sys::clock::now_ms();
+        a.signal_daemon("CONT");
+        let want = Node::File(file_hash(format!("round {round}").as_bytes()), false);
+        let done = wait_for(Duration::from_secs(30), || {
+            let status = daemon_status(&a);
+            let remote = a.remote_tree();
+            let whole = remote.get("b/f2") == Some(&want) && remote.contains_key(&format!("a/b{round}/f0"));
+            if status["in_sync"] == true && status["cycle_started_ms"].as_u64().unwrap_or(0) > since && !whole {
+                panic!("round {round}: a reports in sync with its changes not all committed: {remote:?}");
+            }
+            whole.then_some(())
+        });
+        done.unwrap_or_else(|| {
+            panic!("round {round}: the changes never reached the coordinator: {:?}", a.remote_tree())
+        });
+        let tree = converge(&[&a, &b], SETTLE);
+        assert!(!tree.contains_key("b/f1") && !tree.contains_key("b/f0"), "{tree:?}");
+        // The next round moves the b made in this one: put a file back in it.
+        a.write("b/f0", b"in the first b");
+        converge(&[&a, &b], SETTLE);
+    }
+    a.stop(false);
+    b.stop(false);
+}
+
 fn wait_for_head(d: &Device, path: &str, content: &[u8]) {
     let want = Node::File(file_hash(content), false);
     wait_for(SETTLE, || (d.remote_tree().get(path) == Some(&want)).then_some(()))
