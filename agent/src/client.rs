@@ -8,18 +8,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::ServerName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_protocol::api::*;
 use shoal_protocol::{ChunkId, DeviceId, Entry, Seq, SyncPath};
 
 use crate::config::Config;
-use crate::frames::{FrameDecoder, FrameReadError};
 use crate::limit::{Limiter, PeerServing};
+use shoal_net::frames::{FrameDecoder, FrameReadError};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,65 +50,6 @@ impl ClientError {
 }
 
 pub type ClientResult<T> = Result<T, ClientError>;
-
-/// A rustls verifier that accepts exactly one certificate, named by its BLAKE3 fingerprint, and
-/// still checks the handshake signatures made with it.
-#[derive(Debug)]
-struct Pinned {
-    fingerprint: ChunkId,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if ChunkId::of(end_entity.as_ref()) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("the coordinator's certificate does not match the pinned fingerprint".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn tls_config(fingerprint: ChunkId) -> anyhow::Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(Pinned { fingerprint, provider: provider.clone() });
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
 
 /// How long a TCP connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -193,7 +131,7 @@ pub struct Client {
 impl Client {
     /// A client without a token: only `enroll` works.
     pub fn anonymous(addr: &str, fingerprint: ChunkId, dialer: Dialer) -> anyhow::Result<Self> {
-        let tls = tls_config(fingerprint)?;
+        let tls = shoal_net::pinned::client_config(fingerprint)?;
         let http = dialer.http(tls.clone())?;
         Ok(Client {
             http,

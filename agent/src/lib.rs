@@ -8,7 +8,6 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
-pub mod frames;
 pub mod limit;
 pub mod oneshot;
 pub mod own;

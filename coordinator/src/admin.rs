@@ -126,7 +126,7 @@ pub async fn request(data: &Path, req: &Request) -> anyhow::Result<String> {
             }
         }
         Err(_) => {
-            let identity = crate::tls::Identity::load_or_create(data)?;
+            let identity = crate::tls_identity(data)?;
             let addr = std::fs::read(data.join("server.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<crate::ServerInfo>(&b).ok())

@@ -217,10 +217,12 @@ async fn enroll(
     let token = shoal_sys::random::hex(32);
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let ca = crate::ca::UserCa { cert: user.ca_cert.clone(), key: user.ca_key.clone() };
-    let cert = match crate::ca::sign_device(&ca, &req.csr, &DeviceId(id)) {
+    let ca = shoal_net::ca::UserCa { cert: user.ca_cert.clone(), key: user.ca_key.clone() };
+    let cert = match shoal_net::ca::sign_device(&ca, &req.csr, &DeviceId(id)) {
         Ok(c) => c,
-        Err(crate::ca::CaError::BadRequest(e)) => return Err(ApiError::bad(format!("bad certificate request: {e}"))),
+        Err(shoal_net::ca::CaError::BadRequest(e)) => {
+            return Err(ApiError::bad(format!("bad certificate request: {e}")));
+        }
         Err(e) => {
             tracing::error!(error = %e, "signing a device certificate failed");
             return Err(ApiError::new(ErrorCode::Internal, "could not sign the device certificate"));

@@ -4,14 +4,12 @@
 
 pub mod admin;
 mod api;
-pub mod ca;
 mod chunk_records;
 pub mod chunks;
 mod commit;
 pub mod config;
 mod error;
 pub mod gc;
-pub mod listener;
 mod metrics;
 pub mod packs;
 mod revocation;
@@ -19,7 +17,6 @@ mod service;
 pub mod store;
 #[cfg(any(test, feature = "test-s3"))]
 pub mod testing;
-pub mod tls;
 mod trim;
 
 use std::collections::HashMap;
@@ -213,10 +210,15 @@ async fn open_chunks(opts: &ServeOptions, store: &Store) -> anyhow::Result<Chunk
     Ok(chunks)
 }
 
+/// The coordinator's TLS identity, `DATA/tls/{cert,key}.der`, made on first start.
+pub fn tls_identity(data: &std::path::Path) -> anyhow::Result<shoal_net::identity::Identity> {
+    shoal_net::identity::Identity::load_or_create(&data.join("tls"), &["localhost", "127.0.0.1", "shoal-coordinator"])
+}
+
 /// Opens the data directory, binds, and serves until `shutdown`.
 pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     prepare_data_dir(&opts.data)?;
-    let identity = tls::Identity::load_or_create(&opts.data)?;
+    let identity = tls_identity(&opts.data)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
     let chunks = open_chunks(&opts, &store).await?;
@@ -267,14 +269,14 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config()?);
     let trimmer = trim::spawn(app.metrics.clone(), app.chunks.clone(), cancel.clone());
     let collector = opts.gc_interval.map(|every| gc_worker(app.clone(), every, cancel.clone()));
-    let max_connections = listener::connection_budget();
+    let max_connections = shoal_net::listener::connection_budget();
     let metrics_task = metrics_listener
-        .map(|l| tokio::spawn(listener::serve_plain(l, api::metrics_router(app.clone()), cancel.clone())));
-    let metrics = app.metrics.clone();
+        .map(|l| tokio::spawn(shoal_net::listener::serve_plain(l, api::metrics_router(app.clone()), cancel.clone())));
+    let refused = app.metrics.refused_connections.clone();
     let router = api::router(app);
     let token = cancel.clone();
     let task = tokio::spawn(async move {
-        listener::serve(listener, acceptor, router, metrics, max_connections, token).await;
+        shoal_net::listener::serve(listener, acceptor, router, refused, max_connections, token).await;
         if let Some(t) = metrics_task {
             let _ = t.await;
         }
@@ -461,7 +463,7 @@ pub fn invite(
         }
         (Some(u), false) => u,
         (None, true) => {
-            let ca = ca::new_user_ca(name)?;
+            let ca = shoal_net::ca::new_user_ca(name)?;
             store.add_user(name, now_ms(), ca)?.context("user was created concurrently")?
         }
         (None, false) => anyhow::bail!("no user {name:?}; create it with `user add {name}`"),

@@ -1,13 +1,21 @@
 //! The workspace's dependency rules (ARCHITECTURE.md, "Architecture invariants"): the agent and
-//! the relay never depend on the coordinator, directly or through another workspace crate; what
-//! they share with it lives in `shoal-protocol` and `shoal-sys`. Read from `cargo metadata`, so
-//! every way of declaring a dependency counts.
+//! the relay never depend on the coordinator, and the relay never on the agent, directly or
+//! through another workspace crate; what they share lives in `shoal-protocol`, `shoal-sys` and
+//! `shoal-net`, which depend on none of them. Read from `cargo metadata`, so every way of
+//! declaring a dependency counts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 /// Crates that must never reach the coordinator.
 const NEVER_ON_COORDINATOR: [&str; 2] = ["shoal-agent", "shoal-relay"];
+
+/// The shared crates, and the crates each must never reach.
+const SHARED: [(&str, &[&str]); 3] = [
+    ("shoal-protocol", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net"]),
+    ("shoal-sys", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net"]),
+    ("shoal-net", &["shoal-coordinator", "shoal-agent", "shoal-relay"]),
+];
 
 /// One declared dependency: the package's name, and whether it is for the crate's tests only.
 type Dep = (String, bool);
@@ -69,4 +77,24 @@ fn path_to<'g>(graph: &'g BTreeMap<String, Vec<Dep>>, from: &'g str, to: &str) -
         }
     }
     None
+}
+
+#[test]
+fn shared_crates_depend_on_no_part_that_uses_them_and_the_relay_not_on_the_agent() {
+    let graph = workspace_graph();
+    assert!(path_to(&graph, "shoal-agent", "shoal-net").is_some(), "the agent uses shoal-net");
+    assert!(path_to(&graph, "shoal-coordinator", "shoal-net").is_some(), "the coordinator uses shoal-net");
+    for (shared, never) in SHARED {
+        assert!(graph.contains_key(shared), "no {shared} in {graph:?}");
+        for to in never {
+            if let Some(path) = path_to(&graph, shared, to) {
+                panic!("{shared} depends on {to} ({}): shared crates sit below every part", path.join(" -> "));
+            }
+        }
+    }
+    if graph.contains_key("shoal-relay")
+        && let Some(path) = path_to(&graph, "shoal-relay", "shoal-agent")
+    {
+        panic!("shoal-relay depends on shoal-agent ({}); move what it needs into shoal-net", path.join(" -> "));
+    }
 }

@@ -16,9 +16,9 @@ use shoal_protocol::peer::{MAX_PEER_IDS, PeerRequest, bitmap_get, bitmap_len};
 use tokio_util::codec::FramedRead;
 use tokio_util::io::InspectReader;
 
-use crate::frames::FrameDecoder;
 use crate::limit::Limiter;
 use crate::transfer::{Source, verify};
+use shoal_net::frames::FrameDecoder;
 
 /// How long each step of a request may take (opening its stream, sending it, a `have`
 /// answer), and the window a `get` answer's progress is judged in (`MIN_PROGRESS`).

@@ -106,7 +106,7 @@ impl Store {
     }
 
     /// Creates a user; `Ok(None)` if the name is taken.
-    pub fn add_user(&self, name: &str, now_ms: u64, ca: crate::ca::UserCa) -> Result<Option<UserRec>, StoreError> {
+    pub fn add_user(&self, name: &str, now_ms: u64, ca: shoal_net::ca::UserCa) -> Result<Option<UserRec>, StoreError> {
         let k = key(b"u/", &[name.as_bytes()]);
         let rec = UserRec {
             id: self.db.generate_id()? + 1,

@@ -133,59 +133,12 @@ fn data_directory_is_private_whatever_the_umask() {
     assert!(err.contains("writable by other users") && err.contains("chmod 700"), "{err}");
 }
 
-/// A TLS client that accepts any certificate: enough to play a misbehaving client.
-mod raw_tls {
-    use std::sync::Arc;
-
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    use rustls::{DigitallySignedStruct, SignatureScheme};
-
-    #[derive(Debug)]
-    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-
-    pub fn connector() -> tokio_rustls::TlsConnector {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-            .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    }
+/// A TLS client that trusts `coord`'s certificate, as a device does: enough to play a
+/// misbehaving client.
+fn raw_tls(coord: &Coordinator) -> tokio_rustls::TlsConnector {
+    let cert = std::fs::read(coord.data.join("tls/cert.der")).unwrap();
+    let cfg = shoal_net::pinned::client_config(shoal_protocol::ChunkId::of(&cert)).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
 }
 
 #[test]
@@ -197,7 +150,7 @@ fn half_open_connections_cannot_exhaust_the_server() {
     /// More than one address may hold (`MAX_CONNECTIONS_PER_ADDR`).
     const FLOOD: usize = 300;
     block_on(async {
-        let connector = raw_tls::connector();
+        let connector = raw_tls(&coord);
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut held = Vec::new();
         let mut refused = 0;
@@ -213,8 +166,8 @@ fn half_open_connections_cannot_exhaust_the_server() {
                 _ => refused += 1,
             }
         }
-        assert!(held.len() <= shoal_coordinator::listener::MAX_CONNECTIONS_PER_ADDR, "{} held", held.len());
-        assert!(refused >= FLOOD - shoal_coordinator::listener::MAX_CONNECTIONS_PER_ADDR);
+        assert!(held.len() <= shoal_net::listener::MAX_CONNECTIONS_PER_ADDR, "{} held", held.len());
+        assert!(refused >= FLOOD - shoal_net::listener::MAX_CONNECTIONS_PER_ADDR);
 
         // Meanwhile a client from another address is served at once.
         let other = reqwest::Client::builder()
@@ -229,7 +182,7 @@ fn half_open_connections_cannot_exhaust_the_server() {
         assert!(started.elapsed() < Duration::from_secs(5), "healthz took {:?}", started.elapsed());
 
         // The half-finished requests are closed once the header deadline passes.
-        let deadline = shoal_coordinator::listener::HEADER_READ_TIMEOUT + Duration::from_secs(5);
+        let deadline = shoal_net::listener::HEADER_READ_TIMEOUT + Duration::from_secs(5);
         for mut tls in held {
             let mut buf = [0u8; 256];
             let r = tokio::time::timeout(deadline, tls.read(&mut buf)).await;

@@ -1,14 +1,11 @@
 //! Real quinn endpoints on loopback running the introduction (`peer::intro`), with certificates
-//! made here with the same parameters as the coordinator's (`coordinator/src/ca.rs`), which the
-//! agent cannot link.
+//! made with the coordinator's own parameters (`shoal_net::ca`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::KeyPair;
+use shoal_net::ca::UserCa as Ca;
 use shoal_protocol::api::{DeviceInfo, LanKey, LanKeys};
 
 use super::*;
@@ -16,37 +13,8 @@ use crate::peer::intro::{self, Introduced};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A user's CA: its certificate and key, both DER.
-pub(crate) struct Ca {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-}
-
 pub(crate) fn user_ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("Shoal user {name} CA"));
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let cert = params.self_signed(&key).unwrap();
-    Ca { cert: cert.der().to_vec(), key: key.serialize_der() }
-}
-
-fn device_params(id: &DeviceId, valid: std::ops::Range<std::time::SystemTime>) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, shoal_sys::identity::device_name(id));
-    params.distinguished_name = dn;
-    params.subject_alt_names = vec![SanType::DnsName(shoal_sys::identity::device_name(id).try_into().unwrap())];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = valid.start.into();
-    params.not_after = valid.end.into();
-    params
+    shoal_net::ca::new_user_ca(name).unwrap()
 }
 
 /// A device of `ca`'s user (valid from yesterday for `days`, which may be negative: expired),
@@ -69,14 +37,9 @@ pub(crate) fn device_parts(ca: Option<&Ca>, trust: &Ca, days: i64) -> (Parts, De
     let start = now - DAY * 2;
     let end = if days >= 0 { now + DAY * days as u32 } else { now - DAY * days.unsigned_abs() as u32 / 2 };
     let key = KeyPair::generate().unwrap();
-    let params = device_params(&id, start..end);
+    let params = shoal_net::ca::device_params(&id, start..end).unwrap();
     let cert = match ca {
-        Some(ca) => {
-            let issuer =
-                Issuer::from_ca_cert_der(&ca.cert.clone().into(), KeyPair::try_from(ca.key.as_slice()).unwrap())
-                    .unwrap();
-            params.signed_by(&key, &issuer).unwrap()
-        }
+        Some(ca) => params.signed_by(&key, &shoal_net::ca::issuer(ca).unwrap()).unwrap(),
         None => params.self_signed(&key).unwrap(),
     };
     let info = DeviceInfo {

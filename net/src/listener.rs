@@ -1,4 +1,4 @@
-//! The accept loop of the public HTTPS listener, and the limits that keep one client from starving
+//! The accept loop of a public HTTPS listener (the coordinator's; a relay's), and the limits that keep one client from starving
 //! everyone else: a cap on open connections in total and per source address, a deadline for the
 //! TLS handshake and for each request's headers (which also closes idle HTTP/1 keep-alive
 //! connections), a deadline on any connection that moves no byte at all (which also finds dead
@@ -12,9 +12,8 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
-
-use crate::metrics::Metrics;
 
 /// Time a client has to complete the TLS handshake. A real device on a slow link needs a few
 /// round trips; ten seconds is generous and bounds what a silent connection holds.
@@ -104,18 +103,19 @@ fn admit(counts: &Arc<Mutex<Counts>>, ip: IpAddr, limits: Limits) -> Option<Slot
     Some(Slot { counts: counts.clone(), ip })
 }
 
-/// Serves `router` over TLS on `listener` until `cancel`.
+/// Serves `router` over TLS on `listener` until `cancel`, counting connections closed over a
+/// cap in `refused`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
-    metrics: Arc<Metrics>,
+    refused: Counter,
     max_total: usize,
     cancel: CancellationToken,
 ) {
     let limits = Limits { total: max_total, per_addr: MAX_CONNECTIONS_PER_ADDR };
     let on_refused = || {
-        metrics.refused_connections.inc();
+        refused.inc();
     };
     accept_loop(listener, limits, on_refused, cancel.clone(), |sock, peer| {
         let _ = sock.set_nodelay(true);

@@ -5,7 +5,11 @@
 //!
 //! The request only contributes its public key: names, validity and usages come from here, so a
 //! device cannot ask for a CA certificate or another device's name. Making the request, the
-//! device names and PEM are shared with the agent (`shoal_sys::identity`); signing is only here.
+//! device names and PEM are in `shoal_sys::identity`. Only the coordinator signs; the agent's
+//! tests make their devices' certificates with the same parameters from here.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
@@ -30,10 +34,12 @@ pub struct UserCa {
     pub key: Vec<u8>,
 }
 
-fn validity(params: &mut CertificateParams, years: i64) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    params.not_before = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs((now - 86_400).max(0) as u64);
-    params.not_after = params.not_before + std::time::Duration::from_secs((years * 365 * 86_400) as u64);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// From a day ago (clocks differ) for `years`.
+fn validity(years: u32) -> Range<SystemTime> {
+    let start = SystemTime::now() - DAY;
+    start..start + DAY * 365 * years
 }
 
 /// Creates the CA of user `name`.
@@ -45,14 +51,14 @@ pub fn new_user_ca(name: &str) -> Result<UserCa, CaError> {
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, 30);
+    let valid = validity(30);
+    (params.not_before, params.not_after) = (valid.start.into(), valid.end.into());
     let cert = params.self_signed(&key).map_err(CaError::Internal)?;
     Ok(UserCa { cert: cert.der().to_vec(), key: key.serialize_der() })
 }
 
-/// Signs a device certificate for `device` from its PEM certificate request.
-pub fn sign_device(ca: &UserCa, csr_pem: &str, device: &DeviceId) -> Result<Vec<u8>, CaError> {
-    let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadRequest)?;
+/// What a device certificate of `device` says: its name, usages and `valid` period.
+pub fn device_params(device: &DeviceId, valid: Range<SystemTime>) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, device_name(device));
@@ -62,11 +68,21 @@ pub fn sign_device(ca: &UserCa, csr_pem: &str, device: &DeviceId) -> Result<Vec<
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
-    validity(&mut params, 10);
-    csr.params = params;
+    (params.not_before, params.not_after) = (valid.start.into(), valid.end.into());
+    Ok(params)
+}
+
+/// `ca` as the issuer of the certificates it signs.
+pub fn issuer(ca: &UserCa) -> Result<Issuer<'static, KeyPair>, CaError> {
     let key = KeyPair::try_from(ca.key.as_slice()).map_err(CaError::Internal)?;
-    let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert.as_slice()), key).map_err(CaError::Internal)?;
-    Ok(csr.signed_by(&issuer).map_err(CaError::Internal)?.der().to_vec())
+    Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert.clone()), key).map_err(CaError::Internal)
+}
+
+/// Signs a device certificate for `device` from its PEM certificate request, valid for 10 years.
+pub fn sign_device(ca: &UserCa, csr_pem: &str, device: &DeviceId) -> Result<Vec<u8>, CaError> {
+    let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadRequest)?;
+    csr.params = device_params(device, validity(10))?;
+    Ok(csr.signed_by(&issuer(ca)?).map_err(CaError::Internal)?.der().to_vec())
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ pub enum FrameReadError {
 }
 
 /// Splits a byte stream into `(chunk id, chunk bytes)` frames. The bytes are not checked here:
-/// `transfer::source::verify` checks every chunk.
+/// whoever reads the frames checks every chunk against its id.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameDecoder {
     max_len: u32,

@@ -1,6 +1,6 @@
-//! The coordinator's TLS identity: a self-signed certificate made with rcgen on first start and
-//! kept in the data directory. Devices pin its BLAKE3 fingerprint (carried in invites), so no CA
-//! is involved. rustls runs on ring only, passed explicitly.
+//! A server's TLS identity: a self-signed certificate made with rcgen on first start and kept in
+//! a directory of its own. Clients pin its BLAKE3 fingerprint (devices get the coordinator's in
+//! their invite), so no CA is involved. rustls runs on ring only, passed explicitly.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,17 +17,17 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Loads `DIR/tls/{cert,key}.der`, generating them on first use.
-    pub fn load_or_create(data: &Path) -> anyhow::Result<Self> {
-        let dir = data.join("tls");
+    /// Loads `dir/{cert,key}.der`, generating them on first use for the DNS names or addresses
+    /// `names`.
+    pub fn load_or_create(dir: &Path, names: &[&str]) -> anyhow::Result<Self> {
         let (cert_path, key_path) = (dir.join("cert.der"), dir.join("key.der"));
         if cert_path.exists() && key_path.exists() {
             let cert = std::fs::read(&cert_path).with_context(|| format!("reading {}", cert_path.display()))?;
             let key = std::fs::read(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
             return Ok(Identity { cert: CertificateDer::from(cert), key: PrivatePkcs8KeyDer::from(key) });
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "shoal-coordinator".to_string()];
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let ck = rcgen::generate_simple_self_signed(names).context("generating the TLS certificate")?;
         let cert = ck.cert.der().to_vec();
         let key = ck.signing_key.serialize_der();
