@@ -212,10 +212,41 @@ const CACHE_QUEUE: usize = 2;
 
 #[derive(Default)]
 struct CacheState {
-    /// Cached pack → (length, last use).
-    packs: std::collections::HashMap<PackId, (u64, u64)>,
+    /// Cached pack → its entry.
+    packs: std::collections::HashMap<PackId, Cached>,
+    /// Cached packs by last use, oldest first.
+    by_use: std::collections::BTreeMap<u64, PackId>,
+    /// Disk taken by the cached files.
     bytes: u64,
     clock: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Cached {
+    /// The pack's length, and what its file takes on disk (padded to the direct-I/O block).
+    len: u64,
+    disk: u64,
+    used: u64,
+}
+
+impl CacheState {
+    /// Marks `pack` used now.
+    fn touch(&mut self, pack: PackId) -> Option<Cached> {
+        self.clock += 1;
+        let now = self.clock;
+        let c = self.packs.get_mut(&pack)?;
+        self.by_use.remove(&c.used);
+        c.used = now;
+        self.by_use.insert(now, pack);
+        Some(*c)
+    }
+
+    fn forget(&mut self, pack: PackId) -> Option<Cached> {
+        let c = self.packs.remove(&pack)?;
+        self.by_use.remove(&c.used);
+        self.bytes -= c.disk;
+        Some(c)
+    }
 }
 
 impl PackCache {
@@ -271,13 +302,15 @@ impl PackCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes `data` as `pack`'s file, padded with zeros to the file's alignment.
-    fn write(&self, pack: PackId, data: &[u8]) -> Result<(), PackError> {
+    /// Writes `data` as `pack`'s file, padded with zeros to the file's alignment; returns the
+    /// file's length.
+    fn write(&self, pack: PackId, data: &[u8]) -> Result<u64, PackError> {
         let mut w = self.files.create(pack)?;
         w.append(data)?;
         let pad = (w.alignment() - data.len() % w.alignment()) % w.alignment();
         w.append(&vec![0u8; pad])?;
-        w.flush()
+        w.flush()?;
+        Ok((data.len() + pad) as u64)
     }
 
     /// Keeps a copy of sealed pack `pack`, evicting the least recently used past the cap. A
@@ -287,27 +320,27 @@ impl PackCache {
         if len == 0 || len > self.cap {
             return;
         }
-        if let Err(e) = self.write(pack, data) {
-            tracing::warn!(pack, error = %e, cache = self.files.describe(), "could not cache a pack");
-            let _ = self.files.delete(pack);
-            return;
-        }
+        let disk = match self.write(pack, data) {
+            Ok(disk) => disk,
+            Err(e) => {
+                tracing::warn!(pack, error = %e, cache = self.files.describe(), "could not cache a pack");
+                let _ = self.files.delete(pack);
+                return;
+            }
+        };
         let mut evicted = Vec::new();
         {
             let mut s = self.lock();
-            s.clock += 1;
-            let now = s.clock;
-            if let Some((old, _)) = s.packs.insert(pack, (len, now)) {
-                s.bytes -= old;
-            }
-            s.bytes += len;
+            s.forget(pack);
+            s.packs.insert(pack, Cached { len, disk, used: 0 });
+            s.by_use.insert(0, pack);
+            s.bytes += disk;
+            s.touch(pack);
             while s.bytes > self.cap {
-                let oldest = s.packs.iter().filter(|(p, _)| **p != pack).min_by_key(|(_, (_, used))| *used);
-                let Some((&victim, &(vlen, _))) = oldest else {
+                let Some((_, &victim)) = s.by_use.iter().find(|(_, p)| **p != pack) else {
                     break;
                 };
-                s.packs.remove(&victim);
-                s.bytes -= vlen;
+                s.forget(victim);
                 evicted.push(victim);
             }
         }
@@ -318,15 +351,9 @@ impl PackCache {
 
     /// `len` bytes of `pack` from `offset`, if the cache holds them.
     fn read(&self, pack: PackId, offset: u64, len: usize) -> Option<Bytes> {
-        {
-            let mut s = self.lock();
-            s.clock += 1;
-            let now = s.clock;
-            let (plen, used) = s.packs.get_mut(&pack)?;
-            if offset + len as u64 > *plen {
-                return None;
-            }
-            *used = now;
+        let cached = self.lock().touch(pack)?;
+        if offset + len as u64 > cached.len {
+            return None;
         }
         match self.files.read(pack, offset, len) {
             Ok(bytes) if bytes.len() == len => Some(bytes),
@@ -345,14 +372,11 @@ impl PackCache {
 
     /// Drops `pack`'s copy; `true` if there was one.
     fn remove(&self, pack: PackId) -> bool {
-        let mut s = self.lock();
-        let Some((len, _)) = s.packs.remove(&pack) else {
-            return false;
-        };
-        s.bytes -= len;
-        drop(s);
-        let _ = self.files.delete(pack);
-        true
+        let had = self.lock().forget(pack).is_some();
+        if had {
+            let _ = self.files.delete(pack);
+        }
+        had
     }
 }
 
@@ -607,6 +631,11 @@ impl PackWriter for S3Writer {
     }
 
     fn make_durable(&mut self) -> Result<MakeDurable, PackError> {
+        // A small pack (a commit's few chunks) keeps no room reserved for a full one while it
+        // waits for its PUT and its cached copy.
+        if self.staged.len() < self.staged.capacity() / 2 {
+            self.staged.shrink_to_fit();
+        }
         let (inner, pack) = (self.inner.clone(), self.pack);
         let key = pack_key(&inner.cfg.prefix, pack);
         let data = Bytes::from(std::mem::take(&mut self.staged));
@@ -812,5 +841,18 @@ mod tests {
         assert!(path.exists());
         backend.delete(newest).unwrap();
         assert!(!path.exists());
+        // The cap bounds the disk the files take, padding included: many small packs (a small
+        // commit each) do not overrun it.
+        for seed in 20..50 {
+            store.put_many(&refs(&chunks(1, 5_000, seed))).unwrap();
+            store.sync().unwrap();
+        }
+        written();
+        let files: Vec<u64> = std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert!(files.len() > 5, "small packs are cached: {files:?}");
+        assert!(files.iter().sum::<u64>() <= 100_000, "{} bytes in {} files", files.iter().sum::<u64>(), files.len());
     }
 }
