@@ -23,43 +23,21 @@ const LOG_VERSION: u8 = 1;
 /// Changes a table holds beside its array before they are merged in, at least.
 const MERGE_MIN: usize = 4_096;
 
-/// Where a chunk's bytes are: pack number, byte offset and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkLoc {
-    pub pack: u32,
-    pub offset: u64,
-    pub len: u32,
+pub use shoal_packs::ChunkLoc;
+
+/// The value of an `x/` record of releases before.
+pub(crate) fn decode_loc_record(b: &[u8]) -> Option<ChunkLoc> {
+    if b.len() != 17 || b[0] != 1 {
+        return None;
+    }
+    ChunkLoc::from_bytes(&b[1..])
 }
 
-impl ChunkLoc {
-    /// The value of an `x/` record of releases before.
-    pub(crate) fn decode_record(b: &[u8]) -> Option<ChunkLoc> {
-        if b.len() != 17 || b[0] != 1 {
-            return None;
-        }
-        Self::decode(&b[1..])
-    }
-
-    /// The value of an `x/` record of releases before, the form `q/` records keep.
-    pub(crate) fn encode_record(&self) -> Vec<u8> {
-        let mut v = vec![1];
-        self.push(&mut v);
-        v
-    }
-
-    fn push(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.pack.to_be_bytes());
-        out.extend_from_slice(&self.offset.to_be_bytes());
-        out.extend_from_slice(&self.len.to_be_bytes());
-    }
-
-    fn decode(b: &[u8]) -> Option<ChunkLoc> {
-        Some(ChunkLoc {
-            pack: u32::from_be_bytes(b.get(0..4)?.try_into().ok()?),
-            offset: u64::from_be_bytes(b.get(4..12)?.try_into().ok()?),
-            len: u32::from_be_bytes(b.get(12..16)?.try_into().ok()?),
-        })
-    }
+/// The value of an `x/` record of releases before, the form `q/` records keep.
+pub(crate) fn encode_loc_record(loc: &ChunkLoc) -> Vec<u8> {
+    let mut v = vec![1];
+    v.extend_from_slice(&loc.to_bytes());
+    v
 }
 
 /// One change to the chunk records, as logged.
@@ -96,7 +74,7 @@ pub fn encode_ops(ops: &[Op]) -> Vec<u8> {
             Op::Stored(id, loc) => {
                 out.push(Op::STORED);
                 out.extend_from_slice(&id.0);
-                loc.push(&mut out);
+                out.extend_from_slice(&loc.to_bytes());
             }
             Op::Gone(id) => {
                 out.push(Op::GONE);
@@ -123,7 +101,7 @@ pub fn decode_ops(v: &[u8]) -> Option<Vec<Op>> {
     let mut ops = Vec::with_capacity(count.min(rest.len() / 41));
     while let Some((&tag, body)) = rest.split_first() {
         let (op, len) = match tag {
-            Op::STORED => (Op::Stored(id_at(body, 0)?, ChunkLoc::decode(body.get(32..48)?)?), 48),
+            Op::STORED => (Op::Stored(id_at(body, 0)?, ChunkLoc::from_bytes(body.get(32..48)?)?), 48),
             Op::GONE => (Op::Gone(id_at(body, 0)?), 32),
             Op::HELD | Op::UNHELD => {
                 let user = u64::from_be_bytes(body.get(0..8)?.try_into().ok()?);

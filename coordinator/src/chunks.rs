@@ -28,11 +28,9 @@ use bytes::Bytes;
 use shoal_protocol::ChunkId;
 use shoal_protocol::api::FRAME_HEADER;
 
-use crate::packs::{MakeDurable, PackBackend, PackError, PackErrorKind, PackId, PackWriter};
 use crate::store::{ChunkLoc, Store, StoreError};
-
-/// Zeros for padding frames (at most two alignment blocks).
-static ZEROS: [u8; 2 * 4096] = [0; 2 * 4096];
+use shoal_packs::frames::{append_frames, first_bad, run_range};
+use shoal_packs::{MakeDurable, PackBackend, PackError, PackErrorKind, PackId, PackWriter};
 
 /// Why the chunk store could not do what was asked.
 #[derive(Debug)]
@@ -215,7 +213,7 @@ impl ChunkStore {
 
     /// Opens the store on pack files in `dir`.
     pub fn open_local(dir: &std::path::Path, index: Store) -> ChunkResult<Self> {
-        Self::open(Arc::new(crate::packs::local::LocalPacks::open(dir)?), index)
+        Self::open(Arc::new(shoal_packs::local::LocalPacks::open(dir)?), index)
     }
 
     /// Where the packs are, for logs.
@@ -287,7 +285,7 @@ impl ChunkStore {
         self.ensure_pack(w)?;
         let (pack, out) = w.current.as_mut().expect("a pack is open");
         let pack = *pack;
-        match Self::append(out.as_mut(), w.len, fresh, pack) {
+        match append_frames(out.as_mut(), w.len, fresh, pack) {
             Ok((locs, end)) => {
                 w.len = end;
                 w.current_dirty = true;
@@ -358,48 +356,6 @@ impl ChunkStore {
             Some(e) if e.unavailable() => Ok(false),
             Some(e) => Err(e),
         }
-    }
-
-    /// Appends the frames of `fresh` to `out` at `at`, padded to the writer's alignment, and
-    /// flushes; returns where each chunk went and the pack's new length.
-    fn append(
-        out: &mut dyn PackWriter,
-        at: u64,
-        fresh: &[(ChunkId, &[u8])],
-        pack: PackId,
-    ) -> Result<(Vec<(ChunkId, ChunkLoc)>, u64), PackError> {
-        let mut locs = Vec::with_capacity(fresh.len());
-        let mut pos = at;
-        for (id, data) in fresh {
-            let mut header = [0u8; FRAME_HEADER];
-            header[..32].copy_from_slice(id.as_bytes());
-            header[32..].copy_from_slice(&(data.len() as u32).to_be_bytes());
-            out.append(&header)?;
-            locs.push((*id, ChunkLoc { pack, offset: pos + FRAME_HEADER as u64, len: data.len() as u32 }));
-            out.append(data)?;
-            pos += (FRAME_HEADER + data.len()) as u64;
-        }
-        let align = out.alignment();
-        let rem = pos as usize % align;
-        if rem != 0 {
-            // Pad with a frame of zero id, so the pack stays a frame sequence.
-            let mut pad = align - rem;
-            if pad < FRAME_HEADER {
-                pad += align;
-            }
-            let mut header = [0u8; FRAME_HEADER];
-            header[32..].copy_from_slice(&((pad - FRAME_HEADER) as u32).to_be_bytes());
-            out.append(&header)?;
-            let mut zeros = pad - FRAME_HEADER;
-            while zeros > 0 {
-                let n = zeros.min(ZEROS.len());
-                out.append(&ZEROS[..n])?;
-                zeros -= n;
-            }
-            pos += pad as u64;
-        }
-        out.flush()?;
-        Ok((locs, pos))
     }
 
     /// Makes every chunk stored so far durable, if any is not: the step before anything that
@@ -601,11 +557,8 @@ impl ChunkStore {
                     // Reported when the run starting there is read.
                     Ok(None) | Err(_) => break,
                 };
-                let follows = |prev: &ChunkLoc| {
-                    prev.pack == loc.pack && prev.offset + u64::from(prev.len) + FRAME_HEADER as u64 == loc.offset
-                };
                 match run.last() {
-                    Some((_, prev)) if !follows(prev) => break,
+                    Some((_, prev)) if !prev.followed_by(&loc) => break,
                     _ => run.push((*id, loc)),
                 }
             }
@@ -653,12 +606,12 @@ impl ChunkStore {
     /// Reads the frames of `run` (chunks stored back to back in one pack) as one piece. A pack
     /// that cannot be read before it is durable is made durable first.
     fn read_run(&self, run: &[(ChunkId, ChunkLoc)]) -> ChunkResult<Bytes> {
-        let (first, last) = (run[0].1, run[run.len() - 1].1);
-        if locked(&self.unreadable).contains(&first.pack) {
+        let pack = run[0].1.pack;
+        if locked(&self.unreadable).contains(&pack) {
             self.sync()?;
         }
-        let (start, end) = (first.offset - FRAME_HEADER as u64, last.offset + u64::from(last.len));
-        match self.backend.read(first.pack, start, (end - start) as usize) {
+        let std::ops::Range { start, end } = run_range(run);
+        match self.backend.read(pack, start, (end - start) as usize) {
             Ok(b) if b.len() as u64 == end - start => Ok(b),
             Ok(_) => Err(ChunkError::NotFound(run[0].0)),
             Err(e) if e.kind == PackErrorKind::NotFound => Err(ChunkError::NotFound(run[0].0)),
@@ -686,25 +639,6 @@ impl ChunkStore {
         }
         Err((bytes.slice(..(loc.offset - run[0].1.offset) as usize), *id))
     }
-}
-
-/// The first chunk of `run` whose frame in `bytes` (the frames of `run`) is not intact.
-fn first_bad<'a>(run: &'a [(ChunkId, ChunkLoc)], bytes: &[u8]) -> Option<&'a (ChunkId, ChunkLoc)> {
-    let base = run[0].1.offset;
-    run.iter().find(|(id, loc)| !frame_ok(bytes, base, id, loc))
-}
-
-/// `true` if the frame of `id` at `loc` inside `bytes` (which starts with the frame of the chunk
-/// whose data is at offset `base`) carries `id`, the right length, and bytes whose BLAKE3 is `id`.
-fn frame_ok(bytes: &[u8], base: u64, id: &ChunkId, loc: &ChunkLoc) -> bool {
-    let data_at = (loc.offset - base) as usize + FRAME_HEADER;
-    let Some(header) = bytes.get(data_at - FRAME_HEADER..data_at) else {
-        return false;
-    };
-    let Some(data) = bytes.get(data_at..data_at + loc.len as usize) else {
-        return false;
-    };
-    header[..32] == id.as_bytes()[..] && header[32..] == loc.len.to_be_bytes() && ChunkId::of(data) == *id
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use anyhow::Context;
 use serde::Deserialize;
 
 use crate::ServeOptions;
-use crate::packs::s3::S3Config;
+use shoal_packs::s3::S3Config;
 
 /// What a config file holds; every key optional.
 #[derive(Debug, Default, Deserialize)]

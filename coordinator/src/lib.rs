@@ -11,12 +11,11 @@ pub mod config;
 mod error;
 pub mod gc;
 mod metrics;
-pub mod packs;
 mod revocation;
+#[cfg(test)]
+mod s3_tests;
 mod service;
 pub mod store;
-#[cfg(any(test, feature = "test-s3"))]
-pub mod testing;
 mod trim;
 
 use std::collections::HashMap;
@@ -63,7 +62,7 @@ pub struct ServeOptions {
     /// stuck (devices stop trying to fetch it; see `PendingVersion::stuck`).
     pub pending_stuck_after: std::time::Duration,
     /// Chunks in this S3 bucket; `None`: pack files in `DATA/chunks`.
-    pub s3: Option<packs::s3::S3Config>,
+    pub s3: Option<shoal_packs::s3::S3Config>,
     /// What is kept, and how garbage collection deletes the rest.
     pub retention: gc::Policy,
     /// How often garbage collection runs in the background; `None`: only when asked (`gc`).
@@ -193,7 +192,7 @@ async fn open_chunks(opts: &ServeOptions, store: &Store) -> anyhow::Result<Chunk
     let chunks = tokio::task::spawn_blocking(move || -> anyhow::Result<ChunkStore> {
         let chunks = match opts.s3 {
             Some(cfg) => {
-                let backend = packs::s3::S3Packs::open(cfg, &opts.data.join("s3"), rt)?;
+                let backend = shoal_packs::s3::S3Packs::open(cfg, &opts.data.join("s3"), rt)?;
                 ChunkStore::open(Arc::new(backend), store)?
             }
             None => ChunkStore::open_local(&opts.data.join("chunks"), store)?,

@@ -1,7 +1,7 @@
 //! The workspace's dependency rules (ARCHITECTURE.md, "Architecture invariants"): the agent and
 //! the relay never depend on the coordinator, and the relay never on the agent, directly or
-//! through another workspace crate; what they share lives in `shoal-protocol`, `shoal-sys` and
-//! `shoal-net`, which depend on none of them. Read from `cargo metadata`, so every way of
+//! through another workspace crate; what they share lives in `shoal-protocol`, `shoal-sys`,
+//! `shoal-net` and `shoal-packs`, which depend on none of them. Read from `cargo metadata`, so every way of
 //! declaring a dependency counts.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,10 +11,11 @@ use std::process::Command;
 const NEVER_ON_COORDINATOR: [&str; 2] = ["shoal-agent", "shoal-relay"];
 
 /// The shared crates, and the crates each must never reach.
-const SHARED: [(&str, &[&str]); 3] = [
-    ("shoal-protocol", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net"]),
-    ("shoal-sys", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net"]),
-    ("shoal-net", &["shoal-coordinator", "shoal-agent", "shoal-relay"]),
+const SHARED: [(&str, &[&str]); 4] = [
+    ("shoal-protocol", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net", "shoal-packs"]),
+    ("shoal-sys", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net", "shoal-packs"]),
+    ("shoal-net", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-packs"]),
+    ("shoal-packs", &["shoal-coordinator", "shoal-agent", "shoal-relay", "shoal-net"]),
 ];
 
 /// One declared dependency: the package's name, and whether it is for the crate's tests only.
@@ -84,6 +85,7 @@ fn shared_crates_depend_on_no_part_that_uses_them_and_the_relay_not_on_the_agent
     let graph = workspace_graph();
     assert!(path_to(&graph, "shoal-agent", "shoal-net").is_some(), "the agent uses shoal-net");
     assert!(path_to(&graph, "shoal-coordinator", "shoal-net").is_some(), "the coordinator uses shoal-net");
+    assert!(path_to(&graph, "shoal-coordinator", "shoal-packs").is_some(), "the coordinator uses shoal-packs");
     for (shared, never) in SHARED {
         assert!(graph.contains_key(shared), "no {shared} in {graph:?}");
         for to in never {

@@ -77,7 +77,9 @@ impl Store {
                     let (k, v) = kv?;
                     let id = |at: usize| k.get(at..).and_then(|b| <[u8; 32]>::try_from(b).ok()).map(ChunkId);
                     let op = match prefix {
-                        b"x/" => id(2).zip(ChunkLoc::decode_record(&v)).map(|(id, loc)| Op::Stored(id, loc)),
+                        b"x/" => {
+                            id(2).zip(crate::chunk_records::decode_loc_record(&v)).map(|(id, loc)| Op::Stored(id, loc))
+                        }
                         _ => k.get(2..10).and_then(be_u64).zip(id(10)).map(|(user, id)| Op::Held(user, id)),
                     };
                     match op {
@@ -175,7 +177,7 @@ impl Store {
         let mut log = lock(&self.chunks);
         if log.recs.loc(id) == Some(loc) {
             let mut batch = sled::Batch::default();
-            batch.insert(key(b"q/", &[id.as_bytes()]), loc.encode_record());
+            batch.insert(key(b"q/", &[id.as_bytes()]), crate::chunk_records::encode_loc_record(&loc));
             self.log_chunk_ops(&mut log, batch, &[Op::Gone(*id)])?;
         }
         Ok(())

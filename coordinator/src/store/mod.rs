@@ -377,11 +377,11 @@ pub(crate) mod tests {
         let mut old = sled::Batch::default();
         let n = OLD_RECORDS_GROUP as u32 + 5;
         for i in 0..n {
-            old.insert(key(b"x/", &[chunk(i).as_bytes()]), loc(i).encode_record());
+            old.insert(key(b"x/", &[chunk(i).as_bytes()]), crate::chunk_records::encode_loc_record(&loc(i)));
             old.insert(key(b"k/", &[&u64::from(1 + i % 2).to_be_bytes(), chunk(i).as_bytes()]), &[][..]);
         }
         old.insert(key(b"x/", &[chunk(n).as_bytes()]), &[1, 2, 3][..]);
-        old.insert(key(b"x/", &[b"short"]), loc(0).encode_record());
+        old.insert(key(b"x/", &[b"short"]), crate::chunk_records::encode_loc_record(&loc(0)));
         old.insert(key(b"k/", &[&3u64.to_be_bytes(), b"short"]), &[][..]);
         store.meta.apply_batch(old).unwrap();
         drop(store);

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shoal_coordinator::testing::{ACCESS_KEY, S3TestServer, SECRET_KEY};
+use shoal_packs::testing::{ACCESS_KEY, S3TestServer, SECRET_KEY};
 
 use crate::harness::*;
 

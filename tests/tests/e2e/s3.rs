@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use shoal_coordinator::testing::{ACCESS_KEY, S3TestServer, SECRET_KEY};
+use shoal_packs::testing::{ACCESS_KEY, S3TestServer, SECRET_KEY};
 use shoal_protocol::ChunkId;
 
 use crate::harness::*;

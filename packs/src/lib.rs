@@ -1,17 +1,24 @@
-//! Where pack files live: the seam between the chunk store (which decides what goes into a pack
-//! and keeps the index from chunk to pack, offset and length) and the medium that holds the
-//! packs. A backend knows nothing of chunks: it stores numbered, append-only byte sequences and
-//! reads ranges of them back. Two exist: [`local::LocalPacks`], files on the coordinator's
-//! disk, and [`s3::S3Packs`], objects in an S3-compatible bucket.
+//! Shoal's verified pack store. Chunks are kept as frames in numbered, append-only packs
+//! ([`frames`]: the layout, and the check every chunk read passes before it is served), and
+//! packs live in a backend: [`local::LocalPacks`], files on local disk written with direct I/O,
+//! or [`s3::S3Packs`], objects in an S3-compatible bucket with a local cache of recent packs.
+//! A backend knows nothing of chunks: it stores numbered byte sequences and reads ranges of
+//! them back. What goes into a pack, and the index from chunk to pack, offset and length, belong
+//! to the user of the crate (the coordinator's chunk store, a relay's cache).
 //!
-//! Backends are called from blocking threads (the chunk store is), never from async tasks.
+//! Backends are called from blocking threads, never from async tasks.
 
 use std::fmt;
 
 use bytes::Bytes;
 
+pub mod frames;
 pub mod local;
 pub mod s3;
+#[cfg(feature = "test-s3")]
+pub mod testing;
+
+pub use frames::ChunkLoc;
 
 /// A pack's number. Numbers are reserved durably in the metadata store before a pack is
 /// created, so one is never used twice, even after a crash lost the pack.

@@ -11,7 +11,7 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 
-use crate::packs::s3::S3Config;
+use crate::s3::S3Config;
 
 pub const ACCESS_KEY: &str = "shoal-test-access-key";
 pub const SECRET_KEY: &str = "shoal-test-secret-key-0123456789";
