@@ -8,6 +8,7 @@
 use shoal_protocol::{ChunkRef, Manifest};
 
 mod assemble;
+mod assign;
 mod partial;
 mod recent;
 mod source;
@@ -17,7 +18,9 @@ mod writer;
 pub use assemble::{AssembleError, AssembleOpts, Assembled, assemble};
 pub use partial::{PartialGuard, Partials};
 pub use recent::{RECENT_FILE_MAX, RecentChunks};
-pub use source::{BytesBySource, FetchError, Fetcher, LocalChunk, Remote, Source, SourceCounts, verify};
+pub use source::{
+    BytesBySource, ChunkSource, FetchError, Fetcher, LocalChunk, Remote, Source, SourceCounts, SourceFailed, verify,
+};
 pub use upload::{UploadError, upload_chunks, upload_early};
 
 /// Chunk offsets of a manifest, in order.

@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use shoal_protocol::ChunkId;
+use futures::future::BoxFuture;
 use shoal_protocol::peer::{MAX_PEER_IDS, PeerRequest, bitmap_get, bitmap_len};
+use shoal_protocol::{ChunkId, DeviceId};
 use tokio_util::codec::FramedRead;
 use tokio_util::io::InspectReader;
 
 use crate::limit::Limiter;
-use crate::transfer::{Source, verify};
+use crate::peer::node::PeerNode;
+use crate::transfer::{ChunkSource, Source, SourceFailed, verify};
 use shoal_net::frames::FrameDecoder;
 
 /// How long each step of a request may take (opening its stream, sending it, a `have`
@@ -129,4 +131,50 @@ pub async fn get(
         }
     }
     Ok(())
+}
+
+/// A connected peer as a chunk source for downloads.
+pub struct PeerSource {
+    node: PeerNode,
+    device: DeviceId,
+    conn: quinn::Connection,
+}
+
+impl PeerSource {
+    pub fn new(node: PeerNode, device: DeviceId, conn: quinn::Connection) -> PeerSource {
+        PeerSource { node, device, conn }
+    }
+}
+
+impl ChunkSource for PeerSource {
+    fn kind(&self) -> Source {
+        Source::Peer
+    }
+
+    fn describe(&self) -> String {
+        format!("peer {}", self.node.describe(&self.device))
+    }
+
+    fn key(&self) -> String {
+        format!("peer {}", self.device)
+    }
+
+    fn own_limit(&self) -> Option<u64> {
+        self.node.lan_limit().rate()
+    }
+
+    fn holds<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<bool>, SourceFailed>> {
+        Box::pin(async move { have(&self.conn, ids).await.map_err(|e| SourceFailed(e.to_string())) })
+    }
+
+    fn get<'a>(
+        &'a self,
+        ids: &'a [ChunkId],
+        floor: &'a AtomicU64,
+        each: &'a mut (dyn FnMut(ChunkId, Bytes) + Send),
+    ) -> BoxFuture<'a, Result<(), SourceFailed>> {
+        Box::pin(async move {
+            get(&self.conn, ids, self.node.lan_limit(), floor, each).await.map_err(|e| SourceFailed(e.to_string()))
+        })
+    }
 }

@@ -1,10 +1,10 @@
 //! Where downloaded chunks come from. A `Fetcher` answers every chunk a download needs: from the
-//! device's own files first (through the chunk map), then from remote sources (`Remote`): the
-//! user's other devices on the LAN that have the chunk, then the origin, the coordinator's chunk
-//! store (relays will slot in between). Every chunk is
-//! checked against its BLAKE3 id in `verify`, whatever its source, before anyone may write it;
-//! failures are typed by source and say whether asking again later can help; delivered bytes are
-//! counted per source.
+//! device's own files first (through the chunk map), then from remote sources (`Remote`): tiers
+//! of [`ChunkSource`]s, nearest first (the user's other devices on the LAN that have the chunk),
+//! each chunk planned to a source by `assign`, then the origin, the coordinator's chunk store,
+//! for the rest. Every chunk is checked against its BLAKE3 id in `verify`, whatever its source,
+//! before anyone may write it; failures are typed by source and say whether asking again later
+//! can help; delivered bytes are counted per source.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
@@ -13,18 +13,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::api::{ErrorBody, ErrorCode};
-use shoal_protocol::{ChunkId, ChunkRef, DeviceId};
+use shoal_protocol::{ChunkId, ChunkRef};
 use tokio_util::task::AbortOnDropHandle;
 
+use super::assign::{Holds, assign};
 use crate::client::{Client, ClientError};
-use crate::peer::fetch as peer;
+use crate::peer::fetch::{PeerSource, STALL_TIMEOUT};
 use crate::peer::node::PeerNode;
 
-/// Times the chunks peers should have are asked for again, from the peers still in good
-/// standing, after a peer failed or skipped some, before the origin is asked.
-const PEER_ROUNDS: usize = 2;
+/// Times the chunks a tier's sources should have are asked for again, from the sources still in
+/// good standing, after one failed or skipped some, before the next tier is asked.
+const TIER_ROUNDS: usize = 2;
 
 /// Files kept open at once for reading local chunks.
 const OPEN_FILES: usize = 64;
@@ -141,6 +143,46 @@ pub fn verify(id: &ChunkId, data: Bytes, from: Source) -> Result<Bytes, FetchErr
     }
 }
 
+/// Why a source could not be used; it is not asked again this round.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceFailed(pub String);
+
+/// A remote source of chunks short of the origin: a LAN peer (`peer::fetch::PeerSource`), a
+/// relay. `Remote` asks the sources of a tier which chunks they hold, plans each chunk to one
+/// (`assign`), and asks the next tier, then the origin, for whatever they did not deliver.
+pub trait ChunkSource: Send + Sync {
+    /// What it is, for the per-source byte counts.
+    fn kind(&self) -> Source;
+
+    /// The source as logs name it.
+    fn describe(&self) -> String;
+
+    /// Tells it apart from the other sources of its tier, across rounds (the sources that failed
+    /// are remembered by it).
+    fn key(&self) -> String;
+
+    /// The rate (bytes a second) this device itself holds the source to, if any: the floor a
+    /// slow source is held to stays below half of it.
+    fn own_limit(&self) -> Option<u64> {
+        None
+    }
+
+    /// Which of `ids` it holds, a flag for each.
+    fn holds<'a>(&'a self, ids: &'a [ChunkId]) -> BoxFuture<'a, Result<Vec<bool>, SourceFailed>>;
+
+    /// Fetches `ids`, calling `each` with every chunk that arrives verified; it may skip chunks
+    /// it cannot serve. While `floor` (bytes a second) is above zero, a source that delivers
+    /// slower than that has failed (the caller sets it once the origin is known to hold the
+    /// chunks, and may set it at any time).
+    fn get<'a>(
+        &'a self,
+        ids: &'a [ChunkId],
+        floor: &'a AtomicU64,
+        each: &'a mut (dyn FnMut(ChunkId, Bytes) + Send),
+    ) -> BoxFuture<'a, Result<(), SourceFailed>>;
+}
+
 /// Where a chunk sits in a local file.
 #[derive(Debug, Clone)]
 pub struct LocalChunk {
@@ -239,14 +281,14 @@ impl Origin {
 }
 
 /// The remote sources for one round of downloads: connected peers, then the origin. Cheap to
-/// clone into the tasks that fetch windows ahead; clones share which peers have failed.
+/// clone into the tasks that fetch windows ahead; clones share which sources have failed.
 #[derive(Clone)]
 pub struct Remote {
     origin: Origin,
     peers: Option<PeerNode>,
-    /// Peers that failed this round (bad bytes or frames, a stall, a broken connection): not
-    /// asked again until the next round.
-    dropped: Arc<Mutex<HashSet<DeviceId>>>,
+    /// Sources (by `ChunkSource::key`) that failed this round (bad bytes or frames, a stall, a
+    /// broken connection): not asked again until the next round.
+    dropped: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Remote {
@@ -259,13 +301,17 @@ impl Remote {
         ids: &[ChunkId],
         mut each: impl FnMut(ChunkId, Bytes),
     ) -> Result<Vec<(ChunkId, FetchError)>, ClientError> {
-        let rest = match &self.peers {
-            Some(node) => self.ask_peers(node, ids, &mut each).await,
-            None => {
-                let mut seen = HashSet::new();
-                ids.iter().filter(|id| seen.insert(**id)).copied().collect()
-            }
-        };
+        let mut seen = HashSet::new();
+        let mut rest: Vec<ChunkId> = ids.iter().filter(|id| seen.insert(**id)).copied().collect();
+        if let Some(node) = &self.peers {
+            let peers = || -> Vec<Arc<dyn ChunkSource>> {
+                node.connections()
+                    .into_iter()
+                    .map(|(device, conn)| Arc::new(PeerSource::new(node.clone(), device, conn)) as Arc<dyn ChunkSource>)
+                    .collect()
+            };
+            rest = self.ask_tier(peers, rest, &mut each).await;
+        }
         if rest.is_empty() {
             return Ok(Vec::new());
         }
@@ -290,115 +336,116 @@ impl Remote {
 
     /// Sets `floor` to a fraction of the rate sources have been delivering at, once the origin
     /// holds every chunk of `want` (asked after one `STALL_TIMEOUT`, then every
-    /// `ORIGIN_RECHECK`): from then on a peer much slower than the others is left for the
-    /// origin. Nothing is asked while no rate has been measured; under this device's own
-    /// `lan_limit` the floor stays below half of it. Never returns: the caller drops it when the
-    /// peers are done.
-    async fn arm_floors(&self, node: &PeerNode, want: &[ChunkId], floor: &AtomicU64) {
+    /// `ORIGIN_RECHECK`): from then on a source much slower than the others is left for the
+    /// origin. Nothing is asked while no rate has been measured; under a limit of this device's
+    /// own (`cap`, its `lan_limit` for peers) the floor stays below half of it. Never returns:
+    /// the caller drops it when the sources are done.
+    async fn arm_floors(&self, cap: Option<u64>, want: &[ChunkId], floor: &AtomicU64) {
         let mut low = self.origin.counts.reference_rate() / SLOWER_THAN;
-        if let Some(own) = node.lan_limit().rate() {
+        if let Some(own) = cap {
             low = low.min(own / 2);
         }
         if low > 0 {
             loop {
-                tokio::time::sleep(peer::STALL_TIMEOUT).await;
+                tokio::time::sleep(STALL_TIMEOUT).await;
                 if self.origin.client.missing(want).await.is_ok_and(|m| m.is_empty()) {
                     floor.store(low, Relaxed);
                     break;
                 }
-                tokio::time::sleep(ORIGIN_RECHECK - peer::STALL_TIMEOUT).await;
+                tokio::time::sleep(ORIGIN_RECHECK - STALL_TIMEOUT).await;
             }
         }
         std::future::pending::<()>().await
     }
 
-    fn usable_peers(&self, node: &PeerNode) -> Vec<(DeviceId, quinn::Connection)> {
-        let dropped = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
-        node.connections().into_iter().filter(|(d, _)| !dropped.contains(d)).collect()
+    fn drop_source(&self, source: &dyn ChunkSource, why: &SourceFailed) {
+        tracing::warn!(source = %source.describe(), reason = %why, "not asking this source again this round");
+        self.dropped.lock().unwrap_or_else(|p| p.into_inner()).insert(source.key());
     }
 
-    fn drop_peer(&self, node: &PeerNode, device: DeviceId, why: &peer::PeerFetchError) {
-        tracing::warn!(peer = %node.describe(&device), reason = %why, "not asking this peer again this round");
-        self.dropped.lock().unwrap_or_else(|p| p.into_inner()).insert(device);
-    }
-
-    /// Fetches what the connected peers have of `ids`: each peer says which it holds, each chunk
-    /// is asked of the holder with the least asked of it so far, all peers at once. With one
-    /// peer, everything is asked of it straight away (a peer sends what it holds and skips the
-    /// rest), which spares a round trip and a chunk-map lookup per chunk at the peer. Returns the
-    /// chunks (distinct, in the order of `ids`) that no peer delivered.
-    async fn ask_peers(&self, node: &PeerNode, ids: &[ChunkId], each: &mut impl FnMut(ChunkId, Bytes)) -> Vec<ChunkId> {
-        let mut seen = HashSet::new();
-        let mut want: Vec<ChunkId> = ids.iter().filter(|id| seen.insert(**id)).copied().collect();
+    /// Fetches what the sources of one tier (listed afresh each round by `sources`, less those
+    /// that failed) have of `want` (distinct chunks): each source says which it holds, each
+    /// chunk is asked of one holder (`assign`), all sources at once. A sole source is asked for
+    /// everything straight away, and what it skips it does not hold. Returns the chunks (in the
+    /// order of `want`) that no source of the tier delivered.
+    async fn ask_tier(
+        &self,
+        sources: impl Fn() -> Vec<Arc<dyn ChunkSource>>,
+        want: Vec<ChunkId>,
+        each: &mut impl FnMut(ChunkId, Bytes),
+    ) -> Vec<ChunkId> {
+        let order = want.clone();
+        let mut want = want;
         let mut unheld = HashSet::new();
-        for _ in 0..PEER_ROUNDS {
-            let peers = self.usable_peers(node);
-            if peers.is_empty() || want.is_empty() {
+        for _ in 0..TIER_ROUNDS {
+            let usable: Vec<Arc<dyn ChunkSource>> = {
+                let dropped = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+                sources().into_iter().filter(|s| !dropped.contains(&s.key())).collect()
+            };
+            if usable.is_empty() || want.is_empty() {
                 break;
             }
-            let sole = peers.len() == 1;
-            let haves = if sole {
-                vec![Ok(vec![true; want.len()])]
+            let sole = usable.len() == 1;
+            let holds: Vec<Holds> = if sole {
+                vec![Holds::Unasked]
             } else {
-                futures::future::join_all(peers.iter().map(|(_, c)| peer::have(c, &want))).await
+                let answers = futures::future::join_all(usable.iter().map(|s| s.holds(&want))).await;
+                answers
+                    .into_iter()
+                    .zip(&usable)
+                    .map(|(answer, s)| match answer {
+                        Ok(bits) => Holds::These(bits),
+                        Err(e) => {
+                            self.drop_source(s.as_ref(), &e);
+                            Holds::Failed
+                        }
+                    })
+                    .collect()
             };
-            let mut plan: Vec<Vec<ChunkId>> = vec![Vec::new(); peers.len()];
-            let mut holders: Vec<Vec<usize>> = vec![Vec::new(); want.len()];
-            for (p, h) in haves.into_iter().enumerate() {
-                match h {
-                    Ok(bits) => bits.iter().enumerate().filter(|(_, b)| **b).for_each(|(i, _)| holders[i].push(p)),
-                    Err(e) => self.drop_peer(node, peers[p].0, &e),
-                }
-            }
-            for (i, id) in want.iter().enumerate() {
-                match holders[i].iter().min_by_key(|p| plan[**p].len()) {
-                    Some(&p) => plan[p].push(*id),
-                    None => {
-                        unheld.insert(*id);
-                    }
-                }
-            }
-            // Each peer is held to a floor once the origin is known to hold everything asked of
-            // the peers (see `arm_floors`); until then, a slow peer is the only source there is.
+            let plan = assign(want.len(), &holds);
+            unheld.extend(plan.unheld.iter().map(|i| want[*i]));
+            // Each source is held to a floor once the origin is known to hold everything asked
+            // of the tier (see `arm_floors`); until then, a slow source is the only one there is.
             let floor = AtomicU64::new(0);
-            let gets = plan.iter().zip(&peers).filter(|(ids, _)| !ids.is_empty()).map(|(ids, (device, conn))| {
+            let gets = plan.per_source.iter().zip(&usable).filter(|(list, _)| !list.is_empty()).map(|(list, s)| {
+                let ids: Vec<ChunkId> = list.iter().map(|i| want[*i]).collect();
                 let floor = &floor;
                 async move {
                     let mut got = Vec::with_capacity(ids.len());
                     let started = std::time::Instant::now();
-                    let r = peer::get(conn, ids, node.lan_limit(), floor, |id, d| got.push((id, d))).await;
+                    let r = s.get(&ids, floor, &mut |id, d| got.push((id, d))).await;
                     if r.is_ok() {
                         self.origin.counts.observe(got.iter().map(|(_, d)| d.len() as u64).sum(), started.elapsed());
                     }
-                    (*device, got, r)
+                    (s, got, r)
                 }
             });
+            let cap = usable.iter().filter_map(|s| s.own_limit()).min();
             let results = tokio::select! {
                 r = futures::future::join_all(gets) => r,
-                () = self.arm_floors(node, &want, &floor) => unreachable!("arm_floors never returns"),
+                () = self.arm_floors(cap, &want, &floor) => unreachable!("arm_floors never returns"),
             };
             let mut delivered = HashSet::new();
             let mut failed = false;
-            for (device, got, r) in results {
+            for (source, got, r) in results {
                 if let Err(e) = r {
-                    self.drop_peer(node, device, &e);
+                    self.drop_source(source.as_ref(), &e);
                     failed = true;
                 }
                 for (id, d) in got {
-                    self.origin.counts.add(Source::Peer, d.len() as u64);
+                    self.origin.counts.add(source.kind(), d.len() as u64);
                     delivered.insert(id);
                     each(id, d);
                 }
             }
             if sole && !failed {
-                // What the sole peer skipped, it does not hold.
+                // What the sole source skipped, it does not hold.
                 unheld.extend(want.iter().filter(|id| !delivered.contains(id)));
             }
             want.retain(|id| !delivered.contains(id) && !unheld.contains(id));
         }
         let left: HashSet<ChunkId> = want.into_iter().chain(unheld).collect();
-        let mut done = HashSet::new();
-        ids.iter().filter(|id| left.contains(*id) && done.insert(**id)).copied().collect()
+        order.into_iter().filter(|id| left.contains(id)).collect()
     }
 }
 

@@ -47,14 +47,14 @@ fn a_peer_serving_bad_bytes_is_dropped_and_the_file_still_arrives_intact() {
     for (i, fault) in ["corrupt", "truncate", "endless", "stall", "trickle"].into_iter().enumerate() {
         a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", fault)]);
         wait_for_peers(&[&a, &b]);
-        let drops_before = b.log().matches("not asking this peer again").count();
+        let drops_before = b.log().matches("not asking this source again").count();
         let name = format!("{fault}.bin");
         let data = noise(40 + i as u64, 2 * 1024 * 1024 + i);
         a.write(&name, &data);
         converge(&[&a, &b], SETTLE);
         assert_eq!(b.read(&name).as_deref(), Some(&data[..]), "{fault}: B's copy differs");
         assert!(
-            b.log().matches("not asking this peer again").count() > drops_before,
+            b.log().matches("not asking this source again").count() > drops_before,
             "{fault}: B never dropped the bad peer:\n{}\nA:\n{}",
             b.log(),
             a.log()
@@ -295,7 +295,7 @@ fn a_slow_lan_limit_paces_a_peer_without_it_counting_as_stalled() {
     // 600 KiB at 40 KiB/s: the limit did hold the transfer back.
     let took = started.elapsed();
     assert!(took >= std::time::Duration::from_secs(10), "600 KiB at 40 KiB/s took {took:?}");
-    assert!(!b.log().contains("not asking this peer again"), "B dropped A:\n{}", b.log());
+    assert!(!b.log().contains("not asking this source again"), "B dropped A:\n{}", b.log());
     let [_, peer, _, origin] = wait_for(SETTLE, || {
         let s = by_source(&b);
         (s[1] + s[3] >= data.len() as u64).then_some(s)
