@@ -10,6 +10,7 @@ pub mod path;
 pub mod peer;
 pub mod size;
 pub mod testdata;
+pub mod ticket;
 
 pub use chunker::{CHUNK_PARAMS, ChunkParams, Chunker, ChunkerError};
 pub use entry::{Change, ChunkRef, Entry, EntryKind, Manifest};
