@@ -35,6 +35,12 @@ pub enum Request {
     SetQuota { user: String, quota: Option<u64> },
     /// Every user with its usage and quota.
     UserList,
+    /// Add a relay in `region`; the reply's last line is its token.
+    RelayAdd { name: String, region: String },
+    /// Every relay, and whether it is live.
+    RelayList,
+    /// Remove a relay: its token stops working and devices stop being offered it.
+    RelayRemove { name: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -219,6 +225,51 @@ async fn execute(
             )?;
             let r = crate::run_gc(&app, dry_run).await?;
             Ok(render_gc(&r, app.retention))
+        }
+        Request::RelayAdd { name, region } => {
+            anyhow::ensure!(
+                crate::relays::valid_relay_name(&name) && crate::relays::valid_relay_name(&region),
+                "relay and region names are 1-32 characters: lowercase letters, digits, '_' and '-'"
+            );
+            let token = shoal_sys::random::hex(32);
+            let rec = crate::store::RelayRec {
+                name: name.clone(),
+                region: region.clone(),
+                token_hash: *blake3::hash(token.as_bytes()).as_bytes(),
+                added_ms: shoal_sys::clock::now_ms(),
+            };
+            store.add_relay(&rec)?.with_context(|| format!("there is already a relay {name:?}"))?;
+            store.flush().await?;
+            tracing::info!(relay = %name, region = %region, by = %crate::Actor::Operator, "relay added");
+            Ok(format!(
+                "relay {name} added in region {region}; start it with `shoal-relay serve --token TOKEN ...`\n\
+                 its token (shown once, kept only as a hash):\n{token}"
+            ))
+        }
+        Request::RelayList => {
+            let live = match &app {
+                Some(app) => crate::relays::live_relays(app).map_err(|e| anyhow::anyhow!(e.0.message))?,
+                None => Vec::new(),
+            };
+            let mut out = format!("{:<24}  {:<16}  state", "relay", "region");
+            for r in store.relays()? {
+                let state = match live.iter().find(|(l, _)| l.name == r.name) {
+                    Some((_, l)) => format!("live at {} (certificate {})", l.url, l.fingerprint),
+                    None if app.is_some() => "not heard from lately".to_string(),
+                    None => "unknown (the coordinator is not running)".to_string(),
+                };
+                out += &format!("\n{:<24}  {:<16}  {state}", r.name, r.region);
+            }
+            Ok(out)
+        }
+        Request::RelayRemove { name } => {
+            anyhow::ensure!(store.remove_relay(&name)?, "no relay {name:?}; `relay list` shows them");
+            store.flush().await?;
+            if let Some(app) = &app {
+                app.relays.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+            }
+            tracing::info!(relay = %name, by = %crate::Actor::Operator, "relay removed");
+            Ok(format!("relay {name} removed; its token no longer works"))
         }
         Request::DeviceReinstate { user, device } => {
             let u = store.user(&user)?.with_context(|| format!("no user {user:?}"))?;

@@ -49,6 +49,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/pending", get(pending))
         .route("/v1/usage", get(usage))
         .route("/v1/pending/withdraw", post(withdraw))
+        .merge(crate::relays::routes())
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(middleware::from_fn_with_state(app.clone(), count_requests))
         .with_state(app)
@@ -79,7 +80,7 @@ pub struct Auth {
 }
 
 impl Auth {
-    fn user(&self) -> UserId {
+    pub(crate) fn user(&self) -> UserId {
         self.device.user
     }
 }
@@ -527,7 +528,7 @@ async fn upload_one(
     Ok(Json(UploadResponse { stored }))
 }
 
-fn readable(app: &App, user: UserId, id: &ChunkId) -> ApiResult<()> {
+pub(crate) fn readable(app: &App, user: UserId, id: &ChunkId) -> ApiResult<()> {
     // A hash is a name, never a permission: only chunks this user uploaded are served.
     if !app.store.user_has_chunk(user, id)? {
         return Err(ApiError::new(ErrorCode::NotFound, format!("chunk {id} not found")));
@@ -557,9 +558,15 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
     for id in &req.chunks {
         readable(&app, auth.user(), id)?;
     }
+    Ok(frames_response(app, req.chunks))
+}
+
+/// The frames of `chunks` (each already checked readable) as a streamed response body, as
+/// [`fetch_batch`] describes.
+pub(crate) fn frames_response(app: Arc<App>, chunks: Vec<ChunkId>) -> Response {
     // Chunks are read a few dozen at a time per blocking task: one task per chunk costs more than
     // the read, and runs stored back to back are read at once.
-    let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(32).map(<[ChunkId]>::to_vec).collect();
+    let groups: Vec<Vec<ChunkId>> = chunks.chunks(32).map(<[ChunkId]>::to_vec).collect();
     // From S3 several groups are read at once (in order): a ranged GET's latency, not its bytes,
     // is what a sequential read waits for.
     let ahead = app.chunks.read_ahead();
@@ -598,7 +605,7 @@ async fn fetch_batch(State(app): State<Arc<App>>, auth: Auth, ApiJson(req): ApiJ
             futures::future::ready(Some(futures::stream::iter(items)))
         })
         .flatten();
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+    ([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response()
 }
 
 // ---- peer hints ----

@@ -11,6 +11,7 @@ pub mod config;
 mod error;
 pub mod gc;
 mod metrics;
+pub mod relays;
 mod revocation;
 #[cfg(test)]
 mod s3_tests;
@@ -98,6 +99,10 @@ pub(crate) struct App {
     pub retention: gc::Policy,
     /// One garbage collection at a time (the background one, or one an operator asked for).
     pub gc_lock: tokio::sync::Mutex<()>,
+    /// Signs relay tickets (`DATA/tls/ticket.key`).
+    pub ticket_key: shoal_net::ticket::TicketKey,
+    /// Relays that registered since start, by name (see `relays`).
+    pub relays: Mutex<HashMap<String, relays::LiveRelay>>,
 }
 
 /// A device's last announcement.
@@ -218,6 +223,8 @@ pub fn tls_identity(data: &std::path::Path) -> anyhow::Result<shoal_net::identit
 pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     prepare_data_dir(&opts.data)?;
     let identity = tls_identity(&opts.data)?;
+    let ticket_key = shoal_net::ticket::TicketKey::load_or_create(&opts.data.join("tls").join("ticket.key"))
+        .map_err(anyhow::Error::msg)?;
     let store = Store::open(&opts.data.join("meta"))
         .context("is another shoal-coordinator already running on this data directory?")?;
     let chunks = open_chunks(&opts, &store).await?;
@@ -252,6 +259,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
         stuck_after_ms: u64::try_from(opts.pending_stuck_after.as_millis()).unwrap_or(u64::MAX),
         retention: opts.retention,
         gc_lock: tokio::sync::Mutex::new(()),
+        ticket_key,
+        relays: Mutex::new(HashMap::new()),
     });
     let cancel = CancellationToken::new();
     let admin = admin::spawn(&opts.data, app.clone(), public_addr.clone(), fingerprint, cancel.clone())?;

@@ -49,6 +49,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DeviceCmd,
     },
+    /// Manage the regional relays that cache chunks near users.
+    Relay {
+        #[command(subcommand)]
+        cmd: RelayCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RelayCmd {
+    /// Add a relay serving `region` and print its token (last line of output).
+    Add {
+        name: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
+    /// List relays with their regions and whether each is live (registered lately).
+    List {
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
+    /// Remove a relay: its token stops working and devices stop using it.
+    Remove {
+        name: String,
+        #[arg(long, env = "SHOAL_COORDINATOR_DATA")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,6 +183,15 @@ async fn run() -> anyhow::Result<()> {
         Cmd::User { cmd: UserCmd::Add { name, data, expires } } => print_invite(&data, &name, true, expires).await?,
         Cmd::User { cmd: UserCmd::Invite { name, data, expires } } => {
             print_invite(&data, &name, false, expires).await?
+        }
+        Cmd::Relay { cmd: RelayCmd::Add { name, region, data } } => {
+            println!("{}", admin::request(&data, &Request::RelayAdd { name, region }).await?)
+        }
+        Cmd::Relay { cmd: RelayCmd::List { data } } => {
+            println!("{}", admin::request(&data, &Request::RelayList).await?)
+        }
+        Cmd::Relay { cmd: RelayCmd::Remove { name, data } } => {
+            println!("{}", admin::request(&data, &Request::RelayRemove { name }).await?)
         }
         Cmd::Device { cmd: DeviceCmd::List { user, data } } => {
             println!("{}", admin::request(&data, &Request::DeviceList { user }).await?);

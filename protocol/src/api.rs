@@ -408,6 +408,60 @@ pub struct UsageResponse {
     pub quota: Option<u64>,
 }
 
+// ---- relays ----
+
+/// `POST /v1/relay/register` (a relay, with its operator token): where the relay listens and the
+/// fingerprint of its certificate. Sent at start and then as its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayRegister {
+    /// `https://HOST:PORT` as devices should reach it.
+    pub url: String,
+    /// BLAKE3 of the relay's certificate (DER), which devices pin.
+    pub fingerprint: ChunkId,
+}
+
+/// The answer to [`RelayRegister`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayRegistered {
+    pub name: String,
+    pub region: String,
+    /// The coordinator's Ed25519 public key, hex, that tickets are checked with.
+    pub ticket_key: String,
+    /// How often to register again; a relay not heard from for three times this is not listed.
+    pub heartbeat_secs: u64,
+}
+
+/// One live relay, as `GET /v1/relays` lists them to devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub name: String,
+    pub region: String,
+    pub url: String,
+    pub fingerprint: ChunkId,
+}
+
+/// `POST /v1/tickets`' answer: a ticket for the chunks asked for (`ChunkList`), which the device
+/// hands to a relay with its requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketResponse {
+    pub ticket: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// A request for chunks under a ticket: what a device sends a relay (`POST /v1/chunks/fetch`
+/// on the relay), and what a relay sends the coordinator for its misses (`POST
+/// /v1/relay/fetch`). `list` is the chunk list a ticket by digest covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketedFetch {
+    pub ticket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<Vec<ChunkId>>,
+    pub chunks: Vec<ChunkId>,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -12,7 +12,7 @@
 //! served) · `n/pack` the next unused pack number · `w/UID SEQ` a pending version (committed
 //! before the origin had all its chunks; its `missing` is the count at commit time) · `l/UID`
 //! the user's LAN keys (current, previous and when it was replaced; replaced when one of its
-//! devices is revoked).
+//! devices is revoked) · `r/NAME` a relay (region, token hash).
 //!
 //! The chunk records (where the chunk store keeps each chunk; which chunks each user uploaded)
 //! are a log of changes (`y/` records, numbered in order) written in the same atomic batches as
@@ -34,6 +34,7 @@ mod chunk_log;
 mod gc;
 mod journal;
 mod pending;
+mod relays;
 
 pub use accounts::{DEFAULT_INVITE_TTL_MS, DeviceRec, InviteRec, InviteRefusal, PREVIOUS_LAN_KEY_MS, UserRec};
 use chunk_log::*;
@@ -41,6 +42,7 @@ pub use gc::{VersionRef, superseded};
 pub use journal::CommitOutcome;
 use pending::*;
 pub use pending::{NewPending, PendingLoad, PendingRec, PendingState};
+pub use relays::RelayRec;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -17,6 +17,7 @@ mod migration;
 mod network;
 mod peers;
 mod randomized;
+mod relays;
 mod retention;
 mod s3;
 mod sync;
