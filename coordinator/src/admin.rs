@@ -242,7 +242,9 @@ async fn execute(
             store.flush().await?;
             tracing::info!(relay = %name, region = %region, by = %crate::Actor::Operator, "relay added");
             Ok(format!(
-                "relay {name} added in region {region}; start it with `shoal-relay serve --token TOKEN ...`\n\
+                "relay {name} added in region {region}; start it with\n  \
+                 shoal-relay serve --region {region} --coordinator {addr} --coordinator-fingerprint {fingerprint} \
+                 --token TOKEN --cache-dir DIR --cache-size SIZE\n\
                  its token (shown once, kept only as a hash):\n{token}"
             ))
         }

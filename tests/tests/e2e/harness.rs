@@ -21,9 +21,9 @@ pub fn bin_dir() -> &'static Path {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "shoal-agent", "-p", "shoal-coordinator", "--bins"]);
-        // The agent's test-only switches (a peer serving bad bytes), as the tests' own build has.
-        cmd.args(["--features", "shoal-agent/test-faults"]);
+        cmd.args(["build", "--quiet", "-p", "shoal-agent", "-p", "shoal-coordinator", "-p", "shoal-relay", "--bins"]);
+        // The test-only switches (a peer or a relay serving bad bytes), as the tests' own build has.
+        cmd.args(["--features", "shoal-agent/test-faults,shoal-relay/test-faults"]);
         // The variables cargo sets for a running test are not the outer build's: a build script
         // that reruns when one changes (ring's watches CARGO_MANIFEST_DIR) would rebuild half the
         // tree here, and again on the next `cargo test`.
@@ -271,6 +271,134 @@ fn wait_for_term_handler(pid: u32) {
 
 pub fn signal(c: &Child, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &c.id().to_string()]).status();
+}
+
+/// A running `shoal-relay`.
+pub struct Relay {
+    pub cache_dir: PathBuf,
+    pub info: shoal_relay::RelayInfo,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Relay {
+    /// Adds relay `name` in `region` to `coord` and starts it on loopback address `ip` with a
+    /// cache of `cache_size` in `cache_dir`; `env` is set for the process (test switches).
+    pub fn start(
+        coord: &Coordinator,
+        name: &str,
+        region: &str,
+        ip: &str,
+        cache_dir: &Path,
+        cache_size: &str,
+        env: &[(&str, &str)],
+    ) -> Relay {
+        let (ok, out) = coord.admin(&["relay", "add", name, "--region", region]);
+        assert!(ok, "{out}");
+        let token = out.lines().last().unwrap().trim().to_string();
+        let b = std::fs::read(coord.data.join("server.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        let args: Vec<String> = [
+            "serve",
+            "--region",
+            region,
+            "--coordinator",
+            &coord.addr,
+            "--coordinator-fingerprint",
+            v["fingerprint"].as_str().unwrap(),
+            "--token",
+            &token,
+            "--cache-dir",
+            cache_dir.to_str().unwrap(),
+            "--cache-size",
+            cache_size,
+            "--listen",
+            &format!("{ip}:0"),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut r = Relay { cache_dir: cache_dir.to_path_buf(), info: placeholder_info(), args, env, child: None };
+        r.restart();
+        r
+    }
+
+    /// Starts the relay again (after `stop`), on a new port, with the same cache.
+    pub fn restart(&mut self) {
+        self.stop(false);
+        let _ = std::fs::remove_file(self.cache_dir.join("relay.json"));
+        std::fs::create_dir_all(&self.cache_dir).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.cache_dir.with_extension("log")).unwrap();
+        let child = Command::new(bin("shoal-relay"))
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning shoal-relay");
+        let pid = child.id();
+        self.child = Some(child);
+        self.info = wait_for(Duration::from_secs(30), || {
+            let b = std::fs::read(self.cache_dir.join("relay.json")).ok()?;
+            let info: shoal_relay::RelayInfo = serde_json::from_slice(&b).ok()?;
+            (info.pid == pid).then_some(info)
+        })
+        .unwrap_or_else(|| panic!("relay did not start:\n{}", self.log()));
+        wait_for_term_handler(pid);
+    }
+
+    pub fn stop(&mut self, hard: bool) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, if hard { "KILL" } else { "TERM" });
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.cache_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Reads a counter or gauge from the relay's `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let addr = self.info.metrics_addr.clone().expect("the test relay serves metrics");
+        let text =
+            block_on(
+                async move { reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap() },
+            );
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("metric {name} missing from {text}"))
+    }
+
+    /// An HTTPS client pinned to the relay's certificate.
+    pub fn http(&self) -> reqwest::Client {
+        let tls = shoal_net::pinned::client_config(self.info.fingerprint).unwrap();
+        reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap()
+    }
+}
+
+fn placeholder_info() -> shoal_relay::RelayInfo {
+    shoal_relay::RelayInfo {
+        name: String::new(),
+        region: String::new(),
+        addr: String::new(),
+        url: String::new(),
+        metrics_addr: None,
+        fingerprint: shoal_protocol::ChunkId([0; 32]),
+        pid: 0,
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
 }
 
 /// A temp dir with a running coordinator and `names.len()` devices of one user.

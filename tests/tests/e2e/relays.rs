@@ -129,3 +129,174 @@ fn relays_register_and_fetch_only_what_a_device_ticket_covers() {
     let (ok, out) = coord.admin(&["relay", "remove", "sg1"]);
     assert!(!ok && out.contains("no relay"), "{out}");
 }
+
+/// Frames `body` back into chunks, checking each against its id.
+fn unframe(body: &[u8]) -> Vec<(ChunkId, Vec<u8>)> {
+    let mut rest = body;
+    let mut out = Vec::new();
+    while let Some((id, bytes, used)) = decode_frame(rest, u32::MAX).unwrap() {
+        out.push((id, bytes.to_vec()));
+        rest = &rest[used..];
+    }
+    assert!(rest.is_empty(), "a partial frame at the end");
+    out
+}
+
+fn ticket(coord: &Coordinator, d: &Device, ids: &[ChunkId]) -> String {
+    let (status, body) = post(coord, "/v1/tickets", &token_of(d), serde_json::json!({"chunks": ids}));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<TicketResponse>(&body).unwrap().ticket
+}
+
+/// `(status, body)` of a relay fetch.
+fn via_relay(relay: &Relay, ticket: &str, ids: &[ChunkId]) -> (u16, Vec<u8>) {
+    via_relay_listed(relay, ticket, None, ids)
+}
+
+/// `(status, body)` of a relay fetch carrying `list`, the chunk list a ticket by digest covers.
+fn via_relay_listed(relay: &Relay, ticket: &str, list: Option<&[ChunkId]>, ids: &[ChunkId]) -> (u16, Vec<u8>) {
+    let http = relay.http();
+    let url = format!("{}/v1/chunks/fetch", relay.info.url);
+    let mut req = serde_json::json!({"ticket": ticket, "chunks": ids});
+    if let Some(list) = list {
+        req["list"] = serde_json::json!(list);
+    }
+    block_on(async {
+        let resp = http.post(url).json(&req).send().await.unwrap();
+        (resp.status().as_u16(), resp.bytes().await.unwrap().to_vec())
+    })
+}
+
+#[test]
+fn a_relay_serves_ticketed_chunks_from_its_cache_and_refuses_everything_else_alike() {
+    let (tmp, coord, devices) = world("rosa", &["a"]);
+    let a = &devices[0];
+    let data = random_bytes(3 * 1024 * 1024, 50);
+    a.write("big.bin", &data);
+    a.write("other.bin", &random_bytes(200 * 1024, 61));
+    a.sync();
+    let ids = chunks_of(a, "big.bin");
+    let other = chunks_of(a, "other.bin");
+    let mut relay = Relay::start(&coord, "r1", "eu", "127.0.0.1", &tmp.path().join("r1"), "64MiB", &[]);
+    let t = ticket(&coord, a, &ids);
+
+    // First: every chunk a miss, fetched from the origin once; then every chunk a hit, and the
+    // coordinator sends nothing more.
+    let (status, body) = via_relay(&relay, &t, &ids);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let got = unframe(&body);
+    assert_eq!(got.iter().map(|(id, _)| *id).collect::<Vec<_>>(), ids);
+    assert_eq!(got.iter().flat_map(|(_, b)| b.clone()).collect::<Vec<_>>(), data);
+    let n = ids.len() as u64;
+    assert_eq!(relay.metric("shoal_relay_cache_misses_total"), n);
+    assert_eq!(relay.metric("shoal_relay_origin_bytes_total"), data.len() as u64);
+    let origin_out = coord.metric("shoal_chunk_bytes_out_total");
+    let (status, again) = via_relay(&relay, &t, &ids);
+    assert_eq!((status, &again), (200, &body));
+    assert_eq!(relay.metric("shoal_relay_cache_hits_total"), n);
+    assert_eq!(relay.metric("shoal_relay_origin_bytes_total"), data.len() as u64);
+    assert_eq!(coord.metric("shoal_chunk_bytes_out_total"), origin_out, "hits cost the origin nothing");
+    assert_eq!(relay.metric("shoal_relay_bytes_served_total"), 2 * data.len() as u64);
+
+    // One chunk by GET, its ticket in a header.
+    let http = relay.http();
+    let one = block_on(async {
+        let r = http
+            .get(format!("{}/v1/chunks/{}", relay.info.url, ids[1]))
+            .header("x-shoal-ticket", &t)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+    });
+    assert_eq!((one.0, ChunkId::of(&one.1)), (200, ids[1]));
+
+    // Refusals: no ticket, a forged one, one for other chunks, one asking beyond its chunks.
+    // A cached chunk (ids[0]) and an uncached one (other[0]) get the very same answer.
+    let t_other = ticket(&coord, a, &other);
+    let mut forged = t.clone().into_bytes();
+    let at = forged.len() / 2;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let rejected = relay.metric("shoal_relay_rejected_tickets_total");
+    let mut answers = Vec::new();
+    for chunk in [ids[0], other[0]] {
+        for ticket in ["", forged.as_str(), "not base64 at all!"] {
+            answers.push(via_relay(&relay, ticket, &[chunk]));
+        }
+    }
+    answers.push(via_relay(&relay, &t_other, &[ids[0]]));
+    answers.push(via_relay(&relay, &t, &[other[0]]));
+    answers.push(via_relay(&relay, &t, &[ids[0], other[0]]));
+    let first = answers[0].clone();
+    assert_eq!(first.0, 403);
+    assert!(
+        answers.iter().all(|a| *a == first),
+        "{:?}",
+        answers.iter().map(|(s, b)| (s, String::from_utf8_lossy(b))).collect::<Vec<_>>()
+    );
+    assert_eq!(relay.metric("shoal_relay_rejected_tickets_total"), rejected + answers.len() as u64);
+    assert_eq!(relay.metric("shoal_relay_cache_misses_total"), n, "a refused request never reaches the origin");
+
+    // Restarted, the relay keeps its cache.
+    relay.restart();
+    assert_eq!(via_relay(&relay, &t, &ids), (200, body.clone()));
+    assert_eq!(relay.metric("shoal_relay_cache_hits_total"), n);
+    assert_eq!(relay.metric("shoal_relay_origin_requests_total"), 0);
+
+    // A tampered cache file: the bad chunk is not served; it comes from the origin again.
+    relay.stop(false);
+    let seg = std::fs::read_dir(tmp.path().join("r1").join("segments")).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let pos = bytes.windows(32).position(|w| w == ids[2].as_bytes()).unwrap() + 36 + 1000;
+    bytes[pos] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    relay.restart();
+    assert_eq!(via_relay(&relay, &t, &ids), (200, body));
+    assert_eq!(relay.metric("shoal_relay_corrupt_chunks_total"), 1);
+    assert_eq!(relay.metric("shoal_relay_cache_misses_total"), 1);
+    assert_eq!(relay.metric("shoal_relay_origin_requests_total"), 1);
+}
+
+#[test]
+fn concurrent_misses_make_one_origin_fetch_and_the_cache_keeps_its_bound() {
+    let (tmp, coord, devices) = world("sara", &["a"]);
+    let a = &devices[0];
+    let data = random_bytes(12 * 1024 * 1024, 44);
+    a.write("big.bin", &data);
+    a.sync();
+    let ids = chunks_of(a, "big.bin");
+    let relay = Relay::start(&coord, "r2", "eu", "127.0.0.1", &tmp.path().join("r2"), "4MiB", &[]);
+    let t = ticket(&coord, a, &ids[..1]);
+
+    // 100 requests at once for one chunk the relay does not have: one origin fetch.
+    let http = relay.http();
+    let url = format!("{}/v1/chunks/fetch", relay.info.url);
+    let answers = block_on(async {
+        let asks = (0..100).map(|_| {
+            let req = http.post(&url).json(&serde_json::json!({"ticket": t, "chunks": [ids[0]]}));
+            async move {
+                let r = req.send().await.unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+            }
+        });
+        futures::future::join_all(asks).await
+    });
+    assert!(answers.iter().all(|(s, b)| *s == 200 && unframe(b)[0].0 == ids[0]));
+    assert_eq!(relay.metric("shoal_relay_origin_requests_total"), 1, "{}", relay.log());
+
+    // 12 MiB through a 4 MiB cache: segments are evicted and the disk stays within the bound.
+    let t = ticket(&coord, a, &ids);
+    assert!(ids.len() > 64, "a ticket by digest");
+    assert_eq!(via_relay(&relay, &t, &ids).0, 403, "without the list the digest names");
+    let (status, body) = via_relay_listed(&relay, &t, Some(&ids), &ids);
+    assert_eq!(status, 200);
+    assert_eq!(unframe(&body).into_iter().flat_map(|(_, b)| b).collect::<Vec<_>>(), data);
+    assert!(relay.metric("shoal_relay_evictions_total") > 0);
+    let disk: u64 = std::fs::read_dir(tmp.path().join("r2").join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096) * 4096)
+        .sum();
+    assert!(disk <= 4 * 1024 * 1024, "{disk} bytes of segments");
+    assert!(relay.metric("shoal_relay_cache_bytes") <= 4 * 1024 * 1024);
+}

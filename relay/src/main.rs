@@ -1,0 +1,50 @@
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use shoal_relay::config;
+
+/// A Shoal relay: caches chunks near the user, serving only what a coordinator's ticket covers.
+#[derive(Parser)]
+#[command(name = "shoal-relay", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Register with the coordinator and serve until Ctrl-C or SIGTERM.
+    Serve {
+        /// Config file (TOML) with the same settings as these flags; a flag overrides its key.
+        #[arg(long, env = "SHOAL_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        flags: config::Flags,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".parse().expect("a filter")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cli { cmd: Cmd::Serve { config, flags } } = Cli::parse();
+    let file = match config {
+        Some(path) => config::FileConfig::load(&path)?,
+        None => config::FileConfig::default(),
+    };
+    let opts = config::options(flags, file)?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
+        let server = shoal_relay::start(opts).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        server.shutdown();
+        server.wait().await;
+        Ok(())
+    })
+}
