@@ -47,6 +47,10 @@ enum Cmd {
         /// Make every connection from this local address (saved as `bind` in config.toml).
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
+        /// Fetch through this region's relay (saved as `region` in config.toml); without it, the
+        /// nearest relay.
+        #[arg(long)]
+        region: Option<String>,
     },
     /// Watch the folder and keep it in sync until Ctrl-C or SIGTERM.
     Run,
@@ -132,7 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %format!("{e:#}"), "the agent's home may be readable by other users");
     }
     match cli.cmd {
-        Cmd::Init { invite, dir, device, bind } => init(&home, &invite, &dir, device, bind).await,
+        Cmd::Init { invite, dir, device, bind, region } => init(&home, &invite, &dir, device, bind, region).await,
         Cmd::Run => {
             // Before anything else: a stop asked for while the daemon starts is still graceful.
             let signals = crate::signals::StopSignals::listen().context("listening for stop signals")?;
@@ -336,7 +340,14 @@ pub async fn init(
     dir: &Path,
     device: Option<String>,
     bind: Option<std::net::IpAddr>,
+    region: Option<String>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(r) = &region {
+        anyhow::ensure!(
+            shoal_protocol::api::valid_user_name(r),
+            "bad region {r:?}: 1-32 characters, lowercase letters, digits, '_' and '-'"
+        );
+    }
     if Config::path(home).exists() {
         anyhow::bail!("{} already holds a configured device; use another --home", home.display());
     }
@@ -370,6 +381,8 @@ pub async fn init(
         peer_listen: None,
         lan_sync: true,
         mdns: true,
+        relays: true,
+        region,
         upload_limit: None,
         download_limit: None,
         lan_limit: None,
@@ -507,6 +520,9 @@ fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
         );
         println!("cursor:  {}", st.cursor);
         println!("pending: {} uploads, {} downloads", st.pending_uploads, st.pending_downloads);
+        if let Some(r) = st.relay.as_ref().filter(|_| running) {
+            println!("relay:   {} ({})", Escaped(&r.name), Escaped(&r.url));
+        }
         // Versions the devices hold but the coordinator does not yet: not backed up.
         for v in st.pending_versions.iter().filter(|_| running) {
             let whose = if v.device == cfg.device_id { "this device" } else { "another device" };

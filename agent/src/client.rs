@@ -21,7 +21,8 @@ use shoal_net::frames::{FrameDecoder, FrameReadError};
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the coordinator at {addr}: {source}")]
+    /// `addr` says what could not be reached: "the coordinator at HOST:PORT", "the relay at ...".
+    #[error("cannot reach {addr}: {source}")]
     Network { addr: String, source: reqwest::Error },
     #[error("coordinator refused the request ({code:?}): {message}", code = .0.code, message = .0.message)]
     Api(ErrorBody),
@@ -118,6 +119,8 @@ pub struct Client {
     http: reqwest::Client,
     dialer: Dialer,
     addr: String,
+    /// What errors call the server: "the coordinator at HOST:PORT".
+    who: String,
     base: String,
     token: Option<String>,
     tls: Arc<rustls::ClientConfig>,
@@ -137,6 +140,7 @@ impl Client {
             http,
             dialer,
             addr: addr.to_string(),
+            who: format!("the coordinator at {addr}"),
             base: format!("https://{addr}"),
             token: None,
             tls: Arc::new(tls),
@@ -163,6 +167,11 @@ impl Client {
         &self.addr
     }
 
+    /// Where this client's connections leave from.
+    pub fn dialer(&self) -> Dialer {
+        self.dialer
+    }
+
     /// A raw authenticated request to `path` (for tools and tests that need the bare API).
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.req(method, path)
@@ -177,7 +186,7 @@ impl Client {
     }
 
     fn net(&self, source: reqwest::Error) -> ClientError {
-        ClientError::Network { addr: self.addr.clone(), source }
+        ClientError::Network { addr: self.who.clone(), source }
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> ClientResult<reqwest::Response> {
@@ -293,13 +302,28 @@ impl Client {
     /// Fetches `ids` from the coordinator, calling `each(id, bytes)` for each frame, in order.
     /// The bytes are not checked here: `transfer::source::verify` checks every chunk from every
     /// source, and `each` stops the stream (with its error) on a chunk that fails.
-    pub async fn fetch<F>(&self, ids: &[ChunkId], mut each: F) -> ClientResult<()>
+    pub async fn fetch<F>(&self, ids: &[ChunkId], each: F) -> ClientResult<()>
     where
         F: FnMut(ChunkId, Bytes) -> Result<(), String>,
     {
-        let resp = self
-            .send(self.req(reqwest::Method::POST, "/v1/chunks/fetch").json(&ChunkList { chunks: ids.to_vec() }))
-            .await?;
+        let req = self.req(reqwest::Method::POST, "/v1/chunks/fetch").json(&ChunkList { chunks: ids.to_vec() });
+        self.fetch_frames(req, ids, each).await
+    }
+
+    /// A relay's `fetch`: the chunks `req` asks for under its ticket, as `fetch` delivers them.
+    pub async fn fetch_ticketed<F>(&self, req: &TicketedFetch, each: F) -> ClientResult<()>
+    where
+        F: FnMut(ChunkId, Bytes) -> Result<(), String>,
+    {
+        let rb = self.req(reqwest::Method::POST, "/v1/chunks/fetch").json(req);
+        self.fetch_frames(rb, &req.chunks, each).await
+    }
+
+    async fn fetch_frames<F>(&self, req: reqwest::RequestBuilder, ids: &[ChunkId], mut each: F) -> ClientResult<()>
+    where
+        F: FnMut(ChunkId, Bytes) -> Result<(), String>,
+    {
+        let resp = self.send(req).await?;
         let body = tokio_util::io::StreamReader::new(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)));
         let mut frames = tokio_util::codec::FramedRead::new(body, FrameDecoder::default());
         let mut next = 0usize;
@@ -317,7 +341,7 @@ impl Client {
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             };
             if ids.get(next) != Some(&id) {
-                return Err(ClientError::Protocol(format!("coordinator sent chunk {id} out of order")));
+                return Err(ClientError::Protocol(format!("{} sent chunk {id} out of order", self.who)));
             }
             self.down.take(data.len()).await;
             each(id, data).map_err(ClientError::Protocol)?;
@@ -327,6 +351,38 @@ impl Client {
             return Err(ClientError::Protocol(format!("chunk stream ended after {next} of {} chunks", ids.len())));
         }
         Ok(())
+    }
+
+    /// The relays the coordinator lists as live.
+    pub async fn relays(&self) -> ClientResult<Vec<RelayInfo>> {
+        self.json(self.req(reqwest::Method::GET, "/v1/relays")).await
+    }
+
+    /// A ticket for `ids`, which a relay asks for before serving them.
+    pub async fn ticket(&self, ids: &[ChunkId]) -> ClientResult<TicketResponse> {
+        self.post("/v1/tickets", &ChunkList { chunks: ids.to_vec() }).await
+    }
+
+    /// A client for the relay at `url` whose certificate has `fingerprint`: connections leave
+    /// from the same address and share the download limit; it holds no device token (a relay is
+    /// shown tickets, never the token).
+    pub fn relay(&self, url: &str, fingerprint: ChunkId) -> anyhow::Result<Client> {
+        let tls = shoal_net::pinned::client_config(fingerprint)?;
+        let http = self.dialer.http(tls.clone())?;
+        let base = url.trim_end_matches('/').to_string();
+        let addr = base.strip_prefix("https://").unwrap_or(&base).to_string();
+        Ok(Client {
+            http,
+            dialer: self.dialer,
+            who: format!("the relay at {addr}"),
+            addr,
+            base,
+            token: None,
+            tls: Arc::new(tls),
+            up: self.up.clone(),
+            down: self.down.clone(),
+            serving: self.serving.clone(),
+        })
     }
 
     /// One chunk's bytes, unchecked (see `fetch`).

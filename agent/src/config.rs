@@ -48,6 +48,14 @@ pub struct Config {
     /// the coordinator's hints. Default: on.
     #[serde(default = "default_true")]
     pub mdns: bool,
+    /// Fetch through a regional relay, when the coordinator lists one, before the origin.
+    /// Default: on.
+    #[serde(default = "default_true")]
+    pub relays: bool,
+    /// The region whose relay this device uses (as the operator named it). Default: none, the
+    /// relay a TCP connection reaches soonest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
     /// Most bytes per second sent to the coordinator (and relays). Default: no limit.
     #[serde(default)]
     pub upload_limit: Option<crate::limit::Rate>,

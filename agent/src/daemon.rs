@@ -60,6 +60,9 @@ pub struct Status {
     /// in this folder, LAN peers, relays, the origin.
     #[serde(default)]
     pub bytes_by_source: crate::transfer::BytesBySource,
+    /// The regional relay downloads go through: its name and url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayInUse>,
     /// The user's versions not yet backed up (committed before the origin had their chunks), as
     /// last seen by this daemon; and how many of this device's own it still has to upload.
     #[serde(default)]
@@ -71,6 +74,13 @@ pub struct Status {
     /// the daemon tries again as it backs off, and syncs once space is freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<shoal_protocol::api::UsageResponse>,
+}
+
+/// A relay, as `status` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInUse {
+    pub name: String,
+    pub url: String,
 }
 
 impl Status {
@@ -334,6 +344,7 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
         status.watcher_hints = hints.load(Ordering::Relaxed);
         status.reads_total = engine.store().reads();
         status.bytes_by_source = engine.counters.by_source.snapshot();
+        status.relay = engine.relay_in_use().map(|(name, url)| RelayInUse { name, url });
         status.save(home);
         // The peer list's counters (round-trip time, bytes) follow the status.
         if let Some(n) = &node {

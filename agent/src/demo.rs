@@ -57,7 +57,7 @@ async fn start(dir: &Path, coordinator: &mut Coordinator) -> anyhow::Result<Stri
         let home = dir.join(".state").join(name);
         if !Config::path(&home).exists() {
             let invite = coordinator.invite(USER).await?;
-            crate::cli::init(&home, &invite, &dir.join(name), Some(name.to_string()), None).await?;
+            crate::cli::init(&home, &invite, &dir.join(name), Some(name.to_string()), None, None).await?;
         }
     }
     Ok(info.addr)

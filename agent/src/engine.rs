@@ -120,6 +120,8 @@ pub struct Engine {
     skipped: std::collections::BTreeSet<String>,
     /// The user's devices on the LAN, asked for chunks before the origin.
     peers: Option<crate::peer::node::PeerNode>,
+    /// The relay chooser (unless `relays = false`).
+    relays: Option<Arc<crate::relay::Relays>>,
     /// Downloads in progress, whose verified chunks peers may take.
     partials: transfer::Partials,
     /// Small files' chunks hashed lately, which peers and uploads take without reading the files.
@@ -165,7 +167,9 @@ impl Engine {
         let store = Store::open(&home.join("db"))?;
         let client = Client::new(&cfg)?;
         let tmp = root.join(RESERVED_DIR).join("tmp");
+        let relays = cfg.relays.then(|| crate::relay::Relays::new(client.clone(), cfg.region.clone()));
         let engine = Engine {
+            relays,
             cfg,
             root,
             tmp,
@@ -238,6 +242,11 @@ impl Engine {
     pub fn set_peers(&mut self, node: crate::peer::node::PeerNode, met: tokio::sync::watch::Receiver<bool>) {
         self.peers = Some(node);
         self.peers_met = Some(met);
+    }
+
+    /// The relay downloads go through, if one was chosen: its name and url.
+    pub fn relay_in_use(&self) -> Option<(String, String)> {
+        self.relays.as_ref().and_then(|r| r.in_use())
     }
 
     /// The downloads in progress (for the chunk server).

@@ -14,6 +14,7 @@ pub mod own;
 pub mod peer;
 pub mod planner;
 pub mod progress;
+pub mod relay;
 pub mod scan;
 pub mod signals;
 pub mod store;

@@ -118,7 +118,7 @@ pub async fn get(
     let name = local.file_name().context("the local path needs a file name")?.to_string_lossy().into_owned();
     let tmp = dir.join(format!(".{name}.shoal-{}.part", shoal_sys::random::hex(4)));
     let (progress, counter) = progress::track(manifest.size, "downloading", quiet);
-    let mut fetcher = Fetcher::new(client.clone(), Default::default(), None, Default::default());
+    let mut fetcher = Fetcher::new(client.clone(), Default::default(), None, None, Default::default());
     // An existing file keeps its permission bits, as in a synced folder.
     let existing = std::fs::metadata(local).ok().filter(|m| m.is_file()).map(|m| {
         use std::os::unix::fs::PermissionsExt;

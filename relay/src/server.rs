@@ -223,6 +223,9 @@ impl Relay {
         misses: &[ChunkId],
     ) -> HashMap<ChunkId, Bytes> {
         let mut flights: Vec<Flight> = Vec::new();
+        // Fetched by a flight that ended after this request looked in the cache (a flight
+        // fills the cache before it leaves the table).
+        let mut landed = Vec::new();
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             let mut mine = Vec::new();
@@ -230,6 +233,7 @@ impl Relay {
                 match inflight.get(id) {
                     Some(f) if !flights.iter().any(|g| g.ptr_eq(f)) => flights.push(f.clone()),
                     Some(_) => {}
+                    None if self.cache.contains(id) => landed.push(*id),
                     None if !mine.contains(id) => mine.push(*id),
                     None => {}
                 }
@@ -243,6 +247,27 @@ impl Relay {
             }
         }
         let mut out = HashMap::new();
+        if !landed.is_empty() {
+            let cache = self.cache.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                landed.into_iter().map(|id| (id, cache.get(&id))).collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let mut lost = Vec::new();
+            for (id, data) in read {
+                match data {
+                    Some(d) => {
+                        out.insert(id, d);
+                    }
+                    None => lost.push(id),
+                }
+            }
+            // Gone again (evicted, or failed its check): fetched after all.
+            if !lost.is_empty() {
+                flights.push(self.start_flight(ticket.to_string(), list.map(<[ChunkId]>::to_vec), lost));
+            }
+        }
         for got in futures::future::join_all(flights).await {
             for id in misses {
                 if let Some(d) = got.get(id) {

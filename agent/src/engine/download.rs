@@ -81,10 +81,15 @@ impl Engine {
         // Chunks the folder already holds, wherever they are (the chunk map, not this cycle's
         // scope): renames, copies and edits reuse local bytes. Every read is verified, so a map
         // entry a later write made stale only costs a fetch.
+        let relay = match &self.relays {
+            Some(r) => r.pick().await.map(|r| r as std::sync::Arc<dyn crate::transfer::ChunkSource>),
+            None => None,
+        };
         let mut fetcher = Fetcher::new(
             self.client.clone(),
             self.counters.by_source.clone(),
             self.peers.clone(),
+            relay,
             self.partials.clone(),
         );
         let needed = files.iter().flat_map(|e| e.manifest.iter().flat_map(|m| m.chunks.iter().map(|c| &c.id)));

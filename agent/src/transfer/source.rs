@@ -280,12 +280,14 @@ impl Origin {
     }
 }
 
-/// The remote sources for one round of downloads: connected peers, then the origin. Cheap to
+/// The remote sources for one round of downloads: connected peers, the relay, then the origin. Cheap to
 /// clone into the tasks that fetch windows ahead; clones share which sources have failed.
 #[derive(Clone)]
 pub struct Remote {
     origin: Origin,
     peers: Option<PeerNode>,
+    /// The regional relay, asked after the peers.
+    relay: Option<Arc<dyn ChunkSource>>,
     /// Sources (by `ChunkSource::key`) that failed this round (bad bytes or frames, a stall, a
     /// broken connection): not asked again until the next round.
     dropped: Arc<Mutex<HashSet<String>>>,
@@ -293,8 +295,8 @@ pub struct Remote {
 
 impl Remote {
     /// Fetches `ids` (each distinct chunk once, in no particular order), calling `each` with
-    /// every chunk that arrives verified: what the peers have from them, spread across them, the
-    /// rest from the origin. Returns the chunks no source could deliver, each with its error;
+    /// every chunk that arrives verified: what the peers have from them, spread across them, what
+    /// they do not from the relay, the rest from the origin. Returns the chunks no source could deliver, each with its error;
     /// `Err` when the origin had to be asked and cannot be reached or refuses the device.
     pub async fn fetch(
         &self,
@@ -311,6 +313,11 @@ impl Remote {
                     .collect()
             };
             rest = self.ask_tier(peers, rest, &mut each).await;
+        }
+        if let Some(relay) = &self.relay
+            && !rest.is_empty()
+        {
+            rest = self.ask_tier(|| vec![relay.clone()], rest, &mut each).await;
         }
         if rest.is_empty() {
             return Ok(Vec::new());
@@ -470,16 +477,18 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    /// A fetcher for one round of downloads, asking `peers` (if any) before the origin.
+    /// A fetcher for one round of downloads, asking `peers`, then `relay` (if any) before the
+    /// origin.
     pub fn new(
         client: Client,
         counts: Arc<SourceCounts>,
         peers: Option<PeerNode>,
+        relay: Option<Arc<dyn ChunkSource>>,
         partials: super::Partials,
     ) -> Fetcher {
         Fetcher {
             partials,
-            remote: Remote { origin: Origin { client, counts }, peers, dropped: Arc::default() },
+            remote: Remote { origin: Origin { client, counts }, peers, relay, dropped: Arc::default() },
             local: HashMap::new(),
             open: HashMap::new(),
             stale: HashSet::new(),

@@ -300,3 +300,108 @@ fn concurrent_misses_make_one_origin_fetch_and_the_cache_keeps_its_bound() {
     assert!(disk <= 4 * 1024 * 1024, "{disk} bytes of segments");
     assert!(relay.metric("shoal_relay_cache_bytes") <= 4 * 1024 * 1024);
 }
+
+/// A device of `user` in `region`, leaving from `bind`, with LAN sync off: the coordinator sees
+/// it on a network of its own, and it gets nothing from a peer.
+fn regional(base: &std::path::Path, coord: &Coordinator, user: &str, name: &str, bind: &str, region: &str) -> Device {
+    let d = Device::enroll(base, coord, user, name);
+    d.configure(|c| {
+        c.bind = Some(bind.parse().unwrap());
+        c.region = Some(region.to_string());
+        c.lan_sync = false;
+    });
+    d
+}
+
+fn wait_for_file(d: &Device, path: &str, data: &[u8]) {
+    wait_for(SETTLE, || (d.read(path).as_deref() == Some(data)).then_some(()))
+        .unwrap_or_else(|| panic!("{} never got {path}:\n{}", d.name, d.log()));
+}
+
+#[test]
+fn devices_in_a_region_download_through_its_relay_and_the_second_from_its_cache() {
+    let tmp = test_dir();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let eu = Relay::start(&coord, "eu1", "eu", "127.0.0.1", &tmp.path().join("eu1"), "256MiB", &[]);
+    let _apac = Relay::start(&coord, "apac1", "apac", "127.0.0.1", &tmp.path().join("apac1"), "256MiB", &[]);
+    let author = Device::enroll(tmp.path(), &coord, "una", "author");
+    author.configure(|c| c.relays = false);
+    let data = noise(81, 4 * 1024 * 1024);
+    author.write("video.mp4", &data);
+    author.sync();
+    let n = chunks_of(&author, "video.mp4").len() as u64;
+
+    // The first device of the region fills the relay from the origin.
+    let mut b = regional(tmp.path(), &coord, "una", "b", "127.0.1.1", "eu");
+    b.start();
+    wait_for_file(&b, "video.mp4", &data);
+    let s = by_source(&b);
+    assert_eq!(s[2], data.len() as u64, "B's bytes by source {s:?}:\n{}", b.log());
+    assert_eq!(daemon_status(&b)["relay"]["name"], "eu1", "the region's relay, not the other");
+    assert_eq!(eu.metric("shoal_relay_cache_misses_total"), n);
+    assert_eq!(eu.metric("shoal_relay_origin_bytes_total"), data.len() as u64);
+
+    // The second is served from the relay's cache: no more bytes from the origin.
+    let out_before = coord.metric("shoal_chunk_bytes_out_total");
+    let mut c = regional(tmp.path(), &coord, "una", "c", "127.0.2.1", "eu");
+    c.start();
+    wait_for_file(&c, "video.mp4", &data);
+    let s = by_source(&c);
+    assert_eq!((s[2], s[3]), (data.len() as u64, 0), "C's bytes by source {s:?}");
+    assert_eq!(eu.metric("shoal_relay_cache_hits_total"), n);
+    assert_eq!(eu.metric("shoal_relay_origin_bytes_total"), data.len() as u64);
+    assert_eq!(coord.metric("shoal_chunk_bytes_out_total"), out_before, "the origin sent C nothing");
+    let text = String::from_utf8(c.shoal(&["status"]).stdout).unwrap();
+    assert!(text.contains("relay:   eu1"), "{text}");
+    b.stop(false);
+    c.stop(false);
+}
+
+#[test]
+fn a_relay_serving_wrong_bytes_or_killed_mid_download_leaves_the_origin_to_finish() {
+    let tmp = test_dir();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let bad = Relay::start(
+        &coord,
+        "bad",
+        "eu",
+        "127.0.0.1",
+        &tmp.path().join("bad"),
+        "64MiB",
+        &[("SHOAL_TEST_RELAY_FAULT", "corrupt")],
+    );
+    let author = Device::enroll(tmp.path(), &coord, "vera", "author");
+    author.configure(|c| c.relays = false);
+    let data = noise(82, 2 * 1024 * 1024);
+    author.write("a.bin", &data);
+    author.sync();
+
+    // Wrong bytes: rejected, the relay dropped for good, the file from the origin.
+    let mut b = regional(tmp.path(), &coord, "vera", "b", "127.0.1.1", "eu");
+    b.start();
+    wait_for_file(&b, "a.bin", &data);
+    let s = by_source(&b);
+    assert_eq!((s[2], s[3]), (0, data.len() as u64), "B's bytes by source {s:?}");
+    assert!(b.log().contains("served wrong bytes"), "{}", b.log());
+    assert!(bad.metric("shoal_relay_bytes_served_total") > 0, "the relay did serve (bad) bytes");
+    b.stop(false);
+    drop(bad);
+    assert!(coord.admin(&["relay", "remove", "bad"]).0);
+
+    // Killed part-way through a download held to 1 MiB/s: the origin finishes it.
+    let mut good = Relay::start(&coord, "good", "eu", "127.0.0.1", &tmp.path().join("good"), "64MiB", &[]);
+    let big = noise(83, 6 * 1024 * 1024);
+    author.write("b.bin", &big);
+    author.sync();
+    let mut c = regional(tmp.path(), &coord, "vera", "c", "127.0.2.1", "eu");
+    c.configure(|cfg| cfg.download_limit = Some(shoal_agent::limit::Rate::parse("1MiB").unwrap()));
+    c.start();
+    wait_for(SETTLE, || (good.metric("shoal_relay_bytes_served_total") > 0).then_some(()))
+        .unwrap_or_else(|| panic!("C never fetched through the relay:\n{}", c.log()));
+    good.stop(true);
+    wait_for_file(&c, "b.bin", &big);
+    wait_for_file(&c, "a.bin", &data);
+    let s = by_source(&c);
+    assert!(s[2] > 0 && s[3] > 0 && s[2] + s[3] >= big.len() as u64, "C's bytes by source {s:?}");
+    c.stop(false);
+}
