@@ -27,6 +27,8 @@ use shoal_protocol::{CHUNK_PARAMS, ChunkId};
 
 /// Segments per cache: the eviction granule is a sixteenth of the cache.
 const SEGMENTS: u64 = 16;
+/// Most chunks read with one request.
+const RUN_MAX: usize = 64;
 /// Segment size bounds.
 const SEGMENT_MIN: u64 = 1024 * 1024;
 const SEGMENT_MAX: u64 = 64 * 1024 * 1024;
@@ -123,31 +125,69 @@ impl Cache {
     /// The bytes of `id`, verified; `None` if the cache does not hold it intact (a copy that
     /// fails its check is dropped).
     pub fn get(&self, id: &ChunkId) -> Option<Bytes> {
-        let loc = {
+        self.read_frames(std::slice::from_ref(id)).pop().flatten().map(|f| f.slice(FRAME_HEADER..))
+    }
+
+    /// The frame (id, length, bytes: the wire's format) of each of `ids` the cache holds
+    /// intact, `None` for the others. Chunks stored back to back are read with one request; each
+    /// is checked before it is returned, and one that fails is dropped.
+    pub fn read_frames(&self, ids: &[ChunkId]) -> Vec<Option<Bytes>> {
+        let locs: Vec<Option<ChunkLoc>> = {
             let mut st = self.lock();
-            let slot = st.index.get_mut(id)?;
-            slot.hit = true;
-            slot.loc
+            ids.iter()
+                .map(|id| {
+                    st.index.get_mut(id).map(|slot| {
+                        slot.hit = true;
+                        slot.loc
+                    })
+                })
+                .collect()
         };
-        let run = [(*id, loc)];
-        let range = run_range(&run);
-        let read = self.packs.read(loc.pack, range.start, (range.end - range.start) as usize);
-        match read {
-            Ok(b) if first_bad(&run, &b).is_none() => Some(b.slice(FRAME_HEADER..)),
-            other => {
-                let why = match other {
-                    Ok(_) => "failed its check".to_string(),
-                    Err(e) => e.to_string(),
-                };
+        let mut out = vec![None; ids.len()];
+        let mut bad = Vec::new();
+        let mut i = 0;
+        while i < ids.len() {
+            let Some(first) = locs[i] else {
+                i += 1;
+                continue;
+            };
+            let mut run = vec![(ids[i], first)];
+            while let Some(Some(next)) = locs.get(i + run.len()) {
+                if run.len() >= RUN_MAX || !run[run.len() - 1].1.followed_by(next) {
+                    break;
+                }
+                run.push((ids[i + run.len()], *next));
+            }
+            let range = run_range(&run);
+            match self.packs.read(first.pack, range.start, (range.end - range.start) as usize) {
+                Ok(b) => {
+                    for (k, (id, loc)) in run.iter().enumerate() {
+                        let from = (loc.offset - FRAME_HEADER as u64 - range.start) as usize;
+                        let to = (loc.offset + u64::from(loc.len) - range.start) as usize;
+                        let frame = b.slice(from.min(b.len())..to.min(b.len()));
+                        let single = [(*id, ChunkLoc { offset: FRAME_HEADER as u64, ..*loc })];
+                        if first_bad(&single, &frame).is_none() {
+                            out[i + k] = Some(frame);
+                        } else {
+                            bad.push((*id, *loc, "failed its check".to_string()));
+                        }
+                    }
+                }
+                Err(e) => bad.extend(run.iter().map(|(id, loc)| (*id, *loc, e.to_string()))),
+            }
+            i += run.len();
+        }
+        if !bad.is_empty() {
+            let mut st = self.lock();
+            for (id, loc, why) in bad {
                 tracing::warn!(chunk = %id, pack = loc.pack, reason = %why, "cached chunk unreadable; dropped");
-                let mut st = self.lock();
-                if st.index.get(id).is_some_and(|s| s.loc == loc) {
-                    st.index.remove(id);
+                if st.index.get(&id).is_some_and(|s| s.loc == loc) {
+                    st.index.remove(&id);
                     st.corrupt += 1;
                 }
-                None
             }
         }
+        out
     }
 
     /// Stores `chunks` (already verified by the caller), evicting as needed; chunks the cache

@@ -24,6 +24,8 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Two arenas: every other arena would keep free memory the rest cannot reuse.
+    shoal_sys::allocator::limit_arenas(2);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".parse().expect("a filter")),
@@ -36,7 +38,8 @@ fn main() -> anyhow::Result<()> {
         None => config::FileConfig::default(),
     };
     let opts = config::options(flags, file)?;
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
+    // Blocking threads read the cache: a few suffice, and each would hold an allocator arena.
+    tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(8).build()?.block_on(async move {
         let server = shoal_relay::start(opts).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

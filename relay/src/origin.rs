@@ -57,8 +57,9 @@ impl Origin {
         resp.json().await.map_err(|e| format!("bad answer from the coordinator: {e}"))
     }
 
-    /// Fetches `ids` under `ticket`; returns the chunks delivered, in order, each verified, and
-    /// why the rest were not (`None` if none is missing).
+    /// Fetches `ids` under `ticket`; returns the chunks delivered, in order, each verified, as
+    /// frames (slices of the answer, sent on as they are), and why the rest were not (`None` if
+    /// none is missing).
     pub async fn fetch(
         &self,
         ticket: &str,
@@ -82,7 +83,7 @@ impl Origin {
         for want in ids {
             match decode_frame(&body[at..], CHUNK_PARAMS.max as u32) {
                 Ok(Some((id, data, used))) if id == *want && ChunkId::of(data) == id => {
-                    got.push((id, body.slice(at + used - data.len()..at + used)));
+                    got.push((id, body.slice(at..at + used)));
                     at += used;
                 }
                 Ok(Some(_)) | Err(_) => return (got, Some(format!("the coordinator sent a bad frame for {want}"))),

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, stream};
 use shoal_protocol::ChunkId;
-use shoal_protocol::api::{ErrorBody, ErrorCode, MAX_CHUNK_IDS, TicketedFetch, encode_frame};
+use shoal_protocol::api::{ErrorBody, ErrorCode, FRAME_HEADER, MAX_CHUNK_IDS, TicketedFetch};
 use shoal_protocol::ticket::{MAX_TICKET_LIST, TicketBody};
 
 use crate::cache::Cache;
@@ -31,6 +31,10 @@ use crate::origin::Origin;
 
 /// Chunks looked up, and fetched from the origin, at once.
 const GROUP: usize = 32;
+/// Origin fetches (of a group each) that may run at once.
+const ORIGIN_FETCHES: usize = 4;
+/// Groups of one request read ahead of the one being sent.
+const READ_AHEAD: usize = 2;
 /// Largest request body: a full id list and a ticket, in JSON.
 const MAX_BODY: usize = 1024 * 1024;
 
@@ -43,13 +47,16 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     /// Origin fetches under way, by the chunks each will bring.
     inflight: Mutex<HashMap<ChunkId, Flight>>,
+    /// Origin fetches that may run at once.
+    origin_slots: tokio::sync::Semaphore,
     /// Test-only: serve every chunk with a byte flipped.
     corrupt: bool,
 }
 
 impl Relay {
     pub fn new(cache: Arc<Cache>, origin: Origin, ticket_key: [u8; 32], metrics: Arc<Metrics>, corrupt: bool) -> Relay {
-        Relay { cache, origin, ticket_key, metrics, inflight: Mutex::default(), corrupt }
+        let origin_slots = tokio::sync::Semaphore::new(ORIGIN_FETCHES);
+        Relay { cache, origin, ticket_key, metrics, inflight: Mutex::default(), origin_slots, corrupt }
     }
 }
 
@@ -118,30 +125,26 @@ async fn fetch(State(relay): State<Arc<Relay>>, req: Request) -> Response {
     let groups: Vec<Vec<ChunkId>> = req.chunks.chunks(GROUP).map(<[ChunkId]>::to_vec).collect();
     let ticket: Arc<(String, Option<Vec<ChunkId>>)> = Arc::new((req.ticket, req.list));
     let body = stream::iter(groups)
-        .then(move |ids| {
+        .map(move |ids| {
             let (relay, ticket) = (relay.clone(), ticket.clone());
             async move { relay.obtain(&ticket.0, ticket.1.as_deref(), &ids).await }
         })
+        .buffered(READ_AHEAD)
         .scan(false, |failed, got| {
             // Nothing is sent after a failure: the frames that follow would be out of order.
             if *failed {
                 return futures::future::ready(None);
             }
-            let mut items: Vec<Result<Bytes, std::io::Error>> = Vec::new();
-            let mut frames = Vec::new();
+            let mut items: Vec<Result<Bytes, std::io::Error>> = Vec::with_capacity(got.len());
             for item in got {
                 match item {
-                    Ok((id, data)) => encode_frame(&mut frames, &id, &data),
+                    Ok((_, frame)) => items.push(Ok(frame)),
                     Err(e) => {
                         *failed = true;
-                        items.push(Ok(Bytes::from(std::mem::take(&mut frames))));
                         items.push(Err(std::io::Error::other(e)));
                         break;
                     }
                 }
-            }
-            if !*failed {
-                items.push(Ok(Bytes::from(frames)));
             }
             futures::future::ready(Some(stream::iter(items)))
         })
@@ -158,15 +161,17 @@ async fn fetch_one(State(relay): State<Arc<Relay>>, id: Path<String>, headers: H
         return refused(&relay);
     }
     match relay.obtain(ticket, None, &[id]).await.pop() {
-        Some(Ok((_, data))) => ([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response(),
+        Some(Ok((_, frame))) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], frame.slice(FRAME_HEADER..)).into_response()
+        }
         Some(Err(e)) => error(StatusCode::BAD_GATEWAY, ErrorCode::ChunkUnavailable, &e),
         None => error(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "no answer"),
     }
 }
 
 impl Relay {
-    /// The chunks of `ids` (a ticket covering them was checked), in order, each from the cache or
-    /// the origin; the first one that cannot be had ends the list with why.
+    /// The frames of `ids` (a ticket covering them was checked), in order, each from the cache
+    /// or the origin; the first chunk that cannot be had ends the list with why.
     async fn obtain(
         self: &Arc<Self>,
         ticket: &str,
@@ -175,23 +180,22 @@ impl Relay {
     ) -> Vec<Result<(ChunkId, Bytes), String>> {
         let cache = self.cache.clone();
         let look: Vec<ChunkId> = ids.to_vec();
-        let cached: Vec<Option<Bytes>> =
-            tokio::task::spawn_blocking(move || look.iter().map(|id| cache.get(id)).collect())
-                .await
-                .unwrap_or_else(|_| vec![None; ids.len()]);
+        let cached: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || cache.read_frames(&look))
+            .await
+            .unwrap_or_else(|_| vec![None; ids.len()]);
         let misses: Vec<ChunkId> = ids.iter().zip(&cached).filter(|(_, c)| c.is_none()).map(|(id, _)| *id).collect();
         let fetched = if misses.is_empty() { HashMap::new() } else { self.from_origin(ticket, list, &misses).await };
         let mut out = Vec::with_capacity(ids.len());
         for (id, hit) in ids.iter().zip(cached) {
-            let data = match hit {
-                Some(d) => {
+            let frame = match hit {
+                Some(f) => {
                     self.metrics.cache_hits.inc();
-                    d
+                    f
                 }
                 None => {
                     self.metrics.cache_misses.inc();
                     match fetched.get(id) {
-                        Some(d) => d.clone(),
+                        Some(f) => f.clone(),
                         None => {
                             out.push(Err(format!("chunk {id} is unavailable from the origin")));
                             return out;
@@ -199,22 +203,23 @@ impl Relay {
                     }
                 }
             };
-            self.metrics.bytes_served.inc_by(data.len() as u64);
-            out.push(Ok((*id, self.maybe_corrupt(data))));
+            self.metrics.bytes_served.inc_by((frame.len() - FRAME_HEADER) as u64);
+            out.push(Ok((*id, self.maybe_corrupt(frame))));
         }
         out
     }
 
-    fn maybe_corrupt(&self, data: Bytes) -> Bytes {
-        if !self.corrupt || data.is_empty() {
-            return data;
+    /// Test-only (`corrupt`): the frame with its first byte of data flipped.
+    fn maybe_corrupt(&self, frame: Bytes) -> Bytes {
+        if !self.corrupt || frame.len() <= FRAME_HEADER {
+            return frame;
         }
-        let mut v = data.to_vec();
-        v[0] ^= 0xff;
+        let mut v = frame.to_vec();
+        v[FRAME_HEADER] ^= 0xff;
         Bytes::from(v)
     }
 
-    /// `misses` from the origin, joining fetches already under way for any of them: each chunk
+    /// The frames of `misses` from the origin, joining fetches already under way for any of them: each chunk
     /// is fetched once however many requests want it at the same time.
     async fn from_origin(
         self: &Arc<Self>,
@@ -250,15 +255,16 @@ impl Relay {
         if !landed.is_empty() {
             let cache = self.cache.clone();
             let read = tokio::task::spawn_blocking(move || {
-                landed.into_iter().map(|id| (id, cache.get(&id))).collect::<Vec<_>>()
+                let frames = cache.read_frames(&landed);
+                landed.into_iter().zip(frames).collect::<Vec<_>>()
             })
             .await
             .unwrap_or_default();
             let mut lost = Vec::new();
             for (id, data) in read {
                 match data {
-                    Some(d) => {
-                        out.insert(id, d);
+                    Some(f) => {
+                        out.insert(id, f);
                     }
                     None => lost.push(id),
                 }
@@ -283,18 +289,23 @@ impl Relay {
     fn start_flight(self: &Arc<Self>, ticket: String, list: Option<Vec<ChunkId>>, ids: Vec<ChunkId>) -> Flight {
         let relay = self.clone();
         let task = tokio::spawn(async move {
-            relay.metrics.origin_requests.inc();
-            let (got, err) = relay.origin.fetch(&ticket, list.as_deref(), &ids).await;
-            if let Some(e) = err {
-                tracing::warn!(chunks = ids.len(), delivered = got.len(), error = %e, "origin fetch fell short");
-            }
-            relay.metrics.origin_bytes.inc_by(got.iter().map(|(_, d)| d.len() as u64).sum());
-            let cache = relay.cache.clone();
-            let store = got.clone();
-            let stored = tokio::task::spawn_blocking(move || cache.insert(&store)).await;
-            if let Ok(Err(e)) = stored {
-                tracing::warn!(error = %e, "could not cache fetched chunks");
-            }
+            let got = {
+                // A few fetches at a time: each holds its answer in memory until it is cached.
+                let _slot = relay.origin_slots.acquire().await;
+                relay.metrics.origin_requests.inc();
+                let (got, err) = relay.origin.fetch(&ticket, list.as_deref(), &ids).await;
+                if let Some(e) = err {
+                    tracing::warn!(chunks = ids.len(), delivered = got.len(), error = %e, "origin fetch fell short");
+                }
+                relay.metrics.origin_bytes.inc_by(got.iter().map(|(_, f)| (f.len() - FRAME_HEADER) as u64).sum());
+                let cache = relay.cache.clone();
+                let store: Vec<(ChunkId, Bytes)> = got.iter().map(|(id, f)| (*id, f.slice(FRAME_HEADER..))).collect();
+                let stored = tokio::task::spawn_blocking(move || cache.insert(&store)).await;
+                if let Ok(Err(e)) = stored {
+                    tracing::warn!(error = %e, "could not cache fetched chunks");
+                }
+                got
+            };
             let mut inflight = relay.inflight.lock().unwrap_or_else(|p| p.into_inner());
             for id in &ids {
                 inflight.remove(id);

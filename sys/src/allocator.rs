@@ -20,6 +20,17 @@ pub fn tune(arenas: i32) {
     }
 }
 
+/// Caps the number of allocator arenas at `arenas`, leaving the other parameters to glibc: for a
+/// process whose memory bound matters more than warm buffers (a relay). Call once at startup,
+/// before any other thread exists.
+#[allow(unsafe_code)]
+pub fn limit_arenas(arenas: i32) {
+    // SAFETY: mallopt only sets an allocator parameter; called at startup.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+}
+
 /// Returns the allocator's free memory to the OS (`malloc_trim`). Walks the heap: call it from a
 /// blocking thread, when idle.
 #[allow(unsafe_code)]
