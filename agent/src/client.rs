@@ -54,6 +54,10 @@ pub type ClientResult<T> = Result<T, ClientError>;
 
 /// How long a TCP connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest silence in a relay's answer.
+const RELAY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most of an error answer's body read.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Opens the agent's outgoing connections — the HTTP client's and the push subscription's — from
 /// one local address when `bind` is set (config.toml), so a device can be given its own source
@@ -69,13 +73,16 @@ impl Dialer {
     }
 
     fn http(&self, tls: rustls::ClientConfig) -> reqwest::Result<reqwest::Client> {
+        self.builder(tls).build()
+    }
+
+    fn builder(&self, tls: rustls::ClientConfig) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(4))
             .local_address(self.bind)
-            .build()
     }
 
     /// A TCP connection to `addr` (`HOST:PORT`), trying its addresses of the bind address's family.
@@ -195,7 +202,16 @@ impl Client {
             return Ok(resp);
         }
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| self.net(e))?;
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(piece) = resp.chunk().await.map_err(|e| self.net(e))? {
+            body.extend_from_slice(&piece);
+            if body.len() > MAX_ERROR_BODY {
+                return Err(ClientError::Protocol(format!(
+                    "HTTP {status} with an error body over {MAX_ERROR_BODY} bytes"
+                )));
+            }
+        }
         match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(b) => Err(ClientError::Api(b)),
             Err(_) => Err(ClientError::Protocol(format!("HTTP {status} without an error body"))),
@@ -368,7 +384,8 @@ impl Client {
     /// shown tickets, never the token).
     pub fn relay(&self, url: &str, fingerprint: ChunkId) -> anyhow::Result<Client> {
         let tls = shoal_net::pinned::client_config(fingerprint)?;
-        let http = self.dialer.http(tls.clone())?;
+        // A relay that goes silent is left for the origin, not waited for.
+        let http = self.dialer.builder(tls.clone()).read_timeout(RELAY_READ_TIMEOUT).build()?;
         let base = url.trim_end_matches('/').to_string();
         let addr = base.strip_prefix("https://").unwrap_or(&base).to_string();
         Ok(Client {

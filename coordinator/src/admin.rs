@@ -243,9 +243,10 @@ async fn execute(
             tracing::info!(relay = %name, region = %region, by = %crate::Actor::Operator, "relay added");
             Ok(format!(
                 "relay {name} added in region {region}; start it with\n  \
-                 shoal-relay serve --region {region} --coordinator {addr} --coordinator-fingerprint {fingerprint} \
-                 --token TOKEN --cache-dir DIR --cache-size SIZE\n\
-                 its token (shown once, kept only as a hash):\n{token}"
+                 SHOAL_RELAY_TOKEN=TOKEN shoal-relay serve --region {region} --coordinator {addr} \
+                 --coordinator-fingerprint {fingerprint} --cache-dir DIR --cache-size SIZE\n\
+                 (the token in the environment or the config file, not on the command line, where \
+                 other local users can read it); its token (shown once, kept only as a hash):\n{token}"
             ))
         }
         Request::RelayList => {

@@ -141,20 +141,29 @@ impl TicketBody {
     /// `Ok` if the ticket, at `now_ms`, lets its bearer have `id`; `list` is the chunk list the
     /// request carries (needed for a ticket by digest, ignored otherwise).
     pub fn allows(&self, id: &ChunkId, list: Option<&[ChunkId]>, now_ms: u64) -> Result<(), TicketError> {
+        self.allows_all(std::slice::from_ref(id), list, now_ms)
+    }
+
+    /// `Ok` if the ticket, at `now_ms`, lets its bearer have every chunk of `ids`; the list (for
+    /// a ticket by digest) is checked once, however many chunks are asked for.
+    pub fn allows_all(&self, ids: &[ChunkId], list: Option<&[ChunkId]>, now_ms: u64) -> Result<(), TicketError> {
         if now_ms >= self.expires_ms {
             return Err(TicketError::Expired);
         }
-        let covered = match &self.scope {
-            Scope::Ids(ids) => ids.contains(id),
+        let covered: std::collections::HashSet<&ChunkId> = match &self.scope {
+            Scope::Ids(ids) => ids.iter().collect(),
             Scope::List { digest, count } => {
                 let list = list.ok_or(TicketError::WrongList)?;
                 if list.len() != *count as usize || list_digest(list) != *digest {
                     return Err(TicketError::WrongList);
                 }
-                list.contains(id)
+                list.iter().collect()
             }
         };
-        if covered { Ok(()) } else { Err(TicketError::NotCovered(*id)) }
+        match ids.iter().find(|id| !covered.contains(id)) {
+            Some(id) => Err(TicketError::NotCovered(*id)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -218,6 +227,8 @@ mod tests {
         replaced[10] = other;
         assert_eq!(t.allows(&other, Some(&replaced), 0), Err(TicketError::WrongList));
         assert_eq!(t.allows(&other, Some(&many), 0), Err(TicketError::NotCovered(other)));
+        assert_eq!(t.allows_all(&many[..300], Some(&many), 0), Ok(()));
+        assert_eq!(t.allows_all(&[many[1], other], Some(&many), 0), Err(TicketError::NotCovered(other)));
 
         assert!(TicketBody::for_chunks(7, 1, &[]).is_none());
         assert!(TicketBody::for_chunks(7, 1, &ids(MAX_TICKET_LIST + 1, 4)).is_none());

@@ -229,8 +229,10 @@ impl Cache {
         let (locs, len) = match append_frames(w.out.as_mut(), w.len, fresh, w.pack) {
             Ok(r) => r,
             Err(e) => {
-                // The segment's tail is unknown now: start the next append in a new one.
-                st.writing = None;
+                // How much of the segment reached the disk is unknown now: it goes whole (it is a
+                // cache), so the bound counts only what is known.
+                let pack = w.pack;
+                self.drop_segment(st, pack);
                 return Err(e);
             }
         };

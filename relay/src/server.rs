@@ -9,8 +9,9 @@
 //! (verified as it is read) or from the origin: concurrent misses for one chunk share one
 //! origin fetch, which runs in a task of its own and fills the cache whoever waits for it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -46,7 +47,7 @@ pub struct Relay {
     pub ticket_key: [u8; 32],
     pub metrics: Arc<Metrics>,
     /// Origin fetches under way, by the chunks each will bring.
-    inflight: Mutex<HashMap<ChunkId, Flight>>,
+    inflight: Mutex<Flights>,
     /// Origin fetches that may run at once.
     origin_slots: tokio::sync::Semaphore,
     /// Test-only: serve every chunk with a byte flipped.
@@ -103,7 +104,7 @@ fn permitted(relay: &Relay, ticket: &str, list: Option<&[ChunkId]>, ids: &[Chunk
 }
 
 fn covers(body: &TicketBody, list: Option<&[ChunkId]>, ids: &[ChunkId], now: u64) -> bool {
-    !ids.is_empty() && ids.iter().all(|id| body.allows(id, list, now).is_ok())
+    !ids.is_empty() && body.allows_all(ids, list, now).is_ok()
 }
 
 async fn fetch(State(relay): State<Arc<Relay>>, req: Request) -> Response {
@@ -219,38 +220,18 @@ impl Relay {
         Bytes::from(v)
     }
 
-    /// The frames of `misses` from the origin, joining fetches already under way for any of them: each chunk
-    /// is fetched once however many requests want it at the same time.
+    /// The frames of `misses` from the origin, joining fetches already under way for any of
+    /// them: each chunk is fetched once however many requests want it at the same time. A chunk
+    /// whose fetch ended since this request looked in the cache (it is `Landed` in the table for
+    /// a while) is read from the cache instead; the cache itself is never consulted under the
+    /// table's lock, which async workers take.
     async fn from_origin(
         self: &Arc<Self>,
         ticket: &str,
         list: Option<&[ChunkId]>,
         misses: &[ChunkId],
     ) -> HashMap<ChunkId, Bytes> {
-        let mut flights: Vec<Flight> = Vec::new();
-        // Fetched by a flight that ended after this request looked in the cache (a flight
-        // fills the cache before it leaves the table).
-        let mut landed = Vec::new();
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            let mut mine = Vec::new();
-            for id in misses {
-                match inflight.get(id) {
-                    Some(f) if !flights.iter().any(|g| g.ptr_eq(f)) => flights.push(f.clone()),
-                    Some(_) => {}
-                    None if self.cache.contains(id) => landed.push(*id),
-                    None if !mine.contains(id) => mine.push(*id),
-                    None => {}
-                }
-            }
-            if !mine.is_empty() {
-                let flight = self.start_flight(ticket.to_string(), list.map(<[ChunkId]>::to_vec), mine.clone());
-                for id in mine {
-                    inflight.insert(id, flight.clone());
-                }
-                flights.push(flight);
-            }
-        }
+        let (mut flights, landed) = self.join_or_start(ticket, list, misses, true);
         let mut out = HashMap::new();
         if !landed.is_empty() {
             let cache = self.cache.clone();
@@ -261,8 +242,8 @@ impl Relay {
             .await
             .unwrap_or_default();
             let mut lost = Vec::new();
-            for (id, data) in read {
-                match data {
+            for (id, frame) in read {
+                match frame {
                     Some(f) => {
                         out.insert(id, f);
                     }
@@ -271,7 +252,7 @@ impl Relay {
             }
             // Gone again (evicted, or failed its check): fetched after all.
             if !lost.is_empty() {
-                flights.push(self.start_flight(ticket.to_string(), list.map(<[ChunkId]>::to_vec), lost));
+                flights.extend(self.join_or_start(ticket, list, &lost, false).0);
             }
         }
         for got in futures::future::join_all(flights).await {
@@ -284,9 +265,48 @@ impl Relay {
         out
     }
 
-    /// One origin fetch of `ids`, in a task of its own: it fills the cache and leaves the
-    /// in-flight table even if every request waiting for it goes away.
-    fn start_flight(self: &Arc<Self>, ticket: String, list: Option<Vec<ChunkId>>, ids: Vec<ChunkId>) -> Flight {
+    /// Under the table's lock: the fetches under way that bring any of `ids`, a new one for the
+    /// rest, and (if `use_landed`) the ids whose fetch ended lately, to read from the cache.
+    fn join_or_start(
+        self: &Arc<Self>,
+        ticket: &str,
+        list: Option<&[ChunkId]>,
+        ids: &[ChunkId],
+        use_landed: bool,
+    ) -> (Vec<Flight>, Vec<ChunkId>) {
+        let mut table = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        table.sweep();
+        let (mut flights, mut landed, mut mine): (Vec<Flight>, Vec<ChunkId>, Vec<ChunkId>) = Default::default();
+        for id in ids {
+            match table.slots.get(id) {
+                Some(Slot::Flying(_, f)) if !flights.iter().any(|g| g.ptr_eq(f)) => flights.push(f.clone()),
+                Some(Slot::Flying(..)) => {}
+                Some(Slot::Landed(_)) if use_landed => landed.push(*id),
+                _ if !mine.contains(id) => mine.push(*id),
+                _ => {}
+            }
+        }
+        if !mine.is_empty() {
+            table.next += 1;
+            let number = table.next;
+            let flight = self.start_flight(number, ticket.to_string(), list.map(<[ChunkId]>::to_vec), mine.clone());
+            for id in mine {
+                table.slots.insert(id, Slot::Flying(number, flight.clone()));
+            }
+            flights.push(flight);
+        }
+        (flights, landed)
+    }
+
+    /// Origin fetch `number` of `ids`, in a task of its own: it fills the cache, then marks its
+    /// chunks landed in the table, even if every request waiting for it goes away.
+    fn start_flight(
+        self: &Arc<Self>,
+        number: u64,
+        ticket: String,
+        list: Option<Vec<ChunkId>>,
+        ids: Vec<ChunkId>,
+    ) -> Flight {
         let relay = self.clone();
         let task = tokio::spawn(async move {
             let got = {
@@ -306,13 +326,69 @@ impl Relay {
                 }
                 got
             };
-            let mut inflight = relay.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            for id in &ids {
-                inflight.remove(id);
-            }
+            relay.inflight.lock().unwrap_or_else(|p| p.into_inner()).land(number, &ids);
             Arc::new(got.into_iter().collect::<HashMap<_, _>>())
         });
-        task.map(|r| r.unwrap_or_default()).boxed().shared()
+        let relay = self.clone();
+        task.map(move |r| {
+            // The task only ends early if it panicked: its chunks must not stay "in flight".
+            if r.is_err() {
+                relay.inflight.lock().unwrap_or_else(|p| p.into_inner()).forget(number);
+            }
+            r.unwrap_or_default()
+        })
+        .boxed()
+        .shared()
+    }
+}
+
+/// How long a chunk whose fetch ended stays `Landed` in the table.
+const LANDED_FOR: Duration = Duration::from_secs(10);
+
+enum Slot {
+    /// Being fetched by flight number `.0`.
+    Flying(u64, Flight),
+    /// Fetched (and cached) at this time.
+    Landed(Instant),
+}
+
+/// The origin fetches under way, by chunk, and the chunks fetched lately.
+#[derive(Default)]
+struct Flights {
+    slots: HashMap<ChunkId, Slot>,
+    /// Landed chunks in the order they landed, for `sweep`.
+    landed: VecDeque<(Instant, ChunkId)>,
+    next: u64,
+}
+
+impl Flights {
+    /// Marks flight `number`'s chunks landed (those another flight took over are left alone).
+    fn land(&mut self, number: u64, ids: &[ChunkId]) {
+        let now = Instant::now();
+        for id in ids {
+            if matches!(self.slots.get(id), Some(Slot::Flying(n, _)) if *n == number) {
+                self.slots.insert(*id, Slot::Landed(now));
+                self.landed.push_back((now, *id));
+            }
+        }
+    }
+
+    /// Drops every slot of flight `number`.
+    fn forget(&mut self, number: u64) {
+        self.slots.retain(|_, s| !matches!(s, Slot::Flying(n, _) if *n == number));
+    }
+
+    /// Drops the chunks that landed more than `LANDED_FOR` ago.
+    fn sweep(&mut self) {
+        while let Some((at, id)) = self.landed.front().copied() {
+            if at.elapsed() < LANDED_FOR {
+                break;
+            }
+            self.landed.pop_front();
+            if matches!(self.slots.get(&id), Some(Slot::Landed(t)) if *t == at) {
+                self.slots.remove(&id);
+            }
+        }
     }
 }
 

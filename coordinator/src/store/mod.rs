@@ -12,7 +12,7 @@
 //! served) · `n/pack` the next unused pack number · `w/UID SEQ` a pending version (committed
 //! before the origin had all its chunks; its `missing` is the count at commit time) · `l/UID`
 //! the user's LAN keys (current, previous and when it was replaced; replaced when one of its
-//! devices is revoked) · `r/NAME` a relay (region, token hash).
+//! devices is revoked) · `r/PACK` a pack retired by a repack (and when) · `e/NAME` a relay (region, token hash).
 //!
 //! The chunk records (where the chunk store keeps each chunk; which chunks each user uploaded)
 //! are a log of changes (`y/` records, numbered in order) written in the same atomic batches as
