@@ -231,17 +231,8 @@ pub async fn start(opts: ServeOptions) -> anyhow::Result<Server> {
     // After a crash of the process alone, the store may hold writes that never reached the disk;
     // make them durable before any of them is served as such.
     store.flush_blocking().context("flushing the metadata store")?;
-    let listener =
-        tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
+    let (listener, metrics_listener) = shoal_net::listener::bind_with_metrics(opts.listen, opts.metrics_listen).await?;
     let addr = listener.local_addr()?;
-    let metrics_listener = match opts.metrics_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding the metrics listener {a} (choose another with --metrics-listen)"))?,
-        ),
-        None => None,
-    };
     let metrics_addr = metrics_listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
     let public_addr = opts.public_addr.clone().unwrap_or_else(|| addr.to_string());
     let fingerprint = identity.fingerprint();

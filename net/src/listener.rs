@@ -285,6 +285,25 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
     }
 }
 
+/// Binds the public listener on `listen` and, if asked, the metrics listener on `metrics`; an
+/// error names the address and, for the metrics one, the flag that moves it.
+pub async fn bind_with_metrics(
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+) -> anyhow::Result<(tokio::net::TcpListener, Option<tokio::net::TcpListener>)> {
+    use anyhow::Context;
+    let public = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let metrics = match metrics {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the metrics listener {a} (choose another with --metrics-listen)"))?,
+        ),
+        None => None,
+    };
+    Ok((public, metrics))
+}
+
 /// Serves `router` over plain HTTP on `listener` until `cancel`: the metrics listener, which
 /// should only ever be reachable from the operator's own network.
 pub async fn serve_plain(listener: tokio::net::TcpListener, router: Router, cancel: CancellationToken) {

@@ -92,17 +92,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Server> {
         .await?
         .with_context(|| format!("opening the cache in {}", opts.cache_dir.display()))?;
     let cache = Arc::new(cache);
-    let listener =
-        tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
+    let (listener, metrics_listener) = shoal_net::listener::bind_with_metrics(opts.listen, opts.metrics_listen).await?;
     let addr = listener.local_addr()?;
-    let metrics_listener = match opts.metrics_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("binding the metrics listener {a} (choose another with --metrics-listen)"))?,
-        ),
-        None => None,
-    };
     let metrics_addr = metrics_listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
     let url = opts.public_url.clone().unwrap_or_else(|| format!("https://{addr}"));
     let origin = origin::Origin::new(&opts.coordinator, opts.coordinator_fingerprint, &opts.token)?;
