@@ -1,9 +1,9 @@
 //! Packs as files under `<data>/chunks/`, `NNNNNNNN.pack`, written with direct I/O where the
 //! file system allows (whole aligned blocks from a staging buffer, so gigabytes of uploads do
-//! not evict the metadata store's pages from the page cache) and read the same way.
+//! not evict the metadata store's pages from the page cache) and read the same way; or, for a
+//! cache that wants recent chunks kept in memory (the relay), through the page cache.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,8 @@ type Reader = (Arc<std::fs::File>, bool);
 /// Pack files in one directory.
 pub struct LocalPacks {
     dir: PathBuf,
+    /// Direct I/O where the file system allows it (else through the page cache).
+    direct: bool,
     readers: Mutex<HashMap<PackId, Reader>>,
 }
 
@@ -36,7 +38,14 @@ fn pack_path(dir: &Path, pack: PackId) -> PathBuf {
 impl LocalPacks {
     pub fn open(dir: &Path) -> Result<Self, PackError> {
         std::fs::create_dir_all(dir)?;
-        Ok(LocalPacks { dir: dir.to_path_buf(), readers: Mutex::default() })
+        Ok(LocalPacks { dir: dir.to_path_buf(), direct: true, readers: Mutex::default() })
+    }
+
+    /// Packs read and written through the page cache, which keeps what was read or written
+    /// lately in memory the kernel can take back: for a cache whose recent chunks are the ones
+    /// asked for again.
+    pub fn open_buffered(dir: &Path) -> Result<Self, PackError> {
+        Ok(LocalPacks { direct: false, ..LocalPacks::open(dir)? })
     }
 
     /// The file that holds `pack`.
@@ -53,7 +62,7 @@ impl LocalPacks {
             readers.clear();
         }
         let path = self.path(pack);
-        let r = match direct::open_direct_read(&path)? {
+        let r = match self.direct.then(|| direct::open_direct_read(&path)).transpose()?.flatten() {
             Some(f) => (Arc::new(f), true),
             None => (Arc::new(std::fs::File::open(&path)?), false),
         };
@@ -69,7 +78,7 @@ impl PackBackend for LocalPacks {
 
     fn create(&self, pack: PackId) -> Result<Box<dyn PackWriter>, PackError> {
         let path = self.path(pack);
-        let (file, direct) = match direct::open_direct(&path, true)? {
+        let (file, direct) = match self.direct.then(|| direct::open_direct(&path, true)).transpose()?.flatten() {
             Some(f) => (f, true),
             None => (std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?, false),
         };
@@ -96,9 +105,7 @@ impl PackBackend for LocalPacks {
             buf.fill_from(&file, from, (to - from) as usize)?;
             Ok(buf.into_bytes((offset - from) as usize..(end - from) as usize))
         } else {
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, offset)?;
-            Ok(Bytes::from(buf))
+            Ok(Bytes::from(direct::read_exact_at(&file, offset, len)?))
         }
     }
 

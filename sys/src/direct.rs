@@ -115,6 +115,23 @@ pub fn open_direct(path: &Path, create_new: bool) -> io::Result<Option<File>> {
     }
 }
 
+/// `len` bytes of `f` from `offset`, read into fresh memory that is not zeroed first (zeroing
+/// costs as much as the copy from the page cache).
+pub fn read_exact_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        // Reads into the spare capacity and extends the length by what was read.
+        let at = offset + buf.len() as u64;
+        let n = rustix::io::pread(f, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ends before the bytes asked for"));
+        }
+    }
+    // The capacity, and so a read, may pass `len`.
+    buf.truncate(len);
+    Ok(buf)
+}
+
 /// Writes `buf` (a multiple of `ALIGN` long) at `offset` (aligned) with a direct-I/O handle, or
 /// with a buffered one.
 pub fn write_at(f: &File, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -124,6 +141,20 @@ pub fn write_at(f: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_exactly_what_is_asked_or_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        assert_eq!(read_exact_at(&f, 0, data.len()).unwrap(), data);
+        assert_eq!(read_exact_at(&f, 12_345, 4_321).unwrap(), &data[12_345..12_345 + 4_321]);
+        assert_eq!(read_exact_at(&f, 100_000, 0).unwrap(), Vec::<u8>::new());
+        let e = read_exact_at(&f, 99_000, 2_000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn aligned_buffer() {
