@@ -405,3 +405,45 @@ fn a_relay_serving_wrong_bytes_or_killed_mid_download_leaves_the_origin_to_finis
     assert!(s[2] > 0 && s[3] > 0 && s[2] + s[3] >= big.len() as u64, "C's bytes by source {s:?}");
     c.stop(false);
 }
+
+#[test]
+fn a_device_with_no_region_uses_a_relay_that_answers_and_another_once_it_dies() {
+    let tmp = test_dir();
+    let coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut relays = [
+        Relay::start(&coord, "eu1", "eu", "127.0.0.1", &tmp.path().join("eu1"), "64MiB", &[]),
+        Relay::start(&coord, "us1", "us", "127.0.0.1", &tmp.path().join("us1"), "64MiB", &[]),
+    ];
+    let author = Device::enroll(tmp.path(), &coord, "wes", "author");
+    author.configure(|c| c.relays = false);
+    let first = noise(84, 1024 * 1024);
+    author.write("first.bin", &first);
+    author.sync();
+
+    let mut d = Device::enroll(tmp.path(), &coord, "wes", "d");
+    d.configure(|c| {
+        c.bind = Some("127.0.1.1".parse().unwrap());
+        c.lan_sync = false;
+        c.region = None;
+    });
+    d.start();
+    wait_for_file(&d, "first.bin", &first);
+    assert_eq!(by_source(&d)[2], first.len() as u64, "D's bytes by source:\n{}", d.log());
+    let chosen = daemon_status(&d)["relay"]["name"].as_str().unwrap().to_string();
+    let (dead, other) = if chosen == "eu1" { (0, 1) } else { (1, 0) };
+    relays[dead].stop(true);
+
+    // The dead relay stays listed (its heartbeat has not lapsed): the next files still arrive,
+    // from the origin while the dead relay fails, then through the one that answers.
+    for (i, seed) in [85u64, 86].into_iter().enumerate() {
+        let data = noise(seed, 1024 * 1024);
+        author.write(&format!("next{i}.bin"), &data);
+        author.sync();
+        wait_for_file(&d, &format!("next{i}.bin"), &data);
+    }
+    let other_name = if other == 0 { "eu1" } else { "us1" };
+    wait_for(SETTLE, || (daemon_status(&d)["relay"]["name"] == other_name).then_some(()))
+        .unwrap_or_else(|| panic!("D never moved to {other_name}:\n{}", d.log()));
+    assert!(relays[other].metric("shoal_relay_bytes_served_total") > 0, "{other_name} served nothing");
+    d.stop(false);
+}
