@@ -152,7 +152,10 @@ fn main() {
         (format!("Zipf 0.8 over {universe} chunks (4x the cache)"), zipf(universe, 0.8, 1)),
         (format!("Zipf 1.0 over {universe} chunks"), zipf(universe, 1.0, 2)),
         (format!("uniform over {universe} chunks"), zipf(universe, 0.0, 3)),
-        (format!("a hot set of {hot} chunks (5/8 of the cache) half the time, one-time reads the rest"), hot_and_scans(hot, 0.5, 4)),
+        (
+            format!("a hot set of {hot} chunks (5/8 of the cache) half the time, one-time reads the rest"),
+            hot_and_scans(hot, 0.5, 4),
+        ),
     ];
     println!("{REQUESTS} requests of {CHUNK}-byte chunks each, cache {} MiB (16 segments of 1 MiB)", CAP >> 20);
     println!();
