@@ -17,6 +17,7 @@ use crate::daemon::{self, Status};
 use crate::engine::{self, Engine};
 use crate::oneshot::{self, EntryJson};
 use crate::progress::Progress;
+use shoal_protocol::status::{StatusReport, SyncState};
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Keep a folder identical on all your devices")]
@@ -445,7 +446,7 @@ pub async fn sync_once(home: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
 
 /// Whether the daemon that wrote `st` is still running.
 fn daemon_running(st: &Status) -> bool {
-    st.pid != 0 && st.state != "stopped" && Path::new(&format!("/proc/{}", st.pid)).exists()
+    st.pid != 0 && st.state != SyncState::Stopped && Path::new(&format!("/proc/{}", st.pid)).exists()
 }
 
 /// The peers the running daemon is connected to (none if it is not running).
@@ -458,7 +459,7 @@ fn connected_peers(home: &Path, running: bool) -> anyhow::Result<Vec<crate::peer
 
 fn peers(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Config::load(home)?;
-    let st = Status::load(home).unwrap_or_default();
+    let st = crate::daemon::load_status(home).unwrap_or_default();
     let running = daemon_running(&st);
     let peers = connected_peers(home, running)?;
     if json {
@@ -486,38 +487,33 @@ fn peers(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 fn status(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(home)?;
-    let mut st = Status::load(home).unwrap_or_default();
+    let mut st = crate::daemon::load_status(home).unwrap_or_default();
     let running = daemon_running(&st);
-    if !running && st.state != "stopped" && !st.state.is_empty() {
-        st.state = "stopped".into();
+    if !running && st.state != SyncState::NeverSynced {
+        st.state = SyncState::Stopped;
     }
     if json {
-        let v = serde_json::json!({
-            "device": cfg.device_name,
-            "device_id": cfg.device_id,
-            "root": cfg.root,
-            "daemon_running": running,
-            "status": st,
-            "peers": connected_peers(home, running)?,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let report = StatusReport {
+            device: cfg.device_name,
+            device_id: cfg.device_id,
+            root: cfg.root,
+            daemon_running: running,
+            status: st,
+            peers: connected_peers(home, running)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("device:  {} ({})", cfg.device_name, cfg.device_id);
         if let Some(r) = &cfg.root {
             println!("folder:  {}", Escaped(&r.display().to_string()));
         }
         println!("daemon:  {}", if running { "running" } else { "not running (start it with `shoal run`)" });
-        let state = if st.state.is_empty() { "never synced" } else { st.state.as_str() };
+        let state = st.state.describe();
         let quota = st.quota.map(|q| {
             use shoal_protocol::size::format_bytes;
             format!(" ({} used / {} quota)", format_bytes(q.used), q.quota.map_or("none".into(), format_bytes))
         });
-        println!(
-            "state:   {}{}{}",
-            if state == "over_quota" { "over quota" } else { state },
-            quota.unwrap_or_default(),
-            if st.in_sync { " (in sync)" } else { "" }
-        );
+        println!("state:   {}{}{}", state, quota.unwrap_or_default(), if st.in_sync { " (in sync)" } else { "" });
         println!("cursor:  {}", st.cursor);
         println!("pending: {} uploads, {} downloads", st.pending_uploads, st.pending_downloads);
         if let Some(r) = st.relay.as_ref().filter(|_| running) {

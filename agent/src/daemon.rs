@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use shoal_protocol::api::DeviceInfo;
 use shoal_protocol::{Seq, SyncPath};
 use shoal_sys::clock::now_ms;
@@ -21,83 +20,23 @@ use crate::engine::{CycleReport, Engine};
 use crate::own::OwnWrites;
 use crate::peer::node::PeerNode;
 
-/// What `status.json` holds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Status {
-    /// "in_sync", "syncing", "offline", "unauthorized" (the coordinator refuses this device's
-    /// token: it was revoked), "over_quota" (see `quota`), "error" or "stopped".
-    pub state: String,
-    pub in_sync: bool,
-    pub pid: u32,
-    pub cursor: Seq,
-    pub pending_uploads: usize,
-    pub pending_downloads: usize,
-    pub last_sync_ms: u64,
-    pub updated_ms: u64,
-    /// When the cycle this status reports on started: `in_sync` covers the changes the daemon
-    /// had noticed by then (a watcher event arrives `debounce` after the change).
-    #[serde(default)]
-    pub cycle_started_ms: u64,
-    pub last_error: Option<String>,
-    pub skipped: Vec<String>,
-    /// Watcher wake-ups since the daemon started: changes in the folder that were not the
-    /// agent's own writes (a debug counter; it stays put while the agent only applies others').
-    #[serde(default)]
-    pub watcher_hints: u64,
-    /// Stored path records the last cycle decoded, and the paths and directories it looked at
-    /// (debug counters: outside full passes they follow the change, not the folder's size).
-    #[serde(default)]
-    pub last_cycle_reads: u64,
-    #[serde(default)]
-    pub last_cycle_scope: usize,
-    /// Stored path records decoded since the daemon started.
-    #[serde(default)]
-    pub reads_total: u64,
-    /// A full pass over the folder is under way.
-    #[serde(default)]
-    pub full_pass: bool,
-    /// Chunk bytes downloaded since the daemon started, by where they came from: other files
-    /// in this folder, LAN peers, relays, the origin.
-    #[serde(default)]
-    pub bytes_by_source: crate::transfer::BytesBySource,
-    /// The regional relay downloads go through: its name and url.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay: Option<RelayInUse>,
-    /// The user's versions not yet backed up (committed before the origin had their chunks), as
-    /// last seen by this daemon; and how many of this device's own it still has to upload.
-    #[serde(default)]
-    pub pending_versions: Vec<shoal_protocol::api::PendingVersion>,
-    #[serde(default)]
-    pub owed_uploads: usize,
-    /// Set while the coordinator refuses this device's uploads or commits for the user's storage
-    /// quota (state `over_quota`): what is used and the quota. Local files stay as they are;
-    /// the daemon tries again as it backs off, and syncs once space is freed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quota: Option<shoal_protocol::api::UsageResponse>,
+pub use shoal_protocol::status::{RelayInUse, Status, SyncState};
+
+/// Where `status.json` is.
+pub fn status_path(home: &Path) -> PathBuf {
+    home.join("status.json")
 }
 
-/// A relay, as `status` names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RelayInUse {
-    pub name: String,
-    pub url: String,
+/// The daemon's last status, if it wrote one that reads.
+pub fn load_status(home: &Path) -> Option<Status> {
+    serde_json::from_slice(&std::fs::read(status_path(home)).ok()?).ok()
 }
 
-impl Status {
-    pub fn path(home: &Path) -> PathBuf {
-        home.join("status.json")
-    }
-
-    pub fn load(home: &Path) -> Option<Status> {
-        serde_json::from_slice(&std::fs::read(Self::path(home)).ok()?).ok()
-    }
-
-    /// Best effort and not synced: the status is rewritten after every cycle, and a lost one
-    /// only shows an older state until the next.
-    fn save(&self, home: &Path) {
-        if let Ok(b) = serde_json::to_vec_pretty(self) {
-            let _ = write_atomic(&Self::path(home), &b, Durability::Unsynced);
-        }
+/// Best effort and not synced: the status is rewritten after every cycle, and a lost one only
+/// shows an older state until the next.
+fn save_status(status: &Status, home: &Path) {
+    if let Ok(b) = serde_json::to_vec_pretty(status) {
+        let _ = write_atomic(&status_path(home), &b, Durability::Unsynced);
     }
 }
 
@@ -258,12 +197,12 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
                     // syncing meanwhile, not as the last cycle's verdict.
                     _ = looked.tick() => {
                         let applying = counters.applying.load(Ordering::Relaxed);
-                        if applying > 0 && status.state != "syncing" {
-                            status.state = "syncing".into();
+                        if applying > 0 && status.state != SyncState::Syncing {
+                            status.state = SyncState::Syncing;
                             status.in_sync = false;
                             status.pending_downloads = applying as usize;
                             status.updated_ms = now_ms();
-                            status.save(home);
+                            save_status(&status, home);
                         }
                     }
                 }
@@ -293,7 +232,7 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
                 }
                 update_status(&mut status, &report);
                 if report.over_quota {
-                    status.state = "over_quota".into();
+                    status.state = SyncState::OverQuota;
                     status.quota = engine.client().usage().await.ok();
                 }
                 if woken {
@@ -329,12 +268,13 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
                 status.state = match client_error {
                     // Revoked (or a token the coordinator does not know): nothing syncs until the
                     // operator reinstates the device.
-                    Some(c) if c.code() == Some(shoal_protocol::api::ErrorCode::Unauthorized) => "unauthorized",
-                    _ if over_quota => "over_quota",
-                    Some(c) if c.is_retryable() => "offline",
-                    _ => "error",
-                }
-                .into();
+                    Some(c) if c.code() == Some(shoal_protocol::api::ErrorCode::Unauthorized) => {
+                        SyncState::Unauthorized
+                    }
+                    _ if over_quota => SyncState::OverQuota,
+                    Some(c) if c.is_retryable() => SyncState::Offline,
+                    _ => SyncState::Error,
+                };
                 status.in_sync = false;
                 status.last_error = Some(format!("{e:#}"));
                 w
@@ -345,7 +285,7 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
         status.reads_total = engine.store().reads();
         status.bytes_by_source = engine.counters.by_source.snapshot();
         status.relay = engine.relay_in_use().map(|(name, url)| RelayInUse { name, url });
-        status.save(home);
+        save_status(&status, home);
         // The peer list's counters (round-trip time, bytes) follow the status.
         if let Some(n) = &node {
             n.save();
@@ -364,10 +304,10 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
         }
     }
     if !stop.now.is_cancelled() {
-        status.state = "stopping".into();
+        status.state = SyncState::Stopping;
         status.in_sync = false;
         status.updated_ms = now_ms();
-        status.save(home);
+        save_status(&status, home);
         finish_uploads(&mut engine, grace, &stop.now).await;
     }
     tracing::info!("stopped");
@@ -375,9 +315,9 @@ pub async fn run(home: &Path, cfg: Config, stop: Stop) -> anyhow::Result<()> {
         n.close().await;
     }
     engine.store().flush().await?;
-    status.state = "stopped".into();
+    status.state = SyncState::Stopped;
     status.updated_ms = now_ms();
-    status.save(home);
+    save_status(&status, home);
     Ok(())
 }
 
@@ -442,7 +382,7 @@ fn retryable(e: &anyhow::Error) -> bool {
 }
 
 fn update_status(s: &mut Status, r: &CycleReport) {
-    s.state = if r.in_sync { "in_sync" } else { "syncing" }.into();
+    s.state = if r.in_sync { SyncState::InSync } else { SyncState::Syncing };
     s.quota = None;
     s.in_sync = r.in_sync;
     s.cursor = r.cursor;

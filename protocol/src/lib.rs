@@ -9,6 +9,7 @@ pub mod ids;
 pub mod path;
 pub mod peer;
 pub mod size;
+pub mod status;
 pub mod testdata;
 pub mod ticket;
 

@@ -99,3 +99,17 @@ fn shared_crates_depend_on_no_part_that_uses_them_and_the_relay_not_on_the_agent
         panic!("shoal-relay depends on shoal-agent ({}); move what it needs into shoal-net", path.join(" -> "));
     }
 }
+
+#[test]
+fn nothing_shipped_depends_on_the_test_kit() {
+    let graph = workspace_graph();
+    assert!(path_to(&graph, "shoal-tests", "shoal-testkit").is_some(), "the end-to-end tests use the kit");
+    for krate in
+        ["shoal-protocol", "shoal-sys", "shoal-net", "shoal-packs", "shoal-coordinator", "shoal-agent", "shoal-relay"]
+    {
+        assert!(graph.contains_key(krate), "no {krate} in {graph:?}");
+        if let Some(path) = path_to(&graph, krate, "shoal-testkit") {
+            panic!("{krate} depends on the test kit ({})", path.join(" -> "));
+        }
+    }
+}

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use shoal_protocol::api::PeerHint;
 use shoal_protocol::{ChunkId, DeviceId};
 
@@ -41,23 +40,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HANDSHAKES: usize = 64;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 
-/// A peer this device is connected to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub device: DeviceId,
-    pub name: String,
-    /// How it was found: `hint` (the coordinator named it), `mdns` (seen on the LAN) or
-    /// `incoming` (it called).
-    pub found: String,
-    pub addr: String,
-    /// Round-trip time, as the connection measures it.
-    pub rtt_ms: f64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// The largest UDP payload the path carries, as discovered so far.
-    #[serde(default)]
-    pub mtu: u16,
-}
+pub use shoal_protocol::status::PeerStatus;
 
 struct Peer {
     conn: quinn::Connection,

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use shoal_protocol::api::{ErrorBody, ErrorCode};
 use shoal_protocol::{ChunkId, ChunkRef};
 use tokio_util::task::AbortOnDropHandle;
@@ -55,14 +54,7 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// Chunk bytes delivered for downloads, by source, since the agent started (`status --json`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BytesBySource {
-    pub local: u64,
-    pub peer: u64,
-    pub relay: u64,
-    pub origin: u64,
-}
+pub use shoal_protocol::status::BytesBySource;
 
 /// Live counters behind `BytesBySource`, shared by every download of an agent, and the rate
 /// sources have been delivering at (what a peer is judged against).

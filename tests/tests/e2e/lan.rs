@@ -26,7 +26,7 @@ fn states(d: &Device, path: &str) -> Vec<String> {
 
 #[test]
 fn devices_on_a_lan_find_each_other_by_mdns_and_transfer_without_the_coordinator() {
-    let lan = Lan::new();
+    let lan = Lan::create();
     let tmp = tempfile::tempdir().unwrap();
     let mut coord = Coordinator::start_in(&tmp.path().join("coord"), "10.78.0.1:0", Some(&lan.b));
     let mut a = Device::enroll_in(tmp.path(), &coord, "wanda", "a", &lan.a);
@@ -44,15 +44,15 @@ fn devices_on_a_lan_find_each_other_by_mdns_and_transfer_without_the_coordinator
     // Two devices that dial each other at once both keep one of the two connections; until the
     // other is closed on both ends, each may list the one the other side dialed ("incoming" on
     // both). Wait for a settled pair: one end lists the connection it dialed.
-    let found = |d: &Device, other: &str| peers_of(d).into_iter().find(|p| p["name"] == other);
+    let found = |d: &Device, other: &str| peers_of(d).into_iter().find(|p| p.name == other);
     let (on_a, on_b) = wait_for(SETTLE, || {
         let pair = (found(&a, "b")?, found(&b, "a")?);
-        (pair.0["found"] != "incoming" || pair.1["found"] != "incoming").then_some(pair)
+        (pair.0.found != "incoming" || pair.1.found != "incoming").then_some(pair)
     })
     .unwrap_or_else(|| panic!("no peers:\nA: {}\nB: {}", a.log(), b.log()));
-    let mut how = [on_a["found"].as_str().unwrap().to_string(), on_b["found"].as_str().unwrap().to_string()];
+    let mut how = [on_a.found.as_str().to_string(), on_b.found.as_str().to_string()];
     how.sort();
-    assert!(how.contains(&"mdns".to_string()) && !how.contains(&"hint".to_string()), "{on_a} {on_b}");
+    assert!(how.contains(&"mdns".to_string()) && !how.contains(&"hint".to_string()), "{on_a:?} {on_b:?}");
 
     // A commits a new file; as soon as B knows of it, A loses the coordinator (a blackhole route
     // to its address). B still gets every byte, from A.

@@ -91,7 +91,7 @@ fn bare_quic_initials_do_not_keep_devices_apart() {
     std::thread::sleep(Duration::from_secs(3));
     b.start();
     let connected = Instant::now();
-    wait_for(Duration::from_secs(30), || peers_of(&b).iter().any(|p| p["name"] == "a").then_some(()))
+    wait_for(Duration::from_secs(30), || peers_of(&b).iter().any(|p| p.name == "a").then_some(()))
         .unwrap_or_else(|| panic!("B never reached A through the flood:\n{}", b.log()));
     let took = connected.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -139,13 +139,13 @@ fn open_fds(pid: u32) -> usize {
 /// syncing; and its open-file limit is the system's hard limit.
 #[test]
 fn idle_tcp_connections_to_the_peer_port_do_not_starve_the_agent() {
-    let lan = Lan::new();
+    let lan = Lan::create();
     let tmp = test_dir();
     let mut coord = Coordinator::start_in(&tmp.path().join("coord"), "10.78.0.1:0", Some(&lan.b));
     let mut a = Device::enroll_in(tmp.path(), &coord, "olaf", "a", &lan.a);
     a.configure(|c| c.peer_listen = Some("10.77.0.1:47001".parse().unwrap()));
     a.start();
-    wait_for(SETTLE, || (daemon_status(&a)["in_sync"] == true).then_some(())).expect("A never got in sync");
+    wait_for(SETTLE, || (daemon_status(&a).in_sync).then_some(())).expect("A never got in sync");
     let pid = a.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let soft_hard: Vec<&str> =
@@ -253,7 +253,7 @@ fn rss_mib(pid: u32) -> u64 {
 /// where it was, and still syncing.
 #[test]
 fn forged_mdns_answers_cost_the_agent_nothing_lasting() {
-    let lan = Lan::new();
+    let lan = Lan::create();
     let tmp = test_dir();
     let mut coord = Coordinator::start_in(&tmp.path().join("coord"), "10.78.0.1:0", Some(&lan.b));
     let mut a = Device::enroll_in(tmp.path(), &coord, "pia", "a", &lan.a);

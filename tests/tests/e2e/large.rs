@@ -10,7 +10,7 @@ fn applying_other_devices_changes_does_not_wake_the_watcher() {
     let (_tmp, _coord, devices) = world("wendy", &["a", "b"]);
     let [a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     b.start();
-    wait_for(SETTLE, || (daemon_status(&b)["in_sync"] == true).then_some(())).expect("b in sync");
+    wait_for(SETTLE, || (daemon_status(&b).in_sync).then_some(())).expect("b in sync");
 
     // Creates in new directories, a large (streamed) file, then removals and a rename: B
     // installs, creates directories and removes, all of which the watcher sees.
@@ -40,11 +40,11 @@ fn applying_other_devices_changes_does_not_wake_the_watcher() {
     })
     .unwrap_or_else(|| panic!("bytes by source after a copy: {:?} (origin was {origin})", by_source(&b)));
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(daemon_status(&b)["watcher_hints"], 0, "B's own writes woke its watcher");
+    assert_eq!(daemon_status(&b).watcher_hints, 0, "B's own writes woke its watcher");
 
     // A change by B's user is still noticed.
     b.write("mine.txt", b"written on b");
-    wait_for(SETTLE, || (daemon_status(&b)["watcher_hints"].as_u64() >= Some(1)).then_some(()))
+    wait_for(SETTLE, || (Some(daemon_status(&b).watcher_hints) >= Some(1)).then_some(()))
         .expect("a local write wakes the watcher");
     a.sync();
     converge(&[&a, &b], SETTLE);
@@ -64,13 +64,13 @@ fn one_change_in_a_large_folder_reads_what_it_touches() {
     a.start();
     b.start();
     let in_sync = |d: &Device| {
-        wait_for(Duration::from_secs(600), || (daemon_status(d)["in_sync"] == true).then_some(()))
+        wait_for(Duration::from_secs(600), || (daemon_status(d).in_sync).then_some(()))
             .unwrap_or_else(|| panic!("{} never reached in sync", d.name))
     };
     in_sync(&a);
     wait_for(Duration::from_secs(600), || (count_files(&b.root) == FILES).then_some(())).expect("B got every file");
     in_sync(&b);
-    let reads = |d: &Device| daemon_status(d)["reads_total"].as_u64().unwrap();
+    let reads = |d: &Device| daemon_status(d).reads_total;
     let (a0, b0) = (reads(&a), reads(&b));
     assert!(b0 >= FILES as u64, "the initial sync read every record at least once ({b0})");
 
@@ -94,7 +94,7 @@ fn one_change_in_a_large_folder_reads_what_it_touches() {
     eprintln!("records read for three changes: A {da}, B {db}");
     assert!(da < bound && db < bound, "records read for three changes: A {da}, B {db} (bound {bound})");
     let last = daemon_status(&b);
-    assert!(last["last_cycle_scope"].as_u64().unwrap() < 10, "last cycle's scope: {last}");
+    assert!(last.last_cycle_scope < 10, "last cycle's scope: {last:?}");
     a.stop(false);
     b.stop(false);
     converge(&[&a, &b], SETTLE);

@@ -5,6 +5,8 @@ use std::time::Duration;
 use shoal_agent::config::Config;
 use shoal_protocol::api::PeerHint;
 
+use shoal_protocol::status::SyncState;
+
 use crate::harness::*;
 
 /// Established TCP connections from `local_ip` to port `port` on this machine (IPv4, from
@@ -76,7 +78,7 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
     b.start();
     wait_for(SETTLE, || (saved_roster(&b).len() == 3).then_some(())).expect("B saved the user's three devices");
     assert!(saved_roster(&b).iter().all(|d| d["revoked"] == false));
-    wait_for(SETTLE, || peers_of(&b).iter().any(|p| p["name"] == "c").then_some(())).expect("B and C connect");
+    wait_for(SETTLE, || peers_of(&b).iter().any(|p| p.name == "c").then_some(())).expect("B and C connect");
 
     // A revocation (asked for by A, confirmed by B) reaches B's saved list at once: the push
     // subscription says the device list changed. C knew the user's LAN key: it is replaced.
@@ -97,14 +99,14 @@ fn the_daemon_keeps_the_users_device_list_with_revocations() {
     wait_for(Duration::from_secs(5), || (lan_key(&b).is_some_and(|k| k != key_before)).then_some(()))
         .expect("the LAN key was not replaced after a revocation");
     // The open connection to C goes with it.
-    wait_for(Duration::from_secs(5), || peers_of(&b).iter().all(|p| p["name"] != "c").then_some(()))
+    wait_for(Duration::from_secs(5), || peers_of(&b).iter().all(|p| p.name != "c").then_some(()))
         .unwrap_or_else(|| panic!("B still connected to revoked C: {:?}", peers_of(&b)));
     // C's own status says so at once (it was in sync, and nothing else happens in its folder).
     wait_for(Duration::from_secs(5), || {
         let s = daemon_status(&c);
-        (s["state"] == "unauthorized" && s["in_sync"] == false).then_some(())
+        (s.state == SyncState::Unauthorized && !s.in_sync).then_some(())
     })
-    .unwrap_or_else(|| panic!("C's status after its revocation: {}", daemon_status(&c)));
+    .unwrap_or_else(|| panic!("C's status after its revocation: {:?}", daemon_status(&c)));
     c.stop(false);
     b.stop(false);
     converge(&[&a, &b], SETTLE);
@@ -168,19 +170,19 @@ fn devices_of_one_user_find_each_other_through_coordinator_hints() {
     a.start();
     b.start();
     let started = std::time::Instant::now();
-    let find = |d: &Device, name: &str| wait_for(SETTLE, || peers_of(d).into_iter().find(|p| p["name"] == name));
+    let find = |d: &Device, name: &str| wait_for(SETTLE, || peers_of(d).into_iter().find(|p| p.name == name));
     let a_on_b = find(&b, "a").unwrap_or_else(|| panic!("B never connected to A: {:?}", peers_of(&b)));
     let b_on_a = find(&a, "b").unwrap_or_else(|| panic!("A never saw B: {:?}", peers_of(&a)));
     eprintln!("peers found {:?} after both agents started", started.elapsed());
     // Whichever started second dialled the first from the coordinator's hint; the first saw it
     // call in.
-    let mut how = [a_on_b["found"].as_str().unwrap(), b_on_a["found"].as_str().unwrap()];
+    let mut how = [a_on_b.found.as_str(), b_on_a.found.as_str()];
     how.sort();
-    assert_eq!(how, ["hint", "incoming"], "{a_on_b} {b_on_a}");
-    assert!(a_on_b["addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{a_on_b}");
-    assert!(a_on_b["rtt_ms"].as_f64().unwrap() >= 0.0 && a_on_b["bytes_received"].as_u64().unwrap() > 0, "{a_on_b}");
+    assert_eq!(how, ["hint", "incoming"], "{a_on_b:?} {b_on_a:?}");
+    assert!(a_on_b.addr.as_str().starts_with("127.0.0.1:"), "{a_on_b:?}");
+    assert!(a_on_b.rtt_ms >= 0.0 && a_on_b.bytes_received > 0, "{a_on_b:?}");
     // Another user's device, on the same machine, is nobody's peer.
-    assert!(peers_of(&a).iter().chain(&peers_of(&b)).all(|p| p["name"] != "stranger"));
+    assert!(peers_of(&a).iter().chain(&peers_of(&b)).all(|p| p.name != "stranger"));
     assert!(peers_of(&stranger).is_empty());
 
     // A leaves: B's list follows.

@@ -428,13 +428,9 @@ fn a_pending_version_nobody_can_supply_is_stuck_not_retried() {
     let ghost = block_on(c.commit(&req)).unwrap().entries[0].version;
 
     // Stuck: the devices' status, history and the metrics say so.
-    let stuck_on = |d: &Device| {
-        daemon_status(d)["pending_versions"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|p| p["version"] == ghost && p["stuck"] == true))
-    };
+    let stuck_on = |d: &Device| daemon_status(d).pending_versions.iter().any(|p| p.version == ghost && p.stuck);
     wait_for(SETTLE, || (stuck_on(&a) && stuck_on(&b)).then_some(()))
-        .unwrap_or_else(|| panic!("never shown as stuck: {}", daemon_status(&b)));
+        .unwrap_or_else(|| panic!("never shown as stuck: {:?}", daemon_status(&b)));
     assert_eq!(history_states(&b, "ghost.txt").last(), Some(&(ghost, "stuck".to_string())));
     assert_eq!(coord.metric("shoal_pending_stuck_versions"), 1);
     // Nobody keeps trying to fetch it, and both say they are in sync.
@@ -442,7 +438,7 @@ fn a_pending_version_nobody_can_supply_is_stuck_not_retried() {
     let before = (failed(&a), failed(&b));
     std::thread::sleep(std::time::Duration::from_secs(8));
     assert_eq!((failed(&a), failed(&b)), before, "still retried:\n{}", b.log());
-    assert!(daemon_status(&a)["in_sync"] == true && daemon_status(&b)["in_sync"] == true, "{}", daemon_status(&b));
+    assert!(daemon_status(&a).in_sync && daemon_status(&b).in_sync, "{:?}", daemon_status(&b));
 
     // An edit of the file is committed on top of it: no conflicted copy.
     b.write("ghost.txt", b"edited on b");
@@ -539,7 +535,7 @@ fn devices_that_start_together_take_what_their_peers_hold_from_them() {
     a.write("big.bin", &data);
     wait_for(SETTLE, || {
         let committed = a.remote_tree().contains_key("big.bin");
-        (committed && daemon_status(&a)["in_sync"] == true).then_some(())
+        (committed && daemon_status(&a).in_sync).then_some(())
     })
     .unwrap_or_else(|| panic!("A never committed the file:\n{}", a.log()));
     b.start_with_env(&[("SHOAL_TEST_ANNOUNCE_DELAY_MS", "1000")]);

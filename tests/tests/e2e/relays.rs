@@ -337,7 +337,7 @@ fn devices_in_a_region_download_through_its_relay_and_the_second_from_its_cache(
     wait_for_file(&b, "video.mp4", &data);
     let s = by_source(&b);
     assert_eq!(s[2], data.len() as u64, "B's bytes by source {s:?}:\n{}", b.log());
-    assert_eq!(daemon_status(&b)["relay"]["name"], "eu1", "the region's relay, not the other");
+    assert_eq!(daemon_status(&b).relay.map(|r| r.name).unwrap_or_default(), "eu1", "the region's relay, not the other");
     assert_eq!(eu.metric("shoal_relay_cache_misses_total"), n);
     assert_eq!(eu.metric("shoal_relay_origin_bytes_total"), data.len() as u64);
 
@@ -429,7 +429,7 @@ fn a_device_with_no_region_uses_a_relay_that_answers_and_another_once_it_dies() 
     d.start();
     wait_for_file(&d, "first.bin", &first);
     assert_eq!(by_source(&d)[2], first.len() as u64, "D's bytes by source:\n{}", d.log());
-    let chosen = daemon_status(&d)["relay"]["name"].as_str().unwrap().to_string();
+    let chosen = daemon_status(&d).relay.map(|r| r.name).unwrap_or_default();
     let (dead, other) = if chosen == "eu1" { (0, 1) } else { (1, 0) };
     relays[dead].stop(true);
 
@@ -442,7 +442,7 @@ fn a_device_with_no_region_uses_a_relay_that_answers_and_another_once_it_dies() 
         wait_for_file(&d, &format!("next{i}.bin"), &data);
     }
     let other_name = if other == 0 { "eu1" } else { "us1" };
-    wait_for(SETTLE, || (daemon_status(&d)["relay"]["name"] == other_name).then_some(()))
+    wait_for(SETTLE, || (daemon_status(&d).relay.is_some_and(|r| r.name == other_name)).then_some(()))
         .unwrap_or_else(|| panic!("D never moved to {other_name}:\n{}", d.log()));
     assert!(relays[other].metric("shoal_relay_bytes_served_total") > 0, "{other_name} served nothing");
     d.stop(false);

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use shoal_packs::testing::{ACCESS_KEY, S3TestServer, SECRET_KEY};
 
+use shoal_protocol::status::SyncState;
+
 use crate::harness::*;
 
 const KEEP: Duration = Duration::from_secs(5);
@@ -163,10 +165,11 @@ fn a_user_over_quota_keeps_its_files_and_syncs_once_there_is_room() {
     a.start();
     let big = random_bytes(300_000, 6);
     a.write("big.bin", &big);
-    let st = wait_for(SETTLE, || Some(daemon_status(&a)).filter(|s| s["state"] == "over_quota"))
+    let st = wait_for(SETTLE, || Some(daemon_status(&a)).filter(|s| s.state == SyncState::OverQuota))
         .expect("the daemon never reported over_quota");
-    assert_eq!(st["quota"]["quota"], 100_000);
-    assert!(st["quota"]["used"].as_u64().unwrap() >= 10_000, "{st}");
+    let quota = st.quota.unwrap_or_else(|| panic!("no quota in {st:?}"));
+    assert_eq!(quota.quota, Some(100_000));
+    assert!(quota.used >= 10_000, "{quota:?}");
     let human = String::from_utf8(a.shoal(&["status"]).stdout).unwrap();
     assert!(human.contains("over quota (") && human.contains("/ 97.7 KiB quota)"), "{human}");
     assert_eq!(a.read("big.bin").unwrap(), big, "the local file is kept");
@@ -178,9 +181,9 @@ fn a_user_over_quota_keeps_its_files_and_syncs_once_there_is_room() {
     // More room: the daemon tries again and the file goes through.
     let (ok, out) = coord.admin(&["user", "set-quota", "quinn", "none"]);
     assert!(ok, "{out}");
-    wait_for(Duration::from_secs(90), || (daemon_status(&a)["in_sync"] == true).then_some(()))
+    wait_for(Duration::from_secs(90), || (daemon_status(&a).in_sync).then_some(()))
         .expect("the daemon did not sync once the quota was lifted");
-    assert!(daemon_status(&a).get("quota").is_none_or(|q| q.is_null()));
+    assert!(daemon_status(&a).quota.is_none());
     b.sync();
     assert_eq!(b.read("big.bin").unwrap(), big);
     a.stop(false);

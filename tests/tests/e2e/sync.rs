@@ -272,7 +272,7 @@ fn a_top_level_directory_moved_away_and_made_again_while_paused_is_synced_whole(
             let status = daemon_status(&a);
             let remote = a.remote_tree();
             let whole = remote.get("b/f2") == Some(&want) && remote.contains_key(&format!("a/b{round}/f0"));
-            if status["in_sync"] == true && status["cycle_started_ms"].as_u64().unwrap_or(0) > since && !whole {
+            if status.in_sync && status.cycle_started_ms > since && !whole {
                 panic!("round {round}: a reports in sync with its changes not all committed: {remote:?}");
             }
             whole.then_some(())
@@ -305,8 +305,7 @@ fn expect_conflicted_copy(a: &Device, b: &Device, content: &[u8], since_ms: u64)
     let found = wait_for(Duration::from_secs(30), || {
         let status = daemon_status(b);
         let remote = a.remote_tree();
-        if status["in_sync"] == true && status["cycle_started_ms"].as_u64().unwrap_or(0) > since_ms && !is_copy(&remote)
-        {
+        if status.in_sync && status.cycle_started_ms > since_ms && !is_copy(&remote) {
             panic!("b reports in sync while its conflicted copy is not committed: {remote:?}");
         }
         (is_copy(&remote) && is_copy(&a.local_tree()) && is_copy(&b.local_tree())).then_some(())
@@ -329,7 +328,7 @@ fn a_device_mid_download_does_not_report_in_sync() {
     });
     a.start();
     b.start();
-    wait_for(SETTLE, || (daemon_status(&b)["in_sync"] == true).then_some(())).expect("B never in sync");
+    wait_for(SETTLE, || (daemon_status(&b).in_sync).then_some(())).expect("B never in sync");
     let data = noise(75, 64 * 1024 * 1024);
     a.write("big.bin", &data);
     wait_for(SETTLE, || a.remote_tree().contains_key("big.bin").then_some(())).expect("A never committed it");
@@ -339,7 +338,7 @@ fn a_device_mid_download_does_not_report_in_sync() {
         assert!(committed.elapsed() < SETTLE, "B never got the file");
         let status = daemon_status(&b);
         if committed.elapsed() > Duration::from_secs(2) && !b.path("big.bin").exists() {
-            assert_ne!(status["in_sync"], true, "B says in sync while it downloads: {status}");
+            assert!(!status.in_sync, "B says in sync while it downloads: {status:?}");
             checked += 1;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -1,0 +1,177 @@
+//! What every test checks: the folders' trees by content, convergence of all devices to the
+//! coordinator's tree, and the daemons' own reports (`shoal status --json`, `shoal peers`).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use shoal_protocol::status::{PeerStatus, Status, StatusReport};
+
+use crate::Device;
+
+/// What a path holds, by content.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Node {
+    Dir,
+    /// BLAKE3 hex and exec bit.
+    File(String, bool),
+}
+
+pub type Tree = BTreeMap<String, Node>;
+
+/// The synced content of a folder (without `.shoal`), by content hash.
+pub fn local_tree(root: &Path) -> Tree {
+    fn walk(dir: &Path, prefix: &str, out: &mut Tree) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if prefix.is_empty() && name == ".shoal" {
+                continue;
+            }
+            let rel = if prefix.is_empty() { name.clone() } else { format!("{prefix}/{name}") };
+            let Ok(md) = e.path().symlink_metadata() else { continue };
+            if md.is_dir() {
+                out.insert(rel.clone(), Node::Dir);
+                walk(&e.path(), &rel, out);
+            } else if md.is_file() {
+                let Ok(data) = std::fs::read(e.path()) else { continue };
+                let exec = md.permissions().mode() & 0o111 != 0;
+                out.insert(rel, Node::File(blake3::hash(&data).to_hex().to_string(), exec));
+            }
+        }
+    }
+    let mut out = Tree::new();
+    walk(root, "", &mut out);
+    out
+}
+
+/// `n` bytes that look random (xorshift from `seed`): content that neither compresses nor
+/// dedups against another seed's.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn file_hash(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Runs a future to completion on a fresh runtime.
+/// An API client acting as device `d`.
+pub fn client_of(d: &Device) -> shoal_agent::client::Client {
+    shoal_agent::client::Client::new(&shoal_agent::config::Config::load(&d.home).unwrap()).unwrap()
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// What `shoal status --json` of `d` prints.
+pub fn status_report(d: &Device) -> StatusReport {
+    let out = d.shoal(&["status", "--json"]);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{}'s status does not read ({e}): {}", d.name, String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The daemon's last status (`shoal status --json`).
+pub fn daemon_status(d: &Device) -> Status {
+    status_report(d).status
+}
+
+/// The daemon's downloaded chunk bytes by source: `[local, peer, relay, origin]`.
+pub fn by_source(d: &Device) -> [u64; 4] {
+    let b = daemon_status(d).bytes_by_source;
+    [b.local, b.peer, b.relay, b.origin]
+}
+
+/// `shoal peers --json` of `d`.
+pub fn peers_of(d: &Device) -> Vec<PeerStatus> {
+    let out = d.shoal(&["peers", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until each device is connected to every other one as a peer.
+pub fn wait_for_peers(devices: &[&Device]) {
+    for d in devices {
+        let others: Vec<&str> = devices.iter().filter(|o| o.name != d.name).map(|o| o.name.as_str()).collect();
+        wait_for(SETTLE, || {
+            let names: Vec<String> = peers_of(d).into_iter().map(|p| p.name).collect();
+            others.iter().all(|o| names.iter().any(|n| n == o)).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{} is not connected to {others:?}: {:?}", d.name, peers_of(d)));
+    }
+}
+
+/// Polls `f` until it returns `Some`, or `None` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every device's folder equals the coordinator's tree, by content; returns it.
+pub fn converge(devices: &[&Device], timeout: Duration) -> Tree {
+    let mut last = String::new();
+    let done = wait_for(timeout, || {
+        let remote = devices[0].remote_tree();
+        for d in devices {
+            let local = d.local_tree();
+            if local != remote {
+                last = describe_diff(&d.name, &local, &remote);
+                return None;
+            }
+        }
+        Some(remote)
+    });
+    match done {
+        Some(t) => t,
+        None => panic!("devices did not converge within {timeout:?}: {last}"),
+    }
+}
+
+/// Runs `sync --once` on each device in turn until all agree with the coordinator.
+pub fn sync_all(devices: &[&Device]) -> Tree {
+    for _ in 0..2 {
+        for d in devices {
+            d.sync();
+        }
+    }
+    converge(devices, Duration::from_secs(5))
+}
+
+fn describe_diff(name: &str, local: &Tree, remote: &Tree) -> String {
+    let mut s = format!("{name} differs from the coordinator:");
+    for (p, n) in local {
+        match remote.get(p) {
+            None => s += &format!(" +{p}"),
+            Some(r) if r != n => s += &format!(" ~{p}"),
+            _ => {}
+        }
+    }
+    for p in remote.keys() {
+        if !local.contains_key(p) {
+            s += &format!(" -{p}");
+        }
+    }
+    s
+}
+
+/// Seconds a convergence may take in these tests: generous, since CI machines are slow.
+pub const SETTLE: Duration = Duration::from_secs(60);
