@@ -570,8 +570,7 @@ async fn announce(client: &crate::client::Client, node: &PeerNode, server: &str)
         }
     };
     // The coordinator's answer taking a while (a slow link to it), for the end-to-end tests.
-    #[cfg(feature = "test-faults")]
-    if let Some(ms) = std::env::var("SHOAL_TEST_ANNOUNCE_DELAY_MS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = shoal_sys::failpoints::value("announce-delay").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     match client.peers(addrs).await {

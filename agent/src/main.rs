@@ -9,6 +9,10 @@ fn main() -> ExitCode {
     // Two arenas: hashing and peer transfers allocate on several threads at once, and one shared
     // arena measured 0.1-0.3 CPU-s slower per GiB; the agent's memory is within its targets.
     shoal_sys::allocator::tune(2);
+    if let Err(e) = shoal_sys::failpoints::setup() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = shoal_agent::cli::Cli::parse();
     let default_level = if cli.wants_info_logs() { "info" } else { "warn" };
     tracing_subscriber::fmt()

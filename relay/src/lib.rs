@@ -107,7 +107,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Server> {
     );
     let key = parse_key(&registered.ticket_key)?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let corrupt = cfg!(feature = "test-faults") && std::env::var("SHOAL_TEST_RELAY_FAULT").as_deref() == Ok("corrupt");
+    let corrupt = shoal_sys::failpoints::value("relay-serve").as_deref() == Some("corrupt");
     let relay = Arc::new(server::Relay::new(cache, origin.clone(), key, metrics.clone(), corrupt));
 
     let info = RelayInfo {

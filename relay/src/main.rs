@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    shoal_sys::failpoints::setup().map_err(anyhow::Error::msg)?;
     let Cli { cmd: Cmd::Serve { config, flags } } = Cli::parse();
     let file = match config {
         Some(path) => config::FileConfig::load(&path)?,

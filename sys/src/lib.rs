@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod clock;
 pub mod dbsync;
 pub mod direct;
+pub mod failpoints;
 pub mod fs;
 pub mod identity;
 pub mod limits;

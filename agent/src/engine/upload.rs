@@ -353,8 +353,7 @@ impl Engine {
         flying.remove(&paths);
         match answer {
             Ok(resp) => {
-                #[cfg(feature = "test-faults")]
-                if peer_first && std::env::var("SHOAL_TEST_CRASH").as_deref() == Ok("after-pending-commit") {
+                if peer_first && shoal_sys::failpoints::value("crash-after-pending-commit").is_some() {
                     // A crash between the coordinator's answer and recording it.
                     tracing::error!("test fault: exiting right after a pending commit");
                     std::process::exit(3);

@@ -247,7 +247,7 @@ fn read_at(file: &std::fs::File, offset: u64, len: u32) -> Option<Bytes> {
     Some(Bytes::from(buf))
 }
 
-/// Test-only ways for a device to serve bad bytes, chosen by `SHOAL_TEST_PEER_FAULT`
+/// Test-only ways for a device to serve bad bytes, chosen by failpoint `peer-serve`
 /// (`corrupt`, `truncate`, `endless`, `stall`, `trickle` or `slow`). Compiled only with the `test-faults` feature,
 /// which the end-to-end tests enable.
 #[cfg(feature = "test-faults")]
@@ -269,7 +269,7 @@ mod faults {
     }
 
     pub fn current() -> Option<Fault> {
-        match std::env::var("SHOAL_TEST_PEER_FAULT").ok()?.as_str() {
+        match shoal_sys::failpoints::value("peer-serve")?.as_str() {
             "corrupt" => Some(Fault::Corrupt),
             "truncate" => Some(Fault::Truncate),
             "endless" => Some(Fault::Endless),

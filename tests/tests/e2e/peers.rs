@@ -45,7 +45,7 @@ fn a_peer_serving_bad_bytes_is_dropped_and_the_file_still_arrives_intact() {
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     b.start();
     for (i, fault) in ["corrupt", "truncate", "endless", "stall", "trickle"].into_iter().enumerate() {
-        a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", fault)]);
+        a.start_with_env(&[("FAILPOINTS", &format!("peer-serve=return({fault})"))]);
         wait_for_peers(&[&a, &b]);
         let drops_before = b.log().matches("not asking this source again").count();
         let name = format!("{fault}.bin");
@@ -167,7 +167,7 @@ fn wait_until_has(d: &Device, path: &str, data: &[u8]) {
 /// slow: its new versions stay pending for a while and no other device holds them.
 fn stalling_author(a: &mut Device, b: &mut Device) {
     limit_upload(a, "256KiB");
-    a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "stall")]);
+    a.start_with_env(&[("FAILPOINTS", "peer-serve=return(stall)")]);
     b.start();
     wait_for_peers(&[a, b]);
 }
@@ -204,7 +204,7 @@ fn a_version_its_author_lost_before_uploading_is_withdrawn_not_promised() {
     a.stop_now();
     let v2 = noise(63, 2 * 1024 * 1024);
     a.write("f.bin", &v2);
-    a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "stall")]);
+    a.start_with_env(&[("FAILPOINTS", "peer-serve=return(stall)")]);
     wait_for(SETTLE, || (history_states(&b, "f.bin").contains(&(v1, "withdrawn".into()))).then_some(()))
         .unwrap_or_else(|| panic!("v1 not withdrawn: {:?}\n{}", history_states(&b, "f.bin"), a.log()));
     // The new content arrives everywhere and becomes durable; v1 stays withdrawn.
@@ -329,7 +329,7 @@ fn a_pending_commit_whose_answer_was_lost_is_paid_or_withdrawn_after_a_restart()
     let [mut a, mut b] = <[Device; 2]>::try_from(devices).ok().unwrap();
     // A commits peer-first and dies before it records what it owes.
     limit_upload(&a, "256KiB");
-    a.start_with_env(&[("SHOAL_TEST_CRASH", "after-pending-commit")]);
+    a.start_with_env(&[("FAILPOINTS", "crash-after-pending-commit=return")]);
     b.start();
     wait_for_peers(&[&a, &b]);
     a.write("f.bin", &noise(67, 2 * 1024 * 1024));
@@ -508,7 +508,7 @@ fn a_peer_far_slower_than_the_origin_is_left_for_the_origin() {
     a.sync();
     b.start();
     wait_until_has(&b, "first.bin", &first);
-    a.start_with_env(&[("SHOAL_TEST_PEER_FAULT", "slow")]);
+    a.start_with_env(&[("FAILPOINTS", "peer-serve=return(slow)")]);
     wait_for_peers(&[&a, &b]);
     let data = noise(73, 2 * 1024 * 1024);
     let started = std::time::Instant::now();
@@ -538,8 +538,8 @@ fn devices_that_start_together_take_what_their_peers_hold_from_them() {
         (committed && daemon_status(&a).in_sync).then_some(())
     })
     .unwrap_or_else(|| panic!("A never committed the file:\n{}", a.log()));
-    b.start_with_env(&[("SHOAL_TEST_ANNOUNCE_DELAY_MS", "1000")]);
-    c.start_with_env(&[("SHOAL_TEST_ANNOUNCE_DELAY_MS", "1000")]);
+    b.start_with_env(&[("FAILPOINTS", "announce-delay=return(1000)")]);
+    c.start_with_env(&[("FAILPOINTS", "announce-delay=return(1000)")]);
     for d in [&b, &c] {
         wait_until_has(d, "big.bin", &data);
         let [_, peer, _, origin] = wait_for(SETTLE, || {

@@ -368,7 +368,7 @@ fn a_relay_serving_wrong_bytes_or_killed_mid_download_leaves_the_origin_to_finis
         "127.0.0.1",
         &tmp.path().join("bad"),
         "64MiB",
-        &[("SHOAL_TEST_RELAY_FAULT", "corrupt")],
+        &[("FAILPOINTS", "relay-serve=return(corrupt)")],
     );
     let author = Device::enroll(tmp.path(), &coord, "vera", "author");
     author.configure(|c| c.relays = false);
