@@ -49,6 +49,17 @@ pub fn ip(args: &[&str]) -> Result<(), FabricError> {
     }
 }
 
+/// Moves the calling thread into network namespace `ns`.
+fn enter(ns: &str) -> Result<(), FabricError> {
+    let path = format!("/var/run/netns/{ns}");
+    let netns = std::fs::File::open(&path).map_err(io(format!("opening {path}")))?;
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&netns),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(|e| FabricError::Io { what: format!("entering namespace {ns}"), source: e.into() })
+}
+
 /// Starts a thread inside network namespace `ns` running `f`.
 pub fn spawn_in_namespace<T: Send + 'static>(
     ns: &str,
@@ -56,20 +67,22 @@ pub fn spawn_in_namespace<T: Send + 'static>(
 ) -> std::thread::JoinHandle<Result<T, FabricError>> {
     let ns = ns.to_string();
     std::thread::spawn(move || {
-        let path = format!("/var/run/netns/{ns}");
-        let netns = std::fs::File::open(&path).map_err(io(format!("opening {path}")))?;
-        rustix::thread::move_into_link_name_space(
-            std::os::fd::AsFd::as_fd(&netns),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .map_err(|e| FabricError::Io { what: format!("entering namespace {ns}"), source: e.into() })?;
+        enter(&ns)?;
         Ok(f())
     })
 }
 
-/// Runs `f` on a thread inside network namespace `ns` and returns what it returns.
-pub fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, FabricError> {
-    spawn_in_namespace(ns, f).join().map_err(|_| FabricError::Setup(format!("a thread in namespace {ns} panicked")))?
+/// Runs `f` (which may borrow from the caller) on a thread inside network namespace `ns`, and
+/// returns what it returns.
+pub fn in_namespace<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, FabricError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(ns)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| FabricError::Setup(format!("a thread in namespace {ns} panicked")))?
+    })
 }
 
 /// A link between two points, one state per direction.

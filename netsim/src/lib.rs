@@ -5,6 +5,7 @@
 
 pub mod fabric;
 pub mod link;
+pub mod run;
 pub mod scenario;
 
 pub use fabric::{Fabric, FabricError, LinkId, LinkKind, LinkReport, in_namespace, spawn_in_namespace};

@@ -176,6 +176,8 @@ pub struct Step {
     pub converge: Option<Timeout>,
     /// Waits until the devices of each site with peers on are connected to each other.
     pub peers_connected: Option<Timeout>,
+    /// Waits until no running device owes an upload or knows of a version not yet backed up.
+    pub backed_up: Option<Timeout>,
     /// Waits this long.
     pub sleep: Option<String>,
 }
@@ -396,6 +398,7 @@ impl Step {
             self.restart.is_some(),
             self.converge.is_some(),
             self.peers_connected.is_some(),
+            self.backed_up.is_some(),
             self.sleep.is_some(),
         ]
         .iter()
@@ -503,7 +506,7 @@ impl Scenario {
                     _ => return Err(format!("{what}: name one device, relay or the coordinator")),
                 }
             }
-            for t in [&s.converge, &s.peers_connected].into_iter().flatten() {
+            for t in [&s.converge, &s.peers_connected, &s.backed_up].into_iter().flatten() {
                 duration(&t.timeout).map_err(|e| format!("{what}: {e}"))?;
             }
             if let Some(d) = &s.sleep {

@@ -102,14 +102,23 @@ pub fn peers_of(d: &Device) -> Vec<PeerStatus> {
 
 /// Waits until each device is connected to every other one as a peer.
 pub fn wait_for_peers(devices: &[&Device]) {
+    if let Err(e) = try_wait_for_peers(devices, SETTLE) {
+        panic!("{e}");
+    }
+}
+
+/// `wait_for_peers` within `timeout`, saying who is not connected to whom if they are not.
+pub fn try_wait_for_peers(devices: &[&Device], timeout: Duration) -> Result<(), String> {
+    let until = Instant::now() + timeout;
     for d in devices {
         let others: Vec<&str> = devices.iter().filter(|o| o.name != d.name).map(|o| o.name.as_str()).collect();
-        wait_for(SETTLE, || {
+        wait_for(until.saturating_duration_since(Instant::now()), || {
             let names: Vec<String> = peers_of(d).into_iter().map(|p| p.name).collect();
             others.iter().all(|o| names.iter().any(|n| n == o)).then_some(())
         })
-        .unwrap_or_else(|| panic!("{} is not connected to {others:?}: {:?}", d.name, peers_of(d)));
+        .ok_or_else(|| format!("{} is not connected to {others:?}: {:?}", d.name, peers_of(d)))?;
     }
+    Ok(())
 }
 
 /// Polls `f` until it returns `Some`, or `None` after `timeout`.
@@ -128,6 +137,11 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 
 /// Waits until every device's folder equals the coordinator's tree, by content; returns it.
 pub fn converge(devices: &[&Device], timeout: Duration) -> Tree {
+    try_converge(devices, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `converge`, saying how the devices differ if they did not within `timeout`.
+pub fn try_converge(devices: &[&Device], timeout: Duration) -> Result<Tree, String> {
     let mut last = String::new();
     let done = wait_for(timeout, || {
         let remote = devices[0].remote_tree();
@@ -140,10 +154,7 @@ pub fn converge(devices: &[&Device], timeout: Duration) -> Tree {
         }
         Some(remote)
     });
-    match done {
-        Some(t) => t,
-        None => panic!("devices did not converge within {timeout:?}: {last}"),
-    }
+    done.ok_or_else(|| format!("devices did not converge within {timeout:?}: {last}"))
 }
 
 /// Runs `sync --once` on each device in turn until all agree with the coordinator.

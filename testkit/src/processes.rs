@@ -231,6 +231,8 @@ pub struct Relay {
     pub info: shoal_relay::RelayInfo,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The network namespace it runs in, if not this one.
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -245,6 +247,21 @@ impl Relay {
         cache_dir: &Path,
         cache_size: &str,
         env: &[(&str, &str)],
+    ) -> Relay {
+        Relay::start_in(coord, name, region, ip, cache_dir, cache_size, env, None)
+    }
+
+    /// `start`, inside network namespace `netns` if given, listening on `ip` there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_in(
+        coord: &Coordinator,
+        name: &str,
+        region: &str,
+        ip: &str,
+        cache_dir: &Path,
+        cache_size: &str,
+        env: &[(&str, &str)],
+        netns: Option<&str>,
     ) -> Relay {
         let (ok, out) = coord.admin(&["relay", "add", name, "--region", region]);
         assert!(ok, "{out}");
@@ -274,7 +291,14 @@ impl Relay {
         .map(|a| a.to_string())
         .collect();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut r = Relay { cache_dir: cache_dir.to_path_buf(), info: placeholder_info(), args, env, child: None };
+        let mut r = Relay {
+            cache_dir: cache_dir.to_path_buf(),
+            info: placeholder_info(),
+            args,
+            env,
+            netns: netns.map(String::from),
+            child: None,
+        };
         r.restart();
         r
     }
@@ -286,7 +310,7 @@ impl Relay {
         std::fs::create_dir_all(&self.cache_dir).unwrap();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.cache_dir.with_extension("log")).unwrap();
-        let child = Command::new(bin("shoal-relay"))
+        let child = command_in(self.netns.as_deref(), &bin("shoal-relay"))
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")

@@ -1,0 +1,566 @@
+//! Running a scenario: the fabric from its topology, the real coordinator, relays and agents in
+//! their sites' namespaces (through `shoal-testkit`), the timeline step by step, and a report of
+//! what it took and what crossed which link, with every assertion checked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use shoal_protocol::status::BytesBySource;
+use shoal_testkit::{Coordinator, Device, Relay, daemon_status, noise, try_converge, try_wait_for_peers, wait_for};
+
+use crate::fabric::{Fabric, FabricError, LinkId, LinkKind, LinkReport, in_namespace};
+use crate::scenario::{self, LinkRef, Process, Scenario};
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Multiplies every file size (the shipped scenarios run smaller in the test suite).
+    pub scale: f64,
+    /// Where the run's folders go; kept when the run fails.
+    pub work_dir: Option<PathBuf>,
+    /// A line on standard error as each step starts and ends.
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { scale: 1.0, work_dir: None, progress: true }
+    }
+}
+
+/// Bytes by kind of link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ByLinkKind {
+    /// Between devices at one site.
+    pub lan: u64,
+    /// Up and down sites' uplinks.
+    pub uplink: u64,
+    /// Between regions.
+    pub inter_region: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub action: String,
+    pub seconds: f64,
+    /// Why the step failed (a convergence that timed out, say).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkLine {
+    pub name: String,
+    pub kind: LinkKind,
+    /// Away from the site (or towards the second region), and back.
+    pub up_bytes: u64,
+    pub down_bytes: u64,
+    pub dropped_packets: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AssertReport {
+    pub assertion: String,
+    pub passed: bool,
+    pub measured: String,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub scale: f64,
+    pub seconds: f64,
+    pub steps: Vec<StepReport>,
+    pub bytes_by_link_kind: ByLinkKind,
+    pub links: Vec<LinkLine>,
+    /// Each device's downloaded chunk bytes by source, over the whole run.
+    pub bytes_by_source: BTreeMap<String, BytesBySource>,
+    pub asserts: Vec<AssertReport>,
+    pub passed: bool,
+}
+
+/// Why a run could not be made (as opposed to a run whose assertions failed).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Fabric(#[from] FabricError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn add(a: &mut BytesBySource, b: BytesBySource) {
+    a.local += b.local;
+    a.peer += b.peer;
+    a.relay += b.relay;
+    a.origin += b.origin;
+}
+
+/// Bytes through the loopback interface of namespace `ns`: its LAN.
+fn lan_bytes(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip").args(["-n", ns, "-s", "-j", "link", "show", "lo"]).output();
+    let Ok(out) = out else { return 0 };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v[0]["stats64"]["rx"]["bytes"].as_u64().unwrap_or(0)
+}
+
+struct World {
+    fabric: Fabric,
+    sites: HashMap<String, (String, std::net::Ipv4Addr, LinkId)>,
+    betweens: HashMap<(String, String), LinkId>,
+    coord: Coordinator,
+    relays: HashMap<String, Relay>,
+    devices: Vec<Device>,
+    online: HashMap<String, bool>,
+    /// Counts of daemons that were stopped, added to what they count after.
+    carried: HashMap<String, BytesBySource>,
+}
+
+impl World {
+    fn link(&self, l: &LinkRef) -> LinkId {
+        match (&l.site, &l.regions) {
+            (Some(s), _) => self.sites[s].2,
+            (None, Some([a, b])) => self
+                .betweens
+                .get(&(a.clone(), b.clone()))
+                .or_else(|| self.betweens.get(&(b.clone(), a.clone())))
+                .copied()
+                .expect("checked"),
+            (None, None) => unreachable!("checked: a link names a site or two regions"),
+        }
+    }
+
+    fn device(&mut self, name: &str) -> &mut Device {
+        self.devices.iter_mut().find(|d| d.name == name).expect("checked")
+    }
+
+    fn stop(&mut self, name: &str, hard: bool) {
+        if self.online.get(name) == Some(&true) {
+            let counts = shoal_testkit::daemon_status(self.device(name)).bytes_by_source;
+            add(self.carried.entry(name.to_string()).or_default(), counts);
+        }
+        self.device(name).stop(hard);
+        self.online.insert(name.to_string(), false);
+    }
+
+    fn start(&mut self, name: &str) {
+        if self.online.get(name) != Some(&true) {
+            self.device(name).start();
+            self.online.insert(name.to_string(), true);
+        }
+    }
+
+    fn by_source(&self) -> BTreeMap<String, BytesBySource> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let mut total = self.carried.get(&d.name).copied().unwrap_or_default();
+                if self.online.get(&d.name) == Some(&true) {
+                    add(&mut total, shoal_testkit::daemon_status(d).bytes_by_source);
+                }
+                (d.name.clone(), total)
+            })
+            .collect()
+    }
+}
+
+fn describe(step: &scenario::Step, scale: f64) -> String {
+    let size = |s: &str| {
+        let b = (scenario::bytes(s).unwrap_or(0) as f64 * scale) as u64;
+        shoal_protocol::size::format_bytes(b)
+    };
+    let json = serde_json::json!({
+        "write": step.write.as_ref().map(|w| format!("{} {} on {}", size(&w.size), w.path, w.device)),
+        "delete": step.delete.as_ref().map(|d| format!("{} on {}", d.path, d.device)),
+        "rename": step.rename.as_ref().map(|r| format!("{} -> {} on {}", r.from, r.to, r.device)),
+        "offline": step.offline.as_ref().map(|n| n.device.clone()),
+        "online": step.online.as_ref().map(|n| n.device.clone()),
+        "partition": step.partition.as_ref().map(link_name),
+        "heal": step.heal.as_ref().map(link_name),
+        "loss": step.loss.as_ref().map(|l| format!("{}% on {}", l.percent, link_name(&l.link()))),
+        "kill": step.kill.as_ref().map(process_name),
+        "restart": step.restart.as_ref().map(process_name),
+        "converge": step.converge.as_ref().map(|t| format!("within {}", t.timeout)),
+        "peers_connected": step.peers_connected.as_ref().map(|t| format!("within {}", t.timeout)),
+        "backed_up": step.backed_up.as_ref().map(|t| format!("within {}", t.timeout)),
+        "sleep": step.sleep.clone(),
+    });
+    json.as_object()
+        .and_then(|o| {
+            o.iter().find(|(_, v)| !v.is_null()).map(|(k, v)| format!("{k} {}", v.as_str().unwrap_or_default()))
+        })
+        .unwrap_or_default()
+}
+
+fn link_name(l: &LinkRef) -> String {
+    match (&l.site, &l.regions) {
+        (Some(s), _) => format!("{s} uplink"),
+        (None, Some([a, b])) => format!("{a}-{b}"),
+        _ => String::new(),
+    }
+}
+
+fn process_name(p: &Process) -> String {
+    match (&p.device, &p.relay) {
+        (Some(d), _) => format!("device {d}"),
+        (None, Some(r)) => format!("relay {r}"),
+        _ => "coordinator".into(),
+    }
+}
+
+/// Runs `s`.
+pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
+    let work = match &opts.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| RunError::Setup(format!("{}: {e}", d.display())))?;
+            tempfile::Builder::new().prefix("netsim-").tempdir_in(d)
+        }
+        None => tempfile::Builder::new().prefix("netsim-").tempdir(),
+    }
+    .map_err(|e| RunError::Setup(format!("a work directory: {e}")))?;
+    let base = work.path().to_path_buf();
+    let say = |line: String| {
+        if opts.progress {
+            eprintln!("{line}");
+        }
+    };
+
+    let mut fabric = Fabric::new(&format!("sn{}", std::process::id() % 100_000), s.seed);
+    for r in &s.regions {
+        fabric.add_region(&r.name)?;
+    }
+    let mut betweens = HashMap::new();
+    for b in &s.betweens {
+        let p = b.params().map_err(RunError::Setup)?;
+        let id = fabric.connect_regions(&b.regions[0], &b.regions[1], p, p)?;
+        betweens.insert((b.regions[0].clone(), b.regions[1].clone()), id);
+    }
+    let mut sites = HashMap::new();
+    for site in &s.sites {
+        let (up, down) = site.params().map_err(RunError::Setup)?;
+        let (addr, link) = fabric.add_site(&site.name, &site.region, up, down)?;
+        let ns = fabric.namespace(&site.name).expect("just added");
+        sites.insert(site.name.clone(), (ns, addr, link));
+    }
+    say(format!("netsim: {} ({} sites, {} devices) in {}", s.name, s.sites.len(), s.devices.len(), base.display()));
+
+    let (ns, addr, _) = &sites[&s.coordinator.site];
+    let coord = Coordinator::start_in(&base.join("coordinator"), &format!("{addr}:0"), Some(ns));
+    let region_of = |site: &str| s.sites.iter().find(|x| x.name == site).map(|x| x.region.clone()).unwrap_or_default();
+    let mut relays = HashMap::new();
+    for r in &s.relays {
+        let (ns, addr, _) = &sites[&r.site];
+        let relay = Relay::start_in(
+            &coord,
+            &r.name,
+            &region_of(&r.site),
+            &addr.to_string(),
+            &base.join(&r.name),
+            &r.cache_size,
+            &[],
+            Some(ns),
+        );
+        relays.insert(r.name.clone(), relay);
+    }
+    let mut devices = Vec::new();
+    for d in &s.devices {
+        let (ns, _, _) = &sites[&d.site];
+        let dev = Device::enroll_in(&base, &coord, &d.user, &d.name, ns);
+        let region = d.region.clone().unwrap_or_else(|| region_of(&d.site));
+        let (peers, relays_on) = (d.peers, d.relays);
+        dev.configure(|c| {
+            c.lan_sync = peers;
+            c.mdns = peers;
+            c.relays = relays_on;
+            c.region = Some(region);
+        });
+        devices.push(dev);
+    }
+    let mut w =
+        World { fabric, sites, betweens, coord, relays, devices, online: HashMap::new(), carried: HashMap::new() };
+    for d in &s.devices {
+        w.start(&d.name);
+    }
+    let lan0: HashMap<String, u64> = w.sites.iter().map(|(name, (ns, _, _))| (name.clone(), lan_bytes(ns))).collect();
+    let links0 = w.fabric.report();
+
+    let started = Instant::now();
+    let mut steps = Vec::new();
+    for (i, step) in s.steps.iter().enumerate() {
+        let action = describe(step, opts.scale);
+        say(format!("[{}/{}] {action} …", i + 1, s.steps.len()));
+        let t = Instant::now();
+        let error = perform(&mut w, s, i, step, opts.scale).err();
+        let seconds = t.elapsed().as_secs_f64();
+        say(format!(
+            "[{}/{}] {action}: {seconds:.1} s{}",
+            i + 1,
+            s.steps.len(),
+            error.as_ref().map(|e| format!(" — FAILED: {e}")).unwrap_or_default()
+        ));
+        steps.push(StepReport { step: i + 1, action, seconds, error });
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Each running daemon's counts are in the status it writes after a cycle: let the cycles
+    // under way end (a daemon that stays busy is read as it is after 30 s).
+    let online: Vec<&Device> = w.devices.iter().filter(|d| w.online.get(&d.name) == Some(&true)).collect();
+    wait_for(Duration::from_secs(30), || online.iter().all(|d| daemon_status(d).in_sync).then_some(()));
+
+    // What crossed each link during the timeline.
+    let links: Vec<LinkLine> = w
+        .fabric
+        .report()
+        .into_iter()
+        .zip(links0)
+        .map(|(now, before): (LinkReport, LinkReport)| LinkLine {
+            name: now.name,
+            kind: now.kind,
+            up_bytes: now.out.bytes - before.out.bytes,
+            down_bytes: now.back.bytes - before.back.bytes,
+            dropped_packets: (now.out.dropped + now.back.dropped) - (before.out.dropped + before.back.dropped),
+        })
+        .collect();
+    let mut kinds = ByLinkKind::default();
+    for l in &links {
+        match l.kind {
+            LinkKind::Uplink => kinds.uplink += l.up_bytes + l.down_bytes,
+            LinkKind::InterRegion => kinds.inter_region += l.up_bytes + l.down_bytes,
+        }
+    }
+    kinds.lan = w.sites.iter().map(|(name, (ns, _, _))| lan_bytes(ns).saturating_sub(lan0[name])).sum();
+    let by_source = w.by_source();
+
+    let asserts = check(s, opts.scale, &steps, &links, &by_source);
+    let passed = steps.iter().all(|st| st.error.is_none()) && asserts.iter().all(|a| a.passed);
+    for d in &s.devices {
+        w.stop(&d.name, false);
+    }
+    for r in w.relays.values_mut() {
+        r.stop(false);
+    }
+    w.coord.stop(false);
+    drop(w);
+    if !passed {
+        let kept = work.keep();
+        say(format!("netsim: logs kept in {}", kept.display()));
+    }
+    Ok(Report {
+        scenario: s.name.clone(),
+        scale: opts.scale,
+        seconds,
+        steps,
+        bytes_by_link_kind: kinds,
+        links,
+        bytes_by_source: by_source,
+        asserts,
+        passed,
+    })
+}
+
+fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: f64) -> Result<(), String> {
+    if let Some(x) = &step.write {
+        let size = (scenario::bytes(&x.size)? as f64 * scale) as usize;
+        let data = noise(x.seed.unwrap_or(s.seed.wrapping_mul(1000) + i as u64), size);
+        w.device(&x.device).write(&x.path, &data);
+    } else if let Some(x) = &step.delete {
+        let p = w.device(&x.device).path(&x.path);
+        std::fs::remove_file(&p).map_err(|e| format!("removing {}: {e}", p.display()))?;
+    } else if let Some(x) = &step.rename {
+        let d = w.device(&x.device);
+        let (from, to) = (d.path(&x.from), d.path(&x.to));
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        std::fs::rename(&from, &to).map_err(|e| format!("renaming {}: {e}", from.display()))?;
+    } else if let Some(x) = &step.offline {
+        w.stop(&x.device, false);
+    } else if let Some(x) = &step.online {
+        w.start(&x.device);
+    } else if let Some(l) = &step.partition {
+        w.fabric.partition(w.link(l), true);
+    } else if let Some(l) = &step.heal {
+        w.fabric.partition(w.link(l), false);
+    } else if let Some(l) = &step.loss {
+        w.fabric.set_loss(w.link(&l.link()), l.percent / 100.0);
+    } else if let Some(p) = &step.kill {
+        match (&p.device, &p.relay) {
+            (Some(d), _) => w.stop(d, true),
+            (None, Some(r)) => w.relays.get_mut(r).expect("checked").stop(true),
+            _ => w.coord.stop(true),
+        }
+    } else if let Some(p) = &step.restart {
+        match (&p.device, &p.relay) {
+            (Some(d), _) => w.start(d),
+            (None, Some(r)) => w.relays.get_mut(r).expect("checked").restart(),
+            _ => w.coord.restart(false),
+        }
+    } else if let Some(t) = &step.converge {
+        let timeout = scenario::duration(&t.timeout)?;
+        let online: Vec<&Device> = w.devices.iter().filter(|d| w.online.get(&d.name) == Some(&true)).collect();
+        if !online.is_empty() {
+            // The coordinator is asked for its tree from the coordinator's own site.
+            let ns = &w.sites[&s.coordinator.site].0;
+            in_namespace(ns, || try_converge(&online, timeout)).map_err(|e| e.to_string())??;
+        }
+    } else if let Some(t) = &step.peers_connected {
+        let until = Instant::now() + scenario::duration(&t.timeout)?;
+        for site in &s.sites {
+            let here: Vec<&Device> = w
+                .devices
+                .iter()
+                .filter(|d| {
+                    w.online.get(&d.name) == Some(&true)
+                        && s.devices.iter().any(|x| x.name == d.name && x.site == site.name && x.peers)
+                })
+                .collect();
+            if here.len() > 1 {
+                try_wait_for_peers(&here, until.saturating_duration_since(Instant::now()))?;
+            }
+        }
+    } else if let Some(t) = &step.backed_up {
+        let timeout = scenario::duration(&t.timeout)?;
+        let online: Vec<&Device> = w.devices.iter().filter(|d| w.online.get(&d.name) == Some(&true)).collect();
+        wait_for(timeout, || {
+            online
+                .iter()
+                .all(|d| {
+                    let st = daemon_status(d);
+                    st.owed_uploads == 0 && st.pending_versions.is_empty()
+                })
+                .then_some(())
+        })
+        .ok_or_else(|| format!("versions not backed up within {timeout:?}"))?;
+    } else if let Some(d) = &step.sleep {
+        std::thread::sleep(scenario::duration(d)?);
+    }
+    Ok(())
+}
+
+/// `v` is within the bounds, which scale with the run's file sizes.
+fn within(v: u64, most: &Option<String>, least: &Option<String>, scale: f64) -> bool {
+    let scaled = |b: &str| (scenario::bytes(b).unwrap_or(0) as f64 * scale) as u64;
+    let most = most.as_deref().map(scaled);
+    let least = least.as_deref().map(scaled);
+    most.is_none_or(|m| v <= m) && least.is_none_or(|l| v >= l)
+}
+
+fn bounds(most: &Option<String>, least: &Option<String>, scale: f64) -> String {
+    let b = |s: &String| {
+        let n = (scenario::bytes(s).unwrap_or(0) as f64 * scale) as u64;
+        shoal_protocol::size::format_bytes(n)
+    };
+    match (most, least) {
+        (Some(m), Some(l)) => format!("between {} and {}", b(l), b(m)),
+        (Some(m), None) => format!("at most {}", b(m)),
+        (None, Some(l)) => format!("at least {}", b(l)),
+        (None, None) => String::new(),
+    }
+}
+
+fn check(
+    s: &Scenario,
+    scale: f64,
+    steps: &[StepReport],
+    links: &[LinkLine],
+    by_source: &BTreeMap<String, BytesBySource>,
+) -> Vec<AssertReport> {
+    s.asserts
+        .iter()
+        .map(|a| {
+            if let Some(l) = &a.link_bytes {
+                let r = l.link();
+                let name = match (&r.site, &r.regions) {
+                    (Some(site), _) => format!("{site}-uplink"),
+                    (None, Some([x, y])) => links
+                        .iter()
+                        .map(|k| k.name.clone())
+                        .find(|n| *n == format!("{x}-{y}") || *n == format!("{y}-{x}"))
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                let line = links.iter().find(|k| k.name == name);
+                // For a link between regions, "down" is towards the second region named.
+                let forward = match &r.regions {
+                    Some([x, _]) => name.starts_with(&format!("{x}-")),
+                    None => true,
+                };
+                let v = line.map_or(0, |k| match (l.direction.as_str(), forward) {
+                    ("up", true) | ("down", false) => k.up_bytes,
+                    _ => k.down_bytes,
+                });
+                AssertReport {
+                    assertion: format!(
+                        "{} bytes {} on {}",
+                        l.direction,
+                        bounds(&l.at_most, &l.at_least, scale),
+                        link_name(&r)
+                    ),
+                    passed: within(v, &l.at_most, &l.at_least, scale),
+                    measured: format!("{v} bytes"),
+                }
+            } else if let Some(x) = &a.source_bytes {
+                let b = by_source.get(&x.device).copied().unwrap_or_default();
+                let v = match x.source.as_str() {
+                    "local" => b.local,
+                    "peer" => b.peer,
+                    "relay" => b.relay,
+                    _ => b.origin,
+                };
+                AssertReport {
+                    assertion: format!("{} from {} {}", x.device, x.source, bounds(&x.at_most, &x.at_least, scale)),
+                    passed: within(v, &x.at_most, &x.at_least, scale),
+                    measured: format!("{v} bytes"),
+                }
+            } else if let Some(t) = &a.step_time {
+                let took = steps.get(t.step - 1).map_or(f64::INFINITY, |st| st.seconds);
+                let most = scenario::duration(&t.at_most).unwrap_or(Duration::ZERO).as_secs_f64();
+                AssertReport {
+                    assertion: format!("step {} within {}", t.step, t.at_most),
+                    passed: took <= most,
+                    measured: format!("{took:.1} s"),
+                }
+            } else {
+                AssertReport { assertion: "nothing".into(), passed: false, measured: String::new() }
+            }
+        })
+        .collect()
+}
+
+impl Report {
+    /// The report as text: steps, bytes by link kind and by link, bytes by source, assertions.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "scenario {} (scale {}): {:.1} s\n\nstep | took | action\n",
+            self.scenario, self.scale, self.seconds
+        );
+        for s in &self.steps {
+            out += &format!(
+                "{:>4} | {:>6.1} s | {}{}\n",
+                s.step,
+                s.seconds,
+                s.action,
+                s.error.as_ref().map(|e| format!(" — FAILED: {e}")).unwrap_or_default()
+            );
+        }
+        let k = &self.bytes_by_link_kind;
+        out += &format!("\nbytes by link kind: lan {}  uplink {}  inter_region {}\n", k.lan, k.uplink, k.inter_region);
+        for l in &self.links {
+            out += &format!(
+                "  {:<24} up {:>12}  down {:>12}  dropped {} packets\n",
+                l.name, l.up_bytes, l.down_bytes, l.dropped_packets
+            );
+        }
+        out += "\nbytes by source (local / peer / relay / origin):\n";
+        for (d, b) in &self.bytes_by_source {
+            out += &format!("  {d:<16} {} / {} / {} / {}\n", b.local, b.peer, b.relay, b.origin);
+        }
+        out += "\n";
+        for a in &self.asserts {
+            out += &format!("{} {} (measured {})\n", if a.passed { "PASS" } else { "FAIL" }, a.assertion, a.measured);
+        }
+        out += if self.passed { "\npassed\n" } else { "\nFAILED\n" };
+        out
+    }
+}

@@ -1,0 +1,75 @@
+//! The shipped scenarios, run by the `shoal-netsim` binary at a small scale (root only: it makes
+//! network namespaces), and what it says about a malformed one.
+
+use std::path::Path;
+use std::process::Command;
+
+fn netsim() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal-netsim"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn scenario(name: &str) -> String {
+    format!("{}/scenarios/{name}.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a shipped scenario at `scale`; its JSON report.
+fn run(name: &str, scale: &str) -> serde_json::Value {
+    let bins = shoal_testkit::bin_dir();
+    let out = netsim()
+        .args(["run", &scenario(name), "--json", "--scale", scale, "--bin-dir"])
+        .arg(bins)
+        .output()
+        .expect("running shoal-netsim");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{name}: no JSON report ({e}):\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.success(), report["passed"] == true, "{name}: exit status and report disagree");
+    report
+}
+
+#[test]
+fn every_shipped_scenario_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        shoal_netsim::scenario::parse(&path.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
+        n += 1;
+    }
+    assert!(n >= 2, "{n} scenarios");
+}
+
+#[test]
+fn home_lan_keeps_the_file_off_the_uplink_that_central_only_sends_it_down() {
+    let home = run("home-lan", "0.02");
+    let central = run("central-only", "0.02");
+    for (r, name) in [(&home, "home-lan"), (&central, "central-only")] {
+        assert_eq!(r["passed"], true, "{name}: {r:#}");
+        for kind in ["lan", "uplink", "inter_region"] {
+            assert!(r["bytes_by_link_kind"][kind].is_u64(), "{name}: {kind}");
+        }
+    }
+    let down = |r: &serde_json::Value| {
+        r["links"].as_array().unwrap().iter().find(|l| l["name"] == "home-uplink").unwrap()["down_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(down(&home) * 10 < down(&central), "home-lan {} against central-only {}", down(&home), down(&central));
+    assert!(home["bytes_by_link_kind"]["lan"].as_u64().unwrap() > 4_000_000, "{home:#}");
+}
+
+#[test]
+fn a_malformed_scenario_is_refused_with_its_line_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let good = std::fs::read_to_string(scenario("home-lan")).unwrap();
+    let line = good.lines().position(|l| l == "latency = \"20ms\"").unwrap() + 1;
+    std::fs::write(&path, good.replace("latency = \"20ms\"", "latency = 20")).unwrap();
+    let out = netsim().arg("run").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("bad.toml:{line}:")), "{err}");
+    assert!(out.stdout.is_empty());
+}
