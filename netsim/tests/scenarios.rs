@@ -73,3 +73,11 @@ fn a_malformed_scenario_is_refused_with_its_line_and_nothing_runs() {
     assert!(err.contains(&format!("bad.toml:{line}:")), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn two_offices_cross_the_ocean_once_through_their_regions_relay() {
+    let r = run("two-offices", "0.05");
+    assert_eq!(r["passed"], true, "{r:#}");
+    let desk2 = &r["bytes_by_source"]["desk2"];
+    assert!(desk2["relay"].as_u64().unwrap() > 0 && desk2["origin"] == 0, "{desk2}");
+}
