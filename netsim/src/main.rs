@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         }
         shoal_testkit::use_bins_in(&dir);
     }
-    let opts = shoal_netsim::run::Options { scale, work_dir, progress: true };
+    let opts = shoal_netsim::run::Options { scale, work_dir, progress: true, narrate: false };
     match shoal_netsim::run::run(&s, &opts) {
         Ok(report) => {
             if json {

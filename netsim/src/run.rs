@@ -2,13 +2,16 @@
 //! their sites' namespaces (through `shoal-testkit`), the timeline step by step, and a report of
 //! what it took and what crossed which link, with every assertion checked.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use shoal_protocol::status::BytesBySource;
-use shoal_testkit::{Coordinator, Device, Relay, daemon_status, noise, try_converge, try_wait_for_peers, wait_for};
+use shoal_testkit::{
+    Coordinator, Device, Node, Relay, Tree, daemon_status, durable_contents, file_hash, noise, try_converge,
+    try_wait_for_peers, wait_for,
+};
 
 use crate::fabric::{Fabric, FabricError, LinkId, LinkKind, LinkReport, in_namespace};
 use crate::scenario::{self, LinkRef, Process, Scenario};
@@ -22,11 +25,14 @@ pub struct Options {
     pub work_dir: Option<PathBuf>,
     /// A line on standard error as each step starts and ends.
     pub progress: bool,
+    /// After each step, a line on standard error of what it moved over which kind of link and
+    /// where each device's downloads came from.
+    pub narrate: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { scale: 1.0, work_dir: None, progress: true }
+        Options { scale: 1.0, work_dir: None, progress: true, narrate: false }
     }
 }
 
@@ -116,6 +122,13 @@ struct World {
     online: HashMap<String, bool>,
     /// Counts of daemons that were stopped, added to what they count after.
     carried: HashMap<String, BytesBySource>,
+    /// Every content the timeline wrote (BLAKE3 hex).
+    written: HashSet<String>,
+    /// Contents that must survive, by user and BLAKE3 hex, with where they were seen: what each
+    /// running device held when a convergence was asked for.
+    required: BTreeMap<(String, String), String>,
+    /// Each device's user.
+    user_of: HashMap<String, String>,
 }
 
 impl World {
@@ -152,6 +165,31 @@ impl World {
         }
     }
 
+    /// Writes `data` at `rel` on `device`, remembering the content.
+    fn write(&mut self, device: &str, rel: &str, data: &[u8]) {
+        self.written.insert(file_hash(data));
+        self.device(device).write(rel, data);
+    }
+
+    fn running(&self) -> Vec<&Device> {
+        self.devices.iter().filter(|d| self.online.get(&d.name) == Some(&true)).collect()
+    }
+
+    /// What every running device holds now must survive the run.
+    fn require_held(&mut self, step: usize) {
+        let mut seen = Vec::new();
+        for d in self.running() {
+            for (p, n) in d.local_tree() {
+                if let Node::File(h, _) = n {
+                    seen.push(((self.user_of[&d.name].clone(), h), format!("{p} on {} at step {step}", d.name)));
+                }
+            }
+        }
+        for (key, what) in seen {
+            self.required.entry(key).or_insert(what);
+        }
+    }
+
     fn by_source(&self) -> BTreeMap<String, BytesBySource> {
         self.devices
             .iter()
@@ -166,6 +204,55 @@ impl World {
     }
 }
 
+/// Counters at one moment, for narrating what a step moved.
+struct Moved {
+    kinds: ByLinkKind,
+    by_source: BTreeMap<String, BytesBySource>,
+}
+
+impl Moved {
+    fn now(w: &World) -> Moved {
+        let mut kinds = ByLinkKind::default();
+        for l in w.fabric.report() {
+            match l.kind {
+                LinkKind::Uplink => kinds.uplink += l.out.bytes + l.back.bytes,
+                LinkKind::InterRegion => kinds.inter_region += l.out.bytes + l.back.bytes,
+            }
+        }
+        kinds.lan = w.sites.values().map(|(ns, _, _)| lan_bytes(ns)).sum();
+        Moved { kinds, by_source: w.by_source() }
+    }
+
+    /// What moved between `before` and now, in a line or two.
+    fn since(&self, before: &Moved) -> String {
+        let mib = |n: u64| format!("{:.1} MiB", n as f64 / 1048576.0);
+        let (a, b) = (&self.kinds, &before.kinds);
+        let mut out = format!(
+            "      moved: {} over LANs, {} over uplinks, {} between regions",
+            mib(a.lan.saturating_sub(b.lan)),
+            mib(a.uplink.saturating_sub(b.uplink)),
+            mib(a.inter_region.saturating_sub(b.inter_region))
+        );
+        for (name, now) in &self.by_source {
+            let was = before.by_source.get(name).copied().unwrap_or_default();
+            let parts: Vec<String> = [
+                ("its own folder", now.local.saturating_sub(was.local)),
+                ("a LAN peer", now.peer.saturating_sub(was.peer)),
+                ("a relay", now.relay.saturating_sub(was.relay)),
+                ("the origin", now.origin.saturating_sub(was.origin)),
+            ]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(from, n)| format!("{} from {from}", mib(n)))
+            .collect();
+            if !parts.is_empty() {
+                out += &format!("\n      {name} fetched {}", parts.join(", "));
+            }
+        }
+        out
+    }
+}
+
 fn describe(step: &scenario::Step, scale: f64) -> String {
     let size = |s: &str| {
         let b = (scenario::bytes(s).unwrap_or(0) as f64 * scale) as u64;
@@ -173,6 +260,7 @@ fn describe(step: &scenario::Step, scale: f64) -> String {
     };
     let json = serde_json::json!({
         "write": step.write.as_ref().map(|w| format!("{} {} on {}", size(&w.size), w.path, w.device)),
+        "edits": step.edits.as_ref().map(|e| format!("{} changes to {} files of {} in {}/ on {}", e.count, e.files, size(&e.size), e.dir, e.device)),
         "delete": step.delete.as_ref().map(|d| format!("{} on {}", d.path, d.device)),
         "rename": step.rename.as_ref().map(|r| format!("{} -> {} on {}", r.from, r.to, r.device)),
         "offline": step.offline.as_ref().map(|n| n.device.clone()),
@@ -278,8 +366,19 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         });
         devices.push(dev);
     }
-    let mut w =
-        World { fabric, sites, betweens, coord, relays, devices, online: HashMap::new(), carried: HashMap::new() };
+    let mut w = World {
+        fabric,
+        sites,
+        betweens,
+        coord,
+        relays,
+        devices,
+        online: HashMap::new(),
+        carried: HashMap::new(),
+        written: HashSet::new(),
+        required: BTreeMap::new(),
+        user_of: s.devices.iter().map(|d| (d.name.clone(), d.user.clone())).collect(),
+    };
     for d in &s.devices {
         w.start(&d.name);
     }
@@ -288,8 +387,12 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
 
     let started = Instant::now();
     let mut steps = Vec::new();
+    let mut moved = Moved::now(&w);
     for (i, step) in s.steps.iter().enumerate() {
         let action = describe(step, opts.scale);
+        if let Some(text) = &step.say {
+            say(format!("\n{text}"));
+        }
         say(format!("[{}/{}] {action} …", i + 1, s.steps.len()));
         let t = Instant::now();
         let error = perform(&mut w, s, i, step, opts.scale).err();
@@ -300,6 +403,11 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
             s.steps.len(),
             error.as_ref().map(|e| format!(" — FAILED: {e}")).unwrap_or_default()
         ));
+        if opts.narrate {
+            let now = Moved::now(&w);
+            say(now.since(&moved));
+            moved = now;
+        }
         steps.push(StepReport { step: i + 1, action, seconds, error });
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -332,7 +440,9 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
     kinds.lan = w.sites.iter().map(|(name, (ns, _, _))| lan_bytes(ns).saturating_sub(lan0[name])).sum();
     let by_source = w.by_source();
 
-    let asserts = check(s, opts.scale, &steps, &links, &by_source);
+    let finals = final_state(&w, s);
+    let mut asserts = check(s, opts.scale, &steps, &links, &by_source, &finals);
+    asserts.extend(invariants(&w, &finals));
     let passed = steps.iter().all(|st| st.error.is_none()) && asserts.iter().all(|a| a.passed);
     for d in &s.devices {
         w.stop(&d.name, false);
@@ -362,14 +472,31 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
 fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: f64) -> Result<(), String> {
     if let Some(x) = &step.write {
         let size = (scenario::bytes(&x.size)? as f64 * scale) as usize;
-        let data = noise(x.seed.unwrap_or(s.seed.wrapping_mul(1000) + i as u64), size);
-        w.device(&x.device).write(&x.path, &data);
+        let data = noise(x.seed.unwrap_or(s.seed.wrapping_mul(1000).wrapping_add(i as u64)), size);
+        w.write(&x.device, &x.path, &data);
+    } else if let Some(x) = &step.edits {
+        let size = (scenario::bytes(&x.size)? as f64 * scale).max(1.0) as usize;
+        let gap = x.gap.as_deref().map(scenario::duration).transpose()?.unwrap_or_default();
+        for k in 0..x.count {
+            let seed = s.seed.wrapping_mul(1000).wrapping_add(i as u64).wrapping_mul(1_000_000).wrapping_add(k as u64);
+            let rel = format!("{}/f{}.bin", x.dir, k % x.files + 1);
+            w.write(&x.device, &rel, &noise(seed, size));
+            std::thread::sleep(gap);
+        }
     } else if let Some(x) = &step.delete {
         let p = w.device(&x.device).path(&x.path);
-        std::fs::remove_file(&p).map_err(|e| format!("removing {}: {e}", p.display()))?;
+        match std::fs::remove_file(&p) {
+            Err(e) if !(x.missing_ok && e.kind() == std::io::ErrorKind::NotFound) => {
+                return Err(format!("removing {}: {e}", p.display()));
+            }
+            _ => {}
+        }
     } else if let Some(x) = &step.rename {
         let d = w.device(&x.device);
         let (from, to) = (d.path(&x.from), d.path(&x.to));
+        if x.missing_ok && !from.exists() {
+            return Ok(());
+        }
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
@@ -398,7 +525,8 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         }
     } else if let Some(t) = &step.converge {
         let timeout = scenario::duration(&t.timeout)?;
-        let online: Vec<&Device> = w.devices.iter().filter(|d| w.online.get(&d.name) == Some(&true)).collect();
+        w.require_held(i + 1);
+        let online = w.running();
         if !online.is_empty() {
             // The coordinator is asked for its tree from the coordinator's own site.
             let ns = &w.sites[&s.coordinator.site].0;
@@ -438,6 +566,86 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
     Ok(())
 }
 
+/// Each user's tree on the coordinator at the end and the contents in its history, or why they
+/// could not be had.
+type Finals = HashMap<String, Result<(Tree, HashSet<String>), String>>;
+
+fn final_state(w: &World, s: &Scenario) -> Finals {
+    let coord_ns = &w.sites[&s.coordinator.site].0;
+    let mut remote = Finals::new();
+    for d in &w.devices {
+        let user = &w.user_of[&d.name];
+        if !remote.contains_key(user) {
+            let got = d.try_remote_tree().and_then(|tree| {
+                let durable = in_namespace(coord_ns, || durable_contents(d)).map_err(|e| e.to_string())??;
+                Ok((tree, durable))
+            });
+            remote.insert(user.clone(), got);
+        }
+    }
+    remote
+}
+
+/// What holds for every scenario: no file anywhere holds bytes the timeline never wrote (nothing
+/// torn, nothing foreign), and every content a running device held when a convergence was asked
+/// for is still somewhere: in a file on the coordinator's tree or as a durable version in its
+/// history (an edit overwritten before any device noticed it is no version, and not required).
+fn invariants(w: &World, remote: &Finals) -> Vec<AssertReport> {
+    let mut foreign = Vec::new();
+    for d in &w.devices {
+        for (p, n) in d.local_tree() {
+            if let Node::File(h, _) = n
+                && !w.written.contains(&h)
+            {
+                foreign.push(format!("{p} on {}", d.name));
+            }
+        }
+    }
+    for (user, got) in remote {
+        if let Ok((tree, _)) = got {
+            for (p, n) in tree {
+                if let Node::File(h, _) = n
+                    && !w.written.contains(h)
+                {
+                    foreign.push(format!("{p} on the coordinator ({user})"));
+                }
+            }
+        }
+    }
+    let mut lost = Vec::new();
+    for ((user, hash), seen) in &w.required {
+        match &remote[user] {
+            Ok((tree, durable)) => {
+                let held = tree.values().any(|n| matches!(n, Node::File(h, _) if h == hash));
+                if !held && !durable.contains(hash) {
+                    lost.push(format!("{} ({seen})", &hash[..12]));
+                }
+            }
+            Err(e) => lost.push(format!("{} ({seen}): the coordinator does not answer: {e}", &hash[..12])),
+        }
+    }
+    vec![
+        AssertReport {
+            assertion: "nothing torn: every file holds bytes the timeline wrote".into(),
+            passed: foreign.is_empty(),
+            measured: if foreign.is_empty() {
+                "none foreign".into()
+            } else {
+                format!("foreign: {}", foreign.join(", "))
+            },
+        },
+        AssertReport {
+            assertion: "nothing lost: what the devices held at each convergence is on the tree or in history".into(),
+            passed: lost.is_empty(),
+            measured: if lost.is_empty() {
+                format!("{} contents kept", w.required.len())
+            } else {
+                format!("lost: {}", lost.join(", "))
+            },
+        },
+    ]
+}
+
 /// `v` is within the bounds, which scale with the run's file sizes.
 fn within(v: u64, most: &Option<String>, least: &Option<String>, scale: f64) -> bool {
     let scaled = |b: &str| (scenario::bytes(b).unwrap_or(0) as f64 * scale) as u64;
@@ -465,6 +673,7 @@ fn check(
     steps: &[StepReport],
     links: &[LinkLine],
     by_source: &BTreeMap<String, BytesBySource>,
+    finals: &Finals,
 ) -> Vec<AssertReport> {
     s.asserts
         .iter()
@@ -520,6 +729,27 @@ fn check(
                     assertion: format!("step {} within {}", t.step, t.at_most),
                     passed: took <= most,
                     measured: format!("{took:.1} s"),
+                }
+            } else if let Some(c) = &a.conflicted_copies {
+                let user = c.user.clone().unwrap_or_else(|| s.devices[0].user.clone());
+                let (n, measured) = match finals.get(&user) {
+                    Some(Ok((tree, _))) => {
+                        let n = tree.keys().filter(|p| p.contains("(conflicted copy")).count();
+                        (Some(n), format!("{n}"))
+                    }
+                    Some(Err(e)) => (None, e.clone()),
+                    None => (None, format!("no user {user}")),
+                };
+                let bounds = match (c.at_most, c.at_least) {
+                    (Some(m), Some(l)) => format!("between {l} and {m}"),
+                    (Some(m), None) => format!("at most {m}"),
+                    (None, Some(l)) => format!("at least {l}"),
+                    (None, None) => String::new(),
+                };
+                AssertReport {
+                    assertion: format!("conflicted copies {bounds}"),
+                    passed: n.is_some_and(|n| c.at_most.is_none_or(|m| n <= m) && c.at_least.is_none_or(|l| n >= l)),
+                    measured,
                 }
             } else {
                 AssertReport { assertion: "nothing".into(), passed: false, measured: String::new() }

@@ -28,12 +28,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::link::LinkParams;
 
 /// A scenario as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     pub name: String,
@@ -67,57 +67,66 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Region {
     pub name: String,
 }
 
 /// The link between two regions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Between {
     pub regions: [String; 2],
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jitter: Option<String>,
     /// Percent of packets lost, e.g. `2.0`.
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
     /// Bits a second each way (`"1Gbit"`); no limit if absent.
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<String>,
 }
 
 /// A site: a LAN behind one uplink to its region.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
     pub name: String,
     pub region: String,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latency: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jitter: Option<String>,
     /// Percent of packets lost, e.g. `2.0`.
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
     /// Bits a second towards the site, and away from it.
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub down: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub up: Option<String>,
 }
 
 /// Where a server runs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     pub site: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelaySpec {
     pub name: String,
@@ -130,7 +139,7 @@ fn relay_cache() -> String {
     "1GiB".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSpec {
     pub name: String,
@@ -146,6 +155,7 @@ pub struct DeviceSpec {
     pub relays: bool,
     /// The device's region, for choosing a relay: its site's region if absent.
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
 }
 
@@ -154,35 +164,55 @@ fn user() -> String {
 }
 
 /// One step of the timeline: exactly one action.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
+    /// A line the run prints as the step starts (a narrating scenario's commentary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub say: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub write: Option<Write>,
+    /// Many changes to a set of files on one device, one after another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edits: Option<Edits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub delete: Option<OnDevice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rename: Option<Rename>,
     /// Stops a device's daemon (its folder stays; it can be edited while offline).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<Named>,
     /// Starts it again.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub online: Option<Named>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub partition: Option<LinkRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub heal: Option<LinkRef>,
     /// Loss on a link from now on, in percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<LossChange>,
     /// Kills a process (`device`, `relay` or `coordinator`) with SIGKILL.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kill: Option<Process>,
     /// Starts a killed process again.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub restart: Option<Process>,
     /// Waits until every device's folder equals the coordinator's tree.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub converge: Option<Timeout>,
     /// Waits until the devices of each site with peers on are connected to each other.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peers_connected: Option<Timeout>,
     /// Waits until no running device owes an upload or knows of a version not yet backed up.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backed_up: Option<Timeout>,
     /// Waits this long.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sleep: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Write {
     pub device: String,
@@ -190,107 +220,167 @@ pub struct Write {
     pub size: String,
     /// Content seed (the scenario's seed and the step's number if absent).
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `count` changes on `device`, each rewriting one of the files `DIR/f1.bin` .. `DIR/fN.bin`
+/// (`N` = `files`, in turn) with new content of `size` bytes, `gap` apart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Edits {
+    pub device: String,
+    pub count: usize,
+    pub files: usize,
+    #[serde(default = "edits_dir")]
+    pub dir: String,
+    pub size: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<String>,
+}
+
+fn edits_dir() -> String {
+    "docs".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnDevice {
     pub device: String,
     pub path: String,
+    /// Nothing to do if the path is not there (sync may have removed or moved it already).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub missing_ok: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rename {
     pub device: String,
     pub from: String,
     pub to: String,
+    /// Nothing to do if `from` is not there.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub missing_ok: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Named {
     pub device: String,
 }
 
 /// A site's uplink, or the link between two regions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkRef {
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub regions: Option<[String; 2]>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LossChange {
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub regions: Option<[String; 2]>,
     pub percent: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Process {
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
     #[serde(default)]
     pub coordinator: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeout {
     pub timeout: String,
 }
 
 /// What a run must show.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Assertion {
     /// Bytes that crossed a site's uplink (or a link between regions) in one direction, from the
     /// start of the timeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub link_bytes: Option<LinkBytes>,
     /// Bytes a device downloaded from one source (`local`, `peer`, `relay`, `origin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source_bytes: Option<SourceBytes>,
     /// How long a step took (numbered from 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub step_time: Option<StepTime>,
+    /// How many conflicted copies the coordinator's tree holds at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflicted_copies: Option<Count>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Count {
+    /// Whose tree (the first device's user if absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_most: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkBytes {
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub regions: Option<[String; 2]>,
     /// `down` (towards the site, or towards the second region) or `up`.
     pub direction: String,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_most: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_least: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceBytes {
     pub device: String,
     pub source: String,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_most: Option<String>,
     #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at_least: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepTime {
     pub step: usize,
@@ -332,6 +422,15 @@ pub fn rate(s: &str) -> Result<u64, String> {
         return Err(format!("bad rate {s:?}: must be above zero"));
     }
     Ok((n * mul) as u64)
+}
+
+/// A path inside the folder: relative, no `..`, not in `.shoal`.
+fn relative(p: &str) -> Result<(), String> {
+    let path = std::path::Path::new(p);
+    let ok = !p.is_empty()
+        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        && !p.starts_with(".shoal");
+    if ok { Ok(()) } else { Err(format!("{p:?} is not a path inside the folder")) }
 }
 
 /// Bytes: `"200MiB"`, `"1 GB"`, `"4096"`.
@@ -387,6 +486,7 @@ impl Step {
     fn actions(&self) -> usize {
         [
             self.write.is_some(),
+            self.edits.is_some(),
             self.delete.is_some(),
             self.rename.is_some(),
             self.offline.is_some(),
@@ -481,6 +581,28 @@ impl Scenario {
                 device(&w.device, &what)?;
                 bytes(&w.size).map_err(|e| format!("{what}: {e}"))?;
             }
+            if let Some(e) = &s.edits {
+                device(&e.device, &what)?;
+                bytes(&e.size).map_err(|x| format!("{what}: {x}"))?;
+                if e.files == 0 || e.count == 0 {
+                    return Err(format!("{what}: edits need at least one file and one change"));
+                }
+                if let Some(g) = &e.gap {
+                    duration(g).map_err(|x| format!("{what}: {x}"))?;
+                }
+                relative(&e.dir).map_err(|x| format!("{what}: {x}"))?;
+            }
+            for p in [
+                s.write.as_ref().map(|w| &w.path),
+                s.delete.as_ref().map(|d| &d.path),
+                s.rename.as_ref().map(|r| &r.from),
+                s.rename.as_ref().map(|r| &r.to),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                relative(p).map_err(|x| format!("{what}: {x}"))?;
+            }
             for d in [s.delete.as_ref().map(|d| &d.device), s.rename.as_ref().map(|r| &r.device)].into_iter().flatten()
             {
                 device(d, &what)?;
@@ -515,10 +637,15 @@ impl Scenario {
         }
         for (i, a) in self.asserts.iter().enumerate() {
             let what = format!("assert {}", i + 1);
-            let n = [a.link_bytes.is_some(), a.source_bytes.is_some(), a.step_time.is_some()]
-                .iter()
-                .filter(|x| **x)
-                .count();
+            let n = [
+                a.link_bytes.is_some(),
+                a.source_bytes.is_some(),
+                a.step_time.is_some(),
+                a.conflicted_copies.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
             if n != 1 {
                 return Err(format!("{what}: an assertion checks exactly one thing, it has {n}"));
             }
@@ -544,6 +671,16 @@ impl Scenario {
                     return Err(format!("{what}: source is local, peer, relay or origin, not {:?}", s.source));
                 }
                 bounds(&s.at_most, &s.at_least)?;
+            }
+            if let Some(c) = &a.conflicted_copies {
+                if c.at_most.is_none() && c.at_least.is_none() {
+                    return Err(format!("{what}: give at_most or at_least"));
+                }
+                if let Some(u) = &c.user
+                    && !self.devices.iter().any(|d| d.user == *u)
+                {
+                    return Err(format!("{what}: no device of user {u:?}"));
+                }
             }
             if let Some(t) = &a.step_time {
                 if t.step == 0 || t.step > self.steps.len() {

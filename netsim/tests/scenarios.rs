@@ -81,3 +81,19 @@ fn two_offices_cross_the_ocean_once_through_their_regions_relay() {
     let desk2 = &r["bytes_by_source"]["desk2"];
     assert!(desk2["relay"].as_u64().unwrap() > 0 && desk2["origin"] == 0, "{desk2}");
 }
+
+#[test]
+fn offline_laptop_keeps_both_sides_edits() {
+    let r = run("offline-laptop", "0.1");
+    assert_eq!(r["passed"], true, "{r:#}");
+    let names: Vec<&str> = r["asserts"].as_array().unwrap().iter().map(|a| a["assertion"].as_str().unwrap()).collect();
+    assert!(names.iter().any(|a| a.starts_with("nothing lost")), "{names:?}");
+}
+
+#[test]
+fn flaky_uplink_converges_through_loss_and_a_partition_without_a_restart() {
+    let r = run("flaky-uplink", "0.25");
+    assert_eq!(r["passed"], true, "{r:#}");
+    let home = r["links"].as_array().unwrap().iter().find(|l| l["name"] == "home-uplink").unwrap();
+    assert!(home["dropped_packets"].as_u64().unwrap() > 0, "{home}");
+}

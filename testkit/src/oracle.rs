@@ -1,11 +1,12 @@
 //! What every test checks: the folders' trees by content, convergence of all devices to the
 //! coordinator's tree, and the daemons' own reports (`shoal status --json`, `shoal peers`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use shoal_protocol::Entry;
 use shoal_protocol::status::{PeerStatus, Status, StatusReport};
 
 use crate::Device;
@@ -64,15 +65,48 @@ pub fn file_hash(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
-/// Runs a future to completion on a fresh runtime.
 /// An API client acting as device `d`.
 pub fn client_of(d: &Device) -> shoal_agent::client::Client {
     shoal_agent::client::Client::new(&shoal_agent::config::Config::load(&d.home).unwrap()).unwrap()
 }
 
+/// Runs a future to completion on a fresh runtime.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// Every journal entry of `d`'s user (pending versions' included), asked as `d`.
+pub fn journal(d: &Device) -> Result<Vec<Entry>, String> {
+    let client = client_of(d);
+    block_on(async {
+        let mut out = Vec::new();
+        let mut since = 0;
+        loop {
+            let page = client.changes(since, 5000, Duration::ZERO).await.map_err(|e| e.to_string())?;
+            if page.entries.is_empty() {
+                return Ok(out);
+            }
+            since = page.next;
+            out.extend(page.entries);
+            if since >= page.head {
+                return Ok(out);
+            }
+        }
+    })
+}
+
+/// Every content the coordinator keeps as a durable version, at any path and time (its history;
+/// versions still pending, whose bytes are only on a device, left out), asked as `d`.
+pub fn durable_contents(d: &Device) -> Result<HashSet<String>, String> {
+    let journal = journal(d)?;
+    let pending: HashSet<u64> =
+        block_on(client_of(d).pending()).map_err(|e| e.to_string())?.versions.into_iter().map(|v| v.version).collect();
+    Ok(journal
+        .iter()
+        .filter(|e| !pending.contains(&e.version))
+        .filter_map(|e| e.hash().map(|h| h.to_string()))
+        .collect())
 }
 
 /// What `shoal status --json` of `d` prints.

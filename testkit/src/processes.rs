@@ -555,16 +555,27 @@ impl Device {
 
     /// The coordinator's live tree as this device sees it (`shoal ls --json`).
     pub fn remote_tree(&self) -> Tree {
+        self.try_remote_tree().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `remote_tree`, or why it could not be had.
+    pub fn try_remote_tree(&self) -> Result<Tree, String> {
         let out = self.shoal(&["ls", "--json"]);
-        assert!(out.status.success(), "ls failed: {}", String::from_utf8_lossy(&out.stderr));
-        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if !out.status.success() {
+            return Err(format!("ls failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let v: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).map_err(|e| format!("ls printed no JSON list: {e}"))?;
         v.into_iter()
             .map(|e| {
                 let node = match e["kind"].as_str() {
                     Some("dir") => Node::Dir,
-                    _ => Node::File(e["hash"].as_str().unwrap().to_string(), e["exec"].as_bool().unwrap()),
+                    _ => Node::File(
+                        e["hash"].as_str().ok_or("ls: a file without a hash")?.to_string(),
+                        e["exec"].as_bool().unwrap_or(false),
+                    ),
                 };
-                (e["path"].as_str().unwrap().to_string(), node)
+                Ok((e["path"].as_str().ok_or("ls: an entry without a path")?.to_string(), node))
             })
             .collect()
     }

@@ -444,22 +444,7 @@ impl Run {
 
     /// Every journal entry (pending versions' included), or `None` while the coordinator is down.
     fn journal(&self) -> Option<Vec<Entry>> {
-        let client = client_of(&self.devices[0]);
-        block_on(async {
-            let mut out = Vec::new();
-            let mut since = 0;
-            loop {
-                let page = client.changes(since, 5000, Duration::ZERO).await.ok()?;
-                if page.entries.is_empty() {
-                    return Some(out);
-                }
-                since = page.next;
-                out.extend(page.entries);
-                if since >= page.head {
-                    return Some(out);
-                }
-            }
-        })
+        journal(&self.devices[0]).ok()
     }
 
     /// Everything running again, then the end state checked.
@@ -526,18 +511,8 @@ impl Run {
         }
 
         // Every required content is in a file, or a durable version in history.
-        let journal = self.journal().unwrap_or_else(|| self.fail("the coordinator does not answer".into()));
-        let pending: HashSet<u64> = block_on(client_of(&self.devices[0]).pending())
-            .unwrap_or_else(|e| self.fail(format!("listing pending versions: {e}")))
-            .versions
-            .into_iter()
-            .map(|v| v.version)
-            .collect();
-        let durable: HashSet<String> = journal
-            .iter()
-            .filter(|e| !pending.contains(&e.version))
-            .filter_map(|e| e.hash().map(|h| h.to_string()))
-            .collect();
+        let durable = durable_contents(&self.devices[0])
+            .unwrap_or_else(|e| self.fail(format!("the coordinator does not answer: {e}")));
         let held: HashSet<&String> =
             tree.values().filter_map(|n| if let Node::File(h, _) = n { Some(h) } else { None }).collect();
         let lost: Vec<String> = self
