@@ -20,6 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use shoal_protocol::ChunkId;
+use shoal_protocol::api::RelayRegistered;
 use shoal_sys::fs::{Durability, write_atomic};
 use tokio_util::sync::CancellationToken;
 
@@ -79,7 +80,25 @@ fn parse_key(hex: &str) -> anyhow::Result<[u8; 32]> {
     Ok(id.0)
 }
 
-/// Opens the cache, registers with the coordinator, binds, and serves until shut down.
+/// Registers with the coordinator, waiting for it while it cannot be reached (a relay started
+/// while its coordinator is down or restarting comes up with it); a refusal is final.
+async fn register(origin: &origin::Origin, url: &str, fingerprint: ChunkId) -> anyhow::Result<RelayRegistered> {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match origin.register(url, fingerprint).await {
+            Ok(r) => return Ok(r),
+            Err(origin::RegisterError::Refused(e)) => anyhow::bail!("registering: {e}"),
+            Err(e @ origin::RegisterError::Unreachable(..)) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot register yet; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Opens the cache, registers with the coordinator (waiting for it while it cannot be reached),
+/// binds, and serves until shut down.
 pub async fn start(opts: Options) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&opts.cache_dir).with_context(|| format!("creating {}", opts.cache_dir.display()))?;
     let identity = shoal_net::identity::Identity::load_or_create(
@@ -97,7 +116,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Server> {
     let metrics_addr = metrics_listener.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
     let url = opts.public_url.clone().unwrap_or_else(|| format!("https://{addr}"));
     let origin = origin::Origin::new(&opts.coordinator, opts.coordinator_fingerprint, &opts.token)?;
-    let registered = origin.register(&url, fingerprint).await.map_err(|e| anyhow::anyhow!("registering: {e}"))?;
+    let registered = register(&origin, &url, fingerprint).await?;
     anyhow::ensure!(
         registered.region == opts.region,
         "the coordinator has this relay ({}) in region {:?}, not {:?}",

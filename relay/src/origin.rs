@@ -12,6 +12,17 @@ use shoal_protocol::{CHUNK_PARAMS, ChunkId};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a registration did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// No answer (down, unreachable, timed out): worth trying again.
+    #[error("cannot reach the coordinator at {0}: {1}")]
+    Unreachable(String, String),
+    /// The coordinator answered no (a bad token, say), or something unreadable.
+    #[error("{0}")]
+    Refused(String),
+}
+
 #[derive(Clone)]
 pub struct Origin {
     http: reqwest::Client,
@@ -41,7 +52,7 @@ impl Origin {
     }
 
     /// Registers (or, as the heartbeat, registers again) where the relay listens.
-    pub async fn register(&self, url: &str, fingerprint: ChunkId) -> Result<RelayRegistered, String> {
+    pub async fn register(&self, url: &str, fingerprint: ChunkId) -> Result<RelayRegistered, RegisterError> {
         let body = RelayRegister { url: url.to_string(), fingerprint };
         let resp = self
             .http
@@ -50,11 +61,15 @@ impl Origin {
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("cannot reach the coordinator at {}: {e}", self.base))?;
-        if !resp.status().is_success() {
-            return Err(Self::error(resp).await);
+            .map_err(|e| RegisterError::Unreachable(self.base.clone(), e.to_string()))?;
+        if resp.status().is_server_error() {
+            let why = Self::error(resp).await;
+            return Err(RegisterError::Unreachable(self.base.clone(), why));
         }
-        resp.json().await.map_err(|e| format!("bad answer from the coordinator: {e}"))
+        if !resp.status().is_success() {
+            return Err(RegisterError::Refused(Self::error(resp).await));
+        }
+        resp.json().await.map_err(|e| RegisterError::Refused(format!("bad answer from the coordinator: {e}")))
     }
 
     /// Fetches `ids` under `ticket`; returns the chunks delivered, in order, each verified, as

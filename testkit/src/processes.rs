@@ -303,8 +303,18 @@ impl Relay {
         r
     }
 
-    /// Starts the relay again (after `stop`), on a new port, with the same cache.
+    /// Starts the relay again (after `stop`), on a new port, with the same cache, and waits until
+    /// it serves.
     pub fn restart(&mut self) {
+        self.respawn();
+        if let Err(e) = self.wait_ready(Duration::from_secs(30)) {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the relay's process again (after `stop`) without waiting for it to serve: it
+    /// registers with the coordinator first, and waits for one that is down.
+    pub fn respawn(&mut self) {
         self.stop(false);
         let _ = std::fs::remove_file(self.cache_dir.join("relay.json"));
         std::fs::create_dir_all(&self.cache_dir).unwrap();
@@ -318,15 +328,25 @@ impl Relay {
             .stderr(log)
             .spawn()
             .expect("spawning shoal-relay");
-        let pid = child.id();
         self.child = Some(child);
-        self.info = wait_for(Duration::from_secs(30), || {
+    }
+
+    /// Waits until the process `respawn` started serves (its `relay.json` written).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let pid = self.child.as_ref().map(Child::id).ok_or("the relay is not running")?;
+        self.info = wait_for(timeout, || {
             let b = std::fs::read(self.cache_dir.join("relay.json")).ok()?;
             let info: shoal_relay::RelayInfo = serde_json::from_slice(&b).ok()?;
             (info.pid == pid).then_some(info)
         })
-        .unwrap_or_else(|| panic!("relay did not start:\n{}", self.log()));
+        .ok_or_else(|| format!("relay did not start within {timeout:?}:\n{}", self.log()))?;
         wait_for_term_handler(pid);
+        Ok(())
+    }
+
+    /// Whether the process started last is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn stop(&mut self, hard: bool) {

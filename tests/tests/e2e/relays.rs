@@ -3,6 +3,8 @@
 //! chunks they may read; a relay fetches its misses only with its token and a ticket that
 //! covers them; a removed relay's token stops working.
 
+use std::time::Duration;
+
 use shoal_agent::client::Client;
 use shoal_agent::config::Config;
 use shoal_protocol::ChunkId;
@@ -446,4 +448,43 @@ fn a_device_with_no_region_uses_a_relay_that_answers_and_another_once_it_dies() 
         .unwrap_or_else(|| panic!("D never moved to {other_name}:\n{}", d.log()));
     assert!(relays[other].metric("shoal_relay_bytes_served_total") > 0, "{other_name} served nothing");
     d.stop(false);
+}
+
+#[test]
+fn a_relay_started_while_its_coordinator_is_down_comes_up_with_it_and_a_bad_token_stays_fatal() {
+    let tmp = test_dir();
+    let mut coord = Coordinator::start(&tmp.path().join("coord"));
+    let mut relay = Relay::start(&coord, "eu1", "eu", "127.0.0.1", &tmp.path().join("eu1"), "64MiB", &[]);
+    relay.stop(false);
+    coord.stop(false);
+
+    relay.respawn();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(relay.running(), "the relay gave up while the coordinator was down:\n{}", relay.log());
+    assert!(relay.wait_ready(Duration::from_millis(100)).is_err(), "served before it had registered");
+    coord.restart(false);
+    relay.wait_ready(SETTLE).unwrap_or_else(|e| panic!("{e}"));
+
+    // It serves: a device of the region downloads through it.
+    let author = Device::enroll(tmp.path(), &coord, "ines", "author");
+    author.configure(|c| c.relays = false);
+    let data = noise(91, 512 * 1024);
+    author.write("a.bin", &data);
+    author.sync();
+    let mut d = regional(tmp.path(), &coord, "ines", "d", "127.0.1.1", "eu");
+    d.start();
+    wait_for_file(&d, "a.bin", &data);
+    // The counts are in the status the daemon writes at the end of its cycle.
+    wait_for(SETTLE, || (by_source(&d)[2] == data.len() as u64).then_some(()))
+        .unwrap_or_else(|| panic!("D's bytes by source {:?}:\n{}", by_source(&d), d.log()));
+    d.stop(false);
+
+    // A token the coordinator refuses is not waited out: the relay exits with the reason.
+    relay.stop(false);
+    let (ok, out) = coord.admin(&["relay", "remove", "eu1"]);
+    assert!(ok, "{out}");
+    relay.respawn();
+    wait_for(SETTLE, || (!relay.running()).then_some(()))
+        .unwrap_or_else(|| panic!("the relay kept going with a removed token:\n{}", relay.log()));
+    assert!(relay.log().contains("registering:"), "{}", relay.log());
 }
