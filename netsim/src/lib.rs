@@ -5,6 +5,7 @@
 
 pub mod fabric;
 pub mod link;
+pub mod random;
 pub mod run;
 pub mod scenario;
 

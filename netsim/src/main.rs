@@ -1,9 +1,12 @@
 //! `shoal-netsim`: runs a scenario over the emulated network and reports (see the crate doc).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use shoal_netsim::random;
+use shoal_netsim::run::{Options, Report};
+use shoal_netsim::scenario::{self, Scenario};
 
 #[derive(Parser)]
 #[command(name = "shoal-netsim", about = "Run Shoal over emulated LANs, uplinks and regions (needs root)")]
@@ -12,70 +15,159 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Args)]
+struct Common {
+    /// The report as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+    /// Multiply every file size by this (a quick run of a big scenario).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Where the run's folders go (kept when it fails); the system's temp directory if not given.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The directory holding shoal, shoal-coordinator and shoal-relay: this program's own
+    /// directory if not given.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a scenario file and report; exit status 0 only if every assertion passed.
     Run {
         scenario: PathBuf,
-        /// The report as JSON on standard output.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run a timeline drawn from a seed (edits on every device, offline periods, cuts, loss,
+    /// kills) and check that everything converges and nothing is lost or torn; a failing seed
+    /// leaves the scenario file that replays it.
+    Random {
+        /// The seed (a fresh one, printed, if not given).
         #[arg(long)]
-        json: bool,
-        /// Multiply every file size by this (a quick run of a big scenario).
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
-        /// Where the run's folders go (kept when it fails); the system's temp directory if not given.
+        seed: Option<u64>,
+        /// How many actions to draw.
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// The topology to draw over: a scenario file, whose steps and assertions are ignored
+        /// (the shipped topologies/mixed.toml if not given).
         #[arg(long)]
-        work_dir: Option<PathBuf>,
-        /// The directory holding shoal, shoal-coordinator and shoal-relay: this program's own
-        /// directory if not given.
+        topology: Option<PathBuf>,
+        /// How long each convergence, and the final backup, may take.
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+        /// Where a failing seed's scenario file goes.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Print the timeline as a scenario file and exit without running it.
         #[arg(long)]
-        bin_dir: Option<PathBuf>,
+        print: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Two laptops at home, a desk at the office, a relay in their region and the coordinator
+    /// across the ocean, narrated step by step: what moved over which link, and from where.
+    Demo {
+        #[command(flatten)]
+        common: Common,
     },
 }
 
-fn main() -> ExitCode {
-    let Cmd::Run { scenario, json, scale, work_dir, bin_dir } = Cli::parse().cmd;
-    if !(scale.is_finite() && scale > 0.0) {
-        eprintln!("error: --scale must be above zero");
-        return ExitCode::from(2);
+/// The demo's scenario.
+const DEMO: &str = include_str!("../scenarios/demo.toml");
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(2)
+}
+
+fn read(path: &Path) -> Result<Scenario, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    scenario::parse(&path.display().to_string(), &text).map_err(|e| e.to_string())
+}
+
+/// Finds the binaries and runs `s`; the report, or an exit status for a run that could not be made.
+fn run(s: &Scenario, common: &Common, narrate: bool) -> Result<Report, ExitCode> {
+    if !(common.scale.is_finite() && common.scale > 0.0) {
+        return Err(fail("--scale must be above zero"));
     }
-    let text = match std::fs::read_to_string(&scenario) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {}: {e}", scenario.display());
-            return ExitCode::from(2);
-        }
-    };
-    let s = match shoal_netsim::scenario::parse(&scenario.display().to_string(), &text) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let bins = bin_dir.or_else(|| std::env::current_exe().ok()?.parent().map(PathBuf::from));
+    let bins = common.bin_dir.clone().or_else(|| std::env::current_exe().ok()?.parent().map(PathBuf::from));
     if let Some(dir) = bins {
         for b in ["shoal", "shoal-coordinator", "shoal-relay"] {
             if !dir.join(b).exists() {
-                eprintln!("error: no {b} in {} (build the binaries, or give --bin-dir)", dir.display());
-                return ExitCode::from(2);
+                return Err(fail(format!("no {b} in {} (build the binaries, or give --bin-dir)", dir.display())));
             }
         }
         shoal_testkit::use_bins_in(&dir);
     }
-    let opts = shoal_netsim::run::Options { scale, work_dir, progress: true, narrate: false };
-    match shoal_netsim::run::run(&s, &opts) {
-        Ok(report) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("a report serialises"));
-            } else {
-                print!("{}", report.text());
+    let opts = Options { scale: common.scale, work_dir: common.work_dir.clone(), progress: true, narrate };
+    shoal_netsim::run::run(s, &opts).map_err(fail)
+}
+
+fn report(r: &Report, common: &Common) -> ExitCode {
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(r).expect("a report serialises"));
+    } else {
+        print!("{}", r.text());
+    }
+    if r.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Run { scenario, common } => {
+            let s = match read(&scenario) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            match run(&s, &common, false) {
+                Ok(r) => report(&r, &common),
+                Err(code) => code,
             }
-            if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(2)
+        Cmd::Random { seed, steps, topology, timeout, out, print, common } => {
+            let topo = match &topology {
+                Some(p) => read(p),
+                None => scenario::parse("topologies/mixed.toml", random::MIXED).map_err(|e| e.to_string()),
+            };
+            let topo = match topo {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            if let Err(e) = scenario::duration(&timeout) {
+                return fail(format!("--timeout: {e}"));
+            }
+            let seed = seed.unwrap_or_else(|| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                now.as_millis() as u64 ^ (u64::from(std::process::id()) << 40)
+            });
+            let s = random::timeline(&topo, seed, steps, &timeout);
+            let toml = random::to_toml(&s);
+            if print {
+                print!("{toml}");
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("netsim: random seed {seed} (replay: shoal-netsim random --seed {seed} --steps {steps})");
+            let r = match run(&s, &common, false) {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            if !r.passed {
+                let file = out.join(format!("netsim-random-{seed}.toml"));
+                match std::fs::create_dir_all(&out).and_then(|()| std::fs::write(&file, &toml)) {
+                    Ok(()) => eprintln!("netsim: seed {seed} failed; its scenario: {}", file.display()),
+                    Err(e) => eprintln!("netsim: seed {seed} failed; writing {}: {e}", file.display()),
+                }
+            }
+            report(&r, &common)
+        }
+        Cmd::Demo { common } => {
+            let s = scenario::parse("scenarios/demo.toml", DEMO).expect("the demo scenario parses");
+            match run(&s, &common, true) {
+                Ok(r) => report(&r, &common),
+                Err(code) => code,
+            }
         }
     }
 }

@@ -206,47 +206,52 @@ impl World {
 
 /// Counters at one moment, for narrating what a step moved.
 struct Moved {
-    kinds: ByLinkKind,
+    lan: u64,
+    links: Vec<LinkReport>,
     by_source: BTreeMap<String, BytesBySource>,
 }
 
 impl Moved {
     fn now(w: &World) -> Moved {
-        let mut kinds = ByLinkKind::default();
-        for l in w.fabric.report() {
-            match l.kind {
-                LinkKind::Uplink => kinds.uplink += l.out.bytes + l.back.bytes,
-                LinkKind::InterRegion => kinds.inter_region += l.out.bytes + l.back.bytes,
-            }
-        }
-        kinds.lan = w.sites.values().map(|(ns, _, _)| lan_bytes(ns)).sum();
-        Moved { kinds, by_source: w.by_source() }
+        let lan = w.sites.values().map(|(ns, _, _)| lan_bytes(ns)).sum();
+        Moved { lan, links: w.fabric.report(), by_source: w.by_source() }
     }
 
-    /// What moved between `before` and now, in a line or two.
+    /// What moved between `before` and now: over the LANs, over each link that carried more than
+    /// a trickle, and where each device's downloads came from.
     fn since(&self, before: &Moved) -> String {
         let mib = |n: u64| format!("{:.1} MiB", n as f64 / 1048576.0);
-        let (a, b) = (&self.kinds, &before.kinds);
-        let mut out = format!(
-            "      moved: {} over LANs, {} over uplinks, {} between regions",
-            mib(a.lan.saturating_sub(b.lan)),
-            mib(a.uplink.saturating_sub(b.uplink)),
-            mib(a.inter_region.saturating_sub(b.inter_region))
-        );
+        let lan = self.lan.saturating_sub(before.lan);
+        let mut parts = vec![format!("{} over LANs", mib(lan))];
+        for (now, was) in self.links.iter().zip(&before.links) {
+            let (up, down) = (now.out.bytes - was.out.bytes, now.back.bytes - was.back.bytes);
+            if up + down >= 100 * 1024 {
+                let (a, b) = match now.kind {
+                    LinkKind::Uplink => ("up", "down"),
+                    LinkKind::InterRegion => ("→", "←"),
+                };
+                parts.push(format!("{}: {b} {}, {a} {}", now.name, mib(down), mib(up)));
+            }
+        }
+        let mut out = if parts.len() > 1 || lan >= 100 * 1024 {
+            format!("      moved: {}", parts.join("; "))
+        } else {
+            String::new()
+        };
         for (name, now) in &self.by_source {
             let was = before.by_source.get(name).copied().unwrap_or_default();
             let parts: Vec<String> = [
-                ("its own folder", now.local.saturating_sub(was.local)),
-                ("a LAN peer", now.peer.saturating_sub(was.peer)),
-                ("a relay", now.relay.saturating_sub(was.relay)),
-                ("the origin", now.origin.saturating_sub(was.origin)),
+                ("reused {} it already had", now.local.saturating_sub(was.local)),
+                ("took {} from a LAN peer", now.peer.saturating_sub(was.peer)),
+                ("took {} from a relay", now.relay.saturating_sub(was.relay)),
+                ("took {} from the origin", now.origin.saturating_sub(was.origin)),
             ]
             .into_iter()
             .filter(|(_, n)| *n > 0)
-            .map(|(from, n)| format!("{} from {from}", mib(n)))
+            .map(|(what, n)| what.replace("{}", &mib(n)))
             .collect();
             if !parts.is_empty() {
-                out += &format!("\n      {name} fetched {}", parts.join(", "));
+                out += &format!("{}      {name} {}", if out.is_empty() { "" } else { "\n" }, parts.join(", "));
             }
         }
         out
@@ -260,6 +265,7 @@ fn describe(step: &scenario::Step, scale: f64) -> String {
     };
     let json = serde_json::json!({
         "write": step.write.as_ref().map(|w| format!("{} {} on {}", size(&w.size), w.path, w.device)),
+        "modify": step.modify.as_ref().map(|m| format!("{} at {} of {} on {}", size(&m.size), size(&m.offset), m.path, m.device)),
         "edits": step.edits.as_ref().map(|e| format!("{} changes to {} files of {} in {}/ on {}", e.count, e.files, size(&e.size), e.dir, e.device)),
         "delete": step.delete.as_ref().map(|d| format!("{} on {}", d.path, d.device)),
         "rename": step.rename.as_ref().map(|r| format!("{} -> {} on {}", r.from, r.to, r.device)),
@@ -405,7 +411,10 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         ));
         if opts.narrate {
             let now = Moved::now(&w);
-            say(now.since(&moved));
+            let line = now.since(&moved);
+            if !line.is_empty() {
+                say(line);
+            }
             moved = now;
         }
         steps.push(StepReport { step: i + 1, action, seconds, error });
@@ -474,6 +483,19 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         let size = (scenario::bytes(&x.size)? as f64 * scale) as usize;
         let data = noise(x.seed.unwrap_or(s.seed.wrapping_mul(1000).wrapping_add(i as u64)), size);
         w.write(&x.device, &x.path, &data);
+    } else if let Some(x) = &step.modify {
+        use std::io::{Seek, SeekFrom, Write};
+        let offset = (scenario::bytes(&x.offset)? as f64 * scale) as u64;
+        let size = (scenario::bytes(&x.size)? as f64 * scale) as usize;
+        let data = noise(s.seed.wrapping_mul(1000).wrapping_add(i as u64), size);
+        let p = w.device(&x.device).path(&x.path);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.write_all(&data))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        drop(f);
+        let now = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        w.written.insert(file_hash(&now));
     } else if let Some(x) = &step.edits {
         let size = (scenario::bytes(&x.size)? as f64 * scale).max(1.0) as usize;
         let gap = x.gap.as_deref().map(scenario::duration).transpose()?.unwrap_or_default();
@@ -520,7 +542,13 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
     } else if let Some(p) = &step.restart {
         match (&p.device, &p.relay) {
             (Some(d), _) => w.start(d),
-            (None, Some(r)) => w.relays.get_mut(r).expect("checked").restart(),
+            (None, Some(r)) => {
+                // A relay registers with the coordinator before it serves, and waits for one that
+                // is down: the timeline goes on meanwhile.
+                let relay = w.relays.get_mut(r).expect("checked");
+                relay.respawn();
+                let _ = relay.wait_ready(Duration::from_secs(5));
+            }
             _ => w.coord.restart(false),
         }
     } else if let Some(t) = &step.converge {

@@ -172,6 +172,9 @@ pub struct Step {
     pub say: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub write: Option<Write>,
+    /// Overwrites part of an existing file in place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modify: Option<Modify>,
     /// Many changes to a set of files on one device, one after another.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub edits: Option<Edits>,
@@ -222,6 +225,21 @@ pub struct Write {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+}
+
+/// `size` new bytes written over `path` on `device` from `offset` (both scale with the run).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Modify {
+    pub device: String,
+    pub path: String,
+    #[serde(default = "zero")]
+    pub offset: String,
+    pub size: String,
+}
+
+fn zero() -> String {
+    "0".into()
 }
 
 /// `count` changes on `device`, each rewriting one of the files `DIR/f1.bin` .. `DIR/fN.bin`
@@ -487,6 +505,7 @@ impl Step {
         [
             self.write.is_some(),
             self.edits.is_some(),
+            self.modify.is_some(),
             self.delete.is_some(),
             self.rename.is_some(),
             self.offline.is_some(),
@@ -592,8 +611,15 @@ impl Scenario {
                 }
                 relative(&e.dir).map_err(|x| format!("{what}: {x}"))?;
             }
+            if let Some(m) = &s.modify {
+                device(&m.device, &what)?;
+                for b in [&m.offset, &m.size] {
+                    bytes(b).map_err(|x| format!("{what}: {x}"))?;
+                }
+            }
             for p in [
                 s.write.as_ref().map(|w| &w.path),
+                s.modify.as_ref().map(|m| &m.path),
                 s.delete.as_ref().map(|d| &d.path),
                 s.rename.as_ref().map(|r| &r.from),
                 s.rename.as_ref().map(|r| &r.to),

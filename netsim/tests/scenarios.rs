@@ -97,3 +97,19 @@ fn flaky_uplink_converges_through_loss_and_a_partition_without_a_restart() {
     let home = r["links"].as_array().unwrap().iter().find(|l| l["name"] == "home-uplink").unwrap();
     assert!(home["dropped_packets"].as_u64().unwrap() > 0, "{home}");
 }
+
+#[test]
+fn the_demo_narrates_what_moved_and_passes() {
+    let bins = shoal_testkit::bin_dir();
+    let out = netsim()
+        .args(["demo", "--json", "--scale", "0.1", "--bin-dir"])
+        .arg(bins)
+        .output()
+        .expect("running shoal-netsim demo");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON report ({e}):\n{err}"));
+    assert!(out.status.success() && report["passed"] == true, "{report:#}\n{err}");
+    assert!(err.contains("laptop2 took") && err.contains("from a LAN peer"), "{err}");
+    assert!(err.contains("desk took") && err.contains("from a relay"), "{err}");
+}
