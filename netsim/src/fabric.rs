@@ -9,7 +9,7 @@
 //! another site's address crosses the core; anything else that reaches a TUN device is dropped
 //! (the namespaces route only 10.0.0.0/8, to `up0`), so nothing leaves the namespaces netsim made.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,6 +159,9 @@ struct Queue {
     seq: u64,
 }
 
+/// One end of a UDP flow.
+type End = (Ipv4Addr, u16);
+
 struct Core {
     links: Mutex<Vec<Link>>,
     /// Between regions `(a, b)` with `a < b`.
@@ -167,6 +170,8 @@ struct Core {
     queue: Mutex<Queue>,
     wake: Condvar,
     stop: AtomicBool,
+    /// UDP flows seen, by their two ends (the lower first), whichever way they were seen.
+    flows: Mutex<HashSet<(End, End)>>,
 }
 
 /// An emulated network of regions and sites. Dropping it stops the core and deletes the
@@ -189,6 +194,7 @@ impl Fabric {
             queue: Mutex::default(),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            flows: Mutex::default(),
         });
         let deliver = core.clone();
         let threads = vec![std::thread::spawn(move || deliver_loop(&deliver))];
@@ -370,8 +376,20 @@ fn read_loop(core: &Core, tun: &tun::Device) {
             }
         };
         let Some((from_region, from_uplink, to_region, to_uplink, to)) = route else { continue };
+        let opens = opens_connection(core, packet, src, dst);
         let at = {
             let mut links = core.links.lock().unwrap_or_else(|p| p.into_inner());
+            if opens {
+                links[from_uplink].out.counters.connections += 1;
+                links[to_uplink].back.counters.connections += 1;
+                if from_region != to_region {
+                    let key = (from_region.min(to_region), from_region.max(to_region));
+                    if let Some(l) = core.between.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied() {
+                        let dir = if from_region < to_region { &mut links[l].out } else { &mut links[l].back };
+                        dir.counters.connections += 1;
+                    }
+                }
+            }
             let mut t = links[from_uplink].out.admit(now, n);
             if from_region != to_region {
                 let key = (from_region.min(to_region), from_region.max(to_region));
@@ -392,6 +410,22 @@ fn read_loop(core: &Core, tun: &tun::Device) {
             q.heap.push(Due { at, seq, to, packet: packet.to_vec() });
             core.wake.notify_one();
         }
+    }
+}
+
+/// Whether an IPv4 packet opens a connection: a TCP SYN without ACK, or the first packet of a
+/// UDP flow either way (a QUIC connection counts once, where it started).
+fn opens_connection(core: &Core, packet: &[u8], src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    match packet[9] {
+        6 => packet.get(ihl + 13).is_some_and(|flags| flags & 0x02 != 0 && flags & 0x10 == 0),
+        17 => {
+            let Some(ports) = packet.get(ihl..ihl + 4) else { return false };
+            let (sport, dport) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
+            let (a, b) = ((src, sport), (dst, dport));
+            core.flows.lock().unwrap_or_else(|p| p.into_inner()).insert((a.min(b), a.max(b)))
+        }
+        _ => false,
     }
 }
 

@@ -37,6 +37,9 @@ pub struct LinkCounters {
     pub packets: u64,
     /// Packets lost: to `loss`, a partition, or a full queue.
     pub dropped: u64,
+    /// Connections opened this way: TCP connection attempts (SYN without ACK) and UDP flows
+    /// (QUIC connections) first seen, dropped or not.
+    pub connections: u64,
 }
 
 /// One direction of a link, with its queue, its counters and its random draws (seeded, so a
@@ -119,7 +122,7 @@ mod tests {
         assert_eq!(l.admit(t0, 1000), Some(t0 + ms(21)));
         assert_eq!(l.admit(t0, 1000), Some(t0 + ms(22)), "the second waits for the first");
         assert_eq!(l.admit(t0 + ms(10), 1000), Some(t0 + ms(31)), "an idle link starts at once");
-        assert_eq!(l.counters, LinkCounters { bytes: 3000, packets: 3, dropped: 0 });
+        assert_eq!(l.counters, LinkCounters { bytes: 3000, packets: 3, dropped: 0, connections: 0 });
     }
 
     #[test]

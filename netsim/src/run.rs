@@ -64,6 +64,8 @@ pub struct LinkLine {
     pub up_bytes: u64,
     pub down_bytes: u64,
     pub dropped_packets: u64,
+    /// Connections opened across it, either way: TCP connection attempts and UDP (QUIC) flows.
+    pub connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -437,6 +439,8 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
             up_bytes: now.out.bytes - before.out.bytes,
             down_bytes: now.back.bytes - before.back.bytes,
             dropped_packets: (now.out.dropped + now.back.dropped) - (before.out.dropped + before.back.dropped),
+            connections: (now.out.connections + now.back.connections)
+                - (before.out.connections + before.back.connections),
         })
         .collect();
     let mut kinds = ByLinkKind::default();
@@ -806,8 +810,8 @@ impl Report {
         out += &format!("\nbytes by link kind: lan {}  uplink {}  inter_region {}\n", k.lan, k.uplink, k.inter_region);
         for l in &self.links {
             out += &format!(
-                "  {:<24} up {:>12}  down {:>12}  dropped {} packets\n",
-                l.name, l.up_bytes, l.down_bytes, l.dropped_packets
+                "  {:<24} up {:>12}  down {:>12}  dropped {} packets, {} connections opened\n",
+                l.name, l.up_bytes, l.down_bytes, l.dropped_packets, l.connections
             );
         }
         out += "\nbytes by source (local / peer / relay / origin):\n";

@@ -64,6 +64,23 @@ fn links_delay_shape_count_and_partition_real_tcp() {
     assert!(uplink.out.bytes > 0 && uplink.out.bytes < uplink.back.bytes / 4, "{uplink:?}");
     let wan = report.iter().find(|l| l.kind == LinkKind::InterRegion).unwrap();
     assert!(wan.back.bytes >= MIB as u64, "{wan:?}");
+    // One TCP connection, opened from a: counted once, on each link of its path, a's way.
+    assert_eq!((uplink.out.connections, uplink.back.connections), (1, 0), "{uplink:?}");
+    assert_eq!((wan.out.connections, wan.back.connections), (1, 0), "{wan:?}");
+
+    // A UDP flow counts once, in the direction it started, however many packets go either way.
+    let echo = SocketAddr::from((b_addr, 7001));
+    let server = in_namespace(&b_ns, move || std::net::UdpSocket::bind(echo)).unwrap().unwrap();
+    let client = in_namespace(&a_ns, || std::net::UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+    for _ in 0..3 {
+        client.send_to(b"ping", echo).unwrap();
+        let mut buf = [0u8; 16];
+        server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (_, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(b"pong", from).unwrap();
+    }
+    let uplink = f.report().into_iter().find(|l| l.name == "a-uplink").unwrap();
+    assert_eq!((uplink.out.connections, uplink.back.connections), (2, 0), "{uplink:?}");
 
     // Cut: no connection; healed: connections again.
     f.partition(a_uplink, true);
