@@ -5,8 +5,16 @@
 //! ctime (or the inode, or presence), so it never matches. Correctness does not rest on this: a
 //! dropped event only skips a cycle that would have found nothing, and the periodic rescan is the
 //! backstop.
+//!
+//! A note stands for what the engine knows of the path, so it lasts only until someone else is
+//! seen to change the path: the engine then learns another state, and a later return to the noted
+//! one (a file the agent removed, made again and removed again by the user; a directory moved out
+//! and back) is a change to it, not an echo. So a path found unlike its note is forgotten
+//! (`is_own`), a noted absence is forgotten as soon as the path appears again (`appeared`), and
+//! the notes under a directory that someone else made or moved in are forgotten with it
+//! (`forget_under`): its entries are scanned anew, and their events must be answered.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,7 +76,8 @@ pub struct OwnWrites(Arc<Shared>);
 
 #[derive(Default)]
 struct Shared {
-    map: Mutex<HashMap<PathBuf, (Seen, Instant)>>,
+    /// Ordered, so that the notes under a directory are one range.
+    map: Mutex<BTreeMap<PathBuf, (Seen, Instant)>>,
     /// Writes between their first system call and their note (`WriteGuard`s alive).
     writing: AtomicUsize,
 }
@@ -129,7 +138,9 @@ impl OwnWrites {
         map.insert(path.to_path_buf(), (seen, Instant::now()));
     }
 
-    /// `true` if `path` is as the agent last left it, recently.
+    /// `true` if `path` is as the agent last left it, recently. A path found otherwise was
+    /// changed by someone else: its note is forgotten, so that a later return to the noted state
+    /// is not taken for an echo (the engine will have learned the state in between).
     pub fn is_own(&self, path: &Path) -> bool {
         let recorded = {
             let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -142,7 +153,40 @@ impl OwnWrites {
                 None => return false,
             }
         };
-        look(path) == Some(recorded)
+        let now = look(path);
+        if now == Some(recorded) {
+            return true;
+        }
+        let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Unless the agent noted it again meanwhile.
+        if map.get(path).is_some_and(|(seen, _)| *seen == recorded) {
+            map.remove(path);
+        }
+        false
+    }
+
+    /// Called for every event saying `path` appeared (made, or moved in): a noted absence is
+    /// over. (An appearance reported late, from before the agent's removal, only costs a cycle.)
+    pub fn appeared(&self, path: &Path) {
+        let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(path).is_some_and(|(seen, _)| *seen == Seen::Absent) {
+            map.remove(path);
+        }
+    }
+
+    /// Forgets the notes of everything under `dir` (not of `dir` itself): someone else made or
+    /// moved in a directory there, whose entries raised no events of their own.
+    pub fn forget_under(&self, dir: &Path) {
+        let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
+        let under: Vec<PathBuf> = map
+            .range::<Path, _>((std::ops::Bound::Excluded(dir), std::ops::Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
+        for p in under {
+            map.remove(&p);
+        }
     }
 }
 
@@ -210,5 +254,38 @@ mod tests {
         assert!(own.is_own(&d), "same mode again");
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
         assert!(!own.is_own(&d));
+    }
+
+    #[test]
+    fn a_note_lasts_until_someone_else_changes_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = OwnWrites::default();
+        let f = dir.path().join("f");
+        // Removed by the agent, made again by someone else: the absence noted is forgotten, so a
+        // later removal is a change.
+        own.note(&f);
+        assert!(own.is_own(&f));
+        std::fs::write(&f, b"user").unwrap();
+        assert!(!own.is_own(&f));
+        std::fs::remove_file(&f).unwrap();
+        assert!(!own.is_own(&f), "absent again, yet not as the agent left it");
+        // An appearance ends a noted absence at once; a note of a present file stays.
+        own.note(&f);
+        own.appeared(&f);
+        assert!(!own.is_own(&f));
+        std::fs::write(&f, b"ours").unwrap();
+        own.note(&f);
+        own.appeared(&f);
+        assert!(own.is_own(&f));
+        // The notes under a directory go with it, not its own nor its neighbours'.
+        let d = dir.path().join("d");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        let (inner, deep, next) = (d.join("x"), d.join("sub/y"), dir.path().join("d-next"));
+        for p in [&d, &inner, &deep, &next] {
+            own.note(p);
+        }
+        own.forget_under(&d);
+        assert!(own.is_own(&d) && own.is_own(&next));
+        assert!(!own.is_own(&inner) && !own.is_own(&deep));
     }
 }

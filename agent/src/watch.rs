@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use shoal_protocol::path::RESERVED_DIR;
 
@@ -83,7 +83,7 @@ pub fn start(
     let shared = Arc::new(Shared { gathered: Mutex::default(), wake: Condvar::new() });
     let reserved = root.join(RESERVED_DIR);
     let handler = {
-        let (shared, root, reserved) = (shared.clone(), root.to_path_buf(), reserved.clone());
+        let (shared, root, reserved, own) = (shared.clone(), root.to_path_buf(), reserved.clone(), own.clone());
         move |res: notify::Result<notify::Event>| {
             // inotify reports opens too, the agent's own reads included: only changes count.
             if let Ok(e) = &res
@@ -97,12 +97,23 @@ pub fn start(
                 Ok(e) => {
                     g.rescan |= e.need_rescan();
                     let appeared = matches!(e.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)));
-                    for p in e.paths {
+                    // Which of the paths surely exist since (a rename's source does not).
+                    let arrived = |i: usize| match e.kind {
+                        EventKind::Modify(ModifyKind::Name(RenameMode::From)) => false,
+                        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => i == 1,
+                        _ => appeared,
+                    };
+                    for (i, p) in e.paths.into_iter().enumerate() {
                         if p.starts_with(&reserved) {
                             continue;
                         }
                         if appeared && p.parent() == Some(root.as_path()) {
                             g.tops.push(p.clone());
+                        }
+                        if arrived(i) {
+                            // At once, in the order of events: a removal the agent noted is no
+                            // echo once the path is back, even if it goes again in this batch.
+                            own.appeared(&p);
                         }
                         if appeared {
                             g.appeared.push(p.clone());
@@ -193,13 +204,21 @@ fn flush(
             // in between would pass the echo on as the user's change.
             own.settle(OWN_SETTLE);
         }
-        paths.retain(|p| !own.is_own(p));
+        // Parents sort before their entries: the notes under a directory someone else made or
+        // moved in are forgotten before its entries' events are looked at.
         let appeared: HashSet<&PathBuf> = taken.appeared.iter().collect();
-        let new_dirs: Vec<PathBuf> = paths
-            .iter()
-            .filter(|p| appeared.contains(p) && p.symlink_metadata().is_ok_and(|m| m.is_dir()))
-            .cloned()
-            .collect();
+        let mut new_dirs = Vec::new();
+        paths.retain(|p| {
+            if own.is_own(p) {
+                tracing::trace!(path = %p.display(), "dropped the echo of the agent's own write");
+                return false;
+            }
+            if appeared.contains(p) && p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                own.forget_under(p);
+                new_dirs.push(p.clone());
+            }
+            true
+        });
         if rescan || !paths.is_empty() {
             emit(Batch { rescan, paths, new_dirs });
         }
@@ -298,5 +317,94 @@ mod tests {
         let inside = root.join("moved/inside");
         std::fs::write(&inside, b"").unwrap();
         assert!(wait_for(&rx, &inside).iter().flat_map(|b| &b.paths).any(|p| *p == inside));
+    }
+
+    /// Every change a user makes after the agent's own write is reported, also one that brings
+    /// the path back to the state the agent left it in (the randomized test's seed 1796575103495:
+    /// a file the agent removed, made again by the user, then removed by the user too).
+    #[test]
+    fn a_return_to_the_state_the_agent_left_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("c")).unwrap();
+        let own = OwnWrites::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _w = start(root, Duration::from_millis(20), own.clone(), move |b| {
+            let _ = tx.send(b);
+        })
+        .unwrap();
+        let reported = |got: &[Batch], p: &Path| got.iter().flat_map(|b| &b.paths).any(|q| q == p);
+        let marker = |n: &str| {
+            let m = root.join(n);
+            std::fs::write(&m, b"").unwrap();
+            m
+        };
+
+        // The agent removes c/f1 (a remote delete): its echo is dropped.
+        let f1 = root.join("c/f1");
+        std::fs::write(&f1, b"user").unwrap();
+        wait_for(&rx, &f1);
+        {
+            let _writing = own.writing();
+            std::fs::remove_file(&f1).unwrap();
+            own.note(&f1);
+        }
+        let m = marker("m1");
+        assert!(!reported(&wait_for(&rx, &m), &f1), "the agent's removal is no change");
+        // The user makes it again, then (in a later batch) removes it: both are changes.
+        std::fs::write(&f1, b"again").unwrap();
+        assert!(reported(&wait_for(&rx, &f1), &f1));
+        std::fs::remove_file(&f1).unwrap();
+        assert!(reported(&wait_for(&rx, &f1), &f1), "the user's removal was taken for the agent's");
+
+        // The same within one batch (a cycle may have seen the file meanwhile).
+        {
+            let _writing = own.writing();
+            std::fs::write(&f1, b"installed").unwrap();
+            std::fs::remove_file(&f1).unwrap();
+            own.note(&f1);
+        }
+        let m = marker("m2");
+        wait_for(&rx, &m);
+        std::fs::write(&f1, b"user").unwrap();
+        std::fs::remove_file(&f1).unwrap();
+        assert!(reported(&wait_for(&rx, &f1), &f1), "made and removed in one batch");
+
+        // A directory the agent made, moved out and back by the user.
+        let d = root.join("c/d");
+        {
+            let _writing = own.writing();
+            std::fs::create_dir(&d).unwrap();
+            own.note(&d);
+        }
+        let m = marker("m3");
+        assert!(!reported(&wait_for(&rx, &m), &d), "the agent's directory is no change");
+        let outside = tempfile::tempdir_in(root.parent().unwrap()).unwrap();
+        std::fs::rename(&d, outside.path().join("d")).unwrap();
+        assert!(reported(&wait_for(&rx, &d), &d));
+        std::fs::rename(outside.path().join("d"), &d).unwrap();
+        let got = wait_for(&rx, &d);
+        assert!(got.iter().any(|b| b.new_dirs.contains(&d)), "the directory moved back: {got:?}");
+
+        // A file the agent removed in a directory the user then replaces with one holding it:
+        // its removal by the user is a change (no event told of its arrival).
+        let g = root.join("c/e/g");
+        std::fs::create_dir(root.join("c/e")).unwrap();
+        std::fs::write(&g, b"user").unwrap();
+        wait_for(&rx, &g);
+        {
+            let _writing = own.writing();
+            std::fs::remove_file(&g).unwrap();
+            own.note(&g);
+        }
+        let m = marker("m4");
+        assert!(!reported(&wait_for(&rx, &m), &g));
+        std::fs::remove_dir(root.join("c/e")).unwrap();
+        std::fs::create_dir(outside.path().join("e")).unwrap();
+        std::fs::write(outside.path().join("e/g"), b"moved in").unwrap();
+        std::fs::rename(outside.path().join("e"), root.join("c/e")).unwrap();
+        wait_until(&rx, |b| b.new_dirs.contains(&root.join("c/e")));
+        std::fs::remove_file(&g).unwrap();
+        assert!(reported(&wait_for(&rx, &g), &g), "the user's removal under a moved-in directory");
     }
 }
