@@ -412,6 +412,13 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
             error.as_ref().map(|e| format!(" — FAILED: {e}")).unwrap_or_default()
         ));
         if opts.narrate {
+            if step.converge.is_some() {
+                // The devices' counts are in the status each writes as its cycle ends, a moment
+                // after its last file landed.
+                std::thread::sleep(Duration::from_secs(1));
+                let running = w.running();
+                wait_for(Duration::from_secs(10), || running.iter().all(|d| daemon_status(d).in_sync).then_some(()));
+            }
             let now = Moved::now(&w);
             let line = now.since(&moved);
             if !line.is_empty() {
