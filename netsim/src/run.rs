@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use shoal_protocol::status::BytesBySource;
 use shoal_testkit::{
-    Coordinator, Device, Node, Relay, Tree, daemon_status, durable_contents, file_hash, noise, try_converge,
+    Coordinator, Device, Node, Relay, Tree, daemon_status, durable_contents, file_hash, journal, noise, try_converge,
     try_wait_for_peers, wait_for,
 };
 
@@ -189,6 +189,23 @@ impl World {
         }
         for (key, what) in seen {
             self.required.entry(key).or_insert(what);
+        }
+    }
+
+    /// A device just stopped with SIGTERM: the contents in its folder that the coordinator's
+    /// journal names must survive the run (it paid its owed uploads on the way out, or pays them
+    /// when it starts again). Nothing is required while the coordinator cannot be asked.
+    fn require_committed(&mut self, name: &str, step: usize, coord_ns: &str) {
+        let d = self.devices.iter().find(|d| d.name == name).expect("checked");
+        let Ok(Ok(journal)) = in_namespace(coord_ns, || journal(d)) else { return };
+        let committed: HashSet<String> = journal.iter().filter_map(|e| e.hash().map(|h| h.to_string())).collect();
+        let user = self.user_of[name].clone();
+        for (p, n) in d.local_tree() {
+            if let Node::File(h, _) = n
+                && committed.contains(&h)
+            {
+                self.required.entry((user.clone(), h)).or_insert(format!("{p} on {name}, stopped at step {step}"));
+            }
         }
     }
 
@@ -536,6 +553,7 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         std::fs::rename(&from, &to).map_err(|e| format!("renaming {}: {e}", from.display()))?;
     } else if let Some(x) = &step.offline {
         w.stop(&x.device, false);
+        w.require_committed(&x.device, i + 1, &w.sites[&s.coordinator.site].0.clone());
     } else if let Some(x) = &step.online {
         w.start(&x.device);
     } else if let Some(l) = &step.partition {
@@ -627,8 +645,9 @@ fn final_state(w: &World, s: &Scenario) -> Finals {
 
 /// What holds for every scenario: no file anywhere holds bytes the timeline never wrote (nothing
 /// torn, nothing foreign), and every content a running device held when a convergence was asked
-/// for is still somewhere: in a file on the coordinator's tree or as a durable version in its
-/// history (an edit overwritten before any device noticed it is no version, and not required).
+/// for, or held committed when it was stopped with SIGTERM, is still somewhere: in a file on the
+/// coordinator's tree or as a durable version in its history (an edit overwritten before any
+/// device noticed it is no version, and not required).
 fn invariants(w: &World, remote: &Finals) -> Vec<AssertReport> {
     let mut foreign = Vec::new();
     for d in &w.devices {
@@ -674,7 +693,7 @@ fn invariants(w: &World, remote: &Finals) -> Vec<AssertReport> {
             },
         },
         AssertReport {
-            assertion: "nothing lost: what the devices held at each convergence is on the tree or in history".into(),
+            assertion: "nothing lost: what the devices held at each convergence, and what they had committed when stopped, is on the tree or in history".into(),
             passed: lost.is_empty(),
             measured: if lost.is_empty() {
                 format!("{} contents kept", w.required.len())
