@@ -178,7 +178,14 @@ pub fn converge(devices: &[&Device], timeout: Duration) -> Tree {
 pub fn try_converge(devices: &[&Device], timeout: Duration) -> Result<Tree, String> {
     let mut last = String::new();
     let done = wait_for(timeout, || {
-        let remote = devices[0].remote_tree();
+        // The coordinator may be out of reach for a moment (restarting, a link just healed).
+        let remote = match devices[0].try_remote_tree() {
+            Ok(t) => t,
+            Err(e) => {
+                last = format!("the coordinator's tree could not be read: {e}");
+                return None;
+            }
+        };
         for d in devices {
             let local = d.local_tree();
             if local != remote {
