@@ -143,22 +143,30 @@ fn main() -> ExitCode {
                 now.as_millis() as u64 ^ (u64::from(std::process::id()) << 40)
             });
             let s = random::timeline(&topo, seed, steps, &timeout);
-            let toml = random::to_toml(&s);
+            let toml = random::to_toml(&s, common.scale);
             if print {
                 print!("{toml}");
                 return ExitCode::SUCCESS;
             }
-            eprintln!("netsim: random seed {seed} (replay: shoal-netsim random --seed {seed} --steps {steps})");
+            let topology_arg = topology.as_ref().map(|p| format!(" --topology {}", p.display())).unwrap_or_default();
+            eprintln!(
+                "netsim: random seed {seed} (replay: shoal-netsim random --seed {seed} --steps {steps} --scale {} \
+                 --timeout {timeout}{topology_arg})",
+                common.scale
+            );
+            // Written first and removed if the run passes: a run that panics leaves it too.
+            let file = out.join(format!("netsim-random-{seed}.toml"));
+            if let Err(e) = std::fs::create_dir_all(&out).and_then(|()| std::fs::write(&file, &toml)) {
+                return fail(format!("writing {}: {e}", file.display()));
+            }
             let r = match run(&s, &common, false) {
                 Ok(r) => r,
                 Err(code) => return code,
             };
-            if !r.passed {
-                let file = out.join(format!("netsim-random-{seed}.toml"));
-                match std::fs::create_dir_all(&out).and_then(|()| std::fs::write(&file, &toml)) {
-                    Ok(()) => eprintln!("netsim: seed {seed} failed; its scenario: {}", file.display()),
-                    Err(e) => eprintln!("netsim: seed {seed} failed; writing {}: {e}", file.display()),
-                }
+            if r.passed {
+                let _ = std::fs::remove_file(&file);
+            } else {
+                eprintln!("netsim: seed {seed} failed; its scenario: {}", file.display());
             }
             report(&r, &common)
         }

@@ -76,7 +76,9 @@ fn step() -> Step {
     Step::default()
 }
 
-/// Steps that bring the network and the coordinator back (devices stay as they are).
+/// Steps that bring the network, the coordinator and every device back before a convergence: a
+/// version committed peer-first by a device that is down, before its upload, can reach no other
+/// device until its author is back.
 fn mend(m: &mut Model, out: &mut Vec<Step>) {
     for l in m.cut.drain(..) {
         out.push(Step { heal: Some(l), ..step() });
@@ -84,6 +86,12 @@ fn mend(m: &mut Model, out: &mut Vec<Step>) {
     if m.coordinator_down {
         m.coordinator_down = false;
         out.push(Step { restart: Some(Process { device: None, relay: None, coordinator: true }), ..step() });
+    }
+    for device in std::mem::take(&mut m.stopped) {
+        out.push(Step { online: Some(Named { device }), ..step() });
+    }
+    for device in std::mem::take(&mut m.killed) {
+        out.push(Step { restart: Some(Process { device: Some(device), relay: None, coordinator: false }), ..step() });
     }
 }
 
@@ -211,12 +219,6 @@ pub fn timeline(topology: &Scenario, seed: u64, steps: usize, timeout: &str) -> 
     for relay in std::mem::take(&mut m.relays_down) {
         out.push(Step { restart: Some(Process { device: None, relay: Some(relay), coordinator: false }), ..step() });
     }
-    for device in std::mem::take(&mut m.stopped) {
-        out.push(Step { online: Some(Named { device }), ..step() });
-    }
-    for device in std::mem::take(&mut m.killed) {
-        out.push(Step { restart: Some(Process { device: Some(device), relay: None, coordinator: false }), ..step() });
-    }
     for device in &devices {
         let write =
             Write { device: device.clone(), path: format!("last-{device}.bin"), size: "4KiB".into(), seed: None };
@@ -235,10 +237,10 @@ pub fn timeline(topology: &Scenario, seed: u64, steps: usize, timeout: &str) -> 
     }
 }
 
-/// The scenario as a TOML file `shoal-netsim run` replays.
-pub fn to_toml(s: &Scenario) -> String {
+/// The scenario as a TOML file `shoal-netsim run` replays (at `scale`, which the file names).
+pub fn to_toml(s: &Scenario, scale: f64) -> String {
     let body = toml::to_string(s).expect("a scenario serialises");
-    format!("# {}\n# Replay: shoal-netsim run THIS_FILE\n{body}", s.description)
+    format!("# {}\n# Replay: shoal-netsim run THIS_FILE --scale {scale}\n{body}", s.description)
 }
 
 #[cfg(test)]
@@ -250,13 +252,13 @@ mod tests {
     fn a_seed_draws_the_same_timeline_and_its_toml_replays_it() {
         let topology = parse("mixed.toml", MIXED).unwrap();
         for seed in [0, 1, 42, u64::MAX] {
-            let a = to_toml(&timeline(&topology, seed, 40, "5m"));
-            assert_eq!(a, to_toml(&timeline(&topology, seed, 40, "5m")), "seed {seed}");
+            let a = to_toml(&timeline(&topology, seed, 40, "5m"), 1.0);
+            assert_eq!(a, to_toml(&timeline(&topology, seed, 40, "5m"), 1.0), "seed {seed}");
             let back = parse("random.toml", &a).unwrap_or_else(|e| panic!("seed {seed}: {e}\n{a}"));
-            assert_eq!(to_toml(&back), a, "seed {seed}");
+            assert_eq!(to_toml(&back, 1.0), a, "seed {seed}");
         }
-        let one = to_toml(&timeline(&topology, 1, 40, "5m"));
-        assert_ne!(one, to_toml(&timeline(&topology, 2, 40, "5m")));
+        let one = to_toml(&timeline(&topology, 1, 40, "5m"), 1.0);
+        assert_ne!(one, to_toml(&timeline(&topology, 2, 40, "5m"), 1.0));
     }
 
     #[test]
@@ -265,9 +267,13 @@ mod tests {
         for seed in 0..200 {
             let s = timeline(&topology, seed, 30, "5m");
             let mut cut = 0i32;
+            let mut down = 0i32;
             let mut coordinator_up = true;
             for (i, st) in s.steps.iter().enumerate() {
                 cut += i32::from(st.partition.is_some()) - i32::from(st.heal.is_some());
+                let device = |p: &Option<Process>| p.as_ref().is_some_and(|p| p.device.is_some());
+                down += i32::from(st.offline.is_some() || device(&st.kill))
+                    - i32::from(st.online.is_some() || device(&st.restart));
                 if let Some(p) = st.kill.as_ref().or(st.restart.as_ref())
                     && p.coordinator
                 {
@@ -275,8 +281,8 @@ mod tests {
                 }
                 if st.converge.is_some() {
                     assert!(
-                        cut == 0 && coordinator_up,
-                        "seed {seed}: step {} converges with a link cut or no coordinator",
+                        cut == 0 && down == 0 && coordinator_up,
+                        "seed {seed}: step {} converges with a link cut, a device down or no coordinator",
                         i + 1
                     );
                 }

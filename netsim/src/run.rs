@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use shoal_protocol::status::BytesBySource;
 use shoal_testkit::{
-    Coordinator, Device, Node, Relay, Tree, daemon_status, durable_contents, file_hash, journal, noise, try_converge,
-    try_wait_for_peers, wait_for,
+    Coordinator, Device, Node, Relay, Tree, api_tree, daemon_status, durable_contents, file_hash, noise,
+    try_converge_with, try_wait_for_peers, wait_for,
 };
 
 use crate::fabric::{Fabric, FabricError, LinkId, LinkKind, LinkReport, in_namespace};
@@ -60,7 +60,7 @@ pub struct StepReport {
 pub struct LinkLine {
     pub name: String,
     pub kind: LinkKind,
-    /// Away from the site (or towards the second region), and back.
+    /// Away from the site (or towards the region declared second), and back.
     pub up_bytes: u64,
     pub down_bytes: u64,
     pub dropped_packets: u64,
@@ -99,6 +99,13 @@ pub enum RunError {
     Setup(String),
 }
 
+/// The running daemon's download counts: none yet if the status is still its predecessor's
+/// (a daemon writes its first status as its first cycle ends).
+fn current_counts(d: &Device) -> BytesBySource {
+    let st = daemon_status(d);
+    if st.pid == d.pid() { st.bytes_by_source } else { BytesBySource::default() }
+}
+
 fn add(a: &mut BytesBySource, b: BytesBySource) {
     a.local += b.local;
     a.peer += b.peer;
@@ -131,6 +138,10 @@ struct World {
     required: BTreeMap<(String, String), String>,
     /// Each device's user.
     user_of: HashMap<String, String>,
+    /// The coordinator's site's namespace, where its tree and history are read from.
+    coord_ns: String,
+    /// Files found holding bytes the timeline never wrote, on a converged tree.
+    foreign: Vec<String>,
 }
 
 impl World {
@@ -153,7 +164,7 @@ impl World {
 
     fn stop(&mut self, name: &str, hard: bool) {
         if self.online.get(name) == Some(&true) {
-            let counts = shoal_testkit::daemon_status(self.device(name)).bytes_by_source;
+            let counts = current_counts(self.device(name));
             add(self.carried.entry(name.to_string()).or_default(), counts);
         }
         self.device(name).stop(hard);
@@ -192,19 +203,30 @@ impl World {
         }
     }
 
-    /// A device just stopped with SIGTERM: the contents in its folder that the coordinator's
-    /// journal names must survive the run (it paid its owed uploads on the way out, or pays them
-    /// when it starts again). Nothing is required while the coordinator cannot be asked.
-    fn require_committed(&mut self, name: &str, step: usize, coord_ns: &str) {
+    /// A device just stopped with SIGTERM: the contents in its folder that the coordinator keeps
+    /// as durable versions must survive the run. (Its pending versions are not required: with its
+    /// uplink cut it cannot pay them on the way out, and the timeline may then remove the only
+    /// copy.) Nothing is required while the coordinator cannot be asked.
+    fn require_committed(&mut self, name: &str, step: usize) {
         let d = self.devices.iter().find(|d| d.name == name).expect("checked");
-        let Ok(Ok(journal)) = in_namespace(coord_ns, || journal(d)) else { return };
-        let committed: HashSet<String> = journal.iter().filter_map(|e| e.hash().map(|h| h.to_string())).collect();
+        let Ok(Ok(durable)) = in_namespace(&self.coord_ns, || durable_contents(d)) else { return };
         let user = self.user_of[name].clone();
         for (p, n) in d.local_tree() {
             if let Node::File(h, _) = n
-                && committed.contains(&h)
+                && durable.contains(&h)
             {
                 self.required.entry((user.clone(), h)).or_insert(format!("{p} on {name}, stopped at step {step}"));
+            }
+        }
+    }
+
+    /// Files of a converged tree whose bytes the timeline never wrote.
+    fn check_written(&mut self, tree: &Tree, step: usize) {
+        for (p, n) in tree {
+            if let Node::File(h, _) = n
+                && !self.written.contains(h)
+            {
+                self.foreign.push(format!("{p} on the tree converged at step {step}"));
             }
         }
     }
@@ -215,7 +237,7 @@ impl World {
             .map(|d| {
                 let mut total = self.carried.get(&d.name).copied().unwrap_or_default();
                 if self.online.get(&d.name) == Some(&true) {
-                    add(&mut total, shoal_testkit::daemon_status(d).bytes_by_source);
+                    add(&mut total, current_counts(d));
                 }
                 (d.name.clone(), total)
             })
@@ -332,8 +354,10 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         }
         None => tempfile::Builder::new().prefix("netsim-").tempdir(),
     }
-    .map_err(|e| RunError::Setup(format!("a work directory: {e}")))?;
-    let base = work.path().to_path_buf();
+    .map_err(|e| RunError::Setup(format!("a work directory: {e}")))?
+    // Kept if the run fails or panics; removed when it passes.
+    .keep();
+    let base = work.clone();
     let say = |line: String| {
         if opts.progress {
             eprintln!("{line}");
@@ -403,7 +427,10 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         written: HashSet::new(),
         required: BTreeMap::new(),
         user_of: s.devices.iter().map(|d| (d.name.clone(), d.user.clone())).collect(),
+        coord_ns: String::new(),
+        foreign: Vec::new(),
     };
+    w.coord_ns = w.sites[&s.coordinator.site].0.clone();
     for d in &s.devices {
         w.start(&d.name);
     }
@@ -477,7 +504,7 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
     kinds.lan = w.sites.iter().map(|(name, (ns, _, _))| lan_bytes(ns).saturating_sub(lan0[name])).sum();
     let by_source = w.by_source();
 
-    let finals = final_state(&w, s);
+    let finals = final_state(&w);
     let mut asserts = check(s, opts.scale, &steps, &links, &by_source, &finals);
     asserts.extend(invariants(&w, &finals));
     let passed = steps.iter().all(|st| st.error.is_none()) && asserts.iter().all(|a| a.passed);
@@ -489,9 +516,10 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
     }
     w.coord.stop(false);
     drop(w);
-    if !passed {
-        let kept = work.keep();
-        say(format!("netsim: logs kept in {}", kept.display()));
+    if passed {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        say(format!("netsim: logs kept in {}", work.display()));
     }
     Ok(Report {
         scenario: s.name.clone(),
@@ -517,13 +545,19 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         let size = (scenario::bytes(&x.size)? as f64 * scale) as usize;
         let data = noise(s.seed.wrapping_mul(1000).wrapping_add(i as u64), size);
         let p = w.device(&x.device).path(&x.path);
+        // What the file will hold is known before it is written (the agent may move it aside
+        // as a conflicted copy any moment after).
+        let mut now = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let end = offset as usize + data.len();
+        if now.len() < end {
+            now.resize(end, 0);
+        }
+        now[offset as usize..end].copy_from_slice(&data);
+        w.written.insert(file_hash(&now));
         let mut f = std::fs::OpenOptions::new().write(true).open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         f.seek(SeekFrom::Start(offset))
             .and_then(|_| f.write_all(&data))
             .map_err(|e| format!("{}: {e}", p.display()))?;
-        drop(f);
-        let now = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        w.written.insert(file_hash(&now));
     } else if let Some(x) = &step.edits {
         let size = (scenario::bytes(&x.size)? as f64 * scale).max(1.0) as usize;
         let gap = x.gap.as_deref().map(scenario::duration).transpose()?.unwrap_or_default();
@@ -544,16 +578,19 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
     } else if let Some(x) = &step.rename {
         let d = w.device(&x.device);
         let (from, to) = (d.path(&x.from), d.path(&x.to));
-        if x.missing_ok && !from.exists() {
-            return Ok(());
-        }
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
-        std::fs::rename(&from, &to).map_err(|e| format!("renaming {}: {e}", from.display()))?;
+        match std::fs::rename(&from, &to) {
+            // Sync may have removed or moved it a moment ago.
+            Err(e) if !(x.missing_ok && e.kind() == std::io::ErrorKind::NotFound) => {
+                return Err(format!("renaming {}: {e}", from.display()));
+            }
+            _ => {}
+        }
     } else if let Some(x) = &step.offline {
         w.stop(&x.device, false);
-        w.require_committed(&x.device, i + 1, &w.sites[&s.coordinator.site].0.clone());
+        w.require_committed(&x.device, i + 1);
     } else if let Some(x) = &step.online {
         w.start(&x.device);
     } else if let Some(l) = &step.partition {
@@ -585,9 +622,11 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         w.require_held(i + 1);
         let online = w.running();
         if !online.is_empty() {
-            // The coordinator is asked for its tree from the coordinator's own site.
-            let ns = &w.sites[&s.coordinator.site].0;
-            in_namespace(ns, || try_converge(&online, timeout)).map_err(|e| e.to_string())??;
+            // The coordinator is asked for its tree from its own site, so that the polling
+            // crosses no link the report counts.
+            let tree = in_namespace(&w.coord_ns, || try_converge_with(&online, timeout, api_tree))
+                .map_err(|e| e.to_string())??;
+            w.check_written(&tree, i + 1);
         }
     } else if let Some(t) = &step.peers_connected {
         let until = Instant::now() + scenario::duration(&t.timeout)?;
@@ -612,7 +651,8 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
                 .iter()
                 .all(|d| {
                     let st = daemon_status(d);
-                    st.owed_uploads == 0 && st.pending_versions.is_empty()
+                    // A withdrawn or stuck version stays listed; it is not waiting for an upload.
+                    st.owed_uploads == 0 && st.pending_versions.iter().all(|v| v.withdrawn || v.stuck)
                 })
                 .then_some(())
         })
@@ -627,18 +667,25 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
 /// could not be had.
 type Finals = HashMap<String, Result<(Tree, HashSet<String>), String>>;
 
-fn final_state(w: &World, s: &Scenario) -> Finals {
-    let coord_ns = &w.sites[&s.coordinator.site].0;
+fn final_state(w: &World) -> Finals {
     let mut remote = Finals::new();
     for d in &w.devices {
         let user = &w.user_of[&d.name];
-        if !remote.contains_key(user) {
-            let got = d.try_remote_tree().and_then(|tree| {
-                let durable = in_namespace(coord_ns, || durable_contents(d)).map_err(|e| e.to_string())??;
-                Ok((tree, durable))
-            });
-            remote.insert(user.clone(), got);
+        if remote.contains_key(user) {
+            continue;
         }
+        // Asked from the coordinator's site, for up to 30 s (it may be restarting).
+        let ask = || {
+            in_namespace(&w.coord_ns, || Ok::<_, String>((api_tree(d)?, durable_contents(d)?)))
+                .map_err(|e| e.to_string())?
+        };
+        let mut last = ask();
+        let until = Instant::now() + Duration::from_secs(30);
+        while last.is_err() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(500));
+            last = ask();
+        }
+        remote.insert(user.clone(), last);
     }
     remote
 }
@@ -649,7 +696,7 @@ fn final_state(w: &World, s: &Scenario) -> Finals {
 /// coordinator's tree or as a durable version in its history (an edit overwritten before any
 /// device noticed it is no version, and not required).
 fn invariants(w: &World, remote: &Finals) -> Vec<AssertReport> {
-    let mut foreign = Vec::new();
+    let mut foreign = w.foreign.clone();
     for d in &w.devices {
         for (p, n) in d.local_tree() {
             if let Node::File(h, _) = n
@@ -748,9 +795,12 @@ fn check(
                     _ => String::new(),
                 };
                 let line = links.iter().find(|k| k.name == name);
-                // For a link between regions, "down" is towards the second region named.
+                // For a link between regions, "down" is towards the first region named (as towards the
+                // site for an uplink).
+                // The link is named after its regions in the order they are declared.
+                let order = |r: &str| s.regions.iter().position(|x| x.name == r);
                 let forward = match &r.regions {
-                    Some([x, _]) => name.starts_with(&format!("{x}-")),
+                    Some([x, y]) => order(x) < order(y),
                     None => true,
                 };
                 let v = line.map_or(0, |k| match (l.direction.as_str(), forward) {
@@ -792,7 +842,9 @@ fn check(
                 let user = c.user.clone().unwrap_or_else(|| s.devices[0].user.clone());
                 let (n, measured) = match finals.get(&user) {
                     Some(Ok((tree, _))) => {
-                        let n = tree.keys().filter(|p| p.contains("(conflicted copy")).count();
+                        // Files named as copies (the entries of a directory moved aside are not).
+                        let copy = |p: &String| p.rsplit('/').next().is_some_and(|n| n.contains("(conflicted copy"));
+                        let n = tree.iter().filter(|(p, n)| matches!(n, Node::File(..)) && copy(p)).count();
                         (Some(n), format!("{n}"))
                     }
                     Some(Err(e)) => (None, e.clone()),

@@ -375,7 +375,7 @@ pub struct LinkBytes {
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub regions: Option<[String; 2]>,
-    /// `down` (towards the site, or towards the second region) or `up`.
+    /// `down` (towards the site, or towards the first of the two regions named) or `up`.
     pub direction: String,
     #[serde(default)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -564,6 +564,9 @@ impl Scenario {
             if !relays.insert(r.name.as_str()) {
                 return Err(format!("relay {:?} is named twice", r.name));
             }
+        }
+        if self.devices.is_empty() {
+            return Err("a scenario needs at least one device".into());
         }
         let mut devices = HashSet::new();
         for d in &self.devices {

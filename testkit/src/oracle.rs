@@ -6,8 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shoal_protocol::Entry;
 use shoal_protocol::status::{PeerStatus, Status, StatusReport};
+use shoal_protocol::{Entry, EntryKind};
 
 use crate::Device;
 
@@ -96,6 +96,23 @@ pub fn journal(d: &Device) -> Result<Vec<Entry>, String> {
     })
 }
 
+/// The coordinator's live tree as `d` sees it, asked through the API in this process (where
+/// `shoal ls` would run in `d`'s own network namespace).
+pub fn api_tree(d: &Device) -> Result<Tree, String> {
+    let (_, entries) = block_on(client_of(d).tree(None)).map_err(|e| e.to_string())?;
+    Ok(entries
+        .into_iter()
+        .filter(|e| !e.deleted)
+        .filter_map(|e| {
+            let node = match e.kind {
+                EntryKind::Dir => Node::Dir,
+                _ => Node::File(e.hash()?.to_string(), e.exec),
+            };
+            Some((e.path.to_string(), node))
+        })
+        .collect())
+}
+
 /// Every content the coordinator keeps as a durable version, at any path and time (its history;
 /// versions still pending, whose bytes are only on a device, left out), asked as `d`.
 pub fn durable_contents(d: &Device) -> Result<HashSet<String>, String> {
@@ -176,10 +193,19 @@ pub fn converge(devices: &[&Device], timeout: Duration) -> Tree {
 
 /// `converge`, saying how the devices differ if they did not within `timeout`.
 pub fn try_converge(devices: &[&Device], timeout: Duration) -> Result<Tree, String> {
+    try_converge_with(devices, timeout, Device::try_remote_tree)
+}
+
+/// `try_converge`, reading the coordinator's tree with `remote` (given the first device).
+pub fn try_converge_with(
+    devices: &[&Device],
+    timeout: Duration,
+    remote: impl Fn(&Device) -> Result<Tree, String>,
+) -> Result<Tree, String> {
     let mut last = String::new();
     let done = wait_for(timeout, || {
         // The coordinator may be out of reach for a moment (restarting, a link just healed).
-        let remote = match devices[0].try_remote_tree() {
+        let remote = match remote(devices[0]) {
             Ok(t) => t,
             Err(e) => {
                 last = format!("the coordinator's tree could not be read: {e}");
