@@ -348,6 +348,37 @@ impl Drop for Fabric {
     }
 }
 
+/// Stops every process in the namespaces named `PREFIX-…` (SIGTERM, then SIGKILL a second
+/// later) and deletes the namespaces: what dropping a fabric and its processes does, for a
+/// program interrupted before it could.
+pub fn remove_namespaces(prefix: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    let mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| ns.starts_with(&format!("{prefix}-")))
+        .map(String::from)
+        .collect();
+    let pids = |ns: &str| -> Vec<String> {
+        Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(String::from).collect())
+            .unwrap_or_default()
+    };
+    for signal in ["-TERM", "-KILL"] {
+        let all: Vec<String> = mine.iter().flat_map(|ns| pids(ns)).collect();
+        if all.is_empty() {
+            break;
+        }
+        let _ = Command::new("kill").arg(signal).args(&all).output();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for ns in &mine {
+        let _ = ip(&["netns", "delete", ns]);
+    }
+}
+
 /// Reads packets leaving a site and schedules each at the far end, or drops it.
 fn read_loop(core: &Core, tun: &tun::Device) {
     let mut buf = vec![0u8; 65_536];

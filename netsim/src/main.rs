@@ -114,7 +114,32 @@ fn report(r: &Report, common: &Common) -> ExitCode {
     if r.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
+/// On Ctrl-C, SIGTERM or SIGHUP: the run's processes stopped and its namespaces removed, then
+/// exit (its folders stay where the run said they are).
+fn clean_up_on_signal() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            eprintln!("netsim: interrupted; stopping the run's processes and removing its namespaces");
+            shoal_netsim::fabric::remove_namespaces(&shoal_netsim::run::namespace_prefix());
+            std::process::exit(130);
+        });
+    });
+}
+
 fn main() -> ExitCode {
+    clean_up_on_signal();
     match Cli::parse().cmd {
         Cmd::Run { scenario, common } => {
             let s = match read(&scenario) {

@@ -345,6 +345,11 @@ fn process_name(p: &Process) -> String {
     }
 }
 
+/// The prefix of the namespaces this process's runs make.
+pub fn namespace_prefix() -> String {
+    format!("sn{}", std::process::id() % 100_000)
+}
+
 /// Runs `s`.
 pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
     let work = match &opts.work_dir {
@@ -364,7 +369,7 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         }
     };
 
-    let mut fabric = Fabric::new(&format!("sn{}", std::process::id() % 100_000), s.seed);
+    let mut fabric = Fabric::new(&namespace_prefix(), s.seed);
     for r in &s.regions {
         fabric.add_region(&r.name)?;
     }

@@ -113,3 +113,52 @@ fn the_demo_narrates_what_moved_and_passes() {
     assert!(err.contains("laptop2 took") && err.contains("from a LAN peer"), "{err}");
     assert!(err.contains("desk took") && err.contains("from a relay"), "{err}");
 }
+
+#[test]
+fn an_interrupted_run_stops_its_processes_and_removes_its_namespaces() {
+    let work = tempfile::tempdir().unwrap();
+    let mut child = netsim()
+        .args(["run", &scenario("home-lan"), "--scale", "0.02", "--bin-dir"])
+        .arg(shoal_testkit::bin_dir())
+        .arg("--work-dir")
+        .arg(work.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let prefix = format!("sn{}-", child.id() % 100_000);
+    let namespaces = || -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|ns| ns.starts_with(&prefix))
+            .map(String::from)
+            .collect()
+    };
+    // Interrupted once its daemons run (they write status.json in the work directory).
+    let started = shoal_testkit::wait_for(std::time::Duration::from_secs(60), || {
+        let found = walk(work.path()).into_iter().any(|p| p.ends_with("status.json"));
+        found.then_some(())
+    });
+    assert!(started.is_some() && namespaces().len() == 2, "{:?}", namespaces());
+    shoal_testkit::signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(namespaces().is_empty(), "{:?}", namespaces());
+    let left = Command::new("pgrep").arg("-f").arg(work.path()).output().unwrap();
+    assert!(left.stdout.is_empty(), "processes left: {}", String::from_utf8_lossy(&left.stdout));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
