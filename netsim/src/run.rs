@@ -140,6 +140,8 @@ struct World {
     user_of: HashMap<String, String>,
     /// The coordinator's site's namespace, where its tree and history are read from.
     coord_ns: String,
+    /// Each device's site.
+    site_of: HashMap<String, String>,
     /// Files found holding bytes the timeline never wrote, on a converged tree.
     foreign: Vec<String>,
 }
@@ -182,6 +184,17 @@ impl World {
     fn write(&mut self, device: &str, rel: &str, data: &[u8]) {
         self.written.insert(file_hash(data));
         self.device(device).write(rel, data);
+    }
+
+    /// The namespaces of the sites with devices, whose loopback is their LAN. Sites without
+    /// devices are left out: the coordinator's, where the run reads the coordinator's tree (at a
+    /// site with both, that reading counts as LAN), and relays'.
+    fn lan_sites(&self) -> Vec<&str> {
+        self.sites
+            .iter()
+            .filter(|(name, _)| self.site_of.values().any(|s| s == *name))
+            .map(|(_, (ns, _, _))| ns.as_str())
+            .collect()
     }
 
     fn running(&self) -> Vec<&Device> {
@@ -254,7 +267,7 @@ struct Moved {
 
 impl Moved {
     fn now(w: &World) -> Moved {
-        let lan = w.sites.values().map(|(ns, _, _)| lan_bytes(ns)).sum();
+        let lan = w.lan_sites().iter().map(|ns| lan_bytes(ns)).sum();
         Moved { lan, links: w.fabric.report(), by_source: w.by_source() }
     }
 
@@ -433,13 +446,14 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         required: BTreeMap::new(),
         user_of: s.devices.iter().map(|d| (d.name.clone(), d.user.clone())).collect(),
         coord_ns: String::new(),
+        site_of: s.devices.iter().map(|d| (d.name.clone(), d.site.clone())).collect(),
         foreign: Vec::new(),
     };
     w.coord_ns = w.sites[&s.coordinator.site].0.clone();
     for d in &s.devices {
         w.start(&d.name);
     }
-    let lan0: HashMap<String, u64> = w.sites.iter().map(|(name, (ns, _, _))| (name.clone(), lan_bytes(ns))).collect();
+    let lan0: u64 = w.lan_sites().iter().map(|ns| lan_bytes(ns)).sum();
     let links0 = w.fabric.report();
 
     let started = Instant::now();
@@ -506,7 +520,7 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
             LinkKind::InterRegion => kinds.inter_region += l.up_bytes + l.down_bytes,
         }
     }
-    kinds.lan = w.sites.iter().map(|(name, (ns, _, _))| lan_bytes(ns).saturating_sub(lan0[name])).sum();
+    kinds.lan = w.lan_sites().iter().map(|ns| lan_bytes(ns)).sum::<u64>().saturating_sub(lan0);
     let by_source = w.by_source();
 
     let finals = final_state(&w);
