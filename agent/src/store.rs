@@ -457,24 +457,6 @@ pub struct ChunkLoc {
     pub len: u32,
 }
 
-/// Opens a sled database, waiting up to two seconds for its file lock: a database closed a
-/// moment ago in this process (sled's flusher thread lets go of it just after) opens instead of
-/// failing; one held by another process still fails, with sled's error.
-pub(crate) fn open_waiting(open: impl Fn() -> sled::Result<sled::Db>) -> sled::Result<sled::Db> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        match open() {
-            // sled reports the lock as `Other`, wrapping the OS's WouldBlock in its message.
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            r => return r,
-        }
-    }
-}
-
 /// The three trees in full, for a full reconciliation.
 #[derive(Debug, Default)]
 pub struct Trees {
@@ -504,7 +486,9 @@ impl Store {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         crate::config::create_private_dir(dir)?;
         let open = || {
-            open_waiting(|| sled::Config::new().path(dir).flush_every_ms(Some(500)).cache_capacity(CACHE_BYTES).open())
+            shoal_sys::dbsync::open_waiting(|| {
+                sled::Config::new().path(dir).flush_every_ms(Some(500)).cache_capacity(CACHE_BYTES).open()
+            })
         };
         let db = match open() {
             Ok(db) => db,

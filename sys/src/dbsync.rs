@@ -81,6 +81,23 @@ impl DbFiles {
     }
 }
 
+/// Opens a sled database with `open`, waiting up to two seconds for its file lock: a database
+/// closed a moment ago in this process (sled's background threads let go of the lock just after
+/// the last handle drops) opens instead of failing; one held by another process still fails,
+/// with sled's error. Generic over the error so that this crate need not depend on sled: sled
+/// reports the lock as an I/O error of kind `Other` whose message carries the OS's WouldBlock.
+pub fn open_waiting<T, E: std::fmt::Display>(mut open: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match open() {
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn sync_file(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_data()
 }
@@ -115,6 +132,25 @@ mod tests {
         std::fs::remove_file(blobs.join("17")).unwrap();
         files.sync().unwrap();
         assert_eq!(files.blobs.lock().unwrap().keys().collect::<Vec<_>>(), [&OsString::from("42")]);
+    }
+
+    #[test]
+    fn opening_waits_for_a_lock_let_go_of_and_not_for_other_errors() {
+        let mut tries = 0;
+        let r: Result<u8, String> = open_waiting(|| {
+            tries += 1;
+            if tries < 3 { Err("could not acquire lock on \"db\"".into()) } else { Ok(7) }
+        });
+        assert_eq!((r, tries), (Ok(7), 3));
+        let mut tries = 0;
+        let r: Result<u8, String> = open_waiting(|| {
+            tries += 1;
+            Err("corrupted".into())
+        });
+        assert_eq!((r, tries), (Err("corrupted".into()), 1), "other errors come back at once");
+        let start = std::time::Instant::now();
+        let r: Result<u8, String> = open_waiting(|| Err("could not acquire lock".into()));
+        assert!(r.is_err() && start.elapsed() >= std::time::Duration::from_secs(2), "a lock held on fails");
     }
 
     #[test]

@@ -229,7 +229,7 @@ fn layout1_migrates_in_resumable_steps() {
     let remote: Vec<Entry> = paths.iter().map(|p| entry(p, 3, 6)).collect();
     let item = OutboxItem { commit_id: CommitId([9; 16]), changes: Vec::new() };
     {
-        let raw = open_waiting(|| sled::open(&db)).unwrap();
+        let raw = shoal_sys::dbsync::open_waiting(|| sled::open(&db)).unwrap();
         let state = raw.open_tree("state").unwrap();
         write_layout1(&state, &idx, &synced, &remote);
         state.insert(b"m/cursor", &42u64.to_be_bytes()).unwrap();
@@ -240,7 +240,7 @@ fn layout1_migrates_in_resumable_steps() {
     }
     {
         // A first start that stops after one small step (as if killed mid-migration).
-        let raw = open_waiting(|| sled::open(&db)).unwrap();
+        let raw = shoal_sys::dbsync::open_waiting(|| sled::open(&db)).unwrap();
         let files = Arc::new(shoal_sys::dbsync::DbFiles::new(&db).unwrap());
         let store = unmigrated(raw, &db, files);
         let mut b = Batch::default();
@@ -280,11 +280,11 @@ fn small_migration_steps_cover_everything() {
     let paths: Vec<SyncPath> = (0..100).map(|i| path(&format!("x/y{i}"))).collect();
     let remote: Vec<Entry> = paths.iter().map(|p| entry(p, 3, 6)).collect();
     {
-        let raw = open_waiting(|| sled::open(&db)).unwrap();
+        let raw = shoal_sys::dbsync::open_waiting(|| sled::open(&db)).unwrap();
         write_layout1(&raw.open_tree("state").unwrap(), &[], &[], &remote);
         raw.flush().unwrap();
     }
-    let raw = open_waiting(|| sled::open(&db)).unwrap();
+    let raw = shoal_sys::dbsync::open_waiting(|| sled::open(&db)).unwrap();
     let files = Arc::new(shoal_sys::dbsync::DbFiles::new(&db).unwrap());
     let store = unmigrated(raw, &db, files);
     store.migrate(7).unwrap();

@@ -148,12 +148,10 @@ fn be_u64(b: &[u8]) -> Option<u64> {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(500))
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
+        let db = shoal_sys::dbsync::open_waiting(|| {
+            sled::Config::new().path(dir).flush_every_ms(Some(500)).cache_capacity(CACHE_BYTES).open()
+        })
+        .map_err(|source| StoreError::Open { path: dir.display().to_string(), source })?;
         let meta = db.open_tree("meta")?;
         let files = shoal_sys::dbsync::DbFiles::new(dir).map_err(|e| StoreError::Db(sled::Error::Io(e)))?;
         let pending = meta.scan_prefix(b"w/").count() as u64;
@@ -210,20 +208,10 @@ pub(crate) mod tests {
     use super::journal::{COMMIT_SPAN_VERSION, CommitSpan};
     use super::*;
 
-    /// Opens the store at `dir` again once the handles before are dropped: sled lets go of its
-    /// file lock from a background thread just after the last one goes.
+    /// Opens the store at `dir` again once the handles before are dropped (`Store::open` waits
+    /// for the lock sled's background threads let go of just after).
     pub(crate) fn reopen(dir: &Path) -> Store {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            match Store::open(dir) {
-                Ok(s) => return s,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    eprintln!("reopening: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
+        Store::open(dir).unwrap_or_else(|e| panic!("reopening {}: {e}", dir.display()))
     }
 
     fn file(path: &str, version: Seq) -> Entry {
