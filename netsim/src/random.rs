@@ -5,7 +5,7 @@
 //! and down, the relay and the coordinator killed and restarted, waits and convergences — and
 //! ends with everything healed and running, a last write on every device, a convergence and a
 //! wait until everything is backed up. The run checks what every scenario is checked for
-//! (converged, nothing torn, nothing held at a convergence lost). The timeline is a scenario like
+//! (converged, nothing torn, nothing held at a convergence lost, nothing untouched changed). The timeline is a scenario like
 //! any other: a failing seed's TOML replays it with `shoal-netsim run`.
 
 use std::collections::BTreeSet;

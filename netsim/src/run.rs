@@ -144,6 +144,14 @@ struct World {
     site_of: HashMap<String, String>,
     /// Files found holding bytes the timeline never wrote, on a converged tree.
     foreign: Vec<String>,
+    /// The tree of the last convergence with every device running, and its step.
+    settled: Option<(usize, Tree)>,
+    /// Paths the timeline wrote, modified, deleted or renamed (from or to) since then.
+    touched: Vec<String>,
+    /// Files of a settled tree that nothing touched and the next one changed or lost.
+    changed: Vec<String>,
+    /// How many untouched files the settled trees were checked for.
+    untouched_checked: usize,
 }
 
 impl World {
@@ -182,6 +190,7 @@ impl World {
 
     /// Writes `data` at `rel` on `device`, remembering the content.
     fn write(&mut self, device: &str, rel: &str, data: &[u8]) {
+        self.touched.push(rel.to_string());
         self.written.insert(file_hash(data));
         self.device(device).write(rel, data);
     }
@@ -242,6 +251,18 @@ impl World {
                 self.foreign.push(format!("{p} on the tree converged at step {step}"));
             }
         }
+    }
+
+    /// A tree converged with every device running: checked against the previous such tree, and
+    /// the anchor for the next.
+    fn check_untouched(&mut self, tree: &Tree, step: usize) {
+        if let Some((before, old)) = &self.settled {
+            let (changed, checked) = untouched_changes((*before, old), &self.touched, (step, tree));
+            self.changed.extend(changed);
+            self.untouched_checked += checked;
+        }
+        self.settled = Some((step, tree.clone()));
+        self.touched.clear();
     }
 
     fn by_source(&self) -> BTreeMap<String, BytesBySource> {
@@ -448,6 +469,10 @@ pub fn run(s: &Scenario, opts: &Options) -> Result<Report, RunError> {
         coord_ns: String::new(),
         site_of: s.devices.iter().map(|d| (d.name.clone(), d.site.clone())).collect(),
         foreign: Vec::new(),
+        settled: None,
+        touched: Vec::new(),
+        changed: Vec::new(),
+        untouched_checked: 0,
     };
     w.coord_ns = w.sites[&s.coordinator.site].0.clone();
     for d in &s.devices {
@@ -563,6 +588,7 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         let offset = (scenario::bytes(&x.offset)? as f64 * scale) as u64;
         let size = (scenario::bytes(&x.size)? as f64 * scale) as usize;
         let data = noise(s.seed.wrapping_mul(1000).wrapping_add(i as u64), size);
+        w.touched.push(x.path.clone());
         let p = w.device(&x.device).path(&x.path);
         // What the file will hold is known before it is written (the agent may move it aside
         // as a conflicted copy any moment after).
@@ -587,6 +613,7 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
             std::thread::sleep(gap);
         }
     } else if let Some(x) = &step.delete {
+        w.touched.push(x.path.clone());
         let p = w.device(&x.device).path(&x.path);
         match std::fs::remove_file(&p) {
             Err(e) if !(x.missing_ok && e.kind() == std::io::ErrorKind::NotFound) => {
@@ -595,6 +622,7 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
             _ => {}
         }
     } else if let Some(x) = &step.rename {
+        w.touched.extend([x.from.clone(), x.to.clone()]);
         let d = w.device(&x.device);
         let (from, to) = (d.path(&x.from), d.path(&x.to));
         if let Some(parent) = to.parent() {
@@ -643,9 +671,13 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         if !online.is_empty() {
             // The coordinator is asked for its tree from its own site, so that the polling
             // crosses no link the report counts.
+            let everyone = online.len() == s.devices.len();
             let tree = in_namespace(&w.coord_ns, || try_converge_with(&online, timeout, api_tree))
                 .map_err(|e| e.to_string())??;
             w.check_written(&tree, i + 1);
+            if everyone {
+                w.check_untouched(&tree, i + 1);
+            }
         }
     } else if let Some(t) = &step.peers_connected {
         let until = Instant::now() + scenario::duration(&t.timeout)?;
@@ -680,6 +712,39 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
         std::thread::sleep(scenario::duration(d)?);
     }
     Ok(())
+}
+
+/// The files of `old` (a tree converged with every device running, at its step) that no path of
+/// `touched` touches (itself, a directory above it or a path below it) and that `new` (the next
+/// such tree) does not hold unchanged. Sync may add conflicted copies beside a file; it never
+/// changes or removes one that nobody changed. Also how many files were untouched.
+fn untouched_changes(old: (usize, &Tree), touched: &[String], new: (usize, &Tree)) -> (Vec<String>, usize) {
+    let touches = |p: &str, t: &str| {
+        p == t
+            || p.strip_prefix(t).is_some_and(|r| r.starts_with('/'))
+            || t.strip_prefix(p).is_some_and(|r| r.starts_with('/'))
+    };
+    let (mut changed, mut checked) = (Vec::new(), 0);
+    for (p, n) in old.1 {
+        let Node::File(h, _) = n else { continue };
+        if touched.iter().any(|t| touches(p, t)) {
+            continue;
+        }
+        checked += 1;
+        let now = match new.1.get(p) {
+            Some(m) if m == n => continue,
+            Some(Node::File(h, _)) => format!("holds {}", &h[..12.min(h.len())]),
+            Some(Node::Dir) => "is a directory".to_string(),
+            None => "is gone".to_string(),
+        };
+        changed.push(format!(
+            "{p} ({} at step {}, untouched since) {now} at step {}",
+            &h[..12.min(h.len())],
+            old.0,
+            new.0
+        ));
+    }
+    (changed, checked)
 }
 
 /// Each user's tree on the coordinator at the end and the contents in its history, or why they
@@ -765,6 +830,15 @@ fn invariants(w: &World, remote: &Finals) -> Vec<AssertReport> {
                 format!("{} contents kept", w.required.len())
             } else {
                 format!("lost: {}", lost.join(", "))
+            },
+        },
+        AssertReport {
+            assertion: "nothing changed behind the user's back: a file no step touched between two convergences with every device running is unchanged".into(),
+            passed: w.changed.is_empty(),
+            measured: if w.changed.is_empty() {
+                format!("{} untouched files checked, none changed", w.untouched_checked)
+            } else {
+                format!("changed: {}", w.changed.join(", "))
             },
         },
     ]
@@ -921,5 +995,45 @@ impl Report {
         }
         out += if self.passed { "\npassed\n" } else { "\nFAILED\n" };
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_nothing_touched_must_stay_as_they_were() {
+        let file = |h: &str| Node::File(h.repeat(12), false);
+        let old: Tree = [
+            ("a".to_string(), Node::Dir),
+            ("a/kept".to_string(), file("1")),
+            ("a/edited".to_string(), file("2")),
+            ("b".to_string(), Node::Dir),
+            ("b/in-a-moved-dir".to_string(), file("3")),
+            ("c".to_string(), file("4")),
+            ("d".to_string(), file("5")),
+            ("e".to_string(), file("6")),
+            ("ab".to_string(), file("7")),
+        ]
+        .into();
+        let mut new = old.clone();
+        new.insert("a/edited".into(), file("8"));
+        new.remove("b/in-a-moved-dir");
+        new.insert("a/kept (conflicted copy)".into(), file("9"));
+        // Someone wrote below c, so c had to go; d was lost and e rewritten, by nobody.
+        new.remove("c");
+        new.insert("c/x".into(), file("a"));
+        new.remove("d");
+        new.insert("e".into(), file("b"));
+        let touched = ["a/edited", "b", "c/x", "a/b"].map(String::from);
+        let (changed, checked) = untouched_changes((3, &old), &touched, (7, &new));
+        assert_eq!((changed.len(), checked), (2, 4), "{changed:?}");
+        assert!(changed[0].starts_with("d (555555555555 at step 3, untouched since) is gone at step 7"), "{changed:?}");
+        assert!(
+            changed[1].starts_with("e (666666666666 at step 3, untouched since) holds bbbbbbbbbbbb"),
+            "{changed:?}"
+        );
+        assert_eq!(untouched_changes((3, &old), &touched, (7, &old)), (vec![], 4));
     }
 }

@@ -88,6 +88,15 @@ fn offline_laptop_keeps_both_sides_edits() {
     assert_eq!(r["passed"], true, "{r:#}");
     let names: Vec<&str> = r["asserts"].as_array().unwrap().iter().map(|a| a["assertion"].as_str().unwrap()).collect();
     assert!(names.iter().any(|a| a.starts_with("nothing lost")), "{names:?}");
+    // The album the laptop wrote before going offline, touched by nobody after, came through the
+    // conflicts unchanged.
+    let untouched = r["asserts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["assertion"].as_str().unwrap().starts_with("nothing changed"));
+    let measured = untouched.map(|a| a["measured"].as_str().unwrap()).unwrap_or_default();
+    assert!(measured.starts_with("1 untouched files checked"), "{names:?}: {measured}");
 }
 
 #[test]
