@@ -209,17 +209,25 @@ fn flush(
         let appeared: HashSet<&PathBuf> = taken.appeared.iter().collect();
         let mut new_dirs = Vec::new();
         paths.retain(|p| {
+            let new_dir = appeared.contains(p) && p.symlink_metadata().is_ok_and(|m| m.is_dir());
             if own.is_own(p) {
                 tracing::trace!(path = %p.display(), "dropped the echo of the agent's own write");
+                // A directory the agent made is no change, but what someone else wrote into it
+                // before its watch existed (set here for a top-level one, by notify for one
+                // below, both after its event; the process may also have been stopped in
+                // between) raised no event: its entries are looked at all the same.
+                if new_dir {
+                    new_dirs.push(p.clone());
+                }
                 return false;
             }
-            if appeared.contains(p) && p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            if new_dir {
                 own.forget_under(p);
                 new_dirs.push(p.clone());
             }
             true
         });
-        if rescan || !paths.is_empty() {
+        if rescan || !paths.is_empty() || !new_dirs.is_empty() {
             emit(Batch { rescan, paths, new_dirs });
         }
     }
@@ -406,5 +414,34 @@ mod tests {
         wait_until(&rx, |b| b.new_dirs.contains(&root.join("c/e")));
         std::fs::remove_file(&g).unwrap();
         assert!(reported(&wait_for(&rx, &g), &g), "the user's removal under a moved-in directory");
+    }
+
+    /// A directory the agent made is no change, but a file someone else writes into it before
+    /// its watch exists raises no event of its own: the directory's entries are looked at.
+    #[test]
+    fn what_is_written_into_a_directory_the_agent_just_made_is_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let own = OwnWrites::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // A long debounce: a top-level directory's watch is set when its batch goes out, well
+        // after the user's file is written into it.
+        let _w = start(root, Duration::from_millis(300), own.clone(), move |b| {
+            let _ = tx.send(b);
+        })
+        .unwrap();
+        let d = root.join("photos");
+        {
+            let _writing = own.writing();
+            std::fs::create_dir(&d).unwrap();
+            own.note(&d);
+        }
+        std::fs::write(d.join("new.jpg"), b"the user's").unwrap();
+        let got = wait_until(&rx, |b| b.new_dirs.contains(&d));
+        assert!(got.iter().any(|b| b.new_dirs.contains(&d)), "{got:?}");
+        assert!(
+            !got.iter().flat_map(|b| &b.paths).any(|p| p == &d),
+            "the agent's directory itself is no change: {got:?}"
+        );
     }
 }
