@@ -402,8 +402,9 @@ fn update_status(s: &mut Status, r: &CycleReport) {
     s.last_error = r.errors.last().cloned().or(if r.in_sync { None } else { s.last_error.take() });
 }
 
-/// Starts the file watcher: each batch becomes a hint, counted in `hints`; a batch that cannot
-/// be queued sets `overflow` (its paths are lost, so a full pass runs).
+/// Starts the file watcher: each batch becomes a hint, counted in `hints` when it carries a
+/// change (one naming only directories the agent made, whose entries are to be looked at, is
+/// not); a batch that cannot be queued sets `overflow` (its paths are lost, so a full pass runs).
 fn watch(
     root: &Path,
     debounce: Duration,
@@ -413,7 +414,9 @@ fn watch(
     overflow: Arc<AtomicBool>,
 ) -> anyhow::Result<crate::watch::FolderWatcher> {
     crate::watch::start(root, debounce, own, move |b| {
-        hints.fetch_add(1, Ordering::Relaxed);
+        if b.rescan || !b.paths.is_empty() {
+            hints.fetch_add(1, Ordering::Relaxed);
+        }
         if tx.try_send(Hint::Local { rescan: b.rescan, paths: b.paths, new_dirs: b.new_dirs }).is_err() {
             overflow.store(true, Ordering::Relaxed);
         }
