@@ -142,27 +142,33 @@ impl OwnWrites {
     /// changed by someone else: its note is forgotten, so that a later return to the noted state
     /// is not taken for an echo (the engine will have learned the state in between).
     pub fn is_own(&self, path: &Path) -> bool {
+        self.echo(path).is_some()
+    }
+
+    /// `is_own`, saying also whether the path is a directory (`Some(true)`) when it is the
+    /// agent's: its stat was taken anyway.
+    pub fn echo(&self, path: &Path) -> Option<bool> {
         let recorded = {
             let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(path) {
                 Some((_, at)) if at.elapsed() > REMEMBER => {
                     map.remove(path);
-                    return false;
+                    return None;
                 }
                 Some((seen, _)) => *seen,
-                None => return false,
+                None => return None,
             }
         };
         let now = look(path);
         if now == Some(recorded) {
-            return true;
+            return Some(matches!(recorded, Seen::Dir { .. }));
         }
         let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
         // Unless the agent noted it again meanwhile.
         if map.get(path).is_some_and(|(seen, _)| *seen == recorded) {
             map.remove(path);
         }
-        false
+        None
     }
 
     /// Called for every event saying `path` appeared (made, or moved in): a noted absence is
@@ -232,6 +238,7 @@ mod tests {
         assert!(!own.is_own(&f), "not noted yet");
         own.note(&f);
         assert!(own.is_own(&f));
+        assert_eq!(own.echo(&f), Some(false), "a file");
         // Someone else rewrites it: ctime moves, so it is no longer ours.
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&f, b"user").unwrap();
@@ -248,6 +255,7 @@ mod tests {
         own.note(&d);
         std::fs::write(d.join("x"), b"").unwrap();
         assert!(own.is_own(&d));
+        assert_eq!(own.echo(&d), Some(true), "a directory");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();

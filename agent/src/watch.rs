@@ -209,19 +209,19 @@ fn flush(
         let appeared: HashSet<&PathBuf> = taken.appeared.iter().collect();
         let mut new_dirs = Vec::new();
         paths.retain(|p| {
-            let new_dir = appeared.contains(p) && p.symlink_metadata().is_ok_and(|m| m.is_dir());
-            if own.is_own(p) {
+            let new = appeared.contains(p);
+            if let Some(dir) = own.echo(p) {
                 tracing::trace!(path = %p.display(), "dropped the echo of the agent's own write");
                 // A directory the agent made is no change, but what someone else wrote into it
                 // before its watch existed (set here for a top-level one, by notify for one
                 // below, both after its event; the process may also have been stopped in
                 // between) raised no event: its entries are looked at all the same.
-                if new_dir {
+                if new && dir {
                     new_dirs.push(p.clone());
                 }
                 return false;
             }
-            if new_dir {
+            if new && p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
                 own.forget_under(p);
                 new_dirs.push(p.clone());
             }

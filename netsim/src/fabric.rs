@@ -348,17 +348,22 @@ impl Drop for Fabric {
     }
 }
 
-/// Stops every process in the namespaces named `PREFIX-…` (SIGTERM, then SIGKILL a second
-/// later) and deletes the namespaces: what dropping a fabric and its processes does, for a
-/// program interrupted before it could.
-pub fn remove_namespaces(prefix: &str) {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
-    let mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
+/// The network namespaces named `PREFIX-…` (none if `ip` cannot list them).
+pub fn namespaces(prefix: &str) -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|ns| ns.starts_with(&format!("{prefix}-")))
         .map(String::from)
-        .collect();
+        .collect()
+}
+
+/// Stops every process in the namespaces named `PREFIX-…` (SIGTERM, then SIGKILL a second
+/// later) and deletes the namespaces: what dropping a fabric and its processes does, for a
+/// program interrupted before it could.
+pub fn remove_namespaces(prefix: &str) {
+    let mine = namespaces(prefix);
     let pids = |ns: &str| -> Vec<String> {
         Command::new("ip")
             .args(["netns", "pids", ns])

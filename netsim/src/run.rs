@@ -255,13 +255,13 @@ impl World {
 
     /// A tree converged with every device running: checked against the previous such tree, and
     /// the anchor for the next.
-    fn check_untouched(&mut self, tree: &Tree, step: usize) {
+    fn check_untouched(&mut self, tree: Tree, step: usize) {
         if let Some((before, old)) = &self.settled {
-            let (changed, checked) = untouched_changes((*before, old), &self.touched, (step, tree));
+            let (changed, checked) = untouched_changes((*before, old), &self.touched, (step, &tree));
             self.changed.extend(changed);
             self.untouched_checked += checked;
         }
-        self.settled = Some((step, tree.clone()));
+        self.settled = Some((step, tree));
         self.touched.clear();
     }
 
@@ -676,7 +676,7 @@ fn perform(w: &mut World, s: &Scenario, i: usize, step: &scenario::Step, scale: 
                 .map_err(|e| e.to_string())??;
             w.check_written(&tree, i + 1);
             if everyone {
-                w.check_untouched(&tree, i + 1);
+                w.check_untouched(tree, i + 1);
             }
         }
     } else if let Some(t) = &step.peers_connected {

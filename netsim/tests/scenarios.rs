@@ -135,16 +135,8 @@ fn an_interrupted_run_stops_its_processes_and_removes_its_namespaces() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let prefix = format!("sn{}-", child.id() % 100_000);
-    let namespaces = || -> Vec<String> {
-        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|ns| ns.starts_with(&prefix))
-            .map(String::from)
-            .collect()
-    };
+    let prefix = format!("sn{}", child.id() % 100_000);
+    let namespaces = || shoal_netsim::fabric::namespaces(&prefix);
     // Interrupted once its daemons run (they write status.json in the work directory).
     let started = shoal_testkit::wait_for(std::time::Duration::from_secs(60), || {
         let found = walk(work.path()).into_iter().any(|p| p.ends_with("status.json"));
