@@ -116,7 +116,23 @@ fn report(r: &Report, common: &Common) -> ExitCode {
 
 /// On Ctrl-C, SIGTERM or SIGHUP: the run's processes stopped and its namespaces removed, then
 /// exit (its folders stay where the run said they are).
+/// Set once a signal is being handled: the run, whose processes and namespaces vanish under it,
+/// may then fail or panic, but the exit is the handler's (130).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Parks the calling thread for good once a signal is being handled.
+fn park_if_interrupted() {
+    while INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn clean_up_on_signal() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        park_if_interrupted();
+        default(info)
+    }));
     std::thread::spawn(|| {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         rt.block_on(async {
@@ -131,6 +147,7 @@ fn clean_up_on_signal() {
                 _ = term.recv() => {}
                 _ = hup.recv() => {}
             }
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
             eprintln!("netsim: interrupted; stopping the run's processes and removing its namespaces");
             shoal_netsim::fabric::remove_namespaces(&shoal_netsim::run::namespace_prefix());
             std::process::exit(130);
@@ -140,6 +157,12 @@ fn clean_up_on_signal() {
 
 fn main() -> ExitCode {
     clean_up_on_signal();
+    let code = command();
+    park_if_interrupted();
+    code
+}
+
+fn command() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Run { scenario, common } => {
             let s = match read(&scenario) {
