@@ -9,6 +9,8 @@
 //!   held when it was stopped with SIGTERM, is still in a file or is a durable version in history;
 //! - every file holds bytes the test wrote (nothing torn, nothing foreign), and no temp file is
 //!   left behind;
+//! - files written before the daemons start, in a directory no operation names, end on every
+//!   device as they were written (nothing changed behind the user's back);
 //! - no device reports in sync while a change in its folder is uncommitted (checked whenever a
 //!   daemon reports in sync for a cycle that began after the test's last change to its folder).
 //!
@@ -117,12 +119,17 @@ struct Run {
     t0: Instant,
     /// How many "in sync" reports were checked.
     checks: usize,
+    /// The files under `KEPT` and their contents: no operation touches them.
+    kept: Vec<(String, String)>,
 }
 
 /// Where generated paths live: a few directories and names, so that operations collide.
 const DIRS: &[&str] = &["", "", "a", "b", "a/x", "c"];
 const NAMES: &[&str] = &["f0", "f1", "f2", "notes.txt", "photo.jpg", "data.bin"];
 const SUBDIRS: &[&str] = &["a", "b", "c", "a/x", "a/y", "b/z"];
+/// A directory no operation names: what is written there before the daemons start must come
+/// through every stop, kill, pause, conflict and restart unchanged.
+const KEPT: &str = "kept";
 
 impl Run {
     fn new(seed: u64) -> Run {
@@ -149,10 +156,16 @@ impl Run {
             counter: 0,
             t0: Instant::now(),
             checks: 0,
+            kept: Vec::new(),
         }
     }
 
     fn play(mut self) {
+        for rel in [format!("{KEPT}/k0"), format!("{KEPT}/k1"), format!("{KEPT}/deep/k2")] {
+            let data = self.content(0);
+            assert!(self.write(0, &rel, &data), "writing {rel}");
+            self.kept.push((rel, file_hash(&data)));
+        }
         for i in 0..self.devices.len() {
             self.start(i);
         }
@@ -329,12 +342,12 @@ impl Run {
         data
     }
 
-    /// A file in `d`'s folder, if there is one.
+    /// A file in `d`'s folder outside `KEPT`, if there is one.
     fn existing_file(&mut self, d: usize) -> Option<String> {
         let files: Vec<String> = self.devices[d]
             .local_tree()
             .into_iter()
-            .filter(|(_, n)| matches!(n, Node::File(..)))
+            .filter(|(p, n)| matches!(n, Node::File(..)) && !p.starts_with(&format!("{KEPT}/")))
             .map(|(p, _)| p)
             .collect();
         (!files.is_empty()).then(|| self.rng.pick(&files).clone())
@@ -510,6 +523,16 @@ impl Run {
             }
         }
 
+        // What no operation touched is as it was written.
+        for (p, hash) in &self.kept {
+            match tree.get(p) {
+                Some(Node::File(h, _)) if h == hash => {}
+                other => {
+                    self.fail(format!("{p}, which no operation touched, changed: it is {other:?}, written as {hash}"))
+                }
+            }
+        }
+
         // Every required content is in a file, or a durable version in history.
         let durable = durable_contents(&self.devices[0])
             .unwrap_or_else(|e| self.fail(format!("the coordinator does not answer: {e}")));
@@ -525,10 +548,12 @@ impl Run {
             self.fail(format!("contents that had to survive are gone: {}", lost.join("; ")));
         }
         eprintln!(
-            "randomized: seed {}: {} in-sync reports checked, {} contents required, {} files at the end ({} conflicted copies)",
+            "randomized: seed {}: {} in-sync reports checked, {} contents required, {} untouched files unchanged, {} files \
+             at the end ({} conflicted copies)",
             self.seed,
             self.checks,
             self.required.len(),
+            self.kept.len(),
             tree.values().filter(|n| matches!(n, Node::File(..))).count(),
             tree.keys().filter(|p| p.contains("(conflicted copy")).count()
         );
