@@ -138,15 +138,10 @@ impl OwnWrites {
         map.insert(path.to_path_buf(), (seen, Instant::now()));
     }
 
-    /// `true` if `path` is as the agent last left it, recently. A path found otherwise was
-    /// changed by someone else: its note is forgotten, so that a later return to the noted state
-    /// is not taken for an echo (the engine will have learned the state in between).
-    pub fn is_own(&self, path: &Path) -> bool {
-        self.echo(path).is_some()
-    }
-
-    /// `is_own`, saying also whether the path is a directory (`Some(true)`) when it is the
-    /// agent's: its stat was taken anyway.
+    /// `Some` if `path` is as the agent last left it, recently: `Some(true)` for a directory
+    /// (the stat was taken anyway). A path found otherwise was changed by someone else: its note
+    /// is forgotten, so that a later return to the noted state is not taken for an echo (the
+    /// engine will have learned the state in between).
     pub fn echo(&self, path: &Path) -> Option<bool> {
         let recorded = {
             let mut map = self.0.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -199,6 +194,12 @@ impl OwnWrites {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl OwnWrites {
+        fn is_own(&self, path: &Path) -> bool {
+            self.echo(path).is_some()
+        }
+    }
 
     #[test]
     fn settling_waits_for_writes_in_progress_to_be_noted() {

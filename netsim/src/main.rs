@@ -114,8 +114,6 @@ fn report(r: &Report, common: &Common) -> ExitCode {
     if r.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-/// On Ctrl-C, SIGTERM or SIGHUP: the run's processes stopped and its namespaces removed, then
-/// exit (its folders stay where the run said they are).
 /// Set once a signal is being handled: the run, whose processes and namespaces vanish under it,
 /// may then fail or panic, but the exit is the handler's (130).
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -127,6 +125,8 @@ fn park_if_interrupted() {
     }
 }
 
+/// On Ctrl-C, SIGTERM or SIGHUP: the run's processes stopped and its namespaces removed, then
+/// exit (its folders stay where the run said they are).
 fn clean_up_on_signal() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
